@@ -1,0 +1,1 @@
+"""credit-engine: prepaid credit decisions in Redis Lua, an append-only ledger in Postgres."""

@@ -1,0 +1,76 @@
+"""Settings: one frozen dataclass per process, built once from the environment.
+
+Human-configured durations are in seconds in the environment and converted to ms here, once.
+"""
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from engine import limits
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _int(env: Mapping[str, str], name: str, default: int, minimum: int, maximum: int) -> int:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be a whole number, got {raw!r}") from None
+    if not minimum <= value <= maximum:
+        raise ConfigError(f"{name} must be in {minimum}..{maximum}, got {value}")
+    return value
+
+
+@dataclass(frozen=True)
+class Settings:
+    redis_url: str | None = None  # None: `credit-engine up` starts an embedded Redis
+    database_url: str | None = None  # None: `credit-engine up` starts an embedded Postgres
+    key_prefix: str = "ce"
+    data_dir: Path = field(default_factory=lambda: Path(".credit-engine"))
+    redis_appendfsync: str = "everysec"  # embedded Redis: always | everysec | no
+    idempotency_ttl_ms: int = limits.idempotency_ttl_ms_default
+    hold_report_slack_ms: int = limits.hold_report_slack_ms_default
+    outbox_per_org_max: int = limits.outbox_per_org_max_default
+    pg_pool_size: int = 10
+    redis_pool_size: int = 64
+    worker_poll_interval_ms: int = 20
+    worker_sweep_interval_s: int = 15
+    worker_expire_interval_s: int = 5
+    worker_health_check_interval_s: int = 5
+    log_level: str = "INFO"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
+        env = os.environ if env is None else env
+        appendfsync = env.get("CREDIT_ENGINE_REDIS_APPENDFSYNC", "everysec")
+        if appendfsync not in ("always", "everysec", "no"):
+            raise ConfigError("CREDIT_ENGINE_REDIS_APPENDFSYNC must be always, everysec or no")
+        return cls(
+            redis_url=env.get("REDIS_URL") or None,
+            database_url=env.get("DATABASE_URL") or None,
+            key_prefix=env.get("CREDIT_ENGINE_KEY_PREFIX", "ce"),
+            data_dir=Path(env.get("CREDIT_ENGINE_DATA_DIR", ".credit-engine")),
+            redis_appendfsync=appendfsync,
+            idempotency_ttl_ms=1000
+            * _int(env, "CREDIT_ENGINE_IDEMPOTENCY_TTL_S", limits.idempotency_ttl_ms_default // 1000, 3600, 10**8),
+            hold_report_slack_ms=1000
+            * _int(env, "CREDIT_ENGINE_HOLD_REPORT_SLACK_S", limits.hold_report_slack_ms_default // 1000, 0, 86_400),
+            outbox_per_org_max=_int(env, "CREDIT_ENGINE_OUTBOX_PER_ORG_MAX", limits.outbox_per_org_max_default, 1, 10**8),
+            pg_pool_size=_int(env, "CREDIT_ENGINE_PG_POOL_SIZE", 10, 1, 500),
+            redis_pool_size=_int(env, "CREDIT_ENGINE_REDIS_POOL_SIZE", 64, 1, 10_000),
+            worker_poll_interval_ms=_int(env, "CREDIT_ENGINE_WORKER_POLL_INTERVAL_MS", 20, 1, 10_000),
+            worker_sweep_interval_s=_int(env, "CREDIT_ENGINE_WORKER_SWEEP_INTERVAL_S", 15, 1, 3600),
+            worker_expire_interval_s=_int(env, "CREDIT_ENGINE_WORKER_EXPIRE_INTERVAL_S", 5, 1, 3600),
+            worker_health_check_interval_s=_int(env, "CREDIT_ENGINE_WORKER_HEALTH_CHECK_INTERVAL_S", 5, 1, 3600),
+            log_level=env.get("CREDIT_ENGINE_LOG_LEVEL", "INFO").upper(),
+        )
+
+    def with_services(self, redis_url: str, database_url: str) -> "Settings":
+        return replace(self, redis_url=redis_url, database_url=database_url)

@@ -1,0 +1,44 @@
+"""Postgres connections: raw asyncpg where the volume is, SQLAlchemy only for Alembic."""
+
+import json
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+
+
+def asyncpg_dsn(database_url: str) -> str:
+    """asyncpg takes postgresql://; accept the SQLAlchemy spelling too."""
+    parts = urlsplit(database_url)
+    scheme = parts.scheme.split("+")[0]
+    if scheme not in ("postgresql", "postgres"):
+        raise ValueError(f"DATABASE_URL must be a postgresql:// URL, got scheme {parts.scheme!r}")
+    return urlunsplit(("postgresql", *parts[1:]))
+
+
+def sqlalchemy_url(database_url: str) -> str:
+    return "postgresql+asyncpg" + asyncpg_dsn(database_url).removeprefix("postgresql")
+
+
+def database_name(database_url: str) -> str:
+    return urlsplit(asyncpg_dsn(database_url)).path.lstrip("/") or "postgres"
+
+
+def with_database(database_url: str, name: str) -> str:
+    parts = urlsplit(asyncpg_dsn(database_url))
+    return urlunsplit((parts.scheme, parts.netloc, "/" + name, parts.query, parts.fragment))
+
+
+async def _init_connection(connection: asyncpg.Connection) -> None:
+    await connection.set_type_codec("jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
+
+
+async def create_pool(database_url: str, size: int) -> asyncpg.Pool:
+    pool = await asyncpg.create_pool(
+        asyncpg_dsn(database_url),
+        min_size=1,
+        max_size=size,
+        command_timeout=30,
+        init=_init_connection,
+    )
+    assert pool is not None
+    return pool

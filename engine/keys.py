@@ -1,0 +1,92 @@
+"""Redis key names, in one place (as arq keeps its prefixes in constants.py).
+
+Every key of one org carries the hash tag `{org:<org_id>}`, so every script touches one Redis
+Cluster slot. Org ids are restricted to a charset without `{`, `}` or `:` so an id can never
+end the tag early or make two orgs share a slot by construction. Call ids and idempotency keys
+never appear in key names: they are fields inside the org's hashes, so no content of theirs can
+move a write to another org.
+
+Keys outside any org's slot are only ever touched by plain commands, never inside a script.
+"""
+
+import re
+from dataclasses import dataclass
+
+from engine import limits
+
+ORG_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,%d}" % (limits.org_id_length_max - 1))
+CALL_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,%d}" % (limits.call_id_length_max - 1))
+PREFIX_PATTERN = re.compile(r"[A-Za-z0-9_.-]{1,32}")
+# Client idempotency keys: printable ASCII without spaces.
+IDEMPOTENCY_KEY_PATTERN = re.compile(r"[\x21-\x7e]{1,%d}" % limits.idempotency_key_length_max)
+
+
+def is_org_id(value: object) -> bool:
+    return isinstance(value, str) and ORG_ID_PATTERN.fullmatch(value) is not None
+
+
+def is_call_id(value: object) -> bool:
+    return isinstance(value, str) and CALL_ID_PATTERN.fullmatch(value) is not None
+
+
+def is_idempotency_key(value: object) -> bool:
+    return isinstance(value, str) and IDEMPOTENCY_KEY_PATTERN.fullmatch(value) is not None
+
+
+@dataclass(frozen=True)
+class OrgKeys:
+    org: str  # hash: balance, held, debt, seq and the org's settings
+    holds: str  # hash: call_id -> hold record
+    idem: str  # hash: idempotency key -> first outcome
+    idem_exp: str  # sorted set: idempotency key -> expiry (ms)
+    outbox: str  # stream: ledger entries and hold events not yet in Postgres
+
+    def all(self) -> list[str]:
+        return [self.org, self.holds, self.idem, self.idem_exp, self.outbox]
+
+
+@dataclass(frozen=True)
+class Keyspace:
+    prefix: str
+
+    def __post_init__(self) -> None:
+        if PREFIX_PATTERN.fullmatch(self.prefix) is None:
+            raise ValueError(f"bad Redis key prefix {self.prefix!r}")
+
+    def org(self, org_id: str) -> OrgKeys:
+        if not is_org_id(org_id):
+            raise ValueError(f"bad org id {org_id!r}")
+        tag = f"{self.prefix}:{{org:{org_id}}}"
+        return OrgKeys(
+            org=f"{tag}:org",
+            holds=f"{tag}:holds",
+            idem=f"{tag}:idem",
+            idem_exp=f"{tag}:idem_exp",
+            outbox=f"{tag}:outbox",
+        )
+
+    @property
+    def outbox_dirty(self) -> str:
+        """Set of org ids whose outbox may hold entries (the worker's doorbell)."""
+        return f"{self.prefix}:outbox:dirty"
+
+    @property
+    def state(self) -> str:
+        """Marker hash: present once the reconciler has built Redis from Postgres."""
+        return f"{self.prefix}:state"
+
+    @property
+    def rebuild_lock(self) -> str:
+        return f"{self.prefix}:state:rebuild-lock"
+
+    @property
+    def worker_stats(self) -> str:
+        return f"{self.prefix}:worker:stats"
+
+    @property
+    def arq_queue(self) -> str:
+        return f"{self.prefix}:arq:queue"
+
+    def pattern(self) -> str:
+        """Glob matching every key of this keyspace (tests use it to clean up after themselves)."""
+        return f"{self.prefix}:*"

@@ -1,0 +1,49 @@
+"""Named limits for every amount, queue, batch, loop and retry, with their relations checked.
+
+Units go last in names (`_pence`, `_ms`, `_s`). Everything stored in Redis is in ms; the few
+human-configured durations are in seconds and converted once, at the configuration boundary.
+"""
+
+# Money. Lua numbers are doubles: every amount and every sum stays far below 2**53 so that
+# integer arithmetic in the scripts is exact.
+amount_pence_max = 10**12  # one request moves at most £10bn
+balance_pence_max = 10**13  # a credit that would take a balance above this is refused
+rate_pence_per_minute_max = 10**6
+billed_seconds_max = 7 * 24 * 60 * 60  # a call report longer than a week is bad input
+lua_integer_exact_max = 2**53
+
+# Calls. Vapi accepts maxDurationSeconds in 10..43200.
+max_duration_s_min = 10
+max_duration_s_max = 43_200
+hold_block_minutes_max = 60
+grace_seconds_max = 300
+extensions_per_check_max = 8  # blocks one kill-switch check may add to a hold
+
+# Idempotency: a replay must outlive the hold it replays.
+idempotency_ttl_ms_default = 7 * 24 * 60 * 60 * 1000
+idem_prune_per_call_max = 8  # expired idempotency records a script removes as it passes
+
+# Holds: a hold whose call never reports expires this long after its funded time ran out.
+hold_report_slack_ms_default = 10 * 60 * 1000
+
+# Outbox (Redis stream per org, drained by the worker into the Postgres ledger).
+outbox_per_org_max_default = 100_000  # fail closed above this: no decision without a ledger
+settle_batch_size_max = 500  # entries per Postgres transaction
+settle_orgs_per_batch_max = 128  # orgs popped from the doorbell set per batch
+outbox_sweep_page_size = 1_000  # orgs per XLEN pipeline when sweeping for stranded entries
+
+# Identifiers and keys.
+org_id_length_max = 64
+call_id_length_max = 128
+idempotency_key_length_max = 255
+
+# Reconciler.
+reconcile_page_size = 500  # orgs per Postgres page and Redis pipeline
+reconcile_check_attempts_max = 5  # re-reads when an org changes while being compared
+rebuild_lock_ttl_ms = 5 * 60 * 1000
+
+assert max_duration_s_max * rate_pence_per_minute_max < lua_integer_exact_max
+assert billed_seconds_max * rate_pence_per_minute_max < lua_integer_exact_max
+assert balance_pence_max + amount_pence_max < lua_integer_exact_max
+assert idempotency_ttl_ms_default > max_duration_s_max * 1000 + hold_report_slack_ms_default
+assert settle_orgs_per_batch_max <= settle_batch_size_max

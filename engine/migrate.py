@@ -1,0 +1,26 @@
+"""Run the Alembic migrations in `migrations/` programmatically (no alembic.ini needed)."""
+
+import asyncio
+from importlib import resources
+
+from alembic import command
+from alembic.config import Config
+
+from engine.db import sqlalchemy_url
+
+
+def alembic_config(database_url: str) -> Config:
+    config = Config()
+    config.set_main_option("script_location", str(resources.files("migrations")))
+    # ConfigParser interpolates %: a percent-encoded password must be escaped.
+    config.set_main_option("sqlalchemy.url", sqlalchemy_url(database_url).replace("%", "%%"))
+    return config
+
+
+def upgrade_to_head(database_url: str) -> None:
+    command.upgrade(alembic_config(database_url), "head")
+
+
+async def upgrade_to_head_async(database_url: str) -> None:
+    # Alembic's env.py runs its own event loop; give it a thread of its own.
+    await asyncio.to_thread(upgrade_to_head, database_url)

@@ -1,0 +1,129 @@
+"""Loads the Lua scripts shipped in the `lua` package and runs them by EVALSHA.
+
+A script may say `--- @include "_lib"` to inline lua/_lib.lua (BullMQ's include idea); the SHA
+covers the composed text. Each script's header declares its KEYS and ARGV; the loader counts
+them and every call is checked against the count, so a caller cannot pass a key the script
+does not declare (which would break Redis Cluster slot routing) or forget an argument.
+"""
+
+import hashlib
+import re
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.exceptions import NoScriptError
+
+INCLUDE_PATTERN = re.compile(r'^--- @include "(\w+)"\s*$', re.MULTILINE)
+KEY_PATTERN = re.compile(r"^\s+KEYS\[(\d+)\]\s+(.+?)\s*$", re.MULTILINE)
+ARGV_PATTERN = re.compile(r"^\s+ARGV\[(\d+)(\.\.)?\]\s+(\S+)", re.MULTILINE)
+OUTPUT_CODE_PATTERN = re.compile(r"^\s+(-?\d+)\s+([a-z_]+)\s*$", re.MULTILINE)
+
+
+@dataclass(frozen=True)
+class LuaScript:
+    name: str
+    source: str  # with includes inlined
+    sha: str
+    key_names: tuple[str, ...]
+    argv_count: int  # declared fixed arguments
+    argv_variadic: bool  # declares ARGV[n..]: any number of extra arguments
+    output_codes: dict[int, str]
+
+    def check_call(self, keys: list[str], args: list[Any]) -> None:
+        assert len(keys) == len(self.key_names), (self.name, keys)
+        if self.argv_variadic:
+            assert len(args) >= self.argv_count, (self.name, len(args))
+        else:
+            assert len(args) == self.argv_count, (self.name, len(args))
+
+
+def _header(text: str) -> str:
+    end = text.find("]]")
+    assert text.startswith("--[[") and end > 0, "a script starts with its --[[ header ]]"
+    return text[:end]
+
+
+def parse_script(name: str, text: str, includes: dict[str, str]) -> LuaScript:
+    header = _header(text)
+    key_matches = KEY_PATTERN.findall(header)
+    argv_matches = ARGV_PATTERN.findall(header)
+    assert [int(n) for n, _ in key_matches] == list(range(1, len(key_matches) + 1)), name
+    fixed = [int(n) for n, dots, _ in argv_matches if not dots]
+    assert fixed == list(range(1, len(fixed) + 1)), name
+    output_block = header[header.index("Output:") :]
+    codes = {int(code): label for code, label in OUTPUT_CODE_PATTERN.findall(output_block)}
+    source = INCLUDE_PATTERN.sub(lambda m: includes[m.group(1)], text)
+    return LuaScript(
+        name=name,
+        source=source,
+        sha=hashlib.sha1(source.encode()).hexdigest(),
+        key_names=tuple(label for _, label in key_matches),
+        argv_count=len(fixed),
+        argv_variadic=any(dots for _, dots, _ in argv_matches),
+        output_codes=codes,
+    )
+
+
+def load_scripts() -> dict[str, LuaScript]:
+    package = resources.files("lua")
+    texts = {
+        entry.name.removesuffix(".lua"): entry.read_text(encoding="utf-8")
+        for entry in package.iterdir()
+        if entry.name.endswith(".lua")
+    }
+    includes = {name: text for name, text in texts.items() if name.startswith("_")}
+    return {
+        name: parse_script(name, text, includes)
+        for name, text in sorted(texts.items())
+        if not name.startswith("_")
+    }
+
+
+class ScriptRunner:
+    """Runs scripts by SHA, loading them again if Redis forgot them (a restart, a failover)."""
+
+    def __init__(self, scripts: dict[str, LuaScript] | None = None) -> None:
+        self.scripts = scripts if scripts is not None else load_scripts()
+
+    async def load(self, redis: Redis) -> None:
+        for script in self.scripts.values():
+            sha = await redis.script_load(script.source)
+            assert sha == script.sha, (script.name, sha)
+
+    async def run(self, redis: Redis, name: str, keys: list[str], args: list[Any]) -> list[int]:
+        script = self.scripts[name]
+        script.check_call(keys, args)
+        try:
+            return await redis.evalsha(script.sha, len(keys), *keys, *args)  # type: ignore[no-any-return]
+        except NoScriptError:
+            await self.load(redis)
+            return await redis.evalsha(script.sha, len(keys), *keys, *args)  # type: ignore[no-any-return]
+
+    async def run_and_ring(
+        self,
+        redis: Redis,
+        name: str,
+        keys: list[str],
+        args: list[Any],
+        doorbell_key: str,
+        org_id: str,
+    ) -> list[int]:
+        """Run a script that appends to an org's outbox and ring the worker's doorbell in the
+        same round trip. The doorbell only speeds the drain up: a lost ring is found by the
+        worker's sweep, because the entry itself is already in the outbox."""
+        script = self.scripts[name]
+        script.check_call(keys, args)
+        for attempt in range(2):
+            async with redis.pipeline(transaction=False) as pipe:
+                pipe.evalsha(script.sha, len(keys), *keys, *args)
+                pipe.sadd(doorbell_key, org_id)
+                try:
+                    reply, _ = await pipe.execute()
+                    return reply  # type: ignore[no-any-return]
+                except NoScriptError:
+                    if attempt == 1:
+                        raise
+                    await self.load(redis)
+        raise AssertionError("unreachable")

@@ -1,0 +1,1 @@
+"""The Lua scripts: the only code that changes a balance. Loaded by engine/scripts.py."""

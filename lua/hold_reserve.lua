@@ -1,0 +1,81 @@
+--[[
+  Reserve credit for a call: take a hold of one block of minutes (capped at what is
+  available), idempotent per call id. The hold counts against available_pence at once.
+  Also answers how long the call may run: the seconds the org's whole available credit funds
+  (Vapi's maxDurationSeconds, enforced by Vapi even if we are down).
+
+  Input:
+    KEYS[1] org hash              <prefix>:{org:<org_id>}:org
+    KEYS[2] holds hash            <prefix>:{org:<org_id>}:holds
+    KEYS[3] idempotency hash      <prefix>:{org:<org_id>}:idem
+    KEYS[4] outbox stream         <prefix>:{org:<org_id>}:outbox
+
+    ARGV[1] now_ms                0 = Redis TIME
+    ARGV[2] org_id
+    ARGV[3] call_id
+    ARGV[4] call_state_key        idempotency field of the call's resolution
+    ARGV[5] report_slack_ms       how long after its funded time a silent hold expires
+    ARGV[6] outbox_max            refuse (fail closed) when the outbox holds this many entries
+
+  Output: {code, balance_pence, held_pence, available_pence, debt_pence, seq,
+           hold_pence, max_duration_s}
+     0  ok
+     1  replayed
+    -1  insufficient_funds
+    -2  org_unknown
+    -5  call_already_resolved
+    -6  outbox_full
+    -7  too_many_calls
+]]
+--- @include "_lib"
+
+local MAX_DURATION_S_MIN = 10
+local MAX_DURATION_S_MAX = 43200
+
+local now = clock_ms(ARGV[1])
+local org_id = ARGV[2]
+local call_id = ARGV[3]
+local call_state_key = ARGV[4]
+local slack_ms = int_arg(ARGV[5], 'report_slack_ms', 0, 86400000)
+local outbox_max = int_arg(ARGV[6], 'outbox_max', 1, 100000000)
+
+local org = org_load(KEYS[1])
+if org == nil then
+  return with_tail(head(-2, nil), {0, 0})
+end
+local existing = rcall('HGET', KEYS[2], call_id)
+if existing ~= false then
+  local h = hold_decode(existing)
+  return with_tail(head(1, org), {h.hold_pence, h.max_duration_s})
+end
+if rcall('HEXISTS', KEYS[3], call_state_key) == 1 then
+  return with_tail(head(-5, org), {0, 0})
+end
+if org.max_concurrent_calls > 0 and rcall('HLEN', KEYS[2]) >= org.max_concurrent_calls then
+  return with_tail(head(-7, org), {0, 0})
+end
+local rate = org.rate_pence_per_minute
+local available = org.balance_pence - org.held_pence
+if available <= 0 or available < org.min_start_pence then
+  return with_tail(head(-1, org), {0, 0})
+end
+local funded_s = math.floor(available * 60 / rate)
+if funded_s < MAX_DURATION_S_MIN then
+  return with_tail(head(-1, org), {0, 0})
+end
+if not outbox_has_room(KEYS[4], outbox_max) then
+  return with_tail(head(-6, org), {0, 0})
+end
+
+local max_duration_s = math.min(funded_s, MAX_DURATION_S_MAX)
+local hold_pence = math.min(org.hold_block_minutes * rate, available)
+local h = {
+  hold_pence = hold_pence, rate = rate, created_ms = now, started_ms = 0, last_seen_ms = now,
+  expires_ms = now + max_duration_s * 1000 + slack_ms, max_duration_s = max_duration_s,
+  version = 1,
+}
+org.held_pence = org.held_pence + hold_pence
+org_save_money(KEYS[1], org)
+rcall('HSET', KEYS[2], call_id, hold_encode(h))
+outbox_hold(KEYS[4], org_id, org, call_id, 'live', h, 0, 0, now)
+return with_tail(head(0, org), {hold_pence, max_duration_s})

@@ -1,0 +1,43 @@
+--[[
+  Set an existing org's settings in Redis (Postgres already holds them: settings are
+  Postgres-first). Changes no money, but bumps seq so a concurrent repair notices.
+
+  Input:
+    KEYS[1] org hash              <prefix>:{org:<org_id>}:org
+
+    ARGV[1] now_ms                0 = Redis TIME
+    ARGV[2] org_id
+    ARGV[3] rate_pence_per_minute 1 .. 10^6
+    ARGV[4] overdraft_pence       0 .. 10^12
+    ARGV[5] min_start_pence       1 .. 10^12
+    ARGV[6] hold_block_minutes    1 .. 60
+    ARGV[7] grace_seconds         0 .. 300
+    ARGV[8] max_concurrent_calls  0 (no limit) .. 10^6
+
+  Output: {code, balance_pence, held_pence, available_pence, debt_pence, seq}
+     0  ok
+    -2  org_unknown
+]]
+--- @include "_lib"
+
+clock_ms(ARGV[1])
+local org_id = ARGV[2]
+local rate = int_arg(ARGV[3], 'rate_pence_per_minute', 1, 1000000)
+local overdraft = int_arg(ARGV[4], 'overdraft_pence', 0, 1000000000000)
+local min_start = int_arg(ARGV[5], 'min_start_pence', 1, 1000000000000)
+local block = int_arg(ARGV[6], 'hold_block_minutes', 1, 60)
+local grace = int_arg(ARGV[7], 'grace_seconds', 0, 300)
+local max_calls = int_arg(ARGV[8], 'max_concurrent_calls', 0, 1000000)
+
+local org = org_load(KEYS[1])
+if org == nil then
+  return head(-2, nil)
+end
+
+org.seq = org.seq + 1
+rcall('HSET', KEYS[1],
+  'rate_pence_per_minute', istr(rate), 'overdraft_pence', istr(overdraft),
+  'min_start_pence', istr(min_start), 'hold_block_minutes', istr(block),
+  'grace_seconds', istr(grace), 'max_concurrent_calls', istr(max_calls),
+  'seq', istr(org.seq))
+return head(0, org)

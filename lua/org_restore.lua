@@ -1,0 +1,84 @@
+--[[
+  Replace one org's state with a snapshot built from Postgres (the reconciler's write).
+  Idempotency records are restored before this runs, by plain HSET/ZADD: an org is invisible to
+  every other script until this script creates its hash, so no replay can slip in between.
+
+  Input:
+    KEYS[1] org hash              <prefix>:{org:<org_id>}:org
+    KEYS[2] holds hash            <prefix>:{org:<org_id>}:holds
+    KEYS[3] outbox stream         <prefix>:{org:<org_id>}:outbox
+
+    ARGV[1]  now_ms               0 = Redis TIME
+    ARGV[2]  org_id
+    ARGV[3]  mode                 'absent': only if the org hash is missing (rebuild after loss)
+                                  'seq': only if the org's seq equals ARGV[4] (repair)
+    ARGV[4]  expected_seq         compared in 'seq' mode
+    ARGV[5]  balance_pence        -10^13 .. 10^13
+    ARGV[6]  debt_pence           0 .. 10^13
+    ARGV[7]  rate_pence_per_minute
+    ARGV[8]  overdraft_pence
+    ARGV[9]  min_start_pence
+    ARGV[10] hold_block_minutes
+    ARGV[11] grace_seconds
+    ARGV[12] max_concurrent_calls
+    ARGV[13..] call_id, hold record pairs (live holds)
+
+  The outbox must be empty in both modes: entries still in it are debits Postgres does not have
+  yet, and a snapshot from Postgres would silently drop them.
+
+  Output: {code, balance_pence, held_pence, available_pence, debt_pence, seq}
+     0  ok
+    -9  restore_conflict
+]]
+--- @include "_lib"
+
+clock_ms(ARGV[1])
+local org_id = ARGV[2]
+local mode = ARGV[3]
+local expected_seq = int_arg(ARGV[4], 'expected_seq', 0, 9007199254740991)
+local balance = int_arg(ARGV[5], 'balance_pence', -10000000000000, 10000000000000)
+local debt = int_arg(ARGV[6], 'debt_pence', 0, 10000000000000)
+local rate = int_arg(ARGV[7], 'rate_pence_per_minute', 1, 1000000)
+local overdraft = int_arg(ARGV[8], 'overdraft_pence', 0, 1000000000000)
+local min_start = int_arg(ARGV[9], 'min_start_pence', 1, 1000000000000)
+local block = int_arg(ARGV[10], 'hold_block_minutes', 1, 60)
+local grace = int_arg(ARGV[11], 'grace_seconds', 0, 300)
+local max_calls = int_arg(ARGV[12], 'max_concurrent_calls', 0, 1000000)
+if (#ARGV - 12) % 2 ~= 0 then
+  error('bad argument holds: call_id/record pairs expected')
+end
+if mode ~= 'absent' and mode ~= 'seq' then
+  error('bad argument mode: ' .. tostring(mode))
+end
+
+local org = org_load(KEYS[1])
+if rcall('XLEN', KEYS[3]) > 0 then
+  return head(-9, org)
+end
+if mode == 'absent' and org ~= nil then
+  return head(-9, org)
+end
+if mode == 'seq' and (org == nil or org.seq ~= expected_seq) then
+  return head(-9, org)
+end
+
+local held = 0
+for i = 13, #ARGV, 2 do
+  held = held + hold_decode(ARGV[i + 1]).hold_pence
+end
+
+rcall('DEL', KEYS[2])
+for i = 13, #ARGV, 2 do
+  rcall('HSET', KEYS[2], ARGV[i], ARGV[i + 1])
+end
+local seq = expected_seq + 1
+if org == nil then
+  seq = 1
+end
+rcall('HSET', KEYS[1],
+  'balance_pence', istr(balance), 'held_pence', istr(held), 'debt_pence', istr(debt),
+  'seq', istr(seq),
+  'rate_pence_per_minute', istr(rate), 'overdraft_pence', istr(overdraft),
+  'min_start_pence', istr(min_start), 'hold_block_minutes', istr(block),
+  'grace_seconds', istr(grace), 'max_concurrent_calls', istr(max_calls))
+return head(0, org_load(KEYS[1]))

@@ -1,0 +1,1 @@
+"""Alembic migrations. Run with `credit-engine migrate` (engine/migrate.py)."""

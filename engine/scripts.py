@@ -10,6 +10,7 @@ import hashlib
 import re
 from dataclasses import dataclass
 from importlib import resources
+from collections.abc import Callable
 from typing import Any
 
 from redis.asyncio import Redis
@@ -101,6 +102,25 @@ class ScriptRunner:
             await self.load(redis)
             return await redis.evalsha(script.sha, len(keys), *keys, *args)  # type: ignore[no-any-return]
 
+    def add_to_pipeline(self, pipe: Any, name: str, keys: list[str], args: list[Any]) -> None:
+        script = self.scripts[name]
+        script.check_call(keys, args)
+        pipe.evalsha(script.sha, len(keys), *keys, *args)
+
+    async def execute(self, redis: Redis, build: Callable[[Any], None]) -> list[Any]:
+        """Build and run a pipeline; if Redis forgot the scripts, load them and run it again.
+        Everything put in such a pipeline must be safe to run twice."""
+        for attempt in range(2):
+            async with redis.pipeline(transaction=False) as pipe:
+                build(pipe)
+                try:
+                    return await pipe.execute()  # type: ignore[no-any-return]
+                except NoScriptError:
+                    if attempt == 1:
+                        raise
+                    await self.load(redis)
+        raise AssertionError("unreachable")
+
     async def run_and_ring(
         self,
         redis: Redis,
@@ -113,17 +133,10 @@ class ScriptRunner:
         """Run a script that appends to an org's outbox and ring the worker's doorbell in the
         same round trip. The doorbell only speeds the drain up: a lost ring is found by the
         worker's sweep, because the entry itself is already in the outbox."""
-        script = self.scripts[name]
-        script.check_call(keys, args)
-        for attempt in range(2):
-            async with redis.pipeline(transaction=False) as pipe:
-                pipe.evalsha(script.sha, len(keys), *keys, *args)
-                pipe.sadd(doorbell_key, org_id)
-                try:
-                    reply, _ = await pipe.execute()
-                    return reply  # type: ignore[no-any-return]
-                except NoScriptError:
-                    if attempt == 1:
-                        raise
-                    await self.load(redis)
-        raise AssertionError("unreachable")
+
+        def build(pipe: Any) -> None:
+            self.add_to_pipeline(pipe, name, keys, args)
+            pipe.sadd(doorbell_key, org_id)
+
+        reply, _ = await self.execute(redis, build)
+        return reply  # type: ignore[no-any-return]

@@ -19,7 +19,8 @@
     ARGV[7] extensions_max        blocks this check may add, 1 .. 64
 
   Output: {code, balance_pence, held_pence, available_pence, debt_pence, seq,
-           end_call, cost_so_far_pence, hold_pence, remaining_ms, started}
+           end_call, cost_so_far_pence, hold_pence, remaining_ms, started, recorded}
+  recorded is 1 when this call appended a hold event to the outbox.
      0  ok
     -2  org_unknown
     -4  hold_not_found
@@ -36,11 +37,11 @@ local extensions_max = int_arg(ARGV[7], 'extensions_max', 1, 64)
 
 local org = org_load(KEYS[1])
 if org == nil then
-  return with_tail(head(-2, nil), {0, 0, 0, 0, 0})
+  return with_tail(head(-2, nil), {0, 0, 0, 0, 0, 0})
 end
 local record = rcall('HGET', KEYS[2], call_id)
 if record == false then
-  return with_tail(head(-4, org), {0, 0, 0, 0, 0})
+  return with_tail(head(-4, org), {0, 0, 0, 0, 0, 0})
 end
 local h = hold_decode(record)
 local changed = false
@@ -89,8 +90,11 @@ if changed then
   outbox_hold(KEYS[3], org_id, org, call_id, 'live', h, 0, 0, now)
 end
 rcall('HSET', KEYS[2], call_id, hold_encode(h))
-local started = 0
+local started, recorded = 0, 0
 if h.started_ms > 0 then
   started = 1
 end
-return with_tail(head(0, org), {end_call, cost, h.hold_pence, remaining_ms, started})
+if changed then
+  recorded = 1
+end
+return with_tail(head(0, org), {end_call, cost, h.hold_pence, remaining_ms, started, recorded})

@@ -36,7 +36,7 @@ def upgrade() -> None:
         sa.Column("name", sa.Text, nullable=False),
         sa.Column("rate_pence_per_minute", sa.Integer, nullable=False),
         sa.Column("overdraft_pence", sa.BigInteger, nullable=False, server_default="0"),
-        sa.Column("min_start_pence", sa.BigInteger, nullable=False),
+        sa.Column("min_start_pence", sa.BigInteger, nullable=True),  # NULL: one minute at the rate
         sa.Column("hold_block_minutes", sa.Integer, nullable=False, server_default="5"),
         sa.Column("grace_seconds", sa.Integer, nullable=False, server_default="10"),
         sa.Column("low_balance_threshold_pence", sa.BigInteger, nullable=True),
@@ -119,7 +119,7 @@ def upgrade() -> None:
     op.create_index(
         "ledger_entries_ix_call_id", "ledger_entries", ["call_id"], postgresql_where=sa.text("call_id IS NOT NULL")
     )
-    op.create_index("ledger_entries_ix_created_at", "ledger_entries", ["created_at"])
+    op.create_index("ledger_entries_ix_org_id_created_at", "ledger_entries", ["org_id", "created_at"])
 
     op.create_table(
         "call_holds",
@@ -171,11 +171,26 @@ def upgrade() -> None:
     )
     op.create_index("pending_credits_ix_created_at", "pending_credits", ["created_at"])
 
+    # Outbox entries the writer could not put in the ledger (the same idempotency key with a
+    # different entry: Redis decided twice, e.g. after losing its idempotency records). Kept as
+    # evidence, never silently dropped; `reconcile --check` shows the drift they cause.
+    op.create_table(
+        "ledger_rejects",
+        sa.Column("id", sa.BigInteger, sa.Identity(always=True), primary_key=True),
+        sa.Column("org_id", sa.Text, nullable=False),
+        sa.Column("idempotency_key", sa.Text, nullable=False),
+        sa.Column("reason", sa.Text, nullable=False),
+        sa.Column("entry", postgresql.JSONB, nullable=False),
+        sa.Column("recorded_at", TS, nullable=False, server_default=sa.func.now()),
+    )
+    op.create_index("ledger_rejects_ix_org_id", "ledger_rejects", ["org_id"])
+
     for statement in read_statements(SQL_DIR / "0001_ledger_triggers.sql"):
         op.execute(statement)
 
 
 def downgrade() -> None:
+    op.drop_table("ledger_rejects")
     op.drop_table("pending_credits")
     op.drop_table("call_holds")
     op.execute("DROP TABLE ledger_entries")

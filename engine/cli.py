@@ -1,0 +1,273 @@
+"""The `credit-engine` command.
+
+  up          the whole system on one machine (embedded Redis and Postgres unless configured)
+  serve       the web app only            worker     the arq worker only
+  migrate     Alembic migrations to head  reconcile  compare Redis with Postgres, or repair
+  orgs        create / show / update an org
+  topup       credit an org (Postgres-first)
+
+Connection settings come from REDIS_URL and DATABASE_URL; when they are not set, the commands
+other than `up` use the servers of a running `credit-engine up` (its <data-dir>/services.json).
+"""
+
+import argparse
+import asyncio
+import json
+import logging
+import secrets
+import sys
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any
+
+from engine.config import ConfigError, Settings
+
+EXIT_OK = 0
+EXIT_DRIFT = 1
+EXIT_USAGE = 2
+
+
+def _connected(settings: Settings) -> Settings:
+    if settings.redis_url and settings.database_url:
+        return settings
+    from engine.services_file import read_services
+
+    services = read_services(settings.data_dir)
+    if services is None:
+        raise SystemExit(
+            "REDIS_URL and DATABASE_URL are not set and no `credit-engine up` is running "
+            f"with data dir {settings.data_dir.resolve()} (use --data-dir, or set the URLs)"
+        )
+    return replace(
+        settings,
+        redis_url=settings.redis_url or services["redis_url"],
+        database_url=settings.database_url or services["database_url"],
+    )
+
+
+def _with_runtime(settings: Settings, action: Callable[[Any], Awaitable[int]]) -> int:
+    from engine.runtime import Runtime
+
+    async def main() -> int:
+        rt = await Runtime.open(_connected(settings))
+        try:
+            return await action(rt)
+        finally:
+            await rt.close()
+
+    return asyncio.run(main())
+
+
+def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
+    from engine.up import run_up
+
+    return run_up(settings, args.host, args.port)
+
+
+def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
+    import uvicorn
+
+    from webapp.app import create_app
+
+    settings = _connected(settings)
+    uvicorn.run(
+        create_app(settings),
+        host=args.host,
+        port=args.port,
+        loop="uvloop",
+        http="httptools",
+        log_level=settings.log_level.lower(),
+        access_log=False,
+    )
+    return EXIT_OK
+
+
+def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
+    from worker.main import run_worker
+
+    run_worker(_connected(settings))
+    return EXIT_OK
+
+
+def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
+    from engine.migrate import upgrade_to_head
+
+    settings = _connected(settings)
+    assert settings.database_url is not None
+    upgrade_to_head(settings.database_url)
+    print("migrated to head")
+    return EXIT_OK
+
+
+def cmd_reconcile(args: argparse.Namespace, settings: Settings) -> int:
+    from engine.progress import ProgressLine
+    from engine.reconciler import check, repair
+
+    async def action(rt: Any) -> int:
+        orgs = args.org or None
+        if args.repair:
+            report = await repair(rt, orgs, ProgressLine("reconcile"))
+            for org_id in report.repaired:
+                print(f"repaired {org_id}")
+            for org_id, why in report.failed.items():
+                print(f"could not repair {org_id}: {why}")
+            after = report.after
+            print(f"after repair: {len(after.drifted)} drifted, {len(after.busy)} busy")
+            return EXIT_OK if after.clean and not report.failed else EXIT_DRIFT
+        result = await check(rt, orgs, ProgressLine("reconcile"))
+        if args.json:
+            print(json.dumps({"orgs_checked": result.orgs_checked, "drifted": [asdict(d) for d in result.drifted],
+                              "busy": result.busy, "seconds": round(result.seconds, 3)}))  # fmt: skip
+        else:
+            for drift in result.drifted:
+                print(f"DRIFT {drift.org_id}")
+                for problem in drift.problems:
+                    print(f"  {problem}")
+            for org_id in result.busy:
+                print(f"BUSY  {org_id}: changed on every read, not verified")
+            print(
+                f"checked {result.orgs_checked} orgs in {result.seconds:.2f}s: "
+                f"{len(result.drifted)} drifted, {len(result.busy)} busy"
+            )
+        return EXIT_OK if result.clean else EXIT_DRIFT
+
+    return _with_runtime(settings, action)
+
+
+def _settings_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    names = ("rate_pence_per_minute", "overdraft_pence", "min_start_pence", "hold_block_minutes", "grace_seconds",
+             "low_balance_threshold_pence", "alert_webhook_url", "max_concurrent_calls")  # fmt: skip
+    return {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
+
+
+def cmd_orgs(args: argparse.Namespace, settings: Settings) -> int:
+    from engine.balances import read_wallet
+    from engine.errors import InvalidInput, OrgExists, OrgNotFound
+    from engine.org_settings import OrgSettings
+    from engine.orgs import create_org, get_org, update_org
+
+    async def action(rt: Any) -> int:
+        try:
+            if args.orgs_command == "create":
+                values = _settings_from_args(args)
+                org = await create_org(rt, args.org_id, args.name or args.org_id, OrgSettings(**values))
+            elif args.orgs_command == "update":
+                changes = _settings_from_args(args)
+                if args.name:
+                    changes["name"] = args.name
+                org = await update_org(rt, args.org_id, changes)
+            else:
+                org = await get_org(rt, args.org_id)
+        except (InvalidInput, OrgExists, OrgNotFound) as error:
+            print(f"error: {error}", file=sys.stderr)
+            return EXIT_USAGE
+        wallet = await read_wallet(rt, org.org_id)
+        print(json.dumps({"org_id": org.org_id, "name": org.name, "settings": asdict(org.settings),
+                          "wallet": asdict(wallet) if wallet else None}, indent=2))  # fmt: skip
+        return EXIT_OK
+
+    return _with_runtime(settings, action)
+
+
+def cmd_topup(args: argparse.Namespace, settings: Settings) -> int:
+    from engine.credits import credit
+    from engine.errors import InvalidInput, OrgNotFound
+    from engine.results import Outcome
+
+    async def action(rt: Any) -> int:
+        key = args.idempotency_key or f"cli-{secrets.token_hex(8)}"
+        try:
+            result = await credit(rt, args.org_id, key, args.amount_pence)
+        except (InvalidInput, OrgNotFound) as error:
+            print(f"error: {error}", file=sys.stderr)
+            return EXIT_USAGE
+        if result.outcome == Outcome.idempotency_conflict:
+            print(f"error: idempotency key {key!r} was used for {result.amount_pence} pence", file=sys.stderr)
+            return EXIT_USAGE
+        money = result.money
+        print(json.dumps({"outcome": result.outcome.name, "transaction_id": result.entry_id,
+                          "idempotency_key": key, "applied_in_redis": result.applied,
+                          "balance_pence": money.balance_pence if money else None,
+                          "available_pence": money.available_pence if money else None}, indent=2))  # fmt: skip
+        return EXIT_OK
+
+    return _with_runtime(settings, action)
+
+
+def _add_org_settings(parser: argparse.ArgumentParser, rate_required: bool) -> None:
+    parser.add_argument("--rate", dest="rate_pence_per_minute", type=int, required=rate_required,
+                        help="call rate in pence per minute")  # fmt: skip
+    parser.add_argument("--overdraft", dest="overdraft_pence", type=int)
+    parser.add_argument("--min-start", dest="min_start_pence", type=int)
+    parser.add_argument("--hold-block-minutes", dest="hold_block_minutes", type=int)
+    parser.add_argument("--grace-seconds", dest="grace_seconds", type=int)
+    parser.add_argument("--low-balance-threshold", dest="low_balance_threshold_pence", type=int)
+    parser.add_argument("--alert-webhook-url", dest="alert_webhook_url")
+    parser.add_argument("--max-concurrent-calls", dest="max_concurrent_calls", type=int)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="credit-engine", description="Prepaid credit engine for Vapi calls.")
+    parser.add_argument("--data-dir", type=Path, help="where `up` keeps its data (default .credit-engine)")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    up = commands.add_parser("up", help="run everything on this machine")
+    up.add_argument("--host", default="127.0.0.1")
+    up.add_argument("--port", type=int, default=8080)
+    up.set_defaults(handler=cmd_up)
+
+    serve = commands.add_parser("serve", help="run the web app")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8080)
+    serve.set_defaults(handler=cmd_serve)
+
+    commands.add_parser("worker", help="run the arq worker").set_defaults(handler=cmd_worker)
+    commands.add_parser("migrate", help="migrate Postgres to the latest schema").set_defaults(handler=cmd_migrate)
+
+    reconcile = commands.add_parser("reconcile", help="compare Redis with Postgres (exit 1 on drift)")
+    mode = reconcile.add_mutually_exclusive_group()
+    mode.add_argument("--check", action="store_true", help="report drift (the default)")
+    mode.add_argument("--repair", action="store_true", help="rewrite drifted orgs in Redis from Postgres")
+    reconcile.add_argument("--org", action="append", help="only this org (repeatable)")
+    reconcile.add_argument("--json", action="store_true", help="machine-readable report (with --check)")
+    reconcile.set_defaults(handler=cmd_reconcile)
+
+    orgs = commands.add_parser("orgs", help="create, show or update an org")
+    org_commands = orgs.add_subparsers(dest="orgs_command", required=True)
+    create = org_commands.add_parser("create")
+    create.add_argument("org_id")
+    create.add_argument("--name")
+    _add_org_settings(create, rate_required=True)
+    show = org_commands.add_parser("show")
+    show.add_argument("org_id")
+    update = org_commands.add_parser("update")
+    update.add_argument("org_id")
+    update.add_argument("--name")
+    _add_org_settings(update, rate_required=False)
+    orgs.set_defaults(handler=cmd_orgs)
+
+    topup = commands.add_parser("topup", help="credit an org (Postgres-first)")
+    topup.add_argument("org_id")
+    topup.add_argument("amount_pence", type=int)
+    topup.add_argument("--idempotency-key", help="repeat a top-up safely (default: a new random key)")
+    topup.set_defaults(handler=cmd_topup)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = Settings.from_env()
+    except ConfigError as error:
+        print(f"configuration error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    if args.data_dir is not None:
+        settings = replace(settings, data_dir=args.data_dir)
+    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
+    return int(args.handler(args, settings))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

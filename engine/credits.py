@@ -1,0 +1,174 @@
+"""Credits (top-ups, refunds): Postgres-first, so money a customer paid is never only in Redis.
+
+1. One Postgres transaction: the ledger entry (idempotent by key), the projection, and a
+   pending_credits row saying "Redis has not confirmed this yet".
+2. credit_apply.lua applies it to Redis, idempotently by the same key (and pays off debt first,
+   as a Redis-first debt_repayment entry through the outbox).
+3. The pending row is deleted. If step 2 or 3 fails (Redis down, a crash), the worker's
+   `apply_pending_credits` finishes the job; applying twice is a replay, never a double credit.
+"""
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from redis.exceptions import RedisError
+
+from engine import limits, validate
+from engine.errors import InvalidInput, OrgNotFound
+from engine.restore import restore_org_if_absent
+from engine.results import Money, Outcome, decode
+from engine.runtime import Runtime
+from engine.types import CREDIT_KINDS, EntryKind, ledger_key
+
+log = logging.getLogger(__name__)
+
+# A pending credit older than this is not re-applied automatically: Redis may have pruned its
+# idempotency record, so applying again could credit twice. `reconcile --repair` settles it.
+pending_credit_auto_apply_age_fraction_max = 0.5
+
+
+@dataclass(frozen=True)
+class Credit:
+    outcome: Outcome  # ok, replayed, idempotency_conflict
+    ledger_key: str
+    entry_id: int
+    amount_pence: int
+    applied: bool  # Redis has applied it (now or earlier)
+    money: Money | None  # the org in Redis after applying; None when not applied yet
+
+
+async def credit(
+    rt: Runtime,
+    org_id: str,
+    idempotency_key: str,
+    amount_pence: int,
+    *,
+    kind: EntryKind = EntryKind.topup,
+    meta: dict[str, Any] | None = None,
+) -> Credit:
+    assert kind in CREDIT_KINDS
+    validate.org_id(org_id)
+    validate.idempotency_key(idempotency_key)
+    validate.amount_pence(amount_pence)
+    key = ledger_key(org_id, kind.value, idempotency_key)
+    async with rt.pg.acquire() as conn, conn.transaction():
+        projection = await conn.fetchrow(
+            "SELECT balance_pence, debt_pence FROM org_balances WHERE org_id = $1 FOR UPDATE", org_id
+        )
+        if projection is None:
+            raise OrgNotFound(org_id)
+        existing = await conn.fetchrow("SELECT id, amount_pence FROM ledger_entries WHERE idempotency_key = $1", key)
+        if existing is not None:
+            if existing["amount_pence"] != amount_pence:
+                return Credit(Outcome.idempotency_conflict, key, existing["id"], existing["amount_pence"], False, None)
+            outcome = Outcome.replayed
+            entry_id = existing["id"]
+        else:
+            balance_pence_after = projection["balance_pence"] + amount_pence
+            if balance_pence_after > limits.balance_pence_max:
+                raise InvalidInput("amount_pence", f"would take the balance above {limits.balance_pence_max} pence")
+            entry_id = await conn.fetchval(
+                """
+                INSERT INTO ledger_entries (org_id, idempotency_key, kind, amount_pence, debt_delta_pence,
+                    balance_after_pence, debt_after_pence, source, created_at, meta)
+                VALUES ($1, $2, $3, $4, 0, $5, $6, 'postgres', now(), $7::jsonb)
+                RETURNING id
+                """,
+                org_id,
+                key,
+                kind.value,
+                amount_pence,
+                balance_pence_after,
+                projection["debt_pence"],
+                orjson.dumps(meta or {}).decode(),
+            )
+            await conn.execute(
+                """
+                UPDATE org_balances SET balance_pence = $2, entry_count = entry_count + 1,
+                       last_entry_id = $3, updated_at = now()
+                WHERE org_id = $1
+                """,
+                org_id,
+                balance_pence_after,
+                entry_id,
+            )
+            await conn.execute(
+                "INSERT INTO pending_credits (idempotency_key, org_id, amount_pence) VALUES ($1, $2, $3)",
+                key,
+                org_id,
+                amount_pence,
+            )
+            outcome = Outcome.ok
+    applied, money = await apply_to_redis(rt, org_id, key, amount_pence)
+    return Credit(outcome, key, entry_id, amount_pence, applied, money)
+
+
+async def apply_to_redis(rt: Runtime, org_id: str, key: str, amount_pence: int) -> tuple[bool, Money | None]:
+    """Apply a committed credit to Redis and clear its pending row. Never raises for Redis trouble:
+    the credit is safe in Postgres and the worker will apply it later."""
+    try:
+        result = await _run_credit_apply(rt, org_id, key, amount_pence)
+        if result.outcome == Outcome.org_unknown:
+            # Redis does not have the org: restoring it from Postgres includes this credit.
+            await restore_org_if_absent(rt, org_id)
+            result = await _run_credit_apply(rt, org_id, key, amount_pence)
+    except RedisError as error:
+        log.warning("credit %s committed in postgres, not yet applied in redis (%s); the worker will apply it", key, error)
+        return False, None
+    if result.outcome not in (Outcome.ok, Outcome.replayed):
+        log.error("credit %s could not be applied in redis: %s", key, result.outcome.name)
+        return False, None
+    await rt.pg.execute("DELETE FROM pending_credits WHERE idempotency_key = $1", key)
+    return True, result.money
+
+
+async def _run_credit_apply(rt: Runtime, org_id: str, key: str, amount_pence: int) -> Any:
+    keys = rt.keys.org(org_id)
+    repay_key = key.replace(f"{org_id}/", f"{org_id}/repay/", 1)
+    reply = await rt.scripts.run_and_ring(
+        rt.redis,
+        "credit_apply",
+        [keys.org, keys.idem, keys.idem_exp, keys.outbox],
+        [rt.clock.script_arg(), org_id, key, amount_pence, repay_key, rt.settings.idempotency_ttl_ms],
+        rt.keys.outbox_dirty,
+        org_id,
+    )
+    return decode(reply, tail_length=1)
+
+
+@dataclass
+class PendingReport:
+    applied: int = 0
+    failed: int = 0
+    too_old: int = 0
+
+
+async def apply_pending_credits(rt: Runtime, *, older_than_ms: int = 2_000, limit: int = 500) -> PendingReport:
+    """Finish credits whose Redis step did not complete. Run by the worker's cron."""
+    report = PendingReport()
+    too_old_ms = int(rt.settings.idempotency_ttl_ms * pending_credit_auto_apply_age_fraction_max)
+    rows = await rt.pg.fetch(
+        """
+        SELECT idempotency_key, org_id, amount_pence,
+               (extract(epoch FROM now() - created_at) * 1000)::bigint AS age_ms
+        FROM pending_credits
+        WHERE created_at <= now() - make_interval(secs => $1::double precision / 1000)
+        ORDER BY created_at LIMIT $2
+        """,
+        older_than_ms,
+        limit,
+    )
+    for row in rows:
+        if row["age_ms"] > too_old_ms:
+            log.error("pending credit %s is too old to apply safely; run `credit-engine reconcile --repair`", row["idempotency_key"])
+            report.too_old += 1
+            continue
+        await rt.pg.execute("UPDATE pending_credits SET attempts = attempts + 1 WHERE idempotency_key = $1", row["idempotency_key"])
+        applied, _ = await apply_to_redis(rt, row["org_id"], row["idempotency_key"], row["amount_pence"])
+        if applied:
+            report.applied += 1
+        else:
+            report.failed += 1
+    return report

@@ -1,0 +1,192 @@
+"""Call holds: reserve, check (the kill switch), commit, release, expire.
+
+Lifecycle of one call's hold (all decisions in lua/hold_*.lua, one atomic script each):
+
+    reserve ──▶ live ──(check: start the clock, extend block by block)──▶ live
+                 │
+                 ├── commit  (end-of-call report: actual cost, rest released)     ─▶ committed
+                 ├── release (the call ended without a report we can bill from)   ─▶ released
+                 └── expire  (never reported; its expiry passed)                  ─▶ expired
+
+Invariants:
+- A hold counts against available_pence from the moment it is taken; held_pence is the sum of
+  the org's live holds.
+- A hold resolves exactly once. The first of commit/release/expire wins; a later commit after a
+  release or expiry settles only the difference to the true cost (an adjustment), anything else
+  later is a replay.
+- A call with no hold and no resolution is billed directly on commit.
+- Charges are never dropped: below the overdraft floor they become debt on the ledger.
+- Holds and their events reach Postgres through the org's outbox (call_holds), so the reconciler
+  can restore live holds after Redis loses them.
+"""
+
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from engine import limits, validate
+from engine.records import HoldRecord
+from engine.results import Money, Outcome, decode
+from engine.runtime import Runtime
+from engine.types import call_ledger_key, call_state_key
+
+
+@dataclass(frozen=True)
+class Reservation:
+    outcome: Outcome  # ok, replayed, insufficient_funds, org_unknown, call_already_resolved, ...
+    money: Money
+    hold_pence: int
+    max_duration_s: int
+
+
+@dataclass(frozen=True)
+class CallCheck:
+    outcome: Outcome  # ok, org_unknown, hold_not_found
+    money: Money
+    end_call: bool
+    cost_so_far_pence: int
+    hold_pence: int
+    remaining_ms: int  # funded time left; <= 0 once the hold is used up
+    started: bool
+
+
+@dataclass(frozen=True)
+class Resolution:
+    outcome: Outcome  # ok, replayed, adjusted, org_unknown, idempotency_conflict, hold_not_found, not_expired
+    money: Money
+    charged_pence: int  # what this resolution moved (an adjustment may be negative: a refund)
+    debt_delta_pence: int
+    hold_pence: int  # the hold that was resolved (0 for direct billing)
+
+
+async def reserve_call(rt: Runtime, org_id: str, call_id: str) -> Reservation:
+    validate.org_id(org_id)
+    validate.call_id(call_id)
+    keys = rt.keys.org(org_id)
+    reply = await rt.scripts.run_and_ring(
+        rt.redis,
+        "hold_reserve",
+        [keys.org, keys.holds, keys.idem, keys.outbox],
+        [
+            rt.clock.script_arg(),
+            org_id,
+            call_id,
+            call_state_key(org_id, call_id),
+            rt.settings.hold_report_slack_ms,
+            rt.settings.outbox_per_org_max,
+        ],
+        rt.keys.outbox_dirty,
+        org_id,
+    )
+    result = decode(reply, tail_length=2)
+    hold_pence, max_duration_s = result.tail
+    if result.outcome in (Outcome.ok, Outcome.replayed):
+        assert hold_pence > 0
+        assert limits.max_duration_s_min <= max_duration_s <= limits.max_duration_s_max
+    if result.outcome == Outcome.ok:
+        assert result.money.held_pence >= hold_pence
+    return Reservation(result.outcome, result.money, hold_pence, max_duration_s)
+
+
+async def check_call(rt: Runtime, org_id: str, call_id: str, *, start: bool = False) -> CallCheck:
+    """The kill-switch decision; with start=True also starts the call's clock (once)."""
+    validate.org_id(org_id)
+    validate.call_id(call_id)
+    keys = rt.keys.org(org_id)
+    reply = await rt.scripts.run(
+        rt.redis,
+        "hold_check",
+        [keys.org, keys.holds, keys.outbox],
+        [
+            rt.clock.script_arg(),
+            org_id,
+            call_id,
+            1 if start else 0,
+            rt.settings.hold_report_slack_ms,
+            rt.settings.outbox_per_org_max,
+            limits.extensions_per_check_max,
+        ],
+    )
+    result = decode(reply, tail_length=6)
+    end_call, cost_so_far_pence, hold_pence, remaining_ms, started, recorded = result.tail
+    if recorded:
+        # Only an extension or a start writes to the outbox; ring the worker for those alone.
+        await rt.redis.sadd(rt.keys.outbox_dirty, org_id)
+    if end_call:
+        assert started
+        assert remaining_ms <= 0
+    return CallCheck(result.outcome, result.money, bool(end_call), cost_so_far_pence, hold_pence, remaining_ms, bool(started))
+
+
+async def commit_call(
+    rt: Runtime, org_id: str, call_id: str, billed_seconds: int, *, meta: dict[str, Any] | None = None
+) -> Resolution:
+    validate.org_id(org_id)
+    validate.call_id(call_id)
+    validate.whole_number(billed_seconds, "billed_seconds", 0, limits.billed_seconds_max)
+    keys = rt.keys.org(org_id)
+    reply = await rt.scripts.run_and_ring(
+        rt.redis,
+        "hold_commit",
+        [keys.org, keys.holds, keys.idem, keys.idem_exp, keys.outbox],
+        [
+            rt.clock.script_arg(),
+            org_id,
+            call_id,
+            call_state_key(org_id, call_id),
+            call_ledger_key(org_id, call_id, "charge"),
+            call_ledger_key(org_id, call_id, "adjust"),
+            billed_seconds,
+            rt.settings.idempotency_ttl_ms,
+            orjson.dumps(meta or {}).decode(),
+        ],
+        rt.keys.outbox_dirty,
+        org_id,
+    )
+    return _resolution(decode(reply, tail_length=3))
+
+
+async def release_call(rt: Runtime, org_id: str, call_id: str) -> Resolution:
+    return await _release(rt, org_id, call_id, "release")
+
+
+async def expire_call(rt: Runtime, org_id: str, call_id: str) -> Resolution:
+    return await _release(rt, org_id, call_id, "expire")
+
+
+async def _release(rt: Runtime, org_id: str, call_id: str, mode: str) -> Resolution:
+    validate.org_id(org_id)
+    validate.call_id(call_id)
+    keys = rt.keys.org(org_id)
+    reply = await rt.scripts.run_and_ring(
+        rt.redis,
+        "hold_release",
+        [keys.org, keys.holds, keys.idem, keys.idem_exp, keys.outbox],
+        [
+            rt.clock.script_arg(),
+            org_id,
+            call_id,
+            call_state_key(org_id, call_id),
+            call_ledger_key(org_id, call_id, "charge"),
+            mode,
+            rt.settings.idempotency_ttl_ms,
+        ],
+        rt.keys.outbox_dirty,
+        org_id,
+    )
+    return _resolution(decode(reply, tail_length=3))
+
+
+def _resolution(result: Any) -> Resolution:
+    charged_pence, debt_delta_pence, hold_pence = result.tail
+    if result.outcome == Outcome.ok:
+        assert charged_pence >= 0
+        assert 0 <= debt_delta_pence <= charged_pence
+    return Resolution(result.outcome, result.money, charged_pence, debt_delta_pence, hold_pence)
+
+
+async def live_holds(rt: Runtime, org_id: str) -> dict[str, HoldRecord]:
+    validate.org_id(org_id)
+    raw = await rt.redis.hgetall(rt.keys.org(org_id).holds)
+    return {call_id: HoldRecord.decode(text) for call_id, text in raw.items()}

@@ -1,0 +1,137 @@
+"""Orgs (tenants): created and changed in Postgres first, then copied into Redis.
+
+If the Redis step fails (Redis down), the org exists in Postgres only: scripts answer
+org_unknown for it, and `restore_org_if_absent` (called by the web app on that answer, and by
+the reconciler) brings it in. Postgres is the source of truth for an org's settings.
+"""
+
+import logging
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+from redis.exceptions import RedisError
+
+from engine import validate
+from engine.errors import InvalidInput, OrgExists, OrgNotFound
+from engine.org_settings import OrgSettings
+from engine.restore import restore_org_if_absent
+from engine.results import Outcome, decode
+from engine.runtime import Runtime
+from engine.snapshots import settings_from_row
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Org:
+    org_id: str
+    name: str
+    settings: OrgSettings
+    created_at: datetime
+    updated_at: datetime
+
+
+def _org_from_row(row: asyncpg.Record) -> Org:
+    return Org(row["org_id"], row["name"], settings_from_row(row), row["created_at"], row["updated_at"])
+
+
+def _check_name(name: object) -> str:
+    if not isinstance(name, str) or not 1 <= len(name.strip()) <= 200:
+        raise InvalidInput("name", "must be 1-200 characters")
+    return name.strip()
+
+
+async def create_org(rt: Runtime, org_id: str, name: str, settings: OrgSettings) -> Org:
+    validate.org_id(org_id)
+    name = _check_name(name)
+    settings = settings.validated()
+    async with rt.pg.acquire() as conn, conn.transaction():
+        row = await conn.fetchrow(
+            """
+            INSERT INTO orgs (org_id, name, rate_pence_per_minute, overdraft_pence, min_start_pence,
+                              hold_block_minutes, grace_seconds, low_balance_threshold_pence,
+                              alert_webhook_url, max_concurrent_calls)
+            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+            ON CONFLICT (org_id) DO NOTHING
+            RETURNING *
+            """,
+            org_id,
+            name,
+            settings.rate_pence_per_minute,
+            settings.overdraft_pence,
+            settings.min_start_pence,
+            settings.hold_block_minutes,
+            settings.grace_seconds,
+            settings.low_balance_threshold_pence,
+            settings.alert_webhook_url,
+            settings.max_concurrent_calls,
+        )
+        if row is None:
+            raise OrgExists(org_id)
+        await conn.execute("INSERT INTO org_balances (org_id) VALUES ($1)", org_id)
+    try:
+        await restore_org_if_absent(rt, org_id)
+    except RedisError:
+        log.warning("org %s created in postgres; redis unavailable, it will be restored on first use", org_id)
+    return _org_from_row(row)
+
+
+async def get_org(rt: Runtime, org_id: str) -> Org:
+    validate.org_id(org_id)
+    row = await rt.pg.fetchrow("SELECT * FROM orgs WHERE org_id = $1", org_id)
+    if row is None:
+        raise OrgNotFound(org_id)
+    return _org_from_row(row)
+
+
+async def org_exists(rt: Runtime, org_id: str) -> bool:
+    return bool(await rt.pg.fetchval("SELECT EXISTS (SELECT 1 FROM orgs WHERE org_id = $1)", org_id))
+
+
+async def update_org(rt: Runtime, org_id: str, changes: dict[str, Any]) -> Org:
+    """Change settings (and/or name): Postgres first, then the org's Redis hash."""
+    current = await get_org(rt, org_id)
+    name = _check_name(changes.pop("name")) if "name" in changes else current.name
+    settings = current.settings.changed(changes)
+    row = await rt.pg.fetchrow(
+        """
+        UPDATE orgs SET name = $2, rate_pence_per_minute = $3, overdraft_pence = $4,
+               min_start_pence = $5, hold_block_minutes = $6, grace_seconds = $7,
+               low_balance_threshold_pence = $8, alert_webhook_url = $9,
+               max_concurrent_calls = $10, updated_at = now()
+        WHERE org_id = $1
+        RETURNING *
+        """,
+        org_id,
+        name,
+        settings.rate_pence_per_minute,
+        settings.overdraft_pence,
+        settings.min_start_pence,
+        settings.hold_block_minutes,
+        settings.grace_seconds,
+        settings.low_balance_threshold_pence,
+        settings.alert_webhook_url,
+        settings.max_concurrent_calls,
+    )
+    if row is None:
+        raise OrgNotFound(org_id)
+    try:
+        await configure_redis(rt, org_id, settings)
+    except RedisError:
+        log.warning("org %s settings saved in postgres; redis unavailable, `reconcile --repair` will copy them", org_id)
+    return _org_from_row(row)
+
+
+async def configure_redis(rt: Runtime, org_id: str, settings: OrgSettings) -> Outcome:
+    keys = rt.keys.org(org_id)
+    reply = await rt.scripts.run(
+        rt.redis, "org_configure", [keys.org], [rt.clock.script_arg(), org_id, *settings.script_args()]
+    )
+    outcome = decode(reply, tail_length=0).outcome
+    if outcome == Outcome.org_unknown:
+        # Not in Redis: restoring from Postgres brings the new settings with it.
+        await restore_org_if_absent(rt, org_id)
+        return Outcome.ok
+    return outcome

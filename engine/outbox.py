@@ -1,0 +1,155 @@
+"""The outbox: each org's Redis stream of ledger entries and hold events not yet in Postgres.
+
+Scripts append to it in the same atomic step as the balance change (lua/_lib.lua). Draining:
+read entries, write them in one Postgres transaction (engine/ledger.py), and only after COMMIT
+delete them from the stream. A crash anywhere before the delete re-delivers the entries, and
+the writer recognises them as already written, so nothing is written twice or lost.
+"""
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import asyncpg
+import orjson
+
+from engine import faults, limits
+from engine.ledger import BatchResult, HoldEvent, LedgerEntry, write_batch
+from engine.records import HoldRecord
+from engine.runtime import Runtime
+from engine.types import EntryKind, HoldStatus
+
+log = logging.getLogger(__name__)
+
+OutboxItem = LedgerEntry | HoldEvent
+
+
+def parse_entry(stream_id: str, fields: dict[str, str]) -> OutboxItem:
+    kind = fields["t"]
+    if kind == "L":
+        meta: dict[str, Any] = orjson.loads(fields["m"]) if fields.get("m") else {}
+        return LedgerEntry(
+            stream_id=stream_id,
+            org_id=fields["o"],
+            idempotency_key=fields["k"],
+            kind=EntryKind(fields["kind"]),
+            amount_pence=int(fields["a"]),
+            debt_delta_pence=int(fields["dd"]),
+            redis_balance_after_pence=int(fields["b"]),
+            redis_debt_after_pence=int(fields["db"]),
+            call_id=fields["c"] or None,
+            billed_seconds=int(fields["bs"]),
+            rate_pence_per_minute=int(fields["r"]),
+            fingerprint=fields["fp"],
+            meta=meta,
+            created_ms=int(fields["ms"]),
+            seq=int(fields["s"]),
+        )
+    assert kind == "H", fields
+    return HoldEvent(
+        stream_id=stream_id,
+        org_id=fields["o"],
+        call_id=fields["c"],
+        status=HoldStatus(fields["st"]),
+        hold=HoldRecord.decode(fields["h"]),
+        charged_pence=int(fields["ch"]),
+        billed_seconds=int(fields["bs"]),
+        created_ms=int(fields["ms"]),
+        seq=int(fields["s"]),
+    )
+
+
+async def read_outboxes(rt: Runtime, org_ids: list[str], entries_max: int) -> dict[str, list[OutboxItem]]:
+    """Read up to `entries_max` entries in all, oldest first within each org."""
+    assert entries_max > 0
+    per_org_max = max(1, entries_max // max(1, len(org_ids)))
+    async with rt.redis.pipeline(transaction=False) as pipe:
+        for org_id in org_ids:
+            pipe.xrange(rt.keys.org(org_id).outbox, "-", "+", count=per_org_max)
+        replies = await pipe.execute()
+    return {
+        org_id: [parse_entry(stream_id, fields) for stream_id, fields in reply]
+        for org_id, reply in zip(org_ids, replies, strict=True)
+        if reply
+    }
+
+
+@dataclass
+class DrainResult:
+    written: BatchResult = field(default_factory=BatchResult)
+    entries_read: int = 0
+    orgs_with_more: list[str] = field(default_factory=list)  # their outbox still has entries
+    orgs_failed: list[str] = field(default_factory=list)  # entries stay in the outbox
+    oldest_created_ms: int | None = None
+
+
+async def drain_orgs(rt: Runtime, org_ids: list[str], entries_max: int = limits.settle_batch_size_max) -> DrainResult:
+    """Move what the orgs' outboxes hold into Postgres (one transaction), then delete it from Redis."""
+    result = DrainResult()
+    items_by_org = await read_outboxes(rt, org_ids, entries_max)
+    if not items_by_org:
+        return result
+    result.entries_read = sum(len(items) for items in items_by_org.values())
+    result.oldest_created_ms = min(item.created_ms for items in items_by_org.values() for item in items)
+    try:
+        result.written = await _write(rt, items_by_org)
+        done = items_by_org
+    except (asyncpg.IntegrityConstraintViolationError, asyncpg.DataError) as error:
+        if len(items_by_org) == 1:
+            org_id = next(iter(items_by_org))
+            log.error("outbox of org %s cannot be written to the ledger, entries kept: %s", org_id, error)
+            result.orgs_failed.append(org_id)
+            return result
+        # One org's entries must not hold up everyone's: write each org on its own.
+        done = {}
+        for org_id, items in items_by_org.items():
+            try:
+                result.written.add(await _write(rt, {org_id: items}))
+                done[org_id] = items
+            except (asyncpg.IntegrityConstraintViolationError, asyncpg.DataError) as org_error:
+                log.error("outbox of org %s cannot be written to the ledger, entries kept: %s", org_id, org_error)
+                result.orgs_failed.append(org_id)
+    faults.reached("outbox.after_commit")  # crash tests: committed, not yet deleted from Redis
+    result.orgs_with_more = await _acknowledge(rt, done)
+    return result
+
+
+async def _write(rt: Runtime, items_by_org: dict[str, list[OutboxItem]]) -> BatchResult:
+    entries = [item for items in items_by_org.values() for item in items if isinstance(item, LedgerEntry)]
+    events = [item for items in items_by_org.values() for item in items if isinstance(item, HoldEvent)]
+    async with rt.pg.acquire() as conn:
+        return await write_batch(conn, entries, events)
+
+
+async def _acknowledge(rt: Runtime, done: dict[str, list[OutboxItem]]) -> list[str]:
+    """Delete committed entries from the streams. Returns the orgs whose stream is not empty yet."""
+    org_ids = list(done)
+    async with rt.redis.pipeline(transaction=False) as pipe:
+        for org_id in org_ids:
+            outbox = rt.keys.org(org_id).outbox
+            pipe.xdel(outbox, *[item.stream_id for item in done[org_id]])
+            pipe.xlen(outbox)
+        replies = await pipe.execute()
+    lengths = replies[1::2]
+    return [org_id for org_id, length in zip(org_ids, lengths, strict=True) if length > 0]
+
+
+async def outbox_lengths(rt: Runtime, org_ids: list[str]) -> dict[str, int]:
+    async with rt.redis.pipeline(transaction=False) as pipe:
+        for org_id in org_ids:
+            pipe.xlen(rt.keys.org(org_id).outbox)
+        lengths = await pipe.execute()
+    return dict(zip(org_ids, lengths, strict=True))
+
+
+async def drain_org_fully(rt: Runtime, org_id: str, rounds_max: int = 1_000) -> int:
+    """Drain one org until its outbox is empty (the reconciler's repair). Returns entries read."""
+    total = 0
+    for _ in range(rounds_max):
+        result = await drain_orgs(rt, [org_id])
+        total += result.entries_read
+        if result.orgs_failed:
+            raise RuntimeError(f"outbox of org {org_id} cannot be written to the ledger; see the log")
+        if not result.orgs_with_more:
+            return total
+    raise RuntimeError(f"outbox of org {org_id} still not empty after {rounds_max} rounds")

@@ -1,0 +1,273 @@
+"""Reconciler: does Redis agree with Postgres, and if not, make it.
+
+Check, per org, while the system runs. What Redis should hold is what Postgres holds, plus
+what is still on its way there, minus what is still on its way to Redis:
+
+    balance = projection + outbox entries the ledger lacks - credits Redis has not applied
+    debt    = projection + outbox entries the ledger lacks
+    holds   = live holds in call_holds, with the outbox's hold events applied in order
+    settings (rate, overdraft, ...) = the orgs row
+
+To compare one instant, Postgres is read before and after an atomic Redis snapshot (MULTI); an
+org whose Postgres state moved in between is read again (bounded), and reported as busy if it
+never holds still. Nothing is judged from a torn read.
+
+Repair, per drifted org: drain its outbox, then rewrite it from a Postgres snapshot with
+org_restore.lua in 'seq' mode, which refuses if any decision happened since the snapshot began
+(and then the repair tries again). Postgres is the truth: a balance Redis got wrong, in either
+direction, becomes Postgres's.
+"""
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from engine import limits
+from engine.ledger import HoldEvent, LedgerEntry
+from engine.outbox import drain_org_fully, parse_entry
+from engine.records import HoldRecord
+from engine.restore import restore_orgs, snapshot_orgs
+from engine.results import Outcome
+from engine.runtime import Runtime
+from engine.snapshots import LIVE_HOLDS_SQL, ORGS_SQL, hold_from_row, org_id_pages, settings_from_row
+
+Progress = Callable[[int, int, int], None]  # done, total, drifted
+
+PENDING_SQL = "SELECT org_id, idempotency_key, amount_pence FROM pending_credits WHERE org_id = ANY($1::text[])"
+SETTING_FIELDS = (
+    "rate_pence_per_minute",
+    "overdraft_pence",
+    "min_start_pence",
+    "hold_block_minutes",
+    "grace_seconds",
+    "max_concurrent_calls",
+)
+MONEY_FIELDS = ("balance_pence", "held_pence", "debt_pence", "seq")
+recheck_pause_s = 0.05
+
+
+@dataclass(frozen=True)
+class PgState:
+    settings: tuple[int, ...]
+    balance_pence: int
+    debt_pence: int
+    last_entry_id: int | None
+    live_holds: tuple[tuple[str, int, int], ...]  # (call_id, hold_pence, version)
+    pending_credits: tuple[tuple[str, int], ...]  # (idempotency_key, amount_pence)
+
+
+@dataclass(frozen=True)
+class RedisState:
+    present: bool
+    money: dict[str, int]
+    settings: tuple[int, ...]
+    holds: dict[str, HoldRecord]
+    outbox: list[LedgerEntry | HoldEvent]
+    pending_applied: dict[str, bool]
+
+
+@dataclass
+class OrgDrift:
+    org_id: str
+    problems: list[str]
+
+
+@dataclass
+class CheckReport:
+    orgs_checked: int = 0
+    drifted: list[OrgDrift] = field(default_factory=list)
+    busy: list[str] = field(default_factory=list)  # never held still long enough to compare
+    seconds: float = 0.0
+
+    @property
+    def clean(self) -> bool:
+        return not self.drifted and not self.busy
+
+
+async def _pg_states(rt: Runtime, org_ids: list[str]) -> dict[str, PgState]:
+    async with rt.pg.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
+        orgs = await conn.fetch(ORGS_SQL, org_ids)
+        holds = await conn.fetch(LIVE_HOLDS_SQL, org_ids)
+        pending = await conn.fetch(PENDING_SQL, org_ids)
+    holds_by_org: dict[str, list[tuple[str, int, int]]] = {}
+    for row in holds:
+        holds_by_org.setdefault(row["org_id"], []).append((row["call_id"], row["hold_pence"], row["version"]))
+    pending_by_org: dict[str, list[tuple[str, int]]] = {}
+    for row in pending:
+        pending_by_org.setdefault(row["org_id"], []).append((row["idempotency_key"], row["amount_pence"]))
+    return {
+        row["org_id"]: PgState(
+            settings=tuple(settings_from_row(row).script_args()),
+            balance_pence=row["balance_pence"],
+            debt_pence=row["debt_pence"],
+            last_entry_id=row["last_entry_id"],
+            live_holds=tuple(sorted(holds_by_org.get(row["org_id"], []))),
+            pending_credits=tuple(sorted(pending_by_org.get(row["org_id"], []))),
+        )
+        for row in orgs
+    }
+
+
+async def _redis_states(rt: Runtime, pg: dict[str, PgState]) -> dict[str, RedisState]:
+    org_ids = list(pg)
+    async with rt.redis.pipeline(transaction=True) as pipe:  # one instant for every org of the page
+        for org_id in org_ids:
+            keys = rt.keys.org(org_id)
+            pipe.hmget(keys.org, [*MONEY_FIELDS, *SETTING_FIELDS])
+            pipe.hgetall(keys.holds)
+            pipe.xrange(keys.outbox, "-", "+")
+            pending_keys = [key for key, _ in pg[org_id].pending_credits]
+            if pending_keys:
+                pipe.hmget(keys.idem, pending_keys)
+            else:
+                pipe.exists(keys.idem)  # keeps four replies per org
+        replies = await pipe.execute()
+    states = {}
+    for i, org_id in enumerate(org_ids):
+        values, holds, outbox, pending = replies[4 * i : 4 * i + 4]
+        pending_keys = [key for key, _ in pg[org_id].pending_credits]
+        states[org_id] = RedisState(
+            present=values[0] is not None,
+            money={name: int(v or 0) for name, v in zip(MONEY_FIELDS, values[: len(MONEY_FIELDS)], strict=True)},
+            settings=tuple(int(v or 0) for v in values[len(MONEY_FIELDS) :]),
+            holds={call_id: HoldRecord.decode(text) for call_id, text in holds.items()},
+            outbox=[parse_entry(stream_id, fields) for stream_id, fields in outbox],
+            pending_applied=(
+                {key: value is not None for key, value in zip(pending_keys, pending, strict=True)} if pending_keys else {}
+            ),
+        )
+    return states
+
+
+async def _keys_in_ledger(rt: Runtime, keys: list[str]) -> set[str]:
+    if not keys:
+        return set()
+    rows = await rt.pg.fetch("SELECT idempotency_key FROM ledger_entries WHERE idempotency_key = ANY($1::text[])", keys)
+    return {row["idempotency_key"] for row in rows}
+
+
+def compare(pg: PgState, redis: RedisState, in_ledger: set[str]) -> list[str]:
+    """Problems found for one org (empty: Redis agrees with Postgres)."""
+    if not redis.present:
+        return ["missing in redis"]
+    balance, debt = pg.balance_pence, pg.debt_pence
+    holds = {call_id: hold_pence for call_id, hold_pence, _ in pg.live_holds}
+    for item in redis.outbox:
+        if isinstance(item, LedgerEntry):
+            if item.idempotency_key not in in_ledger:
+                balance += item.amount_pence
+                debt += item.debt_delta_pence
+        elif item.status == "live":
+            holds[item.call_id] = item.hold.hold_pence
+        else:
+            holds.pop(item.call_id, None)
+    for key, amount_pence in pg.pending_credits:
+        if not redis.pending_applied.get(key, False):
+            balance -= amount_pence
+    problems = []
+    if redis.money["balance_pence"] != balance:
+        problems.append(f"balance_pence: redis {redis.money['balance_pence']}, postgres says {balance}")
+    if redis.money["debt_pence"] != debt:
+        problems.append(f"debt_pence: redis {redis.money['debt_pence']}, postgres says {debt}")
+    redis_holds = {call_id: hold.hold_pence for call_id, hold in redis.holds.items()}
+    if redis_holds != holds:
+        problems.append(f"live holds: redis {sorted(redis_holds.items())}, postgres says {sorted(holds.items())}")
+    if redis.money["held_pence"] != sum(redis_holds.values()):
+        problems.append(f"held_pence {redis.money['held_pence']} is not the sum of redis's live holds")
+    if redis.settings != pg.settings:
+        problems.append(f"settings: redis {redis.settings}, postgres says {pg.settings}")
+    return problems
+
+
+async def _check_orgs(rt: Runtime, org_ids: list[str]) -> tuple[dict[str, list[str]], list[str]]:
+    """Compare a page of orgs. Returns (problems by org, orgs that changed while being read)."""
+    before = await _pg_states(rt, org_ids)
+    redis = await _redis_states(rt, before)
+    outbox_keys = [item.idempotency_key for s in redis.values() for item in s.outbox if isinstance(item, LedgerEntry)]
+    in_ledger = await _keys_in_ledger(rt, outbox_keys)
+    after = await _pg_states(rt, list(before))
+    problems: dict[str, list[str]] = {}
+    moved = []
+    for org_id, pg_state in before.items():
+        if after.get(org_id) != pg_state:
+            moved.append(org_id)
+            continue
+        found = compare(pg_state, redis[org_id], in_ledger)
+        if found:
+            problems[org_id] = found
+    return problems, moved
+
+
+async def check(rt: Runtime, org_ids: list[str] | None = None, progress: Progress | None = None) -> CheckReport:
+    report = CheckReport()
+    started = time.monotonic()
+    async with rt.pg.acquire() as conn:
+        pages = [page async for page in org_id_pages(conn, limits.reconcile_page_size, only=org_ids)]
+    total = sum(len(page) for page in pages)
+    for page in pages:
+        problems, moved = await _check_orgs(rt, page)
+        for _ in range(limits.reconcile_check_attempts_max):
+            if not moved:
+                break
+            await asyncio.sleep(recheck_pause_s)
+            more_problems, moved = await _check_orgs(rt, moved)
+            problems.update(more_problems)
+        report.busy.extend(moved)
+        report.drifted.extend(OrgDrift(org_id, found) for org_id, found in sorted(problems.items()))
+        report.orgs_checked += len(page)
+        if progress is not None:
+            progress(report.orgs_checked, total, len(report.drifted))
+    report.seconds = time.monotonic() - started
+    return report
+
+
+@dataclass
+class RepairReport:
+    repaired: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+    after: CheckReport = field(default_factory=CheckReport)
+
+
+async def repair_org(rt: Runtime, org_id: str) -> Outcome:
+    """Rewrite one org in Redis from Postgres, refusing to overwrite any decision made meanwhile."""
+    keys = rt.keys.org(org_id)
+    for _ in range(limits.reconcile_check_attempts_max):
+        await drain_org_fully(rt, org_id)
+        seq_text, outbox_length = await _seq_and_outbox(rt, keys.org, keys.outbox)
+        if outbox_length:
+            continue
+        snapshot = (await snapshot_orgs(rt, [org_id]))[org_id]
+        mode = "absent" if seq_text is None else "seq"
+        outcome = (await restore_orgs(rt, [snapshot], mode, expected_seq=int(seq_text or 0)))[org_id]
+        if outcome == Outcome.ok:
+            # The restored balance includes every credit Postgres had, and their idempotency
+            # records came with it: those credits are applied now.
+            await rt.pg.execute(
+                "DELETE FROM pending_credits WHERE idempotency_key = ANY($1::text[])", list(snapshot.pending_credit_keys)
+            )
+            return outcome
+        await asyncio.sleep(recheck_pause_s)
+    return Outcome.restore_conflict
+
+
+async def _seq_and_outbox(rt: Runtime, org_key: str, outbox_key: str) -> tuple[Any, int]:
+    async with rt.redis.pipeline(transaction=True) as pipe:
+        pipe.hget(org_key, "seq")
+        pipe.xlen(outbox_key)
+        seq_text, outbox_length = await pipe.execute()
+    return seq_text, outbox_length
+
+
+async def repair(rt: Runtime, org_ids: list[str] | None = None, progress: Progress | None = None) -> RepairReport:
+    report = RepairReport()
+    found = await check(rt, org_ids, progress)
+    for drift in found.drifted:
+        outcome = await repair_org(rt, drift.org_id)
+        if outcome == Outcome.ok:
+            report.repaired.append(drift.org_id)
+        else:
+            report.failed[drift.org_id] = "kept changing; try again"
+    report.after = await check(rt, [d.org_id for d in found.drifted] + found.busy) if found.drifted or found.busy else CheckReport()
+    return report

@@ -1,0 +1,74 @@
+import asyncio
+import secrets
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import replace
+
+import pytest
+from redis.asyncio import Redis
+
+from engine.clock import ManualClock
+from engine.config import Settings
+from engine.db import with_database
+from engine.runtime import Runtime
+from tests.services import (
+    Services,
+    create_template_database,
+    create_test_database,
+    drop_database,
+    start_services,
+    stop_services,
+)
+
+
+@pytest.fixture(scope="session")
+def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Services]:
+    started = start_services(tmp_path_factory.mktemp("services"))
+    yield started
+    stop_services(started)
+
+
+@pytest.fixture(scope="session")
+def template_database(services: Services) -> Iterator[str]:
+    name = create_template_database(services.pg_admin_url)
+    yield name
+    asyncio.run(drop_database(services.pg_admin_url, name))
+
+
+@pytest.fixture
+async def database_url(services: Services, template_database: str) -> AsyncIterator[str]:
+    name = await create_test_database(services.pg_admin_url, template_database)
+    yield with_database(services.pg_admin_url, name)
+    await drop_database(services.pg_admin_url, name)
+
+
+@pytest.fixture
+def key_prefix() -> str:
+    return f"t{secrets.token_hex(5)}"
+
+
+@pytest.fixture
+def settings(services: Services, database_url: str, key_prefix: str) -> Settings:
+    return replace(Settings(), redis_url=services.redis_url, database_url=database_url, key_prefix=key_prefix)
+
+
+async def delete_prefix(redis_url: str, prefix: str) -> None:
+    redis = Redis.from_url(redis_url)
+    try:
+        async for key in redis.scan_iter(match=f"{prefix}:*", count=1000):
+            await redis.delete(key)
+    finally:
+        await redis.aclose()
+
+
+@pytest.fixture
+def clock() -> ManualClock:
+    return ManualClock()
+
+
+@pytest.fixture
+async def rt(settings: Settings, clock: ManualClock) -> AsyncIterator[Runtime]:
+    runtime = await Runtime.open(settings, clock=clock)
+    yield runtime
+    await runtime.close()
+    assert settings.redis_url is not None
+    await delete_prefix(settings.redis_url, settings.key_prefix)

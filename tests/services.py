@@ -1,0 +1,78 @@
+"""Real Redis and Postgres for the tests: embedded by default, the machine's when told.
+
+CREDIT_ENGINE_TEST_REDIS_URL     use this Redis instead of starting one (keys get a per-test prefix)
+CREDIT_ENGINE_TEST_DATABASE_URL  use this Postgres (an admin URL; each test gets its own database)
+
+Tests never touch data they did not create: their own key prefix, their own databases, dropped
+when they finish.
+"""
+
+import asyncio
+import os
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+
+import asyncpg
+
+from engine.db import asyncpg_dsn, with_database
+from engine.embedded import EmbeddedPostgres, EmbeddedRedis
+from engine.migrate import upgrade_to_head
+
+
+@dataclass
+class Services:
+    redis_url: str
+    pg_admin_url: str
+    embedded_redis: EmbeddedRedis | None
+    embedded_pg: EmbeddedPostgres | None
+
+    @property
+    def kind(self) -> str:
+        return "embedded" if self.embedded_redis is not None else "system"
+
+
+def start_services(data_dir: Path) -> Services:
+    redis_url = os.environ.get("CREDIT_ENGINE_TEST_REDIS_URL")
+    pg_url = os.environ.get("CREDIT_ENGINE_TEST_DATABASE_URL")
+    embedded_redis = embedded_pg = None
+    if not redis_url:
+        embedded_redis = EmbeddedRedis(data_dir / "redis", appendfsync=None)
+        redis_url = embedded_redis.start()
+    if not pg_url:
+        embedded_pg = EmbeddedPostgres(data_dir / "postgres")
+        pg_url = embedded_pg.start()
+    return Services(redis_url, pg_url, embedded_redis, embedded_pg)
+
+
+def stop_services(services: Services) -> None:
+    if services.embedded_pg is not None:
+        services.embedded_pg.stop()
+    if services.embedded_redis is not None:
+        services.embedded_redis.stop()
+
+
+async def _admin(admin_url: str, sql: str) -> None:
+    conn = await asyncpg.connect(asyncpg_dsn(admin_url))
+    try:
+        await conn.execute(sql)
+    finally:
+        await conn.close()
+
+
+def create_template_database(admin_url: str) -> str:
+    name = f"ce_test_tpl_{secrets.token_hex(4)}"
+    asyncio.run(_admin(admin_url, f'CREATE DATABASE "{name}"'))
+    upgrade_to_head(with_database(admin_url, name))
+    return name
+
+
+async def create_test_database(admin_url: str, template: str) -> str:
+    name = f"ce_test_{secrets.token_hex(6)}"
+    await _admin(admin_url, f'CREATE DATABASE "{name}" TEMPLATE "{template}"')
+    return name
+
+
+async def drop_database(admin_url: str, name: str) -> None:
+    assert name.startswith("ce_test_")
+    await _admin(admin_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

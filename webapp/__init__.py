@@ -1,0 +1,1 @@
+"""The Starlette app: Vapi webhooks, the kill switch, provisioning, wallet and admin APIs."""

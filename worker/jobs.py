@@ -1,0 +1,48 @@
+"""arq job functions. Each takes arq's ctx; the runtime and drainer are put there at startup."""
+
+import logging
+from typing import Any
+
+from engine.credits import apply_pending_credits
+from engine.expiry import expire_due_holds
+from engine.outbox import drain_org_fully
+from engine.restore import ensure_rebuilt
+from engine.runtime import Runtime
+from worker.drainer import Drainer
+
+log = logging.getLogger(__name__)
+
+Ctx = dict[str, Any]
+
+
+def _rt(ctx: Ctx) -> Runtime:
+    rt = ctx["rt"]
+    assert isinstance(rt, Runtime)
+    return rt
+
+
+async def expire_holds(ctx: Ctx) -> dict[str, int]:
+    report = await expire_due_holds(_rt(ctx))
+    return report.__dict__
+
+
+async def finish_pending_credits(ctx: Ctx) -> dict[str, int]:
+    report = await apply_pending_credits(_rt(ctx))
+    return report.__dict__
+
+
+async def sweep_outbox(ctx: Ctx) -> int:
+    drainer = ctx["drainer"]
+    assert isinstance(drainer, Drainer)
+    return await drainer.sweep()
+
+
+async def check_state(ctx: Ctx) -> bool:
+    """Rebuild Redis from Postgres if it lost its state while we were running (a restart)."""
+    report = await ensure_rebuilt(_rt(ctx))
+    return report.rebuilt_here
+
+
+async def drain_org(ctx: Ctx, org_id: str) -> int:
+    """On demand (e.g. `arq` enqueue from an operator tool): drain one org's outbox completely."""
+    return await drain_org_fully(_rt(ctx), org_id)

@@ -1,0 +1,81 @@
+"""The arq Worker's settings, written out in full (arq's WorkerSettings, as a function of ours).
+
+Queue, cron job names and the health-check key all carry our key prefix, so several deployments
+(or test runs) can share one Redis without touching each other's jobs.
+"""
+
+import asyncio
+import logging
+from typing import Any
+
+from arq.connections import RedisSettings
+from arq.cron import cron
+from arq.worker import func
+
+from engine.config import Settings
+from engine.keys import Keyspace
+from engine.restore import ensure_rebuilt
+from engine.runtime import Runtime
+from worker import jobs
+from worker.drainer import Drainer
+
+log = logging.getLogger(__name__)
+
+drainer_stop_timeout_s = 10.0
+
+
+def _every(seconds: int) -> set[int]:
+    return set(range(0, 60, seconds)) if seconds < 60 else {0}
+
+
+def worker_options(settings: Settings) -> dict[str, Any]:
+    assert settings.redis_url is not None
+    keys = Keyspace(settings.key_prefix)
+
+    async def on_startup(ctx: dict[str, Any]) -> None:
+        rt = await Runtime.open(settings)
+        ctx["rt"] = rt
+        await ensure_rebuilt(rt)  # before draining anything: Redis may have lost its state
+        drainer = Drainer(rt)
+        ctx["drainer"] = drainer
+        await drainer.sweep()  # entries rung by nobody (a crash before this start) are found now
+        ctx["drainer_task"] = asyncio.create_task(drainer.run_forever(), name="outbox-drainer")
+        log.info("worker started: draining outboxes under prefix %r", settings.key_prefix)
+
+    async def on_shutdown(ctx: dict[str, Any]) -> None:
+        drainer: Drainer | None = ctx.get("drainer")
+        task: asyncio.Task[None] | None = ctx.get("drainer_task")
+        if drainer is not None and task is not None:
+            drainer.stop()
+            await asyncio.wait_for(task, drainer_stop_timeout_s)
+        rt: Runtime | None = ctx.get("rt")
+        if rt is not None:
+            await rt.close()
+        log.info("worker stopped")
+
+    def cron_name(name: str) -> str:
+        return f"cron:{settings.key_prefix}:{name}"
+
+    return {
+        "functions": [func(jobs.drain_org, name=f"{settings.key_prefix}:drain_org", max_tries=3, timeout=300)],
+        "cron_jobs": [
+            cron(jobs.expire_holds, name=cron_name("expire_holds"), second=_every(settings.worker_expire_interval_s),
+                 run_at_startup=True, timeout=60, max_tries=1),
+            cron(jobs.finish_pending_credits, name=cron_name("finish_pending_credits"),
+                 second=_every(settings.worker_expire_interval_s), run_at_startup=True, timeout=60, max_tries=1),
+            cron(jobs.sweep_outbox, name=cron_name("sweep_outbox"), second=_every(settings.worker_sweep_interval_s),
+                 timeout=120, max_tries=1),
+            cron(jobs.check_state, name=cron_name("check_state"), second=_every(5), timeout=300, max_tries=1),
+        ],  # fmt: skip
+        "redis_settings": RedisSettings.from_dsn(settings.redis_url),
+        "queue_name": keys.arq_queue,
+        "on_startup": on_startup,
+        "on_shutdown": on_shutdown,
+        "health_check_interval": settings.worker_health_check_interval_s,
+        "max_jobs": 10,
+        "job_timeout": 300,
+        "max_tries": 3,
+        "keep_result": 60,
+        "poll_delay": 0.5,
+        "handle_signals": True,
+    }

@@ -108,6 +108,8 @@ def cmd_reconcile(args: argparse.Namespace, settings: Settings) -> int:
         orgs = args.org or None
         if args.repair:
             report = await repair(rt, orgs, ProgressLine("reconcile"))
+            if report.credits_applied:
+                print(f"applied {report.credits_applied} credits that were committed but not yet in redis")
             for org_id in report.repaired:
                 print(f"repaired {org_id}")
             for org_id, why in report.failed.items():

@@ -145,8 +145,10 @@ class PendingReport:
     too_old: int = 0
 
 
-async def apply_pending_credits(rt: Runtime, *, older_than_ms: int = 2_000, limit: int = 500) -> PendingReport:
-    """Finish credits whose Redis step did not complete. Run by the worker's cron."""
+async def apply_pending_credits(
+    rt: Runtime, *, older_than_ms: int = 2_000, limit: int = 500, org_ids: list[str] | None = None
+) -> PendingReport:
+    """Finish credits whose Redis step did not complete. Run by the worker's cron and by repair."""
     report = PendingReport()
     too_old_ms = int(rt.settings.idempotency_ttl_ms * pending_credit_auto_apply_age_fraction_max)
     rows = await rt.pg.fetch(
@@ -155,10 +157,12 @@ async def apply_pending_credits(rt: Runtime, *, older_than_ms: int = 2_000, limi
                (extract(epoch FROM now() - created_at) * 1000)::bigint AS age_ms
         FROM pending_credits
         WHERE created_at <= now() - make_interval(secs => $1::double precision / 1000)
+          AND ($3::text[] IS NULL OR org_id = ANY($3::text[]))
         ORDER BY created_at LIMIT $2
         """,
         older_than_ms,
         limit,
+        org_ids,
     )
     for row in rows:
         if row["age_ms"] > too_old_ms:

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from engine import limits
+from engine.credits import apply_pending_credits
 from engine.ledger import HoldEvent, LedgerEntry
 from engine.outbox import drain_org_fully, parse_entry
 from engine.records import HoldRecord
@@ -225,6 +226,7 @@ async def check(rt: Runtime, org_ids: list[str] | None = None, progress: Progres
 
 @dataclass
 class RepairReport:
+    credits_applied: int = 0  # credits committed in Postgres that Redis had not applied yet
     repaired: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)
     after: CheckReport = field(default_factory=CheckReport)
@@ -262,6 +264,12 @@ async def _seq_and_outbox(rt: Runtime, org_key: str, outbox_key: str) -> tuple[A
 
 async def repair(rt: Runtime, org_ids: list[str] | None = None, progress: Progress | None = None) -> RepairReport:
     report = RepairReport()
+    # Credits still on their way to Redis are not drift, but repair finishes them.
+    for _ in range(limits.reconcile_check_attempts_max):
+        applied = (await apply_pending_credits(rt, older_than_ms=0, org_ids=org_ids)).applied
+        report.credits_applied += applied
+        if applied == 0:
+            break
     found = await check(rt, org_ids, progress)
     for drift in found.drifted:
         outcome = await repair_org(rt, drift.org_id)

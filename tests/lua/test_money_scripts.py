@@ -316,3 +316,14 @@ async def test_idempotency_records_expire_after_their_ttl(redis_rt: Runtime) -> 
     # Past the window the key is new again (Postgres keeps it forever: see the ledger tests).
     assert (await deduct_asset(redis_rt, org, "other", 1)).outcome == Outcome.ok  # prunes as it passes
     assert not await redis_rt.redis.hexists(redis_rt.keys.org(org).idem, ledger_key(org, "asset", "k"))
+
+
+async def test_call_cost_rounding_matches_python_for_every_second_and_awkward_rates(redis_rt: Runtime) -> None:
+    """Lua and Python (engine/amounts.py) round the same way, including every remainder mod 60."""
+    from engine.amounts import call_cost_pence
+
+    for rate in (1, 7, 59, 61):
+        org = await seed_org(redis_rt, 10**9, rate_pence_per_minute=rate)
+        for billed in range(0, 121):
+            result = await commit_call(redis_rt, org, f"c{billed}", billed)  # direct billing
+            assert result.charged_pence == call_cost_pence(billed, rate), (rate, billed)

@@ -21,6 +21,7 @@ from typing import Any
 import asyncpg
 import orjson
 
+from engine import faults
 from engine.records import HoldRecord
 from engine.timeutil import dt_from_ms, ms_from_dt
 from engine.types import EntryKind, HoldStatus
@@ -190,6 +191,7 @@ async def write_batch(conn: asyncpg.Connection, entries: list[LedgerEntry], even
         for layer in _event_layers(events):
             await conn.execute(UPSERT_HOLDS_SQL, *_hold_columns(layer))
         result.hold_events = len(events)
+        faults.reached("ledger.before_commit")  # crash tests: everything written, nothing committed
     return result
 
 

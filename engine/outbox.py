@@ -14,7 +14,7 @@ import asyncpg
 import orjson
 
 from engine import faults, limits
-from engine.ledger import BatchResult, HoldEvent, LedgerEntry, write_batch
+from engine.ledger import BatchResult, HoldEvent, LedgerEntry, UnknownOrg, write_batch
 from engine.records import HoldRecord
 from engine.runtime import Runtime
 from engine.types import EntryKind, HoldStatus
@@ -22,6 +22,10 @@ from engine.types import EntryKind, HoldStatus
 log = logging.getLogger(__name__)
 
 OutboxItem = LedgerEntry | HoldEvent
+
+# Errors that belong to the entries themselves (not to a Postgres outage): retrying the same
+# batch cannot help, so the org's entries are kept aside instead of blocking everyone's.
+POISON_ERRORS = (asyncpg.IntegrityConstraintViolationError, asyncpg.DataError, UnknownOrg)
 
 
 def parse_entry(stream_id: str, fields: dict[str, str]) -> OutboxItem:
@@ -94,7 +98,7 @@ async def drain_orgs(rt: Runtime, org_ids: list[str], entries_max: int = limits.
     try:
         result.written = await _write(rt, items_by_org)
         done = items_by_org
-    except (asyncpg.IntegrityConstraintViolationError, asyncpg.DataError) as error:
+    except POISON_ERRORS as error:
         if len(items_by_org) == 1:
             org_id = next(iter(items_by_org))
             log.error("outbox of org %s cannot be written to the ledger, entries kept: %s", org_id, error)
@@ -106,7 +110,7 @@ async def drain_orgs(rt: Runtime, org_ids: list[str], entries_max: int = limits.
             try:
                 result.written.add(await _write(rt, {org_id: items}))
                 done[org_id] = items
-            except (asyncpg.IntegrityConstraintViolationError, asyncpg.DataError) as org_error:
+            except POISON_ERRORS as org_error:
                 log.error("outbox of org %s cannot be written to the ledger, entries kept: %s", org_id, org_error)
                 result.orgs_failed.append(org_id)
     faults.reached("outbox.after_commit")  # crash tests: committed, not yet deleted from Redis

@@ -48,6 +48,7 @@ def worker_options(settings: Settings) -> dict[str, Any]:
         if drainer is not None and task is not None:
             drainer.stop()
             await asyncio.wait_for(task, drainer_stop_timeout_s)
+            await drainer.publish_stats()
         rt: Runtime | None = ctx.get("rt")
         if rt is not None:
             await rt.close()

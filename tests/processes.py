@@ -1,0 +1,57 @@
+"""Real worker and web processes for tests that kill them."""
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+from engine.config import Settings
+
+
+def service_env(settings: Settings, **extra: str) -> dict[str, str]:
+    assert settings.redis_url is not None and settings.database_url is not None
+    return {
+        **os.environ,
+        "REDIS_URL": settings.redis_url,
+        "DATABASE_URL": settings.database_url,
+        "CREDIT_ENGINE_KEY_PREFIX": settings.key_prefix,
+        "CREDIT_ENGINE_LOG_LEVEL": "WARNING",
+        "CREDIT_ENGINE_WORKER_EXPIRE_INTERVAL_S": "1",
+        "CREDIT_ENGINE_WORKER_SWEEP_INTERVAL_S": "2",
+        **extra,
+    }
+
+
+def start_worker(settings: Settings, log_path: Path, **extra_env: str) -> subprocess.Popen[bytes]:
+    with open(log_path, "ab") as log:  # the child keeps its own copy of the descriptor
+        return subprocess.Popen(
+            [sys.executable, "-m", "engine.cli", "worker"],
+            env=service_env(settings, **extra_env),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+
+
+def kill(process: subprocess.Popen[bytes]) -> int:
+    if process.poll() is None:
+        process.send_signal(signal.SIGKILL)
+    return process.wait(30)
+
+
+def stop(process: subprocess.Popen[bytes], timeout_s: float = 30) -> int:
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+    return process.wait(timeout_s)
+
+
+async def wait_for(predicate: Callable[[], Awaitable[bool]], timeout_s: float, what: str, interval_s: float = 0.05) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if await predicate():
+            return
+        await asyncio.sleep(interval_s)
+    raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")

@@ -1,0 +1,179 @@
+"""The worker as a real process: it drains, expires, rebuilds, and survives SIGKILL exactly once."""
+
+import asyncio
+import random
+import signal
+from pathlib import Path
+
+import pytest
+
+from engine.assets import deduct_asset
+from engine.balances import read_wallet
+from engine.clock import ManualClock
+from engine.holds import check_call, commit_call, reserve_call
+from engine.reconciler import check
+from engine.restore import state_present
+from engine.runtime import Runtime
+from tests.conftest import delete_prefix
+from tests.helpers import new_org
+from tests.processes import kill, start_worker, stop, wait_for
+
+
+async def worker_ready(rt: Runtime) -> bool:
+    """arq writes its health-check key once the worker runs (after our on_startup)."""
+    return bool(await rt.redis.exists(rt.keys.arq_queue + ":health-check"))
+
+
+async def start_ready_worker(rt: Runtime, log: Path, **env: str):  # type: ignore[no-untyped-def]
+    worker = start_worker(rt.settings, log, **env)
+    await wait_for(lambda: worker_ready(rt), 30, "the worker to start")
+    return worker
+
+
+async def outboxes_empty(rt: Runtime, orgs: list[str]) -> bool:
+    lengths = [await rt.redis.xlen(rt.keys.org(org).outbox) for org in orgs]
+    return sum(lengths) == 0
+
+
+async def make_traffic(rt: Runtime, orgs: list[str], operations: int, seed: int) -> int:
+    """A mix of deductions, reserves, checks and commits. Returns how many ledger entries it made."""
+    rng = random.Random(seed)
+    entries = 0
+    for i in range(operations):
+        org = rng.choice(orgs)
+        roll = rng.random()
+        if roll < 0.5:
+            result = await deduct_asset(rt, org, f"s{seed}-a{i}", rng.randint(1, 50))
+            entries += result.outcome.name == "ok"
+        elif roll < 0.75:
+            await reserve_call(rt, org, f"s{seed}-c{i}")
+            await check_call(rt, org, f"s{seed}-c{i}", start=True)
+        else:
+            result = await commit_call(rt, org, f"s{seed}-c{i - rng.randint(1, 20)}", rng.randint(1, 300))
+            entries += result.outcome.name == "ok" and result.charged_pence > 0
+    return entries
+
+
+async def assert_ledger_exact(rt: Runtime, orgs: list[str], expected_redis_entries: int) -> None:
+    """Every entry exactly once, and ledger = projection = Redis, for every org."""
+    redis_first = await rt.pg.fetchval(
+        "SELECT count(*) FROM ledger_entries WHERE org_id = ANY($1::text[]) AND source = 'redis'", orgs
+    )
+    assert redis_first == expected_redis_entries
+    for org in orgs:
+        row = await rt.pg.fetchrow(
+            """SELECT b.balance_pence, (SELECT sum(amount_pence) FROM ledger_entries WHERE org_id = $1) AS total
+               FROM org_balances b WHERE org_id = $1""",
+            org,
+        )
+        wallet = await read_wallet(rt, org)
+        assert wallet is not None
+        assert row["total"] == row["balance_pence"] == wallet.balance_pence
+    assert (await check(rt, orgs)).clean
+
+
+async def test_the_worker_drains_the_outbox(rt: Runtime, tmp_path: Path) -> None:
+    orgs = [await new_org(rt, 100_000) for _ in range(3)]
+    expected = await make_traffic(rt, orgs, 300, seed=1)
+    worker = await start_ready_worker(rt, tmp_path / "worker.log")
+    try:
+        await wait_for(lambda: outboxes_empty(rt, orgs), 30, "the worker to drain")
+    finally:
+        assert stop(worker) == 0, (tmp_path / "worker.log").read_text()
+    await assert_ledger_exact(rt, orgs, expected)
+
+
+@pytest.mark.parametrize(
+    ("fault", "redelivers"),
+    [
+        # Right after the second ledger COMMIT, before deleting the batch from the streams:
+        # the exact moment a crash must not duplicate.
+        ("outbox.after_commit:2", True),
+        # Inside the second batch's transaction, everything written, nothing committed: Postgres
+        # rolls it back and the entries must still land, once.
+        ("ledger.before_commit:2", False),
+    ],
+)
+async def test_killed_mid_batch_every_entry_lands_once(rt: Runtime, tmp_path: Path, fault: str, redelivers: bool) -> None:
+    orgs = [await new_org(rt, 1_000_000) for _ in range(4)]
+    expected = await make_traffic(rt, orgs, 2_000, seed=2)
+    crashing = start_worker(rt.settings, tmp_path / "crash.log", CREDIT_ENGINE_FAULT=fault)
+    assert crashing.wait(60) == -signal.SIGKILL
+    assert not await outboxes_empty(rt, orgs)
+    worker = await start_ready_worker(rt, tmp_path / "worker.log")
+    try:
+        await wait_for(lambda: outboxes_empty(rt, orgs), 60, "the restarted worker to drain")
+        if redelivers:
+            await wait_for(lambda: _published(rt), 5, "the worker's stats")
+    finally:
+        assert stop(worker) == 0
+    stats = await rt.redis.hgetall(rt.keys.worker_stats)
+    # After a committed-but-unacknowledged batch, its entries come back and are recognised;
+    # after a rolled-back one, they are simply written.
+    assert (int(stats["entries_redelivered"]) > 0) == redelivers
+    assert int(stats["entries_duplicate"]) == 0
+    await assert_ledger_exact(rt, orgs, expected)
+
+
+async def _published(rt: Runtime) -> bool:
+    return int(await rt.redis.hget(rt.keys.worker_stats, "entries_redelivered") or 0) > 0
+
+
+@pytest.mark.parametrize("seed", [11, 12])
+async def test_killed_at_random_moments_under_traffic_every_entry_lands_once(rt: Runtime, tmp_path: Path, seed: int) -> None:
+    rng = random.Random(seed)
+    orgs = [await new_org(rt, 1_000_000) for _ in range(4)]
+    expected = 0
+    for round_ in range(5):
+        worker = start_worker(rt.settings, tmp_path / f"worker-{round_}.log")
+        traffic = asyncio.create_task(make_traffic(rt, orgs, 400, seed=seed * 100 + round_))
+        await asyncio.sleep(rng.uniform(0.3, 1.5))
+        kill(worker)  # SIGKILL, wherever it is: reading, mid-transaction, acknowledging
+        expected += await traffic
+    await rt.redis.delete(rt.keys.arq_queue + ":health-check")  # left by killed workers
+    worker = await start_ready_worker(rt, tmp_path / "worker-final.log")
+    try:
+        await wait_for(lambda: outboxes_empty(rt, orgs), 60, "the last worker to drain")
+    finally:
+        assert stop(worker) == 0
+    await assert_ledger_exact(rt, orgs, expected)
+
+
+async def test_the_worker_rebuilds_a_redis_that_lost_its_state(rt: Runtime, tmp_path: Path) -> None:
+    org = await new_org(rt, 4321)
+    assert rt.settings.redis_url is not None
+    await delete_prefix(rt.settings.redis_url, rt.settings.key_prefix)
+    worker = start_worker(rt.settings, tmp_path / "worker.log")
+    try:
+        await wait_for(lambda: state_present(rt), 30, "the worker to rebuild redis")
+    finally:
+        assert stop(worker) == 0
+    wallet = await read_wallet(rt, org)
+    assert wallet is not None and wallet.balance_pence == 4321
+
+
+async def test_the_worker_expires_a_hold_whose_call_never_reported(rt: Runtime, tmp_path: Path) -> None:
+    org = await new_org(rt, 10_000)
+    # A call reserved and started long ago (the test's clock is in 2025; the worker decides by
+    # Redis's real clock), last seen 90 s in, then silence.
+    assert isinstance(rt.clock, ManualClock)
+    reservation = await reserve_call(rt, org, "lost-call")
+    await check_call(rt, org, "lost-call", start=True)
+    rt.clock.advance(90_000)
+    await check_call(rt, org, "lost-call")
+    worker = await start_ready_worker(rt, tmp_path / "worker.log")
+
+    async def expired() -> bool:
+        row = await rt.pg.fetchrow("SELECT status, charged_pence FROM call_holds WHERE call_id = 'lost-call'")
+        return row is not None and row["status"] == "expired"
+
+    try:
+        await wait_for(expired, 30, "the expiry cron")
+    finally:
+        assert stop(worker) == 0
+    row = await rt.pg.fetchrow("SELECT charged_pence, billed_seconds FROM call_holds WHERE call_id = 'lost-call'")
+    assert (row["charged_pence"], row["billed_seconds"]) == (90, 90)  # up to the last known moment
+    wallet = await read_wallet(rt, org)
+    assert wallet is not None
+    assert (wallet.balance_pence, wallet.held_pence) == (10_000 - 90, 0)
+    assert reservation.hold_pence > 90

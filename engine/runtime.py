@@ -4,6 +4,10 @@ from dataclasses import dataclass
 
 import asyncpg
 from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from engine.clock import Clock, RedisClock
 from engine.config import Settings
@@ -11,8 +15,12 @@ from engine.db import create_pool
 from engine.keys import Keyspace
 from engine.scripts import ScriptRunner
 
+redis_retries_max = 3
+
 
 def redis_client(url: str, pool_size: int) -> Redis:
+    # Retrying after a dropped connection is safe for every command we send: each script is
+    # idempotent by its key (a retried deduction or commit is a replay, never a second charge).
     pool = BlockingConnectionPool.from_url(
         url,
         max_connections=pool_size,
@@ -21,6 +29,8 @@ def redis_client(url: str, pool_size: int) -> Redis:
         socket_connect_timeout=2,
         health_check_interval=30,
         decode_responses=True,
+        retry=Retry(ExponentialBackoff(cap=0.5, base=0.02), redis_retries_max),
+        retry_on_error=[RedisConnectionError, RedisTimeoutError],
     )
     return Redis.from_pool(pool)  # the client owns the pool: aclose() closes its connections
 

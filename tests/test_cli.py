@@ -1,0 +1,147 @@
+"""The `credit-engine` command as an operator uses it."""
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from engine.cli import main
+from engine.config import Settings
+from engine.embedded import free_port
+from engine.runtime import Runtime
+from tests.helpers import new_org
+
+up_start_timeout_s = 60
+
+
+def cli(data_dir: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "engine.cli", "--data-dir", str(data_dir), *args],
+        capture_output=True, text=True, timeout=60, env=env,
+    )  # fmt: skip
+
+
+def clean_env() -> dict[str, str]:
+    """No REDIS_URL / DATABASE_URL: `up` starts its embedded servers."""
+    return {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "DATABASE_URL")}
+
+
+def start_up(data_dir: Path, port: int) -> tuple[subprocess.Popen[str], list[str]]:
+    process = subprocess.Popen(
+        [sys.executable, "-m", "engine.cli", "--data-dir", str(data_dir), "up", "--port", str(port)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=clean_env(),
+    )  # fmt: skip
+    assert process.stdout is not None
+    lines: list[str] = []
+    deadline = time.monotonic() + up_start_timeout_s
+    while time.monotonic() < deadline:
+        line = process.stdout.readline()
+        if not line:
+            raise AssertionError("`up` exited early:\n" + "".join(lines))
+        lines.append(line)
+        if "Ctrl-C stops everything" in line:
+            return process, lines
+    raise AssertionError("`up` did not come up:\n" + "".join(lines))
+
+
+def wait_http(url: str, timeout_s: float = 30) -> int:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                return int(response.status)
+        except OSError:
+            time.sleep(0.2)
+    raise AssertionError(f"{url} did not answer")
+
+
+def stop_up(process: subprocess.Popen[str]) -> str:
+    process.send_signal(signal.SIGINT)  # what Ctrl-C sends
+    output, _ = process.communicate(timeout=60)
+    assert process.returncode == 0, output
+    return output
+
+
+def test_up_runs_everything_and_a_restart_keeps_every_balance(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    port = free_port()
+    process, banner = start_up(data_dir, port)
+    try:
+        text = "".join(banner)
+        assert f"http://127.0.0.1:{port}" in text
+        assert "credit-engine topup" in text  # it says how to top up an org
+        assert wait_http(f"http://127.0.0.1:{port}/readyz") == 200
+        created = cli(data_dir, "orgs", "create", "acme", "--name", "Acme Ltd", "--rate", "12")
+        assert created.returncode == 0, created.stderr
+        topup = cli(data_dir, "topup", "acme", "5000", "--idempotency-key", "first")
+        assert topup.returncode == 0, topup.stderr
+        assert json.loads(topup.stdout)["balance_pence"] == 5000
+        replay = cli(data_dir, "topup", "acme", "5000", "--idempotency-key", "first")
+        assert json.loads(replay.stdout)["outcome"] == "replayed"
+        checked = cli(data_dir, "reconcile", "--check")
+        assert checked.returncode == 0, checked.stdout + checked.stderr
+        services = json.loads((data_dir / "services.json").read_text())
+    finally:
+        output = stop_up(process)
+    assert "stopped; data kept in" in output
+    assert not (data_dir / "services.json").exists()
+    # Nothing is left running: the web app's and the embedded servers' ports are closed.
+    for url in (services["redis_url"], services["database_url"], services["api"]):
+        port_number = int(url.rsplit(":", 1)[1].split("/")[0])
+        with socket.socket() as probe:
+            assert probe.connect_ex(("127.0.0.1", port_number)) != 0, f"{url} still listening"
+
+    # Without `up`, the CLI says what is missing instead of guessing.
+    orphan = cli(data_dir, "orgs", "show", "acme", env=clean_env())
+    assert orphan.returncode != 0 and "no `credit-engine up` is running" in orphan.stderr
+
+    process, _ = start_up(data_dir, port)
+    try:
+        shown = cli(data_dir, "orgs", "show", "acme")
+        assert shown.returncode == 0, shown.stderr
+        wallet = json.loads(shown.stdout)["wallet"]
+        assert (wallet["balance_pence"], wallet["available_pence"]) == (5000, 5000)
+    finally:
+        stop_up(process)
+
+
+async def test_reconcile_exits_1_on_drift_and_repair_fixes_it(
+    rt: Runtime, settings: Settings, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert settings.redis_url is not None and settings.database_url is not None
+    monkeypatch.setenv("REDIS_URL", settings.redis_url)
+    monkeypatch.setenv("DATABASE_URL", settings.database_url)
+    monkeypatch.setenv("CREDIT_ENGINE_KEY_PREFIX", settings.key_prefix)
+    org = await new_org(rt, 1000)
+    assert await asyncio.to_thread(main, ["reconcile", "--check"]) == 0
+    await rt.redis.hincrby(rt.keys.org(org).org, "balance_pence", 7)
+    assert await asyncio.to_thread(main, ["reconcile", "--check"]) == 1
+    assert f"DRIFT {org}" in capsys.readouterr().out
+    assert await asyncio.to_thread(main, ["reconcile", "--repair"]) == 0
+    assert f"repaired {org}" in capsys.readouterr().out
+    assert await asyncio.to_thread(main, ["reconcile", "--check", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["drifted"] == [] and report["orgs_checked"] == 1
+
+
+async def test_cli_refuses_bad_input_with_a_clear_message(
+    rt: Runtime, settings: Settings, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert settings.redis_url is not None and settings.database_url is not None
+    monkeypatch.setenv("REDIS_URL", settings.redis_url)
+    monkeypatch.setenv("DATABASE_URL", settings.database_url)
+    monkeypatch.setenv("CREDIT_ENGINE_KEY_PREFIX", settings.key_prefix)
+    assert await asyncio.to_thread(main, ["orgs", "create", "bad}id", "--rate", "10"]) == 2
+    assert "org_id" in capsys.readouterr().err
+    assert await asyncio.to_thread(main, ["orgs", "create", "ok-id", "--rate", "0"]) == 2
+    assert "rate_pence_per_minute" in capsys.readouterr().err
+    assert await asyncio.to_thread(main, ["topup", "missing-org", "100"]) == 2
+    assert "does not exist" in capsys.readouterr().err

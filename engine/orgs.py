@@ -37,6 +37,20 @@ def _org_from_row(row: asyncpg.Record) -> Org:
     return Org(row["org_id"], row["name"], settings_from_row(row), row["created_at"], row["updated_at"])
 
 
+def _settings_columns(settings: OrgSettings) -> list[Any]:
+    """The orgs table's settings columns, in the order the statements below name them."""
+    return [
+        settings.rate_pence_per_minute,
+        settings.overdraft_pence,
+        settings.min_start_pence,
+        settings.hold_block_minutes,
+        settings.grace_seconds,
+        settings.low_balance_threshold_pence,
+        settings.alert_webhook_url,
+        settings.max_concurrent_calls,
+    ]
+
+
 def _check_name(name: object) -> str:
     if not isinstance(name, str) or not 1 <= len(name.strip()) <= 200:
         raise InvalidInput("name", "must be 1-200 characters")
@@ -59,14 +73,7 @@ async def create_org(rt: Runtime, org_id: str, name: str, settings: OrgSettings)
             """,
             org_id,
             name,
-            settings.rate_pence_per_minute,
-            settings.overdraft_pence,
-            settings.min_start_pence,
-            settings.hold_block_minutes,
-            settings.grace_seconds,
-            settings.low_balance_threshold_pence,
-            settings.alert_webhook_url,
-            settings.max_concurrent_calls,
+            *_settings_columns(settings),
         )
         if row is None:
             raise OrgExists(org_id)
@@ -106,14 +113,7 @@ async def update_org(rt: Runtime, org_id: str, changes: dict[str, Any]) -> Org:
         """,
         org_id,
         name,
-        settings.rate_pence_per_minute,
-        settings.overdraft_pence,
-        settings.min_start_pence,
-        settings.hold_block_minutes,
-        settings.grace_seconds,
-        settings.low_balance_threshold_pence,
-        settings.alert_webhook_url,
-        settings.max_concurrent_calls,
+        *_settings_columns(settings),
     )
     if row is None:
         raise OrgNotFound(org_id)

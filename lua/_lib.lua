@@ -117,6 +117,25 @@ local function credit_with_repay(balance_pence, debt_pence, amount)
   return balance_pence + amount - repay, -repay
 end
 
+-- Charges cost to the org (in place) with the overdraft floor. Returns amount, debt_delta: the
+-- changes to balance_pence and debt_pence that the ledger entry records.
+local function org_charge(org, cost)
+  local balance_after, debt_delta = charge_with_floor(org.balance_pence, org.overdraft_pence, cost)
+  local amount = balance_after - org.balance_pence
+  org.balance_pence = balance_after
+  org.debt_pence = org.debt_pence + debt_delta
+  return amount, debt_delta
+end
+
+-- Credits amount to the org (in place), paying off debt first. Returns amount, debt_delta.
+local function org_credit(org, amount)
+  local balance_after, debt_delta = credit_with_repay(org.balance_pence, org.debt_pence, amount)
+  local balance_delta = balance_after - org.balance_pence
+  org.balance_pence = balance_after
+  org.debt_pence = org.debt_pence + debt_delta
+  return balance_delta, debt_delta
+end
+
 -- Idempotency records -----------------------------------------------------------------------
 
 local function idem_prune(idem_key, exp_key, now_ms)

@@ -45,9 +45,7 @@ if first ~= nil then
   return with_tail(head(-3, org), {0})
 end
 
-local balance_after, debt_delta = credit_with_repay(org.balance_pence, org.debt_pence, amount)
-org.balance_pence = balance_after
-org.debt_pence = org.debt_pence + debt_delta
+local _, debt_delta = org_credit(org, amount)
 org_save_money(KEYS[1], org)
 idem_put(KEYS[2], KEYS[3], ledger_key, istr(amount), now + ttl)
 if debt_delta < 0 then

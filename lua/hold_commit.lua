@@ -57,14 +57,6 @@ if org == nil then
 end
 idem_prune(KEYS[3], KEYS[4], now)
 
-local function charge(cost)
-  local balance_after, debt_delta = charge_with_floor(org.balance_pence, org.overdraft_pence, cost)
-  local amount = balance_after - org.balance_pence
-  org.balance_pence = balance_after
-  org.debt_pence = org.debt_pence + debt_delta
-  return amount, debt_delta
-end
-
 local state_text = idem_get(KEYS[3], call_state_key)
 if state_text ~= nil then
   local state = call_state_decode(state_text)
@@ -79,13 +71,9 @@ if state_text ~= nil then
   local difference = true_cost - state.charged_pence
   local amount, debt_delta = 0, 0
   if difference > 0 then
-    amount, debt_delta = charge(difference)
+    amount, debt_delta = org_charge(org, difference)
   elseif difference < 0 then
-    local balance_after
-    balance_after, debt_delta = credit_with_repay(org.balance_pence, org.debt_pence, -difference)
-    amount = balance_after - org.balance_pence
-    org.balance_pence = balance_after
-    org.debt_pence = org.debt_pence + debt_delta
+    amount, debt_delta = org_credit(org, -difference)
   end
   org_save_money(KEYS[1], org)
   idem_put(KEYS[3], KEYS[4], call_state_key,
@@ -114,7 +102,7 @@ else
        last_seen_ms = now, expires_ms = now, max_duration_s = 0, version = 0}
 end
 local cost = cost_pence(billed, h.rate)
-local amount, debt_delta = charge(cost)
+local amount, debt_delta = org_charge(org, cost)
 h.version = h.version + 1
 org_save_money(KEYS[1], org)
 idem_put(KEYS[3], KEYS[4], call_state_key,

@@ -65,10 +65,7 @@ if h.started_ms > 0 then
   billed = billed_seconds_from_ms(h.last_seen_ms - h.started_ms)
 end
 local cost = cost_pence(billed, h.rate)
-local balance_after, debt_delta = charge_with_floor(org.balance_pence, org.overdraft_pence, cost)
-local amount = balance_after - org.balance_pence
-org.balance_pence = balance_after
-org.debt_pence = org.debt_pence + debt_delta
+local amount, debt_delta = org_charge(org, cost)
 org.held_pence = org.held_pence - h.hold_pence
 h.version = h.version + 1
 org_save_money(KEYS[1], org)

@@ -2,7 +2,7 @@
 
 Lifecycle of one call's hold (all decisions in lua/hold_*.lua, one atomic script each):
 
-    reserve ──▶ live ──(check: start the clock, extend block by block)──▶ live
+    reserve ──▶ live ──(check: start the clock, extend block by block, stop the clock)──▶ live
                  │
                  ├── commit  (end-of-call report: actual cost, rest released)     ─▶ committed
                  ├── release (the call ended without a report we can bill from)   ─▶ released
@@ -21,6 +21,7 @@ Invariants:
 """
 
 from dataclasses import dataclass
+from enum import IntEnum
 from typing import Any
 
 import orjson
@@ -40,15 +41,24 @@ class Reservation:
     max_duration_s: int
 
 
+class CallEvent(IntEnum):
+    """What a hold_check call also records about the call."""
+
+    check = 0
+    start = 1  # the call is in progress: its clock starts
+    end = 2  # the call ended: its clock stops
+
+
 @dataclass(frozen=True)
 class CallCheck:
     outcome: Outcome  # ok, org_unknown, hold_not_found
     money: Money
-    end_call: bool
+    end_call: bool  # the call has used all the time its hold funds, or has ended
     cost_so_far_pence: int
     hold_pence: int
     remaining_ms: int  # funded time left; <= 0 once the hold is used up
     started: bool
+    ended: bool
 
 
 @dataclass(frozen=True)
@@ -89,8 +99,8 @@ async def reserve_call(rt: Runtime, org_id: str, call_id: str) -> Reservation:
     return Reservation(result.outcome, result.money, hold_pence, max_duration_s)
 
 
-async def check_call(rt: Runtime, org_id: str, call_id: str, *, start: bool = False) -> CallCheck:
-    """The kill-switch decision; with start=True also starts the call's clock (once)."""
+async def check_call(rt: Runtime, org_id: str, call_id: str, event: CallEvent = CallEvent.check) -> CallCheck:
+    """The kill-switch decision; also starts or stops the call's clock (each once)."""
     validate.org_id(org_id)
     validate.call_id(call_id)
     keys = rt.keys.org(org_id)
@@ -102,21 +112,23 @@ async def check_call(rt: Runtime, org_id: str, call_id: str, *, start: bool = Fa
             rt.clock.script_arg(),
             org_id,
             call_id,
-            1 if start else 0,
+            int(event),
             rt.settings.hold_report_slack_ms,
             rt.settings.outbox_per_org_max,
             limits.extensions_per_check_max,
         ],
     )
-    result = decode(reply, tail_length=6)
-    end_call, cost_so_far_pence, hold_pence, remaining_ms, started, recorded = result.tail
+    result = decode(reply, tail_length=7)
+    end_call, cost_so_far_pence, hold_pence, remaining_ms, started, recorded, ended = result.tail
     if recorded:
         # Only an extension or a start writes to the outbox; ring the worker for those alone.
         await rt.redis.sadd(rt.keys.outbox_dirty, org_id)
-    if end_call:
+    if end_call and not ended:
         assert started
         assert remaining_ms <= 0
-    return CallCheck(result.outcome, result.money, bool(end_call), cost_so_far_pence, hold_pence, remaining_ms, bool(started))
+    return CallCheck(
+        result.outcome, result.money, bool(end_call), cost_so_far_pence, hold_pence, remaining_ms, bool(started), bool(ended)
+    )
 
 
 async def commit_call(

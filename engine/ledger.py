@@ -142,14 +142,14 @@ FROM unnest($1::text[], $2::text[], $3::text[], $4::text[]) AS u(org_id, key, re
 UPSERT_HOLDS_SQL = """
 INSERT INTO call_holds AS h (org_id, call_id, status, hold_pence, rate_pence_per_minute, created_at,
     started_at, last_seen_at, expires_at, max_duration_seconds, version, charged_pence,
-    billed_seconds, resolved_at, updated_at)
+    billed_seconds, resolved_at, ended_at, updated_at)
 SELECT u.org_id, u.call_id, u.status, u.hold, u.rate, u.created_at, u.started_at, u.last_seen_at,
-       u.expires_at, u.max_duration, u.version, u.charged, u.billed, u.resolved_at, now()
+       u.expires_at, u.max_duration, u.version, u.charged, u.billed, u.resolved_at, u.ended_at, now()
 FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[], $5::int[], $6::timestamptz[],
             $7::timestamptz[], $8::timestamptz[], $9::timestamptz[], $10::int[], $11::int[],
-            $12::bigint[], $13::int[], $14::timestamptz[])
+            $12::bigint[], $13::int[], $14::timestamptz[], $15::timestamptz[])
      AS u(org_id, call_id, status, hold, rate, created_at, started_at, last_seen_at, expires_at,
-          max_duration, version, charged, billed, resolved_at)
+          max_duration, version, charged, billed, resolved_at, ended_at)
 ON CONFLICT (org_id, call_id) DO UPDATE SET
     status = EXCLUDED.status,
     charged_pence = EXCLUDED.charged_pence,
@@ -159,6 +159,7 @@ ON CONFLICT (org_id, call_id) DO UPDATE SET
     started_at = CASE WHEN h.status = 'live' THEN EXCLUDED.started_at ELSE h.started_at END,
     last_seen_at = CASE WHEN h.status = 'live' THEN EXCLUDED.last_seen_at ELSE h.last_seen_at END,
     expires_at = CASE WHEN h.status = 'live' THEN EXCLUDED.expires_at ELSE h.expires_at END,
+    ended_at = CASE WHEN h.status = 'live' THEN EXCLUDED.ended_at ELSE h.ended_at END,
     version = CASE WHEN h.status = 'live' THEN EXCLUDED.version ELSE h.version END,
     updated_at = now()
 WHERE (h.status = 'live' AND (EXCLUDED.status <> 'live' OR EXCLUDED.version > h.version))
@@ -300,4 +301,5 @@ def _hold_columns(events: list[HoldEvent]) -> list[list[Any]]:
         [e.charged_pence if r else None for e, r in zip(events, resolved, strict=True)],
         [e.billed_seconds if r else None for e, r in zip(events, resolved, strict=True)],
         [dt_from_ms(e.created_ms) if r else None for e, r in zip(events, resolved, strict=True)],
+        [dt_from_ms(e.hold.ended_ms) if e.hold.ended_ms > 0 else None for e in events],
     ]

@@ -20,11 +20,17 @@ class HoldRecord:
     expires_ms: int
     max_duration_s: int
     version: int
+    ended_ms: int = 0  # 0: the call has not ended
+
+    @property
+    def known_until_ms(self) -> int:
+        """The last moment the call is known to have run (see hold_known_until_ms in _lib.lua)."""
+        return self.ended_ms if self.ended_ms > 0 else self.last_seen_ms
 
     @classmethod
     def decode(cls, text: str) -> "HoldRecord":
         parts = [int(part) for part in text.split("|")]
-        assert len(parts) == 8, text
+        assert len(parts) == 9, text
         record = cls(*parts)
         assert record.hold_pence >= 0
         assert record.rate_pence_per_minute > 0
@@ -42,6 +48,7 @@ class HoldRecord:
                 self.expires_ms,
                 self.max_duration_s,
                 self.version,
+                self.ended_ms,
             )
         )
 

@@ -50,7 +50,7 @@ WHERE o.org_id = ANY($1::text[])
 
 LIVE_HOLDS_SQL = """
 SELECT org_id, call_id, hold_pence, rate_pence_per_minute, created_at, started_at, last_seen_at,
-       expires_at, max_duration_seconds, version
+       expires_at, max_duration_seconds, version, ended_at
 FROM call_holds
 WHERE org_id = ANY($1::text[]) AND status = 'live'
 """
@@ -97,6 +97,7 @@ def hold_from_row(row: asyncpg.Record) -> HoldRecord:
         expires_ms=ms_from_dt(row["expires_at"]),
         max_duration_s=row["max_duration_seconds"],
         version=row["version"],
+        ended_ms=ms_from_dt(row["ended_at"]) if row["ended_at"] is not None else 0,
     )
 
 

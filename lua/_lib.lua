@@ -159,18 +159,20 @@ local function idem_put(idem_key, exp_key, field, value, expires_ms)
   rcall('ZADD', exp_key, istr(expires_ms), field)
 end
 
--- Hold records: "hold_pence|rate|created_ms|started_ms|last_seen_ms|expires_ms|max_duration_s|version"
+-- Hold records:
+-- "hold_pence|rate|created_ms|started_ms|last_seen_ms|expires_ms|max_duration_s|version|ended_ms"
+-- started_ms and ended_ms are 0 until the call starts / ends.
 
 local function hold_decode(text)
-  local p, r, c, s, l, e, d, v = string.match(text,
-    '^(%d+)|(%d+)|(%d+)|(%d+)|(%d+)|(%d+)|(%d+)|(%d+)$')
+  local p, r, c, s, l, e, d, v, x = string.match(text,
+    '^(%d+)|(%d+)|(%d+)|(%d+)|(%d+)|(%d+)|(%d+)|(%d+)|(%d+)$')
   if p == nil then
     error('corrupt hold record: ' .. text)
   end
   return {
     hold_pence = tonumber(p), rate = tonumber(r), created_ms = tonumber(c),
     started_ms = tonumber(s), last_seen_ms = tonumber(l), expires_ms = tonumber(e),
-    max_duration_s = tonumber(d), version = tonumber(v),
+    max_duration_s = tonumber(d), version = tonumber(v), ended_ms = tonumber(x),
   }
 end
 
@@ -178,7 +180,16 @@ local function hold_encode(h)
   return table.concat({
     istr(h.hold_pence), istr(h.rate), istr(h.created_ms), istr(h.started_ms),
     istr(h.last_seen_ms), istr(h.expires_ms), istr(h.max_duration_s), istr(h.version),
+    istr(h.ended_ms),
   }, '|')
+end
+
+-- The last moment a call is known to have run: its end if it ended, else when last seen.
+local function hold_known_until_ms(h)
+  if h.ended_ms > 0 then
+    return h.ended_ms
+  end
+  return h.last_seen_ms
 end
 
 -- Call resolution records: "status|charged_pence|billed_seconds|rate"

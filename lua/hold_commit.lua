@@ -85,7 +85,7 @@ if state_text ~= nil then
     }, now)
   end
   local h = {hold_pence = 0, rate = state.rate, created_ms = now, started_ms = 0,
-             last_seen_ms = now, expires_ms = now, max_duration_s = 0, version = 0}
+             last_seen_ms = now, expires_ms = now, max_duration_s = 0, version = 0, ended_ms = 0}
   outbox_hold(KEYS[5], org_id, org, call_id, 'committed', h, true_cost, billed, now)
   return with_tail(head(2, org), {difference, debt_delta, 0})
 end
@@ -99,7 +99,7 @@ if record ~= false then
 else
   -- Direct billing: no hold was ever taken for this call.
   h = {hold_pence = 0, rate = org.rate_pence_per_minute, created_ms = now, started_ms = 0,
-       last_seen_ms = now, expires_ms = now, max_duration_s = 0, version = 0}
+       last_seen_ms = now, expires_ms = now, max_duration_s = 0, version = 0, ended_ms = 0}
 end
 local cost = cost_pence(billed, h.rate)
 local amount, debt_delta = org_charge(org, cost)

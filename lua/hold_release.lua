@@ -2,7 +2,8 @@
   Resolve a live hold without a report from the call: 'release' (the engine knows the call is
   over, e.g. it ended before being answered) or 'expire' (the hold's expiry has passed and the
   call never reported). Either way the call is charged for the time it is known to have run
-  (from its start to the last moment it was seen; nothing if it never started) and the rest is
+  (from its start to its end, or to the last moment it was seen; nothing if it never started) and
+  the rest is
   released. A hold resolves exactly once: a commit that comes later settles the difference
   (see hold_commit.lua), a second release or expiry is a replay.
 
@@ -62,7 +63,7 @@ end
 
 local billed = 0
 if h.started_ms > 0 then
-  billed = billed_seconds_from_ms(h.last_seen_ms - h.started_ms)
+  billed = billed_seconds_from_ms(hold_known_until_ms(h) - h.started_ms)
 end
 local cost = cost_pence(billed, h.rate)
 local amount, debt_delta = org_charge(org, cost)

@@ -72,7 +72,7 @@ local hold_pence = math.min(org.hold_block_minutes * rate, available)
 local h = {
   hold_pence = hold_pence, rate = rate, created_ms = now, started_ms = 0, last_seen_ms = now,
   expires_ms = now + max_duration_s * 1000 + slack_ms, max_duration_s = max_duration_s,
-  version = 1,
+  version = 1, ended_ms = 0,
 }
 org.held_pence = org.held_pence + hold_pence
 org_save_money(KEYS[1], org)

@@ -4,7 +4,7 @@ import asyncpg
 import pytest
 
 from engine.assets import deduct_asset
-from engine.holds import check_call, commit_call, reserve_call
+from engine.holds import CallEvent, check_call, commit_call, reserve_call
 from engine.ledger import write_batch
 from engine.outbox import drain_org_fully, drain_orgs, parse_entry
 from engine.results import Outcome
@@ -163,7 +163,7 @@ async def test_debt_reaches_postgres_and_the_chain_holds_across_repayment(rt: Ru
 async def test_hold_events_follow_the_state_machine(rt: Runtime) -> None:
     org = await new_org(rt, 10_000)
     await reserve_call(rt, org, "c")
-    await check_call(rt, org, "c", start=True)
+    await check_call(rt, org, "c", CallEvent.start)
     await drain_org_fully(rt, org)
     row = await rt.pg.fetchrow("SELECT * FROM call_holds WHERE call_id = 'c'")
     assert (row["status"], row["version"]) == ("live", 2)

@@ -4,7 +4,7 @@ import asyncio
 
 from engine.assets import deduct_asset
 from engine.balances import read_wallet
-from engine.holds import check_call, commit_call, live_holds, reserve_call
+from engine.holds import CallEvent, check_call, commit_call, live_holds, reserve_call
 from engine.orgs import update_org
 from engine.outbox import drain_org_fully
 from engine.reconciler import check, repair
@@ -25,7 +25,7 @@ async def test_flushed_redis_is_rebuilt_with_balances_holds_and_idempotency(rt: 
     orgs = [await new_org(rt, 1000 * (i + 1)) for i in range(3)]
     await deduct_asset(rt, orgs[0], "a", 100)
     await reserve_call(rt, orgs[1], "live-call")
-    await check_call(rt, orgs[1], "live-call", start=True)
+    await check_call(rt, orgs[1], "live-call", CallEvent.start)
     await reserve_call(rt, orgs[2], "done-call")
     await commit_call(rt, orgs[2], "done-call", 60)
     for org in orgs:

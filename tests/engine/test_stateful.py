@@ -25,7 +25,7 @@ from engine.balances import read_wallet
 from engine.clock import ManualClock
 from engine.config import Settings
 from engine.credits import credit
-from engine.holds import check_call, commit_call, expire_call, live_holds, release_call, reserve_call
+from engine.holds import CallEvent, check_call, commit_call, expire_call, live_holds, release_call, reserve_call
 from engine.org_settings import OrgSettings
 from engine.orgs import create_org
 from engine.outbox import drain_org_fully
@@ -47,6 +47,7 @@ class HoldModel:
     last_seen_ms: int
     expires_ms: int
     max_duration_s: int
+    ended_ms: int = 0
 
 
 @dataclass
@@ -147,21 +148,25 @@ class Ledger(RuleBasedStateMachine):
             assert (result.hold_pence, result.max_duration_s) == (m.holds[call].hold_pence, max_duration_s)
         assert result.outcome.name == expected
 
-    @rule(index=st.integers(0, 1), call=st.sampled_from(CALLS), start=st.booleans())
-    def check(self, index: int, call: str, start: bool) -> None:
+    @rule(index=st.integers(0, 1), call=st.sampled_from(CALLS), event=st.sampled_from(list(CallEvent)))
+    def check(self, index: int, call: str, event: CallEvent) -> None:
         org_id, m = self.org(index)
-        result = self.run(check_call(self.rt, org_id, call, start=start))
+        result = self.run(check_call(self.rt, org_id, call, event))
         hold = m.holds.get(call)
         if hold is None:
             assert result.outcome.name == "hold_not_found"
             return
         now = self.clock.value_ms
-        if start and hold.started_ms == 0:
+        if event == CallEvent.start and hold.started_ms == 0 and hold.ended_ms == 0:
             hold.started_ms = now
             hold.expires_ms = max(hold.expires_ms, now + hold.max_duration_s * 1000 + SLACK_MS)
-        elapsed = now - hold.started_ms if hold.started_ms and now > hold.started_ms else 0
+        elif event == CallEvent.end and hold.ended_ms == 0:
+            hold.ended_ms = now
+            hold.expires_ms = now + SLACK_MS
+        clock_now = min(now, hold.ended_ms) if hold.ended_ms else now
+        elapsed = clock_now - hold.started_ms if hold.started_ms and clock_now > hold.started_ms else 0
         cost = call_cost_pence(billed_seconds_from_ms(elapsed), hold.rate)
-        if hold.started_ms and hold.hold_pence - cost < hold.rate:
+        if hold.started_ms and not hold.ended_ms and hold.hold_pence - cost < hold.rate:
             for _ in range(EXTENSIONS_MAX):
                 available = m.balance - m.held
                 if available <= 0:
@@ -173,7 +178,7 @@ class Ledger(RuleBasedStateMachine):
         remaining = hold.hold_pence * 60_000 // hold.rate - elapsed
         assert result.outcome.name == "ok"
         assert (result.cost_so_far_pence, result.hold_pence, result.remaining_ms) == (cost, hold.hold_pence, remaining)
-        assert result.end_call == (hold.started_ms > 0 and remaining <= 0)
+        assert result.end_call == (hold.ended_ms > 0 or (hold.started_ms > 0 and remaining <= 0))
 
     @rule(ms=st.integers(0, 20 * 60_000))
     def advance_clock(self, ms: int) -> None:
@@ -215,7 +220,8 @@ class Ledger(RuleBasedStateMachine):
         if expire and self.clock.value_ms < hold.expires_ms:
             assert result.outcome.name == "not_expired"
             return
-        billed = billed_seconds_from_ms(hold.last_seen_ms - hold.started_ms) if hold.started_ms else 0
+        known_until = hold.ended_ms or hold.last_seen_ms
+        billed = billed_seconds_from_ms(known_until - hold.started_ms) if hold.started_ms else 0
         cost = call_cost_pence(billed, hold.rate)
         m.charge(cost)
         del m.holds[call]

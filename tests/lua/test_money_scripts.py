@@ -8,7 +8,7 @@ from redis.exceptions import ResponseError
 from engine import limits
 from engine.assets import deduct_asset
 from engine.errors import InvalidInput
-from engine.holds import check_call, commit_call, expire_call, release_call, reserve_call
+from engine.holds import CallEvent, check_call, commit_call, expire_call, release_call, reserve_call
 from engine.results import Outcome
 from engine.runtime import Runtime
 from engine.types import ledger_key
@@ -169,7 +169,7 @@ async def test_check_extends_block_by_block_then_ends_the_call(redis_rt: Runtime
     clock = redis_rt.clock
     org = await seed_org(redis_rt, 700, rate_pence_per_minute=60, hold_block_minutes=5)
     assert (await reserve_call(redis_rt, org, "c")).hold_pence == 300
-    started = await check_call(redis_rt, org, "c", start=True)
+    started = await check_call(redis_rt, org, "c", CallEvent.start)
     assert started.started and not started.end_call
     clock.advance(4 * 60_000 + 1)  # less than a minute of the hold left: extend by a block
     extended = await check_call(redis_rt, org, "c")
@@ -253,7 +253,7 @@ async def test_a_hold_resolves_once_expire_then_late_commit_settles_the_differen
     clock = redis_rt.clock
     org = await seed_org(redis_rt, 10_000)
     reservation = await reserve_call(redis_rt, org, "c")
-    await check_call(redis_rt, org, "c", start=True)
+    await check_call(redis_rt, org, "c", CallEvent.start)
     clock.advance(30_000)
     await check_call(redis_rt, org, "c")  # last seen 30 s in
     assert (await expire_call(redis_rt, org, "c")).outcome == Outcome.not_expired
@@ -273,7 +273,7 @@ async def test_a_late_report_shorter_than_what_expiry_charged_is_refunded(redis_
     clock = redis_rt.clock
     org = await seed_org(redis_rt, 1_000)
     await reserve_call(redis_rt, org, "c")
-    await check_call(redis_rt, org, "c", start=True)
+    await check_call(redis_rt, org, "c", CallEvent.start)
     clock.advance(60_000)
     await check_call(redis_rt, org, "c")
     await release_call(redis_rt, org, "c")  # charges 60 s
@@ -327,3 +327,31 @@ async def test_call_cost_rounding_matches_python_for_every_second_and_awkward_ra
         for billed in range(0, 121):
             result = await commit_call(redis_rt, org, f"c{billed}", billed)  # direct billing
             assert result.charged_pence == call_cost_pence(billed, rate), (rate, billed)
+
+
+async def test_the_end_event_stops_the_clock_and_ends_the_call(redis_rt: Runtime) -> None:
+    clock = redis_rt.clock
+    org = await seed_org(redis_rt, 10_000)
+    await reserve_call(redis_rt, org, "c")
+    await check_call(redis_rt, org, "c", CallEvent.start)
+    clock.advance(45_000)
+    ended = await check_call(redis_rt, org, "c", CallEvent.end)
+    assert (ended.ended, ended.end_call, ended.cost_so_far_pence) == (True, True, 45)
+    clock.advance(600_000)
+    later = await check_call(redis_rt, org, "c")
+    assert later.cost_so_far_pence == 45  # stopped at the end, not still running
+    assert (await check_call(redis_rt, org, "c", CallEvent.start)).cost_so_far_pence == 45  # no restart
+
+
+async def test_a_hold_whose_report_never_comes_expires_soon_after_the_end_charging_up_to_it(redis_rt: Runtime) -> None:
+    clock = redis_rt.clock
+    org = await seed_org(redis_rt, 10_000)
+    await reserve_call(redis_rt, org, "c")
+    await check_call(redis_rt, org, "c", CallEvent.start)
+    clock.advance(70_000)
+    await check_call(redis_rt, org, "c", CallEvent.end)
+    clock.advance(redis_rt.settings.hold_report_slack_ms - 1)
+    assert (await expire_call(redis_rt, org, "c")).outcome == Outcome.not_expired
+    clock.advance(1)
+    expired = await expire_call(redis_rt, org, "c")
+    assert (expired.outcome, expired.charged_pence) == (Outcome.ok, 70)

@@ -10,7 +10,7 @@ import pytest
 from engine.assets import deduct_asset
 from engine.balances import read_wallet
 from engine.clock import ManualClock
-from engine.holds import check_call, commit_call, reserve_call
+from engine.holds import CallEvent, check_call, commit_call, reserve_call
 from engine.reconciler import check
 from engine.restore import state_present
 from engine.runtime import Runtime
@@ -47,7 +47,7 @@ async def make_traffic(rt: Runtime, orgs: list[str], operations: int, seed: int)
             entries += result.outcome.name == "ok"
         elif roll < 0.75:
             await reserve_call(rt, org, f"s{seed}-c{i}")
-            await check_call(rt, org, f"s{seed}-c{i}", start=True)
+            await check_call(rt, org, f"s{seed}-c{i}", CallEvent.start)
         else:
             result = await commit_call(rt, org, f"s{seed}-c{i - rng.randint(1, 20)}", rng.randint(1, 300))
             entries += result.outcome.name == "ok" and result.charged_pence > 0
@@ -158,7 +158,7 @@ async def test_the_worker_expires_a_hold_whose_call_never_reported(rt: Runtime, 
     # Redis's real clock), last seen 90 s in, then silence.
     assert isinstance(rt.clock, ManualClock)
     reservation = await reserve_call(rt, org, "lost-call")
-    await check_call(rt, org, "lost-call", start=True)
+    await check_call(rt, org, "lost-call", CallEvent.start)
     rt.clock.advance(90_000)
     await check_call(rt, org, "lost-call")
     worker = await start_ready_worker(rt, tmp_path / "worker.log")

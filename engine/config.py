@@ -5,7 +5,7 @@ Human-configured durations are in seconds in the environment and converted to ms
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 from engine import limits
@@ -45,6 +45,19 @@ class Settings:
     worker_expire_interval_s: int = 5
     worker_health_check_interval_s: int = 5
     log_level: str = "INFO"
+    # HTTP API
+    admin_token: str | None = None  # None: the admin API refuses everyone
+    vapi_webhook_secret: str | None = None  # X-Vapi-Secret / Bearer; None: webhooks refuse everyone
+    vapi_hmac_secret: str | None = None  # HMAC credential; None: the webhook secret is used
+    vapi_hmac_tolerance_s: int = 300
+    phone_number_pence: int = 1000
+    vapi_api_key: str | None = None  # None: phone numbers come from the fake provider
+    vapi_base_url: str = "https://api.vapi.ai"
+    default_assistant_id: str | None = None  # for numbers registered without an assistant
+    fake_provider_failing_area_codes: frozenset[str] = frozenset({"999"})
+    readiness_outbox_lag_s_max: int = 60
+    api_body_bytes_max: int = 16 * 1024
+    webhook_body_bytes_max: int = 2 * 1024 * 1024  # end-of-call reports carry transcripts
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
@@ -70,7 +83,32 @@ class Settings:
             worker_expire_interval_s=_int(env, "CREDIT_ENGINE_WORKER_EXPIRE_INTERVAL_S", 5, 1, 3600),
             worker_health_check_interval_s=_int(env, "CREDIT_ENGINE_WORKER_HEALTH_CHECK_INTERVAL_S", 5, 1, 3600),
             log_level=env.get("CREDIT_ENGINE_LOG_LEVEL", "INFO").upper(),
+            admin_token=env.get("CREDIT_ENGINE_ADMIN_TOKEN") or None,
+            vapi_webhook_secret=env.get("VAPI_WEBHOOK_SECRET") or None,
+            vapi_hmac_secret=env.get("VAPI_WEBHOOK_HMAC_SECRET") or None,
+            vapi_hmac_tolerance_s=_int(env, "VAPI_WEBHOOK_HMAC_TOLERANCE_S", 300, 1, 3600),
+            phone_number_pence=_int(env, "CREDIT_ENGINE_PHONE_NUMBER_PENCE", 1000, 1, limits.amount_pence_max),
+            vapi_api_key=env.get("VAPI_API_KEY") or None,
+            vapi_base_url=env.get("VAPI_BASE_URL", "https://api.vapi.ai").rstrip("/"),
+            default_assistant_id=env.get("CREDIT_ENGINE_DEFAULT_ASSISTANT_ID") or None,
+            fake_provider_failing_area_codes=frozenset(
+                code for code in env.get("CREDIT_ENGINE_FAKE_PROVIDER_FAILING_AREA_CODES", "999").split(",") if code
+            ),
+            readiness_outbox_lag_s_max=_int(env, "CREDIT_ENGINE_READINESS_OUTBOX_LAG_S_MAX", 60, 1, 86_400),
         )
 
     def with_services(self, redis_url: str, database_url: str) -> "Settings":
         return replace(self, redis_url=redis_url, database_url=database_url)
+
+    @property
+    def hmac_secret(self) -> str | None:
+        return self.vapi_hmac_secret or self.vapi_webhook_secret
+
+    def __repr__(self) -> str:
+        # Secrets never reach a log line through a repr.
+        hidden = {"admin_token", "vapi_webhook_secret", "vapi_hmac_secret", "vapi_api_key"}
+        shown = ", ".join(
+            f"{f.name}={'<set>' if f.name in hidden and getattr(self, f.name) else getattr(self, f.name)!r}"
+            for f in fields(self)
+        )
+        return f"Settings({shown})"

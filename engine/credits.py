@@ -12,7 +12,6 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-import orjson
 from redis.exceptions import RedisError
 
 from engine import limits, validate
@@ -82,7 +81,7 @@ async def credit(
                 amount_pence,
                 balance_pence_after,
                 projection["debt_pence"],
-                orjson.dumps(meta or {}).decode(),
+                meta or {},  # the pool's jsonb codec encodes it
             )
             await conn.execute(
                 """

@@ -106,3 +106,10 @@ async def test_the_reconciler_heals_a_topup_whose_redis_step_failed(rt: Runtime,
     assert (await credit(rt, org, "pay-1", 900)).outcome == Outcome.replayed
     wallet = await read_wallet(rt, org)
     assert wallet is not None and wallet.balance_pence == 1000
+
+
+async def test_credit_metadata_is_stored_as_a_json_object(rt: Runtime) -> None:
+    org = await new_org(rt)
+    await credit(rt, org, "k", 100, meta={"source": "stripe", "payment": "pi_1"})
+    row = await rt.pg.fetchrow("SELECT jsonb_typeof(meta) AS kind, meta->>'payment' AS payment FROM ledger_entries WHERE org_id = $1", org)
+    assert (row["kind"], row["payment"]) == ("object", "pi_1")

@@ -1,0 +1,91 @@
+"""The first response to each (org, operation, Idempotency-Key), kept so replays get it verbatim.
+
+begin() claims a key: a new key is ours to run; a finished one is a replay of its stored
+response; the same key with another request body is a conflict; a key another request is still
+running is `in_progress` (unless that request has been silent longer than `stale_after_s`: its
+process died, and the operation, idempotent underneath, is run again).
+"""
+
+import hashlib
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+import orjson
+
+from engine.runtime import Runtime
+
+stale_after_s = 60
+
+
+class Claim(Enum):
+    new = "new"
+    replay = "replay"
+    conflict = "conflict"
+    in_progress = "in_progress"
+
+
+@dataclass(frozen=True)
+class Claimed:
+    claim: Claim
+    status: int | None = None
+    body: dict[str, Any] | None = None
+
+
+def request_sha256(request: dict[str, Any]) -> bytes:
+    return hashlib.sha256(orjson.dumps(request, option=orjson.OPT_SORT_KEYS)).digest()
+
+
+async def begin(rt: Runtime, org_id: str, operation: str, key: str, request: dict[str, Any]) -> Claimed:
+    digest = request_sha256(request)
+    async with rt.pg.acquire() as conn, conn.transaction():
+        inserted = await conn.fetchval(
+            """
+            INSERT INTO idempotent_requests (org_id, operation, idempotency_key, request_sha256)
+            VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING RETURNING 1
+            """,
+            org_id, operation, key, digest,
+        )  # fmt: skip
+        if inserted:
+            return Claimed(Claim.new)
+        row = await conn.fetchrow(
+            """
+            SELECT request_sha256, state, response_status, response_body,
+                   created_at < now() - make_interval(secs => $4) AS stale
+            FROM idempotent_requests WHERE org_id = $1 AND operation = $2 AND idempotency_key = $3
+            FOR UPDATE
+            """,
+            org_id, operation, key, stale_after_s,
+        )  # fmt: skip
+        if row is None:  # abandoned between our INSERT and SELECT: try once more, fresh
+            return await begin(rt, org_id, operation, key, request)
+        if bytes(row["request_sha256"]) != digest:
+            return Claimed(Claim.conflict)
+        if row["state"] == "done":
+            return Claimed(Claim.replay, row["response_status"], row["response_body"])
+        if row["stale"]:
+            await conn.execute(
+                "UPDATE idempotent_requests SET created_at = now() WHERE org_id = $1 AND operation = $2 AND idempotency_key = $3",
+                org_id, operation, key,
+            )  # fmt: skip
+            return Claimed(Claim.new)
+        return Claimed(Claim.in_progress)
+
+
+async def finish(rt: Runtime, org_id: str, operation: str, key: str, status: int, body: dict[str, Any]) -> None:
+    await rt.pg.execute(
+        """
+        UPDATE idempotent_requests
+        SET state = 'done', response_status = $4, response_body = $5, completed_at = now()
+        WHERE org_id = $1 AND operation = $2 AND idempotency_key = $3
+        """,
+        org_id, operation, key, status, body,  # the pool's jsonb codec encodes the dict
+    )  # fmt: skip
+
+
+async def abandon(rt: Runtime, org_id: str, operation: str, key: str) -> None:
+    """Forget a claimed key whose request changed nothing, so the same key may be tried again."""
+    await rt.pg.execute(
+        "DELETE FROM idempotent_requests WHERE org_id = $1 AND operation = $2 AND idempotency_key = $3 AND state = 'in_progress'",
+        org_id, operation, key,
+    )  # fmt: skip

@@ -1,0 +1,103 @@
+"""Phone numbers registered to orgs: how a Vapi webhook finds its tenant.
+
+Postgres-first (phone_numbers), with a read-through copy in one Redis hash so that an
+assistant-request or status-check finds the org without touching Postgres. The reconciler's
+rebuild does not need to restore it: a miss falls back to Postgres and fills the copy.
+"""
+
+from dataclasses import dataclass
+
+import asyncpg
+
+from engine import validate
+from engine.errors import InvalidInput, OrgNotFound
+from engine.runtime import Runtime
+
+PHONE_NUMBER_ID_MAX = 128
+
+
+@dataclass(frozen=True)
+class PhoneNumber:
+    vapi_phone_number_id: str
+    org_id: str
+    number: str | None
+    assistant_id: str | None
+    status: str
+    provider: str
+
+
+class NumberTaken(ValueError):
+    def __init__(self, vapi_phone_number_id: str) -> None:
+        super().__init__(f"phone number {vapi_phone_number_id!r} is registered to another org")
+
+
+def _owner_key(rt: Runtime) -> str:
+    return f"{rt.keys.prefix}:numbers"
+
+
+def _from_row(row: asyncpg.Record) -> PhoneNumber:
+    return PhoneNumber(row["vapi_phone_number_id"], row["org_id"], row["number"], row["assistant_id"], row["status"], row["provider"])
+
+
+def check_phone_number_id(value: object, field: str = "vapi_phone_number_id") -> str:
+    if not isinstance(value, str) or not 1 <= len(value) <= PHONE_NUMBER_ID_MAX or not value.isprintable():
+        raise InvalidInput(field, f"must be 1-{PHONE_NUMBER_ID_MAX} printable characters")
+    return value
+
+
+async def register_number(
+    rt: Runtime,
+    org_id: str,
+    vapi_phone_number_id: str,
+    *,
+    number: str | None,
+    assistant_id: str | None,
+    provider: str,
+    provision_key: str | None = None,
+    status: str = "active",
+) -> PhoneNumber:
+    """Register (or re-register, for the same org) a number. Another org's number is refused."""
+    validate.org_id(org_id)
+    check_phone_number_id(vapi_phone_number_id)
+    try:
+        row = await rt.pg.fetchrow(
+            """
+            INSERT INTO phone_numbers (vapi_phone_number_id, org_id, number, assistant_id, provider, provision_key, status)
+            VALUES ($1, $2, $3, $4, $5, $6, $7)
+            ON CONFLICT (vapi_phone_number_id) DO UPDATE
+                SET number = EXCLUDED.number, assistant_id = EXCLUDED.assistant_id, status = EXCLUDED.status
+                WHERE phone_numbers.org_id = EXCLUDED.org_id
+            RETURNING *
+            """,
+            vapi_phone_number_id, org_id, number, assistant_id, provider, provision_key, status,
+        )  # fmt: skip
+    except asyncpg.ForeignKeyViolationError:
+        raise OrgNotFound(org_id) from None
+    if row is None:
+        raise NumberTaken(vapi_phone_number_id)
+    registered = _from_row(row)
+    await rt.redis.hset(_owner_key(rt), vapi_phone_number_id, f"{org_id}|{assistant_id or ''}")
+    return registered
+
+
+async def number_owner(rt: Runtime, vapi_phone_number_id: str) -> tuple[str, str | None] | None:
+    """(org_id, assistant_id) of a registered number, from Redis, else Postgres; None if unknown."""
+    cached = await rt.redis.hget(_owner_key(rt), vapi_phone_number_id)
+    if cached is not None:
+        org_id, _, assistant_id = cached.partition("|")
+        return org_id, assistant_id or None
+    row = await rt.pg.fetchrow(
+        "SELECT org_id, assistant_id FROM phone_numbers WHERE vapi_phone_number_id = $1 AND status = 'active'",
+        vapi_phone_number_id,
+    )
+    if row is None:
+        return None
+    await rt.redis.hset(_owner_key(rt), vapi_phone_number_id, f"{row['org_id']}|{row['assistant_id'] or ''}")
+    return row["org_id"], row["assistant_id"]
+
+
+async def number_for_provision_key(rt: Runtime, org_id: str, provision_key: str) -> PhoneNumber | None:
+    row = await rt.pg.fetchrow(
+        "SELECT * FROM phone_numbers WHERE org_id = $1 AND provision_key = $2", org_id, provision_key
+    )
+    return _from_row(row) if row is not None else None

@@ -1,0 +1,79 @@
+"""Where phone numbers are bought: Vapi's `POST /phone-number`, or a fake for local use and tests.
+
+The fake is the default when no VAPI_API_KEY is configured. It is deterministic per idempotency
+key (a retried purchase gets the same number) and has no numbers in the area codes listed in
+CREDIT_ENGINE_FAKE_PROVIDER_FAILING_AREA_CODES (default 999), which is how the refund path is
+exercised without a real outage.
+"""
+
+import hashlib
+from dataclasses import dataclass
+from typing import Protocol
+
+import httpx
+
+provider_timeout_s = 10.0
+
+
+@dataclass(frozen=True)
+class BoughtNumber:
+    vapi_phone_number_id: str
+    number: str | None
+    status: str
+
+
+class ProviderError(RuntimeError):
+    """The provider did not sell us a number; nothing was bought."""
+
+
+class Telephony(Protocol):
+    name: str
+
+    async def buy(self, *, area_code: str | None, assistant_id: str | None, idempotency_key: str) -> BoughtNumber: ...
+
+
+class FakeTelephony:
+    name = "fake"
+
+    def __init__(self, failing_area_codes: frozenset[str] = frozenset({"999"})) -> None:
+        self.failing_area_codes = failing_area_codes
+
+    async def buy(self, *, area_code: str | None, assistant_id: str | None, idempotency_key: str) -> BoughtNumber:
+        if area_code in self.failing_area_codes:
+            raise ProviderError(f"no numbers available in area code {area_code}")
+        digest = hashlib.sha256(idempotency_key.encode()).hexdigest()
+        line = int(digest[:8], 16) % 10_000
+        return BoughtNumber(f"fake-{digest[:24]}", f"+1{area_code or '415'}555{line:04d}", "active")
+
+
+class VapiTelephony:
+    """Vapi's own numbers (provider "vapi"): free US numbers, up to Vapi's per-account limit."""
+
+    name = "vapi"
+
+    def __init__(self, api_key: str, base_url: str, client: httpx.AsyncClient | None = None) -> None:
+        self.api_key = api_key
+        self.base_url = base_url
+        self.client = client or httpx.AsyncClient(timeout=provider_timeout_s)
+
+    async def buy(self, *, area_code: str | None, assistant_id: str | None, idempotency_key: str) -> BoughtNumber:
+        body: dict[str, str] = {"provider": "vapi", "name": idempotency_key[:40]}
+        if area_code:
+            body["numberDesiredAreaCode"] = area_code
+        if assistant_id:
+            body["assistantId"] = assistant_id
+        try:
+            response = await self.client.post(
+                f"{self.base_url}/phone-number", json=body, headers={"Authorization": f"Bearer {self.api_key}"}
+            )
+        except httpx.HTTPError as error:
+            raise ProviderError(f"vapi unreachable: {type(error).__name__}") from error
+        if response.status_code not in (200, 201):
+            raise ProviderError(f"vapi answered {response.status_code}")
+        payload = response.json()
+        if not isinstance(payload, dict) or not isinstance(payload.get("id"), str):
+            raise ProviderError("vapi answered without a phone number id")
+        return BoughtNumber(payload["id"], payload.get("number"), str(payload.get("status", "active")))
+
+    async def close(self) -> None:
+        await self.client.aclose()

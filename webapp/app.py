@@ -1,32 +1,113 @@
-"""Builds the Starlette app; the lifespan owns the Redis and Postgres pools."""
+"""Builds the Starlette app. The lifespan owns the pools: it opens Redis and Postgres, rebuilds
+Redis from Postgres if it lost its state (before any traffic), and keeps watching for that."""
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import Response
 from starlette.routing import Route
 
 from engine.clock import Clock
 from engine.config import Settings
+from engine.errors import InvalidInput, OrgNotFound
 from engine.runtime import Runtime
+from engine.telephony import FakeTelephony, Telephony, VapiTelephony
+from webapp import admin, health, managed_telephony, vapi, wallet
+from webapp.call_index import CallIndex
+from webapp.context import AppContext
+from webapp.metrics import Metrics
+from webapp.middleware import BodySizeLimit
+from webapp.openapi import openapi_document
+from webapp.responses import ApiError, error_response, json_response
 from webapp.state import StateGuard
 
+log = logging.getLogger(__name__)
 
-async def healthz(request: Request) -> JSONResponse:
-    return JSONResponse({"status": "ok"})
-
-
-async def readyz(request: Request) -> JSONResponse:
-    guard: StateGuard = request.app.state.guard
-    if not guard.ready:
-        return JSONResponse({"status": "not_ready", "reason": "redis state is being rebuilt"}, status_code=503)
-    return JSONResponse({"status": "ready"})
+Endpoint = Callable[[Request], Awaitable[Response]]
 
 
-def create_app(settings: Settings | None = None, *, clock: Clock | None = None) -> Starlette:
+def timed(name: str, endpoint: Endpoint) -> Endpoint:
+    async def measured(request: Request) -> Response:
+        started = time.perf_counter()
+        try:
+            return await endpoint(request)
+        finally:
+            request.app.state.ctx.metrics.latency.labels(name).observe(time.perf_counter() - started)
+
+    return measured
+
+
+def route(path: str, endpoint: Endpoint, method: str, name: str) -> Route:
+    return Route(path, timed(name, endpoint), methods=[method], name=name)
+
+
+async def openapi(request: Request) -> Response:
+    return json_response(openapi_document())
+
+
+ROUTES = [
+    route("/healthz", health.healthz, "GET", "healthz"),
+    route("/readyz", health.readyz, "GET", "readyz"),
+    route("/metrics", health.metrics, "GET", "metrics"),
+    route("/openapi.json", openapi, "GET", "openapi"),
+    route("/api/admin/orgs", admin.create, "POST", "admin_org_create"),
+    route("/api/admin/orgs/{org_id}", admin.show, "GET", "admin_org_show"),
+    route("/api/admin/orgs/{org_id}", admin.change, "PATCH", "admin_org_change"),
+    route("/api/admin/orgs/{org_id}/api-keys", admin.new_api_key, "POST", "admin_api_key_create"),
+    route("/api/admin/orgs/{org_id}/api-keys/{key_id}", admin.revoke, "DELETE", "admin_api_key_revoke"),
+    route("/api/admin/orgs/{org_id}/topups", admin.topup, "POST", "admin_topup"),
+    route("/api/admin/phone-numbers", admin.register_phone_number, "POST", "admin_phone_number_register"),
+    route("/api/wallet", wallet.show_wallet, "GET", "wallet"),
+    route("/api/wallet/transactions", wallet.transactions, "GET", "wallet_transactions"),
+    route("/api/wallet/holds", wallet.holds, "GET", "wallet_holds"),
+    route("/api/calls/{call_id}", wallet.show_call, "GET", "call_show"),
+    route("/api/calls/{call_id}/reserve", wallet.reserve, "POST", "call_reserve"),
+    route("/api/managed-telephony/pricing", managed_telephony.pricing, "GET", "pricing"),
+    route("/api/managed-telephony/provision", managed_telephony.provision_number, "POST", "provision"),
+    route("/api/vapi/webhook", vapi.webhook, "POST", "vapi_webhook"),
+    route("/api/vapi/webhook/status-check", vapi.status_check, "POST", "status_check"),
+]
+
+
+async def on_api_error(request: Request, error: Exception) -> Response:
+    assert isinstance(error, ApiError)
+    return error.response()
+
+
+async def on_invalid_input(request: Request, error: Exception) -> Response:
+    assert isinstance(error, InvalidInput)
+    return error_response(422, "invalid_field", error.message, field=error.field)
+
+
+async def on_org_not_found(request: Request, error: Exception) -> Response:
+    return error_response(404, "not_found", "no such org")
+
+
+async def on_http_error(request: Request, error: Exception) -> Response:
+    assert isinstance(error, HTTPException)
+    codes = {404: "not_found", 405: "method_not_allowed"}
+    return error_response(error.status_code, codes.get(error.status_code, "http_error"), str(error.detail))
+
+
+async def on_crash(request: Request, error: Exception) -> Response:
+    log.exception("unhandled error on %s %s", request.method, request.url.path)
+    return error_response(500, "internal_error", "something went wrong on our side; nothing was half-done")
+
+
+def make_telephony(settings: Settings) -> Telephony:
+    if settings.vapi_api_key:
+        return VapiTelephony(settings.vapi_api_key, settings.vapi_base_url)
+    return FakeTelephony(settings.fake_provider_failing_area_codes)
+
+
+def create_app(settings: Settings | None = None, *, clock: Clock | None = None, telephony: Telephony | None = None) -> Starlette:
     settings = settings or Settings.from_env()
 
     @contextlib.asynccontextmanager
@@ -34,8 +115,8 @@ def create_app(settings: Settings | None = None, *, clock: Clock | None = None) 
         rt = await Runtime.open(settings, clock=clock)
         guard = StateGuard(rt)
         await guard.start()  # rebuild Redis from Postgres before taking any traffic
-        app.state.rt = rt
-        app.state.guard = guard
+        provider = telephony or make_telephony(settings)
+        app.state.ctx = AppContext(settings, rt, guard, provider, Metrics(), CallIndex(rt))
         watcher = asyncio.create_task(guard.watch_forever(), name="redis-state-watch")
         try:
             yield
@@ -43,6 +124,22 @@ def create_app(settings: Settings | None = None, *, clock: Clock | None = None) 
             watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await watcher
+            if isinstance(provider, VapiTelephony) and telephony is None:
+                await provider.close()
             await rt.close()
 
-    return Starlette(routes=[Route("/healthz", healthz), Route("/readyz", readyz)], lifespan=lifespan)
+    return Starlette(
+        routes=ROUTES,
+        middleware=[
+            Middleware(BodySizeLimit, bytes_max=settings.api_body_bytes_max, large_prefix="/api/vapi/",
+                       large_bytes_max=settings.webhook_body_bytes_max),  # fmt: skip
+        ],
+        exception_handlers={
+            ApiError: on_api_error,
+            InvalidInput: on_invalid_input,
+            OrgNotFound: on_org_not_found,
+            HTTPException: on_http_error,
+            Exception: on_crash,
+        },
+        lifespan=lifespan,
+    )

@@ -1,0 +1,158 @@
+"""Admin API (Authorization: Bearer <CREDIT_ENGINE_ADMIN_TOKEN>): orgs, API keys, top-ups, numbers."""
+
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+from engine import idempotent_requests as claims
+from engine.api_keys import issue_api_key, revoke_api_key
+from engine.balances import read_wallet
+from engine.credits import credit
+from engine.errors import InvalidInput, OrgExists, OrgNotFound
+from engine.keys import is_org_id
+from engine.org_settings import OrgSettings
+from engine.orgs import Org, create_org, get_org, update_org
+from engine.phone_numbers import NumberTaken, check_phone_number_id, register_number
+from engine.results import Outcome
+from webapp import requests as req
+from webapp.auth import require_admin
+from webapp.context import AppContext, context
+from webapp.responses import ApiError, json_response
+
+SETTINGS_FIELDS = set(OrgSettings.names())
+
+
+def admin(request: Request) -> AppContext:
+    ctx = context(request)
+    require_admin(request, ctx.settings)
+    return ctx
+
+
+def org_json(org: Org) -> dict[str, Any]:
+    settings = org.settings
+    return {
+        "org_id": org.org_id,
+        "name": org.name,
+        "rate_pence_per_minute": settings.rate_pence_per_minute,
+        "overdraft_pence": settings.overdraft_pence,
+        "min_start_pence": settings.min_start_pence_effective,
+        "hold_block_minutes": settings.hold_block_minutes,
+        "grace_seconds": settings.grace_seconds,
+        "low_balance_threshold_pence": settings.low_balance_threshold_pence,
+        "alert_webhook_url": settings.alert_webhook_url,
+        "max_concurrent_calls": settings.max_concurrent_calls,
+        "created_at": org.created_at.isoformat(),
+        "updated_at": org.updated_at.isoformat(),
+    }
+
+
+def _org_id(request: Request) -> str:
+    org_id = request.path_params["org_id"]
+    if not is_org_id(org_id):
+        raise ApiError(404, "not_found", "no such org")
+    return str(org_id)
+
+
+async def create(request: Request) -> Response:
+    ctx = admin(request)
+    body = await req.json_object(request, allowed={"org_id", "name"} | SETTINGS_FIELDS)
+    org_id = req.text(body, "org_id", required=True, length_max=64)
+    assert org_id is not None
+    name = req.text(body, "name", required=True)
+    assert name is not None
+    settings = OrgSettings(**{k: v for k, v in body.items() if k in SETTINGS_FIELDS})
+    try:
+        org = await create_org(ctx.rt, org_id, name, settings)
+    except OrgExists:
+        raise ApiError(409, "org_exists", f"org {org_id!r} already exists", field="org_id") from None
+    return json_response(org_json(org), 201)
+
+
+async def show(request: Request) -> Response:
+    ctx = admin(request)
+    org = await get_org(ctx.rt, _org_id(request))
+    wallet = await read_wallet(ctx.rt, org.org_id)
+    body = org_json(org)
+    if wallet is not None:
+        body["wallet"] = {"balance_pence": wallet.balance_pence, "held_pence": wallet.held_pence,
+                          "available_pence": wallet.available_pence, "debt_pence": wallet.debt_pence}  # fmt: skip
+    return json_response(body)
+
+
+async def change(request: Request) -> Response:
+    ctx = admin(request)
+    org_id = _org_id(request)
+    body = await req.json_object(request, allowed={"name"} | SETTINGS_FIELDS)
+    if not body:
+        raise ApiError(422, "missing_field", "send at least one setting to change")
+    org = await update_org(ctx.rt, org_id, dict(body))
+    return json_response(org_json(org))
+
+
+async def new_api_key(request: Request) -> Response:
+    ctx = admin(request)
+    key_id, api_key = await issue_api_key(ctx.rt, _org_id(request))
+    return json_response({"key_id": key_id, "api_key": api_key}, 201)
+
+
+async def revoke(request: Request) -> Response:
+    ctx = admin(request)
+    if not await revoke_api_key(ctx.rt, _org_id(request), str(request.path_params["key_id"])):
+        raise ApiError(404, "not_found", "no such active key for this org")
+    return Response(status_code=204)
+
+
+async def topup(request: Request) -> Response:
+    ctx = admin(request)
+    org_id = _org_id(request)
+    key = req.idempotency_key(request)
+    body = await req.json_object(request, allowed={"amount_pence"})
+    amount = req.amount_pence(body)
+    await get_org(ctx.rt, org_id)  # 404 before claiming a key for an org that does not exist
+    claimed = await claims.begin(ctx.rt, org_id, "topup", key, {"amount_pence": amount})
+    if claimed.claim == claims.Claim.replay:
+        assert claimed.status is not None
+        return json_response(claimed.body, claimed.status, headers={"Idempotent-Replayed": "true"})
+    if claimed.claim == claims.Claim.conflict:
+        raise ApiError(422, "idempotency_key_reused", "this Idempotency-Key was used with a different request body")
+    if claimed.claim == claims.Claim.in_progress:
+        raise ApiError(409, "request_in_progress", "a request with this Idempotency-Key is still running; retry shortly")
+    result = await credit(ctx.rt, org_id, key, amount, meta={"via": "admin_api"})
+    if result.outcome == Outcome.idempotency_conflict:
+        await claims.abandon(ctx.rt, org_id, "topup", key)
+        raise ApiError(422, "idempotency_key_reused", "this Idempotency-Key was used for another amount")
+    if result.money is not None:
+        response = {"transaction_id": result.entry_id, "balance_pence": result.money.balance_pence,
+                    "available_pence": result.money.available_pence, "applied": True}  # fmt: skip
+    else:
+        # Committed in the ledger; Redis will apply it shortly (the worker, or a retry of this call).
+        projection = await ctx.rt.pg.fetchval("SELECT balance_pence FROM org_balances WHERE org_id = $1", org_id)
+        response = {"transaction_id": result.entry_id, "balance_pence": projection, "available_pence": None, "applied": False}
+    ctx.metrics.decision("topup", result.outcome.name)
+    await claims.finish(ctx.rt, org_id, "topup", key, 201, response)
+    return json_response(response, 201)
+
+
+async def register_phone_number(request: Request) -> Response:
+    ctx = admin(request)
+    body = await req.json_object(request, allowed={"vapi_phone_number_id", "number", "org_id", "assistant_id"})
+    try:
+        number_id = check_phone_number_id(body.get("vapi_phone_number_id"))
+    except InvalidInput:
+        raise ApiError(422, "invalid_field", "vapi_phone_number_id must be 1-128 printable characters",
+                       field="vapi_phone_number_id") from None  # fmt: skip
+    org_id = req.text(body, "org_id", required=True, length_max=64)
+    assert org_id is not None
+    try:
+        number = await register_number(
+            ctx.rt, org_id, number_id, number=req.text(body, "number", length_max=32),
+            assistant_id=req.text(body, "assistant_id", length_max=128), provider="vapi",
+        )  # fmt: skip
+    except NumberTaken:
+        raise ApiError(409, "number_taken", "this phone number is registered to another org",
+                       field="vapi_phone_number_id") from None  # fmt: skip
+    except OrgNotFound:
+        raise ApiError(404, "not_found", f"no org {org_id!r}", field="org_id") from None
+    return json_response({"vapi_phone_number_id": number.vapi_phone_number_id, "org_id": number.org_id,
+                          "number": number.number, "assistant_id": number.assistant_id, "status": number.status}, 201)  # fmt: skip

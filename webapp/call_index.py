@@ -1,0 +1,48 @@
+"""Which org a call belongs to, for requests that name only the call (the status check).
+
+Written when a call is reserved or first seen: a per-call Redis hash (org, control URL) that
+expires two days later, and a small in-process cache in front of it, so repeated status checks
+of one call cost one script call and nothing else.
+"""
+
+from collections import OrderedDict
+
+from engine.runtime import Runtime
+
+call_ttl_s = 2 * 24 * 60 * 60
+cache_size_max = 100_000
+
+
+class CallIndex:
+    def __init__(self, rt: Runtime) -> None:
+        self.rt = rt
+        self.cache: OrderedDict[str, str] = OrderedDict()
+
+    def key(self, call_id: str) -> str:
+        return f"{self.rt.keys.prefix}:call:{call_id}"
+
+    async def remember(self, call_id: str, org_id: str, control_url: str | None = None) -> None:
+        self._cache(call_id, org_id)
+        mapping = {"org_id": org_id}
+        if control_url:
+            mapping["control_url"] = control_url
+        async with self.rt.redis.pipeline(transaction=False) as pipe:
+            pipe.hset(self.key(call_id), mapping=mapping)
+            pipe.expire(self.key(call_id), call_ttl_s)
+            await pipe.execute()
+
+    async def org_of(self, call_id: str) -> str | None:
+        org_id = self.cache.get(call_id)
+        if org_id is not None:
+            self.cache.move_to_end(call_id)
+            return org_id
+        org_id = await self.rt.redis.hget(self.key(call_id), "org_id")
+        if org_id is not None:
+            self._cache(call_id, org_id)
+        return org_id
+
+    def _cache(self, call_id: str, org_id: str) -> None:
+        self.cache[call_id] = org_id
+        self.cache.move_to_end(call_id)
+        while len(self.cache) > cache_size_max:
+            self.cache.popitem(last=False)

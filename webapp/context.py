@@ -1,0 +1,44 @@
+"""What the endpoints share for the life of the process (built in the app's lifespan)."""
+
+from dataclasses import dataclass
+
+from starlette.requests import Request
+
+from engine.config import Settings
+from engine.orgs import org_exists
+from engine.restore import restore_org_if_absent
+from engine.runtime import Runtime
+from engine.telephony import Telephony
+from webapp.call_index import CallIndex
+from webapp.metrics import Metrics
+from webapp.responses import ApiError
+from webapp.state import StateGuard
+
+
+@dataclass
+class AppContext:
+    settings: Settings
+    rt: Runtime
+    guard: StateGuard
+    telephony: Telephony
+    metrics: Metrics
+    calls: CallIndex
+
+    def require_ready(self) -> None:
+        """Money decisions wait while Redis is being rebuilt from Postgres."""
+        if not self.guard.ready:
+            raise ApiError(503, "state_restoring", "balances are being restored from the ledger; retry shortly")
+
+    async def bring_org_in(self, org_id: str) -> bool:
+        """A script said org_unknown: restore the org from Postgres if it exists there."""
+        if not await org_exists(self.rt, org_id):
+            return False
+        await restore_org_if_absent(self.rt, org_id)
+        return True
+
+
+def context(request: Request) -> AppContext:
+    ctx = request.app.state.ctx
+    assert isinstance(ctx, AppContext)
+    return ctx
+

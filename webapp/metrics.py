@@ -1,0 +1,44 @@
+"""Prometheus metrics of one web process, plus the worker's figures read from Redis on scrape."""
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+LATENCY_BUCKETS_S = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.decisions = Counter(
+            "credit_engine_decisions", "Money decisions by operation and outcome", ["operation", "outcome"],
+            registry=self.registry,
+        )  # fmt: skip
+        self.latency = Histogram(
+            "credit_engine_request_seconds", "Request latency by endpoint", ["endpoint"],
+            buckets=LATENCY_BUCKETS_S, registry=self.registry,
+        )  # fmt: skip
+        self.webhooks = Counter(
+            "credit_engine_vapi_messages", "Vapi messages by type and result", ["type", "result"], registry=self.registry
+        )
+        self.outbox_entries = Gauge(
+            "credit_engine_outbox_entries", "Entries in all outboxes at the worker's last sweep", registry=self.registry
+        )
+        self.outbox_lag = Gauge(
+            "credit_engine_outbox_lag_seconds", "Age of the oldest entry not yet in the ledger", registry=self.registry
+        )
+        self.ledger_writes = Gauge(
+            "credit_engine_ledger_entries_written", "Ledger entries the worker has written since it started",
+            registry=self.registry,
+        )  # fmt: skip
+        self.ledger_duplicates = Gauge(
+            "credit_engine_ledger_duplicates", "Outbox entries refused as duplicate decisions (see ledger_rejects)",
+            registry=self.registry,
+        )  # fmt: skip
+        self.worker_heartbeat_age = Gauge(
+            "credit_engine_worker_heartbeat_age_seconds", "Seconds since the worker last reported", registry=self.registry
+        )
+
+    def decision(self, operation: str, outcome: str) -> None:
+        self.decisions.labels(operation, outcome).inc()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,95 @@
+"""Reading request bodies and fields, refusing bad input with a 4xx that names the field."""
+
+import json
+import re
+from typing import Any
+
+import orjson
+from starlette.requests import Request
+
+from engine import limits
+from engine.keys import is_idempotency_key
+from webapp.responses import ApiError
+
+JSON_CONTENT_TYPE = re.compile(r"^application/([a-z0-9.+-]*\+)?json\s*(;.*)?$", re.IGNORECASE)
+
+
+def parse_json(raw: bytes) -> Any:
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        pass
+    # orjson refuses integers beyond 64 bits; the standard parser reads them, so that an absurd
+    # amount is refused for what it is (a 422 naming the field) rather than as broken JSON.
+    try:
+        return json.loads(raw)
+    except (ValueError, RecursionError):
+        raise ApiError(400, "invalid_json", "the request body is not valid JSON") from None
+
+
+def check_content_type(request: Request) -> None:
+    content_type = request.headers.get("content-type")
+    if content_type is not None and not JSON_CONTENT_TYPE.match(content_type):
+        raise ApiError(415, "unsupported_media_type", "send the body as application/json")
+
+
+async def json_object(request: Request, allowed: set[str] | None = None) -> dict[str, Any]:
+    """The body as a JSON object. With `allowed`, any other field is refused."""
+    check_content_type(request)
+    raw = await request.body()
+    if not raw:
+        body: Any = {}
+    else:
+        body = parse_json(raw)
+    if not isinstance(body, dict):
+        raise ApiError(400, "invalid_request", "the request body must be a JSON object")
+    if allowed is not None:
+        for name in body:
+            if name not in allowed:
+                raise ApiError(422, "unknown_field", f"{name!r} is not a field of this request", field=str(name)[:100])
+    return body
+
+
+def whole_number(body: dict[str, Any], name: str, minimum: int, maximum: int, *, required: bool = True) -> int | None:
+    value = body.get(name)
+    if value is None:
+        if required:
+            raise ApiError(422, "missing_field", f"{name} is required", field=name)
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ApiError(422, "invalid_field", f"{name} must be a whole number, got {type(value).__name__}", field=name)
+    if not minimum <= value <= maximum:
+        raise ApiError(422, "invalid_field", f"{name} must be between {minimum} and {maximum}", field=name)
+    return value
+
+
+def amount_pence(body: dict[str, Any], name: str = "amount_pence") -> int:
+    value = whole_number(body, name, 1, limits.amount_pence_max)
+    assert value is not None
+    return value
+
+
+def text(body: dict[str, Any], name: str, *, pattern: re.Pattern[str] | None = None, length_max: int = 200,
+         required: bool = False) -> str | None:  # fmt: skip
+    value = body.get(name)
+    if value is None:
+        if required:
+            raise ApiError(422, "missing_field", f"{name} is required", field=name)
+        return None
+    if not isinstance(value, str) or not 1 <= len(value) <= length_max or not value.isprintable():
+        raise ApiError(422, "invalid_field", f"{name} must be 1-{length_max} printable characters", field=name)
+    if pattern is not None and pattern.fullmatch(value) is None:
+        raise ApiError(422, "invalid_field", f"{name} has the wrong format", field=name)
+    return value
+
+
+def idempotency_key(request: Request) -> str:
+    value = request.headers.get("idempotency-key")
+    if value is None:
+        raise ApiError(400, "missing_idempotency_key", "this request needs an Idempotency-Key header", field="Idempotency-Key")
+    if not is_idempotency_key(value):
+        raise ApiError(
+            400, "invalid_idempotency_key", "Idempotency-Key must be 1-255 printable ASCII characters without spaces",
+            field="Idempotency-Key",
+        )  # fmt: skip
+    return value

@@ -1,0 +1,222 @@
+"""Vapi's webhook and the status-check pull endpoint.
+
+Vapi always gets a 200 with the documented body for a message it sent (an assistant-request is
+refused with a spoken `{"error": ...}`, never a 5xx or an empty error, and answered within
+`assistant_request_budget_s`, well inside Vapi's 7.5 s). Messages carry no event id and may be
+duplicated or reordered: everything is keyed by call.id, and every engine operation is
+idempotent, so a duplicate is a replay and a late `status-update` after the report changes nothing.
+"""
+
+import asyncio
+import logging
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+from engine import keys as key_rules
+from engine.errors import InvalidInput
+from engine.holds import CallEvent, check_call, commit_call, reserve_call
+from engine.phone_numbers import number_owner
+from engine.results import Outcome
+from engine.types import call_state_key
+from webapp.auth import vapi_authenticated
+from webapp.context import AppContext, context
+from webapp.requests import parse_json
+from webapp.responses import ApiError, json_response
+from webapp.vapi_messages import VapiMessage, parse_message
+
+log = logging.getLogger(__name__)
+
+assistant_request_budget_s = 5.0
+message_budget_s = 15.0
+
+SPOKEN_NO_CREDIT = "Sorry, there is not enough credit on this account to take your call. Please top up and try again."
+SPOKEN_NOT_SET_UP = "Sorry, this number is not set up to take calls yet."
+SPOKEN_BUSY = "Sorry, all of this account's lines are busy right now. Please try again in a few minutes."
+SPOKEN_TRY_LATER = "Sorry, we cannot take your call right now. Please try again in a few minutes."
+
+
+async def _authenticated_body(request: Request) -> Any:
+    ctx = context(request)
+    raw = await request.body()
+    if not vapi_authenticated(request, ctx.settings, raw):
+        raise ApiError(401, "unauthorized", "send the webhook secret (X-Vapi-Secret or Bearer) or a valid HMAC signature")
+    return parse_json(raw)
+
+
+async def resolve_org(ctx: AppContext, message: VapiMessage) -> tuple[str | None, str | None]:
+    """(org_id, assistant_id): the owner of the call's number, else the org we put in the call."""
+    if message.phone_number_id is not None:
+        owner = await number_owner(ctx.rt, message.phone_number_id)
+        if owner is not None:
+            return owner[0], owner[1] or message.assistant_id
+    if message.org_id_hint is not None and key_rules.is_org_id(message.org_id_hint):
+        return message.org_id_hint, message.assistant_id
+    return None, None
+
+
+async def webhook(request: Request) -> Response:
+    ctx = context(request)
+    envelope = await _authenticated_body(request)
+    try:
+        message = parse_message(envelope)
+    except InvalidInput as error:  # not a Vapi message at all
+        raise ApiError(400, "invalid_request", error.message, field=error.field) from None
+    handler = HANDLERS.get(message.type)
+    if handler is None:
+        ctx.metrics.webhooks.labels(message.type[:40], "ignored").inc()
+        return json_response({})
+    budget_s = assistant_request_budget_s if message.type == "assistant-request" else message_budget_s
+    try:
+        body = await asyncio.wait_for(handler(ctx, message), timeout=budget_s)
+    except Exception:
+        log.exception("vapi %s for call %s failed", message.type, message.call_id)
+        ctx.metrics.webhooks.labels(message.type, "error").inc()
+        body = {"error": SPOKEN_TRY_LATER} if message.type == "assistant-request" else {}
+    return json_response(body)
+
+
+async def _reserve(ctx: AppContext, org_id: str, call_id: str) -> Any:
+    reservation = await reserve_call(ctx.rt, org_id, call_id)
+    if reservation.outcome == Outcome.org_unknown and await ctx.bring_org_in(org_id):
+        reservation = await reserve_call(ctx.rt, org_id, call_id)
+    ctx.metrics.decision("reserve", reservation.outcome.name)
+    return reservation
+
+
+async def assistant_request(ctx: AppContext, message: VapiMessage) -> dict[str, Any]:
+    org_id, assistant_id = await resolve_org(ctx, message)
+    assistant_id = assistant_id or ctx.settings.default_assistant_id
+    if org_id is None or assistant_id is None:
+        log.warning("assistant-request for a number with no org or no assistant: %r", message.phone_number_id)
+        ctx.metrics.webhooks.labels(message.type, "unknown_number").inc()
+        return {"error": SPOKEN_NOT_SET_UP}
+    if message.call_id is None or not key_rules.is_call_id(message.call_id):
+        log.warning("assistant-request without a usable call.id for org %s", org_id)
+        return {"error": SPOKEN_TRY_LATER}
+    if not ctx.guard.ready:
+        ctx.metrics.webhooks.labels(message.type, "state_restoring").inc()
+        return {"error": SPOKEN_TRY_LATER}
+    reservation = await _reserve(ctx, org_id, message.call_id)
+    ctx.metrics.webhooks.labels(message.type, reservation.outcome.name).inc()
+    if reservation.outcome in (Outcome.ok, Outcome.replayed):
+        await ctx.calls.remember(message.call_id, org_id, message.control_url)
+        return {
+            "assistantId": assistant_id,
+            "assistantOverrides": {
+                "maxDurationSeconds": reservation.max_duration_s,
+                "variableValues": {"org_id": org_id},
+            },
+        }
+    if reservation.outcome == Outcome.insufficient_funds:
+        return {"error": SPOKEN_NO_CREDIT}
+    if reservation.outcome == Outcome.too_many_calls:
+        return {"error": SPOKEN_BUSY}
+    return {"error": SPOKEN_TRY_LATER}
+
+
+async def status_update(ctx: AppContext, message: VapiMessage) -> dict[str, Any]:
+    if message.status not in ("in-progress", "ended"):
+        return {}
+    org_id, _ = await resolve_org(ctx, message)
+    if org_id is None or message.call_id is None or not key_rules.is_call_id(message.call_id):
+        log.warning("status-update %s for a call we cannot place (call %r): ignored", message.status, message.call_id)
+        ctx.metrics.webhooks.labels(message.type, "unknown_org").inc()
+        return {}
+    event = CallEvent.start if message.status == "in-progress" else CallEvent.end
+    checked = await check_call(ctx.rt, org_id, message.call_id, event)
+    if checked.outcome == Outcome.hold_not_found and event == CallEvent.start:
+        # A live call we have never seen (an outbound call, a lost assistant-request): reserve
+        # on first sight. A call already resolved stays resolved (the reserve refuses it).
+        reservation = await _reserve(ctx, org_id, message.call_id)
+        if reservation.outcome in (Outcome.ok, Outcome.replayed):
+            checked = await check_call(ctx.rt, org_id, message.call_id, event)
+        else:
+            log.warning("call %s of org %s is live without credit: %s", message.call_id, org_id, reservation.outcome.name)
+    if checked.outcome == Outcome.ok:
+        await ctx.calls.remember(message.call_id, org_id, message.control_url)
+    ctx.metrics.webhooks.labels(f"{message.type}:{message.status}", checked.outcome.name).inc()
+    return {}
+
+
+async def end_of_call_report(ctx: AppContext, message: VapiMessage) -> dict[str, Any]:
+    org_id, _ = await resolve_org(ctx, message)
+    if org_id is None or message.call_id is None or not key_rules.is_call_id(message.call_id):
+        log.warning("end-of-call-report for a call we cannot place (call %r): not billed to anyone", message.call_id)
+        ctx.metrics.webhooks.labels(message.type, "unknown_org").inc()
+        return {}
+    meta = {"vapi_cost_usd": message.cost_usd, "ended_reason": message.ended_reason}
+    billed = message.billed_seconds if message.billed_seconds is not None else 0
+    if message.billed_seconds is None:
+        log.warning("end-of-call-report for call %s has no times or duration: billed as 0 s", message.call_id)
+    resolution = await commit_call(ctx.rt, org_id, message.call_id, billed, meta=meta)
+    if resolution.outcome == Outcome.org_unknown and await ctx.bring_org_in(org_id):
+        resolution = await commit_call(ctx.rt, org_id, message.call_id, billed, meta=meta)
+    if resolution.outcome == Outcome.idempotency_conflict:
+        log.warning("second end-of-call-report for call %s says %d s; the first commit stands", message.call_id, billed)
+    ctx.metrics.decision("commit", resolution.outcome.name)
+    ctx.metrics.webhooks.labels(message.type, resolution.outcome.name).inc()
+    return {}
+
+
+HANDLERS = {
+    "assistant-request": assistant_request,
+    "status-update": status_update,
+    "end-of-call-report": end_of_call_report,
+}
+
+
+def _status_body(end_call: bool, reason: str, balance: int = 0, available: int = 0, cost: int = 0) -> dict[str, Any]:
+    return {
+        "endCall": end_call,
+        "reason": reason,
+        "balance_pence": balance,
+        "available_pence": available,
+        "call_cost_so_far_pence": cost,
+    }
+
+
+async def status_check(request: Request) -> Response:
+    """The kill switch's pull side: one script call on the hot path, no Postgres."""
+    ctx = context(request)
+    body = await _authenticated_body(request)
+    call_id, message = _call_id_of(body)
+    ctx.require_ready()
+    org_id = await ctx.calls.org_of(call_id)
+    if org_id is None and message is not None:
+        org_id, _ = await resolve_org(ctx, message)
+    if org_id is None:
+        return json_response(_status_body(False, "unknown_call"))
+    checked = await check_call(ctx.rt, org_id, call_id)
+    ctx.metrics.decision("status_check", checked.outcome.name)
+    money = checked.money
+    if checked.outcome == Outcome.hold_not_found:
+        resolved = await ctx.rt.redis.hexists(ctx.rt.keys.org(org_id).idem, call_state_key(org_id, call_id))
+        if resolved:
+            return json_response(_status_body(True, "call_ended", money.balance_pence, money.available_pence))
+        return json_response(_status_body(False, "unknown_call", money.balance_pence, money.available_pence))
+    if checked.outcome != Outcome.ok:
+        raise ApiError(503, "state_restoring", "this account is being restored; retry shortly")
+    reason = "call_ended" if checked.ended else ("credit_exhausted" if checked.end_call else "ok")
+    return json_response(
+        _status_body(checked.end_call, reason, money.balance_pence, money.available_pence, checked.cost_so_far_pence)
+    )
+
+
+def _call_id_of(body: Any) -> tuple[str, VapiMessage | None]:
+    """`{"call_id": ...}`, or a Vapi envelope carrying `message.call.id`."""
+    message = None
+    if isinstance(body, dict) and "message" in body:
+        try:
+            message = parse_message(body)
+        except InvalidInput:
+            raise ApiError(400, "invalid_request", "send {\"call_id\": ...} or a Vapi message", field="message") from None
+        call_id: Any = message.call_id
+        field = "message.call.id"
+    else:
+        call_id = body.get("call_id") if isinstance(body, dict) else None
+        field = "call_id"
+    if not key_rules.is_call_id(call_id):
+        raise ApiError(422, "invalid_field", "a call id of 1-128 characters of A-Z a-z 0-9 _ . : - is required", field=field)
+    return call_id, message

@@ -1,0 +1,97 @@
+"""Reading Vapi server messages: `{"message": {"type": ..., "call": {...}, ...}}`.
+
+Pure functions over parsed JSON, so they can be fuzzed. Only the envelope's shape is required
+(a `message` object with a string `type`); every other field is read defensively, because Vapi
+sends ~30 message types with hundreds of optional fields, and a field of the wrong type must make
+us ignore that field, never fail the webhook. Where fields live (see shared/vapi-contract.md):
+- the phone number: `call.phoneNumberId`, falling back to `phoneNumber.id`;
+- the org we put in the call: `call.assistantOverrides.variableValues.org_id`;
+- the call's times: message-level `startedAt`/`endedAt` (end-of-call-report), then `call.*`,
+  then the undocumented message-level `durationSeconds`.
+"""
+
+import math
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from engine import limits
+from engine.amounts import billed_seconds_from_ms
+from engine.errors import InvalidInput
+
+
+@dataclass(frozen=True)
+class VapiMessage:
+    type: str
+    call_id: str | None
+    phone_number_id: str | None
+    org_id_hint: str | None  # assistantOverrides.variableValues.org_id
+    assistant_id: str | None
+    status: str | None
+    control_url: str | None
+    billed_seconds: int | None  # None: the message says nothing about the call's duration
+    cost_usd: float | None
+    ended_reason: str | None
+
+
+def _dict(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def _str(value: Any, length_max: int = 512) -> str | None:
+    return value if isinstance(value, str) and 0 < len(value) <= length_max else None
+
+
+def _time(value: Any) -> datetime | None:
+    if not isinstance(value, str) or len(value) > 64:
+        return None
+    try:
+        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return parsed if parsed.tzinfo is not None else None
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    number = float(value)
+    return number if math.isfinite(number) else None
+
+
+def billed_seconds(message: dict[str, Any], call: dict[str, Any]) -> int | None:
+    started = _time(message.get("startedAt")) or _time(call.get("startedAt"))
+    ended = _time(message.get("endedAt")) or _time(call.get("endedAt"))
+    if started is not None and ended is not None:
+        duration_ms = max(0, int((ended - started).total_seconds() * 1000))
+        return min(billed_seconds_from_ms(duration_ms), limits.billed_seconds_max)
+    duration = _number(message.get("durationSeconds"))
+    if duration is not None:
+        return min(max(0, math.ceil(duration)), limits.billed_seconds_max)
+    if started is None and ended is not None:
+        return 0  # ended without ever starting: nothing to bill
+    return None
+
+
+def parse_message(envelope: Any) -> VapiMessage:
+    if not isinstance(envelope, dict) or not isinstance(envelope.get("message"), dict):
+        raise InvalidInput("message", "the body must be {\"message\": {...}} as Vapi sends it")
+    message = envelope["message"]
+    message_type = _str(message.get("type"), 100)
+    if message_type is None:
+        raise InvalidInput("message.type", "must be a string")
+    call = _dict(message.get("call"))
+    overrides = _dict(call.get("assistantOverrides"))
+    variables = _dict(overrides.get("variableValues"))
+    return VapiMessage(
+        type=message_type,
+        call_id=_str(call.get("id"), 256),
+        phone_number_id=_str(call.get("phoneNumberId"), 256) or _str(_dict(message.get("phoneNumber")).get("id"), 256),
+        org_id_hint=_str(variables.get("org_id"), 256),
+        assistant_id=_str(call.get("assistantId"), 256),
+        status=_str(message.get("status"), 100),
+        control_url=_str(_dict(call.get("monitor")).get("controlUrl"), 2048),
+        billed_seconds=billed_seconds(message, call),
+        cost_usd=_number(message.get("cost")) if "cost" in message else _number(call.get("cost")),
+        ended_reason=_str(message.get("endedReason"), 200) or _str(call.get("endedReason"), 200),
+    )

@@ -1,0 +1,183 @@
+"""Org endpoints (Authorization: Bearer <org api key>). Every read and write is scoped to the key's
+org: there is no parameter naming an org, so another org's data cannot even be asked for."""
+
+import base64
+import binascii
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+from engine.balances import Wallet, read_wallet
+from engine.holds import live_holds, reserve_call
+from engine.keys import is_call_id
+from engine.records import CallState
+from engine.results import Outcome
+from engine.timeutil import dt_from_ms
+from engine.types import call_state_key
+from webapp.auth import require_org
+from webapp.context import AppContext, context
+from webapp.responses import ApiError, json_response
+
+CURRENCY = "GBP"
+page_size_default = 50
+page_size_max = 200
+
+
+async def org_context(request: Request) -> tuple[AppContext, str]:
+    ctx = context(request)
+    return ctx, await require_org(request, ctx.rt)
+
+
+async def _wallet(ctx: AppContext, org_id: str) -> Wallet:
+    wallet = await read_wallet(ctx.rt, org_id)
+    if wallet is None and await ctx.bring_org_in(org_id):
+        wallet = await read_wallet(ctx.rt, org_id)
+    if wallet is None:
+        raise ApiError(503, "state_restoring", "this account is being restored; retry shortly")
+    return wallet
+
+
+async def show_wallet(request: Request) -> Response:
+    ctx, org_id = await org_context(request)
+    wallet = await _wallet(ctx, org_id)
+    return json_response({
+        "org_id": org_id,
+        "balance_pence": wallet.balance_pence,
+        "held_pence": wallet.held_pence,
+        "available_pence": wallet.available_pence,
+        "debt_pence": wallet.debt_pence,
+        "live_calls": wallet.live_calls,
+        "currency": CURRENCY,
+    })  # fmt: skip
+
+
+def _cursor(request: Request) -> int | None:
+    raw = request.query_params.get("cursor")
+    if raw is None or raw == "":
+        return None
+    try:
+        value = int(base64.urlsafe_b64decode(raw.encode() + b"=" * (-len(raw) % 4)).decode())
+    except (ValueError, binascii.Error, UnicodeDecodeError):
+        raise ApiError(422, "invalid_field", "cursor is not one this API gave out", field="cursor") from None
+    if value <= 0:
+        raise ApiError(422, "invalid_field", "cursor is not one this API gave out", field="cursor")
+    return value
+
+
+def _limit(request: Request) -> int:
+    raw = request.query_params.get("limit")
+    if raw is None or raw == "":
+        return page_size_default
+    if not raw.isdigit() or not 1 <= int(raw) <= page_size_max:
+        raise ApiError(422, "invalid_field", f"limit must be a whole number from 1 to {page_size_max}", field="limit")
+    return int(raw)
+
+
+async def transactions(request: Request) -> Response:
+    """The ledger, newest first. The cursor is an entry id, so pages stay stable while new
+    entries arrive (they are newer than any page already read)."""
+    ctx, org_id = await org_context(request)
+    limit = _limit(request)
+    before = _cursor(request)
+    rows = await ctx.rt.pg.fetch(
+        """
+        SELECT id, kind, amount_pence, debt_delta_pence, balance_after_pence, call_id, idempotency_key, created_at
+        FROM ledger_entries
+        WHERE org_id = $1 AND ($2::bigint IS NULL OR id < $2)
+        ORDER BY id DESC LIMIT $3
+        """,
+        org_id, before, limit + 1,
+    )  # fmt: skip
+    page = rows[:limit]
+    items = [
+        {
+            "id": row["id"],
+            "kind": row["kind"],
+            "amount_pence": row["amount_pence"],
+            "debt_delta_pence": row["debt_delta_pence"],
+            "balance_after_pence": row["balance_after_pence"],
+            "call_id": row["call_id"],
+            "idempotency_key": row["idempotency_key"].removeprefix(f"{org_id}/"),
+            "created_at": row["created_at"].isoformat(),
+        }
+        for row in page
+    ]
+    next_cursor = None
+    if len(rows) > limit:
+        next_cursor = base64.urlsafe_b64encode(str(page[-1]["id"]).encode()).decode().rstrip("=")
+    return json_response({"items": items, "next_cursor": next_cursor})
+
+
+def _hold_json(call_id: str, hold: Any) -> dict[str, Any]:
+    return {
+        "call_id": call_id,
+        "hold_pence": hold.hold_pence,
+        "rate_pence_per_minute": hold.rate_pence_per_minute,
+        "created_at": dt_from_ms(hold.created_ms).isoformat(),
+        "started_at": dt_from_ms(hold.started_ms).isoformat() if hold.started_ms else None,
+        "ended_at": dt_from_ms(hold.ended_ms).isoformat() if hold.ended_ms else None,
+        "expires_at": dt_from_ms(hold.expires_ms).isoformat(),
+        "max_duration_seconds": hold.max_duration_s,
+    }
+
+
+async def holds(request: Request) -> Response:
+    ctx, org_id = await org_context(request)
+    held = await live_holds(ctx.rt, org_id)
+    return json_response({"items": [_hold_json(call_id, hold) for call_id, hold in sorted(held.items())]})
+
+
+def _call_id(request: Request) -> str:
+    call_id = request.path_params["call_id"]
+    if not is_call_id(call_id):
+        raise ApiError(422, "invalid_field", "call_id must be 1-128 characters of A-Z a-z 0-9 _ . : -", field="call_id")
+    return str(call_id)
+
+
+async def show_call(request: Request) -> Response:
+    """A call of this org: its live hold, or how it was resolved. Another org's call is a 404."""
+    ctx, org_id = await org_context(request)
+    call_id = _call_id(request)
+    hold = (await live_holds(ctx.rt, org_id)).get(call_id)
+    if hold is not None:
+        return json_response({"status": "live", **_hold_json(call_id, hold)})
+    state_text = await ctx.rt.redis.hget(ctx.rt.keys.org(org_id).idem, call_state_key(org_id, call_id))
+    if state_text is None:
+        row = await ctx.rt.pg.fetchrow(
+            "SELECT status, charged_pence, billed_seconds FROM call_holds WHERE org_id = $1 AND call_id = $2", org_id, call_id
+        )
+        if row is None:
+            raise ApiError(404, "not_found", "no such call for this org")
+        return json_response({"call_id": call_id, "status": row["status"], "charged_pence": row["charged_pence"],
+                              "billed_seconds": row["billed_seconds"]})  # fmt: skip
+    state = CallState.decode(state_text)
+    return json_response({"call_id": call_id, "status": state.status.value, "charged_pence": state.charged_pence,
+                          "billed_seconds": state.billed_seconds})  # fmt: skip
+
+
+async def reserve(request: Request) -> Response:
+    """Reserve credit for an outbound call (Vapi sends no assistant-request for those)."""
+    ctx, org_id = await org_context(request)
+    call_id = _call_id(request)
+    ctx.require_ready()
+    reservation = await reserve_call(ctx.rt, org_id, call_id)
+    if reservation.outcome == Outcome.org_unknown and await ctx.bring_org_in(org_id):
+        reservation = await reserve_call(ctx.rt, org_id, call_id)
+    ctx.metrics.decision("reserve", reservation.outcome.name)
+    if reservation.outcome in (Outcome.ok, Outcome.replayed):
+        await ctx.calls.remember(call_id, org_id)
+        headers = {"Idempotent-Replayed": "true"} if reservation.outcome == Outcome.replayed else None
+        return json_response(
+            {"call_id": call_id, "hold_pence": reservation.hold_pence, "max_duration_seconds": reservation.max_duration_s,
+             "available_pence": reservation.money.available_pence},
+            201, headers=headers,
+        )  # fmt: skip
+    if reservation.outcome == Outcome.insufficient_funds:
+        raise ApiError(402, "insufficient_balance",
+                       f"not enough credit to start a call: {reservation.money.available_pence} pence available")  # fmt: skip
+    if reservation.outcome == Outcome.too_many_calls:
+        raise ApiError(409, "too_many_calls", "the org is at its limit of concurrent calls")
+    if reservation.outcome == Outcome.call_already_resolved:
+        raise ApiError(409, "call_already_resolved", "this call has already ended and been billed", field="call_id")
+    raise ApiError(503, "unavailable", f"cannot reserve now ({reservation.outcome.name}); retry shortly")

@@ -13,6 +13,7 @@ second terminal just works.
 import asyncio
 import logging
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -29,6 +30,8 @@ from engine.services_file import services_path, write_services
 
 log = logging.getLogger(__name__)
 
+SECRETS_FILE = "secrets.env"
+GENERATED_SECRETS = ("CREDIT_ENGINE_ADMIN_TOKEN", "VAPI_WEBHOOK_SECRET")
 child_stop_timeout_s = 20.0
 child_restarts_per_minute_max = 5
 
@@ -58,6 +61,28 @@ class Child:
             self.process.wait()
 
 
+def local_secrets(data_dir: Path) -> dict[str, str]:
+    """The admin token and Vapi webhook secret for this machine: from the environment if set,
+    else generated once into <data-dir>/secrets.env (mode 600). Never printed."""
+    path = data_dir / SECRETS_FILE
+    stored: dict[str, str] = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            name, _, value = line.partition("=")
+            if name and value:
+                stored[name] = value
+    changed = False
+    for name in GENERATED_SECRETS:
+        if name not in stored:
+            stored[name] = secrets.token_urlsafe(32)
+            changed = True
+    if changed:
+        path.touch(mode=0o600, exist_ok=True)
+        path.chmod(0o600)
+        path.write_text("".join(f"{name}={value}\n" for name, value in stored.items()))
+    return {name: os.environ.get(name) or stored[name] for name in GENERATED_SECRETS}
+
+
 def run_up(settings: Settings, host: str, port: int) -> int:
     data_dir = settings.data_dir.resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -84,7 +109,7 @@ def run_up(settings: Settings, host: str, port: int) -> int:
         upgrade_to_head(database_url)
         asyncio.run(_rebuild(settings))
 
-        env = {**os.environ, "REDIS_URL": redis_url, "DATABASE_URL": database_url}
+        env = {**os.environ, "REDIS_URL": redis_url, "DATABASE_URL": database_url, **local_secrets(data_dir)}
         cli = [sys.executable, "-m", "engine.cli"]
         children = [
             Child("web", [*cli, "serve", "--host", host, "--port", str(port)], env),
@@ -136,7 +161,8 @@ def _print_banner(
     print(
         f"""
 credit-engine is up
-  web app    http://{host}:{port}   (GET /healthz, GET /readyz)
+  web app    http://{host}:{port}   (GET /healthz, GET /readyz, GET /openapi.json)
+  secrets    {data_dir / SECRETS_FILE}   (admin token, Vapi webhook secret; mode 600)
   worker     draining the outbox into the Postgres ledger
   Redis      {redis_url}   ({redis_note})
   Postgres   {database_url}   ({pg_note})

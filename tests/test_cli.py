@@ -88,6 +88,14 @@ def test_up_runs_everything_and_a_restart_keeps_every_balance(tmp_path: Path) ->
         assert json.loads(replay.stdout)["outcome"] == "replayed"
         checked = cli(data_dir, "reconcile", "--check")
         assert checked.returncode == 0, checked.stdout + checked.stderr
+        # The admin API works out of the box with the token `up` generated (never printed).
+        secrets_file = data_dir / "secrets.env"
+        assert secrets_file.stat().st_mode & 0o777 == 0o600
+        token = dict(line.split("=", 1) for line in secrets_file.read_text().splitlines())["CREDIT_ENGINE_ADMIN_TOKEN"]
+        assert token not in text
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/api/admin/orgs/acme", headers={"Authorization": f"Bearer {token}"})
+        with urllib.request.urlopen(request, timeout=5) as response:
+            assert json.loads(response.read())["wallet"]["balance_pence"] == 5000
         services = json.loads((data_dir / "services.json").read_text())
     finally:
         output = stop_up(process)

@@ -6,6 +6,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from engine import idempotent_requests as claims
+from engine import limits
 from engine.api_keys import issue_api_key, revoke_api_key
 from engine.balances import read_wallet
 from engine.credits import credit
@@ -61,6 +62,7 @@ async def create(request: Request) -> Response:
     assert org_id is not None
     name = req.text(body, "name", required=True)
     assert name is not None
+    req.whole_number(body, "rate_pence_per_minute", 1, limits.rate_pence_per_minute_max)  # required
     settings = OrgSettings(**{k: v for k, v in body.items() if k in SETTINGS_FIELDS})
     try:
         org = await create_org(ctx.rt, org_id, name, settings)

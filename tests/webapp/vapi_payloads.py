@@ -64,7 +64,7 @@ def end_of_call_report(the_call: Call, seconds: float, *, cost_usd: float = 0.21
     started = T0
     ended = T0 + timedelta(seconds=seconds)
     if not at_message_level:
-        the_call = the_call.copy(update={"started_at": started, "ended_at": ended})
+        the_call = the_call.model_copy(update={"started_at": started, "ended_at": ended})
     return encode(
         ServerMessageEndOfCallReport(
             type="end-of-call-report",

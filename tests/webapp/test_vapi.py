@@ -1,0 +1,163 @@
+"""Vapi's webhook as Vapi uses it: every documented reply, duplicates, reordering, strangers."""
+
+import asyncio
+
+import pytest
+
+from engine.clock import ManualClock
+from tests.webapp.conftest import Api
+from tests.webapp.test_seed_scenarios import ledger_kinds, wallet
+from tests.webapp.vapi_payloads import assistant_request, call, encode, end_of_call_report, status_update
+from webapp.vapi import SPOKEN_BUSY, SPOKEN_NO_CREDIT, SPOKEN_NOT_SET_UP
+
+
+async def test_assistant_request_refused_with_a_spoken_error_when_credit_is_short(api: Api) -> None:
+    org, key = await api.new_org(59)  # less than one minute at 60p/min
+    number = await api.register_number(org)
+    answer = await api.vapi(assistant_request(call("c1", phone_number_id=number)))
+    assert (answer.status_code, answer.json()) == (200, {"error": SPOKEN_NO_CREDIT})
+    assert (await wallet(api, key))["held_pence"] == 0
+
+
+async def test_assistant_request_for_an_unknown_number_is_refused_and_charges_nobody(api: Api) -> None:
+    answer = await api.vapi(assistant_request(call("c1", phone_number_id="pn-nobody-knows")))
+    assert (answer.status_code, answer.json()) == (200, {"error": SPOKEN_NOT_SET_UP})
+    assert answer.json()["error"]  # never an empty error: Vapi would say "Unknown Error"
+
+
+async def test_assistant_request_falls_back_to_the_phone_number_object_and_to_variable_values(api: Api) -> None:
+    org, key = await api.new_org(1000)
+    number = await api.register_number(org, assistant_id="asst-77")
+    # call.phoneNumberId missing, message.phoneNumber.id present.
+    body = assistant_request(call("c1")).replace(b'"type":"assistant-request"',
+                                                 b'"type":"assistant-request","phoneNumber":{"id":"' + number.encode() + b'"}')  # fmt: skip
+    assert (await api.vapi(body)).json()["assistantId"] == "asst-77"
+    # No number at all: the org we put into the call's variableValues, and the call's assistant.
+    the_call = call("c2", org_hint=org).model_copy(update={"assistant_id": "asst-88"})
+    assert (await api.vapi(assistant_request(the_call))).json()["assistantId"] == "asst-88"
+    assert (await wallet(api, key))["live_calls"] == 2
+
+
+async def test_fifty_identical_assistant_requests_at_once_make_one_hold(api: Api) -> None:
+    org, key = await api.new_org(10_000)
+    number = await api.register_number(org)
+    body = assistant_request(call("same-call", phone_number_id=number))
+    answers = await asyncio.gather(*[api.vapi(body) for _ in range(50)])
+    assert {a.status_code for a in answers} == {200}
+    assert len({a.content for a in answers}) == 1  # every one of them got the same answer
+    held = await wallet(api, key)
+    assert (held["held_pence"], held["live_calls"]) == (300, 1)
+
+
+async def test_too_many_concurrent_calls_is_refused_with_a_spoken_error(api: Api) -> None:
+    org, _ = await api.new_org(10_000, max_concurrent_calls=1)
+    number = await api.register_number(org)
+    assert "assistantId" in (await api.vapi(assistant_request(call("c1", phone_number_id=number)))).json()
+    assert (await api.vapi(assistant_request(call("c2", phone_number_id=number)))).json() == {"error": SPOKEN_BUSY}
+
+
+async def test_a_report_before_the_ended_status_and_a_report_twice_bill_once(api: Api, clock: ManualClock) -> None:
+    org, key = await api.new_org(1000)
+    number = await api.register_number(org)
+    the_call = call("c1", phone_number_id=number)
+    await api.vapi(assistant_request(the_call))
+    await api.vapi(status_update(the_call, "in-progress"))
+    await api.vapi(end_of_call_report(the_call, 61))
+    await api.vapi(status_update(the_call, "ended"))  # late
+    await api.vapi(status_update(the_call, "in-progress"))  # very late, reordered
+    await api.vapi(end_of_call_report(the_call, 61))  # again
+    after = await wallet(api, key)
+    assert (after["balance_pence"], after["held_pence"], after["live_calls"]) == (1000 - 61, 0, 0)
+    assert await ledger_kinds(api, org) == [("topup", 1000), ("call_charge", -61)]
+
+
+async def test_an_outbound_call_is_reserved_on_first_sight_and_billed(api: Api, clock: ManualClock) -> None:
+    org, key = await api.new_org(1000)
+    number = await api.register_number(org)
+    the_call = call("out-1", phone_number_id=number, call_type="outboundPhoneCall")
+    assert (await api.vapi(status_update(the_call, "in-progress"))).json() == {}
+    live = await wallet(api, key)
+    assert (live["held_pence"], live["live_calls"]) == (300, 1)
+    clock.advance(10_000)
+    assert (await api.status_check("out-1")).json()["call_cost_so_far_pence"] == 10
+    await api.vapi(end_of_call_report(the_call, 10, at_message_level=False))  # times only on call.*
+    assert (await wallet(api, key))["balance_pence"] == 990
+
+
+async def test_a_report_for_a_call_never_reserved_is_billed_directly(api: Api) -> None:
+    org, key = await api.new_org(1000)
+    number = await api.register_number(org)
+    await api.vapi(end_of_call_report(call("lost-request", phone_number_id=number), 120))
+    assert (await wallet(api, key))["balance_pence"] == 880
+
+
+async def test_a_report_for_an_unknown_org_is_acknowledged_and_charges_nobody(api: Api) -> None:
+    org, key = await api.new_org(1000)
+    answer = await api.vapi(end_of_call_report(call("c1", phone_number_id="pn-unknown"), 300))
+    assert (answer.status_code, answer.json()) == (200, {})
+    assert (await wallet(api, key))["balance_pence"] == 1000
+
+
+async def test_vapis_cost_is_stored_not_billed(api: Api) -> None:
+    org, _ = await api.new_org(1000)
+    number = await api.register_number(org)
+    await api.vapi(end_of_call_report(call("c1", phone_number_id=number), 60, cost_usd=9.99))
+    from engine.runtime import Runtime
+
+    rt = await Runtime.open(api.settings)
+    try:
+        await ledger_kinds(api, org)
+        row = await rt.pg.fetchrow("SELECT amount_pence, meta FROM ledger_entries WHERE kind = 'call_charge' AND org_id = $1", org)
+    finally:
+        await rt.close()
+    assert row["amount_pence"] == -60  # 60 s at 60p/min, whatever Vapi's own cost was
+    assert row["meta"]["vapi_cost_usd"] == 9.99
+
+
+async def test_other_message_types_get_an_empty_acknowledgement(api: Api) -> None:
+    for body in (
+        b'{"message":{"type":"conversation-update","call":{"id":"c1"}}}',
+        b'{"message":{"type":"speech-update","status":"started","role":"user"}}',
+        b'{"message":{"type":"hang"}}',
+        b'{"message":{"type":"something-vapi-adds-next-year"}}',
+    ):
+        answer = await api.vapi(body)
+        assert (answer.status_code, answer.json()) == (200, {})
+
+
+async def test_malformed_bodies_get_a_400_naming_the_problem(api: Api) -> None:
+    broken = await api.vapi(b'{"message": {"type": "assistant-request",')
+    assert (broken.status_code, broken.json()["error"]["code"]) == (400, "invalid_json")
+    for body, field in ((b'{"hello": 1}', "message"), (b'{"message": {"call": {}}}', "message.type"), (b"[1,2]", "message")):
+        answer = await api.vapi(body)
+        assert answer.status_code == 400
+        assert answer.json()["error"]["field"] == field
+
+
+async def test_wrong_types_inside_a_message_are_ignored_not_fatal(api: Api) -> None:
+    org, _ = await api.new_org(1000)
+    number = await api.register_number(org)
+    body = encode(call("c1", phone_number_id=number)).replace(b'{"message":', b"", 1)[:-1]
+    weird = (b'{"message":{"type":"end-of-call-report","startedAt":12,"endedAt":["x"],"cost":"free",'
+             b'"call":' + body + b',"durationSeconds":"long"}}')  # fmt: skip
+    answer = await api.vapi(weird)
+    assert (answer.status_code, answer.json()) == (200, {})
+
+
+async def test_a_stuck_assistant_request_is_refused_aloud_within_the_budget(api: Api, monkeypatch: pytest.MonkeyPatch) -> None:
+    import time
+
+    import webapp.vapi
+
+    org, _ = await api.new_org(1000)
+    number = await api.register_number(org)
+
+    async def stuck(*args: object, **kwargs: object) -> None:
+        await asyncio.sleep(60)
+
+    monkeypatch.setattr(webapp.vapi, "assistant_request_budget_s", 0.5)
+    monkeypatch.setattr(webapp.vapi, "reserve_call", stuck)
+    started = time.monotonic()
+    answer = await api.vapi(assistant_request(call("c1", phone_number_id=number)))
+    assert (answer.status_code, answer.json()) == (200, {"error": webapp.vapi.SPOKEN_TRY_LATER})
+    assert time.monotonic() - started < 2

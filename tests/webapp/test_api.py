@@ -185,3 +185,17 @@ async def test_unknown_paths_and_methods_answer_json(api: Api) -> None:
     assert (missing.status_code, missing.json()["error"]["code"]) == (404, "not_found")
     wrong = await api.client.delete("/api/wallet")
     assert (wrong.status_code, wrong.json()["error"]["code"]) == (405, "method_not_allowed")
+
+
+async def test_100_concurrent_provisions_against_a_balance_for_one(api: Api) -> None:
+    import asyncio
+
+    org, key = await api.new_org(1000)
+    answers = await asyncio.gather(*[
+        api.as_org(key, "POST", "/api/managed-telephony/provision", {}, headers={"Idempotency-Key": f"buy-{i}"})
+        for i in range(100)
+    ])  # fmt: skip
+    statuses = sorted(a.status_code for a in answers)
+    assert statuses == [201] + [402] * 99
+    assert (await wallet(api, key))["balance_pence"] == 0
+    assert await ledger_kinds(api, org) == [("topup", 1000), ("asset", -1000)]

@@ -197,6 +197,23 @@ def cmd_topup(args: argparse.Namespace, settings: Settings) -> int:
     return _with_runtime(settings, action)
 
 
+def cmd_loadtest(args: argparse.Namespace, settings: Settings) -> int:
+    try:
+        import locust  # noqa: F401
+    except ImportError:
+        print('locust is not installed: pip install ".[load]"', file=sys.stderr)
+        return EXIT_USAGE
+    from loadtest.runner import main as loadtest_main
+
+    return loadtest_main(args.loadtest_args)
+
+
+def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
+    from loadtest.bench import main as bench_main
+
+    return bench_main(args.bench_args)
+
+
 def _add_org_settings(parser: argparse.ArgumentParser, rate_required: bool) -> None:
     parser.add_argument("--rate", dest="rate_pence_per_minute", type=int, required=rate_required,
                         help="call rate in pence per minute")  # fmt: skip
@@ -248,6 +265,13 @@ def build_parser() -> argparse.ArgumentParser:
     update.add_argument("--name")
     _add_org_settings(update, rate_required=False)
     orgs.set_defaults(handler=cmd_orgs)
+
+    loadtest = commands.add_parser("loadtest", help="the seed's load scenarios with locust (see --help)", add_help=False)
+    loadtest.add_argument("loadtest_args", nargs=argparse.REMAINDER)
+    loadtest.set_defaults(handler=cmd_loadtest)
+    bench = commands.add_parser("bench", help="benchmarks, side by side, in one run (see --help)", add_help=False)
+    bench.add_argument("bench_args", nargs=argparse.REMAINDER)
+    bench.set_defaults(handler=cmd_bench)
 
     topup = commands.add_parser("topup", help="credit an org (Postgres-first)")
     topup.add_argument("org_id")

@@ -1,0 +1,1 @@
+"""Load runs (locust) and benchmarks. See README and docs/benchmarks.md."""

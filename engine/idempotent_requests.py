@@ -41,10 +41,10 @@ async def begin(rt: Runtime, org_id: str, operation: str, key: str, request: dic
     async with rt.pg.acquire() as conn, conn.transaction():
         inserted = await conn.fetchval(
             """
-            INSERT INTO idempotent_requests (org_id, operation, idempotency_key, request_sha256)
-            VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING RETURNING 1
+            INSERT INTO idempotent_requests (org_id, operation, idempotency_key, request_sha256, request_body)
+            VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING RETURNING 1
             """,
-            org_id, operation, key, digest,
+            org_id, operation, key, digest, request,
         )  # fmt: skip
         if inserted:
             return Claimed(Claim.new)
@@ -81,6 +81,32 @@ async def finish(rt: Runtime, org_id: str, operation: str, key: str, status: int
         """,
         org_id, operation, key, status, body,  # the pool's jsonb codec encodes the dict
     )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Abandoned:
+    """A request still in progress long after its client should have had an answer."""
+
+    org_id: str
+    idempotency_key: str
+    request: dict[str, Any]
+
+
+async def stale_claims(rt: Runtime, operation: str, limit: int = 100) -> list[Abandoned]:
+    """Claims in progress for longer than `stale_after_s`, taken over (their clock restarted) so
+    that two workers do not finish the same one at once."""
+    rows = await rt.pg.fetch(
+        """
+        UPDATE idempotent_requests SET created_at = now()
+        WHERE (org_id, operation, idempotency_key) IN (
+            SELECT org_id, operation, idempotency_key FROM idempotent_requests
+            WHERE operation = $1 AND state = 'in_progress' AND created_at < now() - make_interval(secs => $2)
+            ORDER BY created_at LIMIT $3 FOR UPDATE SKIP LOCKED)
+        RETURNING org_id, idempotency_key, request_body
+        """,
+        operation, stale_after_s, limit,
+    )  # fmt: skip
+    return [Abandoned(row["org_id"], row["idempotency_key"], row["request_body"]) for row in rows]
 
 
 async def abandon(rt: Runtime, org_id: str, operation: str, key: str) -> None:

@@ -5,14 +5,21 @@
    enough credit: 402, nothing charged, and the key is released so it can be retried after a
    top-up.
 3. Buy the number from the provider. If that fails, refund the price (a Postgres-first refund,
-   idempotent by the key, so exactly once) and answer 502. That key is then spent: retrying it
-   replays the 502; a new attempt needs a new key (the deduction under the old key happened).
+   idempotent under a key derived from the request's, so exactly once) and answer 502. That key is
+   then spent: retrying it replays the 502, and a refund already on the ledger for it means the
+   purchase is never attempted again (no number after a refund).
 4. Register the number to the org and answer 201.
-A crash between steps leaves the claim in progress; a retry after `stale_after_s` runs the steps
-again, each idempotent (a deduction replays; the fake provider returns the same number; a
-number already registered under the key is reused).
+A crash between steps leaves the claim in progress. A retry after `stale_after_s`, or the worker's
+`finish_abandoned_provisions` if the client never comes back, runs the steps again, each idempotent
+(the deduction replays; the fake provider returns the same number; a number already registered
+under the key is reused), so the org ends up with either its number or its money.
+
+Vapi's own `POST /phone-number` takes no idempotency key: if a crash falls between Vapi selling
+a number and our registering it, running the steps again can buy a second number (see README,
+known limits).
 """
 
+import hashlib
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -24,7 +31,7 @@ from engine.phone_numbers import number_for_provision_key, register_number
 from engine.results import Outcome
 from engine.runtime import Runtime
 from engine.telephony import ProviderError, Telephony
-from engine.types import EntryKind
+from engine.types import EntryKind, ledger_key
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +58,11 @@ def error_body(code: str, message: str, **details: Any) -> dict[str, Any]:
     return {"error": {"code": code, "message": message, **details}}
 
 
+def refund_key(key: str) -> str:
+    """The refund's idempotency key: fixed length whatever the client's key, one per purchase."""
+    return "provision:" + hashlib.sha256(key.encode()).hexdigest()
+
+
 async def provision(
     rt: Runtime, telephony: Telephony, org_id: str, key: str, request: ProvisionRequest, price_pence: int
 ) -> Response:
@@ -62,8 +74,14 @@ async def provision(
         return Response(422, error_body("idempotency_key_reused", "this Idempotency-Key was used with a different request body"))
     if claimed.claim == claims.Claim.in_progress:
         return Response(409, error_body("request_in_progress", "a request with this Idempotency-Key is still running; retry shortly"))
-    # If this raises, nothing is recorded as the answer: a retry after the claim goes stale runs
-    # the steps again, each of them idempotent.
+    return await _run_and_record(rt, telephony, org_id, key, request, price_pence)
+
+
+async def _run_and_record(
+    rt: Runtime, telephony: Telephony, org_id: str, key: str, request: ProvisionRequest, price_pence: int
+) -> Response:
+    # If this raises, nothing is recorded as the answer: the claim stays in progress, and the
+    # steps run again later (a retry, or the worker), each of them idempotent.
     response = await _run(rt, telephony, org_id, key, request, price_pence)
     if response.status in (201, 502):
         await claims.finish(rt, org_id, OPERATION, key, response.status, response.body)
@@ -97,23 +115,19 @@ async def _run(
         return Response(503, error_body("state_restoring", "this account is being restored; retry shortly"))
     assert deduction.outcome in (Outcome.ok, Outcome.replayed)
 
+    refunded = await _refund_entry(rt, org_id, key)
+    if refunded is not None:
+        # An earlier attempt refunded this purchase: it stays failed, whatever the provider says now.
+        return _failed(price_pence, refunded)
     existing = await number_for_provision_key(rt, org_id, key)
     if existing is None:
         try:
             bought = await telephony.buy(area_code=request.area_code, assistant_id=request.assistant_id, idempotency_key=f"{org_id}/{key}")
         except ProviderError as error:
             log.warning("provider %s failed for org %s: %s; refunding %dp", telephony.name, org_id, error, price_pence)
-            refund = await credit(rt, org_id, f"provision:{key}", price_pence, kind=EntryKind.refund,
+            refund = await credit(rt, org_id, refund_key(key), price_pence, kind=EntryKind.refund,
                                   meta={"reason": "provider_failed", "provider": telephony.name})  # fmt: skip
-            return Response(
-                502,
-                error_body(
-                    "provider_failed",
-                    "the telephony provider could not supply a number; the charge was refunded",
-                    refunded_pence=price_pence,
-                    refund_transaction_id=refund.entry_id,
-                ),
-            )
+            return _failed(price_pence, refund.entry_id)
         existing = await register_number(
             rt, org_id, bought.vapi_phone_number_id, number=bought.number, assistant_id=request.assistant_id,
             provider=telephony.name, provision_key=key, status=bought.status,
@@ -126,3 +140,39 @@ async def _run(
             "balance_pence": deduction.balance_pence_after,
         },
     )
+
+
+def _failed(price_pence: int, refund_entry_id: int) -> Response:
+    return Response(
+        502,
+        error_body(
+            "provider_failed",
+            "the telephony provider could not supply a number; the charge was refunded",
+            refunded_pence=price_pence,
+            refund_transaction_id=refund_entry_id,
+        ),
+    )
+
+
+async def _refund_entry(rt: Runtime, org_id: str, key: str) -> int | None:
+    entry_id: int | None = await rt.pg.fetchval(
+        "SELECT id FROM ledger_entries WHERE idempotency_key = $1",
+        ledger_key(org_id, EntryKind.refund.value, refund_key(key)),
+    )
+    return entry_id
+
+
+async def finish_abandoned_provisions(rt: Runtime, telephony: Telephony, price_pence: int) -> int:
+    """Finish provisions whose client went away mid-request (the worker's cron): each ends with
+    its number registered, or refunded, or (if it was never charged) released."""
+    finished = 0
+    for abandoned in await claims.stale_claims(rt, OPERATION):
+        request = ProvisionRequest(abandoned.request.get("area_code"), abandoned.request.get("assistant_id"))
+        try:
+            response = await _run_and_record(rt, telephony, abandoned.org_id, abandoned.idempotency_key, request, price_pence)
+        except Exception:  # left in progress; the next run tries again
+            log.exception("could not finish the abandoned provision %s of org %s", abandoned.idempotency_key, abandoned.org_id)
+            continue
+        log.warning("finished an abandoned provision of org %s: %d", abandoned.org_id, response.status)
+        finished += 1
+    return finished

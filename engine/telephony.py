@@ -12,6 +12,8 @@ from typing import Protocol
 
 import httpx
 
+from engine.config import Settings
+
 provider_timeout_s = 10.0
 
 
@@ -70,10 +72,19 @@ class VapiTelephony:
             raise ProviderError(f"vapi unreachable: {type(error).__name__}") from error
         if response.status_code not in (200, 201):
             raise ProviderError(f"vapi answered {response.status_code}")
-        payload = response.json()
+        try:
+            payload = response.json()
+        except ValueError:
+            raise ProviderError("vapi answered with a body that is not JSON") from None
         if not isinstance(payload, dict) or not isinstance(payload.get("id"), str):
             raise ProviderError("vapi answered without a phone number id")
         return BoughtNumber(payload["id"], payload.get("number"), str(payload.get("status", "active")))
 
     async def close(self) -> None:
         await self.client.aclose()
+
+
+def make_telephony(settings: Settings) -> Telephony:
+    if settings.vapi_api_key:
+        return VapiTelephony(settings.vapi_api_key, settings.vapi_base_url)
+    return FakeTelephony(settings.fake_provider_failing_area_codes)

@@ -18,7 +18,7 @@ from engine.clock import Clock
 from engine.config import Settings
 from engine.errors import InvalidInput, OrgNotFound
 from engine.runtime import Runtime
-from engine.telephony import FakeTelephony, Telephony, VapiTelephony
+from engine.telephony import Telephony, VapiTelephony, make_telephony
 from webapp import admin, health, managed_telephony, vapi, wallet
 from webapp.call_index import CallIndex
 from webapp.context import AppContext
@@ -99,12 +99,6 @@ async def on_http_error(request: Request, error: Exception) -> Response:
 async def on_crash(request: Request, error: Exception) -> Response:
     log.exception("unhandled error on %s %s", request.method, request.url.path)
     return error_response(500, "internal_error", "something went wrong on our side; nothing was half-done")
-
-
-def make_telephony(settings: Settings) -> Telephony:
-    if settings.vapi_api_key:
-        return VapiTelephony(settings.vapi_api_key, settings.vapi_base_url)
-    return FakeTelephony(settings.fake_provider_failing_area_codes)
 
 
 def create_app(settings: Settings | None = None, *, clock: Clock | None = None, telephony: Telephony | None = None) -> Starlette:

@@ -3,6 +3,7 @@
 import logging
 from typing import Any
 
+from engine import provisioning
 from engine.credits import apply_pending_credits
 from engine.expiry import expire_due_holds
 from engine.outbox import drain_org_fully
@@ -41,6 +42,11 @@ async def check_state(ctx: Ctx) -> bool:
     """Rebuild Redis from Postgres if it lost its state while we were running (a restart)."""
     report = await ensure_rebuilt(_rt(ctx))
     return report.rebuilt_here
+
+
+async def finish_abandoned_provisions(ctx: Ctx) -> int:
+    rt = _rt(ctx)
+    return await provisioning.finish_abandoned_provisions(rt, ctx["telephony"], rt.settings.phone_number_pence)
 
 
 async def drain_org(ctx: Ctx, org_id: str) -> int:

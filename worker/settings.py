@@ -16,6 +16,7 @@ from engine.config import Settings
 from engine.keys import Keyspace
 from engine.restore import ensure_rebuilt
 from engine.runtime import Runtime
+from engine.telephony import make_telephony
 from worker import jobs
 from worker.drainer import Drainer
 
@@ -35,6 +36,7 @@ def worker_options(settings: Settings) -> dict[str, Any]:
     async def on_startup(ctx: dict[str, Any]) -> None:
         rt = await Runtime.open(settings)
         ctx["rt"] = rt
+        ctx["telephony"] = make_telephony(settings)
         await ensure_rebuilt(rt)  # before draining anything: Redis may have lost its state
         drainer = Drainer(rt)
         ctx["drainer"] = drainer
@@ -67,6 +69,8 @@ def worker_options(settings: Settings) -> dict[str, Any]:
             cron(jobs.sweep_outbox, name=cron_name("sweep_outbox"), second=_every(settings.worker_sweep_interval_s),
                  timeout=120, max_tries=1),
             cron(jobs.check_state, name=cron_name("check_state"), second=_every(5), timeout=300, max_tries=1),
+            cron(jobs.finish_abandoned_provisions, name=cron_name("finish_abandoned_provisions"),
+                 second=_every(settings.worker_sweep_interval_s), timeout=120, max_tries=1),
         ],  # fmt: skip
         "redis_settings": RedisSettings.from_dsn(settings.redis_url),
         "queue_name": keys.arq_queue,

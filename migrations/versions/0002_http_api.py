@@ -56,6 +56,7 @@ def upgrade() -> None:
         sa.Column("operation", sa.Text, nullable=False),
         sa.Column("idempotency_key", sa.Text, nullable=False),
         sa.Column("request_sha256", sa.LargeBinary, nullable=False),
+        sa.Column("request_body", postgresql.JSONB, nullable=False),  # to finish a request whose client left
         sa.Column("state", sa.Text, nullable=False, server_default="in_progress"),
         sa.Column("response_status", sa.Integer, nullable=True),
         sa.Column("response_body", postgresql.JSONB, nullable=True),
@@ -66,6 +67,10 @@ def upgrade() -> None:
         sa.CheckConstraint(
             "(state = 'done') = (response_status IS NOT NULL)", name="idempotent_requests_chk_done_has_response"
         ),
+    )
+    op.create_index(
+        "idempotent_requests_ix_in_progress", "idempotent_requests", ["created_at"],
+        postgresql_where=sa.text("state = 'in_progress'"),
     )
 
 

@@ -199,3 +199,13 @@ async def test_100_concurrent_provisions_against_a_balance_for_one(api: Api) -> 
     assert statuses == [201] + [402] * 99
     assert (await wallet(api, key))["balance_pence"] == 0
     assert await ledger_kinds(api, org) == [("topup", 1000), ("asset", -1000)]
+
+
+async def test_a_provider_failure_with_the_longest_key_is_still_refunded(api: Api) -> None:
+    org, key = await api.new_org(5000)
+    long_key = "k" * 255  # the longest Idempotency-Key there is
+    failed = await api.as_org(key, "POST", "/api/managed-telephony/provision", {"area_code": "999"},
+                              headers={"Idempotency-Key": long_key})  # fmt: skip
+    assert (failed.status_code, failed.json()["error"]["refunded_pence"]) == (502, 1000)
+    assert (await wallet(api, key))["balance_pence"] == 5000
+    assert await ledger_kinds(api, org) == [("topup", 5000), ("refund", 1000), ("asset", -1000)]

@@ -1,0 +1,53 @@
+"""Provisioning when things go wrong in the middle: crashes, clients that never come back."""
+
+from engine import idempotent_requests as claims
+from engine.balances import read_wallet
+from engine.provisioning import OPERATION, ProvisionRequest, finish_abandoned_provisions, provision
+from engine.runtime import Runtime
+from engine.telephony import BoughtNumber, FakeTelephony, ProviderError
+from tests.helpers import new_org
+
+
+class FlakyProvider:
+    """Fails the first purchase, succeeds afterwards."""
+
+    name = "flaky"
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def buy(self, *, area_code: str | None, assistant_id: str | None, idempotency_key: str) -> BoughtNumber:
+        self.calls += 1
+        if self.calls == 1:
+            raise ProviderError("first attempt fails")
+        return BoughtNumber(f"pn-{idempotency_key[-8:]}", "+14155550100", "active")
+
+
+async def test_a_refunded_purchase_is_never_bought_afterwards(rt: Runtime) -> None:
+    org = await new_org(rt, 5000)
+    provider = FlakyProvider()
+    first = await provision(rt, provider, org, "buy-1", ProvisionRequest(None, None), 1000)
+    assert first.status == 502
+    # A crash between the refund and recording the answer: the claim is still in progress.
+    await rt.pg.execute("UPDATE idempotent_requests SET state = 'in_progress', response_status = NULL, "
+                        "response_body = NULL, created_at = now() - interval '1 hour'")  # fmt: skip
+    again = await provision(rt, provider, org, "buy-1", ProvisionRequest(None, None), 1000)
+    assert again.status == 502  # not a free number: the refund stands, the purchase stays failed
+    assert provider.calls == 1
+    wallet = await read_wallet(rt, org)
+    assert wallet is not None and wallet.balance_pence == 5000
+
+
+async def test_a_provision_whose_client_went_away_is_finished_by_the_worker(rt: Runtime) -> None:
+    org = await new_org(rt, 5000)
+    request = ProvisionRequest("212", None)
+    # The client's request claimed the key and then its process died before charging.
+    await claims.begin(rt, org, OPERATION, "gone", request.as_dict())
+    await rt.pg.execute("UPDATE idempotent_requests SET created_at = now() - interval '1 hour'")
+    assert await finish_abandoned_provisions(rt, FakeTelephony(), 1000) == 1
+    replay = await provision(rt, FakeTelephony(), org, "gone", request, 1000)
+    assert (replay.status, replay.replayed) == (201, True)
+    assert replay.body["phone_number"]["number"].startswith("+1212")
+    wallet = await read_wallet(rt, org)
+    assert wallet is not None and wallet.balance_pence == 4000
+    assert await finish_abandoned_provisions(rt, FakeTelephony(), 1000) == 0

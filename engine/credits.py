@@ -9,7 +9,7 @@
 """
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from redis.exceptions import RedisError
@@ -142,6 +142,7 @@ class PendingReport:
     applied: int = 0
     failed: int = 0
     too_old: int = 0
+    too_old_orgs: set[str] = field(default_factory=set)  # for the reconciler's repair
 
 
 async def apply_pending_credits(
@@ -165,8 +166,9 @@ async def apply_pending_credits(
     )
     for row in rows:
         if row["age_ms"] > too_old_ms:
-            log.error("pending credit %s is too old to apply safely; run `credit-engine reconcile --repair`", row["idempotency_key"])
+            log.error("pending credit %s is too old to apply by itself; its org must be repaired from postgres", row["idempotency_key"])
             report.too_old += 1
+            report.too_old_orgs.add(row["org_id"])
             continue
         await rt.pg.execute("UPDATE pending_credits SET attempts = attempts + 1 WHERE idempotency_key = $1", row["idempotency_key"])
         applied, _ = await apply_to_redis(rt, row["org_id"], row["idempotency_key"], row["amount_pence"])

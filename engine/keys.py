@@ -40,9 +40,10 @@ class OrgKeys:
     idem: str  # hash: idempotency key -> first outcome
     idem_exp: str  # sorted set: idempotency key -> expiry (ms)
     outbox: str  # stream: ledger entries and hold events not yet in Postgres
+    dead: str  # stream: outbox entries the ledger refused, kept until a repair archives them
 
     def all(self) -> list[str]:
-        return [self.org, self.holds, self.idem, self.idem_exp, self.outbox]
+        return [self.org, self.holds, self.idem, self.idem_exp, self.outbox, self.dead]
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,7 @@ class Keyspace:
             idem=f"{tag}:idem",
             idem_exp=f"{tag}:idem_exp",
             outbox=f"{tag}:outbox",
+            dead=f"{tag}:outbox:dead",
         )
 
     @property

@@ -63,7 +63,8 @@ class LedgerEntry:
             "debt_after_pence": self.redis_debt_after_pence,
             "stream_id": self.stream_id,
         }
-        return orjson.dumps(meta).decode()
+        # Postgres's jsonb refuses the NUL character; nothing we record needs it.
+        return orjson.dumps(meta).decode().replace("\\u0000", "")
 
 
 @dataclass(frozen=True)
@@ -132,7 +133,7 @@ WHERE b.org_id = u.org_id
 
 REJECT_SQL = """
 INSERT INTO ledger_rejects (org_id, idempotency_key, reason, entry)
-SELECT u.org_id, u.key, u.reason, u.entry::jsonb
+SELECT u.org_id, u.key, u.reason, u.entry
 FROM unnest($1::text[], $2::text[], $3::text[], $4::text[]) AS u(org_id, key, reason, entry)
 """
 
@@ -169,6 +170,11 @@ WHERE (h.status = 'live' AND (EXCLUDED.status <> 'live' OR EXCLUDED.version > h.
 
 class UnknownOrg(LookupError):
     """An outbox names an org Postgres does not have."""
+
+
+class UnwritableEntry(ValueError):
+    """An entry the ledger cannot take as it stands (e.g. it would take Postgres's debt below
+    zero: Redis decided something Postgres refused earlier). Kept aside, never forced in."""
 
 
 async def write_batch(conn: asyncpg.Connection, entries: list[LedgerEntry], events: list[HoldEvent]) -> BatchResult:
@@ -218,9 +224,10 @@ async def _plan_inserts(
                 rejects.append((entry.org_id, entry.idempotency_key, "duplicate_idempotency_key", _entry_json(entry)))
             continue
         projection = projections[entry.org_id]
+        if projection[1] + entry.debt_delta_pence < 0:
+            raise UnwritableEntry(f"{entry.idempotency_key} would take org {entry.org_id}'s debt below zero in postgres")
         projection[0] += entry.amount_pence
         projection[1] += entry.debt_delta_pence
-        assert projection[1] >= 0, (entry, projection)
         rows.append((entry, projection[0], projection[1]))
         planned[entry.idempotency_key] = entry
     return rows, rejects

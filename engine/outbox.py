@@ -14,7 +14,7 @@ import asyncpg
 import orjson
 
 from engine import faults, limits
-from engine.ledger import BatchResult, HoldEvent, LedgerEntry, UnknownOrg, write_batch
+from engine.ledger import BatchResult, HoldEvent, LedgerEntry, UnknownOrg, UnwritableEntry, write_batch
 from engine.records import HoldRecord
 from engine.runtime import Runtime
 from engine.types import EntryKind, HoldStatus
@@ -24,8 +24,9 @@ log = logging.getLogger(__name__)
 OutboxItem = LedgerEntry | HoldEvent
 
 # Errors that belong to the entries themselves (not to a Postgres outage): retrying the same
-# batch cannot help, so the org's entries are kept aside instead of blocking everyone's.
-POISON_ERRORS = (asyncpg.IntegrityConstraintViolationError, asyncpg.DataError, UnknownOrg)
+# batch cannot help. The org's entries are then written one at a time and the one the ledger
+# refuses is moved to the org's dead-letter stream, so it blocks neither its org nor anyone else.
+POISON_ERRORS = (asyncpg.IntegrityConstraintViolationError, asyncpg.DataError, UnwritableEntry)
 
 
 def parse_entry(stream_id: str, fields: dict[str, str]) -> OutboxItem:
@@ -83,7 +84,8 @@ class DrainResult:
     written: BatchResult = field(default_factory=BatchResult)
     entries_read: int = 0
     orgs_with_more: list[str] = field(default_factory=list)  # their outbox still has entries
-    orgs_failed: list[str] = field(default_factory=list)  # entries stay in the outbox
+    orgs_failed: list[str] = field(default_factory=list)  # Postgres has no such org: entries stay in the outbox
+    orgs_dead_lettered: list[str] = field(default_factory=list)  # an entry was moved to the dead letters
     oldest_created_ms: int | None = None
 
 
@@ -98,24 +100,44 @@ async def drain_orgs(rt: Runtime, org_ids: list[str], entries_max: int = limits.
     try:
         result.written = await _write(rt, items_by_org)
         done = items_by_org
-    except POISON_ERRORS as error:
-        if len(items_by_org) == 1:
-            org_id = next(iter(items_by_org))
-            log.error("outbox of org %s cannot be written to the ledger, entries kept: %s", org_id, error)
-            result.orgs_failed.append(org_id)
-            return result
-        # One org's entries must not hold up everyone's: write each org on its own.
+    except (*POISON_ERRORS, UnknownOrg):
         done = {}
         for org_id, items in items_by_org.items():
             try:
-                result.written.add(await _write(rt, {org_id: items}))
-                done[org_id] = items
-            except POISON_ERRORS as org_error:
-                log.error("outbox of org %s cannot be written to the ledger, entries kept: %s", org_id, org_error)
+                written, kept = await _write_one_by_one(rt, org_id, items)
+            except UnknownOrg as error:
+                # Postgres has no such org: every entry is kept where it is, loudly.
+                log.error("outbox of org %s cannot be written: %s", org_id, error)
                 result.orgs_failed.append(org_id)
+                continue
+            result.written.add(written)
+            done[org_id] = kept
+            if len(kept) < len(items):
+                result.orgs_dead_lettered.append(org_id)
     faults.reached("outbox.after_commit")  # crash tests: committed, not yet deleted from Redis
     result.orgs_with_more = await _acknowledge(rt, done)
     return result
+
+
+async def _write_one_by_one(rt: Runtime, org_id: str, items: list[OutboxItem]) -> tuple[BatchResult, list[OutboxItem]]:
+    """The slow path after a refused batch: each entry in its own transaction, in stream order.
+    Returns what was written and the entries to delete from the outbox (the written ones)."""
+    written = BatchResult()
+    done: list[OutboxItem] = []
+    for item in items:
+        try:
+            written.add(await _write(rt, {org_id: [item]}))
+            done.append(item)
+        except POISON_ERRORS as error:
+            reason = f"{type(error).__name__}: {error}"
+            log.error("outbox entry %s of org %s refused by the ledger, moved to its dead letters: %s", item.stream_id, org_id, reason)
+            await dead_letter(rt, org_id, item.stream_id, reason)
+    return written, done
+
+
+async def dead_letter(rt: Runtime, org_id: str, stream_id: str, reason: str) -> None:
+    keys = rt.keys.org(org_id)
+    await rt.scripts.run(rt.redis, "outbox_dead_letter", [keys.outbox, keys.dead], [stream_id, reason])
 
 
 async def _write(rt: Runtime, items_by_org: dict[str, list[OutboxItem]]) -> BatchResult:

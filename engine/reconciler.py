@@ -20,6 +20,8 @@ direction, becomes Postgres's.
 
 import asyncio
 import time
+
+import orjson
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,7 +38,10 @@ from engine.snapshots import LIVE_HOLDS_SQL, ORGS_SQL, hold_from_row, org_id_pag
 
 Progress = Callable[[int, int, int], None]  # done, total, drifted
 
-PENDING_SQL = "SELECT org_id, idempotency_key, amount_pence FROM pending_credits WHERE org_id = ANY($1::text[])"
+PENDING_SQL = """
+SELECT org_id, idempotency_key, amount_pence, (extract(epoch FROM created_at) * 1000)::bigint AS created_ms
+FROM pending_credits WHERE org_id = ANY($1::text[])
+"""
 SETTING_FIELDS = (
     "rate_pence_per_minute",
     "overdraft_pence",
@@ -47,6 +52,10 @@ SETTING_FIELDS = (
 )
 MONEY_FIELDS = ("balance_pence", "held_pence", "debt_pence", "seq")
 recheck_pause_s = 0.05
+# Longer than these, something is stuck (the worker drains within a second and re-applies
+# credits every few seconds): it is reported, not treated as "still on its way".
+outbox_stuck_ms = 5 * 60 * 1000
+pending_credit_stuck_ms = 5 * 60 * 1000
 
 
 @dataclass(frozen=True)
@@ -56,7 +65,7 @@ class PgState:
     debt_pence: int
     last_entry_id: int | None
     live_holds: tuple[tuple[str, int, int], ...]  # (call_id, hold_pence, version)
-    pending_credits: tuple[tuple[str, int], ...]  # (idempotency_key, amount_pence)
+    pending_credits: tuple[tuple[str, int, int], ...]  # (idempotency_key, amount_pence, created_ms)
 
 
 @dataclass(frozen=True)
@@ -67,6 +76,7 @@ class RedisState:
     holds: dict[str, HoldRecord]
     outbox: list[LedgerEntry | HoldEvent]
     pending_applied: dict[str, bool]
+    dead_letters: int
 
 
 @dataclass
@@ -95,9 +105,9 @@ async def _pg_states(rt: Runtime, org_ids: list[str]) -> dict[str, PgState]:
     holds_by_org: dict[str, list[tuple[str, int, int]]] = {}
     for row in holds:
         holds_by_org.setdefault(row["org_id"], []).append((row["call_id"], row["hold_pence"], row["version"]))
-    pending_by_org: dict[str, list[tuple[str, int]]] = {}
+    pending_by_org: dict[str, list[tuple[str, int, int]]] = {}
     for row in pending:
-        pending_by_org.setdefault(row["org_id"], []).append((row["idempotency_key"], row["amount_pence"]))
+        pending_by_org.setdefault(row["org_id"], []).append((row["idempotency_key"], row["amount_pence"], row["created_ms"]))
     return {
         row["org_id"]: PgState(
             settings=tuple(settings_from_row(row).script_args()),
@@ -119,16 +129,17 @@ async def _redis_states(rt: Runtime, pg: dict[str, PgState]) -> dict[str, RedisS
             pipe.hmget(keys.org, [*MONEY_FIELDS, *SETTING_FIELDS])
             pipe.hgetall(keys.holds)
             pipe.xrange(keys.outbox, "-", "+")
-            pending_keys = [key for key, _ in pg[org_id].pending_credits]
+            pipe.xlen(keys.dead)
+            pending_keys = [key for key, _, _ in pg[org_id].pending_credits]
             if pending_keys:
                 pipe.hmget(keys.idem, pending_keys)
             else:
-                pipe.exists(keys.idem)  # keeps four replies per org
+                pipe.exists(keys.idem)  # keeps five replies per org
         replies = await pipe.execute()
     states = {}
     for i, org_id in enumerate(org_ids):
-        values, holds, outbox, pending = replies[4 * i : 4 * i + 4]
-        pending_keys = [key for key, _ in pg[org_id].pending_credits]
+        values, holds, outbox, dead_letters, pending = replies[5 * i : 5 * i + 5]
+        pending_keys = [key for key, _, _ in pg[org_id].pending_credits]
         states[org_id] = RedisState(
             present=values[0] is not None,
             money={name: int(v or 0) for name, v in zip(MONEY_FIELDS, values[: len(MONEY_FIELDS)], strict=True)},
@@ -138,6 +149,7 @@ async def _redis_states(rt: Runtime, pg: dict[str, PgState]) -> dict[str, RedisS
             pending_applied=(
                 {key: value is not None for key, value in zip(pending_keys, pending, strict=True)} if pending_keys else {}
             ),
+            dead_letters=dead_letters,
         )
     return states
 
@@ -149,10 +161,16 @@ async def _keys_in_ledger(rt: Runtime, keys: list[str]) -> set[str]:
     return {row["idempotency_key"] for row in rows}
 
 
-def compare(pg: PgState, redis: RedisState, in_ledger: set[str]) -> list[str]:
+def compare(pg: PgState, redis: RedisState, in_ledger: set[str], now_ms: int) -> list[str]:
     """Problems found for one org (empty: Redis agrees with Postgres)."""
     if not redis.present:
         return ["missing in redis"]
+    problems = []
+    if redis.dead_letters:
+        problems.append(f"{redis.dead_letters} outbox entries were refused by the ledger (dead letters): Redis has "
+                        "changes Postgres does not")  # fmt: skip
+    if redis.outbox and now_ms - redis.outbox[0].created_ms > outbox_stuck_ms:
+        problems.append(f"outbox not draining: its oldest entry is {(now_ms - redis.outbox[0].created_ms) // 1000} s old")
     balance, debt = pg.balance_pence, pg.debt_pence
     holds = {call_id: hold_pence for call_id, hold_pence, _ in pg.live_holds}
     for item in redis.outbox:
@@ -164,10 +182,11 @@ def compare(pg: PgState, redis: RedisState, in_ledger: set[str]) -> list[str]:
             holds[item.call_id] = item.hold.hold_pence
         else:
             holds.pop(item.call_id, None)
-    for key, amount_pence in pg.pending_credits:
+    for key, amount_pence, created_ms in pg.pending_credits:
         if not redis.pending_applied.get(key, False):
             balance -= amount_pence
-    problems = []
+            if now_ms - created_ms > pending_credit_stuck_ms:
+                problems.append(f"credit {key} was committed {(now_ms - created_ms) // 1000} s ago and is still not in Redis")
     if redis.money["balance_pence"] != balance:
         problems.append(f"balance_pence: redis {redis.money['balance_pence']}, postgres says {balance}")
     if redis.money["debt_pence"] != debt:
@@ -189,13 +208,14 @@ async def _check_orgs(rt: Runtime, org_ids: list[str]) -> tuple[dict[str, list[s
     outbox_keys = [item.idempotency_key for s in redis.values() for item in s.outbox if isinstance(item, LedgerEntry)]
     in_ledger = await _keys_in_ledger(rt, outbox_keys)
     after = await _pg_states(rt, list(before))
+    now_ms = await rt.clock.now_ms(rt.redis)
     problems: dict[str, list[str]] = {}
     moved = []
     for org_id, pg_state in before.items():
         if after.get(org_id) != pg_state:
             moved.append(org_id)
             continue
-        found = compare(pg_state, redis[org_id], in_ledger)
+        found = compare(pg_state, redis[org_id], in_ledger, now_ms)
         if found:
             problems[org_id] = found
     return problems, moved
@@ -249,9 +269,26 @@ async def repair_org(rt: Runtime, org_id: str) -> Outcome:
             await rt.pg.execute(
                 "DELETE FROM pending_credits WHERE idempotency_key = ANY($1::text[])", list(snapshot.pending_credit_keys)
             )
+            await archive_dead_letters(rt, org_id)
             return outcome
         await asyncio.sleep(recheck_pause_s)
     return Outcome.restore_conflict
+
+
+async def archive_dead_letters(rt: Runtime, org_id: str) -> int:
+    """After a repair has made Redis agree with Postgres, the refused entries have served their
+    purpose in Redis: keep them in ledger_rejects (Postgres) and clear them from Redis."""
+    keys = rt.keys.org(org_id)
+    entries = await rt.redis.xrange(keys.dead, "-", "+")
+    if not entries:
+        return 0
+    await rt.pg.executemany(
+        "INSERT INTO ledger_rejects (org_id, idempotency_key, reason, entry) VALUES ($1, $2, $3, $4)",
+        [(org_id, fields.get("k", ""), "dead_letter: " + fields.get("reason", ""), orjson.dumps(fields).decode())
+         for _, fields in entries],
+    )  # fmt: skip
+    await rt.redis.xdel(keys.dead, *[stream_id for stream_id, _ in entries])
+    return len(entries)
 
 
 async def _seq_and_outbox(rt: Runtime, org_key: str, outbox_key: str) -> tuple[Any, int]:

@@ -21,6 +21,7 @@ class Outcome(IntEnum):
     too_many_calls = -7
     not_expired = -8
     restore_conflict = -9
+    entry_not_found = -10
 
 
 @dataclass(frozen=True)

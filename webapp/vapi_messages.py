@@ -39,7 +39,9 @@ def _dict(value: Any) -> dict[str, Any]:
 
 
 def _str(value: Any, length_max: int = 512) -> str | None:
-    return value if isinstance(value, str) and 0 < len(value) <= length_max else None
+    if not isinstance(value, str) or not 0 < len(value) <= length_max or "\x00" in value:
+        return None
+    return value
 
 
 def _time(value: Any) -> datetime | None:

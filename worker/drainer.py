@@ -66,6 +66,13 @@ class Drainer:
                 await self._sleep(backoff_s)
                 backoff_s = min(backoff_s * 2, backoff_s_max)
                 continue
+            except Exception:
+                # A bug must not end the drain for every org: log it loudly and go on.
+                self.stats.errors += 1
+                log.exception("outbox drain failed unexpectedly, retrying in %.2fs", backoff_s)
+                await self._sleep(backoff_s)
+                backoff_s = min(backoff_s * 2, backoff_s_max)
+                continue
             if drained == 0:
                 await self._sleep(poll_s)
 

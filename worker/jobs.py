@@ -7,6 +7,7 @@ from engine import provisioning
 from engine.credits import apply_pending_credits
 from engine.expiry import expire_due_holds
 from engine.outbox import drain_org_fully
+from engine.reconciler import repair_org
 from engine.restore import ensure_rebuilt
 from engine.runtime import Runtime
 from worker.drainer import Drainer
@@ -28,8 +29,14 @@ async def expire_holds(ctx: Ctx) -> dict[str, int]:
 
 
 async def finish_pending_credits(ctx: Ctx) -> dict[str, int]:
-    report = await apply_pending_credits(_rt(ctx))
-    return report.__dict__
+    rt = _rt(ctx)
+    report = await apply_pending_credits(rt)
+    for org_id in sorted(report.too_old_orgs):
+        # Too old to apply by key alone (Redis may have pruned its record): rewrite the org from
+        # Postgres, whose balance already includes the credit.
+        outcome = await repair_org(rt, org_id)
+        log.warning("repaired org %s for a credit pending too long: %s", org_id, outcome.name)
+    return {"applied": report.applied, "failed": report.failed, "too_old": report.too_old}
 
 
 async def sweep_outbox(ctx: Ctx) -> int:

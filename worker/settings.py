@@ -6,6 +6,8 @@ Queue, cron job names and the health-check key all carry our key prefix, so seve
 
 import asyncio
 import logging
+import os
+import signal
 from typing import Any
 
 from arq.connections import RedisSettings
@@ -25,6 +27,16 @@ log = logging.getLogger(__name__)
 drainer_stop_timeout_s = 10.0
 
 
+def _exit_if_drainer_ends(task: "asyncio.Task[None]") -> None:
+    """The drain loop only ends when the worker stops it. If it ends any other way, a worker that
+    looks healthy but drains nothing is worse than none: stop, and let the supervisor restart us."""
+    if task.cancelled() or getattr(task, "stopping", False):
+        return
+    error = task.exception()
+    log.critical("the outbox drain ended unexpectedly (%r): stopping the worker", error)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
 def _every(seconds: int) -> set[int]:
     return set(range(0, 60, seconds)) if seconds < 60 else {0}
 
@@ -41,13 +53,16 @@ def worker_options(settings: Settings) -> dict[str, Any]:
         drainer = Drainer(rt)
         ctx["drainer"] = drainer
         await drainer.sweep()  # entries rung by nobody (a crash before this start) are found now
-        ctx["drainer_task"] = asyncio.create_task(drainer.run_forever(), name="outbox-drainer")
+        task = asyncio.create_task(drainer.run_forever(), name="outbox-drainer")
+        task.add_done_callback(_exit_if_drainer_ends)
+        ctx["drainer_task"] = task
         log.info("worker started: draining outboxes under prefix %r", settings.key_prefix)
 
     async def on_shutdown(ctx: dict[str, Any]) -> None:
         drainer: Drainer | None = ctx.get("drainer")
         task: asyncio.Task[None] | None = ctx.get("drainer_task")
         if drainer is not None and task is not None:
+            task.stopping = True  # type: ignore[attr-defined]
             drainer.stop()
             await asyncio.wait_for(task, drainer_stop_timeout_s)
             await drainer.publish_stats()

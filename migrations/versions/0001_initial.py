@@ -180,7 +180,7 @@ def upgrade() -> None:
         sa.Column("org_id", sa.Text, nullable=False),
         sa.Column("idempotency_key", sa.Text, nullable=False),
         sa.Column("reason", sa.Text, nullable=False),
-        sa.Column("entry", postgresql.JSONB, nullable=False),
+        sa.Column("entry", sa.Text, nullable=False),  # JSON as text: it may hold what jsonb refuses
         sa.Column("recorded_at", TS, nullable=False, server_default=sa.func.now()),
     )
     op.create_index("ledger_rejects_ix_org_id", "ledger_rejects", ["org_id"])

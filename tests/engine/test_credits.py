@@ -113,3 +113,22 @@ async def test_credit_metadata_is_stored_as_a_json_object(rt: Runtime) -> None:
     await credit(rt, org, "k", 100, meta={"source": "stripe", "payment": "pi_1"})
     row = await rt.pg.fetchrow("SELECT jsonb_typeof(meta) AS kind, meta->>'payment' AS payment FROM ledger_entries WHERE org_id = $1", org)
     assert (row["kind"], row["payment"]) == ("object", "pi_1")
+
+
+async def test_a_credit_stuck_too_long_is_reported_and_repaired(rt: Runtime, rt_without_redis: Runtime) -> None:
+    from engine.clock import RedisClock
+
+    rt.clock = RedisClock()  # ages are compared with Postgres's clock: use the real one
+    org = await new_org(rt, 100)
+    await credit(rt_without_redis, org, "pay-1", 900)
+    await rt.pg.execute("UPDATE pending_credits SET created_at = now() - interval '10 minutes'")
+    report = await check(rt, [org])
+    assert any("still not in Redis" in p for d in report.drifted for p in d.problems)
+    # Past half the idempotency window the worker will not apply it by key: a repair does.
+    rt.settings = replace(rt.settings, idempotency_ttl_ms=60_000)
+    pending = await apply_pending_credits(rt, older_than_ms=0)
+    assert (pending.applied, pending.too_old_orgs) == (0, {org})
+    assert (await repair(rt, [org])).after.clean
+    wallet = await read_wallet(rt, org)
+    assert wallet is not None and wallet.balance_pence == 1000
+    assert await rt.pg.fetchval("SELECT count(*) FROM pending_credits") == 0

@@ -1,5 +1,7 @@
 """The ledger in Postgres: written exactly once from the outbox, invariants held by the database."""
 
+import json
+
 import asyncpg
 import pytest
 
@@ -71,7 +73,7 @@ async def test_the_same_key_with_a_different_decision_is_kept_as_evidence_not_wr
     assert len([r for r in await ledger(rt, org) if r["kind"] == "asset"]) == 1
     reject = await rt.pg.fetchrow("SELECT * FROM ledger_rejects WHERE org_id = $1", org)
     assert reject["reason"] == "duplicate_idempotency_key"
-    assert reject["entry"]["amount_pence"] == -100
+    assert json.loads(reject["entry"])["amount_pence"] == -100
     assert (await projection(rt, org))["balance_pence"] == 900
 
 

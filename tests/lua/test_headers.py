@@ -11,7 +11,7 @@ from engine.scripts import INCLUDE_PATTERN, load_scripts
 SCRIPTS = load_scripts()
 EXPECTED = {
     "asset_deduct", "credit_apply", "hold_check", "hold_commit", "hold_release",
-    "hold_reserve", "org_configure", "org_restore",
+    "hold_reserve", "org_configure", "org_restore", "outbox_dead_letter",
 }  # fmt: skip
 
 
@@ -40,7 +40,7 @@ def test_include_is_inlined_and_the_script_does_not_read_the_clock_itself(name: 
     source = SCRIPTS[name].source
     assert INCLUDE_PATTERN.search(source) is None
     # The only TIME call is clock_ms() in the library, which honours the caller's now_ms.
-    assert source.count("'TIME'") == 1
+    assert source.count("'TIME'") <= 1
 
 
 def test_a_call_with_the_wrong_number_of_keys_is_refused_before_redis() -> None:

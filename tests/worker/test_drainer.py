@@ -1,5 +1,7 @@
 """The drain loop and the sweep, in-process against real Redis and Postgres."""
 
+import pytest
+
 from engine.assets import deduct_asset
 from engine.holds import reserve_call
 from engine.outbox import drain_orgs
@@ -63,3 +65,59 @@ async def test_an_org_whose_entries_cannot_be_written_does_not_block_the_others(
     assert await ledger_count(rt, good) == 2
     assert await rt.redis.xlen(rt.keys.org(good).outbox) == 0
     assert await rt.redis.xlen(rt.keys.org(stray).outbox) == 1  # kept, not dropped
+
+
+async def test_an_entry_the_ledger_refuses_is_kept_aside_and_the_rest_of_its_org_flows(rt: Runtime) -> None:
+    from engine.reconciler import check, repair
+
+    org = await new_org(rt, 1000)
+    await deduct_asset(rt, org, "before", 10)
+    # An entry Postgres refuses (an amount beyond the ledger's bound), between two good ones.
+    await rt.redis.xadd(rt.keys.org(org).outbox, {
+        "t": "L", "o": org, "k": f"{org}/asset/poison", "kind": "asset", "a": str(-(10**13)), "dd": "0", "b": "0",
+        "db": "0", "c": "", "bs": "0", "r": "0", "fp": "", "m": "", "ms": "1750000000000", "s": "99"})  # fmt: skip
+    await deduct_asset(rt, org, "after", 20)
+    result = await drain_orgs(rt, [org])
+    assert result.orgs_dead_lettered == [org]
+    kinds = await rt.pg.fetch("SELECT idempotency_key FROM ledger_entries WHERE org_id = $1 ORDER BY id", org)
+    assert [r["idempotency_key"].rsplit("/", 1)[1] for r in kinds] == [f"seed-{org}", "before", "after"]
+    assert await rt.redis.xlen(rt.keys.org(org).outbox) == 0
+    assert await rt.redis.xlen(rt.keys.org(org).dead) == 1
+    # Not silently fine: the check says Redis has something Postgres refused.
+    report = await check(rt, [org])
+    assert any("dead letters" in p for d in report.drifted for p in d.problems)
+    repaired = await repair(rt, [org])
+    assert repaired.after.clean
+    assert await rt.redis.xlen(rt.keys.org(org).dead) == 0
+    reject = await rt.pg.fetchrow("SELECT reason FROM ledger_rejects WHERE org_id = $1", org)
+    assert reject["reason"].startswith("dead_letter: CheckViolationError")
+
+
+async def test_the_drain_loop_survives_an_unexpected_error(rt: Runtime, monkeypatch: pytest.MonkeyPatch) -> None:
+    import asyncio
+
+    import worker.drainer as drainer_module
+
+    org = await new_org(rt, 1000)
+    await deduct_asset(rt, org, "a", 10)
+    real = drainer_module.drain_orgs
+    calls = {"n": 0}
+
+    async def broken_once(*args: object, **kwargs: object) -> object:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("a bug")
+        return await real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(drainer_module, "drain_orgs", broken_once)
+    monkeypatch.setattr(drainer_module, "backoff_s_min", 0.01)
+    drainer = Drainer(rt)
+    task = asyncio.create_task(drainer.run_forever())
+    for _ in range(200):
+        if await ledger_count(rt, org) == 2:
+            break
+        await asyncio.sleep(0.01)
+    drainer.stop()
+    await task
+    assert await ledger_count(rt, org) == 2
+    assert drainer.stats.errors == 1

@@ -35,17 +35,22 @@ rebuild_wait_poll_s = 0.1
 
 def add_restore(rt: Runtime, pipe: Any, snapshot: OrgSnapshot, mode: str, expected_seq: int = 0) -> None:
     keys = rt.keys.org(snapshot.org_id)
-    for start in range(0, len(snapshot.idem), idem_chunk_size):
-        chunk = snapshot.idem[start : start + idem_chunk_size]
+    facts = [record for record in snapshot.idem if record.field not in snapshot.pending_credit_keys]
+    pending = [record for record in snapshot.idem if record.field in snapshot.pending_credit_keys]
+    for start in range(0, len(facts), idem_chunk_size):
+        chunk = facts[start : start + idem_chunk_size]
         pipe.hset(keys.idem, mapping={record.field: record.value for record in chunk})
         pipe.zadd(keys.idem_exp, {record.field: record.expires_ms for record in chunk})
     hold_args: list[Any] = []
     for call_id, hold in sorted(snapshot.live_holds.items()):
         hold_args += [call_id, hold.encode()]
+    pending_args: list[Any] = []
+    for record in pending:  # written by the script, and only if the restore happens
+        pending_args += [record.field, record.value, record.expires_ms]
     rt.scripts.add_to_pipeline(
         pipe,
         "org_restore",
-        [keys.org, keys.holds, keys.outbox],
+        [keys.org, keys.holds, keys.outbox, keys.idem, keys.idem_exp],
         [
             rt.clock.script_arg(),
             snapshot.org_id,
@@ -54,7 +59,9 @@ def add_restore(rt: Runtime, pipe: Any, snapshot: OrgSnapshot, mode: str, expect
             snapshot.balance_pence,
             snapshot.debt_pence,
             *snapshot.settings.script_args(),
+            len(snapshot.live_holds),
             *hold_args,
+            *pending_args,
         ],
     )
 

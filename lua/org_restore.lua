@@ -1,12 +1,18 @@
 --[[
   Replace one org's state with a snapshot built from Postgres (the reconciler's write).
-  Idempotency records are restored before this runs, by plain HSET/ZADD: an org is invisible to
-  every other script until this script creates its hash, so no replay can slip in between.
+  Idempotency records that state facts true whatever happens here (a deduction that happened, a
+  call that was resolved, a credit Redis applied long ago) are restored before this runs, by
+  plain HSET/ZADD: an org is invisible to every other script until this script creates its
+  hash, so no replay can slip in between. The records of credits Redis has not confirmed yet
+  come in ARGV instead and are written only if the restore happens: they say "this credit is in
+  the balance", which is true of the snapshot's balance and of no other.
 
   Input:
     KEYS[1] org hash              <prefix>:{org:<org_id>}:org
     KEYS[2] holds hash            <prefix>:{org:<org_id>}:holds
     KEYS[3] outbox stream         <prefix>:{org:<org_id>}:outbox
+    KEYS[4] idempotency hash      <prefix>:{org:<org_id>}:idem
+    KEYS[5] idempotency expiries  <prefix>:{org:<org_id>}:idem_exp
 
     ARGV[1]  now_ms               0 = Redis TIME
     ARGV[2]  org_id
@@ -21,7 +27,10 @@
     ARGV[10] hold_block_minutes
     ARGV[11] grace_seconds
     ARGV[12] max_concurrent_calls
-    ARGV[13..] call_id, hold record pairs (live holds)
+    ARGV[13] holds_count          how many live holds follow
+    ARGV[14..] holds_count pairs (call_id, hold record), then triples (field, value,
+               expires_ms): the idempotency records of the credits in the snapshot's balance
+               that Redis has not confirmed
 
   The outbox must be empty in both modes: entries still in it are debits Postgres does not have
   yet, and a snapshot from Postgres would silently drop them.
@@ -44,8 +53,10 @@ local min_start = int_arg(ARGV[9], 'min_start_pence', 1, 1000000000000)
 local block = int_arg(ARGV[10], 'hold_block_minutes', 1, 60)
 local grace = int_arg(ARGV[11], 'grace_seconds', 0, 300)
 local max_calls = int_arg(ARGV[12], 'max_concurrent_calls', 0, 1000000)
-if (#ARGV - 12) % 2 ~= 0 then
-  error('bad argument holds: call_id/record pairs expected')
+local holds_count = int_arg(ARGV[13], 'holds_count', 0, 1000000)
+local holds_end = 13 + 2 * holds_count
+if #ARGV < holds_end or (#ARGV - holds_end) % 3 ~= 0 then
+  error('bad argument holds/records: pairs then triples expected')
 end
 if mode ~= 'absent' and mode ~= 'seq' then
   error('bad argument mode: ' .. tostring(mode))
@@ -63,13 +74,16 @@ if mode == 'seq' and (org == nil or org.seq ~= expected_seq) then
 end
 
 local held = 0
-for i = 13, #ARGV, 2 do
+for i = 14, holds_end, 2 do
   held = held + hold_decode(ARGV[i + 1]).hold_pence
 end
 
 rcall('DEL', KEYS[2])
-for i = 13, #ARGV, 2 do
+for i = 14, holds_end, 2 do
   rcall('HSET', KEYS[2], ARGV[i], ARGV[i + 1])
+end
+for i = holds_end + 1, #ARGV, 3 do
+  idem_put(KEYS[4], KEYS[5], ARGV[i], ARGV[i + 1], int_arg(ARGV[i + 2], 'expires_ms', 0, 9007199254740991))
 end
 local seq = expected_seq + 1
 if org == nil then

@@ -123,3 +123,27 @@ async def test_settings_changes_reach_redis(rt: Runtime) -> None:
     assert reservation.max_duration_s == 100  # 1000p at 10p/s
     assert (await reserve_call(rt, org, "c2")).outcome == Outcome.too_many_calls
     assert (await check(rt, [org])).clean
+
+
+async def test_a_refused_restore_does_not_mark_a_pending_credit_as_applied(rt: Runtime) -> None:
+    from dataclasses import replace as dc_replace
+
+    from engine.credits import apply_pending_credits, credit
+    from engine.embedded import free_port
+    from engine.restore import restore_orgs, snapshot_orgs
+    from engine.runtime import redis_client
+
+    org = await new_org(rt, 1000)
+    dead = redis_client(f"redis://127.0.0.1:{free_port()}/0", 2)
+    try:
+        assert not (await credit(dc_replace(rt, redis=dead), org, "pay-1", 500)).applied
+    finally:
+        await dead.aclose()
+    snapshot = (await snapshot_orgs(rt, [org]))[org]
+    # A restore that cannot happen (the org is in Redis already) must leave no trace that says
+    # the credit is applied, or the worker would take it for a replay and Redis would never get it.
+    assert (await restore_orgs(rt, [snapshot], "absent"))[org] == Outcome.restore_conflict
+    assert (await apply_pending_credits(rt, older_than_ms=0)).applied == 1
+    wallet = await read_wallet(rt, org)
+    assert wallet is not None and wallet.balance_pence == 1500
+    assert (await check(rt, [org])).clean

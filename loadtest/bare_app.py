@@ -1,0 +1,37 @@
+"""The practical limit: a bare Starlette endpoint that does one Redis EVALSHA and nothing else.
+
+It runs the very script the status check runs (hold_check.lua), on the same web stack (uvicorn,
+uvloop, httptools), without auth, call lookup, metrics or error mapping: what is left of the
+status check's time once those are gone is this endpoint's. Run: uvicorn loadtest.bare_app:app
+"""
+
+import os
+
+import orjson
+from redis.asyncio import Redis
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from engine.keys import Keyspace
+from engine.scripts import ScriptRunner
+
+scripts = ScriptRunner()
+keys = Keyspace(os.environ.get("CREDIT_ENGINE_KEY_PREFIX", "ce"))
+redis = Redis.from_url(os.environ["REDIS_URL"], decode_responses=True, max_connections=64)
+script = scripts.scripts["hold_check"]
+
+
+async def check(request: Request) -> Response:
+    body = orjson.loads(await request.body())
+    org = keys.org(body["org_id"])
+    reply = await redis.evalsha(script.sha, 3, org.org, org.holds, org.outbox, 0, body["org_id"], body["call_id"], 0, 600_000, 100_000, 8)
+    return Response(orjson.dumps({"endCall": bool(reply[6]), "available_pence": reply[3]}), media_type="application/json")
+
+
+async def startup() -> None:
+    await scripts.load(redis)
+
+
+app = Starlette(routes=[Route("/check", check, methods=["POST"])], on_startup=[startup])

@@ -66,7 +66,7 @@ class OrgSettings:
 
 
 def _check_url(value: object, field: str) -> None:
-    if not isinstance(value, str) or len(value) > 2000:
+    if not isinstance(value, str) or len(value) > 2000 or not value.isprintable() or " " in value:
         raise InvalidInput(field, "must be an http(s) URL of at most 2000 characters")
     parts = urlsplit(value)
     if parts.scheme not in ("http", "https") or not parts.netloc:

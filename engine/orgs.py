@@ -52,8 +52,8 @@ def _settings_columns(settings: OrgSettings) -> list[Any]:
 
 
 def _check_name(name: object) -> str:
-    if not isinstance(name, str) or not 1 <= len(name.strip()) <= 200:
-        raise InvalidInput("name", "must be 1-200 characters")
+    if not isinstance(name, str) or not 1 <= len(name.strip()) <= 200 or not name.isprintable():
+        raise InvalidInput("name", "must be 1-200 printable characters")
     return name.strip()
 
 

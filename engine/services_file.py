@@ -13,7 +13,10 @@ def services_path(data_dir: Path) -> Path:
 
 def write_services(data_dir: Path, redis_url: str, database_url: str, api_url: str) -> None:
     services = {"pid": os.getpid(), "redis_url": redis_url, "database_url": database_url, "api": api_url}
-    services_path(data_dir).write_text(json.dumps(services))
+    path = services_path(data_dir)
+    path.touch(mode=0o600, exist_ok=True)
+    path.chmod(0o600)  # the URLs may carry passwords
+    path.write_text(json.dumps(services))
 
 
 def read_services(data_dir: Path) -> dict[str, str] | None:

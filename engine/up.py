@@ -20,6 +20,7 @@ import sys
 import time
 from dataclasses import replace
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 from engine.config import Settings
 from engine.embedded import EmbeddedPostgres, EmbeddedRedis
@@ -146,6 +147,15 @@ async def _rebuild(settings: Settings) -> None:
         await rt.close()
 
 
+def redact(url: str) -> str:
+    """A URL fit to print: any password replaced."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
 def _print_banner(
     host: str,
     port: int,
@@ -164,8 +174,8 @@ credit-engine is up
   web app    http://{host}:{port}   (GET /healthz, GET /readyz, GET /openapi.json)
   secrets    {data_dir / SECRETS_FILE}   (admin token, Vapi webhook secret; mode 600)
   worker     draining the outbox into the Postgres ledger
-  Redis      {redis_url}   ({redis_note})
-  Postgres   {database_url}   ({pg_note})
+  Redis      {redact(redis_url)}   ({redis_note})
+  Postgres   {redact(database_url)}   ({pg_note})
   data       {data_dir}
 
 Try it from another terminal (the CLI finds these servers through {services_path(data_dir)}):

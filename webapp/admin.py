@@ -1,5 +1,7 @@
 """Admin API (Authorization: Bearer <CREDIT_ENGINE_ADMIN_TOKEN>): orgs, API keys, top-ups, numbers."""
 
+import re
+
 from typing import Any
 
 from starlette.requests import Request
@@ -22,6 +24,7 @@ from webapp.context import AppContext, context
 from webapp.responses import ApiError, json_response
 
 SETTINGS_FIELDS = set(OrgSettings.names())
+KEY_ID = re.compile(r"key_[0-9a-f]{16}")
 
 
 def admin(request: Request) -> AppContext:
@@ -100,7 +103,8 @@ async def new_api_key(request: Request) -> Response:
 
 async def revoke(request: Request) -> Response:
     ctx = admin(request)
-    if not await revoke_api_key(ctx.rt, _org_id(request), str(request.path_params["key_id"])):
+    key_id = str(request.path_params["key_id"])
+    if KEY_ID.fullmatch(key_id) is None or not await revoke_api_key(ctx.rt, _org_id(request), key_id):
         raise ApiError(404, "not_found", "no such active key for this org")
     return Response(status_code=204)
 
@@ -120,7 +124,11 @@ async def topup(request: Request) -> Response:
         raise ApiError(422, "idempotency_key_reused", "this Idempotency-Key was used with a different request body")
     if claimed.claim == claims.Claim.in_progress:
         raise ApiError(409, "request_in_progress", "a request with this Idempotency-Key is still running; retry shortly")
-    result = await credit(ctx.rt, org_id, key, amount, meta={"via": "admin_api"})
+    try:
+        result = await credit(ctx.rt, org_id, key, amount, meta={"via": "admin_api"})
+    except InvalidInput:
+        await claims.abandon(ctx.rt, org_id, "topup", key)  # refused: the key was not spent
+        raise
     if result.outcome == Outcome.idempotency_conflict:
         await claims.abandon(ctx.rt, org_id, "topup", key)
         raise ApiError(422, "idempotency_key_reused", "this Idempotency-Key was used for another amount")

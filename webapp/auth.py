@@ -5,6 +5,7 @@ Every secret is compared in constant time (hmac.compare_digest), and none is eve
 
 import hashlib
 import hmac
+import math
 import time
 
 from starlette.requests import Request
@@ -54,6 +55,8 @@ def hmac_valid(settings: Settings, signature: str, timestamp: str, raw_body: byt
     try:
         stamp = float(timestamp)
     except ValueError:
+        return False
+    if not math.isfinite(stamp):
         return False
     if stamp > 1e11:  # milliseconds: Vapi does not say which unit it sends
         stamp /= 1000

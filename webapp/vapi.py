@@ -16,7 +16,7 @@ from starlette.responses import Response
 
 from engine import keys as key_rules
 from engine.errors import InvalidInput
-from engine.holds import CallEvent, check_call, commit_call, reserve_call
+from engine.holds import CallEvent, check_call, commit_call, release_call, reserve_call
 from engine.phone_numbers import number_owner
 from engine.results import Outcome
 from engine.types import call_state_key
@@ -74,7 +74,33 @@ async def webhook(request: Request) -> Response:
         log.exception("vapi %s for call %s failed", message.type, message.call_id)
         ctx.metrics.webhooks.labels(message.type, "error").inc()
         body = {"error": SPOKEN_TRY_LATER} if message.type == "assistant-request" else {}
+        if message.type == "assistant-request":
+            _release_later(ctx, message)
     return json_response(body)
+
+
+_background: set["asyncio.Task[None]"] = set()
+
+
+def _release_later(ctx: AppContext, message: VapiMessage) -> None:
+    """The call was refused, but the hold may have been taken just before the deadline: release
+    it (a call that never started is charged nothing), so it does not lock credit until it expires."""
+
+    async def release() -> None:
+        org_id, _ = await resolve_org(ctx, message)
+        if org_id is not None and message.call_id is not None and key_rules.is_call_id(message.call_id):
+            resolution = await release_call(ctx.rt, org_id, message.call_id)
+            log.warning("released the hold of refused call %s: %s", message.call_id, resolution.outcome.name)
+
+    async def guarded() -> None:
+        try:
+            await asyncio.wait_for(release(), timeout=message_budget_s)
+        except Exception:
+            log.exception("could not release the hold of refused call %s; it will expire", message.call_id)
+
+    task = asyncio.get_running_loop().create_task(guarded())
+    _background.add(task)
+    task.add_done_callback(_background.discard)
 
 
 async def _reserve(ctx: AppContext, org_id: str, call_id: str) -> Any:
@@ -146,10 +172,10 @@ async def end_of_call_report(ctx: AppContext, message: VapiMessage) -> dict[str,
         log.warning("end-of-call-report for a call we cannot place (call %r): not billed to anyone", message.call_id)
         ctx.metrics.webhooks.labels(message.type, "unknown_org").inc()
         return {}
-    meta = {"vapi_cost_usd": message.cost_usd, "ended_reason": message.ended_reason}
-    billed = message.billed_seconds if message.billed_seconds is not None else 0
     if message.billed_seconds is None:
-        log.warning("end-of-call-report for call %s has no times or duration: billed as 0 s", message.call_id)
+        return await _report_without_duration(ctx, org_id, message.call_id)
+    meta = {"vapi_cost_usd": message.cost_usd, "ended_reason": message.ended_reason}
+    billed = message.billed_seconds
     resolution = await commit_call(ctx.rt, org_id, message.call_id, billed, meta=meta)
     if resolution.outcome == Outcome.org_unknown and await ctx.bring_org_in(org_id):
         resolution = await commit_call(ctx.rt, org_id, message.call_id, billed, meta=meta)
@@ -157,6 +183,21 @@ async def end_of_call_report(ctx: AppContext, message: VapiMessage) -> dict[str,
         log.warning("second end-of-call-report for call %s says %d s; the first commit stands", message.call_id, billed)
     ctx.metrics.decision("commit", resolution.outcome.name)
     ctx.metrics.webhooks.labels(message.type, resolution.outcome.name).inc()
+    return {}
+
+
+async def _report_without_duration(ctx: AppContext, org_id: str, call_id: str) -> dict[str, Any]:
+    """A report that says nothing about how long the call ran. Billing it at 0 s would give the
+    call away and lock out a later, complete report; instead the call is resolved at what we
+    know (from its start to its end, or to when it was last seen), and a report that comes later
+    with times settles the difference."""
+    resolution = await release_call(ctx.rt, org_id, call_id)
+    if resolution.outcome == Outcome.hold_not_found:
+        log.warning("end-of-call-report for call %s has no times and no hold: not billed until a report with times", call_id)
+    else:
+        log.warning("end-of-call-report for call %s has no times: billed %dp for the time we saw", call_id,
+                    resolution.charged_pence)  # fmt: skip
+    ctx.metrics.webhooks.labels("end-of-call-report", f"no_duration_{resolution.outcome.name}").inc()
     return {}
 
 
@@ -183,12 +224,18 @@ async def status_check(request: Request) -> Response:
     body = await _authenticated_body(request)
     call_id, message = _call_id_of(body)
     ctx.require_ready()
-    org_id = await ctx.calls.org_of(call_id)
-    if org_id is None and message is not None:
+    org_id = None
+    if message is not None:  # a Vapi envelope names the number: that is the authority
         org_id, _ = await resolve_org(ctx, message)
+    if org_id is None:
+        org_id = await ctx.calls.org_of(call_id)
     if org_id is None:
         return json_response(_status_body(False, "unknown_call"))
     checked = await check_call(ctx.rt, org_id, call_id)
+    if checked.outcome == Outcome.org_unknown:
+        if not await ctx.bring_org_in(org_id):
+            return json_response(_status_body(False, "unknown_call"))
+        checked = await check_call(ctx.rt, org_id, call_id)
     ctx.metrics.decision("status_check", checked.outcome.name)
     money = checked.money
     if checked.outcome == Outcome.hold_not_found:

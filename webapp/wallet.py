@@ -2,6 +2,7 @@
 org: there is no parameter naming an org, so another org's data cannot even be asked for."""
 
 import base64
+import re
 import binascii
 from typing import Any
 
@@ -60,7 +61,7 @@ def _cursor(request: Request) -> int | None:
         value = int(base64.urlsafe_b64decode(raw.encode() + b"=" * (-len(raw) % 4)).decode())
     except (ValueError, binascii.Error, UnicodeDecodeError):
         raise ApiError(422, "invalid_field", "cursor is not one this API gave out", field="cursor") from None
-    if value <= 0:
+    if not 0 < value < 2**63:
         raise ApiError(422, "invalid_field", "cursor is not one this API gave out", field="cursor")
     return value
 
@@ -69,7 +70,7 @@ def _limit(request: Request) -> int:
     raw = request.query_params.get("limit")
     if raw is None or raw == "":
         return page_size_default
-    if not raw.isdigit() or not 1 <= int(raw) <= page_size_max:
+    if re.fullmatch(r"[0-9]{1,4}", raw) is None or not 1 <= int(raw) <= page_size_max:
         raise ApiError(422, "invalid_field", f"limit must be a whole number from 1 to {page_size_max}", field="limit")
     return int(raw)
 

@@ -209,3 +209,28 @@ async def test_a_provider_failure_with_the_longest_key_is_still_refunded(api: Ap
     assert (failed.status_code, failed.json()["error"]["refunded_pence"]) == (502, 1000)
     assert (await wallet(api, key))["balance_pence"] == 5000
     assert await ledger_kinds(api, org) == [("topup", 5000), ("refund", 1000), ("asset", -1000)]
+
+
+async def test_inputs_that_once_made_a_500_are_4xx(api: Api) -> None:
+    import base64
+
+    org, key = await api.new_org(100)
+    huge_cursor = base64.urlsafe_b64encode(b"99999999999999999999999").decode().rstrip("=")
+    for path in (f"/api/wallet/transactions?cursor={huge_cursor}", "/api/wallet/transactions?limit=%C2%B2"):
+        answer = await api.as_org(key, "GET", path)
+        assert answer.status_code == 422, path
+    for body, field in (({"name": "bad\x00name"}, "name"), ({"alert_webhook_url": "https://x.test/\x00"}, "alert_webhook_url")):
+        answer = await api.admin("PATCH", f"/api/admin/orgs/{org}", body)
+        assert (answer.status_code, answer.json()["error"]["field"]) == (422, field)
+    assert (await api.admin("DELETE", f"/api/admin/orgs/{org}/api-keys/key%00x")).status_code == 404
+    # A top-up beyond the balance limit is refused and does not spend its key.
+    from engine import limits
+
+    for i in range(10):
+        await api.admin("POST", f"/api/admin/orgs/{org}/topups", {"amount_pence": limits.amount_pence_max},
+                        headers={"Idempotency-Key": f"big-{i}"})  # fmt: skip
+    big = {"amount_pence": limits.amount_pence_max}
+    over = await api.admin("POST", f"/api/admin/orgs/{org}/topups", big, headers={"Idempotency-Key": "over"})
+    assert (over.status_code, over.json()["error"]["field"]) == (422, "amount_pence")
+    again = await api.admin("POST", f"/api/admin/orgs/{org}/topups", big, headers={"Idempotency-Key": "over"})
+    assert again.status_code == 422  # refused again, not "still in progress"

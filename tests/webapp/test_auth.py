@@ -143,3 +143,13 @@ async def test_keys_are_stored_hashed_and_a_revoked_key_stops_working(api: Api) 
     assert (await api.as_org(issued["api_key"], "GET", "/api/wallet")).status_code == 401
     assert (await api.as_org(key, "GET", "/api/wallet")).status_code == 200  # the other key still works
     assert (await api.admin("DELETE", f"/api/admin/orgs/{org}/api-keys/{issued['key_id']}")).status_code == 404
+
+
+async def test_a_non_finite_hmac_timestamp_is_refused(api: Api) -> None:
+    org, key = await api.new_org(1000)
+    number = await api.register_number(org)
+    body = assistant_request(call("c1", phone_number_id=number))
+    for stamp in ("nan", "inf", "-inf"):
+        answer = await api.client.post("/api/vapi/webhook", content=body, headers=signed(body, stamp))
+        assert answer.status_code == 401, stamp
+    assert await held(api, key) == 0

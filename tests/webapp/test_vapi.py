@@ -161,3 +161,58 @@ async def test_a_stuck_assistant_request_is_refused_aloud_within_the_budget(api:
     answer = await api.vapi(assistant_request(call("c1", phone_number_id=number)))
     assert (answer.status_code, answer.json()) == (200, {"error": webapp.vapi.SPOKEN_TRY_LATER})
     assert time.monotonic() - started < 2
+
+
+async def test_a_report_without_times_bills_what_we_saw_and_a_later_full_report_settles(api: Api, clock: ManualClock) -> None:
+    org, key = await api.new_org(10_000)
+    number = await api.register_number(org)
+    the_call = call("c1", phone_number_id=number)
+    await api.vapi(assistant_request(the_call))
+    await api.vapi(status_update(the_call, "in-progress"))
+    clock.advance(600_000)
+    await api.vapi(status_update(the_call, "ended"))
+    bare = b'{"message":{"type":"end-of-call-report","endedReason":"customer-ended-call","call":{"id":"c1","phoneNumberId":"' + number.encode() + b'"}}}'
+    assert (await api.vapi(bare)).json() == {}
+    assert (await wallet(api, key))["balance_pence"] == 10_000 - 600  # the ten minutes we saw, not 0
+    await api.vapi(end_of_call_report(the_call, 612))  # the full report, later
+    assert (await wallet(api, key))["balance_pence"] == 10_000 - 612
+    assert await ledger_kinds(api, org) == [("topup", 10_000), ("call_charge", -600), ("call_adjustment", -12)]
+
+
+async def test_another_org_cannot_take_over_a_calls_status_checks(api: Api, clock: ManualClock) -> None:
+    victim, victim_key = await api.new_org(5000)
+    number = await api.register_number(victim)
+    await api.vapi(assistant_request(call("victim-call", phone_number_id=number)))
+    _, attacker_key = await api.new_org(777)
+    assert (await api.as_org(attacker_key, "POST", "/api/calls/victim-call/reserve")).status_code == 201
+    decision = (await api.status_check("victim-call")).json()
+    assert decision["balance_pence"] == 5000  # still the victim's call, not the attacker's hold
+
+
+async def test_a_status_check_naming_an_org_that_does_not_exist_is_an_unknown_call(api: Api) -> None:
+    body = b'{"message":{"type":"status-update","call":{"id":"c-x","assistantOverrides":{"variableValues":{"org_id":"ghost"}}}}}'
+    answer = await api.vapi(body, path="/api/vapi/webhook/status-check")
+    assert (answer.status_code, answer.json()["reason"]) == (200, "unknown_call")
+
+
+async def test_a_refused_assistant_request_does_not_leave_its_hold_behind(api: Api, monkeypatch: pytest.MonkeyPatch) -> None:
+    import webapp.vapi
+
+    org, key = await api.new_org(1000)
+    number = await api.register_number(org)
+    real_reserve = webapp.vapi.reserve_call
+
+    async def slow_after_reserving(*args: object, **kwargs: object) -> object:
+        result = await real_reserve(*args, **kwargs)  # type: ignore[arg-type]
+        await asyncio.sleep(60)  # the hold is taken, then the deadline passes
+        return result
+
+    monkeypatch.setattr(webapp.vapi, "assistant_request_budget_s", 0.3)
+    monkeypatch.setattr(webapp.vapi, "reserve_call", slow_after_reserving)
+    answer = await api.vapi(assistant_request(call("c1", phone_number_id=number)))
+    assert answer.json() == {"error": webapp.vapi.SPOKEN_TRY_LATER}
+    for _ in range(100):
+        if (await wallet(api, key))["held_pence"] == 0:
+            break
+        await asyncio.sleep(0.02)
+    assert (await wallet(api, key))["held_pence"] == 0

@@ -281,7 +281,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+PASSTHROUGH = {"bench": cmd_bench, "loadtest": cmd_loadtest}
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in PASSTHROUGH:
+        # These parse their own options (argparse's REMAINDER would not pass a leading --flag on).
+        return PASSTHROUGH[argv[0]](argparse.Namespace(bench_args=argv[1:], loadtest_args=argv[1:]), Settings())
     args = build_parser().parse_args(argv)
     try:
         settings = Settings.from_env()

@@ -5,7 +5,9 @@ uvloop, httptools), without auth, call lookup, metrics or error mapping: what is
 status check's time once those are gone is this endpoint's. Run: uvicorn loadtest.bare_app:app
 """
 
+import contextlib
 import os
+from collections.abc import AsyncIterator
 
 import orjson
 from redis.asyncio import Redis
@@ -30,8 +32,11 @@ async def check(request: Request) -> Response:
     return Response(orjson.dumps({"endCall": bool(reply[6]), "available_pence": reply[3]}), media_type="application/json")
 
 
-async def startup() -> None:
+@contextlib.asynccontextmanager
+async def lifespan(app: Starlette) -> AsyncIterator[None]:
     await scripts.load(redis)
+    yield
+    await redis.aclose()
 
 
-app = Starlette(routes=[Route("/check", check, methods=["POST"])], on_startup=[startup])
+app = Starlette(routes=[Route("/check", check, methods=["POST"])], lifespan=lifespan)

@@ -386,7 +386,6 @@ async def ledger_section(report: Report, rt: Runtime, env: dict[str, str], data_
         log(f"ledger: drained at {drain_rate:,.0f} entries/s")
         log(f"ledger: outbox lag under 2,000 deductions/s for {d.lag_run_s}s")
         lag_started = time.time()
-        pg_before = cpu_seconds([])
         sent = await _deduct_at_rate(rt, targets, 2000, d.lag_run_s, "lag")
         while await rt.pg.fetchval("SELECT count(*) FROM ledger_entries WHERE idempotency_key LIKE '%/asset/lag-%'") < sent:
             await asyncio.sleep(0.1)
@@ -397,10 +396,9 @@ async def ledger_section(report: Report, rt: Runtime, env: dict[str, str], data_
                FROM ledger_entries WHERE idempotency_key LIKE '%/asset/lag-%'"""
         )  # fmt: skip
         report.ledger = {"drain_entries_per_s": round(drain_rate), "prefilled_entries": d.ledger_entries,
-                         "lag_rate_per_s": 2000, "lag_entries": sent, "lag_p50_ms": round(lags["p50"] * 1000, 1),
-                         "lag_p99_ms": round(lags["p99"] * 1000, 1), "lag_max_ms": round(lags["worst"] * 1000, 1),
+                         "lag_rate_per_s": 2000, "lag_entries": sent, "lag_p50_ms": round(float(lags["p50"]) * 1000, 1),
+                         "lag_p99_ms": round(float(lags["p99"]) * 1000, 1), "lag_max_ms": round(float(lags["worst"]) * 1000, 1),
                          "lag_run_s": round(time.time() - lag_started, 1), "worker_cpu_s": round(worker_cpu, 1)}  # fmt: skip
-        del pg_before
         log(f"ledger: lag p50 {report.ledger['lag_p50_ms']} ms, p99 {report.ledger['lag_p99_ms']} ms")
     finally:
         worker.terminate()

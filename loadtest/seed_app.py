@@ -3,7 +3,9 @@ org's row (SELECT ... FOR UPDATE), reads the call's reservation and computes the
 balance; one Postgres round trip per request through asyncpg. Run: uvicorn loadtest.seed_app:app
 """
 
+import contextlib
 import os
+from collections.abc import AsyncIterator
 
 import asyncpg
 import orjson
@@ -44,9 +46,12 @@ async def check(request: Request) -> Response:
                     media_type="application/json")  # fmt: skip
 
 
-async def startup() -> None:
+@contextlib.asynccontextmanager
+async def lifespan(app: Starlette) -> AsyncIterator[None]:
     global pool
     pool = await asyncpg.create_pool(os.environ["DATABASE_URL"], min_size=20, max_size=20)
+    yield
+    await pool.close()
 
 
-app = Starlette(routes=[Route("/check", check, methods=["POST"])], on_startup=[startup])
+app = Starlette(routes=[Route("/check", check, methods=["POST"])], lifespan=lifespan)

@@ -6,6 +6,12 @@
   re-authorisation). end_call is 1 once the call has used all the time its hold funds and no
   more credit can be added, or once the call has ended.
 
+  This is the hot path (every status check), so it is written without the shared library: no
+  closures to build, no tables for the org or the hold, only the five org fields it needs, and
+  the hold record is rewritten only when something changed or a second has passed since the
+  call was last seen (billing is per second). Its arithmetic is _lib.lua's, spelled out; the
+  stateful test and the Lua tests hold the two equal.
+
   Input:
     KEYS[1] org hash              <prefix>:{org:<org_id>}:org
     KEYS[2] holds hash            <prefix>:{org:<org_id>}:holds
@@ -27,88 +33,113 @@
     -2  org_unknown
     -4  hold_not_found
 ]]
---- @include "_lib"
+local rcall = redis.call
+local fmt = string.format
 
-local now = clock_ms(ARGV[1])
-local org_id = ARGV[2]
-local call_id = ARGV[3]
-local event = int_arg(ARGV[4], 'event', 0, 2)
-local slack_ms = int_arg(ARGV[5], 'report_slack_ms', 0, 86400000)
-local outbox_max = int_arg(ARGV[6], 'outbox_max', 1, 100000000)
-local extensions_max = int_arg(ARGV[7], 'extensions_max', 1, 64)
-
-local org = org_load(KEYS[1])
-if org == nil then
-  return with_tail(head(-2, nil), {0, 0, 0, 0, 0, 0, 0})
+local now = tonumber(ARGV[1])
+local event = tonumber(ARGV[4])
+if now == nil or now < 0 or (event ~= 0 and event ~= 1 and event ~= 2) then
+  error('bad argument now_ms or event')
 end
-local record = rcall('HGET', KEYS[2], call_id)
+if now == 0 then
+  local t = rcall('TIME')
+  now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+local v = rcall('HMGET', KEYS[1], 'balance_pence', 'held_pence', 'debt_pence', 'seq', 'hold_block_minutes')
+if v[1] == false then
+  return {-2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0}
+end
+local balance, held, debt, seq = tonumber(v[1]), tonumber(v[2]), tonumber(v[3]), tonumber(v[4])
+local record = rcall('HGET', KEYS[2], ARGV[3])
 if record == false then
-  return with_tail(head(-4, org), {0, 0, 0, 0, 0, 0, 0})
+  return {-4, balance, held, balance - held, debt, seq, 0, 0, 0, 0, 0, 0, 0}
 end
-local h = hold_decode(record)
+
+-- The hold record: "hold_pence|rate|created_ms|started_ms|last_seen_ms|expires_ms|max_duration_s|version|ended_ms"
+local p, r, c, s, l, e, d, ver, x = string.match(record,
+  '^(%d+)|(%d+)|(%d+)|(%d+)|(%d+)|(%d+)|(%d+)|(%d+)|(%d+)$')
+if p == nil then
+  error('corrupt hold record: ' .. record)
+end
+local hold, rate, started, last_seen = tonumber(p), tonumber(r), tonumber(s), tonumber(l)
+local expires, max_duration_s, version, ended = tonumber(e), tonumber(d), tonumber(ver), tonumber(x)
 local changed = false
 
-if event == 1 and h.started_ms == 0 and h.ended_ms == 0 then
-  h.started_ms = now
-  h.expires_ms = math.max(h.expires_ms, now + h.max_duration_s * 1000 + slack_ms)
+if event == 1 and started == 0 and ended == 0 then
+  started = now
+  expires = math.max(expires, now + max_duration_s * 1000 + tonumber(ARGV[5]))
   changed = true
-elseif event == 2 and h.ended_ms == 0 then
-  h.ended_ms = now
-  h.expires_ms = now + slack_ms  -- the end-of-call report is due now; expire if it never comes
+elseif event == 2 and ended == 0 then
+  ended = now
+  expires = now + tonumber(ARGV[5])  -- the end-of-call report is due now; expire if it never comes
   changed = true
 end
 
-local clock_ms_now = now
-if h.ended_ms > 0 and h.ended_ms < now then
-  clock_ms_now = h.ended_ms
+local clock_now = now
+if ended > 0 and ended < now then
+  clock_now = ended
 end
-local elapsed_ms = 0
-if h.started_ms > 0 and clock_ms_now > h.started_ms then
-  elapsed_ms = clock_ms_now - h.started_ms
+local elapsed = 0
+if started > 0 and clock_now > started then
+  elapsed = clock_now - started
 end
-local cost = cost_pence(billed_seconds_from_ms(elapsed_ms), h.rate)
+local billed = 0
+if elapsed > 0 then
+  billed = math.floor((elapsed + 999) / 1000)
+end
+local cost = math.floor((billed * rate + 59) / 60)
 
 -- Extend while less than a minute of the hold is left. A hold event must be recorded for
 -- every extension, so a full outbox means no extension.
-local running = h.started_ms > 0 and h.ended_ms == 0
-if running and h.hold_pence - cost < h.rate and outbox_has_room(KEYS[3], outbox_max) then
-  for _ = 1, extensions_max do
-    local available = org.balance_pence - org.held_pence
+if started > 0 and ended == 0 and hold - cost < rate and rcall('XLEN', KEYS[3]) < tonumber(ARGV[6]) then
+  local block = tonumber(v[5]) * rate
+  for _ = 1, tonumber(ARGV[7]) do
+    local available = balance - held
     if available <= 0 then
       break
     end
-    local add = math.min(org.hold_block_minutes * h.rate, available)
-    h.hold_pence = h.hold_pence + add
-    org.held_pence = org.held_pence + add
+    local add = math.min(block, available)
+    hold = hold + add
+    held = held + add
     changed = true
-    if h.hold_pence - cost >= h.rate then
+    if hold - cost >= rate then
       break
     end
   end
 end
 
-local funded_ms = math.floor(h.hold_pence * 60000 / h.rate)
-local remaining_ms = funded_ms - elapsed_ms
+local remaining = math.floor(hold * 60000 / rate) - elapsed
 local end_call = 0
-if h.ended_ms > 0 or (h.started_ms > 0 and remaining_ms <= 0) then
+if ended > 0 or (started > 0 and remaining <= 0) then
   end_call = 1
 end
 
-h.last_seen_ms = math.max(h.last_seen_ms, now)
-if changed then
-  h.version = h.version + 1
-  org_save_money(KEYS[1], org)
-  outbox_hold(KEYS[3], org_id, org, call_id, 'live', h, 0, 0, now)
+local seen_moved = now - last_seen >= 1000
+if now > last_seen then
+  last_seen = now
 end
-rcall('HSET', KEYS[2], call_id, hold_encode(h))
-local started, recorded, ended = 0, 0, 0
-if h.started_ms > 0 then
-  started = 1
-end
+local recorded = 0
 if changed then
+  version = version + 1
+  seq = seq + 1
+  rcall('HSET', KEYS[1], 'held_pence', fmt('%d', held), 'seq', fmt('%d', seq))
   recorded = 1
 end
-if h.ended_ms > 0 then
-  ended = 1
+if changed or seen_moved then
+  record = table.concat({fmt('%d', hold), fmt('%d', rate), c, fmt('%d', started), fmt('%d', last_seen),
+    fmt('%d', expires), d, fmt('%d', version), fmt('%d', ended)}, '|')
+  rcall('HSET', KEYS[2], ARGV[3], record)
 end
-return with_tail(head(0, org), {end_call, cost, h.hold_pence, remaining_ms, started, recorded, ended})
+if changed then
+  rcall('XADD', KEYS[3], '*', 't', 'H', 'o', ARGV[2], 'c', ARGV[3], 'st', 'live', 'h', record,
+    'ch', '0', 'bs', '0', 'ms', fmt('%d', now), 's', fmt('%d', seq))
+end
+local is_started, is_ended = 0, 0
+if started > 0 then
+  is_started = 1
+end
+if ended > 0 then
+  is_ended = 1
+end
+return {0, balance, held, balance - held, debt, seq, end_call, cost, hold, remaining, is_started, recorded, is_ended}

@@ -157,12 +157,15 @@ class Ledger(RuleBasedStateMachine):
             assert result.outcome.name == "hold_not_found"
             return
         now = self.clock.value_ms
+        changed = False
         if event == CallEvent.start and hold.started_ms == 0 and hold.ended_ms == 0:
             hold.started_ms = now
             hold.expires_ms = max(hold.expires_ms, now + hold.max_duration_s * 1000 + SLACK_MS)
+            changed = True
         elif event == CallEvent.end and hold.ended_ms == 0:
             hold.ended_ms = now
             hold.expires_ms = now + SLACK_MS
+            changed = True
         clock_now = min(now, hold.ended_ms) if hold.ended_ms else now
         elapsed = clock_now - hold.started_ms if hold.started_ms and clock_now > hold.started_ms else 0
         cost = call_cost_pence(billed_seconds_from_ms(elapsed), hold.rate)
@@ -172,9 +175,12 @@ class Ledger(RuleBasedStateMachine):
                 if available <= 0:
                     break
                 hold.hold_pence += min(m.block * hold.rate, available)
+                changed = True
                 if hold.hold_pence - cost >= hold.rate:
                     break
-        hold.last_seen_ms = max(hold.last_seen_ms, now)
+        # The last moment seen is kept to the second: rewritten on a change or a second later.
+        if changed or now - hold.last_seen_ms >= 1000:
+            hold.last_seen_ms = max(hold.last_seen_ms, now)
         remaining = hold.hold_pence * 60_000 // hold.rate - elapsed
         assert result.outcome.name == "ok"
         assert (result.cost_so_far_pence, result.hold_pence, result.remaining_ms) == (cost, hold.hold_pence, remaining)

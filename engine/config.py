@@ -41,6 +41,7 @@ class Settings:
     pg_pool_size: int = 10
     redis_pool_size: int = 64
     worker_poll_interval_ms: int = 20
+    worker_drain_loops: int = 2
     worker_sweep_interval_s: int = 15
     worker_expire_interval_s: int = 5
     worker_health_check_interval_s: int = 5
@@ -79,6 +80,7 @@ class Settings:
             pg_pool_size=_int(env, "CREDIT_ENGINE_PG_POOL_SIZE", 10, 1, 500),
             redis_pool_size=_int(env, "CREDIT_ENGINE_REDIS_POOL_SIZE", 64, 1, 10_000),
             worker_poll_interval_ms=_int(env, "CREDIT_ENGINE_WORKER_POLL_INTERVAL_MS", 20, 1, 10_000),
+            worker_drain_loops=_int(env, "CREDIT_ENGINE_WORKER_DRAIN_LOOPS", 2, 1, 16),
             worker_sweep_interval_s=_int(env, "CREDIT_ENGINE_WORKER_SWEEP_INTERVAL_S", 15, 1, 3600),
             worker_expire_interval_s=_int(env, "CREDIT_ENGINE_WORKER_EXPIRE_INTERVAL_S", 5, 1, 3600),
             worker_health_check_interval_s=_int(env, "CREDIT_ENGINE_WORKER_HEALTH_CHECK_INTERVAL_S", 5, 1, 3600),

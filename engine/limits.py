@@ -28,7 +28,7 @@ hold_report_slack_ms_default = 10 * 60 * 1000
 
 # Outbox (Redis stream per org, drained by the worker into the Postgres ledger).
 outbox_per_org_max_default = 100_000  # fail closed above this: no decision without a ledger
-settle_batch_size_max = 500  # entries per Postgres transaction
+settle_batch_size_max = 2_000  # entries per Postgres transaction (500: ~11k entries/s here, 2,000: ~20k)
 settle_orgs_per_batch_max = 128  # orgs popped from the doorbell set per batch
 outbox_sweep_page_size = 1_000  # orgs per XLEN pipeline when sweeping for stranded entries
 

@@ -49,6 +49,12 @@ class Drainer:
         self._stopping.set()
 
     async def run_forever(self) -> None:
+        """Drain loops side by side: while one waits on Postgres, another reads Redis. SPOP hands
+        each org to one loop at a time, and the ledger's per-org row locks make overlap safe anyway."""
+        loops = [self._drain_loop() for _ in range(self.rt.settings.worker_drain_loops)]
+        await asyncio.gather(*loops)
+
+    async def _drain_loop(self) -> None:
         """The worker's one unbounded loop, on purpose: it runs until the worker stops."""
         poll_s = self.rt.settings.worker_poll_interval_ms / 1000
         backoff_s = backoff_s_min

@@ -28,15 +28,20 @@ async def test_a_round_drains_the_rung_orgs_in_one_batch(rt: Runtime) -> None:
 
 
 async def test_an_org_with_more_than_a_batch_is_rung_again_until_empty(rt: Runtime) -> None:
-    org = await new_org(rt, 10_000)
-    for i in range(1_200):
-        await deduct_asset(rt, org, f"a{i}", 1)
+    import asyncio
+
+    from engine import limits
+
+    entries = 2 * limits.settle_batch_size_max + 100
+    org = await new_org(rt, 10 * entries)
+    for start in range(0, entries, 500):
+        await asyncio.gather(*[deduct_asset(rt, org, f"a{i}", 1) for i in range(start, min(start + 500, entries))])
     drainer = Drainer(rt)
     rounds = 0
     while await drainer.drain_round():
         rounds += 1
-    assert rounds == 3  # 500 + 500 + 200
-    assert await ledger_count(rt, org) == 1_201
+    assert rounds == 3  # a full batch, a full batch, the rest
+    assert await ledger_count(rt, org) == entries + 1
 
 
 async def test_the_sweep_finds_entries_whose_doorbell_was_lost(rt: Runtime) -> None:

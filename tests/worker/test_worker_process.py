@@ -97,10 +97,14 @@ async def test_the_worker_drains_the_outbox(rt: Runtime, tmp_path: Path) -> None
 async def test_killed_mid_batch_every_entry_lands_once(rt: Runtime, tmp_path: Path, fault: str, redelivers: bool) -> None:
     orgs = [await new_org(rt, 1_000_000) for _ in range(4)]
     expected = await make_traffic(rt, orgs, 2_000, seed=2)
-    crashing = start_worker(rt.settings, tmp_path / "crash.log", CREDIT_ENGINE_FAULT=fault)
+    # One drain loop, so the crash point is exactly where the fault says (with two, the other
+    # loop could be anywhere when this one dies).
+    crashing = start_worker(rt.settings, tmp_path / "crash.log", CREDIT_ENGINE_FAULT=fault, CREDIT_ENGINE_WORKER_DRAIN_LOOPS="1")
     assert crashing.wait(60) == -signal.SIGKILL
     assert not await outboxes_empty(rt, orgs)
-    worker = await start_ready_worker(rt, tmp_path / "worker.log")
+    # One loop again: with two, the periodic sweep can hand an org to the second loop while the
+    # first is writing it, and the second then finds those entries written (a harmless redelivery).
+    worker = await start_ready_worker(rt, tmp_path / "worker.log", CREDIT_ENGINE_WORKER_DRAIN_LOOPS="1")
     try:
         await wait_for(lambda: outboxes_empty(rt, orgs), 60, "the restarted worker to drain")
         if redelivers:

@@ -27,7 +27,9 @@ from engine.timeutil import dt_from_ms, ms_from_dt
 from engine.types import EntryKind, HoldStatus
 
 
-@dataclass(frozen=True)
+# Slotted and not frozen: the writer builds tens of thousands of these a second, and a frozen
+# dataclass pays an object.__setattr__ per field. Nothing mutates them after parsing.
+@dataclass(slots=True)
 class LedgerEntry:
     stream_id: str
     org_id: str
@@ -67,7 +69,7 @@ class LedgerEntry:
         return orjson.dumps(meta).decode().replace("\\u0000", "")
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class HoldEvent:
     stream_id: str
     org_id: str
@@ -269,7 +271,7 @@ async def _insert(conn: asyncpg.Connection, rows: list[tuple[LedgerEntry, int, i
 
 
 def _entry_json(entry: LedgerEntry) -> str:
-    fields = {k: v for k, v in entry.__dict__.items() if k != "kind"}
+    fields = {k: getattr(entry, k) for k in entry.__slots__ if k != "kind"}
     return orjson.dumps({**fields, "kind": entry.kind.value}).decode()
 
 

@@ -22,6 +22,8 @@ from engine.types import EntryKind, HoldStatus
 log = logging.getLogger(__name__)
 
 OutboxItem = LedgerEntry | HoldEvent
+KINDS = {kind.value: kind for kind in EntryKind}  # a dict lookup: EntryKind(value) is slow per entry
+STATUSES = {status.value: status for status in HoldStatus}
 
 # Errors that belong to the entries themselves (not to a Postgres outage): retrying the same
 # batch cannot help. The org's entries are then written one at a time and the one the ledger
@@ -37,7 +39,7 @@ def parse_entry(stream_id: str, fields: dict[str, str]) -> OutboxItem:
             stream_id=stream_id,
             org_id=fields["o"],
             idempotency_key=fields["k"],
-            kind=EntryKind(fields["kind"]),
+            kind=KINDS[fields["kind"]],
             amount_pence=int(fields["a"]),
             debt_delta_pence=int(fields["dd"]),
             redis_balance_after_pence=int(fields["b"]),
@@ -55,7 +57,7 @@ def parse_entry(stream_id: str, fields: dict[str, str]) -> OutboxItem:
         stream_id=stream_id,
         org_id=fields["o"],
         call_id=fields["c"],
-        status=HoldStatus(fields["st"]),
+        status=STATUSES[fields["st"]],
         hold=HoldRecord.decode(fields["h"]),
         charged_pence=int(fields["ch"]),
         billed_seconds=int(fields["bs"]),

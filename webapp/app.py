@@ -33,13 +33,22 @@ log = logging.getLogger(__name__)
 Endpoint = Callable[[Request], Awaitable[Response]]
 
 
+# Every request is bounded as a whole (Redis commands have no timeout of their own in the web
+# app: see engine.runtime.redis_client). Vapi's webhook handlers have tighter budgets inside.
+request_budget_s = 20.0
+
+
 def timed(name: str, endpoint: Endpoint) -> Endpoint:
     async def measured(request: Request) -> Response:
         started = time.perf_counter()
         try:
-            return await endpoint(request)
+            async with asyncio.timeout(request_budget_s):
+                return await endpoint(request)
+        except TimeoutError:
+            log.error("%s took longer than %.0fs: answered 504", name, request_budget_s)
+            return error_response(504, "timeout", "the request took too long; it is safe to retry (with the same Idempotency-Key, where it has one)")
         finally:
-            request.app.state.ctx.metrics.latency.labels(name).observe(time.perf_counter() - started)
+            request.app.state.ctx.metrics.observe_latency(name, time.perf_counter() - started)
 
     return measured
 
@@ -98,7 +107,7 @@ async def on_http_error(request: Request, error: Exception) -> Response:
 
 async def on_crash(request: Request, error: Exception) -> Response:
     log.exception("unhandled error on %s %s", request.method, request.url.path)
-    return error_response(500, "internal_error", "something went wrong on our side; nothing was half-done")
+    return error_response(500, "internal_error", "something went wrong on our side; it is safe to retry (with the same Idempotency-Key, where it has one)")
 
 
 def create_app(settings: Settings | None = None, *, clock: Clock | None = None, telephony: Telephony | None = None) -> Starlette:
@@ -106,7 +115,7 @@ def create_app(settings: Settings | None = None, *, clock: Clock | None = None, 
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        rt = await Runtime.open(settings, clock=clock)
+        rt = await Runtime.open(settings, clock=clock, redis_socket_timeout_s=None)
         guard = StateGuard(rt)
         await guard.start()  # rebuild Redis from Postgres before taking any traffic
         provider = telephony or make_telephony(settings)

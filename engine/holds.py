@@ -137,26 +137,11 @@ async def commit_call(
     validate.org_id(org_id)
     validate.call_id(call_id)
     validate.whole_number(billed_seconds, "billed_seconds", 0, limits.billed_seconds_max)
-    keys = rt.keys.org(org_id)
-    reply = await rt.scripts.run_and_ring(
-        rt.redis,
-        "hold_commit",
-        [keys.org, keys.holds, keys.idem, keys.idem_exp, keys.outbox],
-        [
-            rt.clock.script_arg(),
-            org_id,
-            call_id,
-            call_state_key(org_id, call_id),
-            call_ledger_key(org_id, call_id, "charge"),
-            call_ledger_key(org_id, call_id, "adjust"),
-            billed_seconds,
-            rt.settings.idempotency_ttl_ms,
-            orjson.dumps(meta or {}).decode(),
-        ],
-        rt.keys.outbox_dirty,
-        org_id,
-    )
-    return _resolution(decode(reply, tail_length=3))
+    return await _resolve(
+        rt, "hold_commit", org_id, call_id,
+        [call_ledger_key(org_id, call_id, "adjust"), billed_seconds, rt.settings.idempotency_ttl_ms,
+         orjson.dumps(meta or {}).decode()],
+    )  # fmt: skip
 
 
 async def release_call(rt: Runtime, org_id: str, call_id: str) -> Resolution:
@@ -170,10 +155,15 @@ async def expire_call(rt: Runtime, org_id: str, call_id: str) -> Resolution:
 async def _release(rt: Runtime, org_id: str, call_id: str, mode: str) -> Resolution:
     validate.org_id(org_id)
     validate.call_id(call_id)
+    return await _resolve(rt, "hold_release", org_id, call_id, [mode, rt.settings.idempotency_ttl_ms])
+
+
+async def _resolve(rt: Runtime, script: str, org_id: str, call_id: str, extra_args: list[Any]) -> Resolution:
+    """hold_commit and hold_release: the same keys, the same leading arguments."""
     keys = rt.keys.org(org_id)
     reply = await rt.scripts.run_and_ring(
         rt.redis,
-        "hold_release",
+        script,
         [keys.org, keys.holds, keys.idem, keys.idem_exp, keys.outbox],
         [
             rt.clock.script_arg(),
@@ -181,8 +171,7 @@ async def _release(rt: Runtime, org_id: str, call_id: str, mode: str) -> Resolut
             call_id,
             call_state_key(org_id, call_id),
             call_ledger_key(org_id, call_id, "charge"),
-            mode,
-            rt.settings.idempotency_ttl_ms,
+            *extra_args,
         ],
         rt.keys.outbox_dirty,
         org_id,

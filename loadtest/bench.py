@@ -49,13 +49,14 @@ from migrations.sql_statements import split_statements
 HERE = Path(__file__).resolve().parent
 WRK_SCRIPT = HERE / "wrk_post.lua"
 ORGS_MANY = 10_000
+saturation_repeats = 3  # the machine is shared and noisy: each saturation figure is a median
 WEBHOOK_SECRET = "bench-" + "s" * 32
 ADMIN_TOKEN = "bench-" + "a" * 32
 
 
 @dataclass
 class Durations:
-    saturation_s: int = 8
+    saturation_s: int = 5
     fixed_rate_s: int = 6
     sweep_point_s: int = 3
     endpoint_s: int = 5
@@ -184,10 +185,12 @@ def measure(design: str, load: str, server: WebServer, store_pids: list[int], ur
         with tempfile.NamedTemporaryFile("wb", suffix=".jsonl", delete=False) as handle:
             handle.write(b"\n".join(bodies) + b"\n")
         header_text = "|".join(f"{k}: {v}" for k, v in headers.items())
-        rps, p50, p99, non_2xx, generator_cpu = wrk(f"http://127.0.0.1:{server.port}{url_path}", Path(handle.name),
-                                                    header_text, seconds)  # fmt: skip
+        runs = sorted(wrk(f"http://127.0.0.1:{server.port}{url_path}", Path(handle.name), header_text, seconds)
+                      for _ in range(saturation_repeats))  # fmt: skip
+        rps, p50, p99, non_2xx, _ = runs[len(runs) // 2]  # the median run by requests/s
+        generator_cpu = sum(run[4] for run in runs)
         os.unlink(handle.name)
-        generator = "wrk -t1 -c32"
+        generator = f"wrk -t1 -c32, median of {saturation_repeats}"
     else:
         host = f"127.0.0.1:{server.port}"
         requests = [http_request("POST", url_path, host, body, {"Content-Type": "application/json", **headers}) for body in bodies]
@@ -385,22 +388,30 @@ async def ledger_section(report: Report, rt: Runtime, env: dict[str, str], data_
     for start in range(0, d.ledger_entries, 1000):
         await asyncio.gather(*[deduct_asset(rt, targets[i % len(targets)][0], f"drain-{i}", 1)
                                for i in range(start, min(start + 1000, d.ledger_entries))])  # fmt: skip
-    count_sql = "SELECT count(*) FROM ledger_entries WHERE source = 'redis'"
-    before = await rt.pg.fetchval(count_sql)
+    outboxes = [rt.keys.org(org).outbox for org, _ in targets]
+
+    async def waiting() -> int:
+        # Watched in Redis: counting ledger rows in Postgres would take CPU from the writer.
+        async with rt.redis.pipeline(transaction=False) as pipe:
+            for outbox in outboxes:
+                pipe.xlen(outbox)
+            return sum(await pipe.execute())
+
+    prefilled = await waiting()
     with open(data_dir / "worker.log", "ab") as log_file:
         worker = subprocess.Popen([sys.executable, "-m", "engine.cli", "worker"], env=env, stdout=log_file, stderr=log_file)
     try:
         first_seen = None
-        while True:  # ends when every prefilled entry is in the ledger (or after 10 minutes)
-            written = await rt.pg.fetchval(count_sql) - before
+        while True:  # ends when the prefilled entries are all written (or after 10 minutes)
+            left = await waiting()
             now = time.monotonic()
-            if written > 0 and first_seen is None:
-                first_seen = (now, written)
-            if written >= d.ledger_entries or now - (first_seen or (now, 0))[0] > 600:
+            if left < prefilled and first_seen is None:
+                first_seen = (now, left)
+            if left == 0 or now - (first_seen or (now, 0))[0] > 600:
                 break
             await asyncio.sleep(0.05)
         assert first_seen is not None
-        drain_rate = (written - first_seen[1]) / max(now - first_seen[0], 1e-6)
+        drain_rate = (first_seen[1] - left) / max(now - first_seen[0], 1e-6)
         worker_cpu = cpu_seconds([worker.pid])
         log(f"ledger: drained at {drain_rate:,.0f} entries/s")
         log(f"ledger: outbox lag under 2,000 deductions/s for {d.lag_run_s}s")

@@ -121,13 +121,17 @@ def test_up_runs_everything_and_a_restart_keeps_every_balance(tmp_path: Path) ->
         stop_up(process)
 
 
-async def test_reconcile_exits_1_on_drift_and_repair_fixes_it(
-    rt: Runtime, settings: Settings, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
+@pytest.fixture
+def cli_env(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CLI in this process, pointed at the test's own servers, database and key prefix."""
     assert settings.redis_url is not None and settings.database_url is not None
     monkeypatch.setenv("REDIS_URL", settings.redis_url)
     monkeypatch.setenv("DATABASE_URL", settings.database_url)
     monkeypatch.setenv("CREDIT_ENGINE_KEY_PREFIX", settings.key_prefix)
+
+
+@pytest.mark.usefixtures("cli_env")
+async def test_reconcile_exits_1_on_drift_and_repair_fixes_it(rt: Runtime, capsys: pytest.CaptureFixture[str]) -> None:
     org = await new_org(rt, 1000)
     assert await asyncio.to_thread(main, ["reconcile", "--check"]) == 0
     await rt.redis.hincrby(rt.keys.org(org).org, "balance_pence", 7)
@@ -140,13 +144,8 @@ async def test_reconcile_exits_1_on_drift_and_repair_fixes_it(
     assert report["drifted"] == [] and report["orgs_checked"] == 1
 
 
-async def test_cli_refuses_bad_input_with_a_clear_message(
-    rt: Runtime, settings: Settings, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
-    assert settings.redis_url is not None and settings.database_url is not None
-    monkeypatch.setenv("REDIS_URL", settings.redis_url)
-    monkeypatch.setenv("DATABASE_URL", settings.database_url)
-    monkeypatch.setenv("CREDIT_ENGINE_KEY_PREFIX", settings.key_prefix)
+@pytest.mark.usefixtures("cli_env")
+async def test_cli_refuses_bad_input_with_a_clear_message(rt: Runtime, capsys: pytest.CaptureFixture[str]) -> None:
     assert await asyncio.to_thread(main, ["orgs", "create", "bad}id", "--rate", "10"]) == 2
     assert "org_id" in capsys.readouterr().err
     assert await asyncio.to_thread(main, ["orgs", "create", "ok-id", "--rate", "0"]) == 2

@@ -2,6 +2,8 @@
 
 import asyncio
 
+import uvloop
+
 from arq.worker import Worker
 
 from engine.config import Settings
@@ -10,7 +12,7 @@ from engine.config import Settings
 def run_worker(settings: Settings) -> None:
     from worker.settings import worker_options
 
-    loop = asyncio.new_event_loop()
+    loop = uvloop.new_event_loop()
     asyncio.set_event_loop(loop)
     worker = Worker(**worker_options(settings))
     worker.run()

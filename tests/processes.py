@@ -28,12 +28,14 @@ def service_env(settings: Settings, **extra: str) -> dict[str, str]:
 
 def start_worker(settings: Settings, log_path: Path, **extra_env: str) -> subprocess.Popen[bytes]:
     with open(log_path, "ab") as log:  # the child keeps its own copy of the descriptor
-        return subprocess.Popen(
+        process = subprocess.Popen(
             [sys.executable, "-m", "engine.cli", "worker"],
             env=service_env(settings, **extra_env),
             stdout=log,
             stderr=subprocess.STDOUT,
         )
+    process.log_path = log_path  # type: ignore[attr-defined]
+    return process
 
 
 def kill(process: subprocess.Popen[bytes]) -> int:
@@ -45,7 +47,11 @@ def kill(process: subprocess.Popen[bytes]) -> int:
 def stop(process: subprocess.Popen[bytes], timeout_s: float = 30) -> int:
     if process.poll() is None:
         process.send_signal(signal.SIGTERM)
-    return process.wait(timeout_s)
+    code = process.wait(timeout_s)
+    log_path = getattr(process, "log_path", None)
+    if code != 0 and log_path is not None:  # shown by pytest beside the failed assertion
+        print(f"--- {log_path} (exit {code}) ---\n{Path(log_path).read_text(errors='replace')[-4000:]}", file=sys.stderr)
+    return code
 
 
 async def wait_for(predicate: Callable[[], Awaitable[bool]], timeout_s: float, what: str, interval_s: float = 0.05) -> None:

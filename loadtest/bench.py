@@ -24,6 +24,7 @@ import random
 import re
 import resource
 import secrets
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -562,9 +563,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("docs"), help="where benchmarks.md, the plot and the JSON go")
     parser.add_argument("--only", default="status,lua,endpoints,ledger,reconcile", help="comma-separated sections")
     args = parser.parse_args(argv)
+    sections = set(args.only.split(","))
+    if sections & {"status", "endpoints"} and shutil.which("wrk") is None:
+        print("credit-engine bench: the status and endpoints sections drive load with wrk, which is not installed "
+              "(Debian/Ubuntu: apt-get install wrk); or run --only lua,ledger,reconcile", file=sys.stderr)  # fmt: skip
+        return 2
     durations = Durations.quick() if args.quick else Durations()
     random.seed(2026)
-    report = asyncio.run(run(durations, args.out, set(args.only.split(","))))
+    report = asyncio.run(run(durations, args.out, sections))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "benchmarks.json").write_text(json.dumps(asdict(report), indent=2))
     from loadtest.bench_report import write_report

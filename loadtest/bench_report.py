@@ -3,6 +3,8 @@
 from pathlib import Path
 from typing import Any
 
+from engine import limits
+
 # Targets (issue 4), in the project's naming grammar.
 status_check_share_of_bare_min = 0.70
 status_check_over_seed_hot_min = 3.0
@@ -154,7 +156,7 @@ def write_report(report: Any, out: Path, command: str) -> None:
         lines += ["", "## Ledger writer", "",
                   f"- Drain: {ledger['prefilled_entries']:,} asset deductions waiting in 1,000 orgs' outboxes, drained by the "
                   f"real worker process at **{ledger['drain_entries_per_s']:,} entries/s** (one transaction per batch of up "
-                  "to 500, with the ledger's chain and projection triggers checking every row).",
+                  f"to {limits.settle_batch_size_max:,}, with the ledger's chain and projection triggers checking every row).",
                   f"- Lag: {ledger['lag_entries']:,} deductions at {ledger['lag_rate_per_s']:,}/s while the worker drains; lag is "
                   "each entry's `recorded_at − created_at` (Redis TIME at the decision, Postgres time of the insert, same "
                   f"machine clock): p50 {ledger['lag_p50_ms']:,} ms, **p99 {ledger['lag_p99_ms']:,} ms**, max {ledger['lag_max_ms']:,} ms."]  # fmt: skip
@@ -164,5 +166,23 @@ def write_report(report: Any, out: Path, command: str) -> None:
                   f"Rebuild of {r['orgs']:,} orgs with {r['ledger_entries']:,} ledger entries (all inside the idempotency "
                   f"window, so every credit and deduction comes back as an idempotency record: {r['idempotency_records_per_org']} "
                   f"per org) and {r['live_holds']:,} live holds into an empty Redis: **{r['seconds']:.1f} s**."]  # fmt: skip
-    lines += ["", "Raw figures: [benchmarks.json](benchmarks.json).", ""]
+    lines += ["", "## What is left, and why", "",
+              "- **The status check against the seed.** The practical ceiling is the bare endpoint (same web stack, one "
+              "EVALSHA, nothing else), and the table shows it is itself well under 3× the seed's `FOR UPDATE` design: with "
+              "one uvicorn process on 2 shared cores, Python's per-request HTTP handling dominates every design, so 3× the "
+              "seed is out of reach for any one-process Python web tier. Over many uncontended orgs the seed's single "
+              "Postgres round trip costs about what our handling does; what it costs instead is Postgres CPU (see the "
+              "Redis/PG column) and latency under contention (the hot org). What the engine controls is the gap to the "
+              "ceiling (status-check / bare); more throughput comes from more web processes, which a hot row's lock "
+              "cannot have.",
+              "- **The Lua decision.** `hold_check.lua` is measured beside an empty script: the empty script's cost is "
+              "what EVALSHA itself costs in this Redis build, and no script can go under it. The rest is one HMGET, one "
+              "HGET, parsing the hold and the reply.",
+              "- **The ledger writer** is Python-bound (asyncpg encoding, one transaction per batch, the chain and "
+              "projection triggers in Postgres), far above the rate the web tier can decide at on the same machine.",
+              "- **Lag** is measured while the load generator, the web server, Redis, Postgres and the worker share 2 "
+              "cores: its p99 is mostly the worker waiting for CPU, not batching.",
+              "- **Noise**: repeated runs here move saturation figures by 10–20%; the ratios, measured side by side in one "
+              "run, move much less.",
+              "", "Raw figures: [benchmarks.json](benchmarks.json).", ""]
     (out / "benchmarks.md").write_text("\n".join(lines))

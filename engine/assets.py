@@ -11,6 +11,7 @@ from typing import Any
 import orjson
 
 from engine import validate
+from engine.killswitch import file_depletion
 from engine.results import Money, Outcome, decode
 from engine.runtime import Runtime
 from engine.types import ledger_key
@@ -57,6 +58,7 @@ async def deduct_asset(
         org_id,
     )
     result = decode(reply, tail_length=2)
+    await file_depletion(rt, org_id, result.depletion_ms)
     charged_pence, balance_pence_after = result.tail
     if result.outcome == Outcome.ok:
         assert charged_pence == amount_pence

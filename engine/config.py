@@ -59,6 +59,20 @@ class Settings:
     readiness_outbox_lag_s_max: int = 60
     api_body_bytes_max: int = 16 * 1024
     webhook_body_bytes_max: int = 2 * 1024 * 1024  # end-of-call reports carry transcripts
+    # Kill switch (engine/killswitch.py): push warnings and end-calls to calls' control URLs.
+    kill_warn_lead_ms: int = 30_000
+    kill_warning_text: str = "Your account is almost out of credit, so this call will end in a moment."
+    kill_attempts_max: int = 5
+    kill_backoff_base_ms: int = 1_000
+    kill_backoff_max_ms: int = 16_000
+    kill_recheck_ms: int = 30_000
+    kill_poll_interval_ms: int = 200
+    vapi_control_base_url: str | None = None  # replaces a control URL's scheme and host (a proxy, a test's fake Vapi)
+    vapi_control_token: str | None = None  # Bearer token when monitorPlan.controlAuthenticationEnabled
+    # Alerts to orgs' webhooks (engine/alerts.py), signed with a per-org key derived from this.
+    alert_signing_key: str | None = None  # None: alerts are not sent (they wait in alert_events)
+    alert_attempts_max: int = 8
+    alert_backoff_base_ms: int = 2_000
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
@@ -97,6 +111,18 @@ class Settings:
                 code for code in env.get("CREDIT_ENGINE_FAKE_PROVIDER_FAILING_AREA_CODES", "999").split(",") if code
             ),
             readiness_outbox_lag_s_max=_int(env, "CREDIT_ENGINE_READINESS_OUTBOX_LAG_S_MAX", 60, 1, 86_400),
+            kill_warn_lead_ms=1000 * _int(env, "CREDIT_ENGINE_KILL_WARN_LEAD_S", 30, 0, 3600),
+            kill_warning_text=env.get("CREDIT_ENGINE_KILL_WARNING_TEXT") or cls.kill_warning_text,
+            kill_attempts_max=_int(env, "CREDIT_ENGINE_KILL_ATTEMPTS_MAX", 5, 1, 100),
+            kill_backoff_base_ms=_int(env, "CREDIT_ENGINE_KILL_BACKOFF_BASE_MS", 1_000, 1, 3_600_000),
+            kill_backoff_max_ms=_int(env, "CREDIT_ENGINE_KILL_BACKOFF_MAX_MS", 16_000, 1, 3_600_000),
+            kill_recheck_ms=1000 * _int(env, "CREDIT_ENGINE_KILL_RECHECK_S", 30, 1, 3600),
+            kill_poll_interval_ms=_int(env, "CREDIT_ENGINE_KILL_POLL_INTERVAL_MS", 200, 10, 10_000),
+            vapi_control_base_url=(env.get("VAPI_CONTROL_BASE_URL") or "").rstrip("/") or None,
+            vapi_control_token=env.get("VAPI_CONTROL_TOKEN") or None,
+            alert_signing_key=env.get("CREDIT_ENGINE_ALERT_SIGNING_KEY") or None,
+            alert_attempts_max=_int(env, "CREDIT_ENGINE_ALERT_ATTEMPTS_MAX", 8, 1, 100),
+            alert_backoff_base_ms=_int(env, "CREDIT_ENGINE_ALERT_BACKOFF_BASE_MS", 2_000, 1, 3_600_000),
         )
 
     def with_services(self, redis_url: str, database_url: str) -> "Settings":
@@ -108,7 +134,8 @@ class Settings:
 
     def __repr__(self) -> str:
         # Secrets never reach a log line through a repr.
-        hidden = {"admin_token", "vapi_webhook_secret", "vapi_hmac_secret", "vapi_api_key"}
+        hidden = {"admin_token", "vapi_webhook_secret", "vapi_hmac_secret", "vapi_api_key", "vapi_control_token",
+                  "alert_signing_key"}  # fmt: skip
         shown = ", ".join(
             f"{f.name}={'<set>' if f.name in hidden and getattr(self, f.name) else getattr(self, f.name)!r}"
             for f in fields(self)

@@ -16,6 +16,7 @@ from redis.exceptions import RedisError
 
 from engine import limits, validate
 from engine.errors import InvalidInput, OrgNotFound
+from engine.killswitch import file_depletion
 from engine.restore import restore_org_if_absent
 from engine.results import Money, Outcome, decode
 from engine.runtime import Runtime
@@ -134,7 +135,9 @@ async def _run_credit_apply(rt: Runtime, org_id: str, key: str, amount_pence: in
         rt.keys.outbox_dirty,
         org_id,
     )
-    return decode(reply, tail_length=1)
+    result = decode(reply, tail_length=1)
+    await file_depletion(rt, org_id, result.depletion_ms)
+    return result
 
 
 @dataclass

@@ -27,6 +27,7 @@ from typing import Any
 import orjson
 
 from engine import limits, validate
+from engine.killswitch import add_depletion, file_depletion
 from engine.records import HoldRecord
 from engine.results import Money, Outcome, decode
 from engine.runtime import Runtime
@@ -90,6 +91,7 @@ async def reserve_call(rt: Runtime, org_id: str, call_id: str) -> Reservation:
         org_id,
     )
     result = decode(reply, tail_length=2)
+    await file_depletion(rt, org_id, result.depletion_ms)
     hold_pence, max_duration_s = result.tail
     if result.outcome in (Outcome.ok, Outcome.replayed):
         assert hold_pence > 0
@@ -120,9 +122,14 @@ async def check_call(rt: Runtime, org_id: str, call_id: str, event: CallEvent = 
     )
     result = decode(reply, tail_length=7)
     end_call, cost_so_far_pence, hold_pence, remaining_ms, started, recorded, ended = result.tail
-    if recorded:
-        # Only an extension or a start writes to the outbox; ring the worker for those alone.
-        await rt.redis.sadd(rt.keys.outbox_dirty, org_id)
+    if recorded or result.depletion_ms:
+        # Only a start, an end or an extension writes to the outbox (ring the worker for those
+        # alone), and only a start or an end moves the depletion moment: one round trip for both.
+        async with rt.redis.pipeline(transaction=False) as pipe:
+            if recorded:
+                pipe.sadd(rt.keys.outbox_dirty, org_id)
+            add_depletion(pipe, rt, org_id, result.depletion_ms)
+            await pipe.execute()
     if end_call and not ended:
         assert started
         assert remaining_ms <= 0
@@ -176,7 +183,9 @@ async def _resolve(rt: Runtime, script: str, org_id: str, call_id: str, extra_ar
         rt.keys.outbox_dirty,
         org_id,
     )
-    return _resolution(decode(reply, tail_length=3))
+    result = decode(reply, tail_length=3)
+    await file_depletion(rt, org_id, result.depletion_ms)
+    return _resolution(result)
 
 
 def _resolution(result: Any) -> Resolution:

@@ -41,9 +41,10 @@ class OrgKeys:
     idem_exp: str  # sorted set: idempotency key -> expiry (ms)
     outbox: str  # stream: ledger entries and hold events not yet in Postgres
     dead: str  # stream: outbox entries the ledger refused, kept until a repair archives them
+    kill: str  # hash: call_id -> the kill switch's progress with that call (warned, ended)
 
     def all(self) -> list[str]:
-        return [self.org, self.holds, self.idem, self.idem_exp, self.outbox, self.dead]
+        return [self.org, self.holds, self.idem, self.idem_exp, self.outbox, self.dead, self.kill]
 
 
 @dataclass(frozen=True)
@@ -65,12 +66,23 @@ class Keyspace:
             idem_exp=f"{tag}:idem_exp",
             outbox=f"{tag}:outbox",
             dead=f"{tag}:outbox:dead",
+            kill=f"{tag}:kill",
         )
 
     @property
     def outbox_dirty(self) -> str:
         """Set of org ids whose outbox may hold entries (the worker's doorbell)."""
         return f"{self.prefix}:outbox:dirty"
+
+    def call_index(self, call_id: str) -> str:
+        """Hash: the org that claimed a call and its control URL (webapp/call_index.py)."""
+        return f"{self.prefix}:call:{call_id}"
+
+    @property
+    def kill_schedule(self) -> str:
+        """Sorted set: org id -> when the kill switch should look at it, as a depletion moment
+        (the worker visits an org warn_lead before its score). Only plain commands touch it."""
+        return f"{self.prefix}:killswitch:due"
 
     @property
     def state(self) -> str:
@@ -84,6 +96,11 @@ class Keyspace:
     @property
     def worker_stats(self) -> str:
         return f"{self.prefix}:worker:stats"
+
+    @property
+    def worker_counters(self) -> str:
+        """Hash of counters every worker increments (kill switch, alerts)."""
+        return f"{self.prefix}:worker:counters"
 
     @property
     def arq_queue(self) -> str:

@@ -10,11 +10,13 @@ In one transaction:
 3. insert the new entries in stream order, each with balance_after/debt_after continuing its
    org's chain (a trigger checks the chain row by row);
 4. move each org's projection to its last entry (a deferred trigger checks it at COMMIT);
-5. upsert the hold events into call_holds, following the hold state machine.
+5. upsert the hold events into call_holds, following the hold state machine;
+6. insert the alerts into alert_events (once per key; the worker delivers them from there).
 `INSERT ... ON CONFLICT (idempotency_key) DO NOTHING` stays as the last line of defence; if it
 ever skipped a row, the chain trigger would fail the transaction rather than let it pass.
 """
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -82,12 +84,44 @@ class HoldEvent:
     seq: int
 
 
+@dataclass(slots=True)
+class AlertEvent:
+    """An alert for the org's webhook, decided in Redis with the change that caused it."""
+
+    stream_id: str
+    org_id: str
+    idempotency_key: str
+    kind: str  # low_balance | balance_exhausted | call_ended_no_credit | end_call_failed
+    call_id: str | None
+    balance_pence: int
+    available_pence: int
+    threshold_pence: int
+    created_ms: int
+    seq: int
+
+    def payload(self) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "id": self.idempotency_key,
+            "type": self.kind,
+            "org_id": self.org_id,
+            "balance_pence": self.balance_pence,
+            "available_pence": self.available_pence,
+            "at_ms": self.created_ms,
+        }
+        if self.kind == "low_balance":
+            body["threshold_pence"] = self.threshold_pence
+        if self.call_id:
+            body["call_id"] = self.call_id
+        return body
+
+
 @dataclass
 class BatchResult:
     inserted: int = 0
     redelivered: int = 0
     duplicates: int = 0
     hold_events: int = 0
+    alerts: int = 0
     orgs: set[str] = field(default_factory=set)
 
     def add(self, other: "BatchResult") -> None:
@@ -95,6 +129,7 @@ class BatchResult:
         self.redelivered += other.redelivered
         self.duplicates += other.duplicates
         self.hold_events += other.hold_events
+        self.alerts += other.alerts
         self.orgs |= other.orgs
 
 
@@ -170,6 +205,26 @@ WHERE (h.status = 'live' AND (EXCLUDED.status <> 'live' OR EXCLUDED.version > h.
 """
 
 
+INSERT_ALERTS_SQL = """
+INSERT INTO alert_events (org_id, idempotency_key, kind, call_id, payload, created_at)
+SELECT u.org_id, u.key, u.kind, u.call_id, u.payload::jsonb, u.created_at
+FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::timestamptz[])
+     AS u(org_id, key, kind, call_id, payload, created_at)
+ON CONFLICT (idempotency_key) DO NOTHING
+"""
+
+
+def _alert_columns(alerts: Sequence[AlertEvent]) -> list[list[Any]]:
+    return [
+        [a.org_id for a in alerts],
+        [a.idempotency_key for a in alerts],
+        [a.kind for a in alerts],
+        [a.call_id for a in alerts],
+        [orjson.dumps(a.payload()).decode() for a in alerts],
+        [dt_from_ms(a.created_ms) for a in alerts],
+    ]
+
+
 class UnknownOrg(LookupError):
     """An outbox names an org Postgres does not have."""
 
@@ -179,9 +234,11 @@ class UnwritableEntry(ValueError):
     zero: Redis decided something Postgres refused earlier). Kept aside, never forced in."""
 
 
-async def write_batch(conn: asyncpg.Connection, entries: list[LedgerEntry], events: list[HoldEvent]) -> BatchResult:
+async def write_batch(
+    conn: asyncpg.Connection, entries: list[LedgerEntry], events: list[HoldEvent], alerts: Sequence[AlertEvent] = ()
+) -> BatchResult:
     result = BatchResult()
-    org_ids = sorted({e.org_id for e in entries} | {e.org_id for e in events})
+    org_ids = sorted({e.org_id for e in entries} | {e.org_id for e in events} | {a.org_id for a in alerts})
     result.orgs = set(org_ids)
     async with conn.transaction():
         projections = {
@@ -200,6 +257,9 @@ async def write_batch(conn: asyncpg.Connection, entries: list[LedgerEntry], even
         for layer in _event_layers(events):
             await conn.execute(UPSERT_HOLDS_SQL, *_hold_columns(layer))
         result.hold_events = len(events)
+        if alerts:
+            await conn.execute(INSERT_ALERTS_SQL, *_alert_columns(alerts))
+            result.alerts = len(alerts)
         faults.reached("ledger.before_commit")  # crash tests: everything written, nothing committed
     return result
 

@@ -36,6 +36,7 @@ class OrgSettings:
             self.hold_block_minutes,
             self.grace_seconds,
             self.max_concurrent_calls or 0,
+            self.low_balance_threshold_pence or 0,
         ]
 
     def validated(self) -> "OrgSettings":

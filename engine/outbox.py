@@ -14,14 +14,14 @@ import asyncpg
 import orjson
 
 from engine import faults, limits
-from engine.ledger import BatchResult, HoldEvent, LedgerEntry, UnknownOrg, UnwritableEntry, write_batch
+from engine.ledger import AlertEvent, BatchResult, HoldEvent, LedgerEntry, UnknownOrg, UnwritableEntry, write_batch
 from engine.records import HoldRecord
 from engine.runtime import Runtime
 from engine.types import EntryKind, HoldStatus
 
 log = logging.getLogger(__name__)
 
-OutboxItem = LedgerEntry | HoldEvent
+OutboxItem = LedgerEntry | HoldEvent | AlertEvent
 KINDS = {kind.value: kind for kind in EntryKind}  # a dict lookup: EntryKind(value) is slow per entry
 STATUSES = {status.value: status for status in HoldStatus}
 
@@ -49,6 +49,19 @@ def parse_entry(stream_id: str, fields: dict[str, str]) -> OutboxItem:
             rate_pence_per_minute=int(fields["r"]),
             fingerprint=fields["fp"],
             meta=meta,
+            created_ms=int(fields["ms"]),
+            seq=int(fields["s"]),
+        )
+    if kind == "A":
+        return AlertEvent(
+            stream_id=stream_id,
+            org_id=fields["o"],
+            idempotency_key=fields["k"],
+            kind=fields["kind"],
+            call_id=fields["c"] or None,
+            balance_pence=int(fields["b"]),
+            available_pence=int(fields["av"]),
+            threshold_pence=int(fields["th"]),
             created_ms=int(fields["ms"]),
             seq=int(fields["s"]),
         )
@@ -155,8 +168,9 @@ async def dead_letter(rt: Runtime, org_id: str, stream_id: str, reason: str) -> 
 async def _write(rt: Runtime, items_by_org: dict[str, list[OutboxItem]]) -> BatchResult:
     entries = [item for items in items_by_org.values() for item in items if isinstance(item, LedgerEntry)]
     events = [item for items in items_by_org.values() for item in items if isinstance(item, HoldEvent)]
+    alerts = [item for items in items_by_org.values() for item in items if isinstance(item, AlertEvent)]
     async with rt.pg.acquire() as conn:
-        return await write_batch(conn, entries, events)
+        return await write_batch(conn, entries, events, alerts)
 
 
 async def _acknowledge(rt: Runtime, done: dict[str, list[OutboxItem]]) -> None:

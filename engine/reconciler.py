@@ -22,14 +22,15 @@ import asyncio
 import time
 
 import orjson
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 from engine import limits
+from engine.amounts import billed_seconds_from_ms, call_cost_pence
 from engine.credits import apply_pending_credits
 from engine.ledger import HoldEvent, LedgerEntry
-from engine.outbox import drain_org_fully, parse_entry
+from engine.outbox import OutboxItem, drain_org_fully, parse_entry
 from engine.records import HoldRecord
 from engine.restore import restore_orgs, snapshot_orgs
 from engine.results import Outcome
@@ -49,8 +50,9 @@ SETTING_FIELDS = (
     "hold_block_minutes",
     "grace_seconds",
     "max_concurrent_calls",
+    "low_balance_threshold_pence",
 )
-MONEY_FIELDS = ("balance_pence", "held_pence", "debt_pence", "seq")
+MONEY_FIELDS = ("balance_pence", "held_pence", "debt_pence", "seq", "burn_rate", "burn_k", "burn_at_s", "burn_frozen_pence")
 recheck_pause_s = 0.05
 # Longer than these, something is stuck (the worker drains within a second and re-applies
 # credits every few seconds): it is reported, not treated as "still on its way".
@@ -74,7 +76,7 @@ class RedisState:
     money: dict[str, int]
     settings: tuple[int, ...]
     holds: dict[str, HoldRecord]
-    outbox: list[LedgerEntry | HoldEvent]
+    outbox: list[OutboxItem]
     pending_applied: dict[str, bool]
     dead_letters: int
 
@@ -161,6 +163,20 @@ async def _keys_in_ledger(rt: Runtime, keys: list[str]) -> set[str]:
     return {row["idempotency_key"] for row in rows}
 
 
+def burn_sums(holds: Iterable[HoldRecord], burn_at_s: int) -> tuple[int, int, int]:
+    """(burn_rate, burn_k, burn_frozen_pence) as lua/_lib.lua keeps them, recomputed from the holds."""
+    rate = k = frozen = 0
+    for h in holds:
+        if h.ended_ms > 0:
+            if h.started_ms > 0 and h.ended_ms > h.started_ms:
+                frozen += call_cost_pence(billed_seconds_from_ms(h.ended_ms - h.started_ms), h.rate_pence_per_minute)
+        else:
+            from_s = (h.started_ms if h.started_ms > 0 else h.created_ms) // 1000
+            rate += h.rate_pence_per_minute
+            k += h.rate_pence_per_minute * (burn_at_s - from_s)
+    return rate, k, frozen
+
+
 def compare(pg: PgState, redis: RedisState, in_ledger: set[str], now_ms: int) -> list[str]:
     """Problems found for one org (empty: Redis agrees with Postgres)."""
     if not redis.present:
@@ -178,6 +194,8 @@ def compare(pg: PgState, redis: RedisState, in_ledger: set[str], now_ms: int) ->
             if item.idempotency_key not in in_ledger:
                 balance += item.amount_pence
                 debt += item.debt_delta_pence
+        elif not isinstance(item, HoldEvent):
+            continue  # an alert: no money
         elif item.status == "live":
             holds[item.call_id] = item.hold.hold_pence
         else:
@@ -196,6 +214,10 @@ def compare(pg: PgState, redis: RedisState, in_ledger: set[str], now_ms: int) ->
         problems.append(f"live holds: redis {sorted(redis_holds.items())}, postgres says {sorted(holds.items())}")
     if redis.money["held_pence"] != sum(redis_holds.values()):
         problems.append(f"held_pence {redis.money['held_pence']} is not the sum of redis's live holds")
+    expected_burn = burn_sums(redis.holds.values(), redis.money["burn_at_s"])
+    actual_burn = (redis.money["burn_rate"], redis.money["burn_k"], redis.money["burn_frozen_pence"])
+    if actual_burn != expected_burn:
+        problems.append(f"kill-switch burn sums (rate, k, frozen) {actual_burn} disagree with the live holds: {expected_burn}")
     if redis.settings != pg.settings:
         problems.append(f"settings: redis {redis.settings}, postgres says {pg.settings}")
     return problems

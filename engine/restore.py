@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from engine import limits
+from engine.killswitch import file_depletion
 from engine.results import Outcome, decode
 from engine.runtime import Runtime
 from engine.snapshots import OrgSnapshot, load_snapshots, org_id_pages
@@ -84,6 +85,7 @@ async def restore_orgs(rt: Runtime, snapshots: list[OrgSnapshot], mode: str, exp
         if result.outcome == Outcome.ok:
             assert result.money.balance_pence == snapshot.balance_pence
             assert result.money.held_pence == snapshot.held_pence
+            await file_depletion(rt, snapshot.org_id, result.depletion_ms)
         outcomes[snapshot.org_id] = result.outcome
     return outcomes
 

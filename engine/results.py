@@ -39,20 +39,22 @@ class Money:
 class ScriptResult:
     outcome: Outcome
     money: Money
+    depletion_ms: int  # the org's predicted depletion if this script moved it, else 0 (engine/killswitch.py)
     tail: tuple[int, ...]
 
 
-HEAD_LENGTH = 6
+HEAD_LENGTH = 7
 
 
 def decode(reply: list[int], tail_length: int) -> ScriptResult:
-    """Decode `{code, balance, held, available, debt, seq, ...tail}` and check what it promises."""
+    """Decode `{code, balance, held, available, debt, seq, depletion_ms, ...tail}` and check what it promises."""
     assert len(reply) == HEAD_LENGTH + tail_length, reply
     assert all(isinstance(value, int) for value in reply), reply
     outcome = Outcome(reply[0])
-    money = Money(*reply[1:HEAD_LENGTH])
+    money = Money(*reply[1:6])
+    assert reply[6] >= 0, reply
     if outcome != Outcome.org_unknown:
         assert money.available_pence == money.balance_pence - money.held_pence, reply
         assert money.held_pence >= 0, reply
         assert money.debt_pence >= 0, reply
-    return ScriptResult(outcome=outcome, money=money, tail=tuple(reply[HEAD_LENGTH:]))
+    return ScriptResult(outcome=outcome, money=money, depletion_ms=reply[6], tail=tuple(reply[HEAD_LENGTH:]))

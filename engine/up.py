@@ -32,7 +32,7 @@ from engine.services_file import services_path, write_services
 log = logging.getLogger(__name__)
 
 SECRETS_FILE = "secrets.env"
-GENERATED_SECRETS = ("CREDIT_ENGINE_ADMIN_TOKEN", "VAPI_WEBHOOK_SECRET")
+GENERATED_SECRETS = ("CREDIT_ENGINE_ADMIN_TOKEN", "VAPI_WEBHOOK_SECRET", "CREDIT_ENGINE_ALERT_SIGNING_KEY")
 child_stop_timeout_s = 20.0
 child_restarts_per_minute_max = 5
 

@@ -9,7 +9,10 @@
     1e+15);
   - the clock is Redis TIME unless the caller passes a positive now_ms (tests only);
   - a script that changes balance_pence or debt_pence appends the ledger entry to the org's
-    outbox stream in the same call.
+    outbox stream in the same call;
+  - every reply starts with head(): {code, balance, held, available, debt, seq, depletion_ms},
+    where depletion_ms is the org's predicted depletion moment when this script moved it (the
+    caller files it in the kill switch's schedule), else 0.
 ]]
 local rcall = redis.call
 
@@ -42,6 +45,8 @@ local ORG_FIELDS = {
   'balance_pence', 'held_pence', 'debt_pence', 'seq',
   'rate_pence_per_minute', 'overdraft_pence', 'min_start_pence',
   'hold_block_minutes', 'grace_seconds', 'max_concurrent_calls',
+  'burn_rate', 'burn_k', 'burn_at_s', 'burn_frozen_pence',
+  'low_balance_threshold_pence', 'alert_low_sent', 'alert_exhausted_sent',
 }
 
 local function org_load(key)
@@ -56,21 +61,59 @@ local function org_load(key)
   return org
 end
 
+-- Burn: how fast the org's live calls spend, for the kill switch's depletion prediction.
+-- A live call burns its rate from its start (from its reservation until it is known to have
+-- started, so the prediction errs early) until it ends; an ended call's cost is frozen until
+-- its report commits it. Kept as running sums in whole seconds, so each event costs O(1):
+--   burn_rate          R: the sum of the rates of the calls burning now (pence per minute)
+--   burn_k             K: the sum over those calls of rate * (burn_at_s - the second it began)
+--   burn_at_s          A: the second K was last brought up to date
+--   burn_frozen_pence  E: the cost of ended calls that are not committed yet
+-- By second t the calls have spent (K + R * (t - A)) / 60 + E pence, and the org's credit runs
+-- out when that reaches balance_pence. All integers, all far below 2^53.
+
+local function burn_advance(org, now_ms)
+  local now_s = math.floor(now_ms / 1000)
+  if now_s > org.burn_at_s then
+    org.burn_k = org.burn_k + org.burn_rate * (now_s - org.burn_at_s)
+    org.burn_at_s = now_s
+  end
+end
+
+-- The predicted depletion moment (ms), 0 when no call is burning. May be in the past.
+local function burn_deadline_ms(org)
+  if org.burn_rate <= 0 then
+    return 0
+  end
+  local x = math.ceil((60 * (org.balance_pence - org.burn_frozen_pence) - org.burn_k) / org.burn_rate)
+  return math.max(1, (org.burn_at_s + x) * 1000)
+end
+
 -- Writes the money fields back and bumps seq, the org's change counter.
 local function org_save_money(key, org)
   org.seq = org.seq + 1
+  org.deadline_moved = true
   rcall('HSET', key,
     'balance_pence', istr(org.balance_pence), 'held_pence', istr(org.held_pence),
     'debt_pence', istr(org.debt_pence), 'seq', istr(org.seq))
+  if org.burn_changed then
+    rcall('HSET', key,
+      'burn_rate', istr(org.burn_rate), 'burn_k', istr(org.burn_k),
+      'burn_at_s', istr(org.burn_at_s), 'burn_frozen_pence', istr(org.burn_frozen_pence))
+  end
 end
 
--- {code, balance_pence, held_pence, available_pence, debt_pence, seq}
+-- {code, balance_pence, held_pence, available_pence, debt_pence, seq, depletion_ms}
 local function head(code, org)
   if org == nil then
-    return {code, 0, 0, 0, 0, 0}
+    return {code, 0, 0, 0, 0, 0, 0}
+  end
+  local depletion_ms = 0
+  if org.deadline_moved then
+    depletion_ms = burn_deadline_ms(org)
   end
   return {code, org.balance_pence, org.held_pence, org.balance_pence - org.held_pence,
-          org.debt_pence, org.seq}
+          org.debt_pence, org.seq, depletion_ms}
 end
 
 local function with_tail(result, tail)
@@ -192,6 +235,46 @@ local function hold_known_until_ms(h)
   return h.last_seen_ms
 end
 
+-- The second from which a hold's call burns: its start, else its reservation.
+local function hold_burn_from_s(h)
+  if h.started_ms > 0 then
+    return math.floor(h.started_ms / 1000)
+  end
+  return math.floor(h.created_ms / 1000)
+end
+
+-- What an ended call has cost (its clock is stopped); 0 if it never started.
+local function hold_frozen_pence(h)
+  if h.started_ms == 0 or h.ended_ms <= h.started_ms then
+    return 0
+  end
+  return cost_pence(billed_seconds_from_ms(h.ended_ms - h.started_ms), h.rate)
+end
+
+-- A call begins to burn (a reservation, a restored hold).
+local function burn_add(org, h, now_ms)
+  burn_advance(org, now_ms)
+  if h.ended_ms > 0 then
+    org.burn_frozen_pence = org.burn_frozen_pence + hold_frozen_pence(h)
+  else
+    org.burn_rate = org.burn_rate + h.rate
+    org.burn_k = org.burn_k + h.rate * (org.burn_at_s - hold_burn_from_s(h))
+  end
+  org.burn_changed = true
+end
+
+-- A hold goes away (commit, release, expiry): it stops counting, whatever state it was in.
+local function burn_remove(org, h, now_ms)
+  burn_advance(org, now_ms)
+  if h.ended_ms > 0 then
+    org.burn_frozen_pence = org.burn_frozen_pence - hold_frozen_pence(h)
+  else
+    org.burn_rate = org.burn_rate - h.rate
+    org.burn_k = org.burn_k - h.rate * (org.burn_at_s - hold_burn_from_s(h))
+  end
+  org.burn_changed = true
+end
+
 -- Call resolution records: "status|charged_pence|billed_seconds|rate"
 
 local function call_state_decode(text)
@@ -222,6 +305,46 @@ local function outbox_ledger(stream, org_id, org, e, now_ms)
     'c', e.call_id or '', 'bs', istr(e.billed_seconds or 0), 'r', istr(e.rate or 0),
     'fp', e.fingerprint or '', 'm', e.meta or '',
     'ms', istr(now_ms), 's', istr(org.seq))
+end
+
+-- An alert for the org's webhook (delivered by the worker from Postgres's alert_events). Its key
+-- makes it once per call for a call's alert, once per change (seq) for a balance alert.
+local function outbox_alert(stream, org_id, org, kind, call_id, now_ms)
+  rcall('XADD', stream, '*',
+    't', 'A', 'o', org_id, 'k', 'alert:' .. org_id .. ':' .. kind .. ':' .. (call_id or istr(org.seq)),
+    'kind', kind, 'c', call_id or '',
+    'b', istr(org.balance_pence), 'av', istr(org.balance_pence - org.held_pence),
+    'th', istr(org.low_balance_threshold_pence), 'ms', istr(now_ms), 's', istr(org.seq))
+end
+
+-- After a debit or a hold: one alert per downward crossing of the low-balance threshold and
+-- of zero. Only a credit re-arms them (alerts_rearm), so a balance hovering at the threshold as
+-- holds come and go does not flap.
+local function alerts_after_debit(key, stream, org_id, org, now_ms)
+  local available = org.balance_pence - org.held_pence
+  if org.low_balance_threshold_pence > 0 and org.alert_low_sent == 0
+      and available < org.low_balance_threshold_pence then
+    org.alert_low_sent = 1
+    rcall('HSET', key, 'alert_low_sent', '1')
+    outbox_alert(stream, org_id, org, 'low_balance', nil, now_ms)
+  end
+  if org.alert_exhausted_sent == 0 and available <= 0 then
+    org.alert_exhausted_sent = 1
+    rcall('HSET', key, 'alert_exhausted_sent', '1')
+    outbox_alert(stream, org_id, org, 'balance_exhausted', nil, now_ms)
+  end
+end
+
+local function alerts_rearm(key, org)
+  local available = org.balance_pence - org.held_pence
+  if org.alert_low_sent == 1 and available >= org.low_balance_threshold_pence then
+    org.alert_low_sent = 0
+    rcall('HSET', key, 'alert_low_sent', '0')
+  end
+  if org.alert_exhausted_sent == 1 and available > 0 then
+    org.alert_exhausted_sent = 0
+    rcall('HSET', key, 'alert_exhausted_sent', '0')
+  end
 end
 
 -- A hold event: the call's hold as it now stands, for the Postgres call_holds table.

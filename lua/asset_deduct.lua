@@ -18,7 +18,7 @@
     ARGV[7] outbox_max            refuse (fail closed) when the outbox holds this many entries
     ARGV[8] meta                  JSON object recorded with the ledger entry
 
-  Output: {code, balance_pence, held_pence, available_pence, debt_pence, seq,
+  Output: {code, balance_pence, held_pence, available_pence, debt_pence, seq, depletion_ms,
            charged_pence, balance_pence_after_first}
      0  ok
      1  replayed
@@ -66,4 +66,5 @@ outbox_ledger(KEYS[4], org_id, org, {
   key = ledger_key, kind = 'asset', amount = -amount, debt_delta = 0,
   fingerprint = fingerprint, meta = meta,
 }, now)
+alerts_after_debit(KEYS[1], KEYS[4], org_id, org, now)
 return with_tail(head(0, org), {amount, org.balance_pence})

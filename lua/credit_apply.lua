@@ -17,7 +17,7 @@
     ARGV[5] repay_key             ledger key for the debt repayment this credit may make
     ARGV[6] idempotency_ttl_ms
 
-  Output: {code, balance_pence, held_pence, available_pence, debt_pence, seq, repaid_pence}
+  Output: {code, balance_pence, held_pence, available_pence, debt_pence, seq, depletion_ms, repaid_pence}
      0  ok
      1  replayed
     -2  org_unknown
@@ -47,6 +47,7 @@ end
 
 local _, debt_delta = org_credit(org, amount)
 org_save_money(KEYS[1], org)
+alerts_rearm(KEYS[1], org)
 idem_put(KEYS[2], KEYS[3], ledger_key, istr(amount), now + ttl)
 if debt_delta < 0 then
   outbox_ledger(KEYS[4], org_id, org, {

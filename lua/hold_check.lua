@@ -26,7 +26,11 @@
     ARGV[6] outbox_max            no extension (fail closed) when the outbox holds this many
     ARGV[7] extensions_max        blocks this check may add, 1 .. 64
 
-  Output: {code, balance_pence, held_pence, available_pence, debt_pence, seq,
+  The kill switch's burn sums (see _lib.lua) change only when the call starts or ends, and
+  the low-balance alerts only when an extension takes more credit; both are read and written
+  in those rare branches alone.
+
+  Output: {code, balance_pence, held_pence, available_pence, debt_pence, seq, depletion_ms,
            end_call, cost_so_far_pence, hold_pence, remaining_ms, started, recorded, ended}
   recorded is 1 when this call appended a hold event to the outbox.
      0  ok
@@ -48,12 +52,12 @@ end
 
 local v = rcall('HMGET', KEYS[1], 'balance_pence', 'held_pence', 'debt_pence', 'seq', 'hold_block_minutes')
 if v[1] == false then
-  return {-2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0}
+  return {-2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0}
 end
 local balance, held, debt, seq = tonumber(v[1]), tonumber(v[2]), tonumber(v[3]), tonumber(v[4])
 local record = rcall('HGET', KEYS[2], ARGV[3])
 if record == false then
-  return {-4, balance, held, balance - held, debt, seq, 0, 0, 0, 0, 0, 0, 0}
+  return {-4, balance, held, balance - held, debt, seq, 0, 0, 0, 0, 0, 0, 0, 0}
 end
 
 -- The hold record: "hold_pence|rate|created_ms|started_ms|last_seen_ms|expires_ms|max_duration_s|version|ended_ms"
@@ -65,16 +69,53 @@ end
 local hold, rate, started, last_seen = tonumber(p), tonumber(r), tonumber(s), tonumber(l)
 local expires, max_duration_s, version, ended = tonumber(e), tonumber(d), tonumber(ver), tonumber(x)
 local changed = false
+local depletion_ms = 0
 
-if event == 1 and started == 0 and ended == 0 then
+local starting = event == 1 and started == 0 and ended == 0
+local ending = event == 2 and ended == 0
+
+-- Burn sums: a start moves the second the call burns from (its reservation -> its start); an
+-- end stops the burn and freezes the call's cost. Mirrors burn_add/burn_remove in _lib.lua.
+if starting or ending then
+  local b = rcall('HMGET', KEYS[1], 'burn_rate', 'burn_k', 'burn_at_s', 'burn_frozen_pence')
+  local burn_rate, burn_k = tonumber(b[1]) or 0, tonumber(b[2]) or 0
+  local burn_at_s, frozen = tonumber(b[3]) or 0, tonumber(b[4]) or 0
+  local now_s = math.floor(now / 1000)
+  local from_s = math.floor(tonumber(c) / 1000)
+  if started > 0 then
+    from_s = math.floor(started / 1000)
+  end
+  if starting then
+    burn_k = burn_k - rate * (now_s - from_s)
+  else
+    if now_s > burn_at_s then
+      burn_k = burn_k + burn_rate * (now_s - burn_at_s)
+      burn_at_s = now_s
+    end
+    burn_rate = burn_rate - rate
+    burn_k = burn_k - rate * (burn_at_s - from_s)
+    if started > 0 and now > started then
+      frozen = frozen + math.floor((math.floor((now - started + 999) / 1000) * rate + 59) / 60)
+    end
+  end
+  rcall('HSET', KEYS[1], 'burn_rate', fmt('%d', burn_rate), 'burn_k', fmt('%d', burn_k),
+    'burn_at_s', fmt('%d', burn_at_s), 'burn_frozen_pence', fmt('%d', frozen))
+  if burn_rate > 0 then
+    local x = math.ceil((60 * (balance - frozen) - burn_k) / burn_rate)
+    depletion_ms = math.max(1, (burn_at_s + x) * 1000)
+  end
+end
+
+if starting then
   started = now
   expires = math.max(expires, now + max_duration_s * 1000 + tonumber(ARGV[5]))
   changed = true
-elseif event == 2 and ended == 0 then
+elseif ending then
   ended = now
   expires = now + tonumber(ARGV[5])  -- the end-of-call report is due now; expire if it never comes
   changed = true
 end
+local extended = false
 
 local clock_now = now
 if ended > 0 and ended < now then
@@ -103,6 +144,7 @@ if started > 0 and ended == 0 and hold - cost < rate and rcall('XLEN', KEYS[3]) 
     hold = hold + add
     held = held + add
     changed = true
+    extended = true
     if hold - cost >= rate then
       break
     end
@@ -135,6 +177,24 @@ if changed then
   rcall('XADD', KEYS[3], '*', 't', 'H', 'o', ARGV[2], 'c', ARGV[3], 'st', 'live', 'h', record,
     'ch', '0', 'bs', '0', 'ms', fmt('%d', now), 's', fmt('%d', seq))
 end
+if extended then
+  -- Low-balance alerts, as alerts_after_debit in _lib.lua.
+  local a = rcall('HMGET', KEYS[1], 'low_balance_threshold_pence', 'alert_low_sent', 'alert_exhausted_sent')
+  local threshold = tonumber(a[1]) or 0
+  local available = balance - held
+  local function alert(kind, flag)
+    rcall('HSET', KEYS[1], flag, '1')
+    rcall('XADD', KEYS[3], '*', 't', 'A', 'o', ARGV[2], 'k', 'alert:' .. ARGV[2] .. ':' .. kind .. ':' .. fmt('%d', seq),
+      'kind', kind, 'c', '', 'b', fmt('%d', balance), 'av', fmt('%d', available), 'th', fmt('%d', threshold),
+      'ms', fmt('%d', now), 's', fmt('%d', seq))
+  end
+  if threshold > 0 and a[2] ~= '1' and available < threshold then
+    alert('low_balance', 'alert_low_sent')
+  end
+  if a[3] ~= '1' and available <= 0 then
+    alert('balance_exhausted', 'alert_exhausted_sent')
+  end
+end
 local is_started, is_ended = 0, 0
 if started > 0 then
   is_started = 1
@@ -142,4 +202,4 @@ end
 if ended > 0 then
   is_ended = 1
 end
-return {0, balance, held, balance - held, debt, seq, end_call, cost, hold, remaining, is_started, recorded, is_ended}
+return {0, balance, held, balance - held, debt, seq, depletion_ms, end_call, cost, hold, remaining, is_started, recorded, is_ended}

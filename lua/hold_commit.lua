@@ -29,7 +29,7 @@
     ARGV[8] idempotency_ttl_ms
     ARGV[9] meta                  JSON object recorded with the ledger entry
 
-  Output: {code, balance_pence, held_pence, available_pence, debt_pence, seq,
+  Output: {code, balance_pence, held_pence, available_pence, debt_pence, seq, depletion_ms,
            charged_pence, debt_delta_pence, hold_pence}
      0  ok
      1  replayed
@@ -87,6 +87,9 @@ if state_text ~= nil then
   local h = {hold_pence = 0, rate = state.rate, created_ms = now, started_ms = 0,
              last_seen_ms = now, expires_ms = now, max_duration_s = 0, version = 0, ended_ms = 0}
   outbox_hold(KEYS[5], org_id, org, call_id, 'committed', h, true_cost, billed, now)
+  if difference > 0 then
+    alerts_after_debit(KEYS[1], KEYS[5], org_id, org, now)
+  end
   return with_tail(head(2, org), {difference, debt_delta, 0})
 end
 
@@ -95,6 +98,7 @@ local h
 if record ~= false then
   h = hold_decode(record)
   org.held_pence = org.held_pence - h.hold_pence
+  burn_remove(org, h, now)
   rcall('HDEL', KEYS[2], call_id)
 else
   -- Direct billing: no hold was ever taken for this call.
@@ -114,4 +118,5 @@ if cost > 0 then
   }, now)
 end
 outbox_hold(KEYS[5], org_id, org, call_id, 'committed', h, cost, billed, now)
+alerts_after_debit(KEYS[1], KEYS[5], org_id, org, now)
 return with_tail(head(0, org), {cost, debt_delta, h.hold_pence})

@@ -22,7 +22,7 @@
     ARGV[6] mode                  'release' | 'expire'
     ARGV[7] idempotency_ttl_ms
 
-  Output: {code, balance_pence, held_pence, available_pence, debt_pence, seq,
+  Output: {code, balance_pence, held_pence, available_pence, debt_pence, seq, depletion_ms,
            charged_pence, debt_delta_pence, hold_pence}
      0  ok
      1  replayed
@@ -68,6 +68,7 @@ end
 local cost = cost_pence(billed, h.rate)
 local amount, debt_delta = org_charge(org, cost)
 org.held_pence = org.held_pence - h.hold_pence
+burn_remove(org, h, now)
 h.version = h.version + 1
 org_save_money(KEYS[1], org)
 rcall('HDEL', KEYS[2], call_id)
@@ -85,4 +86,5 @@ if cost > 0 then
   }, now)
 end
 outbox_hold(KEYS[5], org_id, org, call_id, status, h, cost, billed, now)
+alerts_after_debit(KEYS[1], KEYS[5], org_id, org, now)
 return with_tail(head(0, org), {cost, debt_delta, h.hold_pence})

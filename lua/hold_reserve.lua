@@ -17,7 +17,7 @@
     ARGV[5] report_slack_ms       how long after its funded time a silent hold expires
     ARGV[6] outbox_max            refuse (fail closed) when the outbox holds this many entries
 
-  Output: {code, balance_pence, held_pence, available_pence, debt_pence, seq,
+  Output: {code, balance_pence, held_pence, available_pence, debt_pence, seq, depletion_ms,
            hold_pence, max_duration_s}
      0  ok
      1  replayed
@@ -75,7 +75,9 @@ local h = {
   version = 1, ended_ms = 0,
 }
 org.held_pence = org.held_pence + hold_pence
+burn_add(org, h, now)
 org_save_money(KEYS[1], org)
 rcall('HSET', KEYS[2], call_id, hold_encode(h))
 outbox_hold(KEYS[4], org_id, org, call_id, 'live', h, 0, 0, now)
+alerts_after_debit(KEYS[1], KEYS[4], org_id, org, now)
 return with_tail(head(0, org), {hold_pence, max_duration_s})

@@ -27,21 +27,25 @@
     ARGV[10] hold_block_minutes
     ARGV[11] grace_seconds
     ARGV[12] max_concurrent_calls
-    ARGV[13] holds_count          how many live holds follow
-    ARGV[14..] holds_count pairs (call_id, hold record), then triples (field, value,
+    ARGV[13] low_balance_threshold_pence
+    ARGV[14] holds_count          how many live holds follow
+    ARGV[15..] holds_count pairs (call_id, hold record), then triples (field, value,
                expires_ms): the idempotency records of the credits in the snapshot's balance
                that Redis has not confirmed
+
+  The kill switch's burn sums are rebuilt from the restored holds, and the alerts are armed as
+  if the balance had just been reached (no alert for a crossing nobody saw).
 
   The outbox must be empty in both modes: entries still in it are debits Postgres does not have
   yet, and a snapshot from Postgres would silently drop them.
 
-  Output: {code, balance_pence, held_pence, available_pence, debt_pence, seq}
+  Output: {code, balance_pence, held_pence, available_pence, debt_pence, seq, depletion_ms}
      0  ok
     -9  restore_conflict
 ]]
 --- @include "_lib"
 
-clock_ms(ARGV[1])
+local now = clock_ms(ARGV[1])
 local org_id = ARGV[2]
 local mode = ARGV[3]
 local expected_seq = int_arg(ARGV[4], 'expected_seq', 0, 9007199254740991)
@@ -53,8 +57,9 @@ local min_start = int_arg(ARGV[9], 'min_start_pence', 1, 1000000000000)
 local block = int_arg(ARGV[10], 'hold_block_minutes', 1, 60)
 local grace = int_arg(ARGV[11], 'grace_seconds', 0, 300)
 local max_calls = int_arg(ARGV[12], 'max_concurrent_calls', 0, 1000000)
-local holds_count = int_arg(ARGV[13], 'holds_count', 0, 1000000)
-local holds_end = 13 + 2 * holds_count
+local threshold = int_arg(ARGV[13], 'low_balance_threshold_pence', 0, 1000000000000)
+local holds_count = int_arg(ARGV[14], 'holds_count', 0, 1000000)
+local holds_end = 14 + 2 * holds_count
 if #ARGV < holds_end or (#ARGV - holds_end) % 3 ~= 0 then
   error('bad argument holds/records: pairs then triples expected')
 end
@@ -74,12 +79,15 @@ if mode == 'seq' and (org == nil or org.seq ~= expected_seq) then
 end
 
 local held = 0
-for i = 14, holds_end, 2 do
-  held = held + hold_decode(ARGV[i + 1]).hold_pence
+local burn = {burn_rate = 0, burn_k = 0, burn_at_s = math.floor(now / 1000), burn_frozen_pence = 0}
+for i = 15, holds_end, 2 do
+  local h = hold_decode(ARGV[i + 1])
+  held = held + h.hold_pence
+  burn_add(burn, h, now)
 end
 
 rcall('DEL', KEYS[2])
-for i = 14, holds_end, 2 do
+for i = 15, holds_end, 2 do
   rcall('HSET', KEYS[2], ARGV[i], ARGV[i + 1])
 end
 for i = holds_end + 1, #ARGV, 3 do
@@ -94,5 +102,19 @@ rcall('HSET', KEYS[1],
   'seq', istr(seq),
   'rate_pence_per_minute', istr(rate), 'overdraft_pence', istr(overdraft),
   'min_start_pence', istr(min_start), 'hold_block_minutes', istr(block),
-  'grace_seconds', istr(grace), 'max_concurrent_calls', istr(max_calls))
-return head(0, org_load(KEYS[1]))
+  'grace_seconds', istr(grace), 'max_concurrent_calls', istr(max_calls),
+  'burn_rate', istr(burn.burn_rate), 'burn_k', istr(burn.burn_k),
+  'burn_at_s', istr(burn.burn_at_s), 'burn_frozen_pence', istr(burn.burn_frozen_pence),
+  'low_balance_threshold_pence', istr(threshold))
+local available = balance - held
+local low_sent, exhausted_sent = '0', '0'
+if available < threshold then
+  low_sent = '1'
+end
+if available <= 0 then
+  exhausted_sent = '1'
+end
+rcall('HSET', KEYS[1], 'alert_low_sent', low_sent, 'alert_exhausted_sent', exhausted_sent)
+local restored = org_load(KEYS[1])
+restored.deadline_moved = true
+return head(0, restored)

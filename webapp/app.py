@@ -19,7 +19,7 @@ from engine.config import Settings
 from engine.errors import InvalidInput, OrgNotFound
 from engine.runtime import Runtime
 from engine.telephony import Telephony, VapiTelephony, make_telephony
-from webapp import admin, health, managed_telephony, vapi, wallet
+from webapp import admin, alerts_api, health, managed_telephony, vapi, wallet
 from webapp.call_index import CallIndex
 from webapp.context import AppContext
 from webapp.metrics import Metrics
@@ -76,6 +76,8 @@ ROUTES = [
     route("/api/wallet", wallet.show_wallet, "GET", "wallet"),
     route("/api/wallet/transactions", wallet.transactions, "GET", "wallet_transactions"),
     route("/api/wallet/holds", wallet.holds, "GET", "wallet_holds"),
+    route("/api/alerts", alerts_api.list_alerts, "GET", "alerts"),
+    route("/api/alerts/signing-secret", alerts_api.signing_secret, "GET", "alerts_signing_secret"),
     route("/api/calls/{call_id}", wallet.show_call, "GET", "call_show"),
     route("/api/calls/{call_id}/reserve", wallet.reserve, "POST", "call_reserve"),
     route("/api/managed-telephony/pricing", managed_telephony.pricing, "GET", "pricing"),

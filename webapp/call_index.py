@@ -25,7 +25,7 @@ class CallIndex:
         self.cache: OrderedDict[str, str] = OrderedDict()
 
     def key(self, call_id: str) -> str:
-        return f"{self.rt.keys.prefix}:call:{call_id}"
+        return self.rt.keys.call_index(call_id)
 
     async def remember(self, call_id: str, org_id: str, control_url: str | None = None) -> bool:
         """Claim the call for the org (first claim wins). False if another org has it."""

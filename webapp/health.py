@@ -70,4 +70,10 @@ async def metrics(request: Request) -> Response:
         ctx.metrics.ledger_writes.set(stats.get("entries_written", 0))
         ctx.metrics.ledger_duplicates.set(stats.get("entries_duplicate", 0))
         ctx.metrics.worker_heartbeat_age.set(max(0, now_ms - stats.get("heartbeat_ms", now_ms)) / 1000)
+    try:
+        counters = await ctx.rt.redis.hgetall(ctx.rt.keys.worker_counters)
+    except Exception:
+        counters = {}
+    for event, count in counters.items():
+        ctx.metrics.worker_events.labels(event).set(int(count))
     return Response(ctx.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")

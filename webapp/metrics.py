@@ -38,6 +38,11 @@ class Metrics:
         self.worker_heartbeat_age = Gauge(
             "credit_engine_worker_heartbeat_age_seconds", "Seconds since the worker last reported", registry=self.registry
         )
+        self.worker_events = Gauge(
+            "credit_engine_worker_events", "Kill-switch pushes and alert deliveries counted by all workers "
+            "(kill_warned, kill_ended, kill_failed_attempts, kill_given_up, alerts_delivered, alerts_failed, ...)",
+            ["event"], registry=self.registry,
+        )  # fmt: skip
 
         self._children: dict[tuple[str, ...], Any] = {}
 

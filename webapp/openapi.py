@@ -154,6 +154,11 @@ PATHS: dict[str, Any] = {
         "responses": {"200": answer("A page", ref("Transactions")), **ERRORS}}},
     "/api/wallet/holds": {"get": {"summary": "The org's live call holds", "security": ORG,
                                   "responses": {"200": answer("Holds"), **ERRORS}}},
+    "/api/alerts": {"get": {"summary": "The org's last 100 alerts and their delivery", "security": ORG,
+                            "responses": {"200": answer("Alerts"), **ERRORS}}},
+    "/api/alerts/signing-secret": {"get": {
+        "summary": "The secret that signs the org's alert webhooks (header Credit-Engine-Signature)", "security": ORG,
+        "responses": {"200": answer("The secret"), "404": answer("Alerts disabled: no signing key", ref("Error")), **ERRORS}}},
     "/api/calls/{call_id}": {"get": {
         "summary": "One of the org's calls", "security": ORG, "parameters": [CALL_PATH],
         "responses": {"200": answer("The call"), "404": answer("Not this org's call", ref("Error")), **ERRORS}}},

@@ -6,6 +6,7 @@ from typing import Any
 from engine import provisioning
 from engine.credits import apply_pending_credits
 from engine.expiry import expire_due_holds
+from engine.killswitch import reschedule_live_orgs
 from engine.outbox import drain_org_fully
 from engine.reconciler import repair_org
 from engine.restore import ensure_rebuilt
@@ -21,6 +22,11 @@ def _rt(ctx: Ctx) -> Runtime:
     rt = ctx["rt"]
     assert isinstance(rt, Runtime)
     return rt
+
+
+async def reschedule_kill_switch(ctx: Ctx) -> dict[str, int]:
+    """The backstop for a depletion moment whose ZADD was lost (a process killed after its script)."""
+    return {"filed": await reschedule_live_orgs(_rt(ctx))}
 
 
 async def expire_holds(ctx: Ctx) -> dict[str, int]:

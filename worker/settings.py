@@ -20,6 +20,7 @@ from engine.restore import ensure_rebuilt
 from engine.runtime import Runtime
 from engine.telephony import make_telephony
 from worker import jobs
+from worker.background import TimedLoops
 from worker.drainer import Drainer
 
 log = logging.getLogger(__name__)
@@ -28,13 +29,23 @@ drainer_stop_timeout_s = 10.0
 
 
 def _exit_if_drainer_ends(task: "asyncio.Task[None]") -> None:
-    """The drain loop only ends when the worker stops it. If it ends any other way, a worker that
+    """The drain loop (and the timed loops) only end when the worker stops them. If one ends any other way, a worker that
     looks healthy but drains nothing is worse than none: stop, and let the supervisor restart us."""
     if task.cancelled() or getattr(task, "stopping", False):
         return
     error = task.exception()
     log.critical("the outbox drain ended unexpectedly (%r): stopping the worker", error)
     os.kill(os.getpid(), signal.SIGTERM)
+
+
+async def _stop(runner: Drainer | TimedLoops, task: "asyncio.Task[None] | None") -> bool:
+    """Stop a background loop and wait for it (marked, so its ending is not taken for a crash)."""
+    if task is None:
+        return False
+    task.stopping = True  # type: ignore[attr-defined]
+    runner.stop()
+    await asyncio.wait_for(task, drainer_stop_timeout_s)
+    return True
 
 
 def _every(seconds: int) -> set[int]:
@@ -56,16 +67,20 @@ def worker_options(settings: Settings) -> dict[str, Any]:
         task = asyncio.create_task(drainer.run_forever(), name="outbox-drainer")
         task.add_done_callback(_exit_if_drainer_ends)
         ctx["drainer_task"] = task
+        loops = TimedLoops(rt)
+        ctx["loops"] = loops
+        loops_task = asyncio.create_task(loops.run_forever(), name="kill-switch-and-alerts")
+        loops_task.add_done_callback(_exit_if_drainer_ends)
+        ctx["loops_task"] = loops_task
         log.info("worker started: draining outboxes under prefix %r", settings.key_prefix)
 
     async def on_shutdown(ctx: dict[str, Any]) -> None:
         drainer: Drainer | None = ctx.get("drainer")
-        task: asyncio.Task[None] | None = ctx.get("drainer_task")
-        if drainer is not None and task is not None:
-            task.stopping = True  # type: ignore[attr-defined]
-            drainer.stop()
-            await asyncio.wait_for(task, drainer_stop_timeout_s)
+        if drainer is not None and await _stop(drainer, ctx.get("drainer_task")):
             await drainer.publish_stats()
+        loops: TimedLoops | None = ctx.get("loops")
+        if loops is not None and await _stop(loops, ctx.get("loops_task")):
+            await loops.close()
         rt: Runtime | None = ctx.get("rt")
         if rt is not None:
             await rt.close()
@@ -83,6 +98,8 @@ def worker_options(settings: Settings) -> dict[str, Any]:
                  second=_every(settings.worker_expire_interval_s), run_at_startup=True, timeout=60, max_tries=1),
             cron(jobs.sweep_outbox, name=cron_name("sweep_outbox"), second=_every(settings.worker_sweep_interval_s),
                  timeout=120, max_tries=1),
+            cron(jobs.reschedule_kill_switch, name=cron_name("reschedule_kill_switch"),
+                 second=_every(settings.worker_sweep_interval_s), timeout=120, max_tries=1),
             cron(jobs.check_state, name=cron_name("check_state"), second=_every(5), timeout=300, max_tries=1),
             cron(jobs.finish_abandoned_provisions, name=cron_name("finish_abandoned_provisions"),
                  second=_every(settings.worker_sweep_interval_s), timeout=120, max_tries=1),

@@ -72,4 +72,9 @@ async def seed_org(
 
 
 async def outbox(rt: Runtime, org_id: str) -> list[dict[str, str]]:
-    return [fields for _, fields in await rt.redis.xrange(rt.keys.org(org_id).outbox)]
+    """The org's ledger entries and hold events (alerts are tested on their own: see alerts())."""
+    return [fields for _, fields in await rt.redis.xrange(rt.keys.org(org_id).outbox) if fields["t"] != "A"]
+
+
+async def alerts(rt: Runtime, org_id: str) -> list[dict[str, str]]:
+    return [fields for _, fields in await rt.redis.xrange(rt.keys.org(org_id).outbox) if fields["t"] == "A"]

@@ -298,7 +298,8 @@ async def test_credit_pays_debt_first(redis_rt: Runtime) -> None:
         [0, org, key, 100, ledger_key(org, "repay", "topup/t1"), 10**9],
     )  # fmt: skip
     assert reply[:6] == [0, 30, 0, 30, 0, 1 + 1]  # balance 30, debt 0, seq bumped once
-    assert reply[6] == 70
+    assert reply[6] == 0  # no call is burning: no depletion moment
+    assert reply[7] == 70
     entry = (await outbox(redis_rt, org))[0]
     assert (entry["kind"], entry["a"], entry["dd"]) == ("debt_repayment", "-70", "-70")
     replay = await redis_rt.scripts.run(

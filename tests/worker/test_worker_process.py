@@ -3,6 +3,7 @@
 import asyncio
 import random
 import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -10,11 +11,14 @@ import pytest
 from engine.assets import deduct_asset
 from engine.balances import read_wallet
 from engine.clock import ManualClock
+from engine.config import Settings
 from engine.holds import CallEvent, check_call, commit_call, reserve_call
 from engine.reconciler import check
+from engine.results import Outcome
 from engine.restore import state_present
 from engine.runtime import Runtime
 from tests.conftest import delete_prefix
+from tests.fake_vapi import FakeVapi, fake_vapi_server
 from tests.helpers import new_org
 from tests.processes import kill, start_worker, stop, wait_for
 
@@ -181,3 +185,34 @@ async def test_the_worker_expires_a_hold_whose_call_never_reported(rt: Runtime, 
     assert wallet is not None
     assert (wallet.balance_pence, wallet.held_pence) == (10_000 - 90, 0)
     assert reservation.hold_pence > 90
+
+
+async def test_the_worker_process_warns_then_ends_a_call_on_redis_time(settings: Settings, tmp_path: Path) -> None:
+    """The real worker process, on Redis's real clock: a call with 11 s of credit is warned 2 s
+    before it runs out and ended when it does (grace 0), through a real HTTP control URL."""
+    rt = await Runtime.open(settings)  # Redis TIME, as the worker
+    try:
+        org = await new_org(rt, 11, rate_pence_per_minute=60, min_start_pence=10, grace_seconds=0)
+        async with fake_vapi_server() as fake:
+            worker = await start_ready_worker(rt, tmp_path / "worker.log", CREDIT_ENGINE_KILL_WARN_LEAD_S="2")
+            try:
+                assert (await reserve_call(rt, org, "live-call")).outcome == Outcome.ok
+                await rt.redis.hset(rt.keys.call_index("live-call"),
+                                    mapping={"org_id": org, "control_url": fake.control_url("live-call")})  # fmt: skip
+                await check_call(rt, org, "live-call", CallEvent.start)
+                started = time.monotonic()
+                await wait_for(lambda: _received(fake, 2), 20, "the warning and the end-call", interval_s=0.02)
+            finally:
+                assert stop(worker) == 0
+        warned_s, ended_s = (at - started for at in fake.received_at)
+        assert [r.json["type"] for r in fake.received] == ["say", "end-call"]
+        # Depletion at 11 s (the prediction may run up to a second early: whole seconds, and a
+        # call counts from its reservation); the worker looks every 200 ms.
+        assert 7.9 <= warned_s <= 9.8, warned_s
+        assert 9.9 <= ended_s <= 11.8, ended_s
+    finally:
+        await rt.close()
+
+
+async def _received(fake: FakeVapi, count: int) -> bool:
+    return len(fake.received) >= count

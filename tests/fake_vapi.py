@@ -1,0 +1,83 @@
+"""A fake Vapi control endpoint and alert receiver: a real HTTP server on a loopback port that
+records every request and answers with whatever status the test scripts for it."""
+
+import asyncio
+import socket
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+
+@dataclass
+class Received:
+    path: str
+    body: bytes
+    headers: dict[str, str]
+
+    @property
+    def json(self) -> Any:
+        return orjson.loads(self.body)
+
+
+@dataclass
+class FakeVapi:
+    port: int = 0
+    received: list[Received] = field(default_factory=list)
+    received_at: list[float] = field(default_factory=list)  # time.monotonic() of each
+    # path -> statuses to answer, in order; when used up (or absent) the answer is 200
+    scripted: dict[str, list[int]] = field(default_factory=dict)
+    always: dict[str, int] = field(default_factory=dict)  # path -> status for every request
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def control_url(self, call_id: str) -> str:
+        return f"{self.base_url}/{call_id}/control"
+
+    def to(self, path: str) -> list[Received]:
+        return [r for r in self.received if r.path == path]
+
+    def control_bodies(self, call_id: str) -> list[dict[str, Any]]:
+        return [r.json for r in self.to(f"/{call_id}/control")]
+
+    async def handle(self, request: Request) -> JSONResponse:
+        body = await request.body()
+        path = request.url.path
+        self.received.append(Received(path, body, dict(request.headers)))
+        self.received_at.append(time.monotonic())
+        if path in self.always:
+            return JSONResponse({}, status_code=self.always[path])
+        queue = self.scripted.get(path)
+        status = queue.pop(0) if queue else 200
+        return JSONResponse({}, status_code=status)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@asynccontextmanager
+async def fake_vapi_server() -> AsyncIterator[FakeVapi]:
+    fake = FakeVapi(port=_free_port())
+    app = Starlette(routes=[Route("/{path:path}", fake.handle, methods=["POST"])])
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=fake.port, log_level="warning", lifespan="off"))
+    task = asyncio.create_task(server.serve())
+    while not server.started:
+        await asyncio.sleep(0.01)
+    try:
+        yield fake
+    finally:
+        server.should_exit = True
+        await task

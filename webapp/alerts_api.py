@@ -1,0 +1,41 @@
+"""An org's alerts: what was sent to its webhook, and the secret to verify the signatures."""
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+from engine.alerts import SIGNATURE_HEADER, org_signing_secret
+from webapp.responses import ApiError, json_response
+from webapp.wallet import org_context
+
+alerts_page_max = 100
+
+
+async def list_alerts(request: Request) -> Response:
+    ctx, org_id = await org_context(request)
+    rows = await ctx.rt.pg.fetch(
+        """
+        SELECT idempotency_key, kind, call_id, payload::text AS payload, status, attempts, last_error,
+               created_at, delivered_at
+        FROM alert_events WHERE org_id = $1 ORDER BY id DESC LIMIT $2
+        """,
+        org_id,
+        alerts_page_max,
+    )
+    return json_response({"alerts": [
+        {"id": row["idempotency_key"], "type": row["kind"], "call_id": row["call_id"], "status": row["status"],
+         "attempts": row["attempts"], "last_error": row["last_error"], "created_at": row["created_at"].isoformat(),
+         "delivered_at": row["delivered_at"].isoformat() if row["delivered_at"] else None}
+        for row in rows
+    ]})  # fmt: skip
+
+
+async def signing_secret(request: Request) -> Response:
+    ctx, org_id = await org_context(request)
+    key = ctx.settings.alert_signing_key
+    if key is None:
+        raise ApiError(404, "alerts_disabled", "this deployment has no CREDIT_ENGINE_ALERT_SIGNING_KEY; alerts are not sent")
+    return json_response({
+        "signing_secret": org_signing_secret(key, org_id),
+        "header": SIGNATURE_HEADER,
+        "scheme": "t=<unix seconds>,v1=<hex HMAC-SHA256 of '<t>.<raw body>'>",
+    })

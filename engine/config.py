@@ -57,6 +57,7 @@ class Settings:
     default_assistant_id: str | None = None  # for numbers registered without an assistant
     fake_provider_failing_area_codes: frozenset[str] = frozenset({"999"})
     readiness_outbox_lag_s_max: int = 60
+    idempotent_claim_stale_s: int = 60  # a request silent this long under its Idempotency-Key may be taken over
     api_body_bytes_max: int = 16 * 1024
     webhook_body_bytes_max: int = 2 * 1024 * 1024  # end-of-call reports carry transcripts
     # Kill switch (engine/killswitch.py): push warnings and end-calls to calls' control URLs.
@@ -111,6 +112,7 @@ class Settings:
                 code for code in env.get("CREDIT_ENGINE_FAKE_PROVIDER_FAILING_AREA_CODES", "999").split(",") if code
             ),
             readiness_outbox_lag_s_max=_int(env, "CREDIT_ENGINE_READINESS_OUTBOX_LAG_S_MAX", 60, 1, 86_400),
+            idempotent_claim_stale_s=_int(env, "CREDIT_ENGINE_IDEMPOTENT_CLAIM_STALE_S", 60, 1, 86_400),
             kill_warn_lead_ms=1000 * _int(env, "CREDIT_ENGINE_KILL_WARN_LEAD_S", 30, 0, 3600),
             kill_warning_text=env.get("CREDIT_ENGINE_KILL_WARNING_TEXT") or cls.kill_warning_text,
             kill_attempts_max=_int(env, "CREDIT_ENGINE_KILL_ATTEMPTS_MAX", 5, 1, 100),

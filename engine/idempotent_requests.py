@@ -2,8 +2,9 @@
 
 begin() claims a key: a new key is ours to run; a finished one is a replay of its stored
 response; the same key with another request body is a conflict; a key another request is still
-running is `in_progress` (unless that request has been silent longer than `stale_after_s`: its
-process died, and the operation, idempotent underneath, is run again).
+running is `in_progress` (unless that request has been silent longer than
+CREDIT_ENGINE_IDEMPOTENT_CLAIM_STALE_S, 60 s by default: its process died, and the operation,
+idempotent underneath, is run again).
 """
 
 import hashlib
@@ -14,8 +15,6 @@ from typing import Any
 import orjson
 
 from engine.runtime import Runtime
-
-stale_after_s = 60
 
 
 class Claim(Enum):
@@ -55,7 +54,7 @@ async def begin(rt: Runtime, org_id: str, operation: str, key: str, request: dic
             FROM idempotent_requests WHERE org_id = $1 AND operation = $2 AND idempotency_key = $3
             FOR UPDATE
             """,
-            org_id, operation, key, stale_after_s,
+            org_id, operation, key, rt.settings.idempotent_claim_stale_s,
         )  # fmt: skip
         if row is None:  # abandoned between our INSERT and SELECT: try once more, fresh
             return await begin(rt, org_id, operation, key, request)
@@ -93,7 +92,7 @@ class Abandoned:
 
 
 async def stale_claims(rt: Runtime, operation: str, limit: int = 100) -> list[Abandoned]:
-    """Claims in progress for longer than `stale_after_s`, taken over (their clock restarted) so
+    """Claims in progress for longer than `CREDIT_ENGINE_IDEMPOTENT_CLAIM_STALE_S` (60 s), taken over (their clock restarted) so
     that two workers do not finish the same one at once."""
     rows = await rt.pg.fetch(
         """
@@ -104,7 +103,7 @@ async def stale_claims(rt: Runtime, operation: str, limit: int = 100) -> list[Ab
             ORDER BY created_at LIMIT $3 FOR UPDATE SKIP LOCKED)
         RETURNING org_id, idempotency_key, request_body
         """,
-        operation, stale_after_s, limit,
+        operation, rt.settings.idempotent_claim_stale_s, limit,
     )  # fmt: skip
     return [Abandoned(row["org_id"], row["idempotency_key"], row["request_body"]) for row in rows]
 

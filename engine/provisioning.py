@@ -9,7 +9,7 @@
    then spent: retrying it replays the 502, and a refund already on the ledger for it means the
    purchase is never attempted again (no number after a refund).
 4. Register the number to the org and answer 201.
-A crash between steps leaves the claim in progress. A retry after `stale_after_s`, or the worker's
+A crash between steps leaves the claim in progress. A retry after CREDIT_ENGINE_IDEMPOTENT_CLAIM_STALE_S, or the worker's
 `finish_abandoned_provisions` if the client never comes back, runs the steps again, each idempotent
 (the deduction replays; the fake provider returns the same number; a number already registered
 under the key is reused), so the org ends up with either its number or its money.
@@ -19,6 +19,7 @@ a number and our registering it, running the steps again can buy a second number
 known limits).
 """
 
+import contextlib
 import hashlib
 import logging
 from dataclasses import dataclass
@@ -80,9 +81,18 @@ async def provision(
 async def _run_and_record(
     rt: Runtime, telephony: Telephony, org_id: str, key: str, request: ProvisionRequest, price_pence: int
 ) -> Response:
-    # If this raises, nothing is recorded as the answer: the claim stays in progress, and the
-    # steps run again later (a retry, or the worker), each of them idempotent.
-    response = await _run(rt, telephony, org_id, key, request, price_pence)
+    # If this raises before the provider was asked, the claim is let go at once: every step so far
+    # is idempotent, so a retry may simply run them again. After the provider was asked (it may
+    # have sold us a number) the claim stays in progress, and the steps run again only after
+    # CREDIT_ENGINE_IDEMPOTENT_CLAIM_STALE_S (a retry, or the worker), so that a slow first attempt is not doubled.
+    attempt = _Attempt()
+    try:
+        response = await _run(rt, telephony, org_id, key, request, price_pence, attempt)
+    except Exception:
+        if not attempt.provider_asked:
+            with contextlib.suppress(Exception):  # Postgres may be what failed; then the claim goes stale
+                await claims.abandon(rt, org_id, OPERATION, key)
+        raise
     if response.status in (201, 502):
         await claims.finish(rt, org_id, OPERATION, key, response.status, response.body)
     else:
@@ -90,8 +100,14 @@ async def _run_and_record(
     return response
 
 
+@dataclass
+class _Attempt:
+    provider_asked: bool = False
+
+
 async def _run(
-    rt: Runtime, telephony: Telephony, org_id: str, key: str, request: ProvisionRequest, price_pence: int
+    rt: Runtime, telephony: Telephony, org_id: str, key: str, request: ProvisionRequest, price_pence: int,
+    attempt: _Attempt,
 ) -> Response:
     fingerprint = claims.request_sha256(request.as_dict()).hex()
     deduction = await deduct_asset(
@@ -121,6 +137,7 @@ async def _run(
         return _failed(price_pence, refunded)
     existing = await number_for_provision_key(rt, org_id, key)
     if existing is None:
+        attempt.provider_asked = True
         try:
             bought = await telephony.buy(area_code=request.area_code, assistant_id=request.assistant_id, idempotency_key=f"{org_id}/{key}")
         except ProviderError as error:

@@ -7,6 +7,9 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
+import asyncpg
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
@@ -107,6 +110,18 @@ async def on_http_error(request: Request, error: Exception) -> Response:
     return error_response(error.status_code, codes.get(error.status_code, "http_error"), str(error.detail))
 
 
+# A store that cannot be reached is an outage, not a bug: 503 and a retry, never a 500.
+BACKEND_DOWN = (RedisConnectionError, RedisTimeoutError, asyncpg.PostgresConnectionError,
+                asyncpg.exceptions.OperatorInterventionError, ConnectionError, TimeoutError)  # fmt: skip
+
+
+async def on_backend_down(request: Request, error: Exception) -> Response:
+    log.warning("%s %s: a store is unreachable (%s: %s); answered 503", request.method, request.url.path,
+                type(error).__name__, error)  # fmt: skip
+    return error_response(503, "unavailable", "Redis or Postgres is unreachable for a moment; retry shortly "
+                          "(with the same Idempotency-Key, where it has one)", headers={"Retry-After": "1"})  # fmt: skip
+
+
 async def on_crash(request: Request, error: Exception) -> Response:
     log.exception("unhandled error on %s %s", request.method, request.url.path)
     return error_response(500, "internal_error", "something went wrong on our side; it is safe to retry (with the same Idempotency-Key, where it has one)")
@@ -144,6 +159,7 @@ def create_app(settings: Settings | None = None, *, clock: Clock | None = None, 
             InvalidInput: on_invalid_input,
             OrgNotFound: on_org_not_found,
             HTTPException: on_http_error,
+            **{kind: on_backend_down for kind in BACKEND_DOWN},
             Exception: on_crash,
         },
         lifespan=lifespan,

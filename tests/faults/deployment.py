@@ -1,0 +1,139 @@
+"""A whole deployment of the test's own, every part of it a real process that the test may kill:
+Redis (AOF `appendfsync always`), Postgres, `credit-engine serve` and `credit-engine worker`.
+
+The servers are always started here, even when the rest of the suite uses the machine's: killing
+them is the point, and a test never kills what it did not start.
+"""
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+from pathlib import Path
+
+from engine.config import Settings
+from engine.db import with_database
+from engine.embedded import EmbeddedPostgres, EmbeddedRedis, free_port
+from engine.migrate import upgrade_to_head
+from tests.processes import service_env, stop
+
+ADMIN_TOKEN = "admin-" + "f" * 40
+WEBHOOK_SECRET = "whsec-" + "f" * 40
+COMPONENTS = ("web", "worker", "redis", "postgres")
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == pid:  # field 4, after the command in parentheses
+            found.append(int(entry.name))
+    return found
+
+
+def sigkill_tree(process: subprocess.Popen[bytes]) -> None:
+    """SIGKILL a server and every process it forked (Postgres' backends too), as a power cut would."""
+    if process.poll() is not None:
+        return
+    victims = [process.pid, *_children(process.pid)]
+    for pid in victims:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    process.wait(30)
+
+
+class Deployment:
+    def __init__(self, root: Path, key_prefix: str = "faults", **env: str) -> None:
+        self.root = root
+        self.redis = EmbeddedRedis(root / "redis", appendfsync="always")
+        self.postgres = EmbeddedPostgres(root / "postgres")
+        self.key_prefix = key_prefix
+        self.env = env
+        self.web_port = free_port()
+        self.web: subprocess.Popen[bytes] | None = None
+        self.worker: subprocess.Popen[bytes] | None = None
+        self.settings = Settings()
+        # The servers die with the thread that started them (Linux parent-death signal), so kills and
+        # restarts during a test run on this one thread, which lives as long as the deployment.
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="deployment")
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.web_port}"
+
+    def start(self) -> None:
+        self.redis.start()
+        admin_url = self.postgres.start()
+        database_url = with_database(admin_url, "credit_engine")
+        subprocess.run([str(self.postgres.bin_dir / "createdb"), "-h", "127.0.0.1", "-p", str(self.postgres.port),
+                        "-U", "postgres", "credit_engine"], check=True, capture_output=True)  # fmt: skip
+        upgrade_to_head(database_url)
+        self.settings = replace(Settings(), redis_url=self.redis.url, database_url=database_url, key_prefix=self.key_prefix,
+                                admin_token=ADMIN_TOKEN, vapi_webhook_secret=WEBHOOK_SECRET)  # fmt: skip
+        self.start_web()
+        self.start_worker()
+
+    def _process_env(self) -> dict[str, str]:
+        return service_env(self.settings, CREDIT_ENGINE_ADMIN_TOKEN=ADMIN_TOKEN, VAPI_WEBHOOK_SECRET=WEBHOOK_SECRET,
+                           CREDIT_ENGINE_LOG_LEVEL="INFO", **self.env)  # fmt: skip
+
+    def _spawn(self, args: list[str], log_name: str) -> subprocess.Popen[bytes]:
+        log_path = self.root / log_name
+        with open(log_path, "ab") as log:
+            process = subprocess.Popen([sys.executable, "-m", "engine.cli", *args], env=self._process_env(), stdout=log,
+                                       stderr=subprocess.STDOUT)  # fmt: skip
+        process.log_path = log_path  # type: ignore[attr-defined]
+        return process
+
+    def start_web(self) -> None:
+        self.web = self._spawn(["serve", "--port", str(self.web_port)], "web.log")
+
+    def start_worker(self) -> None:
+        self.worker = self._spawn(["worker"], "worker.log")
+
+    async def kill_soon(self, component: str) -> None:
+        await asyncio.get_running_loop().run_in_executor(self._thread, self.kill, component)
+
+    async def restart_soon(self, component: str) -> None:
+        await asyncio.get_running_loop().run_in_executor(self._thread, self.restart, component)
+
+    def kill(self, component: str) -> None:
+        if component == "web" and self.web is not None:
+            sigkill_tree(self.web)
+        elif component == "worker" and self.worker is not None:
+            sigkill_tree(self.worker)
+        elif component == "redis":
+            self.redis.kill()
+        elif component == "postgres":
+            assert self.postgres.process is not None
+            sigkill_tree(self.postgres.process)
+
+    def restart(self, component: str) -> None:
+        if component == "web":
+            self.start_web()
+        elif component == "worker":
+            self.start_worker()
+        elif component == "redis":
+            self.redis.start()
+        elif component == "postgres":
+            self.postgres.start()
+
+    def logs(self) -> str:
+        return "".join((self.root / name).read_text(errors="replace") for name in ("web.log", "worker.log") if (self.root / name).exists())
+
+    def stop(self) -> tuple[int | None, int | None]:
+        codes = (stop(self.web) if self.web else None, stop(self.worker) if self.worker else None)
+        self.postgres.stop()
+        self.redis.stop()
+        self._thread.shutdown()
+        return codes

@@ -7,6 +7,7 @@ them is the point, and a test never kills what it did not start.
 
 import asyncio
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -20,8 +21,8 @@ from engine.embedded import EmbeddedPostgres, EmbeddedRedis, free_port
 from engine.migrate import upgrade_to_head
 from tests.processes import service_env, stop
 
-ADMIN_TOKEN = "admin-" + "f" * 40
-WEBHOOK_SECRET = "whsec-" + "f" * 40
+ADMIN_TOKEN = "admin-" + secrets.token_hex(20)
+WEBHOOK_SECRET = "whsec-" + secrets.token_hex(20)
 COMPONENTS = ("web", "worker", "redis", "postgres")
 
 

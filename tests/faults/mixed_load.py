@@ -21,6 +21,8 @@ from engine.amounts import billed_seconds_from_ms, call_cost_pence
 from tests.faults.deployment import ADMIN_TOKEN, WEBHOOK_SECRET
 from tests.webapp.vapi_payloads import T0, assistant_request, call, encode, status_update
 
+# Every org API key any load has been given, for the test that greps the logs for secrets.
+ISSUED_API_KEYS: list[str] = []
 RATE_PENCE_PER_MINUTE = 60
 SEED_BALANCE_PENCE = 10_000_000
 give_up_after_s = 90.0
@@ -95,6 +97,7 @@ class MixedLoad:
                                            "assistant_id": "asst-1"})  # fmt: skip
             assert registered.status_code in (201, 409), registered.text
             self.orgs.append(OrgUnderLoad(org_id, key_response.json()["api_key"], number_id))
+            ISSUED_API_KEYS.append(key_response.json()["api_key"])
 
     async def topup(self, org: OrgUnderLoad, n: int) -> None:
         key = f"topup-{n}"

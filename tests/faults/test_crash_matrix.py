@@ -21,8 +21,8 @@ import httpx
 import pytest
 
 from engine.runtime import Runtime
-from tests.faults.deployment import COMPONENTS, Deployment
-from tests.faults.mixed_load import MixedLoad
+from tests.faults.deployment import ADMIN_TOKEN, COMPONENTS, WEBHOOK_SECRET, Deployment
+from tests.faults.mixed_load import ISSUED_API_KEYS, MixedLoad
 from tests.faults.settle import oldest_outbox_age_ms, reconcile_cli_exit_code, verify
 from tests.processes import wait_for
 
@@ -143,3 +143,15 @@ async def test_killed_at_random_moments_every_accepted_operation_lands_once(depl
                 out.write(json.dumps(asdict(result)) + "\n")
     failed = [r for r in results if not r.held]
     assert not failed, "\n".join(f"seed {r.seed}: {r.problems}" for r in failed) + "\n" + deployment.logs()[-5000:]
+
+
+async def test_no_secret_is_ever_in_the_logs(deployment: Deployment) -> None:
+    """After every crash above (tracebacks, retries, restarts, at INFO level): the admin token, the
+    webhook secret and every org API key issued never appear in the web app's or worker's logs."""
+    if not ISSUED_API_KEYS:  # run alone: make some traffic of our own first
+        await one_run(deployment, "web", seed=99)
+    logs = deployment.logs()
+    assert len(logs) > 10_000  # there is something to search
+    for secret in [ADMIN_TOKEN, WEBHOOK_SECRET, *ISSUED_API_KEYS]:
+        assert secret not in logs
+        assert secret[-16:] not in logs  # nor a recognisable part of it

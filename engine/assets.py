@@ -12,6 +12,7 @@ import orjson
 
 from engine import validate
 from engine.killswitch import file_depletion
+from engine.outbox import note_refused_for_full_outbox
 from engine.results import Money, Outcome, decode
 from engine.runtime import Runtime
 from engine.types import ledger_key
@@ -66,4 +67,6 @@ async def deduct_asset(
         assert result.money.available_pence >= 0  # zero-debt: never below zero
     if result.outcome == Outcome.replayed:
         assert charged_pence == amount_pence
+    if result.outcome == Outcome.outbox_full:
+        note_refused_for_full_outbox(org_id, "asset charge", rt.settings.outbox_per_org_max)
     return AssetDeduction(result.outcome, result.money, charged_pence, balance_pence_after, key)

@@ -28,6 +28,7 @@ import orjson
 
 from engine import limits, validate
 from engine.killswitch import add_depletion, file_depletion
+from engine.outbox import note_refused_for_full_outbox
 from engine.records import HoldRecord
 from engine.results import Money, Outcome, decode
 from engine.runtime import Runtime
@@ -98,6 +99,8 @@ async def reserve_call(rt: Runtime, org_id: str, call_id: str) -> Reservation:
         assert limits.max_duration_s_min <= max_duration_s <= limits.max_duration_s_max
     if result.outcome == Outcome.ok:
         assert result.money.held_pence >= hold_pence
+    if result.outcome == Outcome.outbox_full:
+        note_refused_for_full_outbox(org_id, "hold", rt.settings.outbox_per_org_max)
     return Reservation(result.outcome, result.money, hold_pence, max_duration_s)
 
 

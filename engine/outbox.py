@@ -7,6 +7,7 @@ the writer recognises them as already written, so nothing is written twice or lo
 """
 
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -201,3 +202,19 @@ async def drain_org_fully(rt: Runtime, org_id: str, rounds_max: int = 1_000) -> 
         if not result.orgs_with_more:
             return total
     raise RuntimeError(f"outbox of org {org_id} still not empty after {rounds_max} rounds")
+
+
+# At most one log line per org in this long while its outbox stays full: the outage that fills it
+# (Postgres or the worker away) would otherwise flood the log with one line per refused decision.
+full_log_interval_s = 10.0
+_full_logged_at: dict[str, float] = {}
+
+
+def note_refused_for_full_outbox(org_id: str, operation: str, outbox_max: int) -> None:
+    """A new debit or hold was refused because the org's outbox is at its bound (fail closed)."""
+    now = time.monotonic()
+    if now - _full_logged_at.get(org_id, -full_log_interval_s) < full_log_interval_s:
+        return
+    _full_logged_at[org_id] = now
+    log.error("outbox of org %s is full (%d entries, CREDIT_ENGINE_OUTBOX_PER_ORG_MAX): refusing new debits and holds "
+              "(%s refused) until the ledger catches up; is Postgres or the worker down?", org_id, outbox_max, operation)

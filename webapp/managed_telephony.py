@@ -28,6 +28,7 @@ async def provision_number(request: Request) -> Response:
         assistant_id=req.text(body, "assistant_id", pattern=ASSISTANT_ID, length_max=128),
     )
     response = await provision(ctx.rt, ctx.telephony, org_id, key, wanted, ctx.settings.phone_number_pence)
-    ctx.metrics.decision("provision", str(response.status))
+    error = response.body.get("error") if isinstance(response.body, dict) else None
+    ctx.metrics.decision("provision", error["code"] if isinstance(error, dict) else str(response.status))
     headers = {"Idempotent-Replayed": "true"} if response.replayed else None
     return json_response(response.body, response.status, headers=headers)

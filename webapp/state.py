@@ -4,8 +4,6 @@
 import asyncio
 import logging
 
-from redis.exceptions import RedisError
-
 from engine.restore import ensure_rebuilt, state_present
 from engine.runtime import Runtime
 
@@ -35,6 +33,8 @@ class StateGuard:
                 log.warning("redis lost its state: refusing money decisions until it is rebuilt")
                 await ensure_rebuilt(self.rt)
                 self.ready = True
-            except (RedisError, OSError, TimeoutError) as error:
+            except Exception as error:  # noqa: BLE001 - this loop must outlive any outage
+                # Not only Redis: a rebuild needs Postgres, which may be down or starting up
+                # (asyncpg's CannotConnectNowError). Ending here would refuse every decision forever.
                 self.ready = False
-                log.warning("cannot confirm redis state: %s", error)
+                log.warning("cannot confirm or rebuild redis state (%s: %s); trying again", type(error).__name__, error)

@@ -54,9 +54,9 @@ def sigkill_tree(process: subprocess.Popen[bytes]) -> None:
 
 
 class Deployment:
-    def __init__(self, root: Path, key_prefix: str = "faults", **env: str) -> None:
+    def __init__(self, root: Path, key_prefix: str = "faults", redis_appendfsync: str | None = "always", **env: str) -> None:
         self.root = root
-        self.redis = EmbeddedRedis(root / "redis", appendfsync="always")
+        self.redis = EmbeddedRedis(root / "redis", appendfsync=redis_appendfsync)
         self.postgres = EmbeddedPostgres(root / "postgres")
         self.key_prefix = key_prefix
         self.env = env

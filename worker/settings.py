@@ -13,6 +13,7 @@ from typing import Any
 from arq.connections import RedisSettings
 from arq.cron import cron
 from arq.worker import func
+from redis.exceptions import RedisError
 
 from engine.config import Settings
 from engine.keys import Keyspace
@@ -77,7 +78,10 @@ def worker_options(settings: Settings) -> dict[str, Any]:
     async def on_shutdown(ctx: dict[str, Any]) -> None:
         drainer: Drainer | None = ctx.get("drainer")
         if drainer is not None and await _stop(drainer, ctx.get("drainer_task")):
-            await drainer.publish_stats()
+            try:
+                await drainer.publish_stats()
+            except (RedisError, OSError) as error:  # stopping while Redis is away: the next worker publishes
+                log.warning("could not publish the last stats at shutdown: %s", error)
         loops: TimedLoops | None = ctx.get("loops")
         if loops is not None and await _stop(loops, ctx.get("loops_task")):
             await loops.close()

@@ -41,3 +41,9 @@ class ManualClock:
     def advance(self, delta_ms: int) -> None:
         assert delta_ms >= 0
         self.value_ms += delta_ms
+
+
+async def redis_now_ms(redis: Redis) -> int:
+    """Redis's own clock, whatever clock the process decides money by: for operational figures
+    (heartbeats, lag) that processes with disagreeing clocks compare with each other."""
+    return await RedisClock().now_ms(redis)

@@ -1,11 +1,11 @@
 """Liveness, readiness and metrics."""
 
-import time
 from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import Response
 
+from engine.clock import redis_now_ms
 from webapp.context import AppContext, context
 from webapp.responses import json_response
 
@@ -49,7 +49,7 @@ async def readyz(request: Request) -> Response:
         checks["postgres"] = f"unreachable: {type(error).__name__}"
     checks["state"] = "ok" if ctx.guard.ready else "restoring from the ledger"
     if checks["redis"] == "ok":
-        lag_ms = outbox_lag_ms(await _worker_stats(ctx), int(time.time() * 1000))
+        lag_ms = outbox_lag_ms(await _worker_stats(ctx), await redis_now_ms(ctx.rt.redis))
         limit_ms = ctx.settings.readiness_outbox_lag_s_max * 1000
         checks["outbox_lag_ms"] = lag_ms
         checks["outbox"] = "no worker has reported yet" if lag_ms is None else ("ok" if lag_ms <= limit_ms else "behind")
@@ -61,9 +61,9 @@ async def metrics(request: Request) -> Response:
     ctx = context(request)
     try:
         stats = await _worker_stats(ctx)
+        now_ms = await redis_now_ms(ctx.rt.redis)
     except Exception:
-        stats = {}
-    now_ms = int(time.time() * 1000)
+        stats, now_ms = {}, 0
     if stats:
         ctx.metrics.outbox_entries.set(stats.get("outbox_entries", 0))
         ctx.metrics.outbox_lag.set((outbox_lag_ms(stats, now_ms) or 0) / 1000)

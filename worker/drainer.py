@@ -16,6 +16,7 @@ import asyncpg
 from redis.exceptions import RedisError
 
 from engine import limits
+from engine.clock import redis_now_ms
 from engine.outbox import drain_orgs, outbox_lengths
 from engine.runtime import Runtime
 from engine.snapshots import org_id_pages
@@ -143,10 +144,11 @@ class Drainer:
 
     async def publish_stats(self) -> None:
         stats = self.stats
+        heartbeat_ms = await redis_now_ms(self.rt.redis)  # not this machine's clock: the web app compares it with its own reading
         await self.rt.redis.hset(
             self.rt.keys.worker_stats,
             mapping={
-                "heartbeat_ms": int(time.time() * 1000),
+                "heartbeat_ms": heartbeat_ms,
                 "entries_written": stats.entries_written,
                 "entries_redelivered": stats.entries_redelivered,
                 "entries_duplicate": stats.entries_duplicate,

@@ -5,6 +5,8 @@
   migrate     Alembic migrations to head  reconcile  compare Redis with Postgres, or repair
   orgs        create / show / update an org
   topup       credit an org (Postgres-first)
+  verify      check a deployment: schema, scripts, worker, lag, Redis = Postgres (exit 1 on any cross)
+  status      balances, live calls, ledger lag and worker health; --watch refreshes like top
 
 Connection settings come from REDIS_URL and DATABASE_URL; when they are not set, the commands
 other than `up` use the servers of a running `credit-engine up` (its <data-dir>/services.json).
@@ -278,7 +280,55 @@ def build_parser() -> argparse.ArgumentParser:
     topup.add_argument("amount_pence", type=int)
     topup.add_argument("--idempotency-key", help="repeat a top-up safely (default: a new random key)")
     topup.set_defaults(handler=cmd_topup)
+
+    verify = commands.add_parser("verify", help="check a deployment (exit 1 on any failed check)")
+    verify.add_argument("--json", action="store_true", help="machine-readable report")
+    verify.add_argument("--sample", type=int, default=50, help="orgs to compare between Redis and Postgres (default 50)")
+    verify.set_defaults(handler=cmd_verify)
+
+    status = commands.add_parser("status", help="balances, live calls, ledger lag and worker health")
+    status.add_argument("--org", help="one org's balance and live calls")
+    status.add_argument("--watch", action="store_true", help="refresh until Ctrl-C, like top")
+    status.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes (default 1)")
+    status.add_argument("--json", action="store_true", help="one JSON object per refresh")
+    status.set_defaults(handler=cmd_status)
     return parser
+
+
+def cmd_verify(args: argparse.Namespace, settings: Settings) -> int:
+    from engine.verify import verify
+
+    result = asyncio.run(verify(_connected(settings), sample_size=args.sample))
+    print(json.dumps(result.as_json(), indent=2) if args.json else result.table())
+    return EXIT_OK if result.ok else EXIT_DRIFT
+
+
+def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
+    import time
+
+    from engine.status import as_json, deployment_status, org_status, render_deployment, render_org
+
+    async def action(rt: Any) -> int:
+        while True:
+            status = await (org_status(rt, args.org) if args.org else deployment_status(rt))
+            if status is None:
+                print(f"no org {args.org} in Redis", file=sys.stderr)
+                return EXIT_USAGE
+            if args.json:
+                print(json.dumps(as_json(status)), flush=True)
+            else:
+                text = render_org(status) if args.org else render_deployment(status)  # type: ignore[arg-type]
+                print(("\x1b[H\x1b[2J" if args.watch and sys.stdout.isatty() else "") + text, flush=True)
+            if not args.watch:
+                return EXIT_OK
+            await asyncio.sleep(args.interval)
+            if args.watch and not sys.stdout.isatty() and not args.json:
+                print(f"--- {time.strftime('%H:%M:%S')}", flush=True)
+
+    try:
+        return _with_runtime(settings, action)
+    except KeyboardInterrupt:
+        return EXIT_OK
 
 
 PASSTHROUGH = {"bench": cmd_bench, "loadtest": cmd_loadtest}

@@ -1,0 +1,169 @@
+"""`credit-engine verify`: the seed's deployment verification, run against the real thing.
+
+Connects to the configured Redis and Postgres and checks, each on its own so one failure does
+not hide the others: both answer; the schema is at this release's migration head with every
+table, column, constraint and index it expects; every shipped Lua script loads and Redis computes
+the SHA1 we ship; Redis holds the rebuilt state; a worker is alive; the ledger is not further
+behind than the readiness limit; and Redis agrees with Postgres for a sample of orgs.
+"""
+
+import asyncio
+import random
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import asyncpg
+from redis.asyncio import Redis
+
+from engine import schema
+from engine.clock import redis_now_ms
+from engine.config import Settings
+from engine.db import asyncpg_dsn
+from engine.keys import Keyspace
+from engine.scripts import load_scripts
+
+connect_timeout_s = 5.0
+heartbeat_stale_ms = 10_000
+sample_size_default = 50
+
+
+@dataclass
+class Check:
+    name: str
+    ok: bool
+    detail: str
+
+
+@dataclass
+class Verification:
+    checks: list[Check]
+
+    @property
+    def ok(self) -> bool:
+        return all(check.ok for check in self.checks)
+
+    def as_json(self) -> dict[str, Any]:
+        return {"ok": self.ok, "checks": [asdict(check) for check in self.checks]}
+
+    def table(self) -> str:
+        width = max(len(check.name) for check in self.checks)
+        lines = [f"{'✓' if check.ok else '✗'} {check.name.ljust(width)}  {check.detail}" for check in self.checks]
+        passed = sum(check.ok for check in self.checks)
+        lines.append(f"{passed}/{len(self.checks)} checks passed")
+        return "\n".join(lines)
+
+
+async def _guarded(name: str, probe: Callable[[], Awaitable[tuple[bool, str]]]) -> Check:
+    try:
+        ok, detail = await asyncio.wait_for(probe(), timeout=60)
+    except Exception as error:  # a check that cannot run is a failed check, with the reason
+        return Check(name, False, f"{type(error).__name__}: {error}")
+    return Check(name, ok, detail)
+
+
+async def verify(settings: Settings, sample_size: int = sample_size_default) -> Verification:
+    assert settings.redis_url is not None and settings.database_url is not None
+    keys = Keyspace(settings.key_prefix)
+    redis = Redis.from_url(settings.redis_url, decode_responses=True, socket_connect_timeout=connect_timeout_s)
+    pg: asyncpg.Connection | None = None
+    checks: list[Check] = []
+    try:
+        async def redis_answers() -> tuple[bool, str]:
+            info = await redis.info("server")
+            persistence = await redis.config_get("appendfsync")
+            return True, f"Redis {info.get('redis_version')}, appendfsync {persistence.get('appendfsync', '?')}"
+
+        checks.append(await _guarded("redis reachable", redis_answers))
+
+        async def postgres_answers() -> tuple[bool, str]:
+            nonlocal pg
+            pg = await asyncpg.connect(asyncpg_dsn(settings.database_url or ""), timeout=connect_timeout_s)
+            return True, str(await pg.fetchval("SHOW server_version")).split()[0]
+
+        checks.append(await _guarded("postgres reachable", lambda: _prefixed("Postgres ", postgres_answers())))
+
+        async def schema_at_head() -> tuple[bool, str]:
+            assert pg is not None, "no connection"
+            want = schema.expected()
+            problems = schema.differences(want, await schema.describe(pg))
+            if problems:
+                return False, "; ".join(problems[:5]) + (f" (+{len(problems) - 5} more)" if len(problems) > 5 else "")
+            return True, f"migration {want['revision']}, {len(want['tables'])} tables as expected"
+
+        checks.append(await _guarded("schema at head", schema_at_head))
+
+        async def scripts_load() -> tuple[bool, str]:
+            scripts = load_scripts()
+            wrong = [name for name, script in scripts.items() if await redis.script_load(script.source) != script.sha]
+            if wrong:
+                return False, f"Redis computed another SHA for {', '.join(wrong)}"
+            return True, f"{len(scripts)} scripts loaded, SHA1 as shipped"
+
+        checks.append(await _guarded("lua scripts", scripts_load))
+
+        async def state_present() -> tuple[bool, str]:
+            state = await redis.hgetall(keys.state)
+            if not state:
+                return False, "no state marker: Redis has not been rebuilt from Postgres (start the web app or the worker)"
+            return True, f"rebuilt for {state.get('orgs', '?')} orgs"
+
+        checks.append(await _guarded("redis state", state_present))
+        stats = {}
+        now_ms = 0
+
+        async def worker_alive() -> tuple[bool, str]:
+            nonlocal stats, now_ms
+            stats = {name: int(value) for name, value in (await redis.hgetall(keys.worker_stats)).items()}
+            now_ms = await redis_now_ms(redis)
+            arq_alive = bool(await redis.exists(keys.arq_queue + ":health-check"))
+            if "heartbeat_ms" not in stats:
+                return False, "no worker has ever reported"
+            silence_ms = now_ms - stats["heartbeat_ms"]
+            ok = silence_ms <= heartbeat_stale_ms and arq_alive
+            return ok, f"last heartbeat {silence_ms / 1000:.1f} s ago, arq health check {'present' if arq_alive else 'missing'}"
+
+        checks.append(await _guarded("worker alive", worker_alive))
+
+        async def ledger_lag() -> tuple[bool, str]:
+            from webapp.health import outbox_lag_ms
+
+            lag_ms = outbox_lag_ms(stats, now_ms) if stats else None
+            if lag_ms is None:
+                return False, "unknown: no worker has reported"
+            limit_ms = settings.readiness_outbox_lag_s_max * 1000
+            return lag_ms <= limit_ms, f"{lag_ms} ms behind (limit {limit_ms} ms), {stats.get('outbox_entries', 0)} entries waiting"
+
+        checks.append(await _guarded("outbox lag", ledger_lag))
+
+        async def sample_agrees() -> tuple[bool, str]:
+            assert pg is not None, "no connection"
+            from engine.reconciler import check
+            from engine.runtime import Runtime
+
+            org_ids = [row["org_id"] for row in await pg.fetch("SELECT org_id FROM orgs")]
+            sample = random.sample(org_ids, min(sample_size, len(org_ids)))
+            if not sample:
+                return True, "no orgs yet"
+            rt = await Runtime.open(settings)
+            try:
+                report = await check(rt, sample)
+            finally:
+                await rt.close()
+            if report.drifted:
+                return False, f"{len(report.drifted)} of {len(sample)} sampled orgs drifted: {', '.join(d.org_id for d in report.drifted[:5])}"
+            if report.busy:
+                return False, f"{len(report.busy)} of {len(sample)} sampled orgs changed on every read: {', '.join(report.busy[:5])}"
+            return True, f"{len(sample)} of {len(org_ids)} orgs sampled, Redis = Postgres"
+
+        checks.append(await _guarded("redis = postgres", sample_agrees))
+    finally:
+        if pg is not None:
+            await pg.close()
+        await redis.aclose()
+    return Verification(checks)
+
+
+async def _prefixed(prefix: str, probe: Awaitable[tuple[bool, str]]) -> tuple[bool, str]:
+    ok, detail = await probe
+    return ok, prefix + detail

@@ -1,0 +1,72 @@
+"""compose.yaml cannot run here (no Docker engine), so it is checked as data: the services, their
+commands (parsed by our own CLI), the environment, the health checks and the start order."""
+
+from pathlib import Path
+
+import yaml
+
+from engine.cli import build_parser
+from engine.keys import Keyspace
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def compose() -> dict:  # type: ignore[type-arg]
+    return yaml.safe_load((ROOT / "compose.yaml").read_text())  # type: ignore[no-any-return]
+
+
+def test_the_services_are_all_there_with_health_checks_and_volumes() -> None:
+    services = compose()["services"]
+    assert set(services) == {"redis", "postgres", "migrate", "web", "worker"}
+    for name in ("redis", "postgres", "web", "worker"):
+        check = services[name]["healthcheck"]
+        assert check["test"][0] == "CMD" and check["interval"] and check["retries"] >= 3, name
+    assert services["redis"]["volumes"] == ["redis-data:/data"]
+    assert services["postgres"]["volumes"] == ["postgres-data:/var/lib/postgresql/data"]
+    assert set(compose()["volumes"]) == {"redis-data", "postgres-data"}
+
+
+def test_redis_keeps_every_acknowledged_write() -> None:
+    command = compose()["services"]["redis"]["command"]
+    assert command[0] == "redis-server"
+    options = dict(zip(command[1::2], command[2::2]))
+    assert options["--appendonly"] == "yes"
+    assert options["--appendfsync"] in ("always", "everysec")  # the README says what each can lose
+
+
+def test_each_engine_service_runs_a_real_command_of_ours_in_order() -> None:
+    services = compose()["services"]
+    parser = build_parser()
+    for name, expected in (("migrate", "migrate"), ("web", "serve"), ("worker", "worker")):
+        args = parser.parse_args(services[name]["command"])  # an unknown command or flag exits here
+        assert args.command == expected, name
+    assert services["migrate"]["restart"] == "no"
+    assert services["migrate"]["depends_on"] == {"postgres": {"condition": "service_healthy"}}
+    for name in ("web", "worker"):
+        assert services[name]["depends_on"] == {"redis": {"condition": "service_healthy"},
+                                                "migrate": {"condition": "service_completed_successfully"}}  # fmt: skip
+    web_args = parser.parse_args(services["web"]["command"])
+    assert web_args.host == "0.0.0.0" and services["web"]["ports"] == [f"{web_args.port}:{web_args.port}"]
+    assert f"127.0.0.1:{web_args.port}/readyz" in " ".join(services["web"]["healthcheck"]["test"])
+
+
+def test_the_engine_services_point_at_the_compose_servers() -> None:
+    services = compose()["services"]
+    postgres_env = services["postgres"]["environment"]
+    for name in ("migrate", "web", "worker"):
+        env = services[name]["environment"]
+        assert env["REDIS_URL"] == "redis://redis:6379/0", name
+        user, password, db = postgres_env["POSTGRES_USER"], postgres_env["POSTGRES_PASSWORD"], postgres_env["POSTGRES_DB"]
+        assert env["DATABASE_URL"] == f"postgresql://{user}:{password}@postgres:5432/{db}", name
+
+
+def test_the_worker_health_check_reads_the_key_the_worker_writes() -> None:
+    check = " ".join(compose()["services"]["worker"]["healthcheck"]["test"])
+    assert f"'{Keyspace('ce').arq_queue}:health-check'" in check  # the default prefix, as compose sets none
+
+
+def test_the_image_runs_our_command() -> None:
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert 'ENTRYPOINT ["credit-engine"]' in dockerfile
+    for package in ("engine", "lua", "webapp", "worker", "migrations"):
+        assert f"COPY {package} {package}" in dockerfile

@@ -1,0 +1,69 @@
+"""`credit-engine status`: one org and the whole deployment, once and with --watch."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+from engine.config import Settings
+from engine.holds import CallEvent, check_call, reserve_call
+from engine.restore import ensure_rebuilt
+from engine.results import Outcome
+from engine.runtime import Runtime
+from tests.conftest import delete_prefix
+from tests.helpers import new_org
+from tests.processes import service_env
+
+
+def status(settings: Settings, *args: str) -> tuple[int, str]:
+    done = subprocess.run([sys.executable, "-m", "engine.cli", "status", *args], env=service_env(settings),
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    return done.returncode, done.stdout + done.stderr
+
+
+async def test_status_shows_an_orgs_money_and_live_calls_and_the_busiest_orgs(settings: Settings) -> None:
+    rt = await Runtime.open(settings)  # Redis TIME, as the command reads it
+    try:
+        await ensure_rebuilt(rt)
+        busy = await new_org(rt, 6_000, rate_pence_per_minute=60)
+        quiet = await new_org(rt, 500)
+        for call_id in ("call-a", "call-b"):
+            assert (await reserve_call(rt, busy, call_id)).outcome == Outcome.ok
+        await check_call(rt, busy, "call-a", CallEvent.start)
+
+        code, output = status(settings, "--org", busy, "--json")
+        assert code == 0, output
+        shown = json.loads(output)
+        assert (shown["balance_pence"], shown["debt_pence"]) == (6_000, 0)
+        assert shown["held_pence"] > 0 and shown["available_pence"] == 6_000 - shown["held_pence"]
+        assert [c["call_id"] for c in shown["calls"]] == ["call-a", "call-b"]
+        assert shown["calls"][0]["started"] is not None and shown["calls"][1]["started"] is None
+        # Two calls at 60p/min on 60.00 (a call burns from its reservation, to be safe): about 50 minutes.
+        assert 2_900 <= shown["credit_runs_out_in_s"] <= 3_000
+
+        code, output = status(settings, "--json")
+        deployment = json.loads(output)
+        assert code == 0 and deployment["live_calls"] == 2 and deployment["orgs_with_live_calls"] == 1
+        assert [o["org_id"] for o in deployment["busiest"]] == [busy]
+        assert deployment["worker_ok"] is False and "no worker" in deployment["worker"]
+
+        code, output = status(settings, "--org", busy)
+        assert code == 0 and "balance 60.00" in output and "call-a" in output and "runs out in 49m" in output
+        code, output = status(settings, "--org", quiet)
+        assert code == 0 and "live calls 0" in output
+        code, output = status(settings, "--org", "org-nobody")
+        assert code == 2 and "no org org-nobody" in output
+
+        # --watch refreshes until interrupted, then exits cleanly.
+        watching = subprocess.Popen([sys.executable, "-m", "engine.cli", "status", "--watch", "--interval", "0.2"],
+                                    env=service_env(settings), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+        time.sleep(3)
+        watching.send_signal(signal.SIGINT)
+        out, _ = watching.communicate(timeout=30)
+        assert watching.returncode == 0, out
+        assert out.count("credit-engine status at") >= 3 and out.count("2 live in 1 orgs") >= 3
+    finally:
+        await rt.close()
+        assert settings.redis_url is not None
+        await delete_prefix(settings.redis_url, settings.key_prefix)

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any
 
+import logging
+
 import orjson
 
 from engine import limits, validate
@@ -33,6 +35,8 @@ from engine.records import HoldRecord
 from engine.results import Money, Outcome, decode
 from engine.runtime import Runtime
 from engine.types import call_ledger_key, call_state_key
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -147,11 +151,25 @@ async def commit_call(
     validate.org_id(org_id)
     validate.call_id(call_id)
     validate.whole_number(billed_seconds, "billed_seconds", 0, limits.billed_seconds_max)
-    return await _resolve(
-        rt, "hold_commit", org_id, call_id,
-        [call_ledger_key(org_id, call_id, "adjust"), billed_seconds, rt.settings.idempotency_ttl_ms,
-         orjson.dumps(meta or {}).decode()],
-    )  # fmt: skip
+    args = [call_ledger_key(org_id, call_id, "adjust"), billed_seconds, rt.settings.idempotency_ttl_ms,
+            orjson.dumps(meta or {}).decode()]  # fmt: skip
+    resolution = await _resolve(rt, "hold_commit", org_id, call_id, [*args, 0])
+    if resolution.outcome != Outcome.unknown_call:
+        return resolution
+    # Redis knows nothing of this call: either it never had a hold (an outbound call, a lost
+    # assistant-request: bill it directly) or it was resolved longer ago than Redis keeps
+    # idempotency records (CREDIT_ENGINE_IDEMPOTENCY_TTL_S): Postgres, which keeps them forever,
+    # decides which. A Redis-only runtime (the Lua tests) has no ledger to ask.
+    if rt.pg is not None:
+        row = await rt.pg.fetchrow(
+            "SELECT status, charged_pence FROM call_holds WHERE org_id = $1 AND call_id = $2 AND status <> 'live'",
+            org_id, call_id,
+        )  # fmt: skip
+        if row is not None:
+            log.warning("end-of-call report for call %s of org %s, resolved (%s) before Redis's idempotency window: "
+                        "not billed again", call_id, org_id, row["status"])  # fmt: skip
+            return Resolution(Outcome.replayed, resolution.money, int(row["charged_pence"] or 0), 0, 0)
+    return await _resolve(rt, "hold_commit", org_id, call_id, [*args, 1])
 
 
 async def release_call(rt: Runtime, org_id: str, call_id: str) -> Resolution:

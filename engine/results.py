@@ -12,6 +12,7 @@ class Outcome(IntEnum):
     ok = 0
     replayed = 1
     adjusted = 2
+    unknown_call = 3  # hold_commit: Redis has no hold and no resolution for the call
     insufficient_funds = -1
     org_unknown = -2
     idempotency_conflict = -3

@@ -3,7 +3,8 @@
   - Live hold: charge the cost at the hold's rate, release the hold (the unused part returns to
     available at once).
   - No hold and never resolved (an outbound call, a lost assistant-request): direct billing at
-    the org's rate.
+    the org's rate, when ARGV[10] allows it; otherwise unknown_call and nothing changes (the
+    caller asks Postgres first whether the call was resolved longer ago than Redis remembers).
   - Already released or expired (the report came late): charge or refund the difference between
     the true cost and what was charged then.
   - Already committed: a replay. The same billed seconds give the first outcome; other billed
@@ -28,12 +29,14 @@
     ARGV[7] billed_seconds        0 .. 604800
     ARGV[8] idempotency_ttl_ms
     ARGV[9] meta                  JSON object recorded with the ledger entry
+    ARGV[10] direct_billing       1: bill a call Redis knows nothing of; 0: answer unknown_call
 
   Output: {code, balance_pence, held_pence, available_pence, debt_pence, seq, depletion_ms,
            charged_pence, debt_delta_pence, hold_pence}
      0  ok
      1  replayed
      2  adjusted
+     3  unknown_call
     -2  org_unknown
     -3  idempotency_conflict
   charged_pence is what this call moved (negative for a refund in an adjustment); for a replay
@@ -49,6 +52,7 @@ local charge_key = ARGV[5]
 local adjust_key = ARGV[6]
 local billed = int_arg(ARGV[7], 'billed_seconds', 0, 604800)
 local ttl = int_arg(ARGV[8], 'idempotency_ttl_ms', 1, 9007199254740991)
+local direct_billing = int_arg(ARGV[10], 'direct_billing', 0, 1)
 local meta = ARGV[9]
 
 local org = org_load(KEYS[1])
@@ -101,6 +105,9 @@ if record ~= false then
   burn_remove(org, h, now)
   rcall('HDEL', KEYS[2], call_id)
 else
+  if direct_billing == 0 then
+    return with_tail(head(3, org), {0, 0, 0})
+  end
   -- Direct billing: no hold was ever taken for this call.
   h = {hold_pence = 0, rate = org.rate_pence_per_minute, created_ms = now, started_ms = 0,
        last_seen_ms = now, expires_ms = now, max_duration_s = 0, version = 0, ended_ms = 0}

@@ -52,6 +52,9 @@ class Settings:
     vapi_hmac_secret: str | None = None  # HMAC credential; None: the webhook secret is used
     vapi_hmac_tolerance_s: int = 300
     phone_number_pence: int = 1000
+    phone_number_rent_pence: int = 1000  # each month after the one it was bought in
+    rent_grace_days: int = 7  # unpaid this long into the month: suspended
+    rent_release_days: int = 30  # unpaid this long into the month: released at the provider
     vapi_api_key: str | None = None  # None: phone numbers come from the fake provider
     vapi_base_url: str = "https://api.vapi.ai"
     default_assistant_id: str | None = None  # for numbers registered without an assistant
@@ -105,6 +108,9 @@ class Settings:
             vapi_hmac_secret=env.get("VAPI_WEBHOOK_HMAC_SECRET") or None,
             vapi_hmac_tolerance_s=_int(env, "VAPI_WEBHOOK_HMAC_TOLERANCE_S", 300, 1, 3600),
             phone_number_pence=_int(env, "CREDIT_ENGINE_PHONE_NUMBER_PENCE", 1000, 1, limits.amount_pence_max),
+            phone_number_rent_pence=_int(env, "CREDIT_ENGINE_PHONE_NUMBER_RENT_PENCE", 1000, 1, limits.amount_pence_max),
+            rent_grace_days=_int(env, "CREDIT_ENGINE_RENT_GRACE_DAYS", 7, 0, 365),
+            rent_release_days=_int(env, "CREDIT_ENGINE_RENT_RELEASE_DAYS", 30, 0, 3650),
             vapi_api_key=env.get("VAPI_API_KEY") or None,
             vapi_base_url=env.get("VAPI_BASE_URL", "https://api.vapi.ai").rstrip("/"),
             default_assistant_id=env.get("CREDIT_ENGINE_DEFAULT_ASSISTANT_ID") or None,

@@ -80,6 +80,11 @@ async def register_number(
     return registered
 
 
+async def forget_owner(rt: Runtime, vapi_phone_number_id: str) -> None:
+    """Drop a number from the owner cache (suspended or released: calls to it are refused)."""
+    await rt.redis.hdel(_owner_key(rt), vapi_phone_number_id)
+
+
 async def number_owner(rt: Runtime, vapi_phone_number_id: str) -> tuple[str, str | None] | None:
     """(org_id, assistant_id) of a registered number, from Redis, else Postgres; None if unknown."""
     cached = await rt.redis.hget(_owner_key(rt), vapi_phone_number_id)

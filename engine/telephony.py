@@ -33,12 +33,20 @@ class Telephony(Protocol):
 
     async def buy(self, *, area_code: str | None, assistant_id: str | None, idempotency_key: str) -> BoughtNumber: ...
 
+    async def release(self, vapi_phone_number_id: str) -> None:
+        """Give the number back to the provider (it stops costing us); a number already gone is fine."""
+        ...
+
 
 class FakeTelephony:
     name = "fake"
 
     def __init__(self, failing_area_codes: frozenset[str] = frozenset({"999"})) -> None:
         self.failing_area_codes = failing_area_codes
+        self.released: list[str] = []
+
+    async def release(self, vapi_phone_number_id: str) -> None:
+        self.released.append(vapi_phone_number_id)
 
     async def buy(self, *, area_code: str | None, assistant_id: str | None, idempotency_key: str) -> BoughtNumber:
         if area_code in self.failing_area_codes:
@@ -79,6 +87,16 @@ class VapiTelephony:
         if not isinstance(payload, dict) or not isinstance(payload.get("id"), str):
             raise ProviderError("vapi answered without a phone number id")
         return BoughtNumber(payload["id"], payload.get("number"), str(payload.get("status", "active")))
+
+    async def release(self, vapi_phone_number_id: str) -> None:
+        try:
+            response = await self.client.delete(
+                f"{self.base_url}/phone-number/{vapi_phone_number_id}", headers={"Authorization": f"Bearer {self.api_key}"}
+            )
+        except httpx.HTTPError as error:
+            raise ProviderError(f"vapi unreachable: {type(error).__name__}") from error
+        if response.status_code not in (200, 204, 404):  # 404: already released
+            raise ProviderError(f"vapi answered {response.status_code}")
 
     async def close(self) -> None:
         await self.client.aclose()

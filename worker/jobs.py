@@ -3,7 +3,7 @@
 import logging
 from typing import Any
 
-from engine import provisioning
+from engine import provisioning, rent
 from engine.credits import apply_pending_credits
 from engine.expiry import expire_due_holds
 from engine.killswitch import reschedule_live_orgs
@@ -60,6 +60,13 @@ async def check_state(ctx: Ctx) -> bool:
 async def finish_abandoned_provisions(ctx: Ctx) -> int:
     rt = _rt(ctx)
     return await provisioning.finish_abandoned_provisions(rt, ctx["telephony"], rt.settings.phone_number_pence)
+
+
+async def charge_rent(ctx: Ctx) -> dict[str, Any]:
+    """Monthly phone-number rent (engine/rent.py): idempotent per number and month, so running it
+    every few minutes costs one query when every number has paid."""
+    report = await rent.charge_rent(_rt(ctx), ctx["telephony"])
+    return report.__dict__
 
 
 async def drain_org(ctx: Ctx, org_id: str) -> int:

@@ -105,6 +105,8 @@ def worker_options(settings: Settings) -> dict[str, Any]:
             cron(jobs.reschedule_kill_switch, name=cron_name("reschedule_kill_switch"),
                  second=_every(settings.worker_sweep_interval_s), timeout=120, max_tries=1),
             cron(jobs.check_state, name=cron_name("check_state"), second=_every(5), timeout=300, max_tries=1),
+            cron(jobs.charge_rent, name=cron_name("charge_rent"), minute=set(range(0, 60, 10)), second={30},
+                 run_at_startup=True, timeout=600, max_tries=1),
             cron(jobs.finish_abandoned_provisions, name=cron_name("finish_abandoned_provisions"),
                  second=_every(settings.worker_sweep_interval_s), timeout=120, max_tries=1),
         ],  # fmt: skip

@@ -1,0 +1,151 @@
+"""Monthly phone-number rent, charged by a worker cron.
+
+A number pays its purchase price for the month it was bought in, then
+CREDIT_ENGINE_PHONE_NUMBER_RENT_PENCE on the 1st (UTC, by Redis's clock) of every later month:
+a zero-debt asset charge whose key names the number and the month, so each (number, month) is
+charged at most once. Redis decides it like any charge; Postgres remembers it for good
+(`phone_numbers.rent_paid_month`, and the ledger key, asked before charging), so a run after
+Redis forgot the key does not charge again.
+
+A number whose rent cannot be paid: an alert (`rent_failed`, once a month); after
+CREDIT_ENGINE_RENT_GRACE_DAYS into the month it is suspended (calls to it are refused; alert
+`number_suspended`); after CREDIT_ENGINE_RENT_RELEASE_DAYS it is released at the provider
+(alert `number_released`) and never charged again. A suspended number whose org has been topped
+up is charged on the next run and works again (alert `number_reactivated`).
+"""
+
+import logging
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+
+from engine.assets import deduct_asset
+from engine.phone_numbers import forget_owner
+from engine.results import Outcome
+from engine.runtime import Runtime
+from engine.telephony import ProviderError, Telephony
+from engine.types import ledger_key
+
+log = logging.getLogger(__name__)
+
+DAY_MS = 86_400_000
+numbers_per_run_max = 10_000
+
+
+@dataclass
+class RentReport:
+    month: str
+    charged: int = 0
+    already_paid: int = 0
+    unpaid: int = 0
+    suspended: int = 0
+    released: int = 0
+    reactivated: int = 0
+    failed: list[str] = field(default_factory=list)
+
+
+def month_of(now_ms: int) -> tuple[str, int]:
+    """('YYYY-MM', the month's first millisecond), UTC."""
+    now = datetime.fromtimestamp(now_ms / 1000, UTC)
+    start = datetime(now.year, now.month, 1, tzinfo=UTC)
+    return f"{now.year:04d}-{now.month:02d}", int(start.timestamp() * 1000)
+
+
+def month_start_ms(month: str) -> int:
+    year, number = (int(part) for part in month.split("-"))
+    return int(datetime(year, number, 1, tzinfo=UTC).timestamp() * 1000)
+
+
+def rent_key(number_id: str, month: str) -> str:
+    return f"rent:{number_id}:{month}"
+
+
+async def _alert(rt: Runtime, org_id: str, kind: str, number_id: str, month: str, now_ms: int, **extra: Any) -> None:
+    payload = {"type": kind, "org_id": org_id, "phone_number_id": number_id, "month": month,
+               "rent_pence": rt.settings.phone_number_rent_pence, **extra}  # fmt: skip
+    await rt.pg.execute(
+        """INSERT INTO alert_events (org_id, idempotency_key, kind, payload, created_at)
+           VALUES ($1, $2, $3, $4::jsonb, to_timestamp($5::bigint / 1000.0)) ON CONFLICT (idempotency_key) DO NOTHING""",
+        org_id, f"{org_id}/{kind}/{number_id}/{month}", kind, orjson.dumps(payload).decode(), now_ms,
+    )  # fmt: skip
+
+
+async def charge_rent(rt: Runtime, telephony: Telephony, now_ms: int | None = None) -> RentReport:
+    now_ms = now_ms if now_ms is not None else await rt.clock.now_ms(rt.redis)
+    month, this_month_ms = month_of(now_ms)
+    report = RentReport(month)
+    rows = await rt.pg.fetch(
+        """SELECT vapi_phone_number_id, org_id, status, rent_paid_month, rent_failed_month FROM phone_numbers
+           WHERE status IN ('active', 'suspended') AND created_at < to_timestamp($1::bigint / 1000.0)
+             AND (rent_paid_month IS NULL OR rent_paid_month < $2)
+           ORDER BY vapi_phone_number_id LIMIT $3""",
+        this_month_ms, month, numbers_per_run_max,
+    )  # fmt: skip
+    for row in rows:
+        number_id, org_id = row["vapi_phone_number_id"], row["org_id"]
+        try:
+            await _one_number(rt, telephony, report, row, number_id, org_id, month, now_ms)
+        except Exception:  # one number's trouble (the provider, say) must not stop the others
+            log.exception("rent for number %s of org %s failed; trying again next run", number_id, org_id)
+            report.failed.append(number_id)
+    return report
+
+
+async def _one_number(rt: Runtime, telephony: Telephony, report: RentReport, row: Any, number_id: str, org_id: str,
+                      month: str, now_ms: int) -> None:  # fmt: skip
+    key = rent_key(number_id, month)
+    already = await rt.pg.fetchval("SELECT 1 FROM ledger_entries WHERE idempotency_key = $1", ledger_key(org_id, "asset", key))
+    if already:
+        outcome = Outcome.replayed
+    else:
+        deduction = await deduct_asset(rt, org_id, key, rt.settings.phone_number_rent_pence,
+                                       meta={"asset": "phone_number_rent", "phone_number_id": number_id, "month": month})  # fmt: skip
+        outcome = deduction.outcome
+    if outcome in (Outcome.ok, Outcome.replayed):
+        await rt.pg.execute(
+            """UPDATE phone_numbers SET rent_paid_month = $2, status = 'active', suspended_at = NULL
+               WHERE vapi_phone_number_id = $1""", number_id, month)  # fmt: skip
+        report.charged += outcome == Outcome.ok
+        report.already_paid += outcome == Outcome.replayed
+        if row["status"] == "suspended":
+            report.reactivated += 1
+            await _alert(rt, org_id, "number_reactivated", number_id, month, now_ms)
+            log.warning("number %s of org %s paid its rent for %s and works again", number_id, org_id, month)
+        return
+    if outcome != Outcome.insufficient_funds:
+        report.failed.append(number_id)  # org unknown in Redis, outbox full: the next run tries again
+        return
+    report.unpaid += 1
+    # The grace and release clocks run from the first unpaid month of this episode, so a new
+    # month does not restart them.
+    failed, paid = row["rent_failed_month"], row["rent_paid_month"]
+    unpaid_since = failed if failed is not None and (paid is None or paid < failed) else None
+    if unpaid_since is None:
+        unpaid_since = month
+        await rt.pg.execute("UPDATE phone_numbers SET rent_failed_month = $2 WHERE vapi_phone_number_id = $1", number_id, month)
+        await _alert(rt, org_id, "rent_failed", number_id, month, now_ms,
+                     suspend_after_days=rt.settings.rent_grace_days, release_after_days=rt.settings.rent_release_days)  # fmt: skip
+    days_overdue = (now_ms - month_start_ms(unpaid_since)) / DAY_MS
+    if days_overdue >= rt.settings.rent_release_days:
+        try:
+            await telephony.release(number_id)
+        except ProviderError as error:
+            log.error("could not release unpaid number %s of org %s at %s: %s", number_id, org_id, telephony.name, error)
+            report.failed.append(number_id)
+            return
+        await rt.pg.execute("UPDATE phone_numbers SET status = 'released', released_at = now() WHERE vapi_phone_number_id = $1",
+                            number_id)  # fmt: skip
+        await forget_owner(rt, number_id)
+        await _alert(rt, org_id, "number_released", number_id, month, now_ms)
+        log.warning("released number %s of org %s: rent for %s unpaid for %.0f days", number_id, org_id, month, days_overdue)
+        report.released += 1
+    elif days_overdue >= rt.settings.rent_grace_days and row["status"] == "active":
+        await rt.pg.execute("UPDATE phone_numbers SET status = 'suspended', suspended_at = now() WHERE vapi_phone_number_id = $1",
+                            number_id)  # fmt: skip
+        await forget_owner(rt, number_id)
+        await _alert(rt, org_id, "number_suspended", number_id, month, now_ms,
+                     release_after_days=rt.settings.rent_release_days)  # fmt: skip
+        log.warning("suspended number %s of org %s: rent for %s unpaid for %.0f days", number_id, org_id, month, days_overdue)
+        report.suspended += 1

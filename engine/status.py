@@ -14,6 +14,7 @@ from engine.balances import read_wallet
 from engine.clock import redis_now_ms
 from engine.holds import live_holds
 from engine.killswitch import BURN_FIELDS, depletion_ms_of
+from engine.ledger_lag import outbox_lag_ms
 from engine.runtime import Runtime
 
 worker_stale_ms = 10_000
@@ -81,8 +82,6 @@ async def org_status(rt: Runtime, org_id: str, now_ms: int | None = None) -> Org
 
 
 async def deployment_status(rt: Runtime) -> DeploymentStatus:
-    from webapp.health import outbox_lag_ms
-
     now_ms = await redis_now_ms(rt.redis)
     stats = {name: int(value) for name, value in (await rt.redis.hgetall(rt.keys.worker_stats)).items()}
     arq_alive = bool(await rt.redis.exists(rt.keys.arq_queue + ":health-check"))

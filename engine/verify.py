@@ -21,6 +21,7 @@ from engine.clock import redis_now_ms
 from engine.config import Settings
 from engine.db import asyncpg_dsn
 from engine.keys import Keyspace
+from engine.ledger_lag import outbox_lag_ms
 from engine.scripts import load_scripts
 
 connect_timeout_s = 5.0
@@ -126,8 +127,6 @@ async def verify(settings: Settings, sample_size: int = sample_size_default) -> 
         checks.append(await _guarded("worker alive", worker_alive))
 
         async def ledger_lag() -> tuple[bool, str]:
-            from webapp.health import outbox_lag_ms
-
             lag_ms = outbox_lag_ms(stats, now_ms) if stats else None
             if lag_ms is None:
                 return False, "unknown: no worker has reported"

@@ -6,11 +6,9 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from engine.clock import redis_now_ms
+from engine.ledger_lag import outbox_lag_ms
 from webapp.context import AppContext, context
 from webapp.responses import json_response
-
-# The worker publishes every second; older than this, its figures are not to be trusted.
-worker_stats_stale_ms = 10_000
 
 
 async def healthz(request: Request) -> Response:
@@ -20,16 +18,6 @@ async def healthz(request: Request) -> Response:
 async def _worker_stats(ctx: AppContext) -> dict[str, int]:
     raw = await ctx.rt.redis.hgetall(ctx.rt.keys.worker_stats)
     return {name: int(value) for name, value in raw.items()}
-
-
-def outbox_lag_ms(stats: dict[str, int], now_ms: int) -> int | None:
-    """How far the ledger is behind: the oldest outbox entry at the last sweep, or the last
-    batch's, and never less than the worker's silence. None: no worker has ever reported."""
-    if "heartbeat_ms" not in stats:
-        return None
-    silence_ms = max(0, now_ms - stats["heartbeat_ms"])
-    lag_ms = max(stats.get("outbox_oldest_age_ms", 0), stats.get("last_lag_ms", 0))
-    return max(lag_ms, silence_ms if silence_ms > worker_stats_stale_ms else 0)
 
 
 async def readyz(request: Request) -> Response:

@@ -129,6 +129,7 @@ async def one_run(deployment: Deployment, component: str, seed: int, load_s: flo
         await rt.close()
 
 
+@pytest.mark.timeout(60 * RUNS + 300)  # each run takes seconds, a slow settle up to a minute
 @pytest.mark.parametrize("component", COMPONENTS)
 async def test_killed_at_random_moments_every_accepted_operation_lands_once(deployment: Deployment, component: str) -> None:
     results = []
@@ -158,6 +159,7 @@ async def test_no_secret_is_ever_in_the_logs(deployment: Deployment) -> None:
         assert secret[-16:] not in logs  # nor a recognisable part of it
 
 
+@pytest.mark.timeout(600)
 async def test_a_30_second_postgres_outage_under_load(deployment: Deployment) -> None:
     """Decisions go on from Redis while Postgres is away for 30 s; /readyz says not ready with the
     lag; afterwards everything drains with no duplicate and no gap (the same checks as above)."""

@@ -26,6 +26,7 @@ from typing import Any
 
 import logging
 
+import asyncpg
 import orjson
 
 from engine import limits, validate
@@ -37,6 +38,8 @@ from engine.runtime import Runtime
 from engine.types import call_ledger_key, call_state_key
 
 log = logging.getLogger(__name__)
+
+resolved_lookup_timeout_s = 2.0
 
 
 @dataclass(frozen=True)
@@ -161,10 +164,16 @@ async def commit_call(
     # idempotency records (CREDIT_ENGINE_IDEMPOTENCY_TTL_S): Postgres, which keeps them forever,
     # decides which. A Redis-only runtime (the Lua tests) has no ledger to ask.
     if rt.pg is not None:
-        row = await rt.pg.fetchrow(
-            "SELECT status, charged_pence FROM call_holds WHERE org_id = $1 AND call_id = $2 AND status <> 'live'",
-            org_id, call_id,
-        )  # fmt: skip
+        try:
+            row = await rt.pg.fetchrow(
+                "SELECT status, charged_pence FROM call_holds WHERE org_id = $1 AND call_id = $2 AND status <> 'live'",
+                org_id, call_id, timeout=resolved_lookup_timeout_s,
+            )  # fmt: skip
+        except (asyncpg.PostgresError, OSError, TimeoutError) as error:
+            # Postgres away: bill from Redis, as before Redis forgot anything. The only risk is a
+            # call resolved more than the idempotency window ago; an unbilled call is the worse one.
+            log.warning("cannot ask postgres about call %s of org %s (%s): billing it directly", call_id, org_id, error)
+            row = None
         if row is not None:
             log.warning("end-of-call report for call %s of org %s, resolved (%s) before Redis's idempotency window: "
                         "not billed again", call_id, org_id, row["status"])  # fmt: skip

@@ -9,6 +9,7 @@ idempotent underneath, is run again).
 
 import hashlib
 from dataclasses import dataclass
+from datetime import datetime
 from enum import Enum
 from typing import Any
 
@@ -29,6 +30,7 @@ class Claimed:
     claim: Claim
     status: int | None = None
     body: dict[str, Any] | None = None
+    claimed_at: datetime | None = None  # ours, when claim is new: whoever takes a stale claim over restarts it
 
 
 def request_sha256(request: dict[str, Any]) -> bytes:
@@ -41,12 +43,12 @@ async def begin(rt: Runtime, org_id: str, operation: str, key: str, request: dic
         inserted = await conn.fetchval(
             """
             INSERT INTO idempotent_requests (org_id, operation, idempotency_key, request_sha256, request_body)
-            VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING RETURNING 1
+            VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING RETURNING created_at
             """,
             org_id, operation, key, digest, request,
         )  # fmt: skip
         if inserted:
-            return Claimed(Claim.new)
+            return Claimed(Claim.new, claimed_at=inserted)
         row = await conn.fetchrow(
             """
             SELECT request_sha256, state, response_status, response_body,
@@ -63,11 +65,12 @@ async def begin(rt: Runtime, org_id: str, operation: str, key: str, request: dic
         if row["state"] == "done":
             return Claimed(Claim.replay, row["response_status"], row["response_body"])
         if row["stale"]:
-            await conn.execute(
-                "UPDATE idempotent_requests SET created_at = now() WHERE org_id = $1 AND operation = $2 AND idempotency_key = $3",
+            claimed_at = await conn.fetchval(
+                "UPDATE idempotent_requests SET created_at = clock_timestamp() "
+                "WHERE org_id = $1 AND operation = $2 AND idempotency_key = $3 RETURNING created_at",
                 org_id, operation, key,
             )  # fmt: skip
-            return Claimed(Claim.new)
+            return Claimed(Claim.new, claimed_at=claimed_at)
         return Claimed(Claim.in_progress)
 
 
@@ -106,6 +109,19 @@ async def stale_claims(rt: Runtime, operation: str, limit: int = 100) -> list[Ab
         operation, rt.settings.idempotent_claim_stale_s, limit,
     )  # fmt: skip
     return [Abandoned(row["org_id"], row["idempotency_key"], row["request_body"]) for row in rows]
+
+
+async def let_go(rt: Runtime, org_id: str, operation: str, key: str, claimed_at: datetime) -> None:
+    """Make our claim stale at once (it stays, so the worker's sweep still finishes the request if
+    the client never retries): the same key may be run again now, not only after the stale time.
+    Only our own claim: one another request took over since has another created_at."""
+    await rt.pg.execute(
+        """
+        UPDATE idempotent_requests SET created_at = created_at - make_interval(secs => $5 + 1)
+        WHERE org_id = $1 AND operation = $2 AND idempotency_key = $3 AND state = 'in_progress' AND created_at = $4
+        """,
+        org_id, operation, key, claimed_at, rt.settings.idempotent_claim_stale_s,
+    )  # fmt: skip
 
 
 async def abandon(rt: Runtime, org_id: str, operation: str, key: str) -> None:

@@ -85,19 +85,21 @@ async def forget_owner(rt: Runtime, vapi_phone_number_id: str) -> None:
     await rt.redis.hdel(_owner_key(rt), vapi_phone_number_id)
 
 
-async def number_owner(rt: Runtime, vapi_phone_number_id: str) -> tuple[str, str | None] | None:
-    """(org_id, assistant_id) of a registered number, from Redis, else Postgres; None if unknown."""
+async def number_owner(rt: Runtime, vapi_phone_number_id: str, *, active_only: bool = True) -> tuple[str, str | None] | None:
+    """(org_id, assistant_id) of a registered number, from Redis, else Postgres; None if unknown.
+    The cache holds active numbers only; active_only=False (billing a call already running) also
+    finds a suspended or released number's owner."""
     cached = await rt.redis.hget(_owner_key(rt), vapi_phone_number_id)
     if cached is not None:
         org_id, _, assistant_id = cached.partition("|")
         return org_id, assistant_id or None
     row = await rt.pg.fetchrow(
-        "SELECT org_id, assistant_id FROM phone_numbers WHERE vapi_phone_number_id = $1 AND status = 'active'",
-        vapi_phone_number_id,
+        "SELECT org_id, assistant_id, status FROM phone_numbers WHERE vapi_phone_number_id = $1", vapi_phone_number_id
     )
-    if row is None:
+    if row is None or (active_only and row["status"] != "active"):
         return None
-    await rt.redis.hset(_owner_key(rt), vapi_phone_number_id, f"{row['org_id']}|{row['assistant_id'] or ''}")
+    if row["status"] == "active":
+        await rt.redis.hset(_owner_key(rt), vapi_phone_number_id, f"{row['org_id']}|{row['assistant_id'] or ''}")
     return row["org_id"], row["assistant_id"]
 
 

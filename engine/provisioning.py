@@ -23,6 +23,7 @@ import contextlib
 import hashlib
 import logging
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from engine import idempotent_requests as claims
@@ -75,23 +76,25 @@ async def provision(
         return Response(422, error_body("idempotency_key_reused", "this Idempotency-Key was used with a different request body"))
     if claimed.claim == claims.Claim.in_progress:
         return Response(409, error_body("request_in_progress", "a request with this Idempotency-Key is still running; retry shortly"))
-    return await _run_and_record(rt, telephony, org_id, key, request, price_pence)
+    return await _run_and_record(rt, telephony, org_id, key, request, price_pence, claimed.claimed_at)
 
 
 async def _run_and_record(
-    rt: Runtime, telephony: Telephony, org_id: str, key: str, request: ProvisionRequest, price_pence: int
+    rt: Runtime, telephony: Telephony, org_id: str, key: str, request: ProvisionRequest, price_pence: int,
+    claimed_at: datetime | None = None,
 ) -> Response:
-    # If this raises before the provider was asked, the claim is let go at once: every step so far
-    # is idempotent, so a retry may simply run them again. After the provider was asked (it may
-    # have sold us a number) the claim stays in progress, and the steps run again only after
-    # CREDIT_ENGINE_IDEMPOTENT_CLAIM_STALE_S (a retry, or the worker), so that a slow first attempt is not doubled.
+    # If this raises before the provider was asked, our claim is made stale at once: every step so
+    # far is idempotent, so a retry may run them again now (and if the client never comes back,
+    # the worker's sweep still finds the claim and finishes it: a charge never waits without one).
+    # After the provider was asked (it may have sold us a number) the claim stays fresh for
+    # CREDIT_ENGINE_IDEMPOTENT_CLAIM_STALE_S, so that a slow first attempt is not doubled.
     attempt = _Attempt()
     try:
         response = await _run(rt, telephony, org_id, key, request, price_pence, attempt)
     except Exception:
-        if not attempt.provider_asked:
-            with contextlib.suppress(Exception):  # Postgres may be what failed; then the claim goes stale
-                await claims.abandon(rt, org_id, OPERATION, key)
+        if not attempt.provider_asked and claimed_at is not None:
+            with contextlib.suppress(Exception):  # Postgres may be what failed; then the claim goes stale by itself
+                await claims.let_go(rt, org_id, OPERATION, key, claimed_at)
         raise
     if response.status in (201, 502):
         await claims.finish(rt, org_id, OPERATION, key, response.status, response.body)

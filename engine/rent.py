@@ -72,10 +72,31 @@ async def _alert(rt: Runtime, org_id: str, kind: str, number_id: str, month: str
     )  # fmt: skip
 
 
+# Suspend or release only a number still unpaid for the month (a top-up and a charge may have come in between).
+UNPAID_UPDATE = ("UPDATE phone_numbers SET {set} WHERE vapi_phone_number_id = $1 "
+                 "AND (rent_paid_month IS NULL OR rent_paid_month < $2)")  # fmt: skip
+RENT_LOCK = 0x72656E74  # pg advisory lock: one rent run at a time across every worker
+
+
 async def charge_rent(rt: Runtime, telephony: Telephony, now_ms: int | None = None) -> RentReport:
     now_ms = now_ms if now_ms is not None else await rt.clock.now_ms(rt.redis)
     month, this_month_ms = month_of(now_ms)
     report = RentReport(month)
+    async with rt.pg.acquire() as lock_conn:
+        if not await lock_conn.fetchval("SELECT pg_try_advisory_lock($1)", RENT_LOCK):
+            log.info("another worker is charging rent; skipping this run")
+            return report
+        try:
+            await _charge_due(rt, telephony, report, month, this_month_ms, now_ms)
+        finally:
+            await lock_conn.execute("SELECT pg_advisory_unlock($1)", RENT_LOCK)
+    return report
+
+
+async def _charge_due(rt: Runtime, telephony: Telephony, report: RentReport, month: str, this_month_ms: int, now_ms: int) -> None:
+    # A web process may have cached a number just before it was suspended: forget them again.
+    for row in await rt.pg.fetch("SELECT vapi_phone_number_id FROM phone_numbers WHERE status <> 'active'"):
+        await forget_owner(rt, row["vapi_phone_number_id"])
     rows = await rt.pg.fetch(
         """SELECT vapi_phone_number_id, org_id, status, rent_paid_month, rent_failed_month FROM phone_numbers
            WHERE status IN ('active', 'suspended') AND created_at < to_timestamp($1::bigint / 1000.0)
@@ -90,7 +111,6 @@ async def charge_rent(rt: Runtime, telephony: Telephony, now_ms: int | None = No
         except Exception:  # one number's trouble (the provider, say) must not stop the others
             log.exception("rent for number %s of org %s failed; trying again next run", number_id, org_id)
             report.failed.append(number_id)
-    return report
 
 
 async def _one_number(rt: Runtime, telephony: Telephony, report: RentReport, row: Any, number_id: str, org_id: str,
@@ -135,15 +155,13 @@ async def _one_number(rt: Runtime, telephony: Telephony, report: RentReport, row
             log.error("could not release unpaid number %s of org %s at %s: %s", number_id, org_id, telephony.name, error)
             report.failed.append(number_id)
             return
-        await rt.pg.execute("UPDATE phone_numbers SET status = 'released', released_at = now() WHERE vapi_phone_number_id = $1",
-                            number_id)  # fmt: skip
+        await rt.pg.execute(UNPAID_UPDATE.format(set="status = 'released', released_at = now()"), number_id, month)
         await forget_owner(rt, number_id)
         await _alert(rt, org_id, "number_released", number_id, month, now_ms)
         log.warning("released number %s of org %s: rent for %s unpaid for %.0f days", number_id, org_id, month, days_overdue)
         report.released += 1
     elif days_overdue >= rt.settings.rent_grace_days and row["status"] == "active":
-        await rt.pg.execute("UPDATE phone_numbers SET status = 'suspended', suspended_at = now() WHERE vapi_phone_number_id = $1",
-                            number_id)  # fmt: skip
+        await rt.pg.execute(UNPAID_UPDATE.format(set="status = 'suspended', suspended_at = now()"), number_id, month)
         await forget_owner(rt, number_id)
         await _alert(rt, org_id, "number_suspended", number_id, month, now_ms,
                      release_after_days=rt.settings.rent_release_days)  # fmt: skip

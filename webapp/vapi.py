@@ -48,7 +48,9 @@ async def _authenticated_body(request: Request) -> Any:
 async def resolve_org(ctx: AppContext, message: VapiMessage) -> tuple[str | None, str | None]:
     """(org_id, assistant_id): the owner of the call's number, else the org we put in the call."""
     if message.phone_number_id is not None:
-        owner = await number_owner(ctx.rt, message.phone_number_id)
+        # Only an active number admits a new call; a call already running on a number suspended
+        # since (unpaid rent) is still billed to its owner.
+        owner = await number_owner(ctx.rt, message.phone_number_id, active_only=message.type == "assistant-request")
         if owner is not None:
             return owner[0], owner[1] or message.assistant_id
     if message.org_id_hint is not None and key_rules.is_org_id(message.org_id_hint):

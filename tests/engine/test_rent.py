@@ -48,6 +48,12 @@ async def test_rent_is_charged_once_per_number_and_month_even_after_redis_forgot
     for day in (1, 2, 9, 20):  # the cron runs all month; Redis forgets the key after 7 days
         clock.value_ms = at(2026, 11, day)
         assert (await charge_rent(rt, telephony)).charged == 0
+    # Even if the number's own record of payment were lost, the ledger key stops a second charge
+    # (Redis forgot the key by now: without the ledger check this would charge again).
+    await drain_org_fully(rt, org)
+    await rt.pg.execute("UPDATE phone_numbers SET rent_paid_month = NULL WHERE vapi_phone_number_id = 'pn-paid'")
+    again = await charge_rent(rt, telephony)
+    assert (again.charged, again.already_paid) == (0, 1)
     clock.value_ms = at(2026, 12, 1, 1)
     december = await charge_rent(rt, telephony)
     assert december.charged == 2
@@ -103,3 +109,15 @@ async def test_rent_unpaid_past_the_release_day_releases_the_number_once(rt: Run
     clock.value_ms = at(2027, 1, 2)
     await charge_rent(rt, telephony)  # a released number is never charged again
     assert telephony.released == ["pn-gone"] and await _rent_rows(rt, org) == []
+
+
+async def test_two_workers_charging_at_once_charge_once(rt: Runtime, clock: ManualClock) -> None:
+    import asyncio
+
+    org = await new_org(rt, 100_000)
+    for i in range(20):
+        await _number(rt, org, f"pn-{i}")
+    clock.value_ms = at(2026, 11, 1)
+    reports = await asyncio.gather(*[charge_rent(rt, FakeTelephony()) for _ in range(4)])
+    assert sum(r.charged for r in reports) == 20
+    assert len(await _rent_rows(rt, org)) == 20

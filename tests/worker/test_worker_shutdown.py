@@ -75,3 +75,45 @@ async def test_stock_arq_would_exit_with_cancelled_error_there(settings: Setting
     error, shut_down = await _cancel_during_bookkeeping(Worker, settings)
     assert isinstance(error, asyncio.CancelledError)
     assert not shut_down
+
+
+class _BrokenPipeline:
+    """A pipeline whose WATCH fails as a dropped connection does."""
+
+    async def __aenter__(self) -> "_BrokenPipeline":
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        return None
+
+    async def watch(self, *keys: str) -> None:
+        from redis.exceptions import ConnectionError as RedisConnectionError
+
+        raise RedisConnectionError("Connection closed by server.")
+
+
+class _BrokenPool:
+    def pipeline(self, transaction: bool = True) -> _BrokenPipeline:
+        return _BrokenPipeline()
+
+
+async def _slots_after_failed_claims(worker_class: type[Worker], settings: Settings) -> tuple[int, int]:
+    assert settings.redis_url is not None
+    worker = worker_class(functions=[func(noop, name="noop")], redis_settings=RedisSettings.from_dsn(settings.redis_url),
+                          queue_name=f"{settings.key_prefix}:slots-test", max_jobs=3, handle_signals=False)  # fmt: skip
+    worker._pool = _BrokenPool()  # type: ignore[assignment]
+    for attempt in range(5):
+        try:
+            await worker.start_jobs([f"job-{attempt}".encode()])
+        except Exception:
+            pass
+    return worker.job_counter, worker.sem._value  # type: ignore[attr-defined]
+
+
+async def test_a_claim_that_fails_in_redis_gives_its_job_slot_back(settings: Settings) -> None:
+    assert await _slots_after_failed_claims(CreditEngineWorker, settings) == (0, 3 + 1)  # arq's semaphore has max_jobs + 1
+
+
+async def test_stock_arq_would_leak_the_slot_there(settings: Settings) -> None:
+    counter, free = await _slots_after_failed_claims(Worker, settings)
+    assert counter == 3 and free == 1  # job_counter at max_jobs: this worker would never start a job again

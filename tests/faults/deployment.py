@@ -11,6 +11,7 @@ import secrets
 import signal
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
@@ -40,17 +41,32 @@ def _children(pid: int) -> list[int]:
     return found
 
 
+def _alive(pid: int) -> bool:
+    """Running, as opposed to gone or a zombie (which has already let go of its memory)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
 def sigkill_tree(process: subprocess.Popen[bytes]) -> None:
-    """SIGKILL a server and every process it forked (Postgres' backends too), as a power cut would."""
+    """SIGKILL a server and every process it forked (Postgres' backends too), as a power cut would.
+    The server is stopped first so that it cannot fork a backend between our look and the kill
+    (a surviving backend holds Postgres' shared memory, and no new postmaster could start)."""
     if process.poll() is not None:
         return
-    victims = [process.pid, *_children(process.pid)]
-    for pid in victims:
+    os.kill(process.pid, signal.SIGSTOP)
+    victims = _children(process.pid)
+    for pid in [*victims, process.pid]:
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
     process.wait(30)
+    deadline = time.monotonic() + 30
+    while any(_alive(pid) for pid in victims) and time.monotonic() < deadline:
+        time.sleep(0.01)
 
 
 class Deployment:

@@ -80,9 +80,10 @@ async def register_number(
     return registered
 
 
-async def forget_owner(rt: Runtime, vapi_phone_number_id: str) -> None:
-    """Drop a number from the owner cache (suspended or released: calls to it are refused)."""
-    await rt.redis.hdel(_owner_key(rt), vapi_phone_number_id)
+async def forget_owner(rt: Runtime, *vapi_phone_number_ids: str) -> None:
+    """Drop numbers from the owner cache (suspended or released: calls to them are refused)."""
+    if vapi_phone_number_ids:
+        await rt.redis.hdel(_owner_key(rt), *vapi_phone_number_ids)
 
 
 async def number_owner(rt: Runtime, vapi_phone_number_id: str, *, active_only: bool = True) -> tuple[str, str | None] | None:

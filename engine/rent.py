@@ -95,8 +95,8 @@ async def charge_rent(rt: Runtime, telephony: Telephony, now_ms: int | None = No
 
 async def _charge_due(rt: Runtime, telephony: Telephony, report: RentReport, month: str, this_month_ms: int, now_ms: int) -> None:
     # A web process may have cached a number just before it was suspended: forget them again.
-    for row in await rt.pg.fetch("SELECT vapi_phone_number_id FROM phone_numbers WHERE status <> 'active'"):
-        await forget_owner(rt, row["vapi_phone_number_id"])
+    inactive = await rt.pg.fetch("SELECT vapi_phone_number_id FROM phone_numbers WHERE status <> 'active'")
+    await forget_owner(rt, *[row["vapi_phone_number_id"] for row in inactive])
     rows = await rt.pg.fetch(
         """SELECT vapi_phone_number_id, org_id, status, rent_paid_month, rent_failed_month FROM phone_numbers
            WHERE status IN ('active', 'suspended') AND created_at < to_timestamp($1::bigint / 1000.0)

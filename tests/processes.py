@@ -54,6 +54,16 @@ def stop(process: subprocess.Popen[bytes], timeout_s: float = 30) -> int:
     return code
 
 
+async def http_ready(client: "httpx.AsyncClient") -> bool:
+    """A web process answers /readyz with 200 (a refused connection is just not ready yet)."""
+    import httpx
+
+    try:
+        return (await client.get("/readyz")).status_code == 200
+    except httpx.TransportError:
+        return False
+
+
 async def wait_for(predicate: Callable[[], Awaitable[bool]], timeout_s: float, what: str, interval_s: float = 0.05) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:

@@ -16,7 +16,7 @@ import pytest
 from engine.config import Settings
 from engine.embedded import free_port
 from engine.runtime import Runtime
-from tests.processes import service_env, start_worker, stop, wait_for
+from tests.processes import http_ready, service_env, start_worker, stop, wait_for
 from tests.webapp.conftest import ADMIN_TOKEN, WEBHOOK_SECRET
 from tests.webapp.vapi_payloads import assistant_request, call, end_of_call_report, status_update
 
@@ -58,13 +58,6 @@ class Spread:
             await client.aclose()
 
 
-async def _ready(client: httpx.AsyncClient) -> bool:
-    try:
-        return (await client.get("/readyz")).status_code == 200
-    except httpx.TransportError:
-        return False
-
-
 async def _org(spread: Spread, org_id: str, balance_pence: int) -> tuple[str, str]:
     created = await spread.next().post("/api/admin/orgs", headers=ADMIN, json={"org_id": org_id, "name": org_id,
                                                                              "rate_pence_per_minute": 60})  # fmt: skip
@@ -85,7 +78,7 @@ async def test_the_seeds_concurrent_scenarios_give_the_one_process_answer(urls: 
     rt = await Runtime.open(settings)
     try:
         for client in spread.clients:
-            await wait_for(lambda: _ready(client), 60, "every web process and worker to be ready")
+            await wait_for(lambda: http_ready(client), 60, "every web process and worker to be ready")
         # 100 concurrent purchases on credit for exactly 37.
         buyer_key, _ = await _org(spread, "buyer", 37_000)
         buys = await asyncio.gather(*[

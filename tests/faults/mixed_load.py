@@ -13,13 +13,12 @@ import random
 import secrets
 import time
 from dataclasses import dataclass, field
-from datetime import timedelta
 
 import httpx
 
 from engine.amounts import billed_seconds_from_ms, call_cost_pence
 from tests.faults.deployment import ADMIN_TOKEN, WEBHOOK_SECRET
-from tests.webapp.vapi_payloads import T0, assistant_request, call, encode, status_update
+from tests.webapp.vapi_payloads import assistant_request, call, end_of_call_report, status_update
 
 # Every org API key any load has been given, for the test that greps the logs for secrets.
 ISSUED_API_KEYS: list[str] = []
@@ -137,7 +136,7 @@ class MixedLoad:
             await self._vapi(status_update(the_call, "in-progress"))
             await asyncio.sleep(self.rng.uniform(0, 0.3))  # live while the faults happen
         await self._vapi(status_update(the_call, "ended", ended_reason="customer-ended-call"))
-        report = _report(the_call, seconds)
+        report = end_of_call_report(the_call, seconds, cost_usd=0.01)
         headers = {"Authorization": f"Bearer {org.api_key}"}
         deadline = time.monotonic() + give_up_after_s
         while True:  # Vapi's redelivery: until the call reads as billed (or, refused, as never live)
@@ -175,10 +174,3 @@ class MixedLoad:
             n += 1
         return n
 
-
-def _report(the_call, seconds: int) -> bytes:  # type: ignore[no-untyped-def]
-    from vapi.types import Analysis, Artifact, ServerMessageEndOfCallReport
-
-    return encode(ServerMessageEndOfCallReport(
-        type="end-of-call-report", ended_reason="customer-ended-call", call=the_call, artifact=Artifact(),
-        analysis=Analysis(), cost=0.01, started_at=T0, ended_at=T0 + timedelta(seconds=seconds)))  # fmt: skip

@@ -23,7 +23,7 @@ from engine.config import Settings
 from engine.embedded import free_port
 from engine.runtime import Runtime
 from tests.fake_vapi import FakeVapi, fake_vapi_server
-from tests.processes import service_env, stop, wait_for
+from tests.processes import http_ready, service_env, stop, wait_for
 from tests.webapp.conftest import ADMIN_TOKEN, WEBHOOK_SECRET
 from tests.webapp.vapi_payloads import assistant_request, call, status_update
 
@@ -65,13 +65,6 @@ def processes(settings: Settings, tmp_path: Path) -> Iterator[tuple[str, str]]:
         assert codes[2] == 0 and set(codes[:2]) <= {0, -15}, codes
 
 
-async def _ready(client: httpx.AsyncClient) -> bool:
-    try:
-        return (await client.get("/readyz")).status_code == 200
-    except httpx.TransportError:
-        return False
-
-
 def _at(iso: str) -> float:
     return datetime.fromisoformat(iso).timestamp()
 
@@ -85,8 +78,8 @@ async def test_holds_and_the_kill_switch_follow_redis_time_whatever_the_web_cloc
     try:
         # Readiness compares the worker's heartbeat with "now": on Redis's clock both, so the
         # hours between these processes' clocks do not make the ledger look behind.
-        await wait_for(lambda: _ready(fast), 60, "the fast web process to be ready")
-        await wait_for(lambda: _ready(slow), 60, "the slow web process to be ready")
+        await wait_for(lambda: http_ready(fast), 60, "the fast web process to be ready")
+        await wait_for(lambda: http_ready(slow), 60, "the slow web process to be ready")
         admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
         org = "clock-org"
         created = await fast.post("/api/admin/orgs", headers=admin, json={"org_id": org, "name": "Clocks",

@@ -18,7 +18,7 @@ import pytest
 
 from engine.amounts import billed_seconds_from_ms, call_cost_pence
 from engine.db import asyncpg_dsn
-from tests.faults.deployment import ADMIN_TOKEN, WEBHOOK_SECRET, Deployment
+from tests.faults.deployment import WEBHOOK_SECRET, Deployment
 from tests.faults.mixed_load import MixedLoad
 from tests.processes import wait_for
 from tests.webapp.vapi_payloads import assistant_request, call, end_of_call_report, status_update
@@ -141,8 +141,6 @@ async def _drained(client: httpx.AsyncClient, deployment: Deployment) -> bool:
     finally:
         await rt.close()
 
-
-ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 
 
 async def test_the_state_guard_outlives_postgres_starting_up(rt, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]

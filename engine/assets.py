@@ -55,7 +55,7 @@ async def deduct_asset(
             rt.settings.outbox_per_org_max,
             orjson.dumps(meta or {}).decode(),
         ],
-        rt.keys.outbox_dirty,
+        rt.keys.outbox_dirty(org_id),
         org_id,
     )
     result = decode(reply, tail_length=2)

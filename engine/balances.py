@@ -16,17 +16,19 @@ class Wallet:
     live_calls: int
 
 
+async def peek_org(rt: Runtime, org_id: str) -> list[int]:
+    """{code, balance, held, debt, live_calls, seq, outbox_entries} at one instant (lua/org_peek.lua)."""
+    keys = rt.keys.org(org_id)
+    return await rt.scripts.run(rt.redis, "org_peek", [keys.org, keys.holds, keys.outbox], [])
+
+
 async def read_wallet(rt: Runtime, org_id: str) -> Wallet | None:
     """The org's money as Redis has it now; None when Redis does not have the org."""
     validate.org_id(org_id)
-    keys = rt.keys.org(org_id)
-    async with rt.redis.pipeline(transaction=True) as pipe:
-        pipe.hmget(keys.org, ["balance_pence", "held_pence", "debt_pence"])
-        pipe.hlen(keys.holds)
-        (balance, held, debt), live_calls = await pipe.execute()
-    if balance is None:
+    code, balance, held, debt, live_calls, _, _ = await peek_org(rt, org_id)
+    if code != 0:
         return None
-    wallet = Wallet(org_id, int(balance), int(held), int(balance) - int(held), int(debt), live_calls)
+    wallet = Wallet(org_id, balance, held, balance - held, debt, live_calls)
     assert wallet.held_pence >= 0
     assert wallet.debt_pence >= 0
     return wallet

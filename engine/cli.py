@@ -349,7 +349,11 @@ def main(argv: list[str] | None = None) -> int:
         settings = replace(settings, data_dir=args.data_dir)
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
-    return int(args.handler(args, settings))
+    try:
+        return int(args.handler(args, settings))
+    except ConfigError as error:  # a setting only this command needs (the worker's arq Redis)
+        print(f"configuration error: {error}", file=sys.stderr)
+        return EXIT_USAGE
 
 
 if __name__ == "__main__":

@@ -28,10 +28,21 @@ def _int(env: Mapping[str, str], name: str, default: int, minimum: int, maximum:
     return value
 
 
+def _bool(env: Mapping[str, str], name: str) -> bool:
+    raw = env.get(name, "").strip().lower()
+    if raw in ("", "0", "false", "no"):
+        return False
+    if raw in ("1", "true", "yes"):
+        return True
+    raise ConfigError(f"{name} must be 1 or 0 (true/false), got {raw!r}")
+
+
 @dataclass(frozen=True)
 class Settings:
     redis_url: str | None = None  # None: `credit-engine up` starts an embedded Redis
     database_url: str | None = None  # None: `credit-engine up` starts an embedded Postgres
+    redis_cluster: bool = False  # REDIS_URL is one node of a Redis Cluster (the client finds the rest)
+    arq_redis_url: str | None = None  # arq's job bookkeeping; None: REDIS_URL (a cluster needs its own, see arq_url)
     key_prefix: str = "ce"
     data_dir: Path = field(default_factory=lambda: Path(".credit-engine"))
     redis_appendfsync: str = "everysec"  # embedded Redis: always | everysec | no
@@ -87,6 +98,8 @@ class Settings:
         return cls(
             redis_url=env.get("REDIS_URL") or None,
             database_url=env.get("DATABASE_URL") or None,
+            redis_cluster=_bool(env, "CREDIT_ENGINE_REDIS_CLUSTER"),
+            arq_redis_url=env.get("CREDIT_ENGINE_ARQ_REDIS_URL") or None,
             key_prefix=env.get("CREDIT_ENGINE_KEY_PREFIX", "ce"),
             data_dir=Path(env.get("CREDIT_ENGINE_DATA_DIR", ".credit-engine")),
             redis_appendfsync=appendfsync,
@@ -135,6 +148,21 @@ class Settings:
 
     def with_services(self, redis_url: str, database_url: str) -> "Settings":
         return replace(self, redis_url=redis_url, database_url=database_url)
+
+    @property
+    def arq_url(self) -> str:
+        """Where arq keeps its queue, cron bookkeeping and health check. arq cannot use a Redis
+        Cluster (its job keys carry no hash tag and it writes them with MULTI), so a clustered
+        deployment gives it a small Redis of its own. It holds no money: losing it costs a few
+        cron runs, and every cron is idempotent."""
+        if self.arq_redis_url:
+            return self.arq_redis_url
+        if self.redis_cluster:
+            raise ConfigError("CREDIT_ENGINE_REDIS_CLUSTER is set: the worker needs CREDIT_ENGINE_ARQ_REDIS_URL, a plain "
+                              "(non-cluster) Redis for arq's job bookkeeping")  # fmt: skip
+        if self.redis_url is None:
+            raise ConfigError("REDIS_URL is not set")
+        return self.redis_url
 
     @property
     def hmac_secret(self) -> str | None:

@@ -132,7 +132,7 @@ async def _run_credit_apply(rt: Runtime, org_id: str, key: str, amount_pence: in
         "credit_apply",
         [keys.org, keys.idem, keys.idem_exp, keys.outbox],
         [rt.clock.script_arg(), org_id, key, amount_pence, repay_key, rt.settings.idempotency_ttl_ms],
-        rt.keys.outbox_dirty,
+        rt.keys.outbox_dirty(org_id),
         org_id,
     )
     result = decode(reply, tail_length=1)

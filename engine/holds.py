@@ -95,7 +95,7 @@ async def reserve_call(rt: Runtime, org_id: str, call_id: str) -> Reservation:
             rt.settings.hold_report_slack_ms,
             rt.settings.outbox_per_org_max,
         ],
-        rt.keys.outbox_dirty,
+        rt.keys.outbox_dirty(org_id),
         org_id,
     )
     result = decode(reply, tail_length=2)
@@ -137,7 +137,7 @@ async def check_call(rt: Runtime, org_id: str, call_id: str, event: CallEvent = 
         # alone), and only a start or an end moves the depletion moment: one round trip for both.
         async with rt.redis.pipeline(transaction=False) as pipe:
             if recorded:
-                pipe.sadd(rt.keys.outbox_dirty, org_id)
+                pipe.sadd(rt.keys.outbox_dirty(org_id), org_id)
             add_depletion(pipe, rt, org_id, result.depletion_ms)
             await pipe.execute()
     if end_call and not ended:
@@ -210,7 +210,7 @@ async def _resolve(rt: Runtime, script: str, org_id: str, call_id: str, extra_ar
             call_ledger_key(org_id, call_id, "charge"),
             *extra_args,
         ],
-        rt.keys.outbox_dirty,
+        rt.keys.outbox_dirty(org_id),
         org_id,
     )
     result = decode(reply, tail_length=3)

@@ -10,6 +10,7 @@ Keys outside any org's slot are only ever touched by plain commands, never insid
 """
 
 import re
+import zlib
 from dataclasses import dataclass
 
 from engine import limits
@@ -19,6 +20,18 @@ CALL_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,%d}" % (limits.call_
 PREFIX_PATTERN = re.compile(r"[A-Za-z0-9_.-]{1,32}")
 # Client idempotency keys: printable ASCII without spaces.
 IDEMPOTENCY_KEY_PATTERN = re.compile(r"[\x21-\x7e]{1,%d}" % limits.idempotency_key_length_max)
+
+
+# The worker's hint sets (the doorbell, the kill switch's schedule) are split into shards so that
+# no one Redis Cluster master carries every decision's ring. Shard i's hash tag lands in slot
+# 1024·i + 512 (tests/engine/test_redis_cluster.py checks), so shards spread over the masters of a
+# cluster whose slots are split evenly. The worker visits every shard, on whichever node it is.
+HINT_SHARD_TAGS = ("1768", "20261", "18360", "41271", "3453", "11199", "29098", "8591",
+                   "265", "45842", "13409", "17891", "46093", "3635", "2912", "48623")  # fmt: skip
+
+
+def hint_shard(org_id: str) -> int:
+    return zlib.crc32(org_id.encode()) % len(HINT_SHARD_TAGS)
 
 
 def is_org_id(value: object) -> bool:
@@ -69,20 +82,27 @@ class Keyspace:
             kill=f"{tag}:kill",
         )
 
+    def outbox_dirty(self, org_id: str) -> str:
+        """The org's shard of the set of org ids whose outbox may hold entries (the worker's doorbell)."""
+        return self.outbox_dirty_shards[hint_shard(org_id)]
+
     @property
-    def outbox_dirty(self) -> str:
-        """Set of org ids whose outbox may hold entries (the worker's doorbell)."""
-        return f"{self.prefix}:outbox:dirty"
+    def outbox_dirty_shards(self) -> list[str]:
+        return [f"{self.prefix}:outbox:dirty:{{{tag}}}" for tag in HINT_SHARD_TAGS]
 
     def call_index(self, call_id: str) -> str:
         """Hash: the org that claimed a call and its control URL (webapp/call_index.py)."""
         return f"{self.prefix}:call:{call_id}"
 
+    def kill_schedule(self, org_id: str) -> str:
+        """The org's shard of the sorted set org id -> when the kill switch should look at it, as a
+        depletion moment (the worker visits an org warn_lead before its score). Only plain
+        commands touch it."""
+        return self.kill_schedule_shards[hint_shard(org_id)]
+
     @property
-    def kill_schedule(self) -> str:
-        """Sorted set: org id -> when the kill switch should look at it, as a depletion moment
-        (the worker visits an org warn_lead before its score). Only plain commands touch it."""
-        return f"{self.prefix}:killswitch:due"
+    def kill_schedule_shards(self) -> list[str]:
+        return [f"{self.prefix}:killswitch:due:{{{tag}}}" for tag in HINT_SHARD_TAGS]
 
     @property
     def state(self) -> str:

@@ -45,13 +45,13 @@ reschedule_page_size = 500  # orgs per Redis pipeline in the backstop
 async def file_depletion(rt: Runtime, org_id: str, depletion_ms: int) -> None:
     """File an org's new depletion moment in the schedule (never later than one filed before)."""
     if depletion_ms > 0:
-        await rt.redis.zadd(rt.keys.kill_schedule, {org_id: depletion_ms}, lt=True)
+        await rt.redis.zadd(rt.keys.kill_schedule(org_id), {org_id: depletion_ms}, lt=True)
 
 
 def add_depletion(pipe: Any, rt: Runtime, org_id: str, depletion_ms: int) -> None:
     """file_depletion, as one command of a pipeline."""
     if depletion_ms > 0:
-        pipe.zadd(rt.keys.kill_schedule, {org_id: depletion_ms}, lt=True)
+        pipe.zadd(rt.keys.kill_schedule(org_id), {org_id: depletion_ms}, lt=True)
 
 
 def depletion_ms_of(fields: list[Any]) -> int:
@@ -98,7 +98,7 @@ async def visit_org(rt: Runtime, org_id: str) -> Visit:
     rest = reply[4:]
     actions = [Action(str(rest[i]), str(rest[i + 1]), int(rest[i + 2])) for i in range(0, len(rest), 3)]
     if any(a.kind == "end_failed" for a in actions):
-        await rt.redis.sadd(rt.keys.outbox_dirty, org_id)  # the end_call_failed alert
+        await rt.redis.sadd(rt.keys.outbox_dirty(org_id), org_id)  # the end_call_failed alert
     return Visit(code == 0, now_ms, depletion_ms, next_visit_ms, actions)
 
 
@@ -109,21 +109,21 @@ async def acknowledge(rt: Runtime, org_id: str, call_id: str, kind: str) -> None
         "killswitch_ack",
         [keys.org, keys.kill, keys.outbox],
         [rt.clock.script_arg(), org_id, call_id, kind],
-        rt.keys.outbox_dirty,
+        rt.keys.outbox_dirty(org_id),
         org_id,
     )
 
 
 async def reschedule(rt: Runtime, org_id: str, visit: Visit) -> None:
     """File the org's next visit, then make sure no depletion moment filed meanwhile is lost."""
-    schedule = rt.keys.kill_schedule
-    async with rt.redis.pipeline(transaction=False) as pipe:  # in order: the write, then the read
-        if visit.next_visit_ms > 0:
-            pipe.zadd(schedule, {org_id: visit.next_visit_ms + rt.settings.kill_warn_lead_ms})
-        else:
-            pipe.zrem(schedule, org_id)
-        pipe.hmget(rt.keys.org(org_id).org, list(BURN_FIELDS))
-        _, burn = await pipe.execute()
+    schedule = rt.keys.kill_schedule(org_id)
+    # The write, then the read, one after the other: a cluster's pipeline would send the two to
+    # their nodes at once, and a read before the write could miss a depletion filed in between.
+    if visit.next_visit_ms > 0:
+        await rt.redis.zadd(schedule, {org_id: visit.next_visit_ms + rt.settings.kill_warn_lead_ms})
+    else:
+        await rt.redis.zrem(schedule, org_id)
+    burn = await rt.redis.hmget(rt.keys.org(org_id).org, list(BURN_FIELDS))
     now_depletion_ms = depletion_ms_of(burn)
     if now_depletion_ms > 0 and now_depletion_ms != visit.depletion_ms:
         await file_depletion(rt, org_id, now_depletion_ms)
@@ -132,7 +132,12 @@ async def reschedule(rt: Runtime, org_id: str, visit: Visit) -> None:
 async def due_orgs(rt: Runtime) -> list[str]:
     now_ms = await rt.clock.now_ms(rt.redis)
     horizon = now_ms + rt.settings.kill_warn_lead_ms
-    return list(await rt.redis.zrangebyscore(rt.keys.kill_schedule, "-inf", horizon, start=0, num=visits_per_round_max))
+    async with rt.redis.pipeline(transaction=False) as pipe:  # every shard, wherever it lives
+        for shard in rt.keys.kill_schedule_shards:
+            pipe.zrangebyscore(shard, "-inf", horizon, start=0, num=visits_per_round_max, withscores=True)
+        replies = await pipe.execute()
+    due = sorted((score, org_id) for reply in replies for org_id, score in reply)
+    return [org_id for _, org_id in due[:visits_per_round_max]]
 
 
 async def reschedule_live_orgs(rt: Runtime) -> int:
@@ -235,7 +240,7 @@ async def run_round(rt: Runtime, http: httpx.AsyncClient, control_urls: "Control
         if visit.org_known:
             await reschedule(rt, org_id, visit)
         else:
-            await rt.redis.zrem(rt.keys.kill_schedule, org_id)
+            await rt.redis.zrem(rt.keys.kill_schedule(org_id), org_id)
 
     await asyncio.gather(*(one(org_id) for org_id in org_ids))
     return report

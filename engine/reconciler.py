@@ -8,9 +8,9 @@ what is still on its way there, minus what is still on its way to Redis:
     holds   = live holds in call_holds, with the outbox's hold events applied in order
     settings (rate, overdraft, ...) = the orgs row
 
-To compare one instant, Postgres is read before and after an atomic Redis snapshot (MULTI); an
-org whose Postgres state moved in between is read again (bounded), and reported as busy if it
-never holds still. Nothing is judged from a torn read.
+To compare one instant, Postgres is read before and after an atomic Redis read of each org
+(lua/org_read.lua); an org whose Postgres state moved in between is read again (bounded), and
+reported as busy if it never holds still. Nothing is judged from a torn read.
 
 Repair, per drifted org: drain its outbox, then rewrite it from a Postgres snapshot with
 org_restore.lua in 'seq' mode, which refuses if any decision happened since the snapshot began
@@ -28,6 +28,7 @@ from typing import Any
 
 from engine import limits
 from engine.amounts import billed_seconds_from_ms, call_cost_pence
+from engine.balances import peek_org
 from engine.credits import apply_pending_credits
 from engine.ledger import HoldEvent, LedgerEntry
 from engine.outbox import OutboxItem, drain_org_fully, parse_entry
@@ -124,33 +125,32 @@ async def _pg_states(rt: Runtime, org_ids: list[str]) -> dict[str, PgState]:
 
 
 async def _redis_states(rt: Runtime, pg: dict[str, PgState]) -> dict[str, RedisState]:
+    """Each org read at one instant of its own (lua/org_read.lua): orgs are compared one by one,
+    so no instant common to the page is needed, and a Redis Cluster can serve the page."""
     org_ids = list(pg)
-    async with rt.redis.pipeline(transaction=True) as pipe:  # one instant for every org of the page
+    fields = [*MONEY_FIELDS, *SETTING_FIELDS]
+
+    def build(pipe: Any) -> None:
         for org_id in org_ids:
             keys = rt.keys.org(org_id)
-            pipe.hmget(keys.org, [*MONEY_FIELDS, *SETTING_FIELDS])
-            pipe.hgetall(keys.holds)
-            pipe.xrange(keys.outbox, "-", "+")
-            pipe.xlen(keys.dead)
             pending_keys = [key for key, _, _ in pg[org_id].pending_credits]
-            if pending_keys:
-                pipe.hmget(keys.idem, pending_keys)
-            else:
-                pipe.exists(keys.idem)  # keeps five replies per org
-        replies = await pipe.execute()
+            rt.scripts.add_to_pipeline(
+                pipe, "org_read", [keys.org, keys.holds, keys.outbox, keys.dead, keys.idem], [len(fields), *fields, *pending_keys]
+            )
+
+    replies = await rt.scripts.execute(rt.redis, build)
     states = {}
-    for i, org_id in enumerate(org_ids):
-        values, holds, outbox, dead_letters, pending = replies[5 * i : 5 * i + 5]
+    for org_id, reply in zip(org_ids, replies, strict=True):
+        _, values, holds_flat, outbox, dead_letters, pending = reply
         pending_keys = [key for key, _, _ in pg[org_id].pending_credits]
+        holds = dict(zip(holds_flat[::2], holds_flat[1::2], strict=True))
         states[org_id] = RedisState(
             present=values[0] is not None,
             money={name: int(v or 0) for name, v in zip(MONEY_FIELDS, values[: len(MONEY_FIELDS)], strict=True)},
             settings=tuple(int(v or 0) for v in values[len(MONEY_FIELDS) :]),
             holds={call_id: HoldRecord.decode(text) for call_id, text in holds.items()},
-            outbox=[parse_entry(stream_id, fields) for stream_id, fields in outbox],
-            pending_applied=(
-                {key: value is not None for key, value in zip(pending_keys, pending, strict=True)} if pending_keys else {}
-            ),
+            outbox=[parse_entry(stream_id, dict(zip(flat[::2], flat[1::2], strict=True))) for stream_id, flat in outbox],
+            pending_applied={key: value is not None for key, value in zip(pending_keys, pending, strict=True)},
             dead_letters=dead_letters,
         )
     return states
@@ -276,15 +276,14 @@ class RepairReport:
 
 async def repair_org(rt: Runtime, org_id: str) -> Outcome:
     """Rewrite one org in Redis from Postgres, refusing to overwrite any decision made meanwhile."""
-    keys = rt.keys.org(org_id)
     for _ in range(limits.reconcile_check_attempts_max):
         await drain_org_fully(rt, org_id)
-        seq_text, outbox_length = await _seq_and_outbox(rt, keys.org, keys.outbox)
+        code, _, _, _, _, seq, outbox_length = await peek_org(rt, org_id)
         if outbox_length:
             continue
         snapshot = (await snapshot_orgs(rt, [org_id]))[org_id]
-        mode = "absent" if seq_text is None else "seq"
-        outcome = (await restore_orgs(rt, [snapshot], mode, expected_seq=int(seq_text or 0)))[org_id]
+        mode = "absent" if code == Outcome.org_unknown else "seq"
+        outcome = (await restore_orgs(rt, [snapshot], mode, expected_seq=seq))[org_id]
         if outcome == Outcome.ok:
             # The restored balance includes every credit Postgres had, and their idempotency
             # records came with it: those credits are applied now.
@@ -311,14 +310,6 @@ async def archive_dead_letters(rt: Runtime, org_id: str) -> int:
     )  # fmt: skip
     await rt.redis.xdel(keys.dead, *[stream_id for stream_id, _ in entries])
     return len(entries)
-
-
-async def _seq_and_outbox(rt: Runtime, org_key: str, outbox_key: str) -> tuple[Any, int]:
-    async with rt.redis.pipeline(transaction=True) as pipe:
-        pipe.hget(org_key, "seq")
-        pipe.xlen(outbox_key)
-        seq_text, outbox_length = await pipe.execute()
-    return seq_text, outbox_length
 
 
 async def repair(rt: Runtime, org_ids: list[str] | None = None, progress: Progress | None = None) -> RepairReport:

@@ -22,7 +22,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from redis.asyncio import Redis
+
 from engine import limits
+from engine.cluster import is_cluster, master_slots, slot_tag
+from engine.keys import Keyspace
 from engine.killswitch import file_depletion
 from engine.results import Outcome, decode
 from engine.runtime import Runtime
@@ -115,8 +119,21 @@ class RebuildReport:
     rebuilt_here: bool = False
 
 
+async def state_marker_keys(redis: Redis, keys: Keyspace) -> list[str]:
+    """The marker, and on a Redis Cluster one more per master (engine/cluster.py): a master that
+    restarted empty has lost its orgs, and its missing marker says so."""
+    if not is_cluster(redis):
+        return [keys.state]
+    return [keys.state, *[f"{keys.state}:{{{slot_tag(slot)}}}" for slot in await master_slots(redis)]]  # type: ignore[arg-type]
+
+
+async def markers_present(redis: Redis, keys: Keyspace) -> bool:
+    markers = await state_marker_keys(redis, keys)
+    return bool(await redis.exists(*markers) == len(markers))
+
+
 async def state_present(rt: Runtime) -> bool:
-    return bool(await rt.redis.exists(rt.keys.state))
+    return await markers_present(rt.redis, rt.keys)
 
 
 async def rebuild_all(rt: Runtime, progress: Callable[[int, int], None] | None = None) -> RebuildReport:
@@ -137,7 +154,8 @@ async def rebuild_all(rt: Runtime, progress: Callable[[int, int], None] | None =
         if progress is not None:
             progress(done, total)
     now_ms = await rt.clock.now_ms(rt.redis)
-    await rt.redis.hset(rt.keys.state, mapping={"rebuilt_ms": now_ms, "orgs": report.orgs_total})
+    for key in await state_marker_keys(rt.redis, rt.keys):
+        await rt.redis.hset(key, mapping={"rebuilt_ms": now_ms, "orgs": report.orgs_total})
     report.seconds = time.monotonic() - started
     return report
 

@@ -1,11 +1,14 @@
 """What every operation needs: Redis, Postgres, the scripts, the keyspace, the clock, settings."""
 
 import asyncio
+from collections.abc import Awaitable, Callable
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
-from redis.asyncio import ConnectionPool, Redis
+from redis.asyncio import ConnectionPool, Redis, RedisCluster
+from redis.asyncio.cluster import ClusterPipeline
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -55,13 +58,71 @@ class BoundedConnectionPool(ConnectionPool):
             self._slots.release()
 
 
-def redis_client(url: str, pool_size: int, socket_timeout_s: float | None = 5.0) -> Redis:
+_holding_slot: ContextVar[bool] = ContextVar("credit_engine_redis_slot", default=False)
+
+
+class BoundedRedisCluster(RedisCluster):
+    """redis-py's cluster client keeps a pool per node that raises MaxConnectionsError past its
+    size, where a burst should wait its turn (as BoundedConnectionPool makes the plain client
+    do). At most `max_connections` commands or pipelines run at once; each holds at most one
+    connection per node, so no node's pool is ever exhausted. A command the client sends on its
+    own while running one of ours (a pipeline's retry after MOVED) does not queue again."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._slots = asyncio.Semaphore(kwargs["max_connections"])
+
+    async def bounded(self, run: Callable[[], Awaitable[Any]]) -> Any:
+        if _holding_slot.get():
+            return await run()
+        try:
+            await asyncio.wait_for(self._slots.acquire(), pool_wait_timeout_s)
+        except TimeoutError:
+            raise RedisError(f"no Redis connection free within {pool_wait_timeout_s}s") from None
+        token = _holding_slot.set(True)
+        try:
+            return await run()
+        finally:
+            _holding_slot.reset(token)
+            self._slots.release()
+
+    async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        return await self.bounded(lambda: super(BoundedRedisCluster, self).execute_command(*args, **kwargs))
+
+    def pipeline(self, transaction: Any = None, shard_hint: Any = None) -> "BoundedClusterPipeline":
+        super().pipeline(transaction, shard_hint)  # its checks: no MULTI, no shard hint
+        return BoundedClusterPipeline(self)
+
+
+class BoundedClusterPipeline(ClusterPipeline):
+    async def execute(self, raise_on_error: bool = True, allow_redirections: bool = True) -> list[Any]:
+        client = self._client
+        assert isinstance(client, BoundedRedisCluster)
+        run = super().execute
+        return await client.bounded(lambda: run(raise_on_error, allow_redirections))  # type: ignore[no-any-return]
+
+
+def redis_client(url: str, pool_size: int, socket_timeout_s: float | None = 5.0, *, cluster: bool = False) -> Redis:
     """Retrying after a dropped connection is safe for every command we send: each script is
     idempotent by its key (a retried deduction or commit is a replay, never a second charge).
     So no health checks: a connection Redis dropped fails once and is replaced by the retry.
 
     socket_timeout_s=None leaves commands without a timeout of their own: the web app bounds
-    whole requests instead (two timers per command cost a fifth of the status check's speed)."""
+    whole requests instead (two timers per command cost a fifth of the status check's speed).
+
+    cluster=True: `url` is one node of a Redis Cluster; the client learns the others and routes
+    each command by its key's slot (every script's keys share one slot: engine/keys.py), with at
+    most `pool_size` connections to each node."""
+    if cluster:
+        return BoundedRedisCluster.from_url(  # type: ignore[return-value]
+            url,
+            max_connections=pool_size,
+            socket_timeout=socket_timeout_s,
+            socket_connect_timeout=2,
+            decode_responses=True,
+            retry=Retry(ExponentialBackoff(cap=0.5, base=0.02), redis_retries_max),
+            retry_on_error=[RedisConnectionError, RedisTimeoutError],
+        )
     pool = BoundedConnectionPool.from_url(
         url,
         max_connections=pool_size,
@@ -89,7 +150,7 @@ class Runtime:
     ) -> "Runtime":
         if settings.redis_url is None or settings.database_url is None:
             raise ValueError("REDIS_URL and DATABASE_URL must be set (or use `credit-engine up`)")
-        redis = redis_client(settings.redis_url, settings.redis_pool_size, redis_socket_timeout_s)
+        redis = redis_client(settings.redis_url, settings.redis_pool_size, redis_socket_timeout_s, cluster=settings.redis_cluster)
         scripts = ScriptRunner()
         try:
             await scripts.load(redis)

@@ -13,7 +13,7 @@ from importlib import resources
 from collections.abc import Callable
 from typing import Any
 
-from redis.asyncio import Redis
+from redis.asyncio import Redis, RedisCluster
 from redis.exceptions import NoScriptError
 
 INCLUDE_PATTERN = re.compile(r'^--- @include "(\w+)"\s*$', re.MULTILINE)
@@ -34,6 +34,8 @@ class LuaScript:
 
     def check_call(self, keys: list[str], args: list[Any]) -> None:
         assert len(keys) == len(self.key_names), (self.name, keys)
+        # One hash tag for all keys: one Redis Cluster slot (engine/keys.py makes the tags).
+        assert len({key[key.find("{") : key.find("}") + 1] for key in keys}) <= 1, (self.name, keys)
         if self.argv_variadic:
             assert len(args) >= self.argv_count, (self.name, len(args))
         else:
@@ -105,7 +107,9 @@ class ScriptRunner:
     def add_to_pipeline(self, pipe: Any, name: str, keys: list[str], args: list[Any]) -> None:
         script = self.scripts[name]
         script.check_call(keys, args)
-        pipe.evalsha(script.sha, len(keys), *keys, *args)
+        # execute_command, not pipe.evalsha: redis-py's cluster pipeline blocks the evalsha method
+        # but routes the command itself by its keys like any other.
+        pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
 
     async def execute(self, redis: Redis, build: Callable[[Any], None]) -> list[Any]:
         """Build and run a pipeline; if Redis forgot the scripts, load them and run it again.
@@ -133,6 +137,14 @@ class ScriptRunner:
         """Run a script that appends to an org's outbox and ring the worker's doorbell in the
         same round trip. The doorbell only speeds the drain up: a lost ring is found by the
         worker's sweep, because the entry itself is already in the outbox."""
+
+        if isinstance(redis, RedisCluster):
+            # A cluster pipeline sends each node its part at once, so the ring could arrive before
+            # the entry: a worker popping it then would find nothing and leave the entry to the
+            # sweep. One after the other instead.
+            reply = await self.run(redis, name, keys, args)
+            await redis.sadd(doorbell_key, org_id)
+            return reply
 
         def build(pipe: Any) -> None:
             self.add_to_pipeline(pipe, name, keys, args)

@@ -16,6 +16,7 @@ from engine.holds import live_holds
 from engine.killswitch import BURN_FIELDS, depletion_ms_of
 from engine.ledger_lag import outbox_lag_ms
 from engine.runtime import Runtime
+from engine.worker_health import arq_health_check_present
 
 worker_stale_ms = 10_000
 busiest_shown = 10
@@ -84,7 +85,7 @@ async def org_status(rt: Runtime, org_id: str, now_ms: int | None = None) -> Org
 async def deployment_status(rt: Runtime) -> DeploymentStatus:
     now_ms = await redis_now_ms(rt.redis)
     stats = {name: int(value) for name, value in (await rt.redis.hgetall(rt.keys.worker_stats)).items()}
-    arq_alive = bool(await rt.redis.exists(rt.keys.arq_queue + ":health-check"))
+    arq_alive = bool(await arq_health_check_present(rt.settings, rt.redis))
     if "heartbeat_ms" in stats:
         silence_ms = now_ms - stats["heartbeat_ms"]
         worker_ok = silence_ms <= worker_stale_ms and arq_alive
@@ -92,7 +93,7 @@ async def deployment_status(rt: Runtime) -> DeploymentStatus:
     else:
         worker_ok, worker = False, "NONE: no worker has ever reported"
     # The kill switch's schedule holds every org with a call burning credit: the busiest first.
-    burning = [org_id for org_id, _ in await rt.redis.zrange(rt.keys.kill_schedule, 0, -1, withscores=True)]
+    burning = [org_id for shard in rt.keys.kill_schedule_shards for org_id in await rt.redis.zrange(shard, 0, -1)]
     statuses = [s for s in [await org_status(rt, org_id, now_ms) for org_id in burning] if s is not None and s.calls]
     statuses.sort(key=lambda s: (-len(s.calls), s.credit_runs_out_in_s or 0))
     return DeploymentStatus(

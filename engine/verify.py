@@ -14,16 +14,19 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import asyncpg
-from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
 from engine import schema
 from engine.clock import redis_now_ms
+from engine.cluster import is_cluster
 from engine.config import Settings
 from engine.db import asyncpg_dsn
 from engine.keys import Keyspace
 from engine.ledger_lag import outbox_lag_ms
+from engine.restore import markers_present
+from engine.runtime import Runtime, redis_client
 from engine.scripts import load_scripts
+from engine.worker_health import arq_health_check_present
 
 connect_timeout_s = 5.0
 heartbeat_stale_ms = 10_000
@@ -67,7 +70,7 @@ async def _guarded(name: str, probe: Callable[[], Awaitable[tuple[bool, str]]]) 
 async def verify(settings: Settings, sample_size: int = sample_size_default) -> Verification:
     assert settings.redis_url is not None and settings.database_url is not None
     keys = Keyspace(settings.key_prefix)
-    redis = Redis.from_url(settings.redis_url, decode_responses=True, socket_connect_timeout=connect_timeout_s)
+    redis = redis_client(settings.redis_url, 4, connect_timeout_s, cluster=settings.redis_cluster)
     pg: asyncpg.Connection | None = None
     checks: list[Check] = []
     try:
@@ -77,7 +80,8 @@ async def verify(settings: Settings, sample_size: int = sample_size_default) -> 
                 appendfsync = (await redis.config_get("appendfsync")).get("appendfsync", "?")
             except ResponseError:  # managed Redis often forbids CONFIG
                 appendfsync = "unknown (CONFIG not allowed)"
-            return True, f"Redis {info.get('redis_version')}, appendfsync {appendfsync}"
+            shape = f", a cluster of {len(redis.get_primaries())} masters" if is_cluster(redis) else ""
+            return True, f"Redis {info.get('redis_version')}{shape}, appendfsync {appendfsync}"
 
         checks.append(await _guarded("redis reachable", redis_answers))
 
@@ -109,7 +113,7 @@ async def verify(settings: Settings, sample_size: int = sample_size_default) -> 
 
         async def state_present() -> tuple[bool, str]:
             state = await redis.hgetall(keys.state)
-            if not state:
+            if not state or not await markers_present(redis, keys):
                 return False, "no state marker: Redis has not been rebuilt from Postgres (start the web app or the worker)"
             return True, f"rebuilt for {state.get('orgs', '?')} orgs"
 
@@ -121,12 +125,13 @@ async def verify(settings: Settings, sample_size: int = sample_size_default) -> 
             nonlocal stats, now_ms
             stats = {name: int(value) for name, value in (await redis.hgetall(keys.worker_stats)).items()}
             now_ms = await redis_now_ms(redis)
-            arq_alive = bool(await redis.exists(keys.arq_queue + ":health-check"))
+            arq_alive = await arq_health_check_present(settings, redis)
             if "heartbeat_ms" not in stats:
                 return False, "no worker has ever reported"
             silence_ms = now_ms - stats["heartbeat_ms"]
-            ok = silence_ms <= heartbeat_stale_ms and arq_alive
-            return ok, f"last heartbeat {silence_ms / 1000:.1f} s ago, arq health check {'present' if arq_alive else 'missing'}"
+            ok = silence_ms <= heartbeat_stale_ms and bool(arq_alive)
+            arq = {True: "present", False: "missing", None: "unknown (CREDIT_ENGINE_ARQ_REDIS_URL not set)"}[arq_alive]
+            return ok, f"last heartbeat {silence_ms / 1000:.1f} s ago, arq health check {arq}"
 
         checks.append(await _guarded("worker alive", worker_alive))
 
@@ -142,7 +147,6 @@ async def verify(settings: Settings, sample_size: int = sample_size_default) -> 
         async def sample_agrees() -> tuple[bool, str]:
             assert pg is not None, "no connection"
             from engine.reconciler import check
-            from engine.runtime import Runtime
 
             org_ids = [row["org_id"] for row in await pg.fetch("SELECT org_id FROM orgs")]
             sample = random.sample(org_ids, min(sample_size, len(org_ids)))

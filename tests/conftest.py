@@ -4,7 +4,7 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
 
 import pytest
-from redis.asyncio import Redis
+from redis.asyncio import Redis, RedisCluster
 
 from engine.clock import ManualClock
 from engine.config import Settings
@@ -48,11 +48,28 @@ def key_prefix() -> str:
 
 @pytest.fixture
 def settings(services: Services, database_url: str, key_prefix: str) -> Settings:
-    return replace(Settings(), redis_url=services.redis_url, database_url=database_url, key_prefix=key_prefix)
+    return replace(
+        Settings(),
+        redis_url=services.redis_url,
+        redis_cluster=services.redis_cluster,
+        arq_redis_url=services.arq_redis_url,
+        database_url=database_url,
+        key_prefix=key_prefix,
+    )
+
+
+async def connect_any(redis_url: str) -> Redis:
+    """A client for a plain Redis or, if the server says it is one, for its Redis Cluster."""
+    redis = Redis.from_url(redis_url, decode_responses=True)
+    if (await redis.info("cluster")).get("cluster_enabled") == 1:
+        await redis.aclose()
+        return RedisCluster.from_url(redis_url, decode_responses=True)  # type: ignore[return-value]
+    return redis
 
 
 async def delete_prefix(redis_url: str, prefix: str) -> None:
-    redis = Redis.from_url(redis_url)
+    """Every key of the prefix, on every node of a cluster (its scan visits each master)."""
+    redis = await connect_any(redis_url)
     try:
         async for key in redis.scan_iter(match=f"{prefix}:*", count=1000):
             await redis.delete(key)

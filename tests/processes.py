@@ -9,7 +9,10 @@ import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+from redis.asyncio import Redis
+
 from engine.config import Settings
+from engine.keys import Keyspace
 
 
 def service_env(settings: Settings, **extra: str) -> dict[str, str]:
@@ -18,6 +21,8 @@ def service_env(settings: Settings, **extra: str) -> dict[str, str]:
         **os.environ,
         "REDIS_URL": settings.redis_url,
         "DATABASE_URL": settings.database_url,
+        "CREDIT_ENGINE_REDIS_CLUSTER": "1" if settings.redis_cluster else "0",
+        "CREDIT_ENGINE_ARQ_REDIS_URL": settings.arq_redis_url or "",
         "CREDIT_ENGINE_KEY_PREFIX": settings.key_prefix,
         "CREDIT_ENGINE_LOG_LEVEL": "WARNING",
         "CREDIT_ENGINE_WORKER_EXPIRE_INTERVAL_S": "1",
@@ -71,3 +76,16 @@ async def wait_for(predicate: Callable[[], Awaitable[bool]], timeout_s: float, w
             return
         await asyncio.sleep(interval_s)
     raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+
+
+async def arq_health_check(settings: Settings, *, delete: bool = False) -> bool:
+    """Is arq's health-check key in arq's Redis (not the engine's, on a cluster)? `delete` removes
+    it first (a killed worker leaves it behind), so the next True is a new worker's."""
+    redis = Redis.from_url(settings.arq_url)
+    key = Keyspace(settings.key_prefix).arq_queue + ":health-check"
+    try:
+        if delete:
+            await redis.delete(key)
+        return bool(await redis.exists(key))
+    finally:
+        await redis.aclose()

@@ -6,6 +6,8 @@ import multiprocessing
 from dataclasses import replace
 from typing import Any
 
+from redis.asyncio import RedisCluster
+
 from engine.assets import deduct_asset
 from engine.clock import RedisClock
 from engine.config import Settings
@@ -17,14 +19,17 @@ from engine.scripts import ScriptRunner
 
 async def _fire(settings: Settings, ops: list[tuple[str, str, str, int]], barrier: Any) -> list[dict[str, int | str]]:
     assert settings.redis_url is not None
-    redis = redis_client(settings.redis_url, pool_size=len(ops) + 1)
+    redis = redis_client(settings.redis_url, pool_size=len(ops) + 1, cluster=settings.redis_cluster)
     scripts = ScriptRunner()
     await scripts.load(redis)
     rt = Runtime(settings=settings, redis=redis, pg=None, keys=Keyspace(settings.key_prefix), scripts=scripts, clock=RedisClock())  # type: ignore[arg-type]
     # Open every connection before the barrier, so the race is between requests, not connects.
-    connections = [await redis.connection_pool.get_connection("PING") for _ in ops]
-    for connection in connections:
-        await redis.connection_pool.release(connection)
+    if isinstance(redis, RedisCluster):  # a pool per node: concurrent pings open them on every node
+        await asyncio.gather(*[redis.ping(target_nodes=RedisCluster.ALL_NODES) for _ in ops])
+    else:
+        connections = [await redis.connection_pool.get_connection("PING") for _ in ops]
+        for connection in connections:
+            await redis.connection_pool.release(connection)
     await asyncio.get_running_loop().run_in_executor(None, barrier.wait)
 
     async def one(kind: str, org_id: str, key: str, amount: int) -> dict[str, int | str]:

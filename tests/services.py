@@ -2,6 +2,9 @@
 
 CREDIT_ENGINE_TEST_REDIS_URL     use this Redis instead of starting one (keys get a per-test prefix)
 CREDIT_ENGINE_TEST_DATABASE_URL  use this Postgres (an admin URL; each test gets its own database)
+CREDIT_ENGINE_TEST_REDIS_CLUSTER=1  start a 3-master Redis Cluster on loopback ports and run the
+                                 engine against it; arq gets the plain Redis above (its own Redis
+                                 in production too: engine/config.py's arq_url)
 
 Tests never touch data they did not create: their own key prefix, their own databases, dropped
 when they finish.
@@ -16,7 +19,7 @@ from pathlib import Path
 import asyncpg
 
 from engine.db import asyncpg_dsn, with_database
-from engine.embedded import EmbeddedPostgres, EmbeddedRedis
+from engine.embedded import EmbeddedPostgres, EmbeddedRedis, EmbeddedRedisCluster
 from engine.migrate import upgrade_to_head
 
 
@@ -26,6 +29,12 @@ class Services:
     pg_admin_url: str
     embedded_redis: EmbeddedRedis | None
     embedded_pg: EmbeddedPostgres | None
+    cluster: EmbeddedRedisCluster | None = None
+    arq_redis_url: str | None = None  # set when redis_url is a cluster
+
+    @property
+    def redis_cluster(self) -> bool:
+        return self.cluster is not None
 
     @property
     def kind(self) -> str:
@@ -42,10 +51,15 @@ def start_services(data_dir: Path) -> Services:
     if not pg_url:
         embedded_pg = EmbeddedPostgres(data_dir / "postgres")
         pg_url = embedded_pg.start()
+    if os.environ.get("CREDIT_ENGINE_TEST_REDIS_CLUSTER", "") not in ("", "0"):
+        cluster = EmbeddedRedisCluster(data_dir / "redis-cluster", masters=3)
+        return Services(cluster.start(), pg_url, embedded_redis, embedded_pg, cluster, arq_redis_url=redis_url)
     return Services(redis_url, pg_url, embedded_redis, embedded_pg)
 
 
 def stop_services(services: Services) -> None:
+    if services.cluster is not None:
+        services.cluster.stop()
     if services.embedded_pg is not None:
         services.embedded_pg.stop()
     if services.embedded_redis is not None:

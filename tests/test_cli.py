@@ -128,6 +128,8 @@ def cli_env(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("REDIS_URL", settings.redis_url)
     monkeypatch.setenv("DATABASE_URL", settings.database_url)
     monkeypatch.setenv("CREDIT_ENGINE_KEY_PREFIX", settings.key_prefix)
+    monkeypatch.setenv("CREDIT_ENGINE_REDIS_CLUSTER", "1" if settings.redis_cluster else "0")
+    monkeypatch.setenv("CREDIT_ENGINE_ARQ_REDIS_URL", settings.arq_redis_url or "")
 
 
 @pytest.mark.usefixtures("cli_env")
@@ -152,3 +154,18 @@ async def test_cli_refuses_bad_input_with_a_clear_message(rt: Runtime, capsys: p
     assert "rate_pence_per_minute" in capsys.readouterr().err
     assert await asyncio.to_thread(main, ["topup", "missing-org", "100"]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_a_clustered_worker_without_its_own_arq_redis_is_refused_with_the_setting_named(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """arq cannot run on a Redis Cluster; the worker says which setting is missing instead of crashing."""
+    monkeypatch.setenv("REDIS_URL", "redis://127.0.0.1:1/0")
+    monkeypatch.setenv("DATABASE_URL", "postgresql://nobody@127.0.0.1:1/none")
+    monkeypatch.setenv("CREDIT_ENGINE_REDIS_CLUSTER", "1")
+    monkeypatch.delenv("CREDIT_ENGINE_ARQ_REDIS_URL", raising=False)
+    assert main(["worker"]) == 2
+    assert "CREDIT_ENGINE_ARQ_REDIS_URL" in capsys.readouterr().err
+    monkeypatch.setenv("CREDIT_ENGINE_REDIS_CLUSTER", "maybe")
+    assert main(["worker"]) == 2
+    assert "CREDIT_ENGINE_REDIS_CLUSTER must be 1 or 0" in capsys.readouterr().err

@@ -12,7 +12,7 @@ from engine.embedded import free_port
 from engine.restore import ensure_rebuilt
 from engine.runtime import Runtime
 from tests.helpers import new_org
-from tests.processes import service_env, start_worker, stop, wait_for
+from tests.processes import arq_health_check, service_env, start_worker, stop, wait_for
 
 
 def run_verify(settings, *args: str) -> tuple[int, str]:  # type: ignore[no-untyped-def]
@@ -54,7 +54,7 @@ async def test_verify_ticks_everything_on_a_healthy_deployment_and_crosses_what_
         await rt.redis.hincrby(rt.keys.org(orgs[1]).org, "balance_pence", 7)
     finally:
         assert stop(worker) == 0
-    await rt.redis.delete(rt.keys.arq_queue + ":health-check")
+    await arq_health_check(rt.settings, delete=True)
     code, output = run_verify(rt.settings, "--json")
     assert code == 1, output
     failed = {c["name"]: c["detail"] for c in json.loads(output)["checks"] if not c["ok"]}
@@ -72,4 +72,4 @@ async def test_verify_reports_an_unreachable_redis_and_still_checks_postgres(rt:
 
 
 async def _arq_alive(rt: Runtime) -> bool:
-    return bool(await rt.redis.exists(rt.keys.arq_queue + ":health-check"))
+    return await arq_health_check(rt.settings)

@@ -1,7 +1,8 @@
 """The worker's main loop: move outbox entries into the Postgres ledger, continuously.
 
-Which orgs to drain comes from the doorbell set (scripts' callers ring it in the same round trip
-as the script). SPOP hands each org to one worker at a time; an org whose stream still has
+Which orgs to drain comes from the doorbell (engine/doorbell.py: sets sharded over the cluster's
+masters, every shard visited; scripts' callers ring it in the same round trip as the script).
+SPOP hands each org to one worker at a time; an org whose stream still has
 entries after a batch is rung again. The doorbell is only a hint: the periodic sweep checks
 every org's stream, so an entry whose ring was lost (a crash between SPOP and the commit, a
 Redis failover) is drained at the next sweep at the latest.
@@ -17,6 +18,7 @@ from redis.exceptions import RedisError
 
 from engine import limits
 from engine.clock import redis_now_ms
+from engine.doorbell import pop_rung, ring
 from engine.outbox import drain_orgs, outbox_lengths
 from engine.runtime import Runtime
 from engine.snapshots import org_id_pages
@@ -92,17 +94,17 @@ class Drainer:
     async def drain_round(self) -> int:
         """One batch: pop rung orgs, write their entries in one transaction. Returns entries read."""
         rt = self.rt
-        org_ids: list[str] = await rt.redis.spop(rt.keys.outbox_dirty, limits.settle_orgs_per_batch_max)
+        org_ids = await pop_rung(rt, limits.settle_orgs_per_batch_max)
         if not org_ids:
             return 0
         try:
             result = await drain_orgs(rt, org_ids)
         except BaseException:
             # Not written: ring again so the next round (or another worker) takes them.
-            await rt.redis.sadd(rt.keys.outbox_dirty, *org_ids)
+            await ring(rt, org_ids)
             raise
         if result.orgs_with_more:
-            await rt.redis.sadd(rt.keys.outbox_dirty, *result.orgs_with_more)
+            await ring(rt, result.orgs_with_more)
         self.stats.batches += 1
         self.stats.entries_written += result.written.inserted
         self.stats.entries_redelivered += result.written.redelivered
@@ -126,7 +128,7 @@ class Drainer:
             total_entries += sum(lengths.values())
             if not pending:
                 continue
-            await rt.redis.sadd(rt.keys.outbox_dirty, *pending)
+            await ring(rt, pending)
             rung += len(pending)
             async with rt.redis.pipeline(transaction=False) as pipe:
                 for org_id in pending:

@@ -113,7 +113,7 @@ def worker_options(settings: Settings) -> dict[str, Any]:
             cron(jobs.finish_abandoned_provisions, name=cron_name("finish_abandoned_provisions"),
                  second=_every(settings.worker_sweep_interval_s), timeout=120, max_tries=1),
         ],  # fmt: skip
-        "redis_settings": RedisSettings.from_dsn(settings.redis_url),
+        "redis_settings": RedisSettings.from_dsn(settings.arq_url),
         "queue_name": keys.arq_queue,
         "on_startup": on_startup,
         "on_shutdown": on_shutdown,

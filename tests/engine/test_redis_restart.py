@@ -29,7 +29,7 @@ def own_redis(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Embedd
 
 @pytest.fixture
 async def restart_rt(own_redis: EmbeddedRedis, settings: Settings) -> AsyncIterator[Runtime]:
-    runtime = await Runtime.open(replace(settings, redis_url=own_redis.url))
+    runtime = await Runtime.open(replace(settings, redis_url=own_redis.url, redis_cluster=False, arq_redis_url=None))
     await ensure_rebuilt(runtime)
     yield runtime
     await runtime.close()

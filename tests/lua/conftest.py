@@ -11,7 +11,6 @@ from typing import Any
 
 import fakeredis
 import pytest
-from redis.asyncio import Redis
 
 from engine.clock import ManualClock
 from engine.config import Settings
@@ -23,7 +22,7 @@ from engine.results import Outcome
 from engine.runtime import Runtime
 from engine.scripts import ScriptRunner
 from engine.snapshots import OrgSnapshot
-from tests.conftest import delete_prefix
+from tests.conftest import connect_any, delete_prefix
 from tests.services import Services
 
 
@@ -32,7 +31,7 @@ async def redis_rt(request: pytest.FixtureRequest, services: Services) -> AsyncI
     """A Runtime with Redis only (no Postgres): enough for every Redis-first operation."""
     prefix = f"t{secrets.token_hex(5)}"
     if request.param == "redis":
-        redis = Redis.from_url(services.redis_url, decode_responses=True)
+        redis = await connect_any(services.redis_url)
     else:
         redis = fakeredis.aioredis.FakeRedis(decode_responses=True)
     scripts = ScriptRunner()

@@ -87,7 +87,7 @@ class World:
         return await run_round(self.rt, self.http, ControlUrls(self.rt))
 
     async def scheduled_ms(self, org_id: str) -> float | None:
-        return await self.rt.redis.zscore(self.rt.keys.kill_schedule, org_id)
+        return await self.rt.redis.zscore(self.rt.keys.kill_schedule(org_id), org_id)
 
 
 @pytest.fixture

@@ -10,8 +10,7 @@ from engine.config import Settings
 async def delete_arq_keys(settings: Settings) -> AsyncIterator[None]:
     """arq keeps job and result keys under its own fixed prefix; ours carry our prefix in them."""
     yield
-    assert settings.redis_url is not None
-    redis = Redis.from_url(settings.redis_url)
+    redis = Redis.from_url(settings.arq_url)
     try:
         async for key in redis.scan_iter(match=f"arq:*{settings.key_prefix}*", count=1000):
             await redis.delete(key)

@@ -48,7 +48,7 @@ async def test_the_sweep_finds_entries_whose_doorbell_was_lost(rt: Runtime) -> N
     org = await new_org(rt, 1000)
     await deduct_asset(rt, org, "a", 10)
     await reserve_call(rt, org, "c")
-    await rt.redis.delete(rt.keys.outbox_dirty)  # as if a worker died after SPOP
+    await rt.redis.delete(*rt.keys.outbox_dirty_shards)  # as if a worker died after SPOP
     drainer = Drainer(rt)
     assert await drainer.drain_round() == 0
     assert drainer.stats.outbox_entries == 0

@@ -20,12 +20,12 @@ from engine.runtime import Runtime
 from tests.conftest import delete_prefix
 from tests.fake_vapi import FakeVapi, fake_vapi_server
 from tests.helpers import new_org
-from tests.processes import kill, start_worker, stop, wait_for
+from tests.processes import arq_health_check, kill, start_worker, stop, wait_for
 
 
 async def worker_ready(rt: Runtime) -> bool:
     """arq writes its health-check key once the worker runs (after our on_startup)."""
-    return bool(await rt.redis.exists(rt.keys.arq_queue + ":health-check"))
+    return await arq_health_check(rt.settings)
 
 
 async def start_ready_worker(rt: Runtime, log: Path, **env: str):  # type: ignore[no-untyped-def]
@@ -138,7 +138,7 @@ async def test_killed_at_random_moments_under_traffic_every_entry_lands_once(rt:
         await asyncio.sleep(rng.uniform(0.3, 1.5))
         kill(worker)  # SIGKILL, wherever it is: reading, mid-transaction, acknowledging
         expected += await traffic
-    await rt.redis.delete(rt.keys.arq_queue + ":health-check")  # left by killed workers
+    await arq_health_check(rt.settings, delete=True)  # left by killed workers
     worker = await start_ready_worker(rt, tmp_path / "worker-final.log")
     try:
         await wait_for(lambda: outboxes_empty(rt, orgs), 60, "the last worker to drain")

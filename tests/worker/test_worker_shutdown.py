@@ -29,7 +29,7 @@ async def _cancel_during_bookkeeping(worker_class: type[Worker], settings: Setti
 
     worker = worker_class(
         functions=[func(noop, name="noop")],
-        redis_settings=RedisSettings.from_dsn(settings.redis_url),
+        redis_settings=RedisSettings.from_dsn(settings.arq_url),
         queue_name=queue,
         on_shutdown=on_shutdown,
         handle_signals=True,
@@ -41,7 +41,7 @@ async def _cancel_during_bookkeeping(worker_class: type[Worker], settings: Setti
         await asyncio.sleep(30)
 
     worker.finish_job = slow_finish_job  # type: ignore[method-assign]
-    pool = await create_pool(RedisSettings.from_dsn(settings.redis_url), default_queue_name=queue)
+    pool = await create_pool(RedisSettings.from_dsn(settings.arq_url), default_queue_name=queue)
     try:
         await pool.enqueue_job("noop", _queue_name=queue)
         main = asyncio.ensure_future(worker.async_run())
@@ -99,7 +99,7 @@ class _BrokenPool:
 
 async def _slots_after_failed_claims(worker_class: type[Worker], settings: Settings) -> tuple[int, int]:
     assert settings.redis_url is not None
-    worker = worker_class(functions=[func(noop, name="noop")], redis_settings=RedisSettings.from_dsn(settings.redis_url),
+    worker = worker_class(functions=[func(noop, name="noop")], redis_settings=RedisSettings.from_dsn(settings.arq_url),
                           queue_name=f"{settings.key_prefix}:slots-test", max_jobs=3, handle_signals=False)  # fmt: skip
     worker._pool = _BrokenPool()  # type: ignore[assignment]
     for attempt in range(5):

@@ -9,6 +9,7 @@ master restarted empty) delays an entry until the next sweep, never loses it.
 from collections import defaultdict
 
 from engine.keys import hint_shard
+from engine.killswitch import file_depletion
 from engine.runtime import Runtime
 
 
@@ -39,5 +40,25 @@ async def pop_rung(rt: Runtime, count_max: int) -> list[str]:
     async with rt.redis.pipeline(transaction=False) as pipe:
         for shard, size in rung[:count_max]:
             pipe.spop(shard, min(size, share))
-        popped = await pipe.execute()
-    return [org_id for members in popped for org_id in members]
+        popped = await pipe.execute(raise_on_error=False)
+    # Keep what was popped from the shards that answered (their rings are ours now); a shard
+    # that failed keeps its members for the next round.
+    org_ids = [org_id for members in popped if not isinstance(members, Exception) for org_id in members]
+    errors = [members for members in popped if isinstance(members, Exception)]
+    if errors and not org_ids:
+        raise errors[0]
+    return org_ids
+
+
+async def adopt_unsharded_hints(rt: Runtime) -> int:
+    """Move the hints an earlier release kept in one key each (`<prefix>:outbox:dirty`,
+    `<prefix>:killswitch:due`) into the shards, once at the worker's start. Returns how many."""
+    doorbell, schedule = f"{rt.keys.prefix}:outbox:dirty", f"{rt.keys.prefix}:killswitch:due"
+    org_ids = list(await rt.redis.smembers(doorbell))
+    if org_ids:
+        await ring(rt, org_ids)
+    filed = await rt.redis.zrange(schedule, 0, -1, withscores=True)
+    for org_id, depletion_ms in filed:
+        await file_depletion(rt, org_id, int(depletion_ms))
+    await rt.redis.delete(doorbell, schedule)
+    return len(org_ids) + len(filed)

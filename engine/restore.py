@@ -23,11 +23,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from redis.asyncio import Redis
+from redis.crc import REDIS_CLUSTER_HASH_SLOTS
 
 from engine import limits
 from engine.cluster import is_cluster, master_slots, slot_tag
 from engine.keys import Keyspace
-from engine.killswitch import file_depletion
+from engine.killswitch import file_depletion, reschedule_live_orgs
 from engine.results import Outcome, decode
 from engine.runtime import Runtime
 from engine.snapshots import OrgSnapshot, load_snapshots, org_id_pages
@@ -119,12 +120,18 @@ class RebuildReport:
     rebuilt_here: bool = False
 
 
+def slot_marker_key(keys: Keyspace, slot: int) -> str:
+    return f"{keys.state}:{{{slot_tag(slot)}}}"
+
+
 async def state_marker_keys(redis: Redis, keys: Keyspace) -> list[str]:
-    """The marker, and on a Redis Cluster one more per master (engine/cluster.py): a master that
-    restarted empty has lost its orgs, and its missing marker says so."""
+    """The keys whose presence says Redis holds the rebuilt state. On a Redis Cluster, besides the
+    marker, one per master: the marker of the lowest slot it serves. A rebuild marks every slot
+    (engine/cluster.py), so a master that restarted empty has lost its own, while a reshard
+    moves markers with their slots and a master's new lowest slot is marked as well."""
     if not is_cluster(redis):
         return [keys.state]
-    return [keys.state, *[f"{keys.state}:{{{slot_tag(slot)}}}" for slot in await master_slots(redis)]]  # type: ignore[arg-type]
+    return [keys.state, *[slot_marker_key(keys, slot) for slot in await master_slots(redis)]]  # type: ignore[arg-type]
 
 
 async def markers_present(redis: Redis, keys: Keyspace) -> bool:
@@ -154,10 +161,22 @@ async def rebuild_all(rt: Runtime, progress: Callable[[int, int], None] | None =
         if progress is not None:
             progress(done, total)
     now_ms = await rt.clock.now_ms(rt.redis)
-    for key in await state_marker_keys(rt.redis, rt.keys):
-        await rt.redis.hset(key, mapping={"rebuilt_ms": now_ms, "orgs": report.orgs_total})
+    if is_cluster(rt.redis):
+        await mark_every_slot(rt)
+    # The kill switch's schedule shards that lived on a lost node held orgs of other nodes too,
+    # which an 'absent' restore leaves alone: file every org with a live call again now.
+    await reschedule_live_orgs(rt)
+    await rt.redis.hset(rt.keys.state, mapping={"rebuilt_ms": now_ms, "orgs": report.orgs_total})
     report.seconds = time.monotonic() - started
     return report
+
+
+async def mark_every_slot(rt: Runtime, chunk: int = 2_048) -> None:
+    for start in range(0, REDIS_CLUSTER_HASH_SLOTS, chunk):
+        async with rt.redis.pipeline(transaction=False) as pipe:
+            for slot in range(start, min(start + chunk, REDIS_CLUSTER_HASH_SLOTS)):
+                pipe.set(slot_marker_key(rt.keys, slot), 1)
+            await pipe.execute()
 
 
 async def ensure_rebuilt(rt: Runtime, progress: Callable[[int, int], None] | None = None) -> RebuildReport:

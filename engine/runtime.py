@@ -62,23 +62,31 @@ _holding_slot: ContextVar[bool] = ContextVar("credit_engine_redis_slot", default
 
 
 class BoundedRedisCluster(RedisCluster):
-    """redis-py's cluster client keeps a pool per node that raises MaxConnectionsError past its
-    size, where a burst should wait its turn (as BoundedConnectionPool makes the plain client
-    do). At most `max_connections` commands or pipelines run at once; each holds at most one
-    connection per node, so no node's pool is ever exhausted. A command the client sends on its
-    own while running one of ours (a pipeline's retry after MOVED) does not queue again."""
+    """At most `commands_max` commands or pipelines at once; past that a caller waits its turn
+    (as BoundedConnectionPool makes the plain client do) instead of failing. Each holds at most one
+    connection per node, so that bounds every node's connections too.
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    The nodes' own pools are deliberately left unbounded: redis-py 5.3's cluster node keeps a
+    connection counted against its pool when a command on it is cancelled (redis-py #4110), so a
+    capped pool would, after enough timed-out requests, refuse every command to that node for
+    good. The connections it forgets are closed, so leaving the count unbounded costs no sockets.
+    A command the client sends on its own while running one of ours (a pipeline's retry after
+    MOVED) does not queue again."""
+
+    def __init__(self, *args: Any, commands_max: int, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._slots = asyncio.Semaphore(kwargs["max_connections"])
+        self._slots = asyncio.Semaphore(commands_max)
 
     async def bounded(self, run: Callable[[], Awaitable[Any]]) -> Any:
         if _holding_slot.get():
             return await run()
-        try:
-            await asyncio.wait_for(self._slots.acquire(), pool_wait_timeout_s)
-        except TimeoutError:
-            raise RedisError(f"no Redis connection free within {pool_wait_timeout_s}s") from None
+        if self._slots.locked():
+            try:
+                await asyncio.wait_for(self._slots.acquire(), pool_wait_timeout_s)
+            except TimeoutError:
+                raise RedisError(f"no Redis connection free within {pool_wait_timeout_s}s") from None
+        else:
+            await self._slots.acquire()
         token = _holding_slot.set(True)
         try:
             return await run()
@@ -116,7 +124,7 @@ def redis_client(url: str, pool_size: int, socket_timeout_s: float | None = 5.0,
     if cluster:
         return BoundedRedisCluster.from_url(  # type: ignore[return-value]
             url,
-            max_connections=pool_size,
+            commands_max=pool_size,
             socket_timeout=socket_timeout_s,
             socket_connect_timeout=2,
             decode_responses=True,

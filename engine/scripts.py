@@ -7,6 +7,7 @@ does not declare (which would break Redis Cluster slot routing) or forget an arg
 """
 
 import hashlib
+import logging
 import re
 from dataclasses import dataclass
 from importlib import resources
@@ -14,7 +15,9 @@ from collections.abc import Callable
 from typing import Any
 
 from redis.asyncio import Redis, RedisCluster
-from redis.exceptions import NoScriptError
+from redis.exceptions import NoScriptError, RedisError
+
+log = logging.getLogger(__name__)
 
 INCLUDE_PATTERN = re.compile(r'^--- @include "(\w+)"\s*$', re.MULTILINE)
 KEY_PATTERN = re.compile(r"^\s+KEYS\[(\d+)\]\s+(.+?)\s*$", re.MULTILINE)
@@ -143,7 +146,10 @@ class ScriptRunner:
             # the entry: a worker popping it then would find nothing and leave the entry to the
             # sweep. One after the other instead.
             reply = await self.run(redis, name, keys, args)
-            await redis.sadd(doorbell_key, org_id)
+            try:
+                await redis.sadd(doorbell_key, org_id)
+            except RedisError as error:  # the decision stands; the worker's sweep finds the entry
+                log.warning("could not ring the worker for org %s (the sweep will): %s", org_id, error)
             return reply
 
         def build(pipe: Any) -> None:

@@ -71,8 +71,12 @@ async def delete_prefix(redis_url: str, prefix: str) -> None:
     """Every key of the prefix, on every node of a cluster (its scan visits each master)."""
     redis = await connect_any(redis_url)
     try:
-        async for key in redis.scan_iter(match=f"{prefix}:*", count=1000):
-            await redis.delete(key)
+        keys = [key async for key in redis.scan_iter(match=f"{prefix}:*", count=1000)]
+        for start in range(0, len(keys), 1000):  # a cluster's rebuild leaves 16,384 slot markers
+            async with redis.pipeline(transaction=False) as pipe:
+                for key in keys[start : start + 1000]:
+                    pipe.delete(key)
+                await pipe.execute()
     finally:
         await redis.aclose()
 

@@ -127,6 +127,9 @@ async def on_crash(request: Request, error: Exception) -> Response:
     return error_response(500, "internal_error", "something went wrong on our side; it is safe to retry (with the same Idempotency-Key, where it has one)")
 
 
+guard_stop_timeout_s = 5.0
+
+
 def create_app(settings: Settings | None = None, *, clock: Clock | None = None, telephony: Telephony | None = None) -> Starlette:
     settings = settings or Settings.from_env()
 
@@ -141,9 +144,11 @@ def create_app(settings: Settings | None = None, *, clock: Clock | None = None, 
         try:
             yield
         finally:
-            watcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await watcher
+            guard.stop()
+            try:
+                await asyncio.wait_for(watcher, guard_stop_timeout_s)
+            except (TimeoutError, asyncio.CancelledError):  # stuck on a store that does not answer
+                watcher.cancel()
             if isinstance(provider, VapiTelephony) and telephony is None:
                 await provider.close()
             await rt.close()

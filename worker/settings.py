@@ -16,6 +16,7 @@ from arq.worker import func
 from redis.exceptions import RedisError
 
 from engine.config import Settings
+from engine.doorbell import adopt_unsharded_hints
 from engine.keys import Keyspace
 from engine.restore import ensure_rebuilt
 from engine.runtime import Runtime
@@ -65,6 +66,7 @@ def worker_options(settings: Settings) -> dict[str, Any]:
         ctx["rt"] = rt
         ctx["telephony"] = make_telephony(settings)
         await ensure_rebuilt(rt)  # before draining anything: Redis may have lost its state
+        await adopt_unsharded_hints(rt)  # hints an earlier release filed in one key each
         drainer = Drainer(rt)
         ctx["drainer"] = drainer
         await drainer.sweep()  # entries rung by nobody (a crash before this start) are found now

@@ -11,6 +11,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import redis as sync_redis
 from hypothesis import given
 from hypothesis import strategies as st
 from redis.asyncio import RedisCluster
@@ -158,11 +159,54 @@ async def test_orgs_on_every_master_are_billed_drained_and_reconciled(cluster_rt
     assert {org for shard in rt.keys.kill_schedule_shards for org in await rt.redis.zrange(shard, 0, -1)} == set(orgs)
 
 
+def move_slot(cluster: EmbeddedRedisCluster, slot: int, source: int, target: int) -> None:
+    """A reshard step, as redis-cli --cluster reshard does it: the slot and its keys."""
+    clients = [sync_redis.Redis(port=node.port, decode_responses=True) for node in cluster.nodes]
+    try:
+        source_id, target_id = (clients[i].execute_command("CLUSTER MYID") for i in (source, target))
+        clients[target].execute_command("CLUSTER SETSLOT", slot, "IMPORTING", source_id)
+        clients[source].execute_command("CLUSTER SETSLOT", slot, "MIGRATING", target_id)
+        while keys := clients[source].execute_command("CLUSTER GETKEYSINSLOT", slot, 100):
+            clients[source].execute_command("MIGRATE", "127.0.0.1", cluster.nodes[target].port, "", 0, 5000, "KEYS", *keys)
+        for client in clients:
+            client.execute_command("CLUSTER SETSLOT", slot, "NODE", target_id)
+    finally:
+        for client in clients:
+            client.close()
+    cluster.wait_until_formed()
+
+
+async def test_a_reshard_keeps_the_state_markers_and_the_money(cluster: EmbeddedRedisCluster, settings: Settings) -> None:
+    """Markers move with their slots, so a master whose lowest slot changes still finds its own."""
+    rt = await Runtime.open(replace(settings, redis_url=cluster.url, redis_cluster=True))
+    try:
+        await ensure_rebuilt(rt)
+        org = await new_org(rt, 1_000)
+        slot = key_slot(rt.keys.org(org).org.encode())
+        owner = next(i for i, node in enumerate(cluster.nodes) if node_of(rt, rt.keys.org(org).org) == f"127.0.0.1:{node.port}")
+        lowest = min(slots for slots, nodes in rt.redis.nodes_manager.slots_cache.items()  # type: ignore[attr-defined]
+                     if nodes[0].name == f"127.0.0.1:{cluster.nodes[owner].port}")  # fmt: skip
+        move_slot(cluster, lowest, owner, (owner + 1) % 3)  # the owner's lowest slot changes
+        if slot != lowest:
+            move_slot(cluster, slot, owner, (owner + 2) % 3)  # and the org itself moves
+    finally:
+        await rt.close()
+    rt = await Runtime.open(replace(settings, redis_url=cluster.url, redis_cluster=True))  # a fresh map of the slots
+    try:
+        assert await state_present(rt)
+        assert (await deduct_asset(rt, org, "after-reshard", 100)).outcome == Outcome.ok
+        wallet = await read_wallet(rt, org)
+        assert wallet is not None and wallet.balance_pence == 900
+    finally:
+        await rt.close()
+        await delete_prefix(cluster.url, settings.key_prefix)
+
+
 async def test_a_master_restarting_empty_is_noticed_and_only_its_orgs_are_rebuilt(
     cluster: EmbeddedRedisCluster, cluster_rt: Runtime
 ) -> None:
     rt = cluster_rt
-    by_node = await orgs_on_every_master(rt, 2)
+    by_node = await orgs_on_every_master(rt, 3)
     for node_orgs in by_node.values():
         for org in node_orgs:
             assert (await reserve_call(rt, org, "live")).outcome == Outcome.ok
@@ -177,10 +221,21 @@ async def test_a_master_restarting_empty_is_noticed_and_only_its_orgs_are_rebuil
     lost_node = next(node for node in cluster.nodes if f"127.0.0.1:{node.port}" != main_marker_node)
     lost_name = f"127.0.0.1:{lost_node.port}"
     lost_orgs, kept_orgs = by_node[lost_name], [org for name, orgs in by_node.items() if name != lost_name for org in orgs]
+    while not any(node_of(rt, rt.keys.outbox_dirty(org)) == lost_name for org in kept_orgs):
+        org = await new_org(rt, 10_000)  # one more org on a master that stays up, rung on the lost one
+        assert (await reserve_call(rt, org, "live")).outcome == Outcome.ok
+        assert (await deduct_asset(rt, org, "drained", 100)).outcome == Outcome.ok
+        (lost_orgs if node_of(rt, rt.keys.org(org).org) == lost_name else kept_orgs).append(org)
+    while await drainer.drain_round():
+        pass
     for org in kept_orgs:  # acknowledged, not yet drained: must survive on the masters that stayed up
         assert (await deduct_asset(rt, org, "undrained", 10)).outcome == Outcome.ok
 
     lost_node.kill()  # SIGKILL, no persistence: it comes back with its slots and no data
+    # While it is down, an org on a master still up whose doorbell shard lived on the lost one is
+    # still served: the ring is a hint, and its loss is left to the sweep.
+    rung_on_lost = next(org for org in kept_orgs if node_of(rt, rt.keys.outbox_dirty(org)) == lost_name)
+    assert (await deduct_asset(rt, rung_on_lost, "while-a-master-is-down", 5)).outcome == Outcome.ok
     lost_node.start()
     cluster.wait_until_formed()
 
@@ -197,7 +252,8 @@ async def test_a_master_restarting_empty_is_noticed_and_only_its_orgs_are_rebuil
         assert (await deduct_asset(rt, org, "drained", 100)).outcome == Outcome.replayed
     for org in kept_orgs:
         wallet = await read_wallet(rt, org)
-        assert wallet is not None and wallet.balance_pence == 10_000 - 110  # "absent" mode left them alone
+        spent = 110 + (5 if org == rung_on_lost else 0)
+        assert wallet is not None and wallet.balance_pence == 10_000 - spent  # "absent" mode left them alone
     while await drainer.drain_round():
         pass
     assert (await check(rt, lost_orgs + kept_orgs)).clean

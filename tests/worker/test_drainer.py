@@ -126,3 +126,22 @@ async def test_the_drain_loop_survives_an_unexpected_error(rt: Runtime, monkeypa
     await task
     assert await ledger_count(rt, org) == 2
     assert drainer.stats.errors == 1
+
+
+async def test_hints_an_earlier_release_kept_in_one_key_are_moved_into_the_shards(rt: Runtime) -> None:
+    from engine.doorbell import adopt_unsharded_hints, pop_rung
+
+    orgs = [await new_org(rt, 1000) for _ in range(20)]
+    for org in orgs:
+        await deduct_asset(rt, org, "a", 10)
+    await rt.redis.delete(*rt.keys.outbox_dirty_shards, *rt.keys.kill_schedule_shards)
+    await rt.redis.sadd(f"{rt.keys.prefix}:outbox:dirty", *orgs)  # as the old release rang them
+    await rt.redis.zadd(f"{rt.keys.prefix}:killswitch:due", {org: 1_000 + i for i, org in enumerate(orgs)})
+    assert await adopt_unsharded_hints(rt) == 40
+    assert not await rt.redis.exists(f"{rt.keys.prefix}:outbox:dirty", f"{rt.keys.prefix}:killswitch:due")
+    assert sorted(await pop_rung(rt, 128)) == sorted(orgs)
+    assert {org: await rt.redis.zscore(rt.keys.kill_schedule(org), org) for org in orgs} == {
+        org: 1_000 + i for i, org in enumerate(orgs)
+    }
+    assert await Drainer(rt).drain_round() == 0  # popped above: nothing rung twice
+    assert await adopt_unsharded_hints(rt) == 0

@@ -2,9 +2,9 @@
 
 Keys outside any org live on whichever node their slot maps to, so a fact kept in one such key
 survives the loss of every other node. The state marker must not: after a node restarts empty,
-its orgs are gone while a marker elsewhere would still say "rebuilt". So a cluster keeps one
-marker per master (engine/restore.py), in a slot that master serves, found through a hash tag
-chosen to land there.
+its orgs are gone while a marker elsewhere would still say "rebuilt". So a rebuild on a cluster
+marks every slot, each marker named with a hash tag chosen to land in it, and the state check
+looks at each master's lowest slot (engine/restore.py).
 """
 
 from functools import cache

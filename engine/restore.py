@@ -127,7 +127,7 @@ def slot_marker_key(keys: Keyspace, slot: int) -> str:
 async def state_marker_keys(redis: Redis, keys: Keyspace) -> list[str]:
     """The keys whose presence says Redis holds the rebuilt state. On a Redis Cluster, besides the
     marker, one per master: the marker of the lowest slot it serves. A rebuild marks every slot
-    (engine/cluster.py), so a master that restarted empty has lost its own, while a reshard
+    (mark_every_slot), so a master that restarted empty has lost its own, while a reshard
     moves markers with their slots and a master's new lowest slot is marked as well."""
     if not is_cluster(redis):
         return [keys.state]

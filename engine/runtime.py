@@ -27,6 +27,17 @@ redis_retries_max = 3
 pool_wait_timeout_s = 5.0
 
 
+async def acquire_within(slots: asyncio.Semaphore, timeout_s: float) -> None:
+    """Take a slot, waiting at most `timeout_s`; no timer at all unless it has to wait."""
+    if not slots.locked():
+        await slots.acquire()
+        return
+    try:
+        await asyncio.wait_for(slots.acquire(), timeout_s)
+    except TimeoutError:
+        raise RedisError(f"no Redis connection free within {timeout_s}s") from None
+
+
 class BoundedConnectionPool(ConnectionPool):
     """At most `max_connections` connections; a caller past that waits for one (up to
     `pool_wait_timeout_s`) instead of failing. redis-py's BlockingConnectionPool does the same
@@ -38,13 +49,7 @@ class BoundedConnectionPool(ConnectionPool):
         self._slots = asyncio.Semaphore(self.max_connections)
 
     async def get_connection(self, command_name: Any = None, *keys: Any, **options: Any) -> Any:
-        if self._slots.locked():
-            try:
-                await asyncio.wait_for(self._slots.acquire(), pool_wait_timeout_s)
-            except TimeoutError:
-                raise RedisError(f"no Redis connection free within {pool_wait_timeout_s}s") from None
-        else:
-            await self._slots.acquire()
+        await acquire_within(self._slots, pool_wait_timeout_s)
         try:
             return await super().get_connection()
         except BaseException:
@@ -80,13 +85,7 @@ class BoundedRedisCluster(RedisCluster):
     async def bounded(self, run: Callable[[], Awaitable[Any]]) -> Any:
         if _holding_slot.get():
             return await run()
-        if self._slots.locked():
-            try:
-                await asyncio.wait_for(self._slots.acquire(), pool_wait_timeout_s)
-            except TimeoutError:
-                raise RedisError(f"no Redis connection free within {pool_wait_timeout_s}s") from None
-        else:
-            await self._slots.acquire()
+        await acquire_within(self._slots, pool_wait_timeout_s)
         token = _holding_slot.set(True)
         try:
             return await run()

@@ -93,7 +93,10 @@ async def deployment_status(rt: Runtime) -> DeploymentStatus:
     else:
         worker_ok, worker = False, "NONE: no worker has ever reported"
     # The kill switch's schedule holds every org with a call burning credit: the busiest first.
-    burning = [org_id for shard in rt.keys.kill_schedule_shards for org_id in await rt.redis.zrange(shard, 0, -1)]
+    async with rt.redis.pipeline(transaction=False) as pipe:  # every shard in one round trip
+        for shard in rt.keys.kill_schedule_shards:
+            pipe.zrange(shard, 0, -1)
+        burning = [org_id for shard_members in await pipe.execute() for org_id in shard_members]
     statuses = [s for s in [await org_status(rt, org_id, now_ms) for org_id in burning] if s is not None and s.calls]
     statuses.sort(key=lambda s: (-len(s.calls), s.credit_runs_out_in_s or 0))
     return DeploymentStatus(

@@ -10,6 +10,13 @@ def billed_seconds_from_ms(duration_ms: int) -> int:
     return -(-duration_ms // 1000)
 
 
+def billed_seconds_from_us(duration_us: int) -> int:
+    """billed_seconds_from_ms for a duration known to the microsecond (a report's timestamps)."""
+    assert isinstance(duration_us, int)
+    assert duration_us >= 0
+    return -(-duration_us // 1_000_000)
+
+
 def call_cost_pence(billed_seconds: int, rate_pence_per_minute: int) -> int:
     """Cost of a call, rounded up to a whole penny per call."""
     assert 0 <= billed_seconds <= limits.billed_seconds_max

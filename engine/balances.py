@@ -3,6 +3,7 @@
 from dataclasses import dataclass
 
 from engine import validate
+from engine.results import Money, Outcome
 from engine.runtime import Runtime
 
 
@@ -32,3 +33,10 @@ async def read_wallet(rt: Runtime, org_id: str) -> Wallet | None:
     assert wallet.held_pence >= 0
     assert wallet.debt_pence >= 0
     return wallet
+
+
+async def money_now(rt: Runtime, org_id: str) -> Money | None:
+    """The org's money in Redis as it stands, for answers that ran no script (None: Redis does not
+    have the org)."""
+    code, balance, held, debt, _, seq, _ = await peek_org(rt, org_id)
+    return Money(balance, held, balance - held, debt, seq) if code == Outcome.ok else None

@@ -15,12 +15,14 @@ from typing import Any
 from redis.exceptions import RedisError
 
 from engine import limits, validate
+from engine.balances import money_now
 from engine.errors import InvalidInput, OrgNotFound
 from engine.killswitch import file_depletion
 from engine.restore import restore_org_if_absent
 from engine.results import Money, Outcome, decode
 from engine.runtime import Runtime
-from engine.types import CREDIT_KINDS, EntryKind, ledger_key
+from engine.idempotency import credit_ledger_key, repay_ledger_key
+from engine.types import CREDIT_KINDS, EntryKind
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +38,7 @@ class Credit:
     entry_id: int
     amount_pence: int
     applied: bool  # Redis has applied it (now or earlier)
-    money: Money | None  # the org in Redis after applying; None when not applied yet
+    money: Money | None  # the org in Redis after applying; None when not applied now (not yet, or long ago)
 
 
 async def credit(
@@ -50,21 +52,36 @@ async def credit(
 ) -> Credit:
     assert kind in CREDIT_KINDS
     validate.org_id(org_id)
-    validate.idempotency_key(idempotency_key)
     validate.amount_pence(amount_pence)
-    key = ledger_key(org_id, kind.value, idempotency_key)
+    key = credit_ledger_key(org_id, kind.value, idempotency_key)
     async with rt.pg.acquire() as conn, conn.transaction():
         projection = await conn.fetchrow(
             "SELECT balance_pence, debt_pence FROM org_balances WHERE org_id = $1 FOR UPDATE", org_id
         )
         if projection is None:
             raise OrgNotFound(org_id)
-        existing = await conn.fetchrow("SELECT id, amount_pence FROM ledger_entries WHERE idempotency_key = $1", key)
+        existing = await conn.fetchrow(
+            """SELECT l.id, l.amount_pence, p.idempotency_key IS NOT NULL AS pending,
+                      (extract(epoch FROM now() - p.created_at) * 1000)::bigint AS pending_age_ms
+               FROM ledger_entries l LEFT JOIN pending_credits p USING (idempotency_key)
+               WHERE l.idempotency_key = $1""",
+            key,
+        )
         if existing is not None:
             if existing["amount_pence"] != amount_pence:
                 return Credit(Outcome.idempotency_conflict, key, existing["id"], existing["amount_pence"], False, None)
             outcome = Outcome.replayed
             entry_id = existing["id"]
+            # Redis confirmed this credit already when its pending row is gone. Applying it again
+            # would credit twice once Redis has forgotten its idempotency record
+            # (CREDIT_ENGINE_IDEMPOTENCY_TTL_S): such a replay is answered from the ledger alone.
+            confirmed = not existing["pending"]
+            if existing["pending"] and existing["pending_age_ms"] > _too_old_ms(rt):
+                # Unconfirmed for so long that Redis may have pruned the record: not by key alone
+                # (the worker repairs the org from Postgres, whose balance includes it).
+                age_s = existing["pending_age_ms"] // 1000
+                log.error("replay of credit %s: still pending after %d s; left to the worker's repair", key, age_s)
+                return Credit(outcome, key, entry_id, amount_pence, False, None)
         else:
             balance_pence_after = projection["balance_pence"] + amount_pence
             if balance_pence_after > limits.balance_pence_max:
@@ -101,6 +118,9 @@ async def credit(
                 amount_pence,
             )
             outcome = Outcome.ok
+            confirmed = False
+    if confirmed:
+        return Credit(outcome, key, entry_id, amount_pence, True, await money_now(rt, org_id))
     applied, money = await apply_to_redis(rt, org_id, key, amount_pence)
     return Credit(outcome, key, entry_id, amount_pence, applied, money)
 
@@ -126,7 +146,7 @@ async def apply_to_redis(rt: Runtime, org_id: str, key: str, amount_pence: int) 
 
 async def _run_credit_apply(rt: Runtime, org_id: str, key: str, amount_pence: int) -> Any:
     keys = rt.keys.org(org_id)
-    repay_key = key.replace(f"{org_id}/", f"{org_id}/repay/", 1)
+    repay_key = repay_ledger_key(org_id, key)
     reply = await rt.scripts.run_and_ring(
         rt.redis,
         "credit_apply",
@@ -138,6 +158,10 @@ async def _run_credit_apply(rt: Runtime, org_id: str, key: str, amount_pence: in
     result = decode(reply, tail_length=1)
     await file_depletion(rt, org_id, result.depletion_ms)
     return result
+
+
+def _too_old_ms(rt: Runtime) -> int:
+    return int(rt.settings.idempotency_ttl_ms * pending_credit_auto_apply_age_fraction_max)
 
 
 @dataclass
@@ -153,7 +177,7 @@ async def apply_pending_credits(
 ) -> PendingReport:
     """Finish credits whose Redis step did not complete. Run by the worker's cron and by repair."""
     report = PendingReport()
-    too_old_ms = int(rt.settings.idempotency_ttl_ms * pending_credit_auto_apply_age_fraction_max)
+    too_old_ms = _too_old_ms(rt)
     rows = await rt.pg.fetch(
         """
         SELECT idempotency_key, org_id, amount_pence,

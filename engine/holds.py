@@ -36,7 +36,7 @@ from engine.outbox import note_refused_for_full_outbox
 from engine.records import HoldRecord
 from engine.results import Money, Outcome, decode
 from engine.runtime import Runtime
-from engine.types import call_ledger_key, call_state_key
+from engine.idempotency import call_ledger_key, call_state_key
 
 log = logging.getLogger(__name__)
 

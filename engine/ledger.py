@@ -67,8 +67,24 @@ class LedgerEntry:
             "debt_after_pence": self.redis_debt_after_pence,
             "stream_id": self.stream_id,
         }
-        # Postgres's jsonb refuses the NUL character; nothing we record needs it.
-        return orjson.dumps(meta).decode().replace("\\u0000", "")
+        # Postgres's jsonb refuses the NUL character; nothing we record needs it. It is stripped
+        # from the values themselves: editing the encoded text could cut an escape sequence in
+        # two (a value holding the six characters \u0000) and leave JSON that is not JSON.
+        encoded = orjson.dumps(meta)
+        if b"\\u0000" in encoded:  # rare: only then walk the values
+            encoded = orjson.dumps(without_nul(meta))
+        return encoded.decode()
+
+
+def without_nul(value: Any) -> Any:
+    """A JSON value with every NUL character removed from its strings (keys included)."""
+    if isinstance(value, str):
+        return value.replace("\x00", "")
+    if isinstance(value, dict):
+        return {without_nul(k): without_nul(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [without_nul(item) for item in value]
+    return value
 
 
 @dataclass(slots=True)

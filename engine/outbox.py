@@ -87,18 +87,35 @@ def per_org_read_max(org_count: int, entries_max: int) -> int:
     return max(1, entries_max // org_count)
 
 
-async def read_outboxes(rt: Runtime, org_ids: list[str], entries_max: int) -> dict[str, list[OutboxItem]]:
-    """Read up to `entries_max` entries in all, oldest first within each org."""
+# What a malformed entry raises while being parsed (a field missing, a number that is not one,
+# meta that is not JSON): it belongs to that entry alone.
+MALFORMED_ERRORS = (KeyError, ValueError, AssertionError, orjson.JSONDecodeError)
+
+
+async def read_outboxes(rt: Runtime, org_ids: list[str], entries_max: int) -> tuple[dict[str, list[OutboxItem]], list[str]]:
+    """Read up to `entries_max` entries in all, oldest first within each org. Returns the entries
+    by org and the orgs whose read was cut at their share (more may be waiting). An entry that
+    cannot be parsed is moved to its org's dead letters at once (with the reason), so it stalls
+    neither its own org nor the others read in the same batch."""
     per_org_max = per_org_read_max(len(org_ids), entries_max)
     async with rt.redis.pipeline(transaction=False) as pipe:
         for org_id in org_ids:
             pipe.xrange(rt.keys.org(org_id).outbox, "-", "+", count=per_org_max)
         replies = await pipe.execute()
-    return {
-        org_id: [parse_entry(stream_id, fields) for stream_id, fields in reply]
-        for org_id, reply in zip(org_ids, replies, strict=True)
-        if reply
-    }
+    items_by_org: dict[str, list[OutboxItem]] = {}
+    cut = [org_id for org_id, reply in zip(org_ids, replies, strict=True) if len(reply) >= per_org_max]
+    for org_id, reply in zip(org_ids, replies, strict=True):
+        items = []
+        for stream_id, fields in reply:
+            try:
+                items.append(parse_entry(stream_id, fields))
+            except MALFORMED_ERRORS as error:
+                reason = f"malformed entry: {type(error).__name__}: {error}"
+                log.error("outbox entry %s of org %s cannot be read, moved to its dead letters: %s", stream_id, org_id, reason)
+                await dead_letter(rt, org_id, stream_id, reason)
+        if items:
+            items_by_org[org_id] = items
+    return items_by_org, cut
 
 
 @dataclass
@@ -114,7 +131,10 @@ class DrainResult:
 async def drain_orgs(rt: Runtime, org_ids: list[str], entries_max: int = limits.settle_batch_size_max) -> DrainResult:
     """Move what the orgs' outboxes hold into Postgres (one transaction), then delete it from Redis."""
     result = DrainResult()
-    items_by_org = await read_outboxes(rt, org_ids, entries_max)
+    items_by_org, cut = await read_outboxes(rt, org_ids, entries_max)
+    # An org whose read was cut at its share may have more waiting. (An entry appended after the
+    # read rings the doorbell itself, so nothing else needs looking at.)
+    result.orgs_with_more = cut
     if not items_by_org:
         return result
     result.entries_read = sum(len(items) for items in items_by_org.values())
@@ -138,10 +158,6 @@ async def drain_orgs(rt: Runtime, org_ids: list[str], entries_max: int = limits.
                 result.orgs_dead_lettered.append(org_id)
     faults.reached("outbox.after_commit")  # crash tests: committed, not yet deleted from Redis
     await _acknowledge(rt, done)
-    # An org whose read was cut at its share may have more waiting. (An entry appended after the
-    # read rings the doorbell itself, so nothing else needs looking at.)
-    share = per_org_read_max(len(org_ids), entries_max)
-    result.orgs_with_more = [org_id for org_id, items in items_by_org.items() if len(items) >= share]
     return result
 
 

@@ -20,7 +20,6 @@ known limits).
 """
 
 import contextlib
-import hashlib
 import logging
 from dataclasses import dataclass
 from datetime import datetime
@@ -33,7 +32,8 @@ from engine.phone_numbers import number_for_provision_key, register_number
 from engine.results import Outcome
 from engine.runtime import Runtime
 from engine.telephony import ProviderError, Telephony
-from engine.types import EntryKind, ledger_key
+from engine.idempotency import credit_ledger_key, provision_refund_key
+from engine.types import EntryKind
 
 log = logging.getLogger(__name__)
 
@@ -58,11 +58,6 @@ class Response:
 
 def error_body(code: str, message: str, **details: Any) -> dict[str, Any]:
     return {"error": {"code": code, "message": message, **details}}
-
-
-def refund_key(key: str) -> str:
-    """The refund's idempotency key: fixed length whatever the client's key, one per purchase."""
-    return "provision:" + hashlib.sha256(key.encode()).hexdigest()
 
 
 async def provision(
@@ -142,10 +137,12 @@ async def _run(
     if existing is None:
         attempt.provider_asked = True
         try:
-            bought = await telephony.buy(area_code=request.area_code, assistant_id=request.assistant_id, idempotency_key=f"{org_id}/{key}")
+            # Bought bare: Vapi sends no assistant-request for a number with an assistant, so its
+            # calls would skip the credit check. The engine keeps the assistant and answers it.
+            bought = await telephony.buy(area_code=request.area_code, idempotency_key=f"{org_id}/{key}")
         except ProviderError as error:
             log.warning("provider %s failed for org %s: %s; refunding %dp", telephony.name, org_id, error, price_pence)
-            refund = await credit(rt, org_id, refund_key(key), price_pence, kind=EntryKind.refund,
+            refund = await credit(rt, org_id, provision_refund_key(key), price_pence, kind=EntryKind.refund,
                                   meta={"reason": "provider_failed", "provider": telephony.name})  # fmt: skip
             return _failed(price_pence, refund.entry_id)
         existing = await register_number(
@@ -177,7 +174,7 @@ def _failed(price_pence: int, refund_entry_id: int) -> Response:
 async def _refund_entry(rt: Runtime, org_id: str, key: str) -> int | None:
     entry_id: int | None = await rt.pg.fetchval(
         "SELECT id FROM ledger_entries WHERE idempotency_key = $1",
-        ledger_key(org_id, EntryKind.refund.value, refund_key(key)),
+        credit_ledger_key(org_id, EntryKind.refund.value, provision_refund_key(key)),
     )
     return entry_id
 

@@ -5,7 +5,9 @@ CREDIT_ENGINE_PHONE_NUMBER_RENT_PENCE on the 1st (UTC, by Redis's clock) of ever
 a zero-debt asset charge whose key names the number and the month, so each (number, month) is
 charged at most once. Redis decides it like any charge; Postgres remembers it for good
 (`phone_numbers.rent_paid_month`, and the ledger key, asked before charging), so a run after
-Redis forgot the key does not charge again.
+Redis forgot the key does not charge again. The key lives in the internal namespace `rent`
+(engine/idempotency.py), where no client's Idempotency-Key can reach: a month counts as paid only
+by a rent entry for that number and that month.
 
 A number whose rent cannot be paid: an alert (`rent_failed`, once a month); after
 CREDIT_ENGINE_RENT_GRACE_DAYS into the month it is suspended (calls to it are refused; alert
@@ -21,18 +23,18 @@ from typing import Any
 
 import orjson
 
-from engine.assets import deduct_asset
+from engine.assets import charge_asset
 from engine.phone_numbers import forget_owner
 from engine.results import Outcome
 from engine.runtime import Runtime
 from engine.telephony import ProviderError, Telephony
-from engine.types import ledger_key
+from engine.idempotency import legacy_rent_ledger_key, rent_ledger_key
 
 log = logging.getLogger(__name__)
 
 DAY_MS = 86_400_000
-numbers_per_run_max = 10_000
-
+numbers_per_page = 1_000  # due numbers per query; a run pages through all of them
+pages_per_run_max = 1_000  # 1,000,000 numbers a run; the next run (10 minutes later) goes on
 
 @dataclass
 class RentReport:
@@ -56,10 +58,6 @@ def month_of(now_ms: int) -> tuple[str, int]:
 def month_start_ms(month: str) -> int:
     year, number = (int(part) for part in month.split("-"))
     return int(datetime(year, number, 1, tzinfo=UTC).timestamp() * 1000)
-
-
-def rent_key(number_id: str, month: str) -> str:
-    return f"rent:{number_id}:{month}"
 
 
 async def _alert(rt: Runtime, org_id: str, kind: str, number_id: str, month: str, now_ms: int, **extra: Any) -> None:
@@ -97,30 +95,56 @@ async def _charge_due(rt: Runtime, telephony: Telephony, report: RentReport, mon
     # A web process may have cached a number just before it was suspended: forget them again.
     inactive = await rt.pg.fetch("SELECT vapi_phone_number_id FROM phone_numbers WHERE status <> 'active'")
     await forget_owner(rt, *[row["vapi_phone_number_id"] for row in inactive])
-    rows = await rt.pg.fetch(
-        """SELECT vapi_phone_number_id, org_id, status, rent_paid_month, rent_failed_month FROM phone_numbers
-           WHERE status IN ('active', 'suspended') AND created_at < to_timestamp($1::bigint / 1000.0)
-             AND (rent_paid_month IS NULL OR rent_paid_month < $2)
-           ORDER BY vapi_phone_number_id LIMIT $3""",
-        this_month_ms, month, numbers_per_run_max,
-    )  # fmt: skip
-    for row in rows:
-        number_id, org_id = row["vapi_phone_number_id"], row["org_id"]
-        try:
-            await _one_number(rt, telephony, report, row, number_id, org_id, month, now_ms)
-        except Exception:  # one number's trouble (the provider, say) must not stop the others
-            log.exception("rent for number %s of org %s failed; trying again next run", number_id, org_id)
-            report.failed.append(number_id)
+    # Keyset pages over every due number: a page full of numbers that cannot pay must not hide
+    # the numbers after it (a fixed LIMIT did).
+    after = ""
+    for _ in range(pages_per_run_max):
+        rows = await rt.pg.fetch(
+            """SELECT vapi_phone_number_id, org_id, status, rent_paid_month, rent_failed_month FROM phone_numbers
+               WHERE status IN ('active', 'suspended') AND created_at < to_timestamp($1::bigint / 1000.0)
+                 AND (rent_paid_month IS NULL OR rent_paid_month < $2) AND vapi_phone_number_id > $3
+               ORDER BY vapi_phone_number_id LIMIT $4""",
+            this_month_ms,
+            month,
+            after,
+            numbers_per_page,
+        )
+        for row in rows:
+            number_id, org_id = row["vapi_phone_number_id"], row["org_id"]
+            try:
+                await _one_number(rt, telephony, report, row, number_id, org_id, month, now_ms)
+            except Exception:  # one number's trouble (the provider, say) must not stop the others
+                log.exception("rent for number %s of org %s failed; trying again next run", number_id, org_id)
+                report.failed.append(number_id)
+        if len(rows) < numbers_per_page:
+            return
+        after = rows[-1]["vapi_phone_number_id"]
+    log.warning("rent run stopped after %d pages of %d numbers; the next run goes on", pages_per_run_max, numbers_per_page)
+
+
+async def month_paid(rt: Runtime, org_id: str, number_id: str, month: str) -> bool:
+    """Whether the ledger holds this number's rent for this month: its rent entry, or one an earlier
+    release kept under the client namespace, recognised by its meta (a purchase's meta says
+    `phone_number`, so a purchase keyed like rent never counts)."""
+    paid = await rt.pg.fetchval(
+        """SELECT 1 FROM ledger_entries WHERE idempotency_key = $1
+           OR (idempotency_key = $2 AND meta->>'asset' = 'phone_number_rent'
+               AND meta->>'phone_number_id' = $3 AND meta->>'month' = $4)""",
+        rent_ledger_key(org_id, number_id, month),
+        legacy_rent_ledger_key(org_id, number_id, month),
+        number_id,
+        month,
+    )
+    return paid is not None
 
 
 async def _one_number(rt: Runtime, telephony: Telephony, report: RentReport, row: Any, number_id: str, org_id: str,
                       month: str, now_ms: int) -> None:  # fmt: skip
-    key = rent_key(number_id, month)
-    already = await rt.pg.fetchval("SELECT 1 FROM ledger_entries WHERE idempotency_key = $1", ledger_key(org_id, "asset", key))
-    if already:
+    if await month_paid(rt, org_id, number_id, month):
         outcome = Outcome.replayed
     else:
-        deduction = await deduct_asset(rt, org_id, key, rt.settings.phone_number_rent_pence,
+        key = rent_ledger_key(org_id, number_id, month)
+        deduction = await charge_asset(rt, org_id, key, rt.settings.phone_number_rent_pence,
                                        meta={"asset": "phone_number_rent", "phone_number_id": number_id, "month": month})  # fmt: skip
         outcome = deduction.outcome
     if outcome in (Outcome.ok, Outcome.replayed):

@@ -12,7 +12,8 @@ import asyncpg
 from engine.org_settings import OrgSettings
 from engine.records import CallState, HoldRecord, asset_idem_value, credit_idem_value
 from engine.timeutil import dt_from_ms, ms_from_dt
-from engine.types import HoldStatus, call_state_key
+from engine.idempotency import call_state_key
+from engine.types import HoldStatus
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,9 @@ class ProviderError(RuntimeError):
 class Telephony(Protocol):
     name: str
 
-    async def buy(self, *, area_code: str | None, assistant_id: str | None, idempotency_key: str) -> BoughtNumber: ...
+    async def buy(self, *, area_code: str | None, idempotency_key: str) -> BoughtNumber:
+        """Buy a bare number (no assistant attached at the provider: see engine/provisioning.py)."""
+        ...
 
     async def release(self, vapi_phone_number_id: str) -> None:
         """Give the number back to the provider (it stops costing us); a number already gone is fine."""
@@ -48,7 +50,7 @@ class FakeTelephony:
     async def release(self, vapi_phone_number_id: str) -> None:
         self.released.append(vapi_phone_number_id)
 
-    async def buy(self, *, area_code: str | None, assistant_id: str | None, idempotency_key: str) -> BoughtNumber:
+    async def buy(self, *, area_code: str | None, idempotency_key: str) -> BoughtNumber:
         if area_code in self.failing_area_codes:
             raise ProviderError(f"no numbers available in area code {area_code}")
         digest = hashlib.sha256(idempotency_key.encode()).hexdigest()
@@ -66,12 +68,12 @@ class VapiTelephony:
         self.base_url = base_url
         self.client = client or httpx.AsyncClient(timeout=provider_timeout_s)
 
-    async def buy(self, *, area_code: str | None, assistant_id: str | None, idempotency_key: str) -> BoughtNumber:
+    async def buy(self, *, area_code: str | None, idempotency_key: str) -> BoughtNumber:
+        # No assistantId, squadId or workflowId: a bare number, so every inbound call to it sends
+        # an assistant-request and passes the credit check.
         body: dict[str, str] = {"provider": "vapi", "name": idempotency_key[:40]}
         if area_code:
             body["numberDesiredAreaCode"] = area_code
-        if assistant_id:
-            body["assistantId"] = assistant_id
         try:
             response = await self.client.post(
                 f"{self.base_url}/phone-number", json=body, headers={"Authorization": f"Bearer {self.api_key}"}

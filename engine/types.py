@@ -21,24 +21,3 @@ class HoldStatus(StrEnum):
     committed = "committed"
     released = "released"
     expired = "expired"
-
-
-def ledger_key(org_id: str, namespace: str, suffix: str) -> str:
-    """Globally unique ledger idempotency key. Org-scoped, so orgs never collide on client keys.
-
-    Namespaces never share a suffix space: client keys live under asset/topup/refund,
-    call keys under call (call ids cannot contain '/'), derived keys under their own names.
-    """
-    assert "/" not in org_id
-    assert "/" not in namespace
-    return f"{org_id}/{namespace}/{suffix}"
-
-
-def call_ledger_key(org_id: str, call_id: str, phase: str) -> str:
-    assert "/" not in call_id
-    return ledger_key(org_id, "call", f"{call_id}/{phase}")
-
-
-def call_state_key(org_id: str, call_id: str) -> str:
-    """Idempotency record of a call's resolution (commit, release or expiry)."""
-    return ledger_key(org_id, "call", call_id)

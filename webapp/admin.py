@@ -138,7 +138,12 @@ async def topup(request: Request) -> Response:
     else:
         # Committed in the ledger; Redis will apply it shortly (the worker, or a retry of this call).
         projection = await ctx.rt.pg.fetchval("SELECT balance_pence FROM org_balances WHERE org_id = $1", org_id)
-        response = {"transaction_id": result.entry_id, "balance_pence": projection, "available_pence": None, "applied": False}
+        response = {
+            "transaction_id": result.entry_id,
+            "balance_pence": projection,
+            "available_pence": None,
+            "applied": result.applied,
+        }
     ctx.metrics.decision("topup", result.outcome.name)
     await claims.finish(ctx.rt, org_id, "topup", key, 201, response)
     return json_response(response, 201)

@@ -22,9 +22,27 @@ def parse_json(raw: bytes) -> Any:
     # orjson refuses integers beyond 64 bits; the standard parser reads them, so that an absurd
     # amount is refused for what it is (a 422 naming the field) rather than as broken JSON.
     try:
-        return json.loads(raw)
+        parsed = json.loads(raw)
     except (ValueError, RecursionError):
         raise ApiError(400, "invalid_json", "the request body is not valid JSON") from None
+    if _has_lone_surrogate(parsed):  # orjson refuses them; a string with one cannot reach Redis or Postgres
+        raise ApiError(400, "invalid_json", "the request body holds a string that is not valid Unicode (a lone surrogate)")
+    return parsed
+
+
+def _has_lone_surrogate(value: Any) -> bool:
+    """Whether any string in a parsed JSON value (keys included) holds a lone UTF-16 surrogate.
+    Only the standard parser's output is walked: json.loads already bounded its depth."""
+    if isinstance(value, str):
+        return _LONE_SURROGATE.search(value) is not None
+    if isinstance(value, dict):
+        return any(_has_lone_surrogate(k) or _has_lone_surrogate(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_has_lone_surrogate(item) for item in value)
+    return False
+
+
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def check_content_type(request: Request) -> None:

@@ -19,7 +19,7 @@ from engine.errors import InvalidInput
 from engine.holds import CallEvent, check_call, commit_call, release_call, reserve_call
 from engine.phone_numbers import number_owner
 from engine.results import Outcome
-from engine.types import call_state_key
+from engine.idempotency import call_state_key
 from webapp.auth import vapi_authenticated
 from webapp.context import AppContext, context
 from webapp.requests import parse_json

@@ -16,7 +16,7 @@ from datetime import datetime
 from typing import Any
 
 from engine import limits
-from engine.amounts import billed_seconds_from_ms
+from engine.amounts import billed_seconds_from_us
 from engine.errors import InvalidInput
 
 
@@ -39,7 +39,13 @@ def _dict(value: Any) -> dict[str, Any]:
 
 
 def _str(value: Any, length_max: int = 512) -> str | None:
+    """A usable string: non-empty, bounded, and text that Redis and Postgres can store (no NUL,
+    no lone surrogate, which a caller's own JSON parser may have let through)."""
     if not isinstance(value, str) or not 0 < len(value) <= length_max or "\x00" in value:
+        return None
+    try:
+        value.encode()
+    except UnicodeEncodeError:
         return None
     return value
 
@@ -62,17 +68,25 @@ def _number(value: Any) -> float | None:
 
 
 def billed_seconds(message: dict[str, Any], call: dict[str, Any]) -> int | None:
+    """Whole seconds to bill, from the call's own times (per started second, in integers: a float
+    of seconds would turn 256.001 s into 255.99999 and lose a second), else the undocumented
+    `durationSeconds`. None when the message does not say how long the call ran, including a
+    report with `endedAt` and no `startedAt`: the engine then bills what it saw of the call
+    rather than nothing."""
     started = _time(message.get("startedAt")) or _time(call.get("startedAt"))
     ended = _time(message.get("endedAt")) or _time(call.get("endedAt"))
     if started is not None and ended is not None:
-        duration_ms = max(0, int((ended - started).total_seconds() * 1000))
-        return min(billed_seconds_from_ms(duration_ms), limits.billed_seconds_max)
+        return min(billed_seconds_from_us(duration_us(started, ended)), limits.billed_seconds_max)
     duration = _number(message.get("durationSeconds"))
     if duration is not None:
         return min(max(0, math.ceil(duration)), limits.billed_seconds_max)
-    if started is None and ended is not None:
-        return 0  # ended without ever starting: nothing to bill
     return None
+
+
+def duration_us(started: datetime, ended: datetime) -> int:
+    """Microseconds from started to ended (0 if ended is not after started), exactly."""
+    delta = ended - started
+    return max(0, (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds)
 
 
 def parse_message(envelope: Any) -> VapiMessage:

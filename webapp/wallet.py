@@ -15,7 +15,7 @@ from engine.keys import is_call_id
 from engine.records import CallState
 from engine.results import Outcome
 from engine.timeutil import dt_from_ms
-from engine.types import call_state_key
+from engine.idempotency import call_state_key
 from webapp.auth import require_org
 from webapp.context import AppContext, context
 from webapp.responses import ApiError, json_response

@@ -10,7 +10,7 @@ from engine.reconciler import check
 from engine.results import Outcome
 from engine.runtime import Runtime
 from engine.telephony import FakeTelephony
-from engine.types import call_state_key
+from engine.idempotency import call_state_key
 from tests.helpers import new_org
 
 

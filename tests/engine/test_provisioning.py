@@ -16,7 +16,7 @@ class FlakyProvider:
     def __init__(self) -> None:
         self.calls = 0
 
-    async def buy(self, *, area_code: str | None, assistant_id: str | None, idempotency_key: str) -> BoughtNumber:
+    async def buy(self, *, area_code: str | None, idempotency_key: str) -> BoughtNumber:
         self.calls += 1
         if self.calls == 1:
             raise ProviderError("first attempt fails")

@@ -6,10 +6,10 @@ from engine.clock import ManualClock
 from engine.credits import credit
 from engine.outbox import drain_org_fully
 from engine.phone_numbers import number_owner, register_number
-from engine.rent import charge_rent, rent_key
+from engine.rent import charge_rent
 from engine.runtime import Runtime
 from engine.telephony import FakeTelephony
-from engine.types import ledger_key
+from engine.idempotency import rent_ledger_key
 from tests.helpers import new_org
 
 DAY_MS = 86_400_000
@@ -30,7 +30,7 @@ async def _rent_rows(rt: Runtime, org: str) -> list[tuple[str, int]]:
     await drain_org_fully(rt, org)
     rows = await rt.pg.fetch("SELECT idempotency_key, amount_pence FROM ledger_entries WHERE org_id = $1 AND kind = 'asset' "
                              "ORDER BY id", org)  # fmt: skip
-    return [(r["idempotency_key"].split("/", 2)[2], r["amount_pence"]) for r in rows]
+    return [(r["idempotency_key"], r["amount_pence"]) for r in rows]
 
 
 async def _alerts(rt: Runtime, org: str) -> list[str]:
@@ -58,11 +58,12 @@ async def test_rent_is_charged_once_per_number_and_month_even_after_redis_forgot
     december = await charge_rent(rt, telephony)
     assert december.charged == 2
     assert sorted(await _rent_rows(rt, org)) == sorted([
-        (rent_key("pn-paid", "2026-11"), -1000), (rent_key("pn-paid", "2026-12"), -1000), (rent_key("pn-new", "2026-12"), -1000)])  # fmt: skip
+        (rent_ledger_key(org, "pn-paid", "2026-11"), -1000), (rent_ledger_key(org, "pn-paid", "2026-12"), -1000),
+        (rent_ledger_key(org, "pn-new", "2026-12"), -1000)])  # fmt: skip
     assert await _alerts(rt, org) == []
     assert await rt.pg.fetchval("SELECT count(*) FROM ledger_rejects") == 0
     assert await rt.pg.fetchval("SELECT 1 FROM ledger_entries WHERE idempotency_key = $1",
-                                ledger_key(org, "asset", rent_key("pn-paid", "2026-11"))) == 1  # fmt: skip
+                                rent_ledger_key(org, "pn-paid", "2026-11")) == 1  # fmt: skip
 
 
 async def test_unpaid_rent_alerts_then_suspends_then_a_top_up_reactivates(rt: Runtime, clock: ManualClock) -> None:
@@ -88,7 +89,7 @@ async def test_unpaid_rent_alerts_then_suspends_then_a_top_up_reactivates(rt: Ru
     assert (report.charged, report.reactivated) == (1, 1)
     assert await _alerts(rt, org) == ["rent_failed", "number_suspended", "number_reactivated"]
     assert await number_owner(rt, "pn-late") == (org, "a")
-    assert await _rent_rows(rt, org) == [(rent_key("pn-late", "2026-11"), -1000)]
+    assert await _rent_rows(rt, org) == [(rent_ledger_key(org, "pn-late", "2026-11"), -1000)]
     assert telephony.released == []
 
 

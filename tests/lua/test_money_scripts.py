@@ -11,7 +11,7 @@ from engine.errors import InvalidInput
 from engine.holds import CallEvent, check_call, commit_call, expire_call, release_call, reserve_call
 from engine.results import Outcome
 from engine.runtime import Runtime
-from engine.types import ledger_key
+from engine.idempotency import client_ledger_key, credit_ledger_key, repay_ledger_key
 from tests.lua.conftest import outbox, seed_org
 
 
@@ -74,7 +74,7 @@ async def test_the_script_itself_refuses_a_bad_amount_and_writes_nothing(redis_r
             redis_rt.redis,
             "asset_deduct",
             [keys.org, keys.idem, keys.idem_exp, keys.outbox],
-            [0, org, ledger_key(org, "asset", "x"), amount, "", 1000, 10, "{}"],
+            [0, org, client_ledger_key(org, "asset", "x"), amount, "", 1000, 10, "{}"],
         )
     assert await redis_rt.redis.hget(keys.org, "balance_pence") == "1000"
     assert await outbox(redis_rt, org) == []
@@ -292,10 +292,10 @@ async def test_commit_after_commit_never_adjusts(redis_rt: Runtime) -> None:
 async def test_credit_pays_debt_first(redis_rt: Runtime) -> None:
     org = await seed_org(redis_rt, 0, debt_pence=70)
     keys = redis_rt.keys.org(org)
-    key = ledger_key(org, "topup", "t1")
+    key = credit_ledger_key(org, "topup", "t1")
     reply = await redis_rt.scripts.run(
         redis_rt.redis, "credit_apply", [keys.org, keys.idem, keys.idem_exp, keys.outbox],
-        [0, org, key, 100, ledger_key(org, "repay", "topup/t1"), 10**9],
+        [0, org, key, 100, repay_ledger_key(org, key), 10**9],
     )  # fmt: skip
     assert reply[:6] == [0, 30, 0, 30, 0, 1 + 1]  # balance 30, debt 0, seq bumped once
     assert reply[6] == 0  # no call is burning: no depletion moment
@@ -304,7 +304,7 @@ async def test_credit_pays_debt_first(redis_rt: Runtime) -> None:
     assert (entry["kind"], entry["a"], entry["dd"]) == ("debt_repayment", "-70", "-70")
     replay = await redis_rt.scripts.run(
         redis_rt.redis, "credit_apply", [keys.org, keys.idem, keys.idem_exp, keys.outbox],
-        [0, org, key, 100, ledger_key(org, "repay", "topup/t1"), 10**9],
+        [0, org, key, 100, repay_ledger_key(org, key), 10**9],
     )  # fmt: skip
     assert replay[0] == Outcome.replayed
     assert replay[1] == 30
@@ -316,7 +316,7 @@ async def test_idempotency_records_expire_after_their_ttl(redis_rt: Runtime) -> 
     redis_rt.clock.advance(redis_rt.settings.idempotency_ttl_ms + 1)
     # Past the window the key is new again (Postgres keeps it forever: see the ledger tests).
     assert (await deduct_asset(redis_rt, org, "other", 1)).outcome == Outcome.ok  # prunes as it passes
-    assert not await redis_rt.redis.hexists(redis_rt.keys.org(org).idem, ledger_key(org, "asset", "k"))
+    assert not await redis_rt.redis.hexists(redis_rt.keys.org(org).idem, client_ledger_key(org, "asset", "k"))
 
 
 async def test_call_cost_rounding_matches_python_for_every_second_and_awkward_rates(redis_rt: Runtime) -> None:

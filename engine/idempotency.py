@@ -1,0 +1,92 @@
+"""Idempotency keys: the three layers that stop a mutation happening twice, and every key
+derivation, in one place.
+
+1. HTTP claims (engine/idempotent_requests.py, Postgres `idempotent_requests`): (org, operation,
+   the client's Idempotency-Key) -> the first response, replayed verbatim; kept forever.
+2. Redis records (each org's `idem` hash): a ledger key or a call-state key -> the first outcome,
+   checked by the scripts before they decide; kept CREDIT_ENGINE_IDEMPOTENCY_TTL_S.
+3. Ledger keys (Postgres `ledger_entries.idempotency_key`, unique): kept forever, and asked
+   before Redis wherever Redis may have forgotten (a purchase, rent, a top-up's replay, a report).
+
+A ledger key is `<org_id>/<namespace>/<suffix>`. A client's key only ever follows a *client*
+namespace (CLIENT_NAMESPACES); every key the engine derives for itself lives in an *internal*
+namespace (INTERNAL_NAMESPACES). Namespaces are fixed words without '/', and org ids cannot hold
+'/', so the second segment alone tells the two apart: no client key, however it is spelled, can
+equal a key the engine uses for rent, refunds, repayments or calls. (Before this rule, rent lived
+under `asset` as `rent:<number>:<month>`, and a purchase keyed like that made rent skip a month:
+those legacy keys are still recognised, by their meta, when rent asks whether a month is paid.)
+"""
+
+import hashlib
+
+from engine import validate
+
+CLIENT_NAMESPACES = frozenset({"asset", "topup"})
+INTERNAL_NAMESPACES = frozenset({"rent", "refund", "repay", "call"})
+assert not CLIENT_NAMESPACES & INTERNAL_NAMESPACES
+
+
+def _ledger_key(org_id: str, namespace: str, suffix: str) -> str:
+    assert "/" not in org_id
+    assert namespace in CLIENT_NAMESPACES | INTERNAL_NAMESPACES
+    assert suffix
+    return f"{org_id}/{namespace}/{suffix}"
+
+
+def client_ledger_key(org_id: str, namespace: str, idempotency_key: str) -> str:
+    """The ledger key of a client's request (a purchase, a top-up) under its Idempotency-Key."""
+    assert namespace in CLIENT_NAMESPACES
+    validate.idempotency_key(idempotency_key)
+    return _ledger_key(org_id, namespace, idempotency_key)
+
+
+def rent_ledger_key(org_id: str, vapi_phone_number_id: str, month: str) -> str:
+    """A number's rent for one month ('YYYY-MM'): at most one entry per number and month."""
+    assert len(month) == 7 and month[4] == "-"
+    return _ledger_key(org_id, "rent", f"{month}/{vapi_phone_number_id}")
+
+
+def legacy_rent_ledger_key(org_id: str, vapi_phone_number_id: str, month: str) -> str:
+    """Where releases before the internal namespaces kept rent (in the client namespace `asset`).
+    Only an entry under it whose meta says `phone_number_rent` for this number and month is rent."""
+    return f"{org_id}/asset/rent:{vapi_phone_number_id}:{month}"
+
+
+def credit_ledger_key(org_id: str, kind: str, key: str) -> str:
+    """A credit's ledger key: a top-up under the client's key, a refund under one the engine derived."""
+    if kind == "topup":
+        return client_ledger_key(org_id, "topup", key)
+    assert kind == "refund"
+    validate.idempotency_key(key)
+    return _ledger_key(org_id, "refund", key)
+
+
+def provision_refund_key(purchase_key: str) -> str:
+    """The refund of a failed purchase (the suffix under `refund`): fixed length whatever the
+    client's key, one per purchase."""
+    return "provision:" + hashlib.sha256(purchase_key.encode()).hexdigest()
+
+
+def repay_ledger_key(org_id: str, credit_ledger_key: str) -> str:
+    """The debt repayment a credit may make when Redis applies it."""
+    prefix = f"{org_id}/"
+    assert credit_ledger_key.startswith(prefix)
+    return _ledger_key(org_id, "repay", credit_ledger_key[len(prefix) :])
+
+
+def call_ledger_key(org_id: str, call_id: str, phase: str) -> str:
+    """A call's charge (`charge`) or a late report's difference (`adjust`)."""
+    assert "/" not in call_id
+    assert phase in ("charge", "adjust")
+    return _ledger_key(org_id, "call", f"{call_id}/{phase}")
+
+
+def call_state_key(org_id: str, call_id: str) -> str:
+    """The Redis record of a call's resolution (commit, release or expiry); never a ledger key."""
+    assert "/" not in call_id
+    return _ledger_key(org_id, "call", call_id)
+
+
+def call_state_prefix(org_id: str) -> str:
+    """What every call-state key of the org starts with (the reconciler reads them by it)."""
+    return f"{org_id}/call/"

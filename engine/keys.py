@@ -59,6 +59,12 @@ class OrgKeys:
     def all(self) -> list[str]:
         return [self.org, self.holds, self.idem, self.idem_exp, self.outbox, self.dead, self.kill]
 
+    def restore_staging(self, token: str) -> str:
+        """Hash: one restore's idempotency records, staged before org_restore.lua takes them (or
+        not); the restore deletes it, and it expires if the restoring process dies first."""
+        assert token.isalnum()
+        return f"{self.org.removesuffix(':org')}:restore:{token}"
+
 
 @dataclass(frozen=True)
 class Keyspace:

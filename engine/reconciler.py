@@ -7,6 +7,8 @@ what is still on its way there, minus what is still on its way to Redis:
     debt    = projection + outbox entries the ledger lacks
     holds   = live holds in call_holds, with the outbox's hold events applied in order
     settings (rate, overdraft, ...) = the orgs row
+    call resolutions (Redis's idempotency records) = call_holds, with the outbox's applied
+    rent: every paid month has its rent entry (engine/reconcile_records.py)
 
 To compare one instant, Postgres is read before and after an atomic Redis read of each org
 (lua/org_read.lua); an org whose Postgres state moved in between is read again (bounded), and
@@ -31,7 +33,17 @@ from engine.amounts import billed_seconds_from_ms, call_cost_pence
 from engine.balances import peek_org
 from engine.credits import apply_pending_credits
 from engine.ledger import HoldEvent, LedgerEntry
-from engine.outbox import OutboxItem, drain_org_fully, parse_entry
+from engine.idempotency import call_state_prefix
+from engine.outbox import MALFORMED_ERRORS, OutboxItem, drain_org_fully, parse_entry
+from engine.reconcile_records import (
+    Resolution,
+    call_record_problems,
+    ledger_keys_in,
+    postgres_resolutions,
+    postgres_resolutions_of,
+    redis_resolutions,
+    rent_problems,
+)
 from engine.records import HoldRecord
 from engine.restore import restore_orgs, snapshot_orgs
 from engine.results import Outcome
@@ -69,6 +81,7 @@ class PgState:
     last_entry_id: int | None
     live_holds: tuple[tuple[str, int, int], ...]  # (call_id, hold_pence, version)
     pending_credits: tuple[tuple[str, int, int], ...]  # (idempotency_key, amount_pence, created_ms)
+    resolutions: tuple[Resolution, ...]  # calls resolved inside the idempotency window
 
 
 @dataclass(frozen=True)
@@ -80,6 +93,8 @@ class RedisState:
     outbox: list[OutboxItem]
     pending_applied: dict[str, bool]
     dead_letters: int
+    resolutions: dict[str, Resolution]  # the call-resolution records, by call id
+    unreadable: list[str]  # outbox entries that cannot be parsed
 
 
 @dataclass
@@ -100,11 +115,12 @@ class CheckReport:
         return not self.drifted and not self.busy
 
 
-async def _pg_states(rt: Runtime, org_ids: list[str]) -> dict[str, PgState]:
+async def _pg_states(rt: Runtime, org_ids: list[str], window_from_ms: int) -> dict[str, PgState]:
     async with rt.pg.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
         orgs = await conn.fetch(ORGS_SQL, org_ids)
         holds = await conn.fetch(LIVE_HOLDS_SQL, org_ids)
         pending = await conn.fetch(PENDING_SQL, org_ids)
+        resolved = await postgres_resolutions(conn, org_ids, window_from_ms)
     holds_by_org: dict[str, list[tuple[str, int, int]]] = {}
     for row in holds:
         holds_by_org.setdefault(row["org_id"], []).append((row["call_id"], row["hold_pence"], row["version"]))
@@ -119,6 +135,7 @@ async def _pg_states(rt: Runtime, org_ids: list[str]) -> dict[str, PgState]:
             last_entry_id=row["last_entry_id"],
             live_holds=tuple(sorted(holds_by_org.get(row["org_id"], []))),
             pending_credits=tuple(sorted(pending_by_org.get(row["org_id"], []))),
+            resolutions=tuple(sorted(resolved[row["org_id"]].values(), key=lambda r: r.call_id)),
         )
         for row in orgs
     }
@@ -134,26 +151,38 @@ async def _redis_states(rt: Runtime, pg: dict[str, PgState]) -> dict[str, RedisS
         for org_id in org_ids:
             keys = rt.keys.org(org_id)
             pending_keys = [key for key, _, _ in pg[org_id].pending_credits]
-            rt.scripts.add_to_pipeline(
-                pipe, "org_read", [keys.org, keys.holds, keys.outbox, keys.dead, keys.idem], [len(fields), *fields, *pending_keys]
-            )
+            args = [call_state_prefix(org_id), len(fields), *fields, *pending_keys]
+            rt.scripts.add_to_pipeline(pipe, "org_read", [keys.org, keys.holds, keys.outbox, keys.dead, keys.idem], args)
 
     replies = await rt.scripts.execute(rt.redis, build)
     states = {}
     for org_id, reply in zip(org_ids, replies, strict=True):
-        _, values, holds_flat, outbox, dead_letters, pending = reply
+        _, values, holds_flat, outbox, dead_letters, pending, resolutions = reply
         pending_keys = [key for key, _, _ in pg[org_id].pending_credits]
         holds = dict(zip(holds_flat[::2], holds_flat[1::2], strict=True))
+        items, unreadable = _parse_outbox(outbox)
         states[org_id] = RedisState(
             present=values[0] is not None,
             money={name: int(v or 0) for name, v in zip(MONEY_FIELDS, values[: len(MONEY_FIELDS)], strict=True)},
             settings=tuple(int(v or 0) for v in values[len(MONEY_FIELDS) :]),
             holds={call_id: HoldRecord.decode(text) for call_id, text in holds.items()},
-            outbox=[parse_entry(stream_id, dict(zip(flat[::2], flat[1::2], strict=True))) for stream_id, flat in outbox],
+            outbox=items,
             pending_applied={key: value is not None for key, value in zip(pending_keys, pending, strict=True)},
             dead_letters=dead_letters,
+            resolutions=redis_resolutions(org_id, resolutions),
+            unreadable=unreadable,
         )
     return states
+
+
+def _parse_outbox(entries: list[Any]) -> tuple[list[OutboxItem], list[str]]:
+    items, unreadable = [], []
+    for stream_id, flat in entries:
+        try:
+            items.append(parse_entry(stream_id, dict(zip(flat[::2], flat[1::2], strict=True))))
+        except MALFORMED_ERRORS:
+            unreadable.append(stream_id)
+    return items, unreadable
 
 
 async def _keys_in_ledger(rt: Runtime, keys: list[str]) -> set[str]:
@@ -177,11 +206,20 @@ def burn_sums(holds: Iterable[HoldRecord], burn_at_s: int) -> tuple[int, int, in
     return rate, k, frozen
 
 
-def compare(pg: PgState, redis: RedisState, in_ledger: set[str], now_ms: int) -> list[str]:
+def compare(
+    pg: PgState,
+    redis: RedisState,
+    in_ledger: set[str],
+    now_ms: int,
+    idempotency_ttl_ms: int,
+    older_resolutions: dict[str, Resolution],
+) -> list[str]:
     """Problems found for one org (empty: Redis agrees with Postgres)."""
     if not redis.present:
         return ["missing in redis"]
     problems = []
+    if redis.unreadable:
+        problems.append(f"{len(redis.unreadable)} outbox entries cannot be read: {redis.unreadable[:3]}")
     if redis.dead_letters:
         problems.append(f"{redis.dead_letters} outbox entries were refused by the ledger (dead letters): Redis has "
                         "changes Postgres does not")  # fmt: skip
@@ -220,27 +258,52 @@ def compare(pg: PgState, redis: RedisState, in_ledger: set[str], now_ms: int) ->
         problems.append(f"kill-switch burn sums (rate, k, frozen) {actual_burn} disagree with the live holds: {expected_burn}")
     if redis.settings != pg.settings:
         problems.append(f"settings: redis {redis.settings}, postgres says {pg.settings}")
+    problems += call_record_problems(
+        redis.resolutions,
+        {**older_resolutions, **{r.call_id: r for r in pg.resolutions}},
+        redis.outbox,
+        redis.holds,
+        now_ms,
+        idempotency_ttl_ms,
+    )
     return problems
 
 
 async def _check_orgs(rt: Runtime, org_ids: list[str]) -> tuple[dict[str, list[str]], list[str]]:
     """Compare a page of orgs. Returns (problems by org, orgs that changed while being read)."""
-    before = await _pg_states(rt, org_ids)
-    redis = await _redis_states(rt, before)
-    outbox_keys = [item.idempotency_key for s in redis.values() for item in s.outbox if isinstance(item, LedgerEntry)]
-    in_ledger = await _keys_in_ledger(rt, outbox_keys)
-    after = await _pg_states(rt, list(before))
     now_ms = await rt.clock.now_ms(rt.redis)
+    window_from_ms = now_ms - rt.settings.idempotency_ttl_ms
+    before = await _pg_states(rt, org_ids, window_from_ms)
+    redis = await _redis_states(rt, before)
+    older = await _older_resolutions(rt, before, redis)
+    outbox_keys = {key for state in redis.values() for key in ledger_keys_in(state.outbox)}
+    in_ledger = await _keys_in_ledger(rt, sorted(outbox_keys))
+    after = await _pg_states(rt, list(before), window_from_ms)
+    rent = await rent_problems(rt.pg, list(before), outbox_keys)
     problems: dict[str, list[str]] = {}
     moved = []
     for org_id, pg_state in before.items():
         if after.get(org_id) != pg_state:
             moved.append(org_id)
             continue
-        found = compare(pg_state, redis[org_id], in_ledger, now_ms)
+        found = compare(pg_state, redis[org_id], in_ledger, now_ms, rt.settings.idempotency_ttl_ms, older.get(org_id, {}))
+        found += rent.get(org_id, [])
         if found:
             problems[org_id] = found
     return problems, moved
+
+
+async def _older_resolutions(rt: Runtime, pg: dict[str, PgState], redis: dict[str, RedisState]) -> dict[str, dict[str, Resolution]]:
+    """Redis keeps a record past its window until a script prunes it: the rows of those (older than
+    the window's query read), to compare them too."""
+    wanted = []
+    for org_id, state in redis.items():
+        in_window = {r.call_id for r in pg[org_id].resolutions}
+        wanted += [(org_id, call_id) for call_id in state.resolutions if call_id not in in_window]
+    older: dict[str, dict[str, Resolution]] = {}
+    for (org_id, call_id), resolution in (await postgres_resolutions_of(rt.pg, wanted)).items():
+        older.setdefault(org_id, {})[call_id] = resolution
+    return older
 
 
 async def check(rt: Runtime, org_ids: list[str] | None = None, progress: Progress | None = None) -> CheckReport:

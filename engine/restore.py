@@ -7,8 +7,8 @@ it did not see:
   was taken (a repair of a live org).
 Either way the org's outbox must be empty: entries still in it are debits Postgres lacks.
 
-Idempotency records go in first, in the same pipeline: until the org hash exists every script
-refuses the org (org_unknown), so no replay can run between the two.
+Idempotency records are staged in the same pipeline and taken by the script only if the restore
+happens (a refused restore must not rewrite records Redis holds newer than Postgres).
 
 Startup: `ensure_rebuilt` rebuilds every org when the state marker is missing (Redis restarted
 without its data), under a lock so that web processes and workers starting together rebuild once.
@@ -35,28 +35,30 @@ from engine.snapshots import OrgSnapshot, load_snapshots, org_id_pages
 
 log = logging.getLogger(__name__)
 
-idem_chunk_size = 1_000  # idempotency records per HSET/ZADD command
+idem_chunk_size = 1_000  # idempotency records per staging HSET
+restore_epoch_max = 2**48  # a random epoch per restore: two restores of one org share one with odds 2**-48
+staging_ttl_ms = 10 * 60 * 1000  # a restoring process that dies leaves its staged records this long
 rebuild_wait_poll_s = 0.1
 
 
 def add_restore(rt: Runtime, pipe: Any, snapshot: OrgSnapshot, mode: str, expected_seq: int = 0) -> None:
     keys = rt.keys.org(snapshot.org_id)
-    facts = [record for record in snapshot.idem if record.field not in snapshot.pending_credit_keys]
-    pending = [record for record in snapshot.idem if record.field in snapshot.pending_credit_keys]
-    for start in range(0, len(facts), idem_chunk_size):
-        chunk = facts[start : start + idem_chunk_size]
-        pipe.hset(keys.idem, mapping={record.field: record.value for record in chunk})
-        pipe.zadd(keys.idem_exp, {record.field: record.expires_ms for record in chunk})
+    # Every idempotency record is staged, then taken by the script only if the restore happens.
+    # The staging hash is the restore's own (a token): two processes restoring one org at once
+    # must not take each other's records (a credit in one snapshot's balance is not in the other's).
+    staging = keys.restore_staging(secrets.token_hex(8))
+    for start in range(0, len(snapshot.idem), idem_chunk_size):
+        chunk = snapshot.idem[start : start + idem_chunk_size]
+        pipe.hset(staging, mapping={record.field: f"{record.expires_ms}|{record.value}" for record in chunk})
+    if snapshot.idem:
+        pipe.pexpire(staging, staging_ttl_ms)
     hold_args: list[Any] = []
     for call_id, hold in sorted(snapshot.live_holds.items()):
         hold_args += [call_id, hold.encode()]
-    pending_args: list[Any] = []
-    for record in pending:  # written by the script, and only if the restore happens
-        pending_args += [record.field, record.value, record.expires_ms]
     rt.scripts.add_to_pipeline(
         pipe,
         "org_restore",
-        [keys.org, keys.holds, keys.outbox, keys.idem, keys.idem_exp],
+        [keys.org, keys.holds, keys.outbox, keys.idem, keys.idem_exp, staging],
         [
             rt.clock.script_arg(),
             snapshot.org_id,
@@ -65,9 +67,9 @@ def add_restore(rt: Runtime, pipe: Any, snapshot: OrgSnapshot, mode: str, expect
             snapshot.balance_pence,
             snapshot.debt_pence,
             *snapshot.settings.script_args(),
+            secrets.randbelow(restore_epoch_max) + 1,
             len(snapshot.live_holds),
             *hold_args,
-            *pending_args,
         ],
     )
 

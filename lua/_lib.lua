@@ -46,7 +46,7 @@ local ORG_FIELDS = {
   'rate_pence_per_minute', 'overdraft_pence', 'min_start_pence',
   'hold_block_minutes', 'grace_seconds', 'max_concurrent_calls',
   'burn_rate', 'burn_k', 'burn_at_s', 'burn_frozen_pence',
-  'low_balance_threshold_pence', 'alert_low_sent', 'alert_exhausted_sent',
+  'low_balance_threshold_pence', 'alert_low_sent', 'alert_exhausted_sent', 'epoch',
 }
 
 local function org_load(key)
@@ -307,11 +307,22 @@ local function outbox_ledger(stream, org_id, org, e, now_ms)
     'ms', istr(now_ms), 's', istr(org.seq))
 end
 
+-- The key of a balance alert: once per change of the org. seq starts again at 1 when a lost org
+-- is rebuilt from Postgres, so the key carries the restore's epoch too (a later crossing's alert
+-- must not be taken for an earlier one's and dropped as a duplicate).
+local function balance_alert_key(org_id, kind, epoch, seq)
+  return 'alert:' .. org_id .. ':' .. kind .. ':' .. istr(epoch) .. '.' .. istr(seq)
+end
+
 -- An alert for the org's webhook (delivered by the worker from Postgres's alert_events). Its key
--- makes it once per call for a call's alert, once per change (seq) for a balance alert.
+-- makes it once per call for a call's alert, once per change for a balance alert.
 local function outbox_alert(stream, org_id, org, kind, call_id, now_ms)
+  local key = 'alert:' .. org_id .. ':' .. kind .. ':' .. (call_id or '')
+  if call_id == nil then
+    key = balance_alert_key(org_id, kind, org.epoch, org.seq)
+  end
   rcall('XADD', stream, '*',
-    't', 'A', 'o', org_id, 'k', 'alert:' .. org_id .. ':' .. kind .. ':' .. (call_id or istr(org.seq)),
+    't', 'A', 'o', org_id, 'k', key,
     'kind', kind, 'c', call_id or '',
     'b', istr(org.balance_pence), 'av', istr(org.balance_pence - org.held_pence),
     'th', istr(org.low_balance_threshold_pence), 'ms', istr(now_ms), 's', istr(org.seq))

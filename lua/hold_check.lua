@@ -179,12 +179,12 @@ if changed then
 end
 if extended then
   -- Low-balance alerts, as alerts_after_debit in _lib.lua.
-  local a = rcall('HMGET', KEYS[1], 'low_balance_threshold_pence', 'alert_low_sent', 'alert_exhausted_sent')
+  local a = rcall('HMGET', KEYS[1], 'low_balance_threshold_pence', 'alert_low_sent', 'alert_exhausted_sent', 'epoch')
   local threshold = tonumber(a[1]) or 0
   local available = balance - held
   local function alert(kind, flag)
     rcall('HSET', KEYS[1], flag, '1')
-    rcall('XADD', KEYS[3], '*', 't', 'A', 'o', ARGV[2], 'k', 'alert:' .. ARGV[2] .. ':' .. kind .. ':' .. fmt('%d', seq),
+    rcall('XADD', KEYS[3], '*', 't', 'A', 'o', ARGV[2], 'k', 'alert:' .. ARGV[2] .. ':' .. kind .. ':' .. fmt('%d.%d', tonumber(a[4]) or 0, seq),
       'kind', kind, 'c', '', 'b', fmt('%d', balance), 'av', fmt('%d', available), 'th', fmt('%d', threshold),
       'ms', fmt('%d', now), 's', fmt('%d', seq))
   end

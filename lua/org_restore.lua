@@ -1,11 +1,12 @@
 --[[
   Replace one org's state with a snapshot built from Postgres (the reconciler's write).
-  Idempotency records that state facts true whatever happens here (a deduction that happened, a
-  call that was resolved, a credit Redis applied long ago) are restored before this runs, by
-  plain HSET/ZADD: an org is invisible to every other script until this script creates its
-  hash, so no replay can slip in between. The records of credits Redis has not confirmed yet
-  come in ARGV instead and are written only if the restore happens: they say "this credit is in
-  the balance", which is true of the snapshot's balance and of no other.
+  The snapshot's idempotency records (deductions that happened, calls that were resolved,
+  credits in the balance) are staged beforehand in a hash of their own (plain HSETs, any number
+  of them, under the org's hash tag) and copied into the org's records here, only if the restore
+  happens: a restore refused because the org is present (or has moved on) must not rewrite
+  records that Redis holds newer than Postgres (a call committed here and still on its way to
+  the ledger must not be set back to 'expired', or a late report would settle it twice). The
+  staging hash is deleted either way.
 
   Input:
     KEYS[1] org hash              <prefix>:{org:<org_id>}:org
@@ -13,6 +14,7 @@
     KEYS[3] outbox stream         <prefix>:{org:<org_id>}:outbox
     KEYS[4] idempotency hash      <prefix>:{org:<org_id>}:idem
     KEYS[5] idempotency expiries  <prefix>:{org:<org_id>}:idem_exp
+    KEYS[6] staged records        <prefix>:{org:<org_id>}:restore:<token>
 
     ARGV[1]  now_ms               0 = Redis TIME
     ARGV[2]  org_id
@@ -28,10 +30,12 @@
     ARGV[11] grace_seconds
     ARGV[12] max_concurrent_calls
     ARGV[13] low_balance_threshold_pence
-    ARGV[14] holds_count          how many live holds follow
-    ARGV[15..] holds_count pairs (call_id, hold record), then triples (field, value,
-               expires_ms): the idempotency records of the credits in the snapshot's balance
-               that Redis has not confirmed
+    ARGV[14] epoch                1 .. 2^48, random: names this restore in the org's balance alert
+                                  keys ('absent' mode; 'seq' mode keeps the org's own, as seq goes on)
+    ARGV[15] holds_count          how many live holds follow
+    ARGV[16..] holds_count pairs (call_id, hold record)
+
+  The staged records: field -> "<expires_ms>|<value>", one per idempotency record.
 
   The kill switch's burn sums are rebuilt from the restored holds, and the alerts are armed as
   if the balance had just been reached (no alert for a crossing nobody saw).
@@ -58,44 +62,49 @@ local block = int_arg(ARGV[10], 'hold_block_minutes', 1, 60)
 local grace = int_arg(ARGV[11], 'grace_seconds', 0, 300)
 local max_calls = int_arg(ARGV[12], 'max_concurrent_calls', 0, 1000000)
 local threshold = int_arg(ARGV[13], 'low_balance_threshold_pence', 0, 1000000000000)
-local holds_count = int_arg(ARGV[14], 'holds_count', 0, 1000000)
-local holds_end = 14 + 2 * holds_count
-if #ARGV < holds_end or (#ARGV - holds_end) % 3 ~= 0 then
-  error('bad argument holds/records: pairs then triples expected')
+local epoch = int_arg(ARGV[14], 'epoch', 1, 281474976710656)
+local holds_count = int_arg(ARGV[15], 'holds_count', 0, 1000000)
+local holds_end = 15 + 2 * holds_count
+if #ARGV ~= holds_end then
+  error('bad argument holds: holds_count pairs expected')
 end
 if mode ~= 'absent' and mode ~= 'seq' then
   error('bad argument mode: ' .. tostring(mode))
 end
 
 local org = org_load(KEYS[1])
-if rcall('XLEN', KEYS[3]) > 0 then
-  return head(-9, org)
-end
-if mode == 'absent' and org ~= nil then
-  return head(-9, org)
-end
-if mode == 'seq' and (org == nil or org.seq ~= expected_seq) then
+if rcall('XLEN', KEYS[3]) > 0 or (mode == 'absent' and org ~= nil)
+    or (mode == 'seq' and (org == nil or org.seq ~= expected_seq)) then
+  rcall('DEL', KEYS[6])
   return head(-9, org)
 end
 
 local held = 0
 local burn = {burn_rate = 0, burn_k = 0, burn_at_s = math.floor(now / 1000), burn_frozen_pence = 0}
-for i = 15, holds_end, 2 do
+for i = 16, holds_end, 2 do
   local h = hold_decode(ARGV[i + 1])
   held = held + h.hold_pence
   burn_add(burn, h, now)
 end
 
 rcall('DEL', KEYS[2])
-for i = 15, holds_end, 2 do
+for i = 16, holds_end, 2 do
   rcall('HSET', KEYS[2], ARGV[i], ARGV[i + 1])
 end
-for i = holds_end + 1, #ARGV, 3 do
-  idem_put(KEYS[4], KEYS[5], ARGV[i], ARGV[i + 1], int_arg(ARGV[i + 2], 'expires_ms', 0, 9007199254740991))
+local staged = rcall('HGETALL', KEYS[6])
+for i = 1, #staged, 2 do
+  local expires, value = string.match(staged[i + 1], '^(%d+)|(.*)$')
+  if expires == nil then
+    error('corrupt staged record: ' .. staged[i + 1])
+  end
+  idem_put(KEYS[4], KEYS[5], staged[i], value, expires)
 end
+rcall('DEL', KEYS[6])
 local seq = expected_seq + 1
 if org == nil then
   seq = 1
+else
+  epoch = org.epoch
 end
 rcall('HSET', KEYS[1],
   'balance_pence', istr(balance), 'held_pence', istr(held), 'debt_pence', istr(debt),
@@ -105,7 +114,7 @@ rcall('HSET', KEYS[1],
   'grace_seconds', istr(grace), 'max_concurrent_calls', istr(max_calls),
   'burn_rate', istr(burn.burn_rate), 'burn_k', istr(burn.burn_k),
   'burn_at_s', istr(burn.burn_at_s), 'burn_frozen_pence', istr(burn.burn_frozen_pence),
-  'low_balance_threshold_pence', istr(threshold))
+  'low_balance_threshold_pence', istr(threshold), 'epoch', istr(epoch))
 local available = balance - held
 local low_sent, exhausted_sent = '0', '0'
 if available < threshold then

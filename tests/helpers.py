@@ -17,3 +17,29 @@ async def new_org(rt: Runtime, balance_pence: int = 0, *, rate_pence_per_minute:
         topup = await credit(rt, org_id, f"seed-{org_id}", balance_pence)
         assert topup.applied
     return org_id
+
+
+async def assert_books_agree(rt: Runtime, org_id: str) -> int:
+    """Drain the org, then: the ledger's sum = the Postgres projection = Redis's balance (and the
+    same for debt), no entry refused by the ledger, and `reconcile --check` clean. Returns the balance."""
+    from engine.balances import read_wallet
+    from engine.outbox import drain_org_fully
+    from engine.reconciler import check
+
+    await drain_org_fully(rt, org_id)
+    row = await rt.pg.fetchrow(
+        """SELECT b.balance_pence, b.debt_pence,
+                  (SELECT coalesce(sum(amount_pence), 0) FROM ledger_entries WHERE org_id = $1) AS amounts,
+                  (SELECT coalesce(sum(debt_delta_pence), 0) FROM ledger_entries WHERE org_id = $1) AS debts,
+                  (SELECT count(*) FROM ledger_rejects WHERE org_id = $1) AS rejects
+           FROM org_balances b WHERE b.org_id = $1""",
+        org_id,
+    )
+    wallet = await read_wallet(rt, org_id)
+    assert wallet is not None
+    assert row["amounts"] == row["balance_pence"] == wallet.balance_pence, (dict(row), wallet)
+    assert row["debts"] == row["debt_pence"] == wallet.debt_pence, (dict(row), wallet)
+    assert row["rejects"] == 0
+    report = await check(rt, [org_id])
+    assert report.clean, report.drifted
+    return int(wallet.balance_pence)

@@ -4,15 +4,18 @@ import asyncio
 
 from engine.assets import deduct_asset
 from engine.balances import read_wallet
-from engine.holds import CallEvent, check_call, commit_call, live_holds, reserve_call
+from engine.clock import ManualClock
+from engine.credits import credit
+from engine.holds import CallEvent, check_call, commit_call, expire_call, live_holds, reserve_call
+from engine.idempotency import call_state_key
 from engine.orgs import update_org
 from engine.outbox import drain_org_fully
 from engine.reconciler import check, repair
-from engine.restore import ensure_rebuilt, state_present
+from engine.restore import ensure_rebuilt, restore_org_if_absent, restore_orgs, snapshot_orgs, state_present
 from engine.results import Outcome
 from engine.runtime import Runtime
 from tests.conftest import delete_prefix
-from tests.helpers import new_org
+from tests.helpers import assert_books_agree, new_org
 
 
 async def flush_redis(rt: Runtime) -> None:
@@ -147,3 +150,68 @@ async def test_a_refused_restore_does_not_mark_a_pending_credit_as_applied(rt: R
     wallet = await read_wallet(rt, org)
     assert wallet is not None and wallet.balance_pence == 1500
     assert (await check(rt, [org])).clean
+
+
+async def _committed_in_redis_expired_in_postgres(rt: Runtime, clock: ManualClock) -> str:
+    """A call that expired (and Postgres knows it), then a late report committed it in Redis: that
+    commit is still on its way to the ledger, so Postgres says 'expired' and Redis 'committed'."""
+    org = await new_org(rt, 1000)
+    assert (await reserve_call(rt, org, "late")).outcome == Outcome.ok
+    await check_call(rt, org, "late", CallEvent.start)
+    clock.advance(30_000)
+    await check_call(rt, org, "late", CallEvent.end)
+    clock.advance(rt.settings.hold_report_slack_ms + 1)
+    assert (await expire_call(rt, org, "late")).charged_pence == 30
+    await drain_org_fully(rt, org)
+    assert (await commit_call(rt, org, "late", 45)).outcome == Outcome.adjusted  # +15p, not yet drained
+    return org
+
+
+async def test_a_restore_that_does_not_happen_leaves_the_orgs_records_alone(rt: Runtime, clock: ManualClock) -> None:
+    """Three ways a restore is refused: a rebuild over an org that is present, two processes
+    bringing the same org in, a repair whose org moved on. None may set the call back to
+    'expired' (a replayed report would then settle it a second time)."""
+    org = await _committed_in_redis_expired_in_postgres(rt, clock)
+    snapshot = (await snapshot_orgs(rt, [org]))[org]
+    assert await restore_org_if_absent(rt, org) == Outcome.restore_conflict  # present: another process has it
+    assert (await restore_orgs(rt, [snapshot], "absent"))[org] == Outcome.restore_conflict  # a rebuild over it
+    assert (await restore_orgs(rt, [snapshot], "seq", expected_seq=1))[org] == Outcome.restore_conflict  # a repair
+    replay = await commit_call(rt, org, "late", 45)
+    assert (replay.outcome, replay.charged_pence) == (Outcome.replayed, 45)
+    assert await assert_books_agree(rt, org) == 1000 - 45
+    kinds = await rt.pg.fetch("SELECT kind, amount_pence FROM ledger_entries WHERE org_id = $1 AND call_id = 'late' ORDER BY id", org)
+    assert [(r["kind"], r["amount_pence"]) for r in kinds] == [("call_expired", -30), ("call_adjustment", -15)]
+    # Nothing staged is left behind in Redis.
+    assert not [key async for key in rt.redis.scan_iter(match=f"{rt.keys.prefix}:*:restore:*")]
+
+
+async def test_check_compares_call_resolutions_in_redis_with_postgres(rt: Runtime, clock: ManualClock) -> None:
+    org = await _committed_in_redis_expired_in_postgres(rt, clock)
+    assert (await check(rt, [org])).clean  # the commit is on its way: not drift
+    await drain_org_fully(rt, org)
+    assert (await check(rt, [org])).clean
+    # Redis set back to what Postgres said before the late report (what a refused restore did).
+    await rt.redis.hset(rt.keys.org(org).idem, call_state_key(org, "late"), "expired|30|30|60")
+    (drift,) = (await check(rt, [org])).drifted
+    assert any("late" in problem and "committed" in problem for problem in drift.problems), drift.problems
+    # A resolution Redis has forgotten inside the window (a replay would bill it again).
+    await rt.redis.hdel(rt.keys.org(org).idem, call_state_key(org, "late"))
+    (drift,) = (await check(rt, [org])).drifted
+    assert any("late" in problem for problem in drift.problems), drift.problems
+    assert (await repair(rt, [org])).repaired == [org]
+    assert (await commit_call(rt, org, "late", 45)).outcome == Outcome.replayed
+    assert await assert_books_agree(rt, org) == 955
+
+
+async def test_balance_alerts_after_a_rebuild_are_not_dropped_as_duplicates(rt: Runtime) -> None:
+    """seq starts again at 1 in a rebuilt org: the same crossing again must be a new alert."""
+    org = await new_org(rt, 100, low_balance_threshold_pence=50)
+    assert (await deduct_asset(rt, org, "a1", 60)).outcome == Outcome.ok  # 40 < 50: low_balance
+    await drain_org_fully(rt, org)
+    await flush_redis(rt)
+    await ensure_rebuilt(rt)
+    await credit(rt, org, "t1", 60)  # 100 again: re-armed
+    assert (await deduct_asset(rt, org, "a2", 60)).outcome == Outcome.ok  # crossed again
+    await drain_org_fully(rt, org)
+    rows = await rt.pg.fetch("SELECT kind FROM alert_events WHERE org_id = $1 AND kind = 'low_balance'", org)
+    assert len(rows) == 2

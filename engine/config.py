@@ -37,6 +37,13 @@ def _bool(env: Mapping[str, str], name: str) -> bool:
     raise ConfigError(f"{name} must be 1 or 0 (true/false), got {raw!r}")
 
 
+def _choice(env: Mapping[str, str], name: str, default: str, choices: tuple[str, ...]) -> str:
+    raw = env.get(name, "").strip().lower() or default
+    if raw not in choices:
+        raise ConfigError(f"{name} must be one of {', '.join(choices)}, got {raw!r}")
+    return raw
+
+
 @dataclass(frozen=True)
 class Settings:
     redis_url: str | None = None  # None: `credit-engine up` starts an embedded Redis
@@ -84,6 +91,9 @@ class Settings:
     kill_poll_interval_ms: int = 200
     vapi_control_base_url: str | None = None  # replaces a control URL's scheme and host (a proxy, a test's fake Vapi)
     vapi_control_token: str | None = None  # Bearer token when monitorPlan.controlAuthenticationEnabled
+    # A live call no org admitted (engine/attribution.py) bills nobody: "end" ends it through its
+    # control URL, "allow" lets it run (the platform pays Vapi for it).
+    unattributed_calls: str = "end"
     # Alerts to orgs' webhooks (engine/alerts.py), signed with a per-org key derived from this.
     alert_signing_key: str | None = None  # None: alerts are not sent (they wait in alert_events)
     alert_attempts_max: int = 8
@@ -141,6 +151,7 @@ class Settings:
             kill_poll_interval_ms=_int(env, "CREDIT_ENGINE_KILL_POLL_INTERVAL_MS", 200, 10, 10_000),
             vapi_control_base_url=(env.get("VAPI_CONTROL_BASE_URL") or "").rstrip("/") or None,
             vapi_control_token=env.get("VAPI_CONTROL_TOKEN") or None,
+            unattributed_calls=_choice(env, "CREDIT_ENGINE_UNATTRIBUTED_CALLS", "end", ("end", "allow")),
             alert_signing_key=env.get("CREDIT_ENGINE_ALERT_SIGNING_KEY") or None,
             alert_attempts_max=_int(env, "CREDIT_ENGINE_ALERT_ATTEMPTS_MAX", 8, 1, 100),
             alert_backoff_base_ms=_int(env, "CREDIT_ENGINE_ALERT_BACKOFF_BASE_MS", 2_000, 1, 3_600_000),

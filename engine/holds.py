@@ -43,12 +43,29 @@ log = logging.getLogger(__name__)
 resolved_lookup_timeout_s = 2.0
 
 
+class Unfunded(IntEnum):
+    """What hold_reserve.lua does with a call it cannot fund (its ARGV mode)."""
+
+    refuse = 0  # an admission (assistant-request, the reserve API): the call does not start
+    record = 1  # a call already running: record an unfunded hold, so it is ended and billed
+    always = 2  # a running call that must not be funded (its number is suspended)
+
+
 @dataclass(frozen=True)
 class Reservation:
-    outcome: Outcome  # ok, replayed, insufficient_funds, org_unknown, call_already_resolved, ...
+    outcome: Outcome  # ok, replayed, admitted_unfunded, insufficient_funds, org_unknown, call_already_resolved, ...
     money: Money
     hold_pence: int
-    max_duration_s: int
+    max_duration_s: int  # 0 for an unfunded hold
+
+    @property
+    def held(self) -> bool:
+        """The call has a hold now (funded or not)."""
+        return self.outcome in (Outcome.ok, Outcome.replayed, Outcome.admitted_unfunded)
+
+    @property
+    def funded(self) -> bool:
+        return self.held and self.max_duration_s > 0
 
 
 class CallEvent(IntEnum):
@@ -80,7 +97,7 @@ class Resolution:
     hold_pence: int  # the hold that was resolved (0 for direct billing)
 
 
-async def reserve_call(rt: Runtime, org_id: str, call_id: str) -> Reservation:
+async def reserve_call(rt: Runtime, org_id: str, call_id: str, unfunded: Unfunded = Unfunded.refuse) -> Reservation:
     validate.org_id(org_id)
     validate.call_id(call_id)
     keys = rt.keys.org(org_id)
@@ -95,6 +112,7 @@ async def reserve_call(rt: Runtime, org_id: str, call_id: str) -> Reservation:
             call_state_key(org_id, call_id),
             rt.settings.hold_report_slack_ms,
             rt.settings.outbox_per_org_max,
+            int(unfunded),
         ],
         rt.keys.outbox_dirty(org_id),
         org_id,
@@ -102,9 +120,12 @@ async def reserve_call(rt: Runtime, org_id: str, call_id: str) -> Reservation:
     result = decode(reply, tail_length=2)
     await file_depletion(rt, org_id, result.depletion_ms)
     hold_pence, max_duration_s = result.tail
-    if result.outcome in (Outcome.ok, Outcome.replayed):
+    if result.outcome == Outcome.ok or (result.outcome == Outcome.replayed and max_duration_s > 0):
         assert hold_pence > 0
         assert limits.max_duration_s_min <= max_duration_s <= limits.max_duration_s_max
+    if result.outcome == Outcome.admitted_unfunded:
+        assert unfunded != Unfunded.refuse
+        assert (hold_pence, max_duration_s) == (0, 0)
     if result.outcome == Outcome.ok:
         assert result.money.held_pence >= hold_pence
     if result.outcome == Outcome.outbox_full:

@@ -55,9 +55,10 @@ class OrgKeys:
     outbox: str  # stream: ledger entries and hold events not yet in Postgres
     dead: str  # stream: outbox entries the ledger refused, kept until a repair archives them
     kill: str  # hash: call_id -> the kill switch's progress with that call (warned, ended)
+    control: str  # hash: call_id -> the call's control URL (engine/call_index.py)
 
     def all(self) -> list[str]:
-        return [self.org, self.holds, self.idem, self.idem_exp, self.outbox, self.dead, self.kill]
+        return [self.org, self.holds, self.idem, self.idem_exp, self.outbox, self.dead, self.kill, self.control]
 
     def restore_staging(self, token: str) -> str:
         """Hash: one restore's idempotency records, staged before org_restore.lua takes them (or
@@ -86,6 +87,7 @@ class Keyspace:
             outbox=f"{tag}:outbox",
             dead=f"{tag}:outbox:dead",
             kill=f"{tag}:kill",
+            control=f"{tag}:control",
         )
 
     def outbox_dirty(self, org_id: str) -> str:
@@ -97,7 +99,7 @@ class Keyspace:
         return [f"{self.prefix}:outbox:dirty:{{{tag}}}" for tag in HINT_SHARD_TAGS]
 
     def call_index(self, call_id: str) -> str:
-        """Hash: the org that claimed a call and its control URL (webapp/call_index.py)."""
+        """Hash: the org that admitted a call first (engine/call_index.py)."""
         return f"{self.prefix}:call:{call_id}"
 
     def kill_schedule(self, org_id: str) -> str:

@@ -86,14 +86,21 @@ async def forget_owner(rt: Runtime, *vapi_phone_number_ids: str) -> None:
         await rt.redis.hdel(_owner_key(rt), *vapi_phone_number_ids)
 
 
-async def number_owner(rt: Runtime, vapi_phone_number_id: str, *, active_only: bool = True) -> tuple[str, str | None] | None:
-    """(org_id, assistant_id) of a registered number, from Redis, else Postgres; None if unknown.
-    The cache holds active numbers only; active_only=False (billing a call already running) also
-    finds a suspended or released number's owner."""
+@dataclass(frozen=True)
+class Owner:
+    org_id: str
+    assistant_id: str | None
+    active: bool  # False: suspended or released; its calls are still its owner's, new ones are refused
+
+
+async def number_owner(rt: Runtime, vapi_phone_number_id: str, *, active_only: bool = True) -> Owner | None:
+    """The org a registered number belongs to, from Redis, else Postgres; None if unknown. The
+    cache holds active numbers only; active_only=False (a call already running) also finds a
+    suspended or released number's owner."""
     cached = await rt.redis.hget(_owner_key(rt), vapi_phone_number_id)
     if cached is not None:
         org_id, _, assistant_id = cached.partition("|")
-        return org_id, assistant_id or None
+        return Owner(org_id, assistant_id or None, active=True)
     row = await rt.pg.fetchrow(
         "SELECT org_id, assistant_id, status FROM phone_numbers WHERE vapi_phone_number_id = $1", vapi_phone_number_id
     )
@@ -101,7 +108,7 @@ async def number_owner(rt: Runtime, vapi_phone_number_id: str, *, active_only: b
         return None
     if row["status"] == "active":
         await rt.redis.hset(_owner_key(rt), vapi_phone_number_id, f"{row['org_id']}|{row['assistant_id'] or ''}")
-    return row["org_id"], row["assistant_id"]
+    return Owner(row["org_id"], row["assistant_id"], active=row["status"] == "active")
 
 
 async def number_for_provision_key(rt: Runtime, org_id: str, provision_key: str) -> PhoneNumber | None:

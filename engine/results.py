@@ -13,6 +13,7 @@ class Outcome(IntEnum):
     replayed = 1
     adjusted = 2
     unknown_call = 3  # hold_commit: Redis has no hold and no resolution for the call
+    admitted_unfunded = 4  # hold_reserve: a running call the org cannot fund, recorded so it is ended and billed
     insufficient_funds = -1
     org_unknown = -2
     idempotency_conflict = -3

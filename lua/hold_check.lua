@@ -4,7 +4,8 @@
   the hold's rate. While the call runs and less than a minute of its hold is left, the hold is
   extended block by block while the org has available credit (like telecom quota
   re-authorisation). end_call is 1 once the call has used all the time its hold funds and no
-  more credit can be added, or once the call has ended.
+  more credit can be added, or once the call has ended. An unfunded hold (max_duration_s 0,
+  see hold_reserve.lua) funds no time and is never extended: end_call is 1 once its call runs.
 
   This is the hot path (every status check), so it is written without the shared library: no
   closures to build, no tables for the org or the hold, only the five org fields it needs, and
@@ -133,7 +134,8 @@ local cost = math.floor((billed * rate + 59) / 60)
 
 -- Extend while less than a minute of the hold is left. A hold event must be recorded for
 -- every extension, so a full outbox means no extension.
-if started > 0 and ended == 0 and hold - cost < rate and rcall('XLEN', KEYS[3]) < tonumber(ARGV[6]) then
+-- An unfunded hold (max_duration_s 0: hold_reserve.lua) is never extended: the kill switch ends its call.
+if started > 0 and ended == 0 and max_duration_s > 0 and hold - cost < rate and rcall('XLEN', KEYS[3]) < tonumber(ARGV[6]) then
   local block = tonumber(v[5]) * rate
   for _ = 1, tonumber(ARGV[7]) do
     local available = balance - held

@@ -7,7 +7,8 @@
   attempt and is due again after a backoff unless killswitch_ack.lua confirms it first, so a
   worker that dies mid-request leaves nothing undone. A call whose deadline a top-up moved
   away is no longer at risk: its pending warning and end-call are forgotten, and warned again
-  if the credit runs low again. Calls that have ended are left alone.
+  if the credit runs low again. Calls that have ended are left alone. A call on an unfunded hold
+  (max_duration_s 0: hold_reserve.lua) is ended at once, without a warning.
 
   Input:
     KEYS[1] org hash              <prefix>:{org:<org_id>}:org
@@ -124,7 +125,11 @@ for i = 1, #live, 2 do
   local text = rcall('HGET', KEYS[3], call_id)
   local s = decode_state(text)
   local before = table.concat(s, '|')
-  if h.ended_ms == 0 then
+  if h.ended_ms == 0 and h.max_duration_s == 0 then
+    -- An unfunded hold (hold_reserve.lua): the engine funds none of this call. End it now,
+    -- whatever the org's credit, without a warning.
+    step(s, 3, call_id, 'end')
+  elseif h.ended_ms == 0 then
     if now < warn_at then
       -- Not at risk (or rescued by a top-up): forget the warning and any end-call attempts,
       -- unless the call was already ended.

@@ -23,7 +23,7 @@ from engine.errors import InvalidInput, OrgNotFound
 from engine.runtime import Runtime
 from engine.telephony import Telephony, VapiTelephony, make_telephony
 from webapp import admin, alerts_api, health, managed_telephony, vapi, wallet
-from webapp.call_index import CallIndex
+from engine.call_index import CallIndex
 from webapp.context import AppContext
 from webapp.metrics import Metrics
 from webapp.middleware import BodySizeLimit

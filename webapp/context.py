@@ -9,7 +9,7 @@ from engine.orgs import org_exists
 from engine.restore import restore_org_if_absent
 from engine.runtime import Runtime
 from engine.telephony import Telephony
-from webapp.call_index import CallIndex
+from engine.call_index import CallIndex
 from webapp.metrics import Metrics
 from webapp.responses import ApiError
 from webapp.state import StateGuard

@@ -16,9 +16,11 @@ from starlette.responses import Response
 
 from engine import keys as key_rules
 from engine.errors import InvalidInput
-from engine.holds import CallEvent, check_call, commit_call, release_call, reserve_call
-from engine.phone_numbers import number_owner
-from engine.results import Outcome
+from engine.attribution import Attribution, attribute, resolved_in_postgres
+from engine.control import control_url_allowed
+from engine.end_queue import end_unheld_call
+from engine.holds import CallCheck, CallEvent, Reservation, Unfunded, check_call, commit_call, release_call, reserve_call
+from engine.results import Money, Outcome
 from engine.idempotency import call_state_key
 from webapp.auth import vapi_authenticated
 from webapp.context import AppContext, context
@@ -35,6 +37,7 @@ SPOKEN_NO_CREDIT = "Sorry, there is not enough credit on this account to take yo
 SPOKEN_NOT_SET_UP = "Sorry, this number is not set up to take calls yet."
 SPOKEN_BUSY = "Sorry, all of this account's lines are busy right now. Please try again in a few minutes."
 SPOKEN_TRY_LATER = "Sorry, we cannot take your call right now. Please try again in a few minutes."
+ZERO_MONEY = Money(0, 0, 0, 0, 0)
 
 
 async def _authenticated_body(request: Request) -> Any:
@@ -45,17 +48,9 @@ async def _authenticated_body(request: Request) -> Any:
     return parse_json(raw)
 
 
-async def resolve_org(ctx: AppContext, message: VapiMessage) -> tuple[str | None, str | None]:
-    """(org_id, assistant_id): the owner of the call's number, else the org we put in the call."""
-    if message.phone_number_id is not None:
-        # Only an active number admits a new call; a call already running on a number suspended
-        # since (unpaid rent) is still billed to its owner.
-        owner = await number_owner(ctx.rt, message.phone_number_id, active_only=message.type == "assistant-request")
-        if owner is not None:
-            return owner[0], owner[1] or message.assistant_id
-    if message.org_id_hint is not None and key_rules.is_org_id(message.org_id_hint):
-        return message.org_id_hint, message.assistant_id
-    return None, None
+async def attribute_message(ctx: AppContext, message: VapiMessage) -> Attribution:
+    """Which org pays for the message's call (engine/attribution.py has the rule)."""
+    return await attribute(ctx.rt, ctx.calls, message.call_id, message.phone_number_id, message.org_id_hint)
 
 
 async def webhook(request: Request) -> Response:
@@ -89,9 +84,9 @@ def _release_later(ctx: AppContext, message: VapiMessage) -> None:
     it (a call that never started is charged nothing), so it does not lock credit until it expires."""
 
     async def release() -> None:
-        org_id, _ = await resolve_org(ctx, message)
-        if org_id is not None and message.call_id is not None and key_rules.is_call_id(message.call_id):
-            resolution = await release_call(ctx.rt, org_id, message.call_id)
+        who = await attribute_message(ctx, message)
+        if who.by_number and message.call_id is not None and key_rules.is_call_id(message.call_id):
+            resolution = await release_call(ctx.rt, who.org_id, message.call_id)  # type: ignore[arg-type]
             log.warning("released the hold of refused call %s: %s", message.call_id, resolution.outcome.name)
 
     async def guarded() -> None:
@@ -105,21 +100,25 @@ def _release_later(ctx: AppContext, message: VapiMessage) -> None:
     task.add_done_callback(_background.discard)
 
 
-async def _reserve(ctx: AppContext, org_id: str, call_id: str) -> Any:
-    reservation = await reserve_call(ctx.rt, org_id, call_id)
+async def _reserve(ctx: AppContext, org_id: str, call_id: str, unfunded: Unfunded = Unfunded.refuse) -> Reservation:
+    reservation = await reserve_call(ctx.rt, org_id, call_id, unfunded)
     if reservation.outcome == Outcome.org_unknown and await ctx.bring_org_in(org_id):
-        reservation = await reserve_call(ctx.rt, org_id, call_id)
+        reservation = await reserve_call(ctx.rt, org_id, call_id, unfunded)
     ctx.metrics.decision("reserve", reservation.outcome.name)
     return reservation
 
 
 async def assistant_request(ctx: AppContext, message: VapiMessage) -> dict[str, Any]:
-    org_id, assistant_id = await resolve_org(ctx, message)
-    assistant_id = assistant_id or ctx.settings.default_assistant_id
-    if org_id is None or assistant_id is None:
-        log.warning("assistant-request for a number with no org or no assistant: %r", message.phone_number_id)
+    # Only a number admits a call here: an assistant-request is an inbound call to a bare number.
+    # (A call's variableValues are the platform's text, never a reason to bill an org.)
+    who = await attribute_message(ctx, message)
+    assistant_id = who.assistant_id or ctx.settings.default_assistant_id
+    if not who.by_number or not who.may_admit or assistant_id is None:
+        log.warning("assistant-request for a number with no org, no assistant, or suspended: %r", message.phone_number_id)
         ctx.metrics.webhooks.labels(message.type, "unknown_number").inc()
         return {"error": SPOKEN_NOT_SET_UP}
+    org_id = who.org_id
+    assert org_id is not None
     if message.call_id is None or not key_rules.is_call_id(message.call_id):
         log.warning("assistant-request without a usable call.id for org %s", org_id)
         return {"error": SPOKEN_TRY_LATER}
@@ -129,7 +128,7 @@ async def assistant_request(ctx: AppContext, message: VapiMessage) -> dict[str, 
     reservation = await _reserve(ctx, org_id, message.call_id)
     ctx.metrics.webhooks.labels(message.type, reservation.outcome.name).inc()
     if reservation.outcome in (Outcome.ok, Outcome.replayed):
-        await ctx.calls.remember(message.call_id, org_id, message.control_url)
+        await _remember(ctx, message, org_id)
         return {
             "assistantId": assistant_id,
             "assistantOverrides": {
@@ -144,36 +143,111 @@ async def assistant_request(ctx: AppContext, message: VapiMessage) -> dict[str, 
     return {"error": SPOKEN_TRY_LATER}
 
 
+async def _remember(ctx: AppContext, message: VapiMessage, org_id: str) -> None:
+    """The org admitted the call: index it, and keep its control URL if it is one of Vapi's."""
+    assert message.call_id is not None
+    control_url = message.control_url
+    if control_url is not None and not control_url_allowed(ctx.settings, control_url):
+        log.warning("call %s of org %s names a control URL not on Vapi's hosts; not kept", message.call_id, org_id)
+        ctx.metrics.webhooks.labels(message.type, "control_url_refused").inc()
+        control_url = None
+    await ctx.calls.remember(message.call_id, org_id, control_url)
+
+
 async def status_update(ctx: AppContext, message: VapiMessage) -> dict[str, Any]:
     if message.status not in ("in-progress", "ended"):
         return {}
-    org_id, _ = await resolve_org(ctx, message)
-    if org_id is None or message.call_id is None or not key_rules.is_call_id(message.call_id):
-        log.warning("status-update %s for a call we cannot place (call %r): ignored", message.status, message.call_id)
-        ctx.metrics.webhooks.labels(message.type, "unknown_org").inc()
+    if message.call_id is None or not key_rules.is_call_id(message.call_id):
+        log.warning("status-update %s without a usable call id: ignored", message.status)
+        ctx.metrics.webhooks.labels(message.type, "unknown_call").inc()
         return {}
+    who = await attribute_message(ctx, message)
+    if not who.known:
+        await _unattributed(ctx, message)
+        return {}
+    org_id = who.org_id
+    assert org_id is not None
     event = CallEvent.start if message.status == "in-progress" else CallEvent.end
     checked = await check_call(ctx.rt, org_id, message.call_id, event)
+    if checked.outcome == Outcome.org_unknown and await ctx.bring_org_in(org_id):
+        checked = await check_call(ctx.rt, org_id, message.call_id, event)
     if checked.outcome == Outcome.hold_not_found and event == CallEvent.start:
-        # A live call we have never seen (an outbound call, a lost assistant-request): reserve
-        # on first sight. A call already resolved stays resolved (the reserve refuses it).
-        reservation = await _reserve(ctx, org_id, message.call_id)
-        if reservation.outcome in (Outcome.ok, Outcome.replayed):
-            checked = await check_call(ctx.rt, org_id, message.call_id, event)
-        else:
-            log.warning("call %s of org %s is live without credit: %s", message.call_id, org_id, reservation.outcome.name)
+        checked = await _first_sight(ctx, message, who, org_id)
     if checked.outcome == Outcome.ok:
-        await ctx.calls.remember(message.call_id, org_id, message.control_url)
+        await _remember(ctx, message, org_id)
     ctx.metrics.webhooks.labels(f"{message.type}:{message.status}", checked.outcome.name).inc()
     return {}
 
 
+async def _first_sight(ctx: AppContext, message: VapiMessage, who: Attribution, org_id: str) -> CallCheck:
+    """A live call with no hold: an outbound call, a lost assistant-request, a number with an
+    assistant attached at Vapi. Admitted if it may be; a call that cannot be funded (short of
+    credit, at max_concurrent_calls, outbox full, a suspended number) gets an unfunded hold, so
+    the kill switch ends it at once, it counts against the limit while it lives and its report
+    bills it. A call resolved before (Redis, else Postgres: Redis forgets after its idempotency
+    window) is not taken again: it is only ended, so a replayed status-update locks no credit."""
+    call_id = message.call_id
+    assert call_id is not None
+    not_found = CallCheck(Outcome.hold_not_found, ZERO_MONEY, False, 0, 0, 0, False, False)
+    if not who.by_number or await resolved_in_postgres(ctx.rt, org_id, call_id):
+        return await _resolved_before(ctx, message, org_id, not_found)
+    unfunded = Unfunded.record if who.may_admit else Unfunded.always
+    reservation = await _reserve(ctx, org_id, call_id, unfunded)
+    if reservation.outcome == Outcome.call_already_resolved:
+        return await _resolved_before(ctx, message, org_id, not_found)
+    if not reservation.held:
+        log.error("live call %s of org %s could not be recorded (%s): it runs until Vapi's maxDurationSeconds",
+                  call_id, org_id, reservation.outcome.name)  # fmt: skip
+        await _end_unheld(ctx, message, org_id, reservation.outcome.name)
+        return not_found
+    if not reservation.funded:
+        reason = "number_suspended" if not who.may_admit else "cannot_fund"
+        log.warning("live call %s of org %s cannot be funded (%s): ending it", call_id, org_id, reason)
+        ctx.metrics.webhooks.labels(message.type, f"unfunded_{reason}").inc()
+    return await check_call(ctx.rt, org_id, call_id, CallEvent.start)
+
+
+async def _resolved_before(ctx: AppContext, message: VapiMessage, org_id: str, not_found: CallCheck) -> CallCheck:
+    """A status-update in-progress for a call already resolved: almost always a late or replayed
+    message of a call that is over, so it takes no hold (none to lock credit, count against the
+    limit or pull the kill switch's deadline in). Should the call really be running, it is ended:
+    an end-call to a call that is over does no harm. No org alert if that fails (the call is
+    most likely gone); the end queue logs it and counts it."""
+    log.warning("status-update in-progress for call %s of org %s, resolved before: not held again; ending it",
+                message.call_id, org_id)  # fmt: skip
+    if message.control_url is not None:
+        await _end_unheld(ctx, message, None, "resolved_before")
+    else:
+        ctx.metrics.webhooks.labels(message.type, "resolved_before").inc()
+    return not_found
+
+
+async def _unattributed(ctx: AppContext, message: VapiMessage) -> None:
+    """A call no org admitted: nobody is billed; counted, logged, and ended unless allowed."""
+    ctx.metrics.webhooks.labels(message.type, "unattributed").inc()
+    log.warning("%s %s for call %s: no org admitted it (number %r, hint %r); billed to nobody", message.type,
+                message.status or "", message.call_id, message.phone_number_id, message.org_id_hint)  # fmt: skip
+    if message.type == "status-update" and message.status == "in-progress" and ctx.settings.unattributed_calls == "end":
+        await _end_unheld(ctx, message, None, "unattributed")
+
+
+async def _end_unheld(ctx: AppContext, message: VapiMessage, org_id: str | None, reason: str) -> None:
+    assert message.call_id is not None
+    queued = await end_unheld_call(ctx.rt, message.call_id, message.control_url, org_id=org_id, reason=reason)
+    ctx.metrics.webhooks.labels(message.type, f"end_{reason}" if queued else f"cannot_end_{reason}").inc()
+
+
 async def end_of_call_report(ctx: AppContext, message: VapiMessage) -> dict[str, Any]:
-    org_id, _ = await resolve_org(ctx, message)
-    if org_id is None or message.call_id is None or not key_rules.is_call_id(message.call_id):
-        log.warning("end-of-call-report for a call we cannot place (call %r): not billed to anyone", message.call_id)
-        ctx.metrics.webhooks.labels(message.type, "unknown_org").inc()
+    if message.call_id is None or not key_rules.is_call_id(message.call_id):
+        log.warning("end-of-call-report without a usable call id (%r): not billed to anyone", message.call_id)
+        ctx.metrics.webhooks.labels(message.type, "unknown_call").inc()
         return {}
+    who = await attribute_message(ctx, message)
+    if not who.known:
+        await _unattributed(ctx, message)
+        return {}
+    org_id = who.org_id
+    assert org_id is not None
     if message.billed_seconds is None:
         return await _report_without_duration(ctx, org_id, message.call_id)
     meta = {"vapi_cost_usd": message.cost_usd, "ended_reason": message.ended_reason}
@@ -226,10 +300,9 @@ async def status_check(request: Request) -> Response:
     body = await _authenticated_body(request)
     call_id, message = _call_id_of(body)
     ctx.require_ready()
-    org_id = None
-    if message is not None:  # a Vapi envelope names the number: that is the authority
-        org_id, _ = await resolve_org(ctx, message)
-    if org_id is None:
+    if message is not None:  # a Vapi envelope: its number, else the org that admitted the call
+        org_id = (await attribute_message(ctx, message)).org_id
+    else:  # a bare call id: the org that admitted it first
         org_id = await ctx.calls.org_of(call_id)
     if org_id is None:
         return json_response(_status_body(False, "unknown_call"))

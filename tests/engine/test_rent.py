@@ -5,7 +5,7 @@ from datetime import UTC, datetime
 from engine.clock import ManualClock
 from engine.credits import credit
 from engine.outbox import drain_org_fully
-from engine.phone_numbers import number_owner, register_number
+from engine.phone_numbers import Owner, number_owner, register_number
 from engine.rent import charge_rent
 from engine.runtime import Runtime
 from engine.telephony import FakeTelephony
@@ -88,7 +88,7 @@ async def test_unpaid_rent_alerts_then_suspends_then_a_top_up_reactivates(rt: Ru
     report = await charge_rent(rt, telephony)
     assert (report.charged, report.reactivated) == (1, 1)
     assert await _alerts(rt, org) == ["rent_failed", "number_suspended", "number_reactivated"]
-    assert await number_owner(rt, "pn-late") == (org, "a")
+    assert await number_owner(rt, "pn-late") == Owner(org, "a", active=True)
     assert await _rent_rows(rt, org) == [(rent_ledger_key(org, "pn-late", "2026-11"), -1000)]
     assert telephony.released == []
 

@@ -1,14 +1,16 @@
-"""Which org a call belongs to, for requests that name only the call (the status check).
+"""Which org admitted a call, and where to end it: written when a call is admitted.
 
-Written when a call is reserved or first seen: a per-call Redis hash (org, control URL) that
-expires two days later, and a small in-process cache in front of it, so repeated status checks
-of one call cost one script call and nothing else. The first org to claim a call id keeps it:
-another org reserving the same id (through the outbound reserve API) holds its own money, but
-cannot take over the call's status checks.
+- The index (one small Redis hash per call id, `<prefix>:call:<call_id>`, kept two days, with an
+  in-process cache in front): the org that admitted the call first. Only an org that holds the
+  call writes it (an assistant-request, the reserve API, a first sight at status-update on the
+  org's own number), and the first claim stays, so a request naming only the call (the status
+  check) finds the org that admitted it, never one that merely named it.
+- The control URL (Vapi's `call.monitor.controlUrl`), kept in the admitting org's own hash
+  (`<prefix>:{org:<org_id>}:control`, in the org's slot), so the kill switch reads it per org and
+  another org can never redirect or hide it.
 """
 
 import logging
-
 from collections import OrderedDict
 
 from engine.runtime import Runtime
@@ -28,19 +30,20 @@ class CallIndex:
         return self.rt.keys.call_index(call_id)
 
     async def remember(self, call_id: str, org_id: str, control_url: str | None = None) -> bool:
-        """Claim the call for the org (first claim wins). False if another org has it."""
+        """Record that the org admitted the call (call this only when it holds the call); the first
+        claim stays. Returns False if another org admitted the call id first."""
         key = self.key(call_id)
         async with self.rt.redis.pipeline(transaction=False) as pipe:
             pipe.hsetnx(key, "org_id", org_id)
             pipe.hget(key, "org_id")
             pipe.expire(key, call_ttl_s)
             _, owner, _ = await pipe.execute()
+        if control_url:
+            await self.rt.redis.hset(self.rt.keys.org(org_id).control, call_id, control_url)
         if owner != org_id:
-            log.warning("call %s is claimed by another org; org %s keeps its own hold but not the call's checks", call_id, org_id)
+            log.warning("call %s was admitted by another org first; org %s keeps its own hold but not the index", call_id, org_id)
             return False
         self._cache(call_id, org_id)
-        if control_url:
-            await self.rt.redis.hset(key, "control_url", control_url)
         return True
 
     async def org_of(self, call_id: str) -> str | None:

@@ -98,6 +98,8 @@ class Settings:
     alert_signing_key: str | None = None  # None: alerts are not sent (they wait in alert_events)
     alert_attempts_max: int = 8
     alert_backoff_base_ms: int = 2_000
+    # Outbound calls to URLs orgs chose (engine/outbound.py). True: internal addresses allowed (dev, tests).
+    outbound_allow_private: bool = False
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
@@ -155,6 +157,7 @@ class Settings:
             alert_signing_key=env.get("CREDIT_ENGINE_ALERT_SIGNING_KEY") or None,
             alert_attempts_max=_int(env, "CREDIT_ENGINE_ALERT_ATTEMPTS_MAX", 8, 1, 100),
             alert_backoff_base_ms=_int(env, "CREDIT_ENGINE_ALERT_BACKOFF_BASE_MS", 2_000, 1, 3_600_000),
+            outbound_allow_private=_bool(env, "CREDIT_ENGINE_OUTBOUND_ALLOW_PRIVATE"),
         )
 
     def with_services(self, redis_url: str, database_url: str) -> "Settings":

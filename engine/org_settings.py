@@ -6,9 +6,8 @@ scripts read them at decision time.
 
 from dataclasses import dataclass, fields, replace
 from typing import Any
-from urllib.parse import urlsplit
 
-from engine import limits, validate
+from engine import limits, outbound, validate
 from engine.errors import InvalidInput
 
 
@@ -69,6 +68,15 @@ class OrgSettings:
 def _check_url(value: object, field: str) -> None:
     if not isinstance(value, str) or len(value) > 2000 or not value.isprintable() or " " in value:
         raise InvalidInput(field, "must be an http(s) URL of at most 2000 characters")
-    parts = urlsplit(value)
-    if parts.scheme not in ("http", "https") or not parts.netloc:
+    if outbound.parse_url(value) is None:  # the parser the sender uses
         raise InvalidInput(field, "must be an http(s) URL")
+
+
+async def check_alert_webhook_url(url: str | None, *, allow_private: bool) -> None:
+    """When the URL is saved: refuse a host that is, or resolves to, an internal address (the rule
+    is engine/outbound.py's; the same check runs again, pinned, at every send)."""
+    if url is None:
+        return
+    refusal = await outbound.url_refusal(url, allow_private=allow_private)
+    if refusal is not None:
+        raise InvalidInput("alert_webhook_url", refusal)

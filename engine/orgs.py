@@ -15,7 +15,7 @@ from redis.exceptions import RedisError
 
 from engine import validate
 from engine.errors import InvalidInput, OrgExists, OrgNotFound
-from engine.org_settings import OrgSettings
+from engine.org_settings import OrgSettings, check_alert_webhook_url
 from engine.restore import restore_org_if_absent
 from engine.results import Outcome, decode
 from engine.runtime import Runtime
@@ -61,6 +61,7 @@ async def create_org(rt: Runtime, org_id: str, name: str, settings: OrgSettings)
     validate.org_id(org_id)
     name = _check_name(name)
     settings = settings.validated()
+    await check_alert_webhook_url(settings.alert_webhook_url, allow_private=rt.settings.outbound_allow_private)
     async with rt.pg.acquire() as conn, conn.transaction():
         row = await conn.fetchrow(
             """
@@ -102,6 +103,8 @@ async def update_org(rt: Runtime, org_id: str, changes: dict[str, Any]) -> Org:
     current = await get_org(rt, org_id)
     name = _check_name(changes.pop("name")) if "name" in changes else current.name
     settings = current.settings.changed(changes)
+    if "alert_webhook_url" in changes:
+        await check_alert_webhook_url(settings.alert_webhook_url, allow_private=rt.settings.outbound_allow_private)
     row = await rt.pg.fetchrow(
         """
         UPDATE orgs SET name = $2, rate_pence_per_minute = $3, overdraft_pence = $4,

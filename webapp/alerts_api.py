@@ -3,7 +3,7 @@
 from starlette.requests import Request
 from starlette.responses import Response
 
-from engine.alerts import SIGNATURE_HEADER, org_signing_secret
+from engine.alerts import SIGNATURE_HEADER, last_error_public, org_signing_secret
 from webapp.responses import ApiError, json_response
 from webapp.wallet import org_context
 
@@ -23,7 +23,8 @@ async def list_alerts(request: Request) -> Response:
     )
     return json_response({"alerts": [
         {"id": row["idempotency_key"], "type": row["kind"], "call_id": row["call_id"], "status": row["status"],
-         "attempts": row["attempts"], "last_error": row["last_error"], "created_at": row["created_at"].isoformat(),
+         "attempts": row["attempts"], "last_error": last_error_public(row["last_error"]),
+         "created_at": row["created_at"].isoformat(),
          "delivered_at": row["delivered_at"].isoformat() if row["delivered_at"] else None}
         for row in rows
     ]})  # fmt: skip

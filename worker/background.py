@@ -3,6 +3,8 @@
 Each loop runs one round, sleeps, and runs again until stopped; an error in a round is logged
 and the next round tries again (Redis or Postgres may be away for a while), never ending the
 loop. Their counters go to one Redis hash that every worker increments, shown by /metrics.
+An alert round ends within about one delivery deadline however the orgs' endpoints behave
+(engine/alerts.py), so a stop waits for no endpoint.
 """
 
 import asyncio
@@ -11,7 +13,7 @@ from collections.abc import Awaitable, Callable
 
 import httpx
 
-from engine.alerts import deliver_due
+from engine.alerts import deliver_due, outbound_for_alerts
 from engine.killswitch import ControlUrls, run_round
 from engine.runtime import Runtime
 
@@ -25,6 +27,8 @@ class TimedLoops:
     def __init__(self, rt: Runtime) -> None:
         self.rt = rt
         self.http = httpx.AsyncClient(follow_redirects=False)
+        # Alerts go to URLs orgs chose: their own pool, checked and pinned, each delivery bounded.
+        self.outbound = outbound_for_alerts(rt.settings.outbound_allow_private)
         self.control_urls = ControlUrls(rt)
         self._stopping = asyncio.Event()
 
@@ -33,6 +37,7 @@ class TimedLoops:
 
     async def close(self) -> None:
         await self.http.aclose()
+        await self.outbound.aclose()
 
     async def run_forever(self) -> None:
         await asyncio.gather(
@@ -59,9 +64,10 @@ class TimedLoops:
                           kill_failed_attempts=report.failed_attempts, kill_given_up=report.given_up)  # fmt: skip
 
     async def alert_round(self) -> None:
-        report = await deliver_due(self.rt, self.http)
+        report = await deliver_due(self.rt, self.outbound)
         await self._count(alerts_delivered=report.delivered, alerts_retrying=report.retrying,
-                          alerts_failed=report.failed, alerts_no_endpoint=report.no_endpoint)  # fmt: skip
+                          alerts_failed=report.failed, alerts_refused=report.refused,
+                          alerts_no_endpoint=report.no_endpoint)  # fmt: skip
 
     async def _count(self, **counts: int) -> None:
         nonzero = {name: n for name, n in counts.items() if n}

@@ -11,11 +11,12 @@ import httpx
 import pytest
 from vapi.types import Call
 
-from engine.alerts import deliver_due, org_signing_secret, verify
+from engine.alerts import deliver_due, org_signing_secret, outbound_for_alerts, verify
 from engine.clock import ManualClock
 from engine.config import Settings
 from engine.holds import CallEvent, check_call, commit_call, expire_call, reserve_call
 from engine.killswitch import ControlUrls, RoundReport, run_round
+from engine.outbound import Outbound
 from engine.outbox import drain_org_fully
 from engine.results import Outcome
 from engine.runtime import Runtime
@@ -31,6 +32,7 @@ KILL_SETTINGS = {
     "kill_attempts_max": 3,
     "alert_signing_key": "alert-signing-key-for-tests-" + "c" * 20,
     "alert_backoff_base_ms": 1,
+    "outbound_allow_private": True,  # the fake receiver listens on 127.0.0.1
 }
 RATE = 60  # pence per minute: a penny a second
 SAY = {"type": "say", "content": Settings.kill_warning_text, "endCallAfterSpoken": False}
@@ -61,9 +63,19 @@ async def http() -> AsyncIterator[httpx.AsyncClient]:
         yield client
 
 
+@pytest.fixture
+async def outbound() -> AsyncIterator[Outbound]:
+    alerts_out = outbound_for_alerts(allow_private=True)
+    yield alerts_out
+    await alerts_out.aclose()
+
+
 class World:
-    def __init__(self, api: Api, rt: Runtime, http: httpx.AsyncClient, fake: FakeVapi, clock: ManualClock) -> None:
+    def __init__(
+        self, api: Api, rt: Runtime, http: httpx.AsyncClient, fake: FakeVapi, clock: ManualClock, outbound: Outbound
+    ) -> None:
         self.api, self.rt, self.http, self.fake, self.clock = api, rt, http, fake, clock
+        self.outbound = outbound
         self.t0_ms = clock.value_ms
 
     async def org(self, balance_pence: int, **settings: object) -> tuple[str, str, str]:
@@ -91,8 +103,10 @@ class World:
 
 
 @pytest.fixture
-def world(api: Api, worker_rt: Runtime, http: httpx.AsyncClient, fake: FakeVapi, clock: ManualClock) -> World:
-    return World(api, worker_rt, http, fake, clock)
+def world(
+    api: Api, worker_rt: Runtime, http: httpx.AsyncClient, fake: FakeVapi, clock: ManualClock, outbound: Outbound
+) -> World:
+    return World(api, worker_rt, http, fake, clock, outbound)
 
 
 async def test_two_calls_sharing_90s_of_credit_are_warned_then_ended_at_the_predicted_moment(world: World) -> None:
@@ -198,7 +212,7 @@ async def test_a_control_url_that_always_fails_is_given_up_flagged_and_alerted(w
     assert given_up == 1
     assert len(world.fake.control_bodies("c")) == KILL_SETTINGS["kill_attempts_max"]
     await drain_org_fully(world.rt, org_id)
-    delivered = await deliver_due(world.rt, world.http)
+    delivered = await deliver_due(world.rt, world.outbound)
     assert delivered.delivered == 1
     [hook] = world.fake.to("/hook")
     assert hook.json["type"] == "end_call_failed" and hook.json["call_id"] == "c"
@@ -223,10 +237,10 @@ async def test_low_balance_alerts_once_per_crossing_signed_and_retried(world: Wo
     await drain_org_fully(rt, org_id)
 
     world.fake.scripted["/hook"] = [500]  # the receiver fails once
-    await deliver_due(rt, world.http)
+    await deliver_due(rt, world.outbound)
     for _ in range(20):
         await asyncio.sleep(0.01)
-        await deliver_due(rt, world.http)
+        await deliver_due(rt, world.outbound)
     hooks = world.fake.to("/hook")
     kinds = [h.json["type"] for h in hooks]
     assert sorted(kinds) == ["balance_exhausted", "low_balance", "low_balance", "low_balance"]  # one retried

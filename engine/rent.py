@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-import orjson
 
 from engine.assets import charge_asset
 from engine.phone_numbers import forget_owner
@@ -66,7 +65,7 @@ async def _alert(rt: Runtime, org_id: str, kind: str, number_id: str, month: str
     await rt.pg.execute(
         """INSERT INTO alert_events (org_id, idempotency_key, kind, payload, created_at)
            VALUES ($1, $2, $3, $4::jsonb, to_timestamp($5::bigint / 1000.0)) ON CONFLICT (idempotency_key) DO NOTHING""",
-        org_id, f"{org_id}/{kind}/{number_id}/{month}", kind, orjson.dumps(payload).decode(), now_ms,
+        org_id, f"{org_id}/{kind}/{number_id}/{month}", kind, payload, now_ms,  # the pool's codec encodes it
     )  # fmt: skip
 
 

@@ -64,10 +64,16 @@ async def test_the_same_key_with_a_different_decision_is_kept_as_evidence_not_wr
     org = await new_org(rt, 1000)
     await deduct_asset(rt, org, "a", 100)
     await drain_org_fully(rt, org)
-    # Redis forgets the idempotency record (as if it lost it) and decides the same key again.
+    # Redis forgets the idempotency record (as if it lost it). The engine asks the ledger first
+    # and answers the replay from it...
     await rt.redis.delete(rt.keys.org(org).idem, rt.keys.org(org).idem_exp)
-    second = await deduct_asset(rt, org, "a", 100)
-    assert second.outcome == Outcome.ok
+    assert (await deduct_asset(rt, org, "a", 100)).outcome == Outcome.replayed
+    # ...but should Redis decide the same key again anyway (the script run on its own, as a
+    # release without that check would), the ledger keeps the evidence and writes nothing twice.
+    keys = rt.keys.org(org)
+    reply = await rt.scripts.run(rt.redis, "asset_deduct", [keys.org, keys.idem, keys.idem_exp, keys.outbox],
+                                 [0, org, f"{org}/asset/a", 100, "", rt.settings.idempotency_ttl_ms, 1000, "{}"])  # fmt: skip
+    assert reply[0] == Outcome.ok
     result = await drain_orgs(rt, [org])
     assert (result.written.inserted, result.written.duplicates) == (0, 1)
     assert len([r for r in await ledger(rt, org) if r["kind"] == "asset"]) == 1
@@ -175,3 +181,17 @@ async def test_hold_events_follow_the_state_machine(rt: Runtime) -> None:
     row = await rt.pg.fetchrow("SELECT * FROM call_holds WHERE call_id = 'c'")
     assert (row["status"], row["charged_pence"]) == ("committed", 10)
     assert row["resolved_at"] is not None
+
+
+async def test_a_report_field_holding_the_text_of_a_nul_escape_is_written_as_given(rt: Runtime) -> None:
+    """NUL is stripped from values, never from the encoded JSON: a value holding the six
+    characters \\u0000 (and one ending in a backslash before a quote) stays valid JSON."""
+    org = await new_org(rt, 1000)
+    reasons = ["customer\\u0000ended", 'tail\\u0000"', "real\x00nul"]
+    for i, reason in enumerate(reasons):
+        assert (await commit_call(rt, org, f"c{i}", 6, meta={"ended_reason": reason})).outcome == Outcome.ok
+    await drain_org_fully(rt, org)
+    rows = await rt.pg.fetch("SELECT meta->>'ended_reason' AS reason FROM ledger_entries WHERE org_id = $1 AND kind = 'call_charge' "
+                             "ORDER BY id", org)  # fmt: skip
+    assert [r["reason"] for r in rows] == ["customer\\u0000ended", 'tail\\u0000"', "realnul"]
+    assert await rt.redis.xlen(rt.keys.org(org).outbox + ":dead") == 0

@@ -91,6 +91,10 @@ async def test_unpaid_rent_alerts_then_suspends_then_a_top_up_reactivates(rt: Ru
     assert await number_owner(rt, "pn-late") == Owner(org, "a", active=True)
     assert await _rent_rows(rt, org) == [(rent_ledger_key(org, "pn-late", "2026-11"), -1000)]
     assert telephony.released == []
+    # Each alert's payload is the JSON object the org's webhook receives (not a JSON string of it).
+    payloads = await rt.pg.fetch("SELECT payload FROM alert_events WHERE org_id = $1 ORDER BY id", org)
+    assert [(p["payload"]["type"], p["payload"]["phone_number_id"]) for p in payloads] == [
+        ("rent_failed", "pn-late"), ("number_suspended", "pn-late"), ("number_reactivated", "pn-late")]
 
 
 async def test_rent_unpaid_past_the_release_day_releases_the_number_once(rt: Runtime, clock: ManualClock) -> None:

@@ -7,7 +7,9 @@ import pytest
 from engine.clock import ManualClock
 from tests.webapp.conftest import Api
 from tests.webapp.test_seed_scenarios import ledger_kinds, wallet
-from tests.webapp.vapi_payloads import assistant_request, call, encode, end_of_call_report, status_update
+from vapi.types import Analysis, Artifact, ServerMessageEndOfCallReport
+
+from tests.webapp.vapi_payloads import T0, assistant_request, call, encode, end_of_call_report, status_update
 from webapp.vapi import SPOKEN_BUSY, SPOKEN_NO_CREDIT, SPOKEN_NOT_SET_UP
 
 
@@ -25,17 +27,17 @@ async def test_assistant_request_for_an_unknown_number_is_refused_and_charges_no
     assert answer.json()["error"]  # never an empty error: Vapi would say "Unknown Error"
 
 
-async def test_assistant_request_falls_back_to_the_phone_number_object_and_to_variable_values(api: Api) -> None:
+async def test_assistant_request_falls_back_to_the_phone_number_object_but_never_to_variable_values(api: Api) -> None:
     org, key = await api.new_org(1000)
     number = await api.register_number(org, assistant_id="asst-77")
     # call.phoneNumberId missing, message.phoneNumber.id present.
     body = assistant_request(call("c1")).replace(b'"type":"assistant-request"',
                                                  b'"type":"assistant-request","phoneNumber":{"id":"' + number.encode() + b'"}')  # fmt: skip
     assert (await api.vapi(body)).json()["assistantId"] == "asst-77"
-    # No number at all: the org we put into the call's variableValues, and the call's assistant.
+    # No number: the org named in the call's variableValues admitted nothing, so it pays nothing.
     the_call = call("c2", org_hint=org).model_copy(update={"assistant_id": "asst-88"})
-    assert (await api.vapi(assistant_request(the_call))).json()["assistantId"] == "asst-88"
-    assert (await wallet(api, key))["live_calls"] == 2
+    assert (await api.vapi(assistant_request(the_call))).json() == {"error": SPOKEN_NOT_SET_UP}
+    assert (await wallet(api, key))["live_calls"] == 1
 
 
 async def test_fifty_identical_assistant_requests_at_once_make_one_hold(api: Api) -> None:
@@ -216,3 +218,43 @@ async def test_a_refused_assistant_request_does_not_leave_its_hold_behind(api: A
             break
         await asyncio.sleep(0.02)
     assert (await wallet(api, key))["held_pence"] == 0
+
+
+async def test_seconds_are_billed_from_the_timestamps_in_integers(api: Api) -> None:
+    """256.001 s is 257 started seconds (a float of seconds made it 255.99999 and lost one)."""
+    org, key = await api.new_org(1000)
+    number = await api.register_number(org)
+    await api.vapi(end_of_call_report(call("c-256", phone_number_id=number), 256.001))
+    assert (await wallet(api, key))["balance_pence"] == 1000 - 257
+
+
+async def test_a_report_with_an_end_and_no_start_bills_what_the_engine_saw(api: Api, clock: ManualClock) -> None:
+    org, key = await api.new_org(1000)
+    number = await api.register_number(org)
+    the_call = call("c-no-start", phone_number_id=number)
+    await api.vapi(assistant_request(the_call))
+    await api.vapi(status_update(the_call, "in-progress"))
+    clock.advance(30_000)
+    await api.vapi(status_update(the_call, "ended"))
+    ended_only = the_call.model_copy(update={"ended_at": T0})
+    body = encode(ServerMessageEndOfCallReport(type="end-of-call-report", ended_reason="customer-ended-call", call=ended_only,
+                                               artifact=Artifact(), analysis=Analysis(), ended_at=T0))  # fmt: skip
+    assert (await api.vapi(body)).json() == {}
+    assert (await wallet(api, key))["balance_pence"] == 1000 - 30  # the 30 s the engine saw, not 0
+
+
+async def test_a_lone_surrogate_anywhere_is_a_4xx_never_a_500(api: Api) -> None:
+    org, _ = await api.new_org(1000)
+    number = await api.register_number(org)
+    bodies = [
+        b'{"message":{"type":"status-update","call":{"id":"c1","phoneNumberId":"\\ud800"}}}',
+        b'{"message":{"type":"status-update","call":{"id":"c1","phoneNumberId":"' + number.encode() + b'",'
+        b'"assistantOverrides":{"variableValues":{"org_id":"\\udfff"}}}}}',
+        b'{"call_id":"\\ud800"}',
+        b'{"call_id":"c1","x":"\\ud83d"}',
+    ]
+    for body in bodies:
+        for path in ("/api/vapi/webhook/status-check", "/api/vapi/webhook"):
+            answer = await api.vapi(body, path=path)
+            assert 400 <= answer.status_code < 500, (path, body, answer.status_code, answer.text)
+            assert answer.json()["error"]["code"] == "invalid_json"

@@ -145,3 +145,20 @@ async def test_hints_an_earlier_release_kept_in_one_key_are_moved_into_the_shard
     }
     assert await Drainer(rt).drain_round() == 0  # popped above: nothing rung twice
     assert await adopt_unsharded_hints(rt) == 0
+
+
+async def test_a_malformed_entry_is_dead_lettered_alone_and_stalls_no_org(rt: Runtime) -> None:
+    """An entry the writer cannot even read (a field missing, meta that is not JSON) goes to its
+    org's dead letters with the reason; the entries around it, and other orgs' in the same batch,
+    are written."""
+    bad, good = await new_org(rt, 1000), await new_org(rt, 1000)
+    await deduct_asset(rt, bad, "before", 10)
+    await rt.redis.xadd(rt.keys.org(bad).outbox, {"t": "L", "o": bad, "k": f"{bad}/asset/broken", "kind": "asset", "m": "{not json"})
+    await deduct_asset(rt, bad, "after", 20)
+    await deduct_asset(rt, good, "a", 30)
+    result = await drain_orgs(rt, [bad, good])
+    assert result.written.inserted == 3
+    assert await ledger_count(rt, bad) == 3 and await ledger_count(rt, good) == 2  # top-ups and deductions
+    assert await rt.redis.xlen(rt.keys.org(bad).outbox) == 0
+    (dead,) = await rt.redis.xrange(rt.keys.org(bad).outbox + ":dead")
+    assert dead[1]["k"] == f"{bad}/asset/broken" and dead[1]["reason"].startswith("malformed entry")

@@ -1,0 +1,175 @@
+"""Calls that enter without the main lifecycle (issue 12): first seen mid-flight, naming an org
+in their variableValues, replayed after Redis forgot them, on a suspended number. Each test
+checks the promise (who pays, how much, what Vapi was told) over real HTTP: Vapi's messages built
+with its SDK to the real app, the worker's kill switch pushing to a fake Vapi, real Redis and
+Postgres, one ManualClock."""
+
+from dataclasses import replace
+
+import pytest
+from vapi.types import Call
+
+from engine.config import Settings
+from engine.outbox import drain_org_fully
+from engine.phone_numbers import forget_owner
+from tests.helpers import assert_books_agree
+from tests.webapp import vapi_payloads as payloads
+from tests.webapp.conftest import ADMIN_TOKEN, WEBHOOK_SECRET
+from tests.webapp.test_kill_switch import END, KILL_SETTINGS, RATE, World, fake, http, world, worker_rt  # noqa: F401
+from tests.webapp.test_seed_scenarios import ledger_kinds, wallet
+from webapp.vapi import SPOKEN_BUSY
+
+
+@pytest.fixture
+def app_settings(settings: Settings, request: pytest.FixtureRequest) -> Settings:
+    extra = getattr(request, "param", {})
+    return replace(settings, admin_token=ADMIN_TOKEN, vapi_webhook_secret=WEBHOOK_SECRET, **KILL_SETTINGS, **extra)
+
+
+def running(world: World, call_id: str, number: str | None, *, hint: str | None = None, call_type: str = "outboundPhoneCall") -> Call:
+    return payloads.call(call_id, phone_number_id=number, org_hint=hint, control_url=world.fake.control_url(call_id),
+                         call_type=call_type)  # fmt: skip
+
+
+async def in_progress(world: World, the_call: Call) -> None:
+    assert (await world.api.vapi(payloads.status_update(the_call, "in-progress"))).json() == {}
+
+
+async def hang_up(world: World, the_call: Call, seconds: float) -> None:
+    """Vapi ends the call after `seconds` and reports it (times from T0, the call's start)."""
+    assert (await world.api.vapi(payloads.status_update(the_call, "ended"))).json() == {}
+    assert (await world.api.vapi(payloads.end_of_call_report(the_call, seconds))).json() == {}
+
+
+async def org_ledger(world: World, org_id: str) -> list[tuple[str, int]]:
+    return await ledger_kinds(world.api, org_id)
+
+
+async def test_live_calls_that_cannot_be_funded_are_ended_at_once_and_billed(world: World) -> None:
+    """Five outbound calls first seen at in-progress on 100p: the credit funds two; the other three
+    are ended at once through their control URLs. Spend stays within balance + grace x rate x calls."""
+    org_id, key, number = await world.org(100)
+    calls = [running(world, f"out-{i}", number) for i in range(5)]
+    for the_call in calls:
+        await in_progress(world, the_call)
+    assert (await wallet(world.api, key))["live_calls"] == 5  # each counts while it lives
+    ended_now = await world.round()
+    assert ended_now.ended == 3
+    assert [world.fake.control_bodies(f"out-{i}") for i in range(5)] == [[], [], [END], [END], [END]]
+    for the_call in calls[2:]:
+        await hang_up(world, the_call, 1)
+    # Two funded calls burn 2p/s on 100p: depletion at 50 s, ended at 55 s (5 s grace).
+    world.at(55)
+    assert (await world.round()).ended == 2
+    for the_call in calls[:2]:
+        await hang_up(world, the_call, 55)
+    balance = await assert_books_agree(world.rt, org_id)
+    spent = 100 - balance
+    assert spent == 2 * 55 + 3 * 1
+    assert spent <= 100 + 5 * RATE // 60 * 5  # balance + grace x rate x live calls
+    debt = (await wallet(world.api, key))["debt_pence"]
+    assert (balance, debt) == (0, spent - 100)  # charged in full: the shortfall is debt, never dropped
+
+
+async def test_an_unfunded_call_counts_against_the_limit_while_it_lives(world: World) -> None:
+    org_id, key, number = await world.org(10_000, max_concurrent_calls=1)
+    first = await world.start_call(number, "first")
+    over = running(world, "over-the-limit", number)
+    await in_progress(world, over)  # at the limit: recorded unfunded, ended at once
+    assert (await world.round()).ended == 1
+    assert world.fake.control_bodies("over-the-limit") == [END]
+    # While it lives, it holds a line: a new inbound call is refused.
+    answer = await world.api.vapi(payloads.assistant_request(payloads.call("third", phone_number_id=number)))
+    assert answer.json() == {"error": SPOKEN_BUSY}
+    await hang_up(world, over, 2)
+    await hang_up(world, first, 30)
+    answer = await world.api.vapi(payloads.assistant_request(payloads.call("fourth", phone_number_id=number)))
+    assert "assistantId" in answer.json()
+    await drain_org_fully(world.rt, org_id)
+    assert await org_ledger(world, org_id) == [("topup", 10_000), ("call_charge", -2), ("call_charge", -30)]
+
+
+async def test_the_org_hint_bills_only_an_org_that_admitted_the_call(world: World) -> None:
+    victim, victim_key, _ = await world.org(5_000)
+    platform, platform_key, _ = await world.org(5_000)
+    # A web call and an outbound call from a number not registered here, each naming the victim.
+    web = running(world, "web-1", None, hint=victim, call_type="webCall")
+    stranger = running(world, "out-stranger", "pn-not-ours", hint=victim)
+    for the_call in (web, stranger):
+        await in_progress(world, the_call)
+    assert (await wallet(world.api, victim_key))["live_calls"] == 0
+    assert (await world.round()).ended == 0  # no org holds them: the end queue ends them
+    assert world.fake.control_bodies("web-1") == [END]
+    assert world.fake.control_bodies("out-stranger") == [END]
+    for the_call in (web, stranger):
+        await hang_up(world, the_call, 120)
+    # A web call the platform reserved through the API, naming itself: billed to it alone.
+    assert (await world.api.as_org(platform_key, "POST", "/api/calls/web-2/reserve")).status_code == 201
+    reserved = running(world, "web-2", None, hint=platform, call_type="webCall")
+    await in_progress(world, reserved)
+    await hang_up(world, reserved, 60)
+    # And one reserved by the platform but naming the victim: the platform admitted it, it pays.
+    assert (await world.api.as_org(platform_key, "POST", "/api/calls/web-3/reserve")).status_code == 201
+    misnamed = running(world, "web-3", None, hint=victim, call_type="webCall")
+    await in_progress(world, misnamed)
+    await hang_up(world, misnamed, 30)
+    assert await assert_books_agree(world.rt, victim) == 5_000
+    assert await org_ledger(world, victim) == [("topup", 5_000)]
+    assert await assert_books_agree(world.rt, platform) == 5_000 - 60 - 30
+    metrics = (await world.api.client.get("/metrics")).text
+    assert 'credit_engine_vapi_messages_total{result="unattributed",type="status-update"}' in metrics
+
+
+@pytest.mark.parametrize("app_settings", [{"unattributed_calls": "allow"}], indirect=True)
+async def test_unattributed_calls_may_be_allowed_to_run_but_still_bill_nobody(world: World) -> None:
+    victim, victim_key, _ = await world.org(5_000)
+    web = running(world, "web-allowed", None, hint=victim, call_type="webCall")
+    await in_progress(world, web)
+    await world.round()
+    assert world.fake.control_bodies("web-allowed") == []
+    await hang_up(world, web, 90)
+    assert await assert_books_agree(world.rt, victim) == 5_000
+
+
+async def test_a_status_update_and_report_replayed_after_the_window_charge_nothing_and_hold_nothing(world: World) -> None:
+    org_id, key, number = await world.org(10_000, max_concurrent_calls=1)
+    done = await world.start_call(number, "done")
+    await hang_up(world, done, 60)
+    await drain_org_fully(world.rt, org_id)
+    # A week and more later Redis has forgotten the call; Vapi's messages come again.
+    world.clock.advance(world.rt.settings.idempotency_ttl_ms + 86_400_000)
+    live = await world.start_call(number, "live")  # prunes the org's expired records as it passes
+    assert (await wallet(world.api, key))["live_calls"] == 1
+    await in_progress(world, done)  # replayed: no phantom hold
+    held = await wallet(world.api, key)
+    assert (held["live_calls"], held["held_pence"]) == (1, 60 * RATE // 60 * 1)  # only "live"'s one-minute block
+    await world.api.vapi(payloads.end_of_call_report(done, 60))
+    await world.round()
+    assert world.fake.control_bodies("live") == []  # the org's real call is not ended early
+    await hang_up(world, live, 10)
+    assert await assert_books_agree(world.rt, org_id) == 10_000 - 60 - 10
+    assert [kind for kind, _ in await org_ledger(world, org_id)] == ["topup", "call_charge", "call_charge"]
+
+
+async def test_a_suspended_number_admits_no_call_first_seen_at_in_progress(world: World) -> None:
+    org_id, key, number = await world.org(10_000)
+    await world.rt.pg.execute("UPDATE phone_numbers SET status = 'suspended' WHERE vapi_phone_number_id = $1", number)
+    await forget_owner(world.rt, number)
+    outbound = running(world, "out-suspended", number)
+    await in_progress(world, outbound)
+    assert (await world.round()).ended == 1  # not funded: ended at once
+    assert world.fake.control_bodies("out-suspended") == [END]
+    await hang_up(world, outbound, 3)
+    # Its owner pays for the seconds it ran (its number, its call), nothing more.
+    assert await assert_books_agree(world.rt, org_id) == 10_000 - 3
+
+
+async def test_a_control_url_off_vapis_hosts_is_never_kept_nor_called(world: World) -> None:
+    org_id, key, number = await world.org(90)
+    the_call = payloads.call("metadata", phone_number_id=number, control_url="http://169.254.169.254/latest/meta-data")
+    assert "assistantId" in (await world.api.vapi(payloads.assistant_request(the_call))).json()
+    await in_progress(world, the_call)
+    assert await world.rt.redis.hgetall(world.rt.keys.org(org_id).control) == {}
+    world.at(200)
+    await world.round()
+    assert world.fake.received == []

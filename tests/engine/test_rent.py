@@ -2,6 +2,10 @@
 
 from datetime import UTC, datetime
 
+import pytest
+
+from engine import rent
+
 from engine.clock import ManualClock
 from engine.credits import credit
 from engine.outbox import drain_org_fully
@@ -126,3 +130,19 @@ async def test_two_workers_charging_at_once_charge_once(rt: Runtime, clock: Manu
     reports = await asyncio.gather(*[charge_rent(rt, FakeTelephony()) for _ in range(4)])
     assert sum(r.charged for r in reports) == 20
     assert len(await _rent_rows(rt, org)) == 20
+
+
+async def test_numbers_that_cannot_pay_never_hide_the_ones_after_them(
+    rt: Runtime, clock: ManualClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Pages of numbers that stay unpaid (a fixed LIMIT returned the same ones every run) must not
+    starve the numbers after them: one run reaches every due number."""
+    monkeypatch.setattr(rent, "numbers_per_page", 2)
+    broke, paying = await new_org(rt, 0), await new_org(rt, 10_000)
+    for i in range(5):
+        await _number(rt, broke, f"pn-0{i}")
+    await _number(rt, paying, "pn-9")
+    clock.value_ms = at(2026, 11, 2)
+    report = await charge_rent(rt, FakeTelephony())
+    assert (report.unpaid, report.charged) == (5, 1)
+    assert await _rent_rows(rt, paying) == [(rent_ledger_key(paying, "pn-9", "2026-11"), -1000)]

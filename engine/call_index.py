@@ -39,12 +39,16 @@ class CallIndex:
             pipe.expire(key, call_ttl_s)
             _, owner, _ = await pipe.execute()
         if control_url:
-            await self.rt.redis.hset(self.rt.keys.org(org_id).control, call_id, control_url)
+            await self.keep_control_url(org_id, call_id, control_url)
         if owner != org_id:
             log.warning("call %s was admitted by another org first; org %s keeps its own hold but not the index", call_id, org_id)
             return False
         self._cache(call_id, org_id)
         return True
+
+    async def keep_control_url(self, org_id: str, call_id: str, control_url: str) -> None:
+        """Where the kill switch ends the org's call (dropped by it once the call holds nothing)."""
+        await self.rt.redis.hset(self.rt.keys.org(org_id).control, call_id, control_url)
 
     async def org_of(self, call_id: str) -> str | None:
         org_id = self.cache.get(call_id)

@@ -4,6 +4,7 @@ Human-configured durations are in seconds in the environment and converted to ms
 """
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -42,6 +43,18 @@ def _choice(env: Mapping[str, str], name: str, default: str, choices: tuple[str,
     if raw not in choices:
         raise ConfigError(f"{name} must be one of {', '.join(choices)}, got {raw!r}")
     return raw
+HOST_ENTRY_PATTERN = re.compile(r"[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)*(:[0-9]{1,5})?")
+
+
+def _hosts(env: Mapping[str, str], name: str, default: tuple[str, ...]) -> tuple[str, ...]:
+    raw = env.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    hosts = tuple(part.strip().lower() for part in raw.split(",") if part.strip())
+    for host in hosts:
+        if HOST_ENTRY_PATTERN.fullmatch(host) is None:
+            raise ConfigError(f"{name} must be comma-separated host names (optionally host:port), got {host!r}")
+    return hosts
 
 
 @dataclass(frozen=True)
@@ -89,11 +102,15 @@ class Settings:
     kill_backoff_max_ms: int = 16_000
     kill_recheck_ms: int = 30_000
     kill_poll_interval_ms: int = 200
+    kill_pushes_in_flight_max: int = 256  # control-URL POSTs one worker has under way at once
+    kill_push_deadline_ms: int = 900  # one POST, from being handed out (slot wait included); < kill_backoff_base_ms
+    kill_end_queue_ttl_ms: int = 60 * 60 * 1000  # an entry of the end queue (calls no org holds) is forgotten after this
     vapi_control_base_url: str | None = None  # replaces a control URL's scheme and host (a proxy, a test's fake Vapi)
     vapi_control_token: str | None = None  # Bearer token when monitorPlan.controlAuthenticationEnabled
     # A live call no org admitted (engine/attribution.py) bills nobody: "end" ends it through its
     # control URL, "allow" lets it run (the platform pays Vapi for it).
     unattributed_calls: str = "end"
+    control_url_hosts: tuple[str, ...] = ("vapi.ai",)  # a control URL must be https on one of these (or a subdomain)
     # Alerts to orgs' webhooks (engine/alerts.py), signed with a per-org key derived from this.
     alert_signing_key: str | None = None  # None: alerts are not sent (they wait in alert_events)
     alert_attempts_max: int = 8
@@ -151,9 +168,13 @@ class Settings:
             kill_backoff_max_ms=_int(env, "CREDIT_ENGINE_KILL_BACKOFF_MAX_MS", 16_000, 1, 3_600_000),
             kill_recheck_ms=1000 * _int(env, "CREDIT_ENGINE_KILL_RECHECK_S", 30, 1, 3600),
             kill_poll_interval_ms=_int(env, "CREDIT_ENGINE_KILL_POLL_INTERVAL_MS", 200, 10, 10_000),
+            kill_pushes_in_flight_max=_int(env, "CREDIT_ENGINE_KILL_PUSHES_IN_FLIGHT_MAX", 256, 1, 10_000),
+            kill_push_deadline_ms=_int(env, "CREDIT_ENGINE_KILL_PUSH_DEADLINE_MS", 900, 50, 600_000),
+            kill_end_queue_ttl_ms=1000 * _int(env, "CREDIT_ENGINE_KILL_END_QUEUE_TTL_S", 3600, 60, 7 * 86_400),
             vapi_control_base_url=(env.get("VAPI_CONTROL_BASE_URL") or "").rstrip("/") or None,
             vapi_control_token=env.get("VAPI_CONTROL_TOKEN") or None,
             unattributed_calls=_choice(env, "CREDIT_ENGINE_UNATTRIBUTED_CALLS", "end", ("end", "allow")),
+            control_url_hosts=_hosts(env, "CREDIT_ENGINE_CONTROL_URL_HOSTS", ("vapi.ai",)),
             alert_signing_key=env.get("CREDIT_ENGINE_ALERT_SIGNING_KEY") or None,
             alert_attempts_max=_int(env, "CREDIT_ENGINE_ALERT_ATTEMPTS_MAX", 8, 1, 100),
             alert_backoff_base_ms=_int(env, "CREDIT_ENGINE_ALERT_BACKOFF_BASE_MS", 2_000, 1, 3_600_000),

@@ -3,8 +3,9 @@
 Every key of one org carries the hash tag `{org:<org_id>}`, so every script touches one Redis
 Cluster slot. Org ids are restricted to a charset without `{`, `}` or `:` so an id can never
 end the tag early or make two orgs share a slot by construction. Call ids and idempotency keys
-never appear in key names: they are fields inside the org's hashes, so no content of theirs can
-move a write to another org.
+never appear in an org's key names: they are fields inside the org's hashes, so no content of
+theirs can move a write to another org. (The call index and the end queue, outside every org,
+name a call in a key after a fixed prefix or hash tag; the call id charset has no braces.)
 
 Keys outside any org's slot are only ever touched by plain commands, never inside a script.
 """
@@ -111,6 +112,24 @@ class Keyspace:
     @property
     def kill_schedule_shards(self) -> list[str]:
         return [f"{self.prefix}:killswitch:due:{{{tag}}}" for tag in HINT_SHARD_TAGS]
+
+    def end_queue(self, call_id: str) -> str:
+        """The call's shard of the end queue (engine/end_queue.py): sorted set call id -> when its
+        next end-call attempt is due. Sharded by call id, as the schedule is by org id."""
+        return self.end_queue_shards[hint_shard(call_id)]
+
+    @property
+    def end_queue_shards(self) -> list[str]:
+        return [f"{self.prefix}:killswitch:end:{{{tag}}}" for tag in HINT_SHARD_TAGS]
+
+    def end_queue_entry(self, call_id: str) -> str:
+        """String (JSON, with a TTL): one call the end queue must end. The shard's hash tag comes
+        first, so the call id (no braces in its charset) cannot move it to another slot."""
+        return f"{self.end_queue(call_id)}:call:{call_id}"
+
+    def end_queue_lock(self, call_id: str) -> str:
+        """Set while a worker's end-call for the call is under way (expires with its deadline)."""
+        return f"{self.end_queue(call_id)}:lock:{call_id}"
 
     @property
     def state(self) -> str:

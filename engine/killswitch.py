@@ -21,6 +21,18 @@ works unchanged on Redis Cluster; the truth lives in each org's own slot):
 A process killed between a script and its ZADD leaves one org unscheduled until the next
 event of that org, or until `reschedule_live_orgs` (a worker cron) files every org with live
 holds again; maxDurationSeconds bounds the call meanwhile.
+
+The pushes (KillSwitch, one per worker): a round visits the due orgs, at most
+visits_per_round_max of them (the next round starts at once while more are due, else when the
+earliest org is due, at most the poll interval later), and hands each
+action the tick decides to a push task of its own, so a slow or silent control URL holds up
+neither the round nor anyone else's end-call. A push is one POST (engine/control.py: Vapi's hosts
+only, the token, the base URL) with a deadline counted from the hand-out; a 2xx is acknowledged
+(killswitch_ack.lua), anything else is a failed attempt that the tick hands out again after its
+backoff. So each action is in flight at most once per worker (this worker skips an action it is
+still pushing; the deadline stays below the backoff, so across workers the tick's backoff keeps
+it so) and is delivered at least once. The same rounds serve the end queue (engine/end_queue.py):
+live calls no hold covers.
 """
 
 import asyncio
@@ -28,18 +40,29 @@ import logging
 import math
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit
 
 import httpx
 from redis.exceptions import RedisError
 
 from engine import validate
+from engine.config import ConfigError, Settings
+from engine.control import ControlClients, control_url_allowed, send_control  # noqa: F401 - control_url_allowed: for the webhook
+from engine.end_queue import (  # noqa: F401 - end_unheld_call: for the webhook
+    claim_unheld_call,
+    due_unheld_calls,
+    end_queue_per_round_max,
+    end_unheld_call,
+    forget_unheld_call,
+    give_up_unheld_call,
+    release_unheld_call,
+)
 from engine.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
-control_timeout_s = 3.0
 visits_per_round_max = 200
+visits_in_flight_max = 32  # ticks (and their follow-ups) one round has under way at once
+round_pause_s_min = 0.01  # between rounds that were not full: a claim another worker holds is not spun on
 reschedule_page_size = 500  # orgs per Redis pipeline in the backstop
 
 
@@ -99,7 +122,7 @@ async def visit_org(rt: Runtime, org_id: str) -> Visit:
     reply = await rt.scripts.run(
         rt.redis,
         "killswitch_tick",
-        [keys.org, keys.holds, keys.kill, keys.outbox],
+        [keys.org, keys.holds, keys.kill, keys.outbox, keys.control],
         [rt.clock.script_arg(), org_id, s.kill_warn_lead_ms, s.kill_attempts_max, s.kill_backoff_base_ms,
          s.kill_backoff_max_ms, s.kill_recheck_ms],
     )  # fmt: skip
@@ -149,6 +172,19 @@ async def due_orgs(rt: Runtime) -> list[str]:
     return [org_id for _, org_id in due[:visits_per_round_max]]
 
 
+async def next_due_ms(rt: Runtime) -> int | None:
+    """The earliest moment an org of the schedule or a call of the end queue is due (Redis ms),
+    None when neither holds anything."""
+    async with rt.redis.pipeline(transaction=False) as pipe:  # every shard, wherever it lives
+        for shard in rt.keys.kill_schedule_shards + rt.keys.end_queue_shards:
+            pipe.zrange(shard, 0, 0, withscores=True)
+        replies = await pipe.execute()
+    count = len(rt.keys.kill_schedule_shards)
+    visits = [int(reply[0][1]) - rt.settings.kill_warn_lead_ms for reply in replies[:count] if reply]
+    unheld = [int(reply[0][1]) for reply in replies[count:] if reply]
+    return min(visits + unheld, default=None)
+
+
 async def reschedule_live_orgs(rt: Runtime) -> int:
     """File every org with live holds again (the backstop for a lost ZADD). Returns how many."""
     rows = await rt.pg.fetch("SELECT DISTINCT org_id FROM call_holds WHERE status = 'live'")
@@ -172,41 +208,29 @@ async def reschedule_live_orgs(rt: Runtime) -> int:
 # Pushing to Vapi ---------------------------------------------------------------------------
 
 
-def control_url_for(rt: Runtime, stored_url: str | None) -> str | None:
-    if not stored_url:
-        return None
-    base = rt.settings.vapi_control_base_url
-    if base is None:
-        return stored_url
-    parts = urlsplit(stored_url)
-    return base + parts.path + (f"?{parts.query}" if parts.query else "")
+def check_settings(settings: Settings) -> None:
+    """The relations the pushes rely on; a worker refuses to start without them."""
+    if settings.kill_push_deadline_ms >= settings.kill_backoff_base_ms:
+        raise ConfigError("CREDIT_ENGINE_KILL_PUSH_DEADLINE_MS must be below CREDIT_ENGINE_KILL_BACKOFF_BASE_MS: a "
+                          "push must be over before the tick hands its action out again")  # fmt: skip
+    if settings.kill_end_queue_ttl_ms <= settings.kill_attempts_max * settings.kill_backoff_max_ms:
+        raise ConfigError("CREDIT_ENGINE_KILL_END_QUEUE_TTL_S must exceed CREDIT_ENGINE_KILL_ATTEMPTS_MAX x "
+                          "CREDIT_ENGINE_KILL_BACKOFF_MAX_MS: an end-queue entry must outlive its retries")  # fmt: skip
 
 
-def control_body(rt: Runtime, kind: str) -> dict[str, Any]:
-    if kind == "warn":
-        return {"type": "say", "content": rt.settings.kill_warning_text, "endCallAfterSpoken": False}
-    return {"type": "end-call"}
-
-
-async def push(rt: Runtime, http: httpx.AsyncClient, org_id: str, action: Action, control_url: str | None) -> bool:
-    """One attempt. True when Vapi took it (2xx)."""
-    url = control_url_for(rt, control_url)
-    if url is None:
-        log.error("kill switch: call %s of org %s has no control URL; cannot %s it (attempt %d)",
-                  action.call_id, org_id, action.kind, action.attempt)  # fmt: skip
-        return False
-    headers = {"Authorization": f"Bearer {rt.settings.vapi_control_token}"} if rt.settings.vapi_control_token else {}
-    try:
-        response = await http.post(url, json=control_body(rt, action.kind), headers=headers, timeout=control_timeout_s)
-    except httpx.HTTPError as error:
-        log.warning("kill switch: %s of call %s (org %s) failed, attempt %d: %s", action.kind, action.call_id,
-                    org_id, action.attempt, type(error).__name__)  # fmt: skip
-        return False
-    if not response.is_success:
-        log.warning("kill switch: %s of call %s (org %s) got HTTP %d, attempt %d", action.kind, action.call_id,
-                    org_id, response.status_code, action.attempt)  # fmt: skip
-        return False
-    return True
+async def push(rt: Runtime, http: httpx.AsyncClient, org_id: str | None, action: Action, control_url: str | None,
+               *, timeout_s: float | None = None) -> bool:  # fmt: skip
+    """One attempt. True when Vapi took it (2xx). No control URL, or one not on Vapi's hosts
+    (engine/control.py), sends nothing: an ERROR line and a failed attempt."""
+    timeout_s = rt.settings.kill_push_deadline_ms / 1000 if timeout_s is None else timeout_s
+    reply = await send_control(rt.settings, http, control_url, action.kind, timeout_s)
+    if reply.refused:
+        log.error("kill switch: cannot %s call %s of org %s (attempt %d): %s", action.kind, action.call_id, org_id,
+                  action.attempt, reply.problem)  # fmt: skip
+    elif not reply.taken:
+        log.warning("kill switch: %s of call %s (org %s) failed, attempt %d: %s", action.kind, action.call_id, org_id,
+                    action.attempt, reply.problem)  # fmt: skip
+    return reply.taken
 
 
 @dataclass
@@ -216,48 +240,224 @@ class RoundReport:
     ended: int = 0
     failed_attempts: int = 0
     given_up: int = 0
+    ended_unheld: int = 0  # calls of the end queue (no hold) that Vapi took an end-call for
+    skipped_in_flight: int = 0  # actions handed out again while this worker's push was still under way
+
+    def counters(self) -> dict[str, int]:
+        """As the worker counts them (credit_engine_worker_events{event=...})."""
+        return {"kill_warned": self.warned, "kill_ended": self.ended, "kill_failed_attempts": self.failed_attempts,
+                "kill_given_up": self.given_up, "kill_ended_unheld": self.ended_unheld,
+                "kill_skipped_in_flight": self.skipped_in_flight}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Push:
+    org_id: str | None  # None: an end-queue call whose org is not known
+    action: Action
+    control_url: str | None
+    handed_out_at: float  # event-loop time: the push's deadline counts from here
+    unheld: bool = False  # from the end queue: acknowledged there, not by killswitch_ack.lua
+
+    @property
+    def key(self) -> tuple[bool, str, str, str]:
+        """One push in flight per key. An end-queue call is known by its call id alone (its org is
+        read when it is claimed)."""
+        if self.unheld:
+            return (True, "", self.action.call_id, "end")
+        return (False, self.org_id or "", self.action.call_id, self.action.kind)
+
+
+class KillSwitch:
+    """One worker's kill switch. `round()` visits what is due and hands every action to a push
+    task of its own, then returns: a slow or silent control URL delays nobody else, and the next
+    round starts on time. End-calls start as soon as their org's tick has decided them; warnings
+    (a courtesy) once the round's visits are done. Bounds: at most `visits_in_flight_max` ticks at
+    once; no visit while `kill_pushes_in_flight_max` pushes are under way or about to be (the org
+    stays due for a later round), so the pushes exceed it by at most the calls of the visits
+    already under way; each push ends by `kill_push_deadline_ms` after its action was handed out
+    (the wait for a slot included). An action whose push is still under way here is not pushed
+    twice; across workers the tick's backoff is the guard (a handed-out action is not due again for
+    kill_backoff_base_ms, which the deadline stays below). `drain()` waits for the pushes in flight
+    (tests, shutdown)."""
+
+    def __init__(self, rt: Runtime, http: httpx.AsyncClient | ControlClients, control_urls: "ControlUrls") -> None:
+        check_settings(rt.settings)
+        self.rt, self.control_urls = rt, control_urls
+        self.clients = http if isinstance(http, ControlClients) else ControlClients.of(http)
+        self.slots = asyncio.Semaphore(rt.settings.kill_pushes_in_flight_max)
+        self.visit_slots = asyncio.Semaphore(visits_in_flight_max)
+        self.pushes: dict[tuple[bool, str, str, str], asyncio.Task[None]] = {}
+        self.warnings_waiting = 0  # handed out this round, started when its visits are done
+        self.report = RoundReport()
+
+    @property
+    def full(self) -> bool:
+        return len(self.pushes) + self.warnings_waiting >= self.rt.settings.kill_pushes_in_flight_max
+
+    def take_report(self) -> RoundReport:
+        """What was done since the last take (pushes finish between rounds)."""
+        report, self.report = self.report, RoundReport()
+        return report
+
+    async def round(self) -> float:
+        """One round. Returns how long to wait before the next, in seconds: 0 when it was full (more
+        is due now), else until the earliest org or end-queue call is next due, but at most the
+        poll interval (a web process may file an earlier depletion moment at any time)."""
+        poll_s = self.rt.settings.kill_poll_interval_ms / 1000
+        org_ids = [] if self.full else await due_orgs(self.rt)
+        *visited, unheld_due = await asyncio.gather(*(self._visit(org_id) for org_id in org_ids),
+                                                    self._end_queue_round(), return_exceptions=True)  # fmt: skip
+        self.warnings_waiting = 0
+        for outcome in visited:
+            if not isinstance(outcome, BaseException):
+                for warning in outcome:
+                    self._start(warning)
+        for outcome in [*visited, unheld_due]:
+            if isinstance(outcome, BaseException):
+                raise outcome  # once everything else of the round is done; the loop logs it
+        assert isinstance(unheld_due, int)
+        if self.full:
+            return poll_s
+        if len(org_ids) >= visits_per_round_max or unheld_due >= end_queue_per_round_max:
+            return 0.0
+        next_ms = await next_due_ms(self.rt)
+        if next_ms is None:
+            return poll_s
+        now_ms = await self.rt.clock.now_ms(self.rt.redis)
+        return min(poll_s, max(round_pause_s_min, (next_ms - now_ms) / 1000))
+
+    async def drain(self, timeout_s: float | None = None) -> None:
+        """Wait for the pushes in flight (none starts meanwhile); past timeout_s they are cancelled."""
+        tasks = list(self.pushes.values())
+        if not tasks:
+            return
+        _, pending = await asyncio.wait(tasks, timeout=timeout_s)
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.wait(pending)
+
+    async def _visit(self, org_id: str) -> list[Push]:
+        """One org's tick: its end-calls start at once, its warnings are returned (to start once
+        the round's visits are done); then the org's next visit is filed."""
+        async with self.visit_slots:
+            if self.full:
+                return []  # left due: a later round visits it once pushes are free
+            visit = await visit_org(self.rt, org_id)
+            handed_out_at = asyncio.get_running_loop().time()
+            self.report.visited += 1
+            actions = [a for a in visit.actions if self._to_push(org_id, a)]
+            urls = await self.control_urls.get(org_id, [a.call_id for a in actions])
+            pushes = [Push(org_id, a, urls.get(a.call_id), handed_out_at) for a in actions]
+            warnings = [p for p in pushes if p.action.kind == "warn"]
+            self.warnings_waiting += len(warnings)
+            for p in pushes:
+                if p.action.kind == "end":
+                    self._start(p)
+        try:
+            if visit.org_known:
+                await reschedule(self.rt, org_id, visit)
+            else:
+                await self.rt.redis.zrem(self.rt.keys.kill_schedule(org_id), org_id)
+        except RedisError:  # its warnings still go; the org stays due (visited again) or the backstop files it
+            log.exception("kill switch: could not file org %s's next visit", org_id)
+        return warnings
+
+    def _to_push(self, org_id: str, action: Action) -> bool:
+        if action.kind == "end_failed":
+            self.report.given_up += 1
+            log.error("kill switch: gave up ending call %s of org %s after %d attempts; flagged for review "
+                      "(alert end_call_failed)", action.call_id, org_id, action.attempt)  # fmt: skip
+            return False
+        if (False, org_id, action.call_id, action.kind) in self.pushes:
+            self.report.skipped_in_flight += 1
+            log.info("kill switch: %s of call %s (org %s) is still under way; attempt %d skipped", action.kind,
+                     action.call_id, org_id, action.attempt)  # fmt: skip
+            return False
+        return True
+
+    async def _end_queue_round(self) -> int:
+        """Claim the due calls of the end queue (no org holds them), push their end-calls, and give
+        up those whose attempts are used up. Returns how many were due."""
+        if self.full:
+            return 0
+        now_ms = await self.rt.clock.now_ms(self.rt.redis)
+        call_ids = await due_unheld_calls(self.rt, now_ms, end_queue_per_round_max)
+        free = [c for c in call_ids if (True, "", c, "end") not in self.pushes]
+        claims = [c for c in await asyncio.gather(*(claim_unheld_call(self.rt, c, now_ms) for c in free)) if c]
+        handed_out_at = asyncio.get_running_loop().time()
+        for claim in claims:
+            if not claim.give_up:
+                self._start(Push(claim.org_id, Action(claim.call_id, "end", claim.attempts), claim.control_url,
+                                 handed_out_at, unheld=True))  # fmt: skip
+        for claim in claims:
+            if claim.give_up:
+                try:
+                    await give_up_unheld_call(self.rt, claim, now_ms)
+                    self.report.given_up += 1
+                except Exception:  # Postgres away: the entry stays, and a later round gives up again
+                    log.exception("kill switch: could not give up call %s of the end queue yet", claim.call_id)
+                    await release_unheld_call(self.rt, claim.call_id)
+        return len(call_ids)
+
+    def _start(self, p: Push) -> None:
+        key = p.key
+        assert key not in self.pushes
+        deadline = p.handed_out_at + self.rt.settings.kill_push_deadline_ms / 1000
+        self.pushes[key] = asyncio.create_task(self._push(p, deadline, key), name=f"kill-{p.action.kind}-{p.action.call_id}")
+
+    async def _push(self, p: Push, deadline: float, key: tuple[bool, str, str, str]) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            try:
+                async with asyncio.timeout_at(deadline), self.slots, self.clients.client() as http:
+                    taken = await push(self.rt, http, p.org_id, p.action, p.control_url,
+                                       timeout_s=max(0.001, deadline - loop.time()))  # fmt: skip
+            except TimeoutError:
+                taken = False
+                log.warning("kill switch: %s of call %s (org %s), attempt %d: no answer within %d ms", p.action.kind,
+                            p.action.call_id, p.org_id, p.action.attempt, self.rt.settings.kill_push_deadline_ms)  # fmt: skip
+            await self._settle(p, taken)
+        except Exception:
+            log.exception("kill switch: the %s push to call %s (org %s) failed", p.action.kind, p.action.call_id,
+                          p.org_id)  # fmt: skip
+        finally:
+            self.pushes.pop(key, None)
+
+    async def _settle(self, p: Push, taken: bool) -> None:
+        """Record one push's result: acknowledged (the tick stops handing it out) or a failed attempt."""
+        if not taken:
+            self.report.failed_attempts += 1
+            if p.unheld:
+                await release_unheld_call(self.rt, p.action.call_id)
+            return
+        if p.unheld:
+            await forget_unheld_call(self.rt, p.action.call_id)
+            self.report.ended_unheld += 1
+            log.warning("kill switch: ended call %s (org %s), which no hold covered", p.action.call_id, p.org_id)
+            return
+        assert p.org_id is not None
+        await acknowledge(self.rt, p.org_id, p.action.call_id, p.action.kind)
+        if p.action.kind == "warn":
+            self.report.warned += 1
+        else:
+            self.report.ended += 1
+            log.warning("kill switch: ended call %s of org %s: credit ran out", p.action.call_id, p.org_id)
 
 
 async def run_round(rt: Runtime, http: httpx.AsyncClient, control_urls: "ControlUrls") -> RoundReport:
-    """Visit every org that is due and carry out what the visits decide, concurrently."""
-    report = RoundReport()
-    org_ids = await due_orgs(rt)
-
-    async def one(org_id: str) -> None:
-        visit = await visit_org(rt, org_id)
-        report.visited += 1
-        pushes = []
-        for action in visit.actions:
-            if action.kind == "end_failed":
-                report.given_up += 1
-                log.error("kill switch: gave up ending call %s of org %s after %d attempts; flagged for review "
-                          "(alert end_call_failed)", action.call_id, org_id, action.attempt)  # fmt: skip
-            else:
-                pushes.append(action)
-        urls = await control_urls.get(org_id, [a.call_id for a in pushes])
-        results = await asyncio.gather(*(push(rt, http, org_id, a, urls.get(a.call_id)) for a in pushes))
-        for action, ok in zip(pushes, results, strict=True):
-            if ok:
-                await acknowledge(rt, org_id, action.call_id, action.kind)
-                if action.kind == "warn":
-                    report.warned += 1
-                else:
-                    report.ended += 1
-                    log.warning("kill switch: ended call %s of org %s: credit ran out", action.call_id, org_id)
-            else:
-                report.failed_attempts += 1
-        if visit.org_known:
-            await reschedule(rt, org_id, visit)
-        else:
-            await rt.redis.zrem(rt.keys.kill_schedule(org_id), org_id)
-
-    await asyncio.gather(*(one(org_id) for org_id in org_ids))
-    return report
+    """One round by a kill switch of its own, waiting for its pushes: what tests and one-off
+    callers want. The worker keeps one KillSwitch and does not wait."""
+    kill_switch = KillSwitch(rt, http, control_urls)
+    await kill_switch.round()
+    await kill_switch.drain()
+    return kill_switch.take_report()
 
 
 class ControlUrls:
-    """Where each call's control URL is kept: the call index (webapp/call_index.py) that the
-    webhook fills from `call.monitor.controlUrl`."""
+    """Where each call's control URL is kept: the admitting org's own hash (engine/call_index.py),
+    filled by the webhook from `call.monitor.controlUrl` when it is one of Vapi's. Per org, so no
+    other org can hide or redirect a call's end-call."""
 
     def __init__(self, rt: Runtime) -> None:
         self.rt = rt
@@ -265,12 +465,5 @@ class ControlUrls:
     async def get(self, org_id: str, call_ids: list[str]) -> dict[str, str | None]:
         if not call_ids:
             return {}
-        async with self.rt.redis.pipeline(transaction=False) as pipe:
-            for call_id in call_ids:
-                pipe.hmget(self.rt.keys.call_index(call_id), ["org_id", "control_url"])
-            replies = await pipe.execute()
-        urls: dict[str, str | None] = {}
-        for call_id, (owner, url) in zip(call_ids, replies, strict=True):
-            # Only the org that owns the call may have it ended (first claim wins in the index).
-            urls[call_id] = url if owner == org_id else None
-        return urls
+        urls = await self.rt.redis.hmget(self.rt.keys.org(org_id).control, call_ids)
+        return dict(zip(call_ids, urls, strict=True))

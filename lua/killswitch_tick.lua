@@ -15,6 +15,7 @@
     KEYS[2] holds hash            <prefix>:{org:<org_id>}:holds
     KEYS[3] kill hash             <prefix>:{org:<org_id>}:kill
     KEYS[4] outbox stream         <prefix>:{org:<org_id>}:outbox
+    KEYS[5] control URLs hash     <prefix>:{org:<org_id>}:control
 
     ARGV[1] now_ms                0 = Redis TIME
     ARGV[2] org_id
@@ -69,11 +70,13 @@ local is_live = {}
 for i = 1, #live, 2 do
   is_live[live[i]] = live[i + 1]
 end
--- Forget the progress of calls that are over.
-local known = rcall('HKEYS', KEYS[3])
-for _, call_id in ipairs(known) do
-  if is_live[call_id] == nil then
-    rcall('HDEL', KEYS[3], call_id)
+-- Forget the progress and the control URLs of calls that are over (a URL is kept only while
+-- its call holds credit: a call admitted but not yet held is written after its hold).
+for _, key in ipairs({KEYS[3], KEYS[5]}) do
+  for _, call_id in ipairs(rcall('HKEYS', key)) do
+    if is_live[call_id] == nil then
+      rcall('HDEL', key, call_id)
+    end
   end
 end
 if deadline == 0 then

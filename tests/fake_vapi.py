@@ -1,5 +1,10 @@
 """A fake Vapi control endpoint and alert receiver: a real HTTP server on a loopback port that
-records every request and answers with whatever status the test scripts for it."""
+records every request and answers with whatever status (and after whatever delay) the test
+scripts for it.
+
+Control URLs are Vapi's own (`https://…vapi.ai/<call_id>/control`, as the webhook carries them);
+a worker reaches the fake through `vapi_control_base_url=fake.base_url` (VAPI_CONTROL_BASE_URL),
+which keeps the path and replaces the scheme and host."""
 
 import asyncio
 import socket
@@ -15,6 +20,9 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
+
+
+VAPI_CONTROL_HOST = "https://aws-us-west-2-production1-phone-call-websocket.vapi.ai"
 
 
 @dataclass
@@ -36,13 +44,17 @@ class FakeVapi:
     # path -> statuses to answer, in order; when used up (or absent) the answer is 200
     scripted: dict[str, list[int]] = field(default_factory=dict)
     always: dict[str, int] = field(default_factory=dict)  # path -> status for every request
+    delay_s: dict[str, float] = field(default_factory=dict)  # path -> seconds before answering
+    in_flight: int = 0  # requests being answered now
+    in_flight_max: int = 0  # the most at once
 
     @property
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
     def control_url(self, call_id: str) -> str:
-        return f"{self.base_url}/{call_id}/control"
+        """What Vapi puts in `call.monitor.controlUrl` (route it here with vapi_control_base_url)."""
+        return f"{VAPI_CONTROL_HOST}/{call_id}/control"
 
     def to(self, path: str) -> list[Received]:
         return [r for r in self.received if r.path == path]
@@ -55,6 +67,13 @@ class FakeVapi:
         path = request.url.path
         self.received.append(Received(path, body, dict(request.headers)))
         self.received_at.append(time.monotonic())
+        self.in_flight += 1
+        self.in_flight_max = max(self.in_flight_max, self.in_flight)
+        try:
+            if path in self.delay_s:
+                await asyncio.sleep(self.delay_s[path])
+        finally:
+            self.in_flight -= 1
         if path in self.always:
             return JSONResponse({}, status_code=self.always[path])
         queue = self.scripted.get(path)
@@ -69,10 +88,13 @@ def _free_port() -> int:
 
 
 @asynccontextmanager
-async def fake_vapi_server() -> AsyncIterator[FakeVapi]:
-    fake = FakeVapi(port=_free_port())
+async def fake_vapi_server(port: int | None = None) -> AsyncIterator[FakeVapi]:
+    """port: one chosen beforehand (a worker started earlier was told it); None: any free one."""
+    fake = FakeVapi(port=port or _free_port())
     app = Starlette(routes=[Route("/{path:path}", fake.handle, methods=["POST"])])
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=fake.port, log_level="warning", lifespan="off"))
+    # A request still delayed at the end is cut short rather than holding the test up.
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=fake.port, log_level="warning", lifespan="off",
+                                           timeout_graceful_shutdown=1))  # fmt: skip
     task = asyncio.create_task(server.serve())
     while not server.started:
         await asyncio.sleep(0.01)

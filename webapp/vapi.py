@@ -144,14 +144,21 @@ async def assistant_request(ctx: AppContext, message: VapiMessage) -> dict[str, 
 
 
 async def _remember(ctx: AppContext, message: VapiMessage, org_id: str) -> None:
-    """The org admitted the call: index it, and keep its control URL if it is one of Vapi's."""
+    """The org admitted the call (it holds it): index it, and keep its control URL."""
     assert message.call_id is not None
+    control_url = _allowed_control_url(ctx, message, org_id)
+    await ctx.calls.remember(message.call_id, org_id, control_url)
+
+
+def _allowed_control_url(ctx: AppContext, message: VapiMessage, org_id: str) -> str | None:
+    """The call's control URL if it is one of Vapi's (https on CREDIT_ENGINE_CONTROL_URL_HOSTS):
+    the kill switch sends the control token there, so a URL a payload made up is never kept."""
     control_url = message.control_url
     if control_url is not None and not control_url_allowed(ctx.settings, control_url):
         log.warning("call %s of org %s names a control URL not on Vapi's hosts; not kept", message.call_id, org_id)
         ctx.metrics.webhooks.labels(message.type, "control_url_refused").inc()
-        control_url = None
-    await ctx.calls.remember(message.call_id, org_id, control_url)
+        return None
+    return control_url
 
 
 async def status_update(ctx: AppContext, message: VapiMessage) -> dict[str, Any]:
@@ -191,6 +198,10 @@ async def _first_sight(ctx: AppContext, message: VapiMessage, who: Attribution, 
     not_found = CallCheck(Outcome.hold_not_found, ZERO_MONEY, False, 0, 0, 0, False, False)
     if not who.by_number or await resolved_in_postgres(ctx.rt, org_id, call_id):
         return await _resolved_before(ctx, message, org_id, not_found)
+    # Keep the control URL before the hold exists: an unfunded hold is due for its end-call at once.
+    control_url = _allowed_control_url(ctx, message, org_id)
+    if control_url is not None:
+        await ctx.calls.keep_control_url(org_id, call_id, control_url)
     unfunded = Unfunded.record if who.may_admit else Unfunded.always
     reservation = await _reserve(ctx, org_id, call_id, unfunded)
     if reservation.outcome == Outcome.call_already_resolved:

@@ -53,11 +53,18 @@ def spawn(args: list[str], env: dict[str, str], log_path: Path) -> subprocess.Po
 
 
 @pytest.fixture
-def processes(settings: Settings, tmp_path: Path) -> Iterator[tuple[str, str]]:
+def fake_port() -> int:
+    """The fake Vapi's port, chosen before the worker starts: its VAPI_CONTROL_BASE_URL."""
+    return free_port()
+
+
+@pytest.fixture
+def processes(settings: Settings, tmp_path: Path, fake_port: int) -> Iterator[tuple[str, str]]:
     fast_port, slow_port = free_port(), free_port()
     fast = spawn(["serve", "--port", str(fast_port)], skewed_env(settings, +7_200), tmp_path / "fast.log")
     slow = spawn(["serve", "--port", str(slow_port)], skewed_env(settings, -10_800), tmp_path / "slow.log")
-    worker = spawn(["worker"], skewed_env(settings, -3_600), tmp_path / "worker.log")
+    worker = spawn(["worker"], skewed_env(settings, -3_600, VAPI_CONTROL_BASE_URL=f"http://127.0.0.1:{fake_port}"),
+                   tmp_path / "worker.log")  # fmt: skip
     try:
         yield f"http://127.0.0.1:{fast_port}", f"http://127.0.0.1:{slow_port}"
     finally:
@@ -70,7 +77,7 @@ def _at(iso: str) -> float:
 
 
 async def test_holds_and_the_kill_switch_follow_redis_time_whatever_the_web_clocks_say(
-    settings: Settings, processes: tuple[str, str]
+    settings: Settings, processes: tuple[str, str], fake_port: int
 ) -> None:
     fast_url, slow_url = processes
     rt = await Runtime.open(settings)  # Redis TIME
@@ -95,7 +102,7 @@ async def test_holds_and_the_kill_switch_follow_redis_time_whatever_the_web_cloc
         auth = {"Authorization": f"Bearer {key}"}
         redis_now_s = (await rt.clock.now_ms(rt.redis)) / 1000
 
-        async with fake_vapi_server() as fake:
+        async with fake_vapi_server(port=fake_port) as fake:
             # A call admitted by the fast process and started by the slow one.
             the_call = call("clock-call", phone_number_id=number, control_url=fake.control_url("clock-call"))
             answer = await fast.post("/api/vapi/webhook", content=assistant_request(the_call), headers=VAPI)

@@ -15,13 +15,14 @@ from engine.alerts import deliver_due, org_signing_secret, outbound_for_alerts, 
 from engine.clock import ManualClock
 from engine.config import Settings
 from engine.holds import CallEvent, check_call, commit_call, expire_call, reserve_call
-from engine.killswitch import ControlUrls, RoundReport, run_round
+from engine.killswitch import ControlUrls, KillSwitch, RoundReport, run_round
 from engine.outbound import Outbound
 from engine.outbox import drain_org_fully
 from engine.results import Outcome
 from engine.runtime import Runtime
 from tests.fake_vapi import FakeVapi, fake_vapi_server
 from tests.helpers import new_org
+from tests.processes import wait_for
 from tests.webapp import vapi_payloads as payloads
 from tests.webapp.conftest import ADMIN_TOKEN, WEBHOOK_SECRET, Api
 
@@ -51,8 +52,9 @@ def app_settings(settings: Settings) -> Settings:
 
 
 @pytest.fixture
-async def worker_rt(settings: Settings, clock: ManualClock) -> AsyncIterator[Runtime]:
-    runtime = await Runtime.open(replace(settings, **KILL_SETTINGS), clock=clock)
+async def worker_rt(settings: Settings, clock: ManualClock, fake: FakeVapi) -> AsyncIterator[Runtime]:
+    # Control URLs are Vapi's (https://…vapi.ai/<call>/control); the base URL routes them to the fake.
+    runtime = await Runtime.open(replace(settings, vapi_control_base_url=fake.base_url, **KILL_SETTINGS), clock=clock)
     yield runtime
     await runtime.close()
 
@@ -83,8 +85,8 @@ class World:
                                              hold_block_minutes=1, grace_seconds=5, **settings)  # fmt: skip
         return org_id, key, await self.api.register_number(org_id)
 
-    async def start_call(self, number: str, call_id: str) -> Call:
-        the_call = payloads.call(call_id, phone_number_id=number, control_url=self.fake.control_url(call_id))
+    async def start_call(self, number: str, call_id: str, control_url: str | None = None) -> Call:
+        the_call = payloads.call(call_id, phone_number_id=number, control_url=control_url or self.fake.control_url(call_id))
         answer = (await self.api.vapi(payloads.assistant_request(the_call))).json()
         assert "assistantId" in answer, answer
         assert (await self.api.vapi(payloads.status_update(the_call, "in-progress"))).json() == {}
@@ -298,3 +300,118 @@ async def test_the_concurrency_limit_refuses_at_assistant_request_with_a_spoken_
     assert answer == {"error": SPOKEN_BUSY}
     holds = (await world.api.as_org(key, "GET", "/api/wallet/holds")).json()
     assert [h["call_id"] for h in holds["items"]] == ["one"]
+
+
+# At scale: pushes are tasks of their own (issue 12) ------------------------------------------
+
+
+async def _received(fake: FakeVapi, path: str) -> bool:
+    return bool(fake.to(path))
+
+
+async def test_a_slow_control_url_holds_up_neither_the_round_nor_another_orgs_end_call(world: World) -> None:
+    slow_org, _, slow_number = await world.org(90)
+    _, _, fast_number = await world.org(90)
+    await world.start_call(slow_number, "slow")
+    await world.start_call(fast_number, "fast")
+    world.fake.delay_s["/slow/control"] = 3.0  # far past the push deadline (0.9 s)
+    kill_switch = KillSwitch(world.rt, world.http, ControlUrls(world.rt))
+    world.at(95)  # both orgs past depletion + grace
+    await kill_switch.round()
+    slow_push = (False, slow_org, "slow", "end")
+    assert slow_push in kill_switch.pushes  # the round returned with the slow push under way
+    await wait_for(lambda: _received(world.fake, "/fast/control"), 2, "the other org's end-call", interval_s=0.01)
+    assert slow_push in kill_switch.pushes  # it came while the slow one was still waiting
+    world.at(96)  # the tick's backoff is over but the first push is not: it is not sent twice
+    await kill_switch.round()
+    assert len(world.fake.control_bodies("slow")) == 1
+    await kill_switch.drain()  # the slow push ends at its deadline: a failed attempt
+    report = kill_switch.take_report()
+    assert (report.ended, report.failed_attempts, report.skipped_in_flight) == (1, 1, 1)
+    del world.fake.delay_s["/slow/control"]
+    world.at(98)  # the skipped attempt counted (the tick handed it out): this is the third and last
+    assert (await world.round()).ended == 1
+    assert world.fake.control_bodies("slow") == [END, END]
+    assert world.fake.control_bodies("fast") == [END]
+
+
+async def test_pushes_in_flight_are_bounded_and_a_full_worker_leaves_orgs_due(world: World) -> None:
+    rt = replace(world.rt, settings=replace(world.rt.settings, kill_pushes_in_flight_max=2))
+    _, _, busy_number = await world.org(240)  # four calls at 1 p/s each: depletion at 60 s
+    for n in range(4):
+        await world.start_call(busy_number, f"busy-{n}")
+        world.fake.delay_s[f"/busy-{n}/control"] = 0.3
+    late_org, _, late_number = await world.org(120)  # one call: depletion at 120 s
+    await world.start_call(late_number, "late")
+    kill_switch = KillSwitch(rt, world.http, ControlUrls(rt))
+    world.at(65)
+    await kill_switch.round()
+    assert len(kill_switch.pushes) == 4 and kill_switch.full  # one visit may overshoot by its org's calls
+    world.at(125)
+    await kill_switch.round()  # full: nobody is visited, the late org stays due
+    assert kill_switch.take_report().visited == 1
+    await kill_switch.drain()
+    assert world.fake.in_flight_max == 2  # never more than the limit at once
+    assert world.fake.control_bodies("late") == []
+    assert await world.scheduled_ms(late_org) is not None
+    await kill_switch.round()
+    await kill_switch.drain()
+    assert world.fake.control_bodies("late") == [END]
+    assert [len(world.fake.control_bodies(f"busy-{n}")) for n in range(4)] == [1, 1, 1, 1]
+    assert kill_switch.take_report().ended == 5
+
+
+async def test_the_next_round_comes_when_the_next_org_is_due_not_a_whole_poll_later(world: World) -> None:
+    _, _, number = await world.org(90)  # one call: depletion at 90 s, warned at 80 s
+    await world.start_call(number, "c")
+    kill_switch = KillSwitch(world.rt, world.http, ControlUrls(world.rt))
+    poll_s = world.rt.settings.kill_poll_interval_ms / 1000
+    assert await kill_switch.round() == poll_s  # nothing due for 80 s: look again after a poll
+    world.at(79.95)
+    assert await kill_switch.round() == pytest.approx(0.05)  # the warning is due in 50 ms
+    world.at(80)
+    await kill_switch.round()
+    await kill_switch.drain()
+    assert world.fake.control_bodies("c") == [SAY]
+    world.at(94.97)  # the end-call is due at 95 s (and the warning's recheck at 81 s has passed)
+    assert await kill_switch.round() == pytest.approx(0.03)
+
+
+# Control URLs only on Vapi's hosts ------------------------------------------------------------
+
+CONTROL_TOKEN = "vapi-control-token-" + "d" * 24
+OFF_VAPI = {
+    "meta": "http://169.254.169.254/latest/meta-data/meta/control",
+    "evil": "https://evil.example/evil/control",
+    "suffix": "https://vapi.ai.evil.example/suffix/control",
+    "userinfo": "https://aws-us-west-2-production1-phone-call-websocket.vapi.ai@evil.example/userinfo/control",
+}
+
+
+async def test_a_control_url_off_vapis_hosts_never_gets_a_request_or_the_token(world: World) -> None:
+    # With the base URL set, an unchecked URL's path would reach the fake: nothing may.
+    rt = replace(world.rt, settings=replace(world.rt.settings, vapi_control_token=CONTROL_TOKEN))
+    _, _, number = await world.org(300)  # five calls: depletion at 60 s, the end-calls at 65 s
+    await world.start_call(number, "good")
+    for call_id, url in OFF_VAPI.items():
+        await world.start_call(number, call_id, control_url=url)
+    reports = []
+    for t in (65, 66, 68, 72):  # three attempts each (1 s, 2 s backoff), then given up
+        world.at(t)
+        reports.append(await run_round(rt, world.http, ControlUrls(rt)))
+    assert [r.path for r in world.fake.received] == ["/good/control"]
+    assert world.fake.received[0].headers["authorization"] == f"Bearer {CONTROL_TOKEN}"
+    assert sum(r.ended for r in reports) == 1
+    assert sum(r.failed_attempts for r in reports) == 3 * len(OFF_VAPI)  # refused: failed attempts, nothing sent
+    assert sum(r.given_up for r in reports) == len(OFF_VAPI)
+
+
+async def test_without_a_base_url_a_loopback_control_url_is_not_called(world: World) -> None:
+    rt = replace(world.rt, settings=replace(world.rt.settings, vapi_control_base_url=None,
+                                            vapi_control_token=CONTROL_TOKEN))  # fmt: skip
+    _, _, number = await world.org(90)
+    await world.start_call(number, "direct", control_url=f"{world.fake.base_url}/direct/control")  # a listener of ours
+    world.at(95)
+    report = await run_round(rt, world.http, ControlUrls(rt))
+    assert (report.ended, report.failed_attempts) == (0, 1)
+    assert world.fake.received == []

@@ -194,7 +194,8 @@ async def test_the_worker_process_warns_then_ends_a_call_on_redis_time(settings:
     try:
         org = await new_org(rt, 11, rate_pence_per_minute=60, min_start_pence=10, grace_seconds=0)
         async with fake_vapi_server() as fake:
-            worker = await start_ready_worker(rt, tmp_path / "worker.log", CREDIT_ENGINE_KILL_WARN_LEAD_S="2")
+            worker = await start_ready_worker(rt, tmp_path / "worker.log", CREDIT_ENGINE_KILL_WARN_LEAD_S="2",
+                                              VAPI_CONTROL_BASE_URL=fake.base_url)  # fmt: skip
             try:
                 assert (await reserve_call(rt, org, "live-call")).outcome == Outcome.ok
                 await rt.redis.hset(rt.keys.call_index("live-call"),

@@ -59,6 +59,12 @@ async def expire_due_holds(rt: Runtime) -> ExpiryReport:
             report.org_unknown += 1
             await restore_org_if_absent(rt, row["org_id"])  # the next run expires it
         elif resolution.outcome == Outcome.hold_not_found:
+            if await rt.redis.xlen(rt.keys.org(row["org_id"]).outbox):
+                # The org has entries on their way to Postgres: this call's resolution may be one
+                # of them (its Redis record pruned meanwhile, if Postgres was away longer than the
+                # idempotency window). The drain settles the row; the next run looks again.
+                report.resolved_meanwhile += 1
+                continue
             report.missing_in_redis += 1
             await _close_missing(rt, row["org_id"], row["call_id"])
         else:
@@ -67,9 +73,10 @@ async def expire_due_holds(rt: Runtime) -> ExpiryReport:
 
 
 async def _close_missing(rt: Runtime, org_id: str, call_id: str) -> None:
-    """Redis, the authority on holds, has neither the hold nor its resolution: it lost them (a
-    Redis restart before the hold's events were rebuilt). Close the stale row so it is not
-    restored as a live hold; nothing was charged, which the log says loudly."""
+    """Redis, the authority on holds, has neither the hold nor its resolution, and nothing of the
+    org is on its way to Postgres: it lost them (a Redis restart before the hold's events were
+    rebuilt). Close the stale row so it is not restored as a live hold; nothing was charged,
+    which the log says loudly."""
     log.warning("hold of call %s (org %s) is live in postgres but unknown to redis: closing it as released", call_id, org_id)
     await rt.pg.execute(
         """

@@ -15,7 +15,7 @@ from engine.phone_numbers import forget_owner
 from tests.helpers import assert_books_agree
 from tests.webapp import vapi_payloads as payloads
 from tests.webapp.conftest import ADMIN_TOKEN, WEBHOOK_SECRET
-from tests.webapp.test_kill_switch import END, KILL_SETTINGS, RATE, World, fake, http, world, worker_rt  # noqa: F401
+from tests.webapp.test_kill_switch import END, KILL_SETTINGS, RATE, World, fake, http, outbound, world, worker_rt  # noqa: F401
 from tests.webapp.test_seed_scenarios import ledger_kinds, wallet
 from webapp.vapi import SPOKEN_BUSY
 
@@ -64,11 +64,11 @@ async def test_live_calls_that_cannot_be_funded_are_ended_at_once_and_billed(wor
     for the_call in calls[:2]:
         await hang_up(world, the_call, 55)
     balance = await assert_books_agree(world.rt, org_id)
-    spent = 100 - balance
-    assert spent == 2 * 55 + 3 * 1
-    assert spent <= 100 + 5 * RATE // 60 * 5  # balance + grace x rate x live calls
     debt = (await wallet(world.api, key))["debt_pence"]
-    assert (balance, debt) == (0, spent - 100)  # charged in full: the shortfall is debt, never dropped
+    spent = 100 - balance + debt
+    assert spent == 2 * 55 + 3 * 1  # charged in full: what the balance could not pay is debt, never dropped
+    assert (balance, debt) == (0, 13)
+    assert spent <= 100 + 5 * RATE // 60 * 5  # balance + grace x rate x live calls
 
 
 async def test_an_unfunded_call_counts_against_the_limit_while_it_lives(world: World) -> None:

@@ -28,6 +28,7 @@ from engine.runtime import Runtime
 log = logging.getLogger(__name__)
 
 admission_lookup_timeout_s = 2.0
+clock_skew_margin_ms = 10 * 60 * 1000  # between Vapi's clock (call.createdAt) and Redis's
 
 
 @dataclass(frozen=True)
@@ -88,11 +89,11 @@ async def admitted_by(rt: Runtime, org_id: str, call_id: str) -> bool:
     return row is not None
 
 
-async def resolved_in_postgres(rt: Runtime, org_id: str, call_id: str) -> bool:
+async def resolved_in_postgres(rt: Runtime, org_id: str, call_id: str) -> bool | None:
     """Whether Postgres has the call resolved (Redis may have forgotten: its idempotency window).
-    Unknown (Postgres away): no, and the reservation's own check of Redis stands."""
+    None when Postgres cannot say (away, or slower than admission_lookup_timeout_s)."""
     if rt.pg is None:
-        return False
+        return None
     try:
         row = await rt.pg.fetchval(
             "SELECT 1 FROM call_holds WHERE org_id = $1 AND call_id = $2 AND status <> 'live'",
@@ -102,5 +103,20 @@ async def resolved_in_postgres(rt: Runtime, org_id: str, call_id: str) -> bool:
         )
     except (asyncpg.PostgresError, OSError, TimeoutError) as error:
         log.warning("cannot ask postgres whether call %s of org %s was resolved: %s", call_id, org_id, error)
-        return False
+        return None
     return row is not None
+
+
+async def may_be_a_replay(rt: Runtime, org_id: str, call_id: str, created_ms: int | None) -> bool | None:
+    """Whether a call first seen live may have been resolved longer ago than Redis remembers.
+
+    A call resolved at R is remembered by Redis until R + CREDIT_ENGINE_IDEMPOTENCY_TTL_S, and R
+    comes after the call was created: a call created less than that window ago (Vapi's
+    `call.createdAt`, a clock-skew margin aside) cannot have been forgotten, so Redis's own check
+    (hold_reserve.lua) is enough and Postgres is not asked. An older call, or one whose age is not
+    known, is asked of Postgres; None when Postgres cannot say."""
+    if created_ms is not None:
+        now_ms = await rt.clock.now_ms(rt.redis)
+        if now_ms - created_ms < rt.settings.idempotency_ttl_ms - clock_skew_margin_ms:
+            return False
+    return await resolved_in_postgres(rt, org_id, call_id)

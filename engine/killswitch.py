@@ -187,8 +187,14 @@ async def next_due_ms(rt: Runtime) -> int | None:
 
 async def reschedule_live_orgs(rt: Runtime) -> int:
     """File every org with live holds again (the backstop for a lost ZADD). Returns how many."""
-    rows = await rt.pg.fetch("SELECT DISTINCT org_id FROM call_holds WHERE status = 'live'")
+    rows = await rt.pg.fetch(
+        "SELECT org_id, bool_or(max_duration_seconds = 0 AND ended_at IS NULL) AS unfunded "
+        "FROM call_holds WHERE status = 'live' GROUP BY org_id"
+    )
     org_ids = [row["org_id"] for row in rows]
+    # An org with a live unfunded hold (hold_reserve.lua) is due now: that call is to be ended at once.
+    unfunded = {row["org_id"] for row in rows if row["unfunded"]}
+    now_ms = await rt.clock.now_ms(rt.redis) if unfunded else 0
     filed = 0
     for start in range(0, len(org_ids), reschedule_page_size):
         page = org_ids[start : start + reschedule_page_size]
@@ -198,7 +204,7 @@ async def reschedule_live_orgs(rt: Runtime) -> int:
             burns = await pipe.execute()
         async with rt.redis.pipeline(transaction=False) as pipe:
             for org_id, burn in zip(page, burns, strict=True):
-                depletion_ms = depletion_ms_of(burn)
+                depletion_ms = now_ms if org_id in unfunded else depletion_ms_of(burn)
                 add_depletion(pipe, rt, org_id, depletion_ms)
                 filed += depletion_ms > 0
             await pipe.execute()

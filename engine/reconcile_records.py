@@ -143,16 +143,23 @@ def call_record_problems(
     return problems
 
 
-async def rent_problems(pg: asyncpg.Pool, org_ids: list[str], outbox_keys: set[str]) -> dict[str, list[str]]:
+async def paid_months(conn: asyncpg.Connection, org_ids: list[str]) -> dict[str, list[tuple[str, str]]]:
+    """Each org's numbers and the month their rent is paid to."""
+    paid: dict[str, list[tuple[str, str]]] = {}
+    for row in await conn.fetch(PAID_NUMBERS_SQL, org_ids):
+        paid.setdefault(row["org_id"], []).append((row["vapi_phone_number_id"], row["rent_paid_month"]))
+    return paid
+
+
+async def rent_problems(pg: asyncpg.Pool, paid: dict[str, list[tuple[str, str]]], outbox_keys: set[str]) -> dict[str, list[str]]:
     """Numbers whose paid month has no rent entry in the ledger (nor in the outbox)."""
-    rows = await pg.fetch(PAID_NUMBERS_SQL, org_ids)
-    if not rows:
+    wanted = {
+        (org_id, number_id, month): (rent_ledger_key(org_id, number_id, month), legacy_rent_ledger_key(org_id, number_id, month))
+        for org_id, numbers in paid.items()
+        for number_id, month in numbers
+    }
+    if not wanted:
         return {}
-    wanted = {}
-    for row in rows:
-        org_id, number_id, month = row["org_id"], row["vapi_phone_number_id"], row["rent_paid_month"]
-        wanted[(org_id, number_id, month)] = (rent_ledger_key(org_id, number_id, month),
-                                              legacy_rent_ledger_key(org_id, number_id, month))  # fmt: skip
     keys = [key for pair in wanted.values() for key in pair]
     entries = {row["idempotency_key"]: row for row in await pg.fetch(RENT_ENTRIES_SQL, keys)}
     problems: dict[str, list[str]] = {}

@@ -39,6 +39,7 @@ from engine.reconcile_records import (
     Resolution,
     call_record_problems,
     ledger_keys_in,
+    paid_months,
     postgres_resolutions,
     postgres_resolutions_of,
     redis_resolutions,
@@ -67,6 +68,7 @@ SETTING_FIELDS = (
 )
 MONEY_FIELDS = ("balance_pence", "held_pence", "debt_pence", "seq", "burn_rate", "burn_k", "burn_at_s", "burn_frozen_pence")
 recheck_pause_s = 0.05
+records_scan_count = 1_000  # call-resolution records per HSCAN round trip
 # Longer than these, something is stuck (the worker drains within a second and re-applies
 # credits every few seconds): it is reported, not treated as "still on its way".
 outbox_stuck_ms = 5 * 60 * 1000
@@ -82,6 +84,7 @@ class PgState:
     live_holds: tuple[tuple[str, int, int], ...]  # (call_id, hold_pence, version)
     pending_credits: tuple[tuple[str, int, int], ...]  # (idempotency_key, amount_pence, created_ms)
     resolutions: tuple[Resolution, ...]  # calls resolved inside the idempotency window
+    paid_months: tuple[tuple[str, str], ...]  # (number, month): rent_paid_month of the org's numbers
 
 
 @dataclass(frozen=True)
@@ -121,6 +124,7 @@ async def _pg_states(rt: Runtime, org_ids: list[str], window_from_ms: int) -> di
         holds = await conn.fetch(LIVE_HOLDS_SQL, org_ids)
         pending = await conn.fetch(PENDING_SQL, org_ids)
         resolved = await postgres_resolutions(conn, org_ids, window_from_ms)
+        paid = await paid_months(conn, org_ids)
     holds_by_org: dict[str, list[tuple[str, int, int]]] = {}
     for row in holds:
         holds_by_org.setdefault(row["org_id"], []).append((row["call_id"], row["hold_pence"], row["version"]))
@@ -136,6 +140,7 @@ async def _pg_states(rt: Runtime, org_ids: list[str], window_from_ms: int) -> di
             live_holds=tuple(sorted(holds_by_org.get(row["org_id"], []))),
             pending_credits=tuple(sorted(pending_by_org.get(row["org_id"], []))),
             resolutions=tuple(sorted(resolved[row["org_id"]].values(), key=lambda r: r.call_id)),
+            paid_months=tuple(sorted(paid.get(row["org_id"], []))),
         )
         for row in orgs
     }
@@ -151,13 +156,13 @@ async def _redis_states(rt: Runtime, pg: dict[str, PgState]) -> dict[str, RedisS
         for org_id in org_ids:
             keys = rt.keys.org(org_id)
             pending_keys = [key for key, _, _ in pg[org_id].pending_credits]
-            args = [call_state_prefix(org_id), len(fields), *fields, *pending_keys]
+            args = [len(fields), *fields, *pending_keys]
             rt.scripts.add_to_pipeline(pipe, "org_read", [keys.org, keys.holds, keys.outbox, keys.dead, keys.idem], args)
 
     replies = await rt.scripts.execute(rt.redis, build)
     states = {}
     for org_id, reply in zip(org_ids, replies, strict=True):
-        _, values, holds_flat, outbox, dead_letters, pending, resolutions = reply
+        _, values, holds_flat, outbox, dead_letters, pending = reply
         pending_keys = [key for key, _, _ in pg[org_id].pending_credits]
         holds = dict(zip(holds_flat[::2], holds_flat[1::2], strict=True))
         items, unreadable = _parse_outbox(outbox)
@@ -169,17 +174,38 @@ async def _redis_states(rt: Runtime, pg: dict[str, PgState]) -> dict[str, RedisS
             outbox=items,
             pending_applied={key: value is not None for key, value in zip(pending_keys, pending, strict=True)},
             dead_letters=dead_letters,
-            resolutions=redis_resolutions(org_id, resolutions),
+            resolutions={},
             unreadable=unreadable,
         )
     return states
 
 
+async def _add_resolutions(rt: Runtime, states: dict[str, RedisState]) -> dict[str, list[OutboxItem]]:
+    """Each org's call-resolution records, by HSCAN (not in org_read.lua: a busy org has a week of
+    them, which one script would read while every other client waited). Not atomic with the
+    rest, so the outbox is read again afterwards: a resolution decided during the scan has its
+    event in the second read (or, drained meanwhile, moves Postgres and the org is read again).
+    Returns the second reads."""
+    later: dict[str, list[OutboxItem]] = {}
+    for org_id, state in states.items():
+        flat: list[str] = []
+        async for field, value in rt.redis.hscan_iter(rt.keys.org(org_id).idem, match=f"{call_state_prefix(org_id)}*",
+                                                       count=records_scan_count):  # fmt: skip
+            flat += [field, value]
+        state.resolutions.update(redis_resolutions(org_id, flat))
+        entries = await rt.redis.xrange(rt.keys.org(org_id).outbox, "-", "+")
+        later[org_id] = _parse_outbox(entries)[0]
+    return later
+
+
 def _parse_outbox(entries: list[Any]) -> tuple[list[OutboxItem], list[str]]:
+    """Stream entries as a script returns them (flat field lists) or redis-py does (dicts)."""
     items, unreadable = [], []
-    for stream_id, flat in entries:
+    for stream_id, fields in entries:
         try:
-            items.append(parse_entry(stream_id, dict(zip(flat[::2], flat[1::2], strict=True))))
+            if not isinstance(fields, dict):
+                fields = dict(zip(fields[::2], fields[1::2], strict=True))
+            items.append(parse_entry(stream_id, fields))
         except MALFORMED_ERRORS:
             unreadable.append(stream_id)
     return items, unreadable
@@ -213,6 +239,7 @@ def compare(
     now_ms: int,
     idempotency_ttl_ms: int,
     older_resolutions: dict[str, Resolution],
+    outbox_later: list[OutboxItem],
 ) -> list[str]:
     """Problems found for one org (empty: Redis agrees with Postgres)."""
     if not redis.present:
@@ -261,7 +288,7 @@ def compare(
     problems += call_record_problems(
         redis.resolutions,
         {**older_resolutions, **{r.call_id: r for r in pg.resolutions}},
-        redis.outbox,
+        [*redis.outbox, *outbox_later],
         redis.holds,
         now_ms,
         idempotency_ttl_ms,
@@ -275,18 +302,21 @@ async def _check_orgs(rt: Runtime, org_ids: list[str]) -> tuple[dict[str, list[s
     window_from_ms = now_ms - rt.settings.idempotency_ttl_ms
     before = await _pg_states(rt, org_ids, window_from_ms)
     redis = await _redis_states(rt, before)
+    outbox_later = await _add_resolutions(rt, redis)
     older = await _older_resolutions(rt, before, redis)
     outbox_keys = {key for state in redis.values() for key in ledger_keys_in(state.outbox)}
     in_ledger = await _keys_in_ledger(rt, sorted(outbox_keys))
     after = await _pg_states(rt, list(before), window_from_ms)
-    rent = await rent_problems(rt.pg, list(before), outbox_keys)
+    rent = await rent_problems(rt.pg, {org_id: list(state.paid_months) for org_id, state in before.items()},
+                               outbox_keys | {key for items in outbox_later.values() for key in ledger_keys_in(items)})  # fmt: skip
     problems: dict[str, list[str]] = {}
     moved = []
     for org_id, pg_state in before.items():
         if after.get(org_id) != pg_state:
             moved.append(org_id)
             continue
-        found = compare(pg_state, redis[org_id], in_ledger, now_ms, rt.settings.idempotency_ttl_ms, older.get(org_id, {}))
+        found = compare(pg_state, redis[org_id], in_ledger, now_ms, rt.settings.idempotency_ttl_ms, older.get(org_id, {}),
+                        outbox_later[org_id])  # fmt: skip
         found += rent.get(org_id, [])
         if found:
             problems[org_id] = found

@@ -98,8 +98,10 @@ async def restore_orgs(rt: Runtime, snapshots: list[OrgSnapshot], mode: str, exp
 
 
 async def snapshot_orgs(rt: Runtime, org_ids: list[str]) -> dict[str, OrgSnapshot]:
+    """The orgs as Postgres has them, read at one instant: a credit committed meanwhile is either
+    in a snapshot's balance and its records both, or in neither (and then applies itself)."""
     now_ms = await rt.clock.now_ms(rt.redis)
-    async with rt.pg.acquire() as conn:
+    async with rt.pg.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
         return await load_snapshots(conn, org_ids, now_ms, rt.settings.idempotency_ttl_ms)
 
 

@@ -9,22 +9,22 @@
     KEYS[4] dead-letter stream    <prefix>:{org:<org_id>}:outbox:dead
     KEYS[5] idempotency hash      <prefix>:{org:<org_id>}:idem
 
-    ARGV[1] call_state_prefix     what the org's call-resolution records start with (<org_id>/call/)
-    ARGV[2] field_count           how many org hash fields follow
-    ARGV[3..] fields, then idempotency keys whose presence to report (pending credits)
+    ARGV[1] field_count           how many org hash fields follow
+    ARGV[2..] fields, then idempotency keys whose presence to report (pending credits)
 
-  Output: {code, field values, holds (flat call_id, record), outbox entries, dead letters, pending,
-           call resolutions (flat field, record)}
+  The org's call-resolution records are read by the reconciler with HSCAN, outside this script:
+  a week of them in one script would hold Redis up for every other client.
+
+  Output: {code, field values, holds (flat call_id, record), outbox entries, dead letters, pending}
      0  ok
     -2  org_unknown               (the org hash is missing; the rest is read all the same)
 ]]
 
-local prefix = ARGV[1]
-local field_count = tonumber(ARGV[2])
+local field_count = tonumber(ARGV[1])
 local fields = {}
 local pending = {}
-for i = 3, #ARGV do
-  if i <= field_count + 2 then
+for i = 2, #ARGV do
+  if i <= field_count + 1 then
     fields[#fields + 1] = ARGV[i]
   else
     pending[#pending + 1] = ARGV[i]
@@ -38,16 +38,6 @@ local present = {}
 if #pending > 0 then
   present = redis.call('HMGET', KEYS[5], unpack(pending))
 end
--- Every record under the prefix (org ids and '/call/' hold no glob characters).
-local resolutions = {}
-local cursor = '0'
-repeat
-  local page = redis.call('HSCAN', KEYS[5], cursor, 'MATCH', prefix .. '*', 'COUNT', 1000)
-  cursor = page[1]
-  for _, v in ipairs(page[2]) do
-    resolutions[#resolutions + 1] = v
-  end
-until cursor == '0'
 return {
   code,
   redis.call('HMGET', KEYS[1], unpack(fields)),
@@ -55,5 +45,4 @@ return {
   redis.call('XRANGE', KEYS[3], '-', '+'),
   redis.call('XLEN', KEYS[4]),
   present,
-  resolutions,
 }

@@ -38,7 +38,8 @@
   The staged records: field -> "<expires_ms>|<value>", one per idempotency record.
 
   The kill switch's burn sums are rebuilt from the restored holds, and the alerts are armed as
-  if the balance had just been reached (no alert for a crossing nobody saw).
+  if the balance had just been reached (no alert for a crossing nobody saw). depletion_ms is now
+  when a live unfunded hold is among them (its call is to be ended at once).
 
   The outbox must be empty in both modes: entries still in it are debits Postgres does not have
   yet, and a snapshot from Postgres would silently drop them.
@@ -126,4 +127,11 @@ end
 rcall('HSET', KEYS[1], 'alert_low_sent', low_sent, 'alert_exhausted_sent', exhausted_sent)
 local restored = org_load(KEYS[1])
 restored.deadline_moved = true
-return head(0, restored)
+local reply = head(0, restored)
+for i = 16, holds_end, 2 do
+  local h = hold_decode(ARGV[i + 1])
+  if h.max_duration_s == 0 and h.ended_ms == 0 then
+    reply[7] = now  -- a live unfunded hold (hold_reserve.lua): the kill switch must visit at once
+  end
+end
+return reply

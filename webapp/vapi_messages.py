@@ -32,6 +32,7 @@ class VapiMessage:
     billed_seconds: int | None  # None: the message says nothing about the call's duration
     cost_usd: float | None
     ended_reason: str | None
+    created_ms: int | None  # call.createdAt: how old the call is (a first sight of an old call is a replay)
 
 
 def _dict(value: Any) -> dict[str, Any]:
@@ -58,6 +59,12 @@ def _time(value: Any) -> datetime | None:
     except ValueError:
         return None
     return parsed if parsed.tzinfo is not None else None
+
+
+def _ms(moment: datetime | None) -> int | None:
+    if moment is None:
+        return None
+    return int(moment.timestamp()) * 1000 + moment.microsecond // 1000
 
 
 def _number(value: Any) -> float | None:
@@ -110,4 +117,5 @@ def parse_message(envelope: Any) -> VapiMessage:
         billed_seconds=billed_seconds(message, call),
         cost_usd=_number(message.get("cost")) if "cost" in message else _number(call.get("cost")),
         ended_reason=_str(message.get("endedReason"), 200) or _str(call.get("endedReason"), 200),
+        created_ms=_ms(_time(call.get("createdAt"))),
     )

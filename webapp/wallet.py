@@ -166,6 +166,8 @@ async def reserve(request: Request) -> Response:
     if reservation.outcome == Outcome.org_unknown and await ctx.bring_org_in(org_id):
         reservation = await reserve_call(ctx.rt, org_id, call_id)
     ctx.metrics.decision("reserve", reservation.outcome.name)
+    if reservation.held and not reservation.funded:
+        raise ApiError(409, "call_not_funded", "this call is already running without credit and is being ended", field="call_id")
     if reservation.outcome in (Outcome.ok, Outcome.replayed):
         await ctx.calls.remember(call_id, org_id)
         headers = {"Idempotent-Replayed": "true"} if reservation.outcome == Outcome.replayed else None

@@ -5,11 +5,16 @@ with its SDK to the real app, the worker's kill switch pushing to a fake Vapi, r
 Postgres, one ManualClock."""
 
 from dataclasses import replace
+from typing import Any
 
+import asyncpg
+import orjson
 import pytest
 from vapi.types import Call
 
 from engine.config import Settings
+from engine.holds import release_call
+from engine.idempotency import call_state_key
 from engine.outbox import drain_org_fully
 from engine.phone_numbers import forget_owner
 from tests.helpers import assert_books_agree
@@ -17,7 +22,26 @@ from tests.webapp import vapi_payloads as payloads
 from tests.webapp.conftest import ADMIN_TOKEN, WEBHOOK_SECRET
 from tests.webapp.test_kill_switch import END, KILL_SETTINGS, RATE, World, fake, http, outbound, world, worker_rt  # noqa: F401
 from tests.webapp.test_seed_scenarios import ledger_kinds, wallet
-from webapp.vapi import SPOKEN_BUSY
+from webapp.vapi import SPOKEN_BUSY, SPOKEN_NO_CREDIT
+
+
+# Bodies an adversarial review sent: each a 200 (Vapi) or a 4xx, never a 5xx.
+HOSTILE: list[dict[str, Any]] = [
+    {"message": {"type": "status-update", "status": "in-progress", "call": {"id": "h-1", "phoneNumberId": "x" * 256}}},
+    {"message": {"type": "status-update", "status": "in-progress", "call": {"id": "h-2", "phoneNumberId": "\u00e9\u2603"}}},
+    {"message": {"type": "status-update", "status": "in-progress", "call": {"id": "h-3"}, "phoneNumber": {"id": 7}}},
+    {"message": {"type": "status-update", "status": "in-progress",
+                 "call": {"id": "h-4", "assistantOverrides": {"variableValues": {"org_id": "x" * 300}}}}},
+    {"message": {"type": "status-update", "status": "in-progress",
+                 "call": {"id": "h-5", "assistantOverrides": {"variableValues": {"org_id": "ORG*?[a]"}}}}},
+    {"message": {"type": "end-of-call-report", "call": {"id": "h-6", "phoneNumberId": "pn-nope"},
+                 "startedAt": "2026-01-01T00:00:00Z", "endedAt": "1970-01-01T00:00:00Z"}},
+    {"message": {"type": "end-of-call-report", "call": {"id": "h-7"}, "durationSeconds": 1e308}},
+    {"message": {"type": "end-of-call-report", "call": {"id": "h-8"}, "startedAt": "0001-01-01T00:00:00Z",
+                 "endedAt": "9999-12-31T23:59:59.999999Z"}},
+    {"message": {"type": "status-update", "status": "in-progress", "call": {"id": "h-9", "monitor": {"controlUrl": "ftp://x"}}}},
+    {"message": {"type": "assistant-request", "call": {"id": "h-10", "phoneNumberId": ["a"]}}},
+]
 
 
 @pytest.fixture
@@ -138,7 +162,9 @@ async def test_a_status_update_and_report_replayed_after_the_window_charge_nothi
     await drain_org_fully(world.rt, org_id)
     # A week and more later Redis has forgotten the call; Vapi's messages come again.
     world.clock.advance(world.rt.settings.idempotency_ttl_ms + 86_400_000)
-    live = await world.start_call(number, "live")  # prunes the org's expired records as it passes
+    await release_call(world.rt, org_id, "pruner")  # any resolution prunes the org's expired records
+    assert not await world.rt.redis.hexists(world.rt.keys.org(org_id).idem, call_state_key(org_id, "done"))
+    live = await world.start_call(number, "live")
     assert (await wallet(world.api, key))["live_calls"] == 1
     await in_progress(world, done)  # replayed: no phantom hold
     held = await wallet(world.api, key)
@@ -173,3 +199,54 @@ async def test_a_control_url_off_vapis_hosts_is_never_kept_nor_called(world: Wor
     world.at(200)
     await world.round()
     assert world.fake.received == []
+
+
+async def test_an_old_call_first_seen_live_while_postgres_is_slow_takes_no_hold(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A billed call's in-progress comes again after Redis's window, while Postgres does not answer
+    in time: the engine cannot tell whether it was resolved, so it takes no hold (a phantom would
+    lock credit, hold a line, burn in the kill switch's prediction and be settled twice by a
+    replayed report); it only sends the call an end-call."""
+    org_id, key, number = await world.org(10_000)
+    done = await world.start_call(number, "done")
+    await hang_up(world, done, 60)
+    await drain_org_fully(world.rt, org_id)
+    world.clock.advance(world.rt.settings.idempotency_ttl_ms + 86_400_000)
+    await release_call(world.rt, org_id, "pruner")  # any resolution prunes the org's expired records
+    assert not await world.rt.redis.hexists(world.rt.keys.org(org_id).idem, call_state_key(org_id, "done"))
+    await world.start_call(number, "real")
+    real_fetchval = asyncpg.Pool.fetchval
+
+    async def slow(pool: asyncpg.Pool, query: str, *args: Any, **kwargs: Any) -> Any:
+        if "call_holds" in query:
+            raise TimeoutError  # as asyncpg does past admission_lookup_timeout_s
+        return await real_fetchval(pool, query, *args, **kwargs)
+
+    monkeypatch.setattr(asyncpg.Pool, "fetchval", slow)
+    await in_progress(world, done)
+    monkeypatch.undo()
+    held = await wallet(world.api, key)
+    assert (held["live_calls"], held["held_pence"]) == (1, 60)  # only "real"
+    await world.round()
+    assert world.fake.control_bodies("done") == [END]
+    await world.api.vapi(payloads.end_of_call_report(done, 60))  # Vapi's report again
+    await world.round()
+    assert world.fake.control_bodies("real") == []  # the org's real call runs on
+    assert await assert_books_agree(world.rt, org_id) == 10_000 - 60
+
+
+@pytest.mark.parametrize("hostile", HOSTILE)
+async def test_hostile_messages_get_no_5xx(world: World, hostile: dict[str, Any]) -> None:
+    await world.org(1_000)
+    raw = orjson.dumps(hostile)
+    assert (await world.api.vapi(raw)).status_code < 500
+    assert (await world.api.vapi(raw, path="/api/vapi/webhook/status-check")).status_code < 500
+
+
+async def test_a_call_running_unfunded_is_refused_by_the_reserve_api_and_a_late_assistant_request(world: World) -> None:
+    org_id, key, number = await world.org(5)  # too little to fund a call
+    outbound = running(world, "out-unfunded", number)
+    await in_progress(world, outbound)
+    reserved = await world.api.as_org(key, "POST", "/api/calls/out-unfunded/reserve")
+    assert (reserved.status_code, reserved.json()["error"]["code"]) == (409, "call_not_funded")
+    late = await world.api.vapi(payloads.assistant_request(payloads.call("out-unfunded", phone_number_id=number)))
+    assert late.json() == {"error": SPOKEN_NO_CREDIT}

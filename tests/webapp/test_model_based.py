@@ -126,6 +126,7 @@ class CallModel:
     ended_ms: int = 0
     max_duration_s: int = 0  # what the assistant-request answered (Vapi enforces it)
     intended_s: int = 60  # how long the customer would talk if nobody ended the call
+    created_ms: int = 0  # Vapi's call.createdAt
     reported: bool = False
     messages: list[bytes] = field(default_factory=list)  # every message sent, for replays
 
@@ -213,7 +214,7 @@ class Calls(RuleBasedStateMachine):
         hint = self.orgs[c.hint].org_id if c.hint is not None else None
         overrides = AssistantOverrides(variable_values={"org_id": hint}) if hint else None
         call_type = {"inbound": "inboundPhoneCall", "web": "webCall"}.get(c.route, "outboundPhoneCall")
-        return Call(id=c.call_id, org_id="vapi-org", type=call_type, created_at=iso(self.clock.value_ms), updated_at=iso(self.clock.value_ms),
+        return Call(id=c.call_id, org_id="vapi-org", type=call_type, created_at=iso(c.created_ms), updated_at=iso(self.clock.value_ms),
                     phone_number_id=number, customer=CreateCustomerDto(number="+15557654321"),
                     monitor=Monitor(control_url=c.control_url), assistant_overrides=overrides)  # fmt: skip
 
@@ -248,7 +249,7 @@ class Calls(RuleBasedStateMachine):
         on_number = route in ("inbound", "outbound")
         c = CallModel(call_id, route, org if on_number else None, org if route == "inbound" else hint,
                       f"https://aws-us-west-2-production1-phone-call-websocket.vapi.ai/{call_id}/control",
-                      failing_control, lost_in_progress, intended_s=intended_s)  # fmt: skip
+                      failing_control, lost_in_progress, intended_s=intended_s, created_ms=self.clock.value_ms)  # fmt: skip
         self.calls[call_id] = c
         if failing_control:
             self.fake.always[f"/{call_id}/control"] = 500

@@ -4,6 +4,7 @@ exactly what Vapi sends: field names, nesting and formats come from Vapi's schem
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from engine.clock import ManualClock
 from vapi.types import (
     Analysis,
     Artifact,
@@ -16,7 +17,9 @@ from vapi.types import (
     ServerMessageStatusUpdate,
 )
 
-T0 = datetime(2026, 11, 24, 12, 0, 0, tzinfo=UTC)
+# Calls are created when a ManualClock starts (engine/clock.py): a message replayed after the clock
+# has moved on carries the call's original createdAt, as Vapi's would.
+T0 = datetime.fromtimestamp(ManualClock().value_ms / 1000, UTC)
 
 
 def call(

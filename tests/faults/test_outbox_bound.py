@@ -61,3 +61,25 @@ async def test_at_the_bound_new_decisions_are_refused_running_calls_are_billed(a
     shown = await wallet(api, key)
     assert (shown["held_pence"], shown["live_calls"]) == (0, 0)
     assert sorted(await ledger_kinds(api, org)) == sorted([("topup", 100_000), *[("asset", -1000)] * bought, ("call_charge", -90)])
+
+
+async def test_at_the_bound_a_call_first_seen_live_is_still_recorded_and_billed(api: Api) -> None:
+    """A call already running when first seen (outbound, a lost assistant-request) cannot be
+    refused: at the bound it is recorded as an unfunded hold (above the bound, like a commit), so
+    it holds a line, is ended by the kill switch and is billed by its report."""
+    org, key = await api.new_org(100_000)
+    number = await api.register_number(org)
+    for bought in range(BOUND):
+        answer = await api.as_org(key, "POST", "/api/managed-telephony/provision", {"area_code": "415"},
+                                  headers={"Idempotency-Key": f"buy-{bought}"})  # fmt: skip
+        if answer.status_code != 201:
+            break
+    outbound = call("call-first-seen", phone_number_id=number, call_type="outboundPhoneCall")
+    assert (await api.vapi(status_update(outbound, "in-progress"))).json() == {}
+    held = await api.as_org(key, "GET", "/api/wallet/holds")
+    (hold,) = held.json()["items"]
+    assert (hold["call_id"], hold["hold_pence"], hold["max_duration_seconds"]) == ("call-first-seen", 0, 0)
+    await api.vapi(end_of_call_report(outbound, 45))
+    shown = await wallet(api, key)
+    assert (shown["held_pence"], shown["live_calls"]) == (0, 0)
+    assert ("call_charge", -45) in await ledger_kinds(api, org)

@@ -10,6 +10,7 @@ import pytest
 
 from engine.assets import deduct_asset
 from engine.balances import read_wallet
+from engine.call_index import CallIndex
 from engine.clock import ManualClock, RedisClock
 from engine.config import Settings
 from engine.holds import CallEvent, check_call, commit_call, reserve_call
@@ -206,8 +207,7 @@ async def test_the_worker_process_warns_then_ends_a_call_on_redis_time(settings:
                                               VAPI_CONTROL_BASE_URL=fake.base_url)  # fmt: skip
             try:
                 assert (await reserve_call(rt, org, "live-call")).outcome == Outcome.ok
-                await rt.redis.hset(rt.keys.call_index("live-call"),
-                                    mapping={"org_id": org, "control_url": fake.control_url("live-call")})  # fmt: skip
+                await CallIndex(rt).remember("live-call", org, fake.control_url("live-call"))
                 await check_call(rt, org, "live-call", CallEvent.start)
                 started = time.monotonic()
                 await wait_for(lambda: _received(fake, 2), 20, "the warning and the end-call", interval_s=0.02)

@@ -55,7 +55,9 @@ async def attribute(
             return Attribution(owner.org_id, by_number=True, may_admit=owner.active, assistant_id=owner.assistant_id)
     if call_id is None or not key_rules.is_call_id(call_id):
         return UNATTRIBUTED
-    candidates = [org for org in (org_hint, await index.org_of(call_id)) if org is not None and key_rules.is_org_id(org)]
+    candidates = [
+        org for org in (org_hint, await index.org_of(call_id)) if org is not None and key_rules.is_org_id(org)
+    ]
     for org_id in dict.fromkeys(candidates):
         if await admitted_by(rt, org_id, call_id):
             return Attribution(org_id, by_number=False, may_admit=False, assistant_id=None)
@@ -81,7 +83,10 @@ async def admitted_by(rt: Runtime, org_id: str, call_id: str) -> bool:
         return False
     try:
         row = await rt.pg.fetchval(
-            "SELECT 1 FROM call_holds WHERE org_id = $1 AND call_id = $2", org_id, call_id, timeout=admission_lookup_timeout_s
+            "SELECT 1 FROM call_holds WHERE org_id = $1 AND call_id = $2",
+            org_id,
+            call_id,
+            timeout=admission_lookup_timeout_s,
         )
     except (asyncpg.PostgresError, OSError, TimeoutError) as error:
         log.warning("cannot ask postgres whether org %s admitted call %s: %s", org_id, call_id, error)

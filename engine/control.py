@@ -82,18 +82,22 @@ class ControlReply:
     refused: bool = False  # nothing was sent: no control URL, or not one of Vapi's
 
 
-async def send_control(settings: Settings, http: httpx.AsyncClient, control_url: str | None, kind: str,
-                       timeout_s: float) -> ControlReply:  # fmt: skip
+async def send_control(
+    settings: Settings, http: httpx.AsyncClient, control_url: str | None, kind: str, timeout_s: float
+) -> ControlReply:
     """One POST of a warning or an end-call to a call's control URL."""
     if not control_url:
         return ControlReply(False, "no control URL", refused=True)
     if not control_url_allowed(settings, control_url):
-        return ControlReply(False, f"control URL refused: not https on {', '.join(settings.control_url_hosts)}", refused=True)
+        return ControlReply(
+            False, f"control URL refused: not https on {', '.join(settings.control_url_hosts)}", refused=True
+        )
     token = settings.vapi_control_token
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     try:
-        response = await http.post(control_target(settings, control_url), json=control_body(settings, kind),
-                                   headers=headers, timeout=timeout_s)  # fmt: skip
+        response = await http.post(
+            control_target(settings, control_url), json=control_body(settings, kind), headers=headers, timeout=timeout_s
+        )
     except httpx.HTTPError as error:
         return ControlReply(False, type(error).__name__)
     if not response.is_success:

@@ -56,7 +56,9 @@ def backoff_ms(rt: Runtime, attempts: int) -> int:
     return int(min(s.kill_backoff_base_ms * 2 ** (attempts - 1), s.kill_backoff_max_ms))
 
 
-async def end_unheld_call(rt: Runtime, call_id: str, control_url: str | None, *, org_id: str | None, reason: str) -> bool:
+async def end_unheld_call(
+    rt: Runtime, call_id: str, control_url: str | None, *, org_id: str | None, reason: str
+) -> bool:
     """File a live call no org holds for an end-call. False (an ERROR line and the counter
     kill_end_unheld_refused) when it cannot be: no usable control URL, a bad call id, a full shard."""
     assert isinstance(reason, str) and reason, "say why the call must end"
@@ -66,8 +68,13 @@ async def end_unheld_call(rt: Runtime, call_id: str, control_url: str | None, *,
         org_id = None
     problem = await _enqueue_problem(rt, call_id, control_url)
     if problem is not None:
-        log.error("end queue: cannot end call %r (org %s, %s): %s; it runs until Vapi's maxDurationSeconds",
-                  call_id, org_id, reason, problem)  # fmt: skip
+        log.error(
+            "end queue: cannot end call %r (org %s, %s): %s; it runs until Vapi's maxDurationSeconds",
+            call_id,
+            org_id,
+            reason,
+            problem,
+        )
         await rt.redis.hincrby(rt.keys.worker_counters, REFUSED_COUNTER, 1)
         return False
     assert control_url is not None
@@ -158,8 +165,14 @@ async def give_up_unheld_call(rt: Runtime, call: UnheldCall, now_ms: int) -> Non
     """The alert first (if Postgres is away this raises, and the next round gives up again), then
     the entry goes."""
     assert call.give_up
-    log.error("kill switch: gave up ending call %s (org %s, no hold: %s) after %d attempts; flagged for review "
-              "(alert end_call_failed)", call.call_id, call.org_id, call.reason, call.attempts)  # fmt: skip
+    log.error(
+        "kill switch: gave up ending call %s (org %s, no hold: %s) after %d attempts; flagged for review "
+        "(alert end_call_failed)",
+        call.call_id,
+        call.org_id,
+        call.reason,
+        call.attempts,
+    )
     if call.org_id is not None:
         await alert_end_call_failed(rt, call, now_ms)
     await forget_unheld_call(rt, call.call_id)
@@ -174,14 +187,25 @@ def alert_key(org_id: str, call_id: str) -> str:
 async def alert_end_call_failed(rt: Runtime, call: UnheldCall, now_ms: int) -> None:
     assert call.org_id is not None
     key = alert_key(call.org_id, call.call_id)
-    payload = {"id": key, "type": "end_call_failed", "org_id": call.org_id, "call_id": call.call_id,
-               "reason": call.reason, "attempts": call.attempts, "at_ms": now_ms}  # fmt: skip
+    payload = {
+        "id": key,
+        "type": "end_call_failed",
+        "org_id": call.org_id,
+        "call_id": call.call_id,
+        "reason": call.reason,
+        "attempts": call.attempts,
+        "at_ms": now_ms,
+    }
     try:
         await rt.pg.execute(
             """INSERT INTO alert_events (org_id, idempotency_key, kind, call_id, payload, created_at)
                VALUES ($1, $2, 'end_call_failed', $3, $4::text::jsonb, to_timestamp($5::bigint / 1000.0))
                ON CONFLICT (idempotency_key) DO NOTHING""",
-            call.org_id, key, call.call_id, orjson.dumps(payload).decode(), now_ms,
-        )  # fmt: skip
+            call.org_id,
+            key,
+            call.call_id,
+            orjson.dumps(payload).decode(),
+            now_ms,
+        )
     except asyncpg.ForeignKeyViolationError:
         log.error("end queue: org %s of call %s is not in Postgres; no alert", call.org_id, call.call_id)

@@ -64,7 +64,11 @@ class Resolution:
 
     def same(self, other: "Resolution") -> bool:
         return (self.status, self.charged_pence, self.billed_seconds, self.rate_pence_per_minute) == (
-            other.status, other.charged_pence, other.billed_seconds, other.rate_pence_per_minute)  # fmt: skip
+            other.status,
+            other.charged_pence,
+            other.billed_seconds,
+            other.rate_pence_per_minute,
+        )
 
     def text(self) -> str:
         return f"{self.status} {self.charged_pence}p for {self.billed_seconds} s at {self.rate_pence_per_minute}p/min"
@@ -77,14 +81,21 @@ def redis_resolutions(org_id: str, records: Sequence[str]) -> dict[str, Resoluti
     for field, value in zip(records[::2], records[1::2], strict=True):
         call_id = field.removeprefix(prefix)
         state = CallState.decode(value)
-        found[call_id] = Resolution(call_id, state.status.value, state.charged_pence, state.billed_seconds,
-                                    state.rate_pence_per_minute)  # fmt: skip
+        found[call_id] = Resolution(
+            call_id, state.status.value, state.charged_pence, state.billed_seconds, state.rate_pence_per_minute
+        )
     return found
 
 
 def _from_row(row: asyncpg.Record) -> Resolution:
-    return Resolution(row["call_id"], row["status"], row["charged_pence"] or 0, row["billed_seconds"] or 0,
-                      row["rate_pence_per_minute"], row["resolved_ms"])  # fmt: skip
+    return Resolution(
+        row["call_id"],
+        row["status"],
+        row["charged_pence"] or 0,
+        row["billed_seconds"] or 0,
+        row["rate_pence_per_minute"],
+        row["resolved_ms"],
+    )
 
 
 async def postgres_resolutions(
@@ -97,7 +108,9 @@ async def postgres_resolutions(
     return found
 
 
-async def postgres_resolutions_of(rt_pg: asyncpg.Pool, wanted: list[tuple[str, str]]) -> dict[tuple[str, str], Resolution]:
+async def postgres_resolutions_of(
+    rt_pg: asyncpg.Pool, wanted: list[tuple[str, str]]
+) -> dict[tuple[str, str], Resolution]:
     """Older resolutions of given (org, call) pairs: Redis may keep a record past its window until
     a script prunes it."""
     if not wanted:
@@ -111,8 +124,14 @@ def in_flight_resolutions(outbox: Iterable[OutboxItem]) -> dict[str, Resolution]
     found = {}
     for item in outbox:
         if isinstance(item, HoldEvent) and item.status != HoldStatus.live:
-            found[item.call_id] = Resolution(item.call_id, item.status.value, item.charged_pence, item.billed_seconds,
-                                             item.hold.rate_pence_per_minute, item.created_ms)  # fmt: skip
+            found[item.call_id] = Resolution(
+                item.call_id,
+                item.status.value,
+                item.charged_pence,
+                item.billed_seconds,
+                item.hold.rate_pence_per_minute,
+                item.created_ms,
+            )
     return found
 
 
@@ -132,14 +151,18 @@ def call_record_problems(
         if truth is None:
             problems.append(f"call {call_id}: redis records it {record.text()}, postgres has no resolution")
         elif not record.same(truth):
-            problems.append(f"call {call_id}: redis records it {record.text()}, postgres says {truth.text()} "
-                            "(a replayed report would be settled against the wrong record)")  # fmt: skip
+            problems.append(
+                f"call {call_id}: redis records it {record.text()}, postgres says {truth.text()} "
+                "(a replayed report would be settled against the wrong record)"
+            )
     live = set(live_call_ids)
     keep_from_ms = now_ms - idempotency_ttl_ms + window_margin_ms
     for call_id, truth in sorted(expected.items()):
         if call_id not in redis and call_id not in live and truth.resolved_ms >= keep_from_ms:
-            problems.append(f"call {call_id}: postgres says {truth.text()}, redis has no record inside its "
-                            "idempotency window (a replayed report would be billed again)")  # fmt: skip
+            problems.append(
+                f"call {call_id}: postgres says {truth.text()}, redis has no record inside its "
+                "idempotency window (a replayed report would be billed again)"
+            )
     return problems
 
 
@@ -151,10 +174,15 @@ async def paid_months(conn: asyncpg.Connection, org_ids: list[str]) -> dict[str,
     return paid
 
 
-async def rent_problems(pg: asyncpg.Pool, paid: dict[str, list[tuple[str, str]]], outbox_keys: set[str]) -> dict[str, list[str]]:
+async def rent_problems(
+    pg: asyncpg.Pool, paid: dict[str, list[tuple[str, str]]], outbox_keys: set[str]
+) -> dict[str, list[str]]:
     """Numbers whose paid month has no rent entry in the ledger (nor in the outbox)."""
     wanted = {
-        (org_id, number_id, month): (rent_ledger_key(org_id, number_id, month), legacy_rent_ledger_key(org_id, number_id, month))
+        (org_id, number_id, month): (
+            rent_ledger_key(org_id, number_id, month),
+            legacy_rent_ledger_key(org_id, number_id, month),
+        )
         for org_id, numbers in paid.items()
         for number_id, month in numbers
     }
@@ -165,11 +193,16 @@ async def rent_problems(pg: asyncpg.Pool, paid: dict[str, list[tuple[str, str]]]
     problems: dict[str, list[str]] = {}
     for (org_id, number_id, month), (key, legacy) in sorted(wanted.items()):
         old = entries.get(legacy)
-        legacy_paid = old is not None and (old["asset"], old["number_id"], old["month"]) == ("phone_number_rent", number_id, month)
+        legacy_paid = old is not None and (old["asset"], old["number_id"], old["month"]) == (
+            "phone_number_rent",
+            number_id,
+            month,
+        )
         if key in entries or key in outbox_keys or legacy_paid:
             continue
         problems.setdefault(org_id, []).append(
-            f"number {number_id} is marked paid for {month}, but the ledger has no rent entry for it")
+            f"number {number_id} is marked paid for {month}, but the ledger has no rent entry for it"
+        )
     return problems
 
 

@@ -49,7 +49,7 @@ from engine.records import HoldRecord
 from engine.restore import restore_orgs, snapshot_orgs
 from engine.results import Outcome
 from engine.runtime import Runtime
-from engine.snapshots import LIVE_HOLDS_SQL, ORGS_SQL, hold_from_row, org_id_pages, settings_from_row
+from engine.snapshots import LIVE_HOLDS_SQL, ORGS_SQL, org_id_pages, settings_from_row
 
 Progress = Callable[[int, int, int], None]  # done, total, drifted
 
@@ -189,9 +189,9 @@ async def _add_resolutions(rt: Runtime, states: dict[str, RedisState]) -> dict[s
     later: dict[str, list[OutboxItem]] = {}
     for org_id, state in states.items():
         flat: list[str] = []
-        async for field, value in rt.redis.hscan_iter(rt.keys.org(org_id).idem, match=f"{call_state_prefix(org_id)}*",
+        async for name, value in rt.redis.hscan_iter(rt.keys.org(org_id).idem, match=f"{call_state_prefix(org_id)}*",
                                                        count=records_scan_count):  # fmt: skip
-            flat += [field, value]
+            flat += [name, value]
         state.resolutions.update(redis_resolutions(org_id, flat))
         entries = await rt.redis.xrange(rt.keys.org(org_id).outbox, "-", "+")
         later[org_id] = _parse_outbox(entries)[0]

@@ -218,8 +218,9 @@ async def setup_org(rt: Runtime, index: int, opts: Options, d_s: float, calls: C
     """One org with its live calls, depleting at about d_s (unix seconds). Returns (org, D ms)."""
     org_id = f"ks-{index:05d}"
     past = replace(rt, clock=OffsetClock(CALL_STARTED_AGO_S * 1000))
-    settings = OrgSettings(rate_pence_per_minute=RATE_PENCE_PER_MINUTE, hold_block_minutes=1,
-                           grace_seconds=opts.grace_s, min_start_pence=1)  # fmt: skip
+    settings = OrgSettings(
+        rate_pence_per_minute=RATE_PENCE_PER_MINUTE, hold_block_minutes=1, grace_seconds=opts.grace_s, min_start_pence=1
+    )
     await create_org(rt, org_id, org_id, settings)
     burn_pence_per_s = opts.calls_per_org * RATE_PENCE_PER_MINUTE / 60
     balance_pence = round(burn_pence_per_s * (CALL_STARTED_AGO_S + d_s - time.time()))
@@ -252,8 +253,11 @@ async def run_scenario(scenario: Scenario, opts: Options, redis_url: str, admin_
     worker = start_worker(opts, redis_url, database_url, fake.port, log_dir / f"worker-{scenario.name}.log")
     try:
         await wait_worker_ready(rt, worker)
-        print(f"[{scenario.name}] worker ready (pid {worker.pid}); setting up {opts.orgs:,} orgs x "
-              f"{opts.calls_per_org} calls", flush=True)  # fmt: skip
+        print(
+            f"[{scenario.name}] worker ready (pid {worker.pid}); setting up {opts.orgs:,} orgs x "
+            f"{opts.calls_per_org} calls",
+            flush=True,
+        )
         figures = await drive(scenario, opts, rt, fake)
         figures.given_up = int(await rt.redis.hget(rt.keys.worker_counters, "kill_given_up") or 0)
     finally:
@@ -273,8 +277,9 @@ async def drive(scenario: Scenario, opts: Options, rt: Runtime, fake: FakeContro
     depletion_ms: dict[str, int] = {}
     for start in range(0, opts.orgs, setup_orgs_at_once):
         batch = range(start, min(start + setup_orgs_at_once, opts.orgs))
-        made = await asyncio.gather(*(
-            setup_org(rt, i, opts, first_d_s + scenario.spread_s * i / max(1, opts.orgs - 1), calls) for i in batch))  # fmt: skip
+        made = await asyncio.gather(
+            *(setup_org(rt, i, opts, first_d_s + scenario.spread_s * i / max(1, opts.orgs - 1), calls) for i in batch)
+        )
         depletion_ms.update(made)
     setup_s = time.time() - started
     late = time.time() - (min(depletion_ms.values()) / 1000 - opts.lead_s)
@@ -296,8 +301,16 @@ async def drive(scenario: Scenario, opts: Options, rt: Runtime, fake: FakeContro
         target.setdefault(a.call_id, a.at_s)
         end_posts += a.kind == "end-call"
         say_posts += a.kind == "say"
-    figures = Figures(scenario.name, total_calls, opts.orgs, len(first_end), total_calls - len(first_end), end_posts, say_posts,
-                      setup_s=setup_s)  # fmt: skip
+    figures = Figures(
+        scenario.name,
+        total_calls,
+        opts.orgs,
+        len(first_end),
+        total_calls - len(first_end),
+        end_posts,
+        say_posts,
+        setup_s=setup_s,
+    )
     for org_id, d_ms in depletion_ms.items():
         org_late_ms = []
         for n in range(opts.calls_per_org):
@@ -317,7 +330,9 @@ async def drive(scenario: Scenario, opts: Options, rt: Runtime, fake: FakeContro
     return figures
 
 
-def start_worker(opts: Options, redis_url: str, database_url: str, fake_port: int, log_path: Path) -> subprocess.Popen[bytes]:
+def start_worker(
+    opts: Options, redis_url: str, database_url: str, fake_port: int, log_path: Path
+) -> subprocess.Popen[bytes]:
     import os
 
     env = {
@@ -332,8 +347,9 @@ def start_worker(opts: Options, redis_url: str, database_url: str, fake_port: in
     }
     cwd = opts.worker_src  # another checkout's engine (e.g. the code before a change) shadows this one
     with open(log_path, "ab") as log:
-        return subprocess.Popen([sys.executable, "-m", "engine.cli", "worker"], env=env, stdout=log,
-                                stderr=subprocess.STDOUT, cwd=cwd)  # fmt: skip
+        return subprocess.Popen(
+            [sys.executable, "-m", "engine.cli", "worker"], env=env, stdout=log, stderr=subprocess.STDOUT, cwd=cwd
+        )
 
 
 async def wait_worker_ready(rt: Runtime, worker: subprocess.Popen[bytes]) -> None:
@@ -363,7 +379,7 @@ def table(all_figures: list[Figures]) -> str:
         "overspend per ended call: mean / p99 / max | org's first end-call p50 / p99 | warning lateness p50 / p99 | "
         "end-call POSTs (say) | given up | end-calls/s |",
         "|---|---|---|---|---|---|---|---|---|---|",
-    ]  # fmt: skip
+    ]
     for f in all_figures:
         rows.append(
             f"| {f.scenario} | {f.calls:,} ({f.orgs:,}) | {min(f.lateness_ms, default=float('nan')):.0f} / "
@@ -374,7 +390,7 @@ def table(all_figures: list[Figures]) -> str:
             f"{f.pct(f.org_lateness_ms, 0.5):.0f} / {f.pct(f.org_lateness_ms, 0.99):.0f} ms | "
             f"{f.pct(f.warn_lateness_ms, 0.5):.0f} / {f.pct(f.warn_lateness_ms, 0.99):.0f} ms | "
             f"{f.end_posts:,} ({f.say_posts:,}) | {f.given_up} | {f.end_calls_per_s:,.0f} |"
-        )  # fmt: skip
+        )
     return "\n".join(rows)
 
 
@@ -383,9 +399,15 @@ def verdicts(all_figures: list[Figures]) -> list[tuple[bool, str]]:
     for f in all_figures:
         p99, worst = f.pct(f.lateness_ms, 0.99), max(f.lateness_ms, default=float("inf"))
         if f.scenario != "burst":
-            out.append((p99 <= lateness_ms_p99_max, f"{f.scenario}: lateness p99 {p99:.0f} ms <= {lateness_ms_p99_max} ms"))
-            out.append((worst <= lateness_ms_max_max, f"{f.scenario}: lateness max {worst:.0f} ms <= {lateness_ms_max_max} ms"))
-        out.append((f.never_ended <= never_ended_max, f"{f.scenario}: {f.never_ended} calls never ended <= {never_ended_max}"))
+            out.append(
+                (p99 <= lateness_ms_p99_max, f"{f.scenario}: lateness p99 {p99:.0f} ms <= {lateness_ms_p99_max} ms")
+            )
+            out.append(
+                (worst <= lateness_ms_max_max, f"{f.scenario}: lateness max {worst:.0f} ms <= {lateness_ms_max_max} ms")
+            )
+        out.append(
+            (f.never_ended <= never_ended_max, f"{f.scenario}: {f.never_ended} calls never ended <= {never_ended_max}")
+        )
     return out
 
 
@@ -393,8 +415,10 @@ def command_line(opts: Options) -> str:
     scenarios = "" if opts.scenarios == ["fast", "slow", "burst"] else f" --scenarios {','.join(opts.scenarios)}"
     if opts.quick:
         return f"python -m loadtest.killswitch_scale --quick{scenarios}"
-    return (f"python -m loadtest.killswitch_scale --orgs {opts.orgs} --calls-per-org {opts.calls_per_org} "
-            f"--spread-s {opts.spread_s:g}{scenarios} --out docs")  # fmt: skip
+    return (
+        f"python -m loadtest.killswitch_scale --orgs {opts.orgs} --calls-per-org {opts.calls_per_org} "
+        f"--spread-s {opts.spread_s:g}{scenarios} --out docs"
+    )
 
 
 FIGURES_START = "<!-- figures: written by loadtest/killswitch_scale.py -->"
@@ -403,22 +427,28 @@ FIGURES_END = "<!-- end of figures -->"
 
 def write_report(out: Path, opts: Options, all_figures: list[Figures], checks: list[tuple[bool, str]]) -> None:
     """Replace the figures block of docs/killswitch-scale.md, keeping the hand-written analysis around it."""
-    block = "\n".join([
-        FIGURES_START,
-        f"Measured by `{command_line(opts)}` on {time.strftime('%Y-%m-%d')} (this 2-core machine, embedded Redis "
-        f"and Postgres, the real worker process; every scenario in the same run). Each org: {opts.calls_per_org} "
-        f"calls at {RATE_PENCE_PER_MINUTE} p/min, grace {opts.grace_s} s, warning lead {opts.lead_s} s; depletion "
-        f"moments spread evenly over {opts.spread_s:g} s (burst: {opts.burst_spread_s:g} s); slow answers take "
-        f"{opts.slow_s:g} s.",
-        "",
-        table(all_figures),
-        "",
-        *(f"- {'PASS' if ok else 'FAIL'}  {text}" for ok, text in checks),
-        FIGURES_END,
-    ])  # fmt: skip
+    block = "\n".join(
+        [
+            FIGURES_START,
+            f"Measured by `{command_line(opts)}` on {time.strftime('%Y-%m-%d')} (this 2-core machine, embedded Redis "
+            f"and Postgres, the real worker process; every scenario in the same run). Each org: {opts.calls_per_org} "
+            f"calls at {RATE_PENCE_PER_MINUTE} p/min, grace {opts.grace_s} s, warning lead {opts.lead_s} s; depletion "
+            f"moments spread evenly over {opts.spread_s:g} s (burst: {opts.burst_spread_s:g} s); slow answers take "
+            f"{opts.slow_s:g} s.",
+            "",
+            table(all_figures),
+            "",
+            *(f"- {'PASS' if ok else 'FAIL'}  {text}" for ok, text in checks),
+            FIGURES_END,
+        ]
+    )
     out.mkdir(parents=True, exist_ok=True)
     path = out / "killswitch-scale.md"
-    text = path.read_text() if path.exists() else "# The kill switch at scale\n\n" + FIGURES_START + "\n" + FIGURES_END + "\n"
+    text = (
+        path.read_text()
+        if path.exists()
+        else "# The kill switch at scale\n\n" + FIGURES_START + "\n" + FIGURES_END + "\n"
+    )
     if FIGURES_START in text and FIGURES_END in text:
         head, rest = text.split(FIGURES_START, 1)
         tail = rest.split(FIGURES_END, 1)[1]
@@ -450,13 +480,29 @@ def parse(argv: list[str] | None = None) -> Options:
     parser.add_argument("--scenarios", default="fast,slow,burst")
     parser.add_argument("--seed", type=int, default=12)
     parser.add_argument("--quick", action="store_true", help="20 orgs x 5 calls, 2 s spread: a smoke run")
-    parser.add_argument("--worker-src", type=Path, help="run the worker from this checkout (e.g. the code before a change)")
+    parser.add_argument(
+        "--worker-src", type=Path, help="run the worker from this checkout (e.g. the code before a change)"
+    )
     parser.add_argument("--out", type=Path, help="write killswitch-scale.md here")
     parser.add_argument("--log-dir", type=Path, help="keep the workers' logs here (default: thrown away)")
     args = parser.parse_args(argv)
-    opts = Options(args.orgs, args.calls_per_org, args.spread_s, args.burst_spread_s, args.lead_s, args.grace_s, args.slow_s,
-                   args.slow_fraction, args.silent_fraction, [s for s in args.scenarios.split(",") if s], args.seed,
-                   args.quick, args.worker_src, args.out, args.log_dir)  # fmt: skip
+    opts = Options(
+        args.orgs,
+        args.calls_per_org,
+        args.spread_s,
+        args.burst_spread_s,
+        args.lead_s,
+        args.grace_s,
+        args.slow_s,
+        args.slow_fraction,
+        args.silent_fraction,
+        [s for s in args.scenarios.split(",") if s],
+        args.seed,
+        args.quick,
+        args.worker_src,
+        args.out,
+        args.log_dir,
+    )
     if args.quick:
         opts = replace(opts, orgs=20, calls_per_org=5, spread_s=2.0, burst_spread_s=0.5, lead_s=2, grace_s=1)
     assert opts.scenarios and set(opts.scenarios) <= {"fast", "slow", "burst"}, opts.scenarios

@@ -31,7 +31,9 @@ def sdk_fields(model: type[pydantic.BaseModel]) -> set[str]:
     return {info.alias or name for name, info in model.model_fields.items()}
 
 
-def check_request(model: type[pydantic.BaseModel], body: dict[str, Any], *, ignore: frozenset[str] = frozenset()) -> list[str]:
+def check_request(
+    model: type[pydantic.BaseModel], body: dict[str, Any], *, ignore: frozenset[str] = frozenset()
+) -> list[str]:
     """What is wrong with `body` as a `model` (empty: Vapi would take it). The SDK's models allow
     extra fields, so unknown names are looked for here."""
     problems = [f"unknown field {name!r}" for name in sorted(set(body) - sdk_fields(model) - ignore)]

@@ -9,8 +9,10 @@ from pathlib import Path
 def test_the_kill_switch_benchmark_runs_in_quick_mode_and_writes_its_report(tmp_path: Path) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "loadtest.killswitch_scale", "--quick", "--scenarios", "slow", "--out", str(tmp_path)],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = (tmp_path / "killswitch-scale.md").read_text()
     assert "python -m loadtest.killswitch_scale --quick --scenarios slow" in report

@@ -14,7 +14,6 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 
-import httpx
 from redis.exceptions import RedisError
 
 from engine.alerts import deliver_due, outbound_for_alerts

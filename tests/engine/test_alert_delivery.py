@@ -163,8 +163,14 @@ async def test_saving_an_internal_url_through_the_engine_is_refused_naming_the_f
     """What the admin API and the CLI both call (engine/orgs.py)."""
     rt_strict = replace(rt, settings=replace(rt.settings, outbound_allow_private=False))
     org_id = await new_org(rt_strict, alert_webhook_url="https://acme.test/alerts")  # does not resolve here: accepted
-    internal = ("http://127.0.0.1:8080/hook", "http://localhost/hook", "http://169.254.169.254/latest/meta-data/",
-                "http://[::1]/hook", "http://[::ffff:10.0.0.1]/hook", "http://0x7f000001/hook")
+    internal = (
+        "http://127.0.0.1:8080/hook",
+        "http://localhost/hook",
+        "http://169.254.169.254/latest/meta-data/",
+        "http://[::1]/hook",
+        "http://[::ffff:10.0.0.1]/hook",
+        "http://0x7f000001/hook",
+    )
     for url in internal:
         with pytest.raises(InvalidInput) as refused:
             await update_org(rt_strict, org_id, {"alert_webhook_url": url})

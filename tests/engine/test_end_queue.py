@@ -20,8 +20,12 @@ from tests.helpers import new_org
 from worker.background import TimedLoops
 
 END = {"type": "end-call"}
-QUEUE_SETTINGS = {"kill_attempts_max": 3, "kill_backoff_base_ms": 1_000, "kill_backoff_max_ms": 4_000,
-                  "vapi_control_token": "control-token-" + "e" * 24}  # fmt: skip
+QUEUE_SETTINGS = {
+    "kill_attempts_max": 3,
+    "kill_backoff_base_ms": 1_000,
+    "kill_backoff_max_ms": 4_000,
+    "vapi_control_token": "control-token-" + "e" * 24,
+}
 
 
 @pytest.fixture
@@ -124,10 +128,15 @@ async def test_always_failing_is_given_up_alerted_and_counted(
     counters = await qrt.redis.hgetall(qrt.keys.worker_counters)
     assert (counters["kill_given_up"], counters["kill_failed_attempts"]) == ("2", "6")
     assert await queued(qrt) == 0
-    rows = await qrt.pg.fetch("SELECT org_id, kind, call_id, idempotency_key, payload::text AS payload FROM alert_events")
+    rows = await qrt.pg.fetch(
+        "SELECT org_id, kind, call_id, idempotency_key, payload::text AS payload FROM alert_events"
+    )
     assert [(r["org_id"], r["kind"], r["call_id"], r["idempotency_key"]) for r in rows] == [
-        (org_id, "end_call_failed", "dead", alert_key(org_id, "dead"))]  # the orphan has no org to alert
-    assert '"reason": "resolved, live again"' in rows[0]["payload"] and '"type": "end_call_failed"' in rows[0]["payload"]
+        (org_id, "end_call_failed", "dead", alert_key(org_id, "dead"))
+    ]  # the orphan has no org to alert
+    assert (
+        '"reason": "resolved, live again"' in rows[0]["payload"] and '"type": "end_call_failed"' in rows[0]["payload"]
+    )
     # A give-up is once per call: the same call given up again adds no second alert.
     assert await end_unheld_call(qrt, "dead", fake.control_url("dead"), org_id=org_id, reason="resolved, live again")
     for t in range(10, 20):
@@ -135,7 +144,9 @@ async def test_always_failing_is_given_up_alerted_and_counted(
     assert await qrt.pg.fetchval("SELECT count(*) FROM alert_events") == 1
 
 
-async def test_no_usable_control_url_is_refused_logged_and_counted(qrt: Runtime, caplog: pytest.LogCaptureFixture) -> None:
+async def test_no_usable_control_url_is_refused_logged_and_counted(
+    qrt: Runtime, caplog: pytest.LogCaptureFixture
+) -> None:
     refused = [
         ("no-url", None),
         ("metadata", "http://169.254.169.254/latest/meta-data/"),

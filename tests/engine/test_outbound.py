@@ -13,13 +13,50 @@ import pytest
 from engine.outbound import Failure, Outbound, address_allowed, literal_address, url_refusal
 from tests.alert_receivers import ANSWER, receiver
 
-REFUSED = ("127.0.0.1", "127.255.0.9", "10.1.2.3", "172.16.0.1", "172.31.255.255", "192.168.1.1", "169.254.169.254",
-           "169.254.0.1", "100.64.0.1", "100.127.255.254", "0.0.0.0", "0.1.2.3", "224.0.0.1", "239.255.255.250",
-           "240.0.0.1", "255.255.255.255", "192.0.2.1", "198.18.0.1", "::", "::1", "::ffff:127.0.0.1",
-           "::ffff:10.0.0.1", "::ffff:169.254.169.254", "::127.0.0.1", "fe80::1", "fc00::1", "fd12:3456::1",
-           "ff02::1", "64:ff9b::7f00:1", "2002:7f00:1::", "2001:db8::1", "fec0::1")
-ALLOWED = ("8.8.8.8", "1.1.1.1", "93.184.216.34", "100.128.0.1", "172.32.0.1", "::ffff:8.8.8.8", "2606:4700::1111",
-           "2001:4860:4860::8888")
+REFUSED = (
+    "127.0.0.1",
+    "127.255.0.9",
+    "10.1.2.3",
+    "172.16.0.1",
+    "172.31.255.255",
+    "192.168.1.1",
+    "169.254.169.254",
+    "169.254.0.1",
+    "100.64.0.1",
+    "100.127.255.254",
+    "0.0.0.0",
+    "0.1.2.3",
+    "224.0.0.1",
+    "239.255.255.250",
+    "240.0.0.1",
+    "255.255.255.255",
+    "192.0.2.1",
+    "198.18.0.1",
+    "::",
+    "::1",
+    "::ffff:127.0.0.1",
+    "::ffff:10.0.0.1",
+    "::ffff:169.254.169.254",
+    "::127.0.0.1",
+    "fe80::1",
+    "fc00::1",
+    "fd12:3456::1",
+    "ff02::1",
+    "64:ff9b::7f00:1",
+    "2002:7f00:1::",
+    "2001:db8::1",
+    "fec0::1",
+)
+ALLOWED = (
+    "8.8.8.8",
+    "1.1.1.1",
+    "93.184.216.34",
+    "100.128.0.1",
+    "172.32.0.1",
+    "::ffff:8.8.8.8",
+    "2606:4700::1111",
+    "2001:4860:4860::8888",
+)
 BODY = b'{"id": "a1"}'
 
 
@@ -41,8 +78,11 @@ def test_the_old_numeric_forms_the_resolver_accepts_are_judged_as_addresses() ->
 
 
 async def test_at_save_a_literal_is_judged_a_name_is_resolved_and_an_unresolvable_name_passes() -> None:
-    names = {"inside.example.test": ["10.0.0.5"], "mixed.example.test": ["93.184.216.34", "127.0.0.1"],
-             "outside.example.test": ["93.184.216.34", "2606:4700::1111"]}
+    names = {
+        "inside.example.test": ["10.0.0.5"],
+        "mixed.example.test": ["93.184.216.34", "127.0.0.1"],
+        "outside.example.test": ["93.184.216.34", "2606:4700::1111"],
+    }
 
     async def resolver(host: str, port: int) -> list[str]:
         if host not in names:
@@ -52,8 +92,15 @@ async def test_at_save_a_literal_is_judged_a_name_is_resolved_and_an_unresolvabl
     async def refusal(url: str, allow_private: bool = False) -> str | None:
         return await url_refusal(url, allow_private=allow_private, resolver=resolver)
 
-    for url in ("http://inside.example.test/h", "https://mixed.example.test/h", "http://localhost:8080/h",
-                "http://api.localhost/h", "http://127.0.0.1/h", "http://[::ffff:127.0.0.1]/h", "http://127.1/h"):
+    for url in (
+        "http://inside.example.test/h",
+        "https://mixed.example.test/h",
+        "http://localhost:8080/h",
+        "http://api.localhost/h",
+        "http://127.0.0.1/h",
+        "http://[::ffff:127.0.0.1]/h",
+        "http://127.1/h",
+    ):
         assert await refusal(url) is not None, url
         assert await refusal(url, allow_private=True) is None, url
     assert await refusal("https://outside.example.test/alerts") is None
@@ -63,13 +110,21 @@ async def test_at_save_a_literal_is_judged_a_name_is_resolved_and_an_unresolvabl
 
 async def test_at_send_a_name_resolving_inside_is_refused_before_any_connection() -> None:
     async with receiver(ANSWER) as server:
+
         async def resolver(host: str, port: int) -> list[str]:
             return {"alerts.example.test": ["127.0.0.1"], "mixed.example.test": ["93.184.216.34", "127.0.0.1"]}[host]
 
         strict = Outbound(allow_private=False, connections_max=2, resolver=resolver)
         try:
-            for host in ("alerts.example.test", "mixed.example.test", "127.0.0.1", "localhost", "[::ffff:127.0.0.1]",
-                         "[::1]", "2130706433"):
+            for host in (
+                "alerts.example.test",
+                "mixed.example.test",
+                "127.0.0.1",
+                "localhost",
+                "[::ffff:127.0.0.1]",
+                "[::1]",
+                "2130706433",
+            ):
                 answer = await strict.post(server.url(host=host), BODY, {}, total_s_max=2.0, response_bytes_max=64)
                 assert (answer.status, answer.failure) == (None, Failure.refused), host
         finally:
@@ -89,8 +144,9 @@ async def test_at_send_the_connection_goes_to_the_address_checked_once_with_the_
 
         pinned = Outbound(allow_private=True, connections_max=2, resolver=resolver)
         try:
-            answer = await pinned.post(server.url(host="alerts.example.test"), BODY, {"X-A": "1"}, total_s_max=2.0,
-                                       response_bytes_max=64)
+            answer = await pinned.post(
+                server.url(host="alerts.example.test"), BODY, {"X-A": "1"}, total_s_max=2.0, response_bytes_max=64
+            )
         finally:
             await pinned.aclose()
         assert (answer.status, answer.failure) == (200, None)
@@ -105,9 +161,28 @@ def certificate(tmp_path: Path) -> tuple[Path, Path]:
     if shutil.which("openssl") is None:
         pytest.skip("openssl is not installed")
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
-                    "-days", "1", "-subj", "/CN=alerts.example.test",
-                    "-addext", "subjectAltName=DNS:alerts.example.test"], check=True, capture_output=True)
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+            "-days",
+            "1",
+            "-subj",
+            "/CN=alerts.example.test",
+            "-addext",
+            "subjectAltName=DNS:alerts.example.test",
+        ],
+        check=True,
+        capture_output=True,
+    )
     return cert, key
 
 
@@ -123,10 +198,12 @@ async def test_tls_is_verified_against_the_name_not_the_pinned_address(certifica
     async with receiver(ANSWER, ssl_context=server_tls) as server:
         pinned = Outbound(allow_private=True, connections_max=2, resolver=resolver, ssl_context=client_tls)
         try:
-            right = await pinned.post(server.url(host="alerts.example.test"), BODY, {}, total_s_max=2.0,
-                                      response_bytes_max=64)
-            wrong = await pinned.post(server.url(host="other.example.test"), BODY, {}, total_s_max=2.0,
-                                      response_bytes_max=64)
+            right = await pinned.post(
+                server.url(host="alerts.example.test"), BODY, {}, total_s_max=2.0, response_bytes_max=64
+            )
+            wrong = await pinned.post(
+                server.url(host="other.example.test"), BODY, {}, total_s_max=2.0, response_bytes_max=64
+            )
         finally:
             await pinned.aclose()
         assert (right.status, right.failure) == (200, None)

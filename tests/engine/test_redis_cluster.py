@@ -8,7 +8,6 @@ every master drained and reconciled, and a master that restarts empty noticed an
 import re
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 import redis as sync_redis

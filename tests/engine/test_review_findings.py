@@ -86,7 +86,9 @@ async def test_a_credit_committed_while_a_restore_reads_its_snapshot_is_not_lost
     wallet = await read_wallet(rt, org_id)
     assert wallet is not None
     drift = (await check(rt, [org_id])).drifted
-    assert wallet.balance_pence == 1_500, f"redis {wallet.balance_pence}, ledger {projection}: the top-up is lost in redis; check: {drift}"
+    assert wallet.balance_pence == 1_500, (
+        f"redis {wallet.balance_pence}, ledger {projection}: the top-up is lost in redis; check: {drift}"
+    )
 
 
 async def test_the_reconciler_is_quiet_under_normal_traffic_with_the_new_record_checks(rt: Runtime) -> None:
@@ -173,7 +175,9 @@ async def test_a_rent_charge_landing_during_a_check_is_not_drift(rt: Runtime, mo
         key = rent_ledger_key(org_id, "pn-rent", "2026-12")
         meta = {"asset": "phone_number_rent", "phone_number_id": "pn-rent", "month": "2026-12"}
         assert (await charge_asset(rt, org_id, key, 100, meta=meta)).outcome == Outcome.ok
-        await rt.pg.execute("UPDATE phone_numbers SET rent_paid_month = '2026-12' WHERE vapi_phone_number_id = 'pn-rent'")
+        await rt.pg.execute(
+            "UPDATE phone_numbers SET rent_paid_month = '2026-12' WHERE vapi_phone_number_id = 'pn-rent'"
+        )
         return await real(pg, paid, outbox_keys)
 
     monkeypatch.setattr(engine.reconciler, "rent_problems", rent_run_meanwhile)

@@ -76,8 +76,12 @@ def closed_port() -> int:
 
 async def test_last_error_tells_no_closed_port_from_a_silent_one(api: Api, rt: Runtime, outbound: Outbound) -> None:
     async with receiver(SILENT) as silent, receiver(ANSWER, status=500) as failing:
-        urls = {"closed": f"http://127.0.0.1:{closed_port()}/hook", "silent": silent.url(), "failing": failing.url(),
-                "legacy": failing.url()}
+        urls = {
+            "closed": f"http://127.0.0.1:{closed_port()}/hook",
+            "silent": silent.url(),
+            "failing": failing.url(),
+            "legacy": failing.url(),
+        }
         orgs = {}
         for name, url in urls.items():
             org_id, key = await api.new_org()
@@ -86,8 +90,10 @@ async def test_last_error_tells_no_closed_port_from_a_silent_one(api: Api, rt: R
             await add_alerts(rt, org_id, 1)
             orgs[name] = (org_id, key)
         # A row written before the coarse categories, as the old worker wrote it.
-        await rt.pg.execute("UPDATE alert_events SET status = 'failed', last_error = 'ConnectError' WHERE org_id = $1",
-                            orgs["legacy"][0])
+        await rt.pg.execute(
+            "UPDATE alert_events SET status = 'failed', last_error = 'ConnectError' WHERE org_id = $1",
+            orgs["legacy"][0],
+        )
         report = await deliver_due(rt, outbound, total_s_max=1.0)
         assert report.retrying == 3
 
@@ -119,5 +125,9 @@ async def test_a_refused_send_reads_as_refused_and_is_not_retried(api: Api, rt: 
         finally:
             await strict.aclose()
         [alert] = (await api.as_org(key, "GET", "/api/alerts")).json()["alerts"]
-        assert (alert["status"], alert["attempts"], alert["last_error"]) == ("failed", 1, "refused: address not allowed")
+        assert (alert["status"], alert["attempts"], alert["last_error"]) == (
+            "failed",
+            1,
+            "refused: address not allowed",
+        )
         assert server.connections == 0

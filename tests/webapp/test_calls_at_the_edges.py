@@ -28,18 +28,52 @@ from webapp.vapi import SPOKEN_BUSY, SPOKEN_NO_CREDIT
 # Bodies an adversarial review sent: each a 200 (Vapi) or a 4xx, never a 5xx.
 HOSTILE: list[dict[str, Any]] = [
     {"message": {"type": "status-update", "status": "in-progress", "call": {"id": "h-1", "phoneNumberId": "x" * 256}}},
-    {"message": {"type": "status-update", "status": "in-progress", "call": {"id": "h-2", "phoneNumberId": "\u00e9\u2603"}}},
+    {
+        "message": {
+            "type": "status-update",
+            "status": "in-progress",
+            "call": {"id": "h-2", "phoneNumberId": "\u00e9\u2603"},
+        }
+    },
     {"message": {"type": "status-update", "status": "in-progress", "call": {"id": "h-3"}, "phoneNumber": {"id": 7}}},
-    {"message": {"type": "status-update", "status": "in-progress",
-                 "call": {"id": "h-4", "assistantOverrides": {"variableValues": {"org_id": "x" * 300}}}}},
-    {"message": {"type": "status-update", "status": "in-progress",
-                 "call": {"id": "h-5", "assistantOverrides": {"variableValues": {"org_id": "ORG*?[a]"}}}}},
-    {"message": {"type": "end-of-call-report", "call": {"id": "h-6", "phoneNumberId": "pn-nope"},
-                 "startedAt": "2026-01-01T00:00:00Z", "endedAt": "1970-01-01T00:00:00Z"}},
+    {
+        "message": {
+            "type": "status-update",
+            "status": "in-progress",
+            "call": {"id": "h-4", "assistantOverrides": {"variableValues": {"org_id": "x" * 300}}},
+        }
+    },
+    {
+        "message": {
+            "type": "status-update",
+            "status": "in-progress",
+            "call": {"id": "h-5", "assistantOverrides": {"variableValues": {"org_id": "ORG*?[a]"}}},
+        }
+    },
+    {
+        "message": {
+            "type": "end-of-call-report",
+            "call": {"id": "h-6", "phoneNumberId": "pn-nope"},
+            "startedAt": "2026-01-01T00:00:00Z",
+            "endedAt": "1970-01-01T00:00:00Z",
+        }
+    },
     {"message": {"type": "end-of-call-report", "call": {"id": "h-7"}, "durationSeconds": 1e308}},
-    {"message": {"type": "end-of-call-report", "call": {"id": "h-8"}, "startedAt": "0001-01-01T00:00:00Z",
-                 "endedAt": "9999-12-31T23:59:59.999999Z"}},
-    {"message": {"type": "status-update", "status": "in-progress", "call": {"id": "h-9", "monitor": {"controlUrl": "ftp://x"}}}},
+    {
+        "message": {
+            "type": "end-of-call-report",
+            "call": {"id": "h-8"},
+            "startedAt": "0001-01-01T00:00:00Z",
+            "endedAt": "9999-12-31T23:59:59.999999Z",
+        }
+    },
+    {
+        "message": {
+            "type": "status-update",
+            "status": "in-progress",
+            "call": {"id": "h-9", "monitor": {"controlUrl": "ftp://x"}},
+        }
+    },
     {"message": {"type": "assistant-request", "call": {"id": "h-10", "phoneNumberId": ["a"]}}},
 ]
 
@@ -50,9 +84,12 @@ def app_settings(settings: Settings, request: pytest.FixtureRequest) -> Settings
     return replace(settings, admin_token=ADMIN_TOKEN, vapi_webhook_secret=WEBHOOK_SECRET, **KILL_SETTINGS, **extra)
 
 
-def running(world: World, call_id: str, number: str | None, *, hint: str | None = None, call_type: str = "outboundPhoneCall") -> Call:
-    return payloads.call(call_id, phone_number_id=number, org_hint=hint, control_url=world.fake.control_url(call_id),
-                         call_type=call_type)  # fmt: skip
+def running(
+    world: World, call_id: str, number: str | None, *, hint: str | None = None, call_type: str = "outboundPhoneCall"
+) -> Call:
+    return payloads.call(
+        call_id, phone_number_id=number, org_hint=hint, control_url=world.fake.control_url(call_id), call_type=call_type
+    )
 
 
 async def in_progress(world: World, the_call: Call) -> None:
@@ -155,7 +192,9 @@ async def test_unattributed_calls_may_be_allowed_to_run_but_still_bill_nobody(wo
     assert await assert_books_agree(world.rt, victim) == 5_000
 
 
-async def test_a_status_update_and_report_replayed_after_the_window_charge_nothing_and_hold_nothing(world: World) -> None:
+async def test_a_status_update_and_report_replayed_after_the_window_charge_nothing_and_hold_nothing(
+    world: World,
+) -> None:
     org_id, key, number = await world.org(10_000, max_concurrent_calls=1)
     done = await world.start_call(number, "done")
     await hang_up(world, done, 60)
@@ -181,11 +220,11 @@ async def test_a_suspended_number_admits_no_call_first_seen_at_in_progress(world
     org_id, key, number = await world.org(10_000)
     await world.rt.pg.execute("UPDATE phone_numbers SET status = 'suspended' WHERE vapi_phone_number_id = $1", number)
     await forget_owner(world.rt, number)
-    outbound = running(world, "out-suspended", number)
-    await in_progress(world, outbound)
+    out_call = running(world, "out-suspended", number)
+    await in_progress(world, out_call)
     assert (await world.round()).ended == 1  # not funded: ended at once
     assert world.fake.control_bodies("out-suspended") == [END]
-    await hang_up(world, outbound, 3)
+    await hang_up(world, out_call, 3)
     # Its owner pays for the seconds it ran (its number, its call), nothing more.
     assert await assert_books_agree(world.rt, org_id) == 10_000 - 3
 
@@ -201,7 +240,9 @@ async def test_a_control_url_off_vapis_hosts_is_never_kept_nor_called(world: Wor
     assert world.fake.received == []
 
 
-async def test_an_old_call_first_seen_live_while_postgres_is_slow_takes_no_hold(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_an_old_call_first_seen_live_while_postgres_is_slow_takes_no_hold(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A billed call's in-progress comes again after Redis's window, while Postgres does not answer
     in time: the engine cannot tell whether it was resolved, so it takes no hold (a phantom would
     lock credit, hold a line, burn in the kill switch's prediction and be settled twice by a
@@ -244,8 +285,8 @@ async def test_hostile_messages_get_no_5xx(world: World, hostile: dict[str, Any]
 
 async def test_a_call_running_unfunded_is_refused_by_the_reserve_api_and_a_late_assistant_request(world: World) -> None:
     org_id, key, number = await world.org(5)  # too little to fund a call
-    outbound = running(world, "out-unfunded", number)
-    await in_progress(world, outbound)
+    out_call = running(world, "out-unfunded", number)
+    await in_progress(world, out_call)
     reserved = await world.api.as_org(key, "POST", "/api/calls/out-unfunded/reserve")
     assert (reserved.status_code, reserved.json()["error"]["code"]) == (409, "call_not_funded")
     late = await world.api.vapi(payloads.assistant_request(payloads.call("out-unfunded", phone_number_id=number)))

@@ -36,7 +36,14 @@ import hypothesis.strategies as st
 import pytest
 from hypothesis import HealthCheck
 from hypothesis import settings as hypothesis_settings
-from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule, run_state_machine_as_test
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+    run_state_machine_as_test,
+)
 from starlette.applications import Starlette
 from vapi.types import (
     Analysis,
@@ -175,8 +182,15 @@ class Calls(RuleBasedStateMachine):
 
     async def _new_org(self, name: str, rate: int, overdraft: int, limit: int | None, balance: int) -> OrgModel:
         org_id = f"m{self.tag}-{name}"
-        body: dict[str, Any] = {"org_id": org_id, "name": org_id, "rate_pence_per_minute": rate, "overdraft_pence": overdraft,
-                                "min_start_pence": 10, "hold_block_minutes": 1, "grace_seconds": GRACE_S}  # fmt: skip
+        body: dict[str, Any] = {
+            "org_id": org_id,
+            "name": org_id,
+            "rate_pence_per_minute": rate,
+            "overdraft_pence": overdraft,
+            "min_start_pence": 10,
+            "hold_block_minutes": 1,
+            "grace_seconds": GRACE_S,
+        }
         if limit is not None:
             body["max_concurrent_calls"] = limit
         if name == "b":  # b's alert endpoint never answers
@@ -184,21 +198,35 @@ class Calls(RuleBasedStateMachine):
         assert (await self.admin("POST", "/api/admin/orgs", body)).status_code == 201
         key = (await self.admin("POST", f"/api/admin/orgs/{org_id}/api-keys")).json()["api_key"]
         number = f"pn-{self.tag}-{name}"
-        registered = await self.admin("POST", "/api/admin/phone-numbers", {"vapi_phone_number_id": number, "org_id": org_id,
-                                                                           "assistant_id": "asst-1"})  # fmt: skip
+        registered = await self.admin(
+            "POST",
+            "/api/admin/phone-numbers",
+            {"vapi_phone_number_id": number, "org_id": org_id, "assistant_id": "asst-1"},
+        )
         assert registered.status_code == 201
         if balance:
-            topped = await self.admin("POST", f"/api/admin/orgs/{org_id}/topups", {"amount_pence": balance},
-                                      headers={"Idempotency-Key": "seed"})  # fmt: skip
+            topped = await self.admin(
+                "POST",
+                f"/api/admin/orgs/{org_id}/topups",
+                {"amount_pence": balance},
+                headers={"Idempotency-Key": "seed"},
+            )
             assert topped.status_code == 201
         return OrgModel(org_id, key, number, rate, overdraft, limit)
 
-    async def admin(self, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None) -> httpx.Response:
-        return await self.client.request(method, path, json=body, headers={"Authorization": f"Bearer {ADMIN_TOKEN}", **(headers or {})})
+    async def admin(
+        self, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None
+    ) -> httpx.Response:
+        return await self.client.request(
+            method, path, json=body, headers={"Authorization": f"Bearer {ADMIN_TOKEN}", **(headers or {})}
+        )
 
     async def vapi(self, body: bytes) -> httpx.Response:
-        answer = await self.client.post("/api/vapi/webhook", content=body,
-                                        headers={"X-Vapi-Secret": WEBHOOK_SECRET, "Content-Type": "application/json"})  # fmt: skip
+        answer = await self.client.post(
+            "/api/vapi/webhook",
+            content=body,
+            headers={"X-Vapi-Secret": WEBHOOK_SECRET, "Content-Type": "application/json"},
+        )
         assert answer.status_code == 200, answer.text  # Vapi always gets a 200 with the documented body
         return answer
 
@@ -214,9 +242,17 @@ class Calls(RuleBasedStateMachine):
         hint = self.orgs[c.hint].org_id if c.hint is not None else None
         overrides = AssistantOverrides(variable_values={"org_id": hint}) if hint else None
         call_type = {"inbound": "inboundPhoneCall", "web": "webCall"}.get(c.route, "outboundPhoneCall")
-        return Call(id=c.call_id, org_id="vapi-org", type=call_type, created_at=iso(c.created_ms), updated_at=iso(self.clock.value_ms),
-                    phone_number_id=number, customer=CreateCustomerDto(number="+15557654321"),
-                    monitor=Monitor(control_url=c.control_url), assistant_overrides=overrides)  # fmt: skip
+        return Call(
+            id=c.call_id,
+            org_id="vapi-org",
+            type=call_type,
+            created_at=iso(c.created_ms),
+            updated_at=iso(self.clock.value_ms),
+            phone_number_id=number,
+            customer=CreateCustomerDto(number="+15557654321"),
+            monitor=Monitor(control_url=c.control_url),
+            assistant_overrides=overrides,
+        )
 
     async def send(self, c: CallModel, body: bytes) -> httpx.Response:
         c.messages.append(body)
@@ -224,9 +260,15 @@ class Calls(RuleBasedStateMachine):
 
     async def report(self, c: CallModel) -> None:
         message = ServerMessageEndOfCallReport(
-            type="end-of-call-report", ended_reason="customer-ended-call", call=self.vapi_call(c), artifact=Artifact(),
-            analysis=Analysis(), cost=0.1, started_at=iso(c.started_ms), ended_at=iso(c.ended_ms),
-        )  # fmt: skip
+            type="end-of-call-report",
+            ended_reason="customer-ended-call",
+            call=self.vapi_call(c),
+            artifact=Artifact(),
+            analysis=Analysis(),
+            cost=0.1,
+            started_at=iso(c.started_ms),
+            ended_at=iso(c.ended_ms),
+        )
         await self.send(c, encode(message))
         c.reported = True
         SEEN["reports"] += 1
@@ -243,13 +285,30 @@ class Calls(RuleBasedStateMachine):
         lost_in_progress=st.sampled_from([False] * 9 + [True]),
         intended_s=st.integers(5, 900),
     )
-    def call_starts(self, index: int, route: str, org: str, hint: str | None, reserve_as: str | None,
-                    failing_control: bool, lost_in_progress: bool, intended_s: int) -> None:  # fmt: skip
+    def call_starts(
+        self,
+        index: int,
+        route: str,
+        org: str,
+        hint: str | None,
+        reserve_as: str | None,
+        failing_control: bool,
+        lost_in_progress: bool,
+        intended_s: int,
+    ) -> None:
         call_id = f"{CALLS[index]}-{self.tag}-{len(self.calls)}"
         on_number = route in ("inbound", "outbound")
-        c = CallModel(call_id, route, org if on_number else None, org if route == "inbound" else hint,
-                      f"https://aws-us-west-2-production1-phone-call-websocket.vapi.ai/{call_id}/control",
-                      failing_control, lost_in_progress, intended_s=intended_s, created_ms=self.clock.value_ms)  # fmt: skip
+        c = CallModel(
+            call_id,
+            route,
+            org if on_number else None,
+            org if route == "inbound" else hint,
+            f"https://aws-us-west-2-production1-phone-call-websocket.vapi.ai/{call_id}/control",
+            failing_control,
+            lost_in_progress,
+            intended_s=intended_s,
+            created_ms=self.clock.value_ms,
+        )
         self.calls[call_id] = c
         if failing_control:
             self.fake.always[f"/{call_id}/control"] = 500
@@ -265,13 +324,26 @@ class Calls(RuleBasedStateMachine):
         lost_in_progress=st.sampled_from([False] * 9 + [True]),
         intended_s=st.integers(5, 900),
     )
-    def another_call_starts(self, index: int, route: str, org: str, hint: str | None, reserve_as: str | None,
-                            failing_control: bool, lost_in_progress: bool, intended_s: int) -> None:  # fmt: skip
+    def another_call_starts(
+        self,
+        index: int,
+        route: str,
+        org: str,
+        hint: str | None,
+        reserve_as: str | None,
+        failing_control: bool,
+        lost_in_progress: bool,
+        intended_s: int,
+    ) -> None:
         self.call_starts(index, route, org, hint, reserve_as, failing_control, lost_in_progress, intended_s)
 
     async def _start(self, c: CallModel, reserve_as: str | None) -> None:
         if c.route == "inbound":
-            answer = (await self.send(c, encode(ServerMessageAssistantRequest(type="assistant-request", call=self.vapi_call(c))))).json()
+            answer = (
+                await self.send(
+                    c, encode(ServerMessageAssistantRequest(type="assistant-request", call=self.vapi_call(c)))
+                )
+            ).json()
             if "error" in answer:
                 assert answer["error"]  # never an empty error (Vapi would say "Unknown Error")
                 SEEN["inbound refused"] += 1
@@ -280,15 +352,18 @@ class Calls(RuleBasedStateMachine):
             c.max_duration_s = answer["assistantOverrides"]["maxDurationSeconds"]
             assert answer["assistantOverrides"]["variableValues"]["org_id"] == self.orgs[c.org].org_id  # type: ignore[index]
         elif reserve_as is not None and c.route != "outbound":
-            reserved = await self.client.post(f"/api/calls/{c.call_id}/reserve",
-                                              headers={"Authorization": f"Bearer {self.orgs[reserve_as].key}"})  # fmt: skip
+            reserved = await self.client.post(
+                f"/api/calls/{c.call_id}/reserve", headers={"Authorization": f"Bearer {self.orgs[reserve_as].key}"}
+            )
             if reserved.status_code == 201:
                 c.admitted_by.add(reserve_as)
                 SEEN["reserved through the API"] += 1
             else:
                 assert reserved.status_code in (402, 409, 503), reserved.text
         c.started_ms = self.clock.value_ms
-        in_progress = encode(ServerMessageStatusUpdate(type="status-update", status="in-progress", call=self.vapi_call(c)))
+        in_progress = encode(
+            ServerMessageStatusUpdate(type="status-update", status="in-progress", call=self.vapi_call(c))
+        )
         if c.lost_in_progress:
             c.messages.append(in_progress)  # sent, never delivered (a replay may deliver it later)
         else:
@@ -309,8 +384,14 @@ class Calls(RuleBasedStateMachine):
 
     async def _end(self, c: CallModel, report: str = "now") -> None:
         c.ended_ms = self.clock.value_ms
-        await self.send(c, encode(ServerMessageStatusUpdate(type="status-update", status="ended", call=self.vapi_call(c),
-                                                            ended_reason="customer-ended-call")))  # fmt: skip
+        await self.send(
+            c,
+            encode(
+                ServerMessageStatusUpdate(
+                    type="status-update", status="ended", call=self.vapi_call(c), ended_reason="customer-ended-call"
+                )
+            ),
+        )
         if report == "now":
             await self.report(c)
         elif report == "lost":
@@ -374,8 +455,11 @@ class Calls(RuleBasedStateMachine):
     @rule(org=st.sampled_from(ORGS), key=st.sampled_from(TOPUP_KEYS), amount=st.sampled_from([1, 100, 500]))
     def top_up(self, org: str, key: str, amount: int) -> None:
         o = self.orgs[org]
-        answer = self.run(self.admin("POST", f"/api/admin/orgs/{o.org_id}/topups", {"amount_pence": amount},
-                                     headers={"Idempotency-Key": key}))  # fmt: skip
+        answer = self.run(
+            self.admin(
+                "POST", f"/api/admin/orgs/{o.org_id}/topups", {"amount_pence": amount}, headers={"Idempotency-Key": key}
+            )
+        )
         first = self.credits.get((org, key))
         if first is None:
             assert answer.status_code == 201, answer.text
@@ -388,8 +472,13 @@ class Calls(RuleBasedStateMachine):
     @rule(org=st.sampled_from(ORGS), key=st.sampled_from(PURCHASE_KEYS), area=st.sampled_from(["415", "999"]))
     def purchase(self, org: str, key: str, area: str) -> None:
         o = self.orgs[org]
-        answer = self.run(self.client.post("/api/managed-telephony/provision", json={"area_code": area},
-                                           headers={"Authorization": f"Bearer {o.key}", "Idempotency-Key": key}))  # fmt: skip
+        answer = self.run(
+            self.client.post(
+                "/api/managed-telephony/provision",
+                json={"area_code": area},
+                headers={"Authorization": f"Bearer {o.key}", "Idempotency-Key": key},
+            )
+        )
         assert answer.status_code in (201, 402, 422, 502, 503), answer.text
         first = self.purchases.get((org, key))
         if first is not None and first[0] == area and first[1] in (201, 502):
@@ -401,7 +490,9 @@ class Calls(RuleBasedStateMachine):
     def rent_unpaid(self, org: str, suspended: bool) -> None:
         o = self.orgs[org]
         status = "suspended" if suspended else "active"
-        self.run(self.rt.pg.execute("UPDATE phone_numbers SET status = $2 WHERE vapi_phone_number_id = $1", o.number, status))
+        self.run(
+            self.rt.pg.execute("UPDATE phone_numbers SET status = $2 WHERE vapi_phone_number_id = $1", o.number, status)
+        )
         self.run(forget_owner(self.rt, o.number))
         o.suspended = suspended
 
@@ -491,12 +582,18 @@ class Calls(RuleBasedStateMachine):
             list(by_org_id),
         )
         for row in rows:
-            seen[row["idempotency_key"]] = (by_org_id[row["org_id"]], row["call_id"], row["amount_pence"] - row["debt_delta_pence"])
+            seen[row["idempotency_key"]] = (
+                by_org_id[row["org_id"]],
+                row["call_id"],
+                row["amount_pence"] - row["debt_delta_pence"],
+            )
         for org_id, name in by_org_id.items():
             for stream_id, fields in await self.rt.redis.xrange(self.rt.keys.org(org_id).outbox, "-", "+"):
                 item = parse_entry(stream_id, fields)
                 if isinstance(item, LedgerEntry):
-                    seen.setdefault(item.idempotency_key, (name, item.call_id, item.amount_pence - item.debt_delta_pence))
+                    seen.setdefault(
+                        item.idempotency_key, (name, item.call_id, item.amount_pence - item.debt_delta_pence)
+                    )
         return list(seen.values())
 
     async def _charges(self) -> dict[str, dict[str, int]]:

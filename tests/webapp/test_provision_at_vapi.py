@@ -23,16 +23,26 @@ async def vapi_api() -> AsyncIterator[FakeVapiApi]:
 
 @pytest.fixture
 def app_settings(settings: Settings, vapi_api: FakeVapiApi) -> Settings:
-    return replace(settings, admin_token=ADMIN_TOKEN, vapi_webhook_secret=WEBHOOK_SECRET, vapi_api_key=API_KEY,
-                   vapi_base_url=vapi_api.base_url)  # fmt: skip
+    return replace(
+        settings,
+        admin_token=ADMIN_TOKEN,
+        vapi_webhook_secret=WEBHOOK_SECRET,
+        vapi_api_key=API_KEY,
+        vapi_base_url=vapi_api.base_url,
+    )
 
 
 async def test_a_number_bought_with_an_assistant_is_bare_at_vapi_and_its_calls_are_credit_checked(
     api: Api, vapi_api: FakeVapiApi
 ) -> None:
     org, key = await api.new_org(5_000)
-    bought = await api.as_org(key, "POST", "/api/managed-telephony/provision", {"area_code": "415", "assistant_id": "asst-42"},
-                              headers={"Idempotency-Key": "buy-1"})  # fmt: skip
+    bought = await api.as_org(
+        key,
+        "POST",
+        "/api/managed-telephony/provision",
+        {"area_code": "415", "assistant_id": "asst-42"},
+        headers={"Idempotency-Key": "buy-1"},
+    )
     assert bought.status_code == 201, bought.text
     number_id = bought.json()["phone_number"]["id"]
     (request,) = [seen for seen in vapi_api.seen if seen.method == "POST"]

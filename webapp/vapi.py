@@ -125,6 +125,14 @@ async def assistant_request(ctx: AppContext, message: VapiMessage) -> dict[str, 
     if not ctx.guard.ready:
         ctx.metrics.webhooks.labels(message.type, "state_restoring").inc()
         return {"error": SPOKEN_TRY_LATER}
+    if await may_be_a_replay(ctx.rt, org_id, message.call_id, message.created_ms) is not False:
+        # A call older than Redis's memory of resolutions, resolved (or Postgres cannot say): a
+        # replay of an assistant-request Vapi stopped waiting for long ago. A hold now would be a
+        # phantom of a finished call.
+        log.warning("assistant-request for call %s of org %s, created before the idempotency window: refused",
+                    message.call_id, org_id)  # fmt: skip
+        ctx.metrics.webhooks.labels(message.type, "replayed_after_window").inc()
+        return {"error": SPOKEN_TRY_LATER}
     reservation = await _reserve(ctx, org_id, message.call_id)
     ctx.metrics.webhooks.labels(message.type, reservation.outcome.name).inc()
     if reservation.held and not reservation.funded:

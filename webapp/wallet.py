@@ -9,6 +9,7 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import Response
 
+from engine.attribution import resolved_in_postgres
 from engine.balances import Wallet, read_wallet
 from engine.holds import live_holds, reserve_call
 from engine.keys import is_call_id
@@ -162,6 +163,10 @@ async def reserve(request: Request) -> Response:
     ctx, org_id = await org_context(request)
     call_id = _call_id(request)
     ctx.require_ready()
+    if await resolved_in_postgres(ctx.rt, org_id, call_id):
+        # Resolved longer ago than Redis remembers (its own check refuses a recent one): a new hold
+        # would be a phantom of a finished call. (Postgres away: Redis's answer stands.)
+        raise ApiError(409, "call_already_resolved", "this call has already ended and been billed", field="call_id")
     reservation = await reserve_call(ctx.rt, org_id, call_id)
     if reservation.outcome == Outcome.org_unknown and await ctx.bring_org_in(org_id):
         reservation = await reserve_call(ctx.rt, org_id, call_id)

@@ -291,3 +291,24 @@ async def test_a_call_running_unfunded_is_refused_by_the_reserve_api_and_a_late_
     assert (reserved.status_code, reserved.json()["error"]["code"]) == (409, "call_not_funded")
     late = await world.api.vapi(payloads.assistant_request(payloads.call("out-unfunded", phone_number_id=number)))
     assert late.json() == {"error": SPOKEN_NO_CREDIT}
+
+
+async def test_an_admission_replayed_after_the_window_takes_no_hold(world: World) -> None:
+    """Found by the model-based test: an assistant-request replayed after Redis forgot its call
+    (or a platform's reserve retried a week later) took a new hold for a finished call, which no
+    expiry ever removed (Postgres has the call resolved) and which drifted from Postgres."""
+    org_id, key, number = await world.org(10_000)
+    done = await world.start_call(number, "done")
+    await hang_up(world, done, 60)
+    assert (await world.api.as_org(key, "POST", "/api/calls/api-done/reserve")).status_code == 201
+    await world.api.vapi(payloads.end_of_call_report(payloads.call("api-done"), 30))
+    await drain_org_fully(world.rt, org_id)
+    world.clock.advance(world.rt.settings.idempotency_ttl_ms + 86_400_000)
+    await release_call(world.rt, org_id, "pruner")  # any resolution prunes the org's expired records
+    replayed = await world.api.vapi(payloads.assistant_request(done))
+    assert set(replayed.json()) == {"error"}
+    retried = await world.api.as_org(key, "POST", "/api/calls/api-done/reserve")
+    assert (retried.status_code, retried.json()["error"]["code"]) == (409, "call_already_resolved")
+    held = await wallet(world.api, key)
+    assert (held["live_calls"], held["held_pence"]) == (0, 0)
+    assert await assert_books_agree(world.rt, org_id) == 10_000 - 60 - 30

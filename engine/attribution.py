@@ -79,35 +79,29 @@ async def admitted_by(rt: Runtime, org_id: str, call_id: str) -> bool:
             return True
     except RedisError as error:
         log.warning("cannot ask redis whether org %s admitted call %s: %s", org_id, call_id, error)
-    if rt.pg is None:
-        return False
-    try:
-        row = await rt.pg.fetchval(
-            "SELECT 1 FROM call_holds WHERE org_id = $1 AND call_id = $2",
-            org_id,
-            call_id,
-            timeout=admission_lookup_timeout_s,
-        )
-    except (asyncpg.PostgresError, OSError, TimeoutError) as error:
-        log.warning("cannot ask postgres whether org %s admitted call %s: %s", org_id, call_id, error)
-        return False
-    return row is not None
+    return await _in_call_holds(rt, org_id, call_id, resolved_only=False) is True
 
 
 async def resolved_in_postgres(rt: Runtime, org_id: str, call_id: str) -> bool | None:
     """Whether Postgres has the call resolved (Redis may have forgotten: its idempotency window).
     None when Postgres cannot say (away, or slower than admission_lookup_timeout_s)."""
+    return await _in_call_holds(rt, org_id, call_id, resolved_only=True)
+
+
+async def _in_call_holds(rt: Runtime, org_id: str, call_id: str, *, resolved_only: bool) -> bool | None:
+    """Whether Postgres's call_holds has the org's call (resolved, if asked): None if it cannot say."""
     if rt.pg is None:
         return None
     try:
         row = await rt.pg.fetchval(
-            "SELECT 1 FROM call_holds WHERE org_id = $1 AND call_id = $2 AND status <> 'live'",
+            "SELECT 1 FROM call_holds WHERE org_id = $1 AND call_id = $2 AND (NOT $3 OR status <> 'live')",
             org_id,
             call_id,
+            resolved_only,
             timeout=admission_lookup_timeout_s,
         )
     except (asyncpg.PostgresError, OSError, TimeoutError) as error:
-        log.warning("cannot ask postgres whether call %s of org %s was resolved: %s", call_id, org_id, error)
+        log.warning("cannot ask postgres about call %s of org %s: %s", call_id, org_id, error)
         return None
     return row is not None
 

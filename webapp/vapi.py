@@ -174,16 +174,11 @@ def _allowed_control_url(ctx: AppContext, message: VapiMessage, org_id: str) -> 
 async def status_update(ctx: AppContext, message: VapiMessage) -> dict[str, Any]:
     if message.status not in ("in-progress", "ended"):
         return {}
-    if message.call_id is None or not key_rules.is_call_id(message.call_id):
-        log.warning("status-update %s without a usable call id: ignored", message.status)
-        ctx.metrics.webhooks.labels(message.type, "unknown_call").inc()
-        return {}
-    who = await attribute_message(ctx, message)
-    if not who.known:
-        await _unattributed(ctx, message)
+    who = await _payer(ctx, message)
+    if who is None:
         return {}
     org_id = who.org_id
-    assert org_id is not None
+    assert org_id is not None and message.call_id is not None
     event = CallEvent.start if message.status == "in-progress" else CallEvent.end
     checked = await check_call(ctx.rt, org_id, message.call_id, event)
     if checked.outcome == Outcome.org_unknown and await ctx.bring_org_in(org_id):
@@ -194,6 +189,20 @@ async def status_update(ctx: AppContext, message: VapiMessage) -> dict[str, Any]
         await _remember(ctx, message, org_id)
     ctx.metrics.webhooks.labels(f"{message.type}:{message.status}", checked.outcome.name).inc()
     return {}
+
+
+async def _payer(ctx: AppContext, message: VapiMessage) -> Attribution | None:
+    """The org that pays for the message's call; None (counted, logged, handled) when there is
+    no usable call id or no org admitted the call."""
+    if message.call_id is None or not key_rules.is_call_id(message.call_id):
+        log.warning("%s without a usable call id (%r): billed to nobody", message.type, message.call_id)
+        ctx.metrics.webhooks.labels(message.type, "unknown_call").inc()
+        return None
+    who = await attribute_message(ctx, message)
+    if not who.known:
+        await _unattributed(ctx, message)
+        return None
+    return who
 
 
 async def _first_sight(ctx: AppContext, message: VapiMessage, who: Attribution, org_id: str) -> CallCheck:
@@ -269,16 +278,11 @@ async def _end_unheld(ctx: AppContext, message: VapiMessage, org_id: str | None,
 
 
 async def end_of_call_report(ctx: AppContext, message: VapiMessage) -> dict[str, Any]:
-    if message.call_id is None or not key_rules.is_call_id(message.call_id):
-        log.warning("end-of-call-report without a usable call id (%r): not billed to anyone", message.call_id)
-        ctx.metrics.webhooks.labels(message.type, "unknown_call").inc()
-        return {}
-    who = await attribute_message(ctx, message)
-    if not who.known:
-        await _unattributed(ctx, message)
+    who = await _payer(ctx, message)
+    if who is None:
         return {}
     org_id = who.org_id
-    assert org_id is not None
+    assert org_id is not None and message.call_id is not None
     if message.billed_seconds is None:
         return await _report_without_duration(ctx, org_id, message.call_id)
     meta = {"vapi_cost_usd": message.cost_usd, "ended_reason": message.ended_reason}

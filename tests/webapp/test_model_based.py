@@ -24,6 +24,7 @@ call billed exactly its reported duration.
 
 import asyncio
 import contextlib
+import gc
 import os
 from collections import Counter
 import secrets
@@ -145,6 +146,18 @@ class CallModel:
         if self.started_ms == 0:
             return 0
         return (self.ended_ms or now_ms) - self.started_ms
+
+
+CALL_STRATEGIES: dict[str, Any] = dict(
+    index=st.integers(0, len(CALLS) - 1),
+    route=st.sampled_from(["inbound", "inbound", "outbound", "web", "stranger"]),
+    org=st.sampled_from(ORGS),
+    hint=st.sampled_from([None, "a", "b"]),
+    reserve_as=st.sampled_from([None, "a", "b"]),
+    failing_control=st.sampled_from([False, False, False, True]),
+    lost_in_progress=st.sampled_from([False] * 9 + [True]),
+    intended_s=st.integers(5, 900),
+)
 
 
 SEEN: Counter[str] = Counter()  # what the runs did, so the test can tell it was not vacuous
@@ -275,16 +288,7 @@ class Calls(RuleBasedStateMachine):
 
     # Rules: calls ------------------------------------------------------------------------------
 
-    @rule(
-        index=st.integers(0, len(CALLS) - 1),
-        route=st.sampled_from(["inbound", "inbound", "outbound", "web", "stranger"]),
-        org=st.sampled_from(ORGS),
-        hint=st.sampled_from([None, "a", "b"]),
-        reserve_as=st.sampled_from([None, "a", "b"]),
-        failing_control=st.sampled_from([False, False, False, True]),
-        lost_in_progress=st.sampled_from([False] * 9 + [True]),
-        intended_s=st.integers(5, 900),
-    )
+    @rule(**CALL_STRATEGIES)
     def call_starts(
         self,
         index: int,
@@ -314,16 +318,7 @@ class Calls(RuleBasedStateMachine):
             self.fake.always[f"/{call_id}/control"] = 500
         self.run(self._start(c, reserve_as))
 
-    @rule(
-        index=st.integers(0, len(CALLS) - 1),
-        route=st.sampled_from(["inbound", "inbound", "outbound", "web", "stranger"]),
-        org=st.sampled_from(ORGS),
-        hint=st.sampled_from([None, "a", "b"]),
-        reserve_as=st.sampled_from([None, "a", "b"]),
-        failing_control=st.sampled_from([False, False, False, True]),
-        lost_in_progress=st.sampled_from([False] * 9 + [True]),
-        intended_s=st.integers(5, 900),
-    )
+    @rule(**CALL_STRATEGIES)
     def another_call_starts(
         self,
         index: int,
@@ -660,16 +655,37 @@ def model_settings(settings: Settings) -> Settings:
     return replace(settings, admin_token=ADMIN_TOKEN, vapi_webhook_secret=WEBHOOK_SECRET, **SETTINGS)
 
 
-HANGING: set["asyncio.Task[Any]"] = set()
+class HangingEndpoint:
+    """An alert endpoint that accepts connections and never answers."""
 
+    def __init__(self) -> None:
+        self.server: asyncio.Server | None = None
+        self.writers: list[asyncio.StreamWriter] = []
+        self.handlers: list[asyncio.Task[Any]] = []
 
-async def _hanging(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    task = asyncio.current_task()
-    assert task is not None
-    HANGING.add(task)
-    with contextlib.suppress(Exception, asyncio.CancelledError):
-        await asyncio.sleep(3600)
-    writer.close()
+    async def start(self) -> str:
+        self.server = await asyncio.start_server(self._hang, "127.0.0.1", 0)
+        return f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}/alerts"
+
+    async def _hang(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self.handlers.append(task)
+        self.writers.append(writer)
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.sleep(3600)
+
+    async def close(self) -> None:
+        assert self.server is not None
+        self.server.close()
+        for writer in self.writers:
+            writer.transport.abort()
+        for task in self.handlers:
+            task.cancel()
+        await asyncio.gather(*self.handlers, return_exceptions=True)
+        await self.server.wait_closed()
+        await asyncio.sleep(0.05)  # the aborted transports' callbacks run while the loop is open
+        gc.collect()
 
 
 def run_model(settings: Settings, max_examples: int) -> None:
@@ -679,8 +695,8 @@ def run_model(settings: Settings, max_examples: int) -> None:
     async def open_world() -> tuple[Any, ...]:
         fake_cm = fake_vapi_server()
         fake = await fake_cm.__aenter__()
-        hanging = await asyncio.start_server(_hanging, "127.0.0.1", 0)
-        hanging_url = f"http://127.0.0.1:{hanging.sockets[0].getsockname()[1]}/alerts"
+        hanging = HangingEndpoint()
+        hanging_url = await hanging.start()
         worker_settings = replace(settings, vapi_control_base_url=fake.base_url)
         app = create_app(replace(settings, vapi_control_base_url=fake.base_url), clock=clock)
         lifespan = app.router.lifespan_context(app)
@@ -712,10 +728,7 @@ def run_model(settings: Settings, max_examples: int) -> None:
             await outbound.aclose()
             await lifespan.__aexit__(None, None, None)
             await rt.close()
-            hanging.close()
-            for task in HANGING:
-                task.cancel()
-            await asyncio.gather(*HANGING, return_exceptions=True)
+            await hanging.close()
             await fake_cm.__aexit__(None, None, None)
             assert settings.redis_url is not None
             await delete_prefix(settings.redis_url, settings.key_prefix)

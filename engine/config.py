@@ -8,6 +8,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from engine import limits
 
@@ -36,6 +37,16 @@ def _bool(env: Mapping[str, str], name: str) -> bool:
     if raw in ("1", "true", "yes"):
         return True
     raise ConfigError(f"{name} must be 1 or 0 (true/false), got {raw!r}")
+
+
+def _public_url(env: Mapping[str, str], name: str) -> str | None:
+    raw = (env.get(name) or "").strip().rstrip("/")
+    if not raw:
+        return None
+    parts = urlsplit(raw)
+    if parts.scheme not in ("https", "http") or not parts.hostname or parts.query or parts.fragment:
+        raise ConfigError(f"{name} must be the engine's public base URL, like https://credit.example.com, got {raw!r}")
+    return raw
 
 
 def _choice(env: Mapping[str, str], name: str, default: str, choices: tuple[str, ...]) -> str:
@@ -107,6 +118,10 @@ class Settings:
     kill_end_queue_ttl_ms: int = 60 * 60 * 1000  # an entry of the end queue (calls no org holds) is forgotten after this
     vapi_control_base_url: str | None = None  # replaces a control URL's scheme and host (a proxy, a test's fake Vapi)
     vapi_control_token: str | None = None  # Bearer token when monitorPlan.controlAuthenticationEnabled
+    # Where Vapi reaches this engine (https://credit.example.com): every admitted call names the
+    # engine as its server (engine/call_server.py). None: calls may bypass the engine.
+    public_url: str | None = None
+    vapi_credential_id: str | None = None  # the Vapi credential Vapi authenticates to us with
     # A live call no org admitted (engine/attribution.py) bills nobody: "end" ends it through its
     # control URL, "allow" lets it run (the platform pays Vapi for it).
     unattributed_calls: str = "end"
@@ -173,6 +188,8 @@ class Settings:
             kill_end_queue_ttl_ms=1000 * _int(env, "CREDIT_ENGINE_KILL_END_QUEUE_TTL_S", 3600, 60, 7 * 86_400),
             vapi_control_base_url=(env.get("VAPI_CONTROL_BASE_URL") or "").rstrip("/") or None,
             vapi_control_token=env.get("VAPI_CONTROL_TOKEN") or None,
+            public_url=_public_url(env, "CREDIT_ENGINE_PUBLIC_URL"),
+            vapi_credential_id=env.get("CREDIT_ENGINE_VAPI_CREDENTIAL_ID") or None,
             unattributed_calls=_choice(env, "CREDIT_ENGINE_UNATTRIBUTED_CALLS", "end", ("end", "allow")),
             control_url_hosts=_hosts(env, "CREDIT_ENGINE_CONTROL_URL_HOSTS", ("vapi.ai",)),
             alert_signing_key=env.get("CREDIT_ENGINE_ALERT_SIGNING_KEY") or None,

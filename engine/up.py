@@ -188,3 +188,7 @@ Ctrl-C stops everything; balances are kept in {data_dir}.
 """,
         flush=True,
     )
+    if settings.public_url is None:
+        print("WARNING: CREDIT_ENGINE_PUBLIC_URL is not set: calls this engine admits do not name it as their server,\n"
+              "         so an assistant with its own server URL takes their messages (and their billing) away.\n"
+              "         Set it to the URL Vapi reaches this engine at (README, \"Vapi's messages\").", flush=True)  # fmt: skip

@@ -18,6 +18,7 @@ from redis.exceptions import ResponseError
 
 from engine import schema
 from engine.clock import redis_now_ms
+from engine.call_server import engine_server
 from engine.cluster import is_cluster
 from engine.config import Settings
 from engine.db import asyncpg_dsn
@@ -38,6 +39,7 @@ class Check:
     name: str
     ok: bool
     detail: str
+    warning: bool = False  # passed, but something an operator must know (shown as "!")
 
 
 @dataclass
@@ -53,9 +55,11 @@ class Verification:
 
     def table(self) -> str:
         width = max(len(check.name) for check in self.checks)
-        lines = [f"{'✓' if check.ok else '✗'} {check.name.ljust(width)}  {check.detail}" for check in self.checks]
+        marks = {(True, False): "✓", (True, True): "!", (False, False): "✗", (False, True): "✗"}
+        lines = [f"{marks[check.ok, check.warning]} {check.name.ljust(width)}  {check.detail}" for check in self.checks]
         passed = sum(check.ok for check in self.checks)
-        lines.append(f"{passed}/{len(self.checks)} checks passed")
+        warnings = sum(check.ok and check.warning for check in self.checks)
+        lines.append(f"{passed}/{len(self.checks)} checks passed" + (f" ({warnings} with a warning)" if warnings else ""))
         return "\n".join(lines)
 
 
@@ -164,11 +168,23 @@ async def verify(settings: Settings, sample_size: int = sample_size_default) -> 
             return True, f"{len(sample)} of {len(org_ids)} orgs sampled, Redis = Postgres"
 
         checks.append(await _guarded("redis = postgres", sample_agrees))
+        checks.append(vapi_routing_check(settings))
     finally:
         if pg is not None:
             await pg.close()
         await redis.aclose()
     return Verification(checks)
+
+
+def vapi_routing_check(settings: Settings) -> Check:
+    """Whether admitted calls name this engine as their server (engine/call_server.py)."""
+    server = engine_server(settings)
+    if server is None:
+        return Check("vapi routing", True, "CREDIT_ENGINE_PUBLIC_URL is not set: admitted calls do not name this engine as "
+                     "their server, so an assistant with its own server URL takes their messages (and billing) away",
+                     warning=True)  # fmt: skip
+    auth = "credential " + server["credentialId"] if "credentialId" in server else "X-Vapi-Secret header"
+    return Check("vapi routing", True, f"admitted calls' server is {server['url']} ({auth})")
 
 
 async def _prefixed(prefix: str, probe: Awaitable[tuple[bool, str]]) -> tuple[bool, str]:

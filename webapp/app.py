@@ -17,6 +17,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from engine.call_server import STATUS_CHECK_PATH, WEBHOOK_PATH
 from engine.clock import Clock
 from engine.config import Settings
 from engine.errors import InvalidInput, OrgNotFound
@@ -85,8 +86,8 @@ ROUTES = [
     route("/api/calls/{call_id}/reserve", wallet.reserve, "POST", "call_reserve"),
     route("/api/managed-telephony/pricing", managed_telephony.pricing, "GET", "pricing"),
     route("/api/managed-telephony/provision", managed_telephony.provision_number, "POST", "provision"),
-    route("/api/vapi/webhook", vapi.webhook, "POST", "vapi_webhook"),
-    route("/api/vapi/webhook/status-check", vapi.status_check, "POST", "status_check"),
+    route(WEBHOOK_PATH, vapi.webhook, "POST", "vapi_webhook"),
+    route(STATUS_CHECK_PATH, vapi.status_check, "POST", "status_check"),
 ]
 
 

@@ -17,6 +17,7 @@ from starlette.responses import Response
 from engine import keys as key_rules
 from engine.errors import InvalidInput
 from engine.attribution import Attribution, attribute, may_be_a_replay
+from engine.call_server import admission_overrides
 from engine.control import control_url_allowed
 from engine.end_queue import end_unheld_call
 from engine.holds import CallCheck, CallEvent, Reservation, Unfunded, check_call, commit_call, release_call, reserve_call
@@ -139,12 +140,11 @@ async def assistant_request(ctx: AppContext, message: VapiMessage) -> dict[str, 
         return {"error": SPOKEN_NO_CREDIT}  # the call is already running unfunded, being ended
     if reservation.outcome in (Outcome.ok, Outcome.replayed):
         await _remember(ctx, message, org_id)
+        # The engine is the call's server (engine/call_server.py): its messages come here, not to
+        # a server URL the saved assistant may carry.
         return {
             "assistantId": assistant_id,
-            "assistantOverrides": {
-                "maxDurationSeconds": reservation.max_duration_s,
-                "variableValues": {"org_id": org_id},
-            },
+            "assistantOverrides": admission_overrides(ctx.settings, org_id, reservation.max_duration_s),
         }
     if reservation.outcome == Outcome.insufficient_funds:
         return {"error": SPOKEN_NO_CREDIT}

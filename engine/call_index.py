@@ -29,15 +29,18 @@ class CallIndex:
     def key(self, call_id: str) -> str:
         return self.rt.keys.call_index(call_id)
 
-    async def remember(self, call_id: str, org_id: str, control_url: str | None = None) -> bool:
+    async def remember(self, call_id: str, org_id: str, control_url: str | None = None, forward_url: str | None = None) -> bool:
         """Record that the org admitted the call (call this only when it holds the call); the first
-        claim stays. Returns False if another org admitted the call id first."""
+        claim stays. With forward_url: where the platform's own answer said the call's messages go
+        (engine/forwarding.py). Returns False if another org admitted the call id first."""
         key = self.key(call_id)
         async with self.rt.redis.pipeline(transaction=False) as pipe:
             pipe.hsetnx(key, "org_id", org_id)
             pipe.hget(key, "org_id")
             pipe.expire(key, call_ttl_s)
             _, owner, _ = await pipe.execute()
+        if forward_url and owner == org_id:
+            await self.rt.redis.hset(key, "forward_url", forward_url)
         if control_url:
             await self.keep_control_url(org_id, call_id, control_url)
         if owner != org_id:
@@ -49,6 +52,11 @@ class CallIndex:
     async def keep_control_url(self, org_id: str, call_id: str, control_url: str) -> None:
         """Where the kill switch ends the org's call (dropped by it once the call holds nothing)."""
         await self.rt.redis.hset(self.rt.keys.org(org_id).control, call_id, control_url)
+
+    async def forward_url_of(self, call_id: str) -> str | None:
+        """Where the platform's own answer to the call's assistant-request said its messages go."""
+        url: str | None = await self.rt.redis.hget(self.key(call_id), "forward_url")
+        return url
 
     async def org_of(self, call_id: str) -> str | None:
         org_id = self.cache.get(call_id)

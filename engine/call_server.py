@@ -19,6 +19,7 @@ Without `CREDIT_ENGINE_PUBLIC_URL` the engine cannot name itself: everything but
 `serverMessages` is still set, and `up` and `verify` say that calls may bypass the engine.
 """
 
+from dataclasses import dataclass
 from typing import Any
 
 from engine import limits
@@ -88,3 +89,61 @@ def _with_engines(asked: Any) -> list[str]:
     """The messages asked for (Vapi's default list if none), with the engine's added; none removed."""
     wanted = [m for m in asked if isinstance(m, str)] if isinstance(asked, list) else list(VAPI_DEFAULT_SERVER_MESSAGES)
     return wanted + [m for m in ENGINE_SERVER_MESSAGES if m not in wanted]
+
+
+@dataclass(frozen=True)
+class PlatformAnswer:
+    """The platform's own answer to an assistant-request, made the engine's."""
+
+    answer: dict[str, Any] | None  # what Vapi gets; None: the platform's answer was not usable
+    refusal: str | None  # the platform's own spoken error (the call is refused)
+    server_url: str | None  # the server URL the answer named for the call (its messages are forwarded there)
+
+
+# The keys of an assistant-request answer (the SDK's ServerMessageResponseAssistantRequest), by
+# what they choose; each choice takes the overrides of its own kind.
+CHOICES = (
+    (("assistantId", "assistant"), "assistantOverrides"),
+    (("squadId", "squad"), "squadOverrides"),
+    (("workflowId", "workflow"), "workflowOverrides"),
+)
+
+
+def merge_platform_answer(settings: Settings, org_id: str, funded_duration_s: int, answer: dict[str, Any]) -> PlatformAnswer:
+    """The platform's answer with the engine's overrides merged in (see admission_overrides):
+    an assistant (saved or transient) or a squad takes them whole; a workflow only carries
+    `variableValues` in Vapi's API, so its server must be the engine by the workflow's own
+    configuration (README); a `destination` transfers the call as it is."""
+    error = answer.get("error")
+    if error is not None:
+        usable = isinstance(error, str) and error.strip() != ""
+        return PlatformAnswer(None, error if usable else None, None)  # an empty error: not usable
+    if isinstance(answer.get("destination"), dict):
+        return PlatformAnswer({"destination": answer["destination"]}, None, None)
+    for chosen_by, overrides_key in CHOICES:
+        chosen = {key: answer[key] for key in chosen_by if _usable_choice(answer.get(key))}
+        if len(chosen) != 1:
+            continue
+        asked = answer.get(overrides_key) if isinstance(answer.get(overrides_key), dict) else None
+        merged: dict[str, Any] = dict(chosen)
+        if overrides_key == "workflowOverrides":
+            variables = (asked or {}).get("variableValues")
+            merged[overrides_key] = {"variableValues": {**(variables if isinstance(variables, dict) else {}), "org_id": org_id}}
+            return PlatformAnswer(merged, None, None)
+        transient = chosen.get("assistant") if isinstance(chosen.get("assistant"), dict) else {}
+        own_messages = transient.get("serverMessages")
+        merged[overrides_key] = admission_overrides(
+            settings, org_id, funded_duration_s, asked, own_messages if isinstance(own_messages, list) else None
+        )
+        return PlatformAnswer(merged, None, _server_url(asked) or _server_url(transient))
+    return PlatformAnswer(None, None, None)
+
+
+def _usable_choice(value: Any) -> bool:
+    return (isinstance(value, str) and value != "") or (isinstance(value, dict) and bool(value))
+
+
+def _server_url(holder: Any) -> str | None:
+    server = holder.get("server") if isinstance(holder, dict) else None
+    url = server.get("url") if isinstance(server, dict) else None
+    return url if isinstance(url, str) and url else None

@@ -39,13 +39,14 @@ def _bool(env: Mapping[str, str], name: str) -> bool:
     raise ConfigError(f"{name} must be 1 or 0 (true/false), got {raw!r}")
 
 
-def _public_url(env: Mapping[str, str], name: str) -> str | None:
-    raw = (env.get(name) or "").strip().rstrip("/")
+def _public_url(env: Mapping[str, str], name: str, *, path_allowed: bool = False) -> str | None:
+    raw = (env.get(name) or "").strip()
+    raw = raw if path_allowed else raw.rstrip("/")
     if not raw:
         return None
     parts = urlsplit(raw)
-    if parts.scheme not in ("https", "http") or not parts.hostname or parts.query or parts.fragment:
-        raise ConfigError(f"{name} must be the engine's public base URL, like https://credit.example.com, got {raw!r}")
+    if parts.scheme not in ("https", "http") or not parts.hostname or parts.fragment or (parts.query and not path_allowed):
+        raise ConfigError(f"{name} must be an http(s) URL like https://credit.example.com, got {raw!r}")
     return raw
 
 
@@ -122,6 +123,10 @@ class Settings:
     # engine as its server (engine/call_server.py). None: calls may bypass the engine.
     public_url: str | None = None
     vapi_credential_id: str | None = None  # the Vapi credential Vapi authenticates to us with
+    # The platform's own server, where the engine forwards what Vapi sends (engine/forwarding.py):
+    # the deployment's default for orgs without their own forward_url, and the secret sent with it.
+    forward_url: str | None = None
+    forward_secret: str | None = None
     # A live call no org admitted (engine/attribution.py) bills nobody: "end" ends it through its
     # control URL, "allow" lets it run (the platform pays Vapi for it).
     unattributed_calls: str = "end"
@@ -190,6 +195,8 @@ class Settings:
             vapi_control_token=env.get("VAPI_CONTROL_TOKEN") or None,
             public_url=_public_url(env, "CREDIT_ENGINE_PUBLIC_URL"),
             vapi_credential_id=env.get("CREDIT_ENGINE_VAPI_CREDENTIAL_ID") or None,
+            forward_url=_public_url(env, "CREDIT_ENGINE_FORWARD_URL", path_allowed=True),
+            forward_secret=env.get("CREDIT_ENGINE_FORWARD_SECRET") or None,
             unattributed_calls=_choice(env, "CREDIT_ENGINE_UNATTRIBUTED_CALLS", "end", ("end", "allow")),
             control_url_hosts=_hosts(env, "CREDIT_ENGINE_CONTROL_URL_HOSTS", ("vapi.ai",)),
             alert_signing_key=env.get("CREDIT_ENGINE_ALERT_SIGNING_KEY") or None,
@@ -222,7 +229,7 @@ class Settings:
 
     def __repr__(self) -> str:
         # Secrets never reach a log line through a repr.
-        hidden = {"admin_token", "vapi_webhook_secret", "vapi_hmac_secret", "vapi_api_key", "vapi_control_token",
+        hidden = {"admin_token", "vapi_webhook_secret", "vapi_hmac_secret", "vapi_api_key", "vapi_control_token", "forward_secret",
                   "alert_signing_key"}  # fmt: skip
         shown = ", ".join(
             f"{f.name}={'<set>' if f.name in hidden and getattr(self, f.name) else getattr(self, f.name)!r}"

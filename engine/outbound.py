@@ -238,6 +238,8 @@ class Answer:
     failure: Failure | None  # what the caller may tell the URL's owner
     detail: str  # for our own log lines only: the exception's class, never the URL
     body_bytes_read: int = 0
+    body: bytes = b""  # what was read of the body (at most response_bytes_max)
+    truncated: bool = False  # the body was longer than response_bytes_max
 
 
 class Outbound:
@@ -296,6 +298,8 @@ class Outbound:
         self, target: httpcore.URL, body: bytes, headers: dict[str, str], timeouts: dict[str, float], bytes_max: int
     ) -> Answer:
         read = 0
+        chunks: list[bytes] = []
+        truncated = False
         request = self._pool.stream(
             "POST", target, headers=list(headers.items()), content=body, extensions={"timeout": timeouts}
         )
@@ -303,6 +307,9 @@ class Outbound:
             if bytes_max > 0:
                 async for chunk in response.aiter_stream():
                     read += len(chunk)
-                    if read >= bytes_max:
+                    chunks.append(chunk)
+                    if read > bytes_max:
+                        truncated = True
                         break  # the rest is never read: leaving the block closes the connection
-            return Answer(response.status, None, f"HTTP {response.status}", read)
+            content = b"".join(chunks)[:bytes_max]
+            return Answer(response.status, None, f"HTTP {response.status}", read, content, truncated)

@@ -17,14 +17,15 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from engine.call_index import CallIndex
 from engine.call_server import STATUS_CHECK_PATH, WEBHOOK_PATH
 from engine.clock import Clock
 from engine.config import Settings
 from engine.errors import InvalidInput, OrgNotFound
+from engine.forwarding import AssistantServers, Forwarder
 from engine.runtime import Runtime
 from engine.telephony import Telephony, VapiTelephony, make_telephony
 from webapp import admin, alerts_api, health, managed_telephony, vapi, wallet
-from engine.call_index import CallIndex
 from webapp.context import AppContext
 from webapp.metrics import Metrics
 from webapp.middleware import BodySizeLimit
@@ -140,11 +141,17 @@ def create_app(settings: Settings | None = None, *, clock: Clock | None = None, 
         guard = StateGuard(rt)
         await guard.start()  # rebuild Redis from Postgres before taking any traffic
         provider = telephony or make_telephony(settings)
-        app.state.ctx = AppContext(settings, rt, guard, provider, Metrics(), CallIndex(rt))
+        metrics = Metrics()
+        forwarder = Forwarder(settings, count=metrics.forward)
+        assistant_servers = AssistantServers(settings)
+        app.state.ctx = AppContext(settings, rt, guard, provider, metrics, CallIndex(rt), forwarder, assistant_servers)
+        forwarder.start()
         watcher = asyncio.create_task(guard.watch_forever(), name="redis-state-watch")
         try:
             yield
         finally:
+            await forwarder.close()
+            await assistant_servers.aclose()
             guard.stop()
             try:
                 await asyncio.wait_for(watcher, guard_stop_timeout_s)

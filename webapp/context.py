@@ -4,12 +4,13 @@ from dataclasses import dataclass
 
 from starlette.requests import Request
 
+from engine.call_index import CallIndex
 from engine.config import Settings
+from engine.forwarding import AssistantServers, Forwarder
 from engine.orgs import org_exists
 from engine.restore import restore_org_if_absent
 from engine.runtime import Runtime
 from engine.telephony import Telephony
-from engine.call_index import CallIndex
 from webapp.metrics import Metrics
 from webapp.responses import ApiError
 from webapp.state import StateGuard
@@ -23,6 +24,8 @@ class AppContext:
     telephony: Telephony
     metrics: Metrics
     calls: CallIndex
+    forwarder: Forwarder
+    assistant_servers: AssistantServers
 
     def require_ready(self) -> None:
         """Money decisions wait while Redis is being rebuilt from Postgres."""

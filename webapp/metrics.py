@@ -21,6 +21,12 @@ class Metrics:
         self.webhooks = Counter(
             "credit_engine_vapi_messages", "Vapi messages by type and result", ["type", "result"], registry=self.registry
         )
+        self.forwarded = Counter(
+            "credit_engine_forwarded_messages",
+            "Messages forwarded to platforms' servers, by result (relayed, delivered, retried, dropped_*, ...)",
+            ["result"],
+            registry=self.registry,
+        )
         self.outbox_entries = Gauge(
             "credit_engine_outbox_entries", "Entries in all outboxes at the worker's last sweep", registry=self.registry
         )
@@ -45,6 +51,9 @@ class Metrics:
         )  # fmt: skip
 
         self._children: dict[tuple[str, ...], Any] = {}
+
+    def forward(self, result: str) -> None:
+        self._child(self.forwarded, "forwarded", result).inc()
 
     def decision(self, operation: str, outcome: str) -> None:
         self._child(self.decisions, "decision", operation, outcome).inc()

@@ -15,14 +15,24 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from engine import keys as key_rules
-from engine.errors import InvalidInput
-from engine.attribution import Attribution, attribute, may_be_a_replay
-from engine.call_server import admission_overrides
+from engine.attribution import UNATTRIBUTED, Attribution, attribute, may_be_a_replay
+from engine.call_server import admission_overrides, merge_platform_answer
 from engine.control import control_url_allowed
 from engine.end_queue import end_unheld_call
-from engine.holds import CallCheck, CallEvent, Reservation, Unfunded, check_call, commit_call, release_call, reserve_call
-from engine.results import Money, Outcome
+from engine.errors import InvalidInput
+from engine.forwarding import ANSWERED_TYPES, Target
+from engine.holds import (
+    CallCheck,
+    CallEvent,
+    Reservation,
+    Unfunded,
+    check_call,
+    commit_call,
+    release_call,
+    reserve_call,
+)
 from engine.idempotency import call_state_key
+from engine.results import Money, Outcome
 from webapp.auth import vapi_authenticated
 from webapp.context import AppContext, context
 from webapp.requests import parse_json
@@ -33,6 +43,10 @@ log = logging.getLogger(__name__)
 
 assistant_request_budget_s = 5.0
 message_budget_s = 15.0
+relay_s_max = 12.0  # a relayed message's answer from the platform (Vapi gives a server 20 s by default)
+relay_lookup_s_max = 1.0  # finding where a relayed message goes
+platform_answer_margin_s = 0.5  # of the assistant-request's budget, kept for our own work after the platform answers
+assert relay_lookup_s_max + relay_s_max < message_budget_s
 
 SPOKEN_NO_CREDIT = "Sorry, there is not enough credit on this account to take your call. Please top up and try again."
 SPOKEN_NOT_SET_UP = "Sorry, this number is not set up to take calls yet."
@@ -41,12 +55,12 @@ SPOKEN_TRY_LATER = "Sorry, we cannot take your call right now. Please try again 
 ZERO_MONEY = Money(0, 0, 0, 0, 0)
 
 
-async def _authenticated_body(request: Request) -> Any:
+async def _authenticated_body(request: Request) -> tuple[bytes, Any]:
     ctx = context(request)
     raw = await request.body()
     if not vapi_authenticated(request, ctx.settings, raw):
         raise ApiError(401, "unauthorized", "send the webhook secret (X-Vapi-Secret or Bearer) or a valid HMAC signature")
-    return parse_json(raw)
+    return raw, parse_json(raw)
 
 
 async def attribute_message(ctx: AppContext, message: VapiMessage) -> Attribution:
@@ -56,25 +70,82 @@ async def attribute_message(ctx: AppContext, message: VapiMessage) -> Attributio
 
 async def webhook(request: Request) -> Response:
     ctx = context(request)
-    envelope = await _authenticated_body(request)
+    raw, envelope = await _authenticated_body(request)
     try:
         message = parse_message(envelope)
     except InvalidInput as error:  # not a Vapi message at all
         raise ApiError(400, "invalid_request", error.message, field=error.field) from None
+    if message.type in ANSWERED_TYPES and message.type != "assistant-request":
+        # The platform's server answers these (a tool's result, a transfer's destination, ...).
+        return json_response(await _relayed_answer(ctx, message, raw))
     handler = HANDLERS.get(message.type)
+    body: dict[str, Any] = {}
     if handler is None:
         ctx.metrics.webhooks.labels(message.type[:40], "ignored").inc()
-        return json_response({})
-    budget_s = assistant_request_budget_s if message.type == "assistant-request" else message_budget_s
-    try:
-        body = await asyncio.wait_for(handler(ctx, message), timeout=budget_s)
-    except Exception:
-        log.exception("vapi %s for call %s failed", message.type, message.call_id)
-        ctx.metrics.webhooks.labels(message.type, "error").inc()
-        body = {"error": SPOKEN_TRY_LATER} if message.type == "assistant-request" else {}
-        if message.type == "assistant-request":
-            _release_later(ctx, message)
+    else:
+        budget_s = assistant_request_budget_s if message.type == "assistant-request" else message_budget_s
+        try:
+            body = await asyncio.wait_for(handler(ctx, message, raw), timeout=budget_s)
+        except Exception:
+            log.exception("vapi %s for call %s failed", message.type, message.call_id)
+            ctx.metrics.webhooks.labels(message.type, "error").inc()
+            body = {"error": SPOKEN_TRY_LATER} if message.type == "assistant-request" else {}
+            if message.type == "assistant-request":
+                _release_later(ctx, message)
+    if message.type != "assistant-request":
+        # After the engine's own part (clock, commit), for the platform: in the background, so
+        # Vapi's 200 never waits for it and nothing the platform does changes billing.
+        ctx.forwarder.enqueue(lambda: _forward_target(ctx, message), raw)
     return json_response(body)
+
+
+async def _forward_target(ctx: AppContext, message: VapiMessage) -> Target | None:
+    """Where the call's messages go on to (engine/forwarding.py): the URL the platform's answer
+    named for the call, else its org's forward_url (else the deployment's), else the saved
+    assistant's own server URL at Vapi. Never back to the engine itself."""
+    call_id = message.call_id if message.call_id is not None and key_rules.is_call_id(message.call_id) else None
+    if call_id is not None:
+        found, target = ctx.forwarder.cached_target(call_id)
+        if found:
+            return target
+    url = await ctx.calls.forward_url_of(call_id) if call_id is not None else None
+    if url is None:
+        who = await attribute_message(ctx, message) if call_id is not None else UNATTRIBUTED
+        url = await _org_forward_url(ctx, who.org_id)
+    if url is None and message.assistant_id is not None:
+        url = await ctx.assistant_servers.server_url(message.assistant_id)
+    if url is not None and ctx.settings.public_url is not None and url.startswith(ctx.settings.public_url + "/"):
+        url = None  # the platform's assistant already names the engine: nothing to forward to
+    target = Target(url, ctx.settings.forward_secret) if url is not None else None
+    if call_id is not None:
+        ctx.forwarder.cache_target(call_id, target)
+    return target
+
+
+async def _org_forward_url(ctx: AppContext, org_id: str | None) -> str | None:
+    """The org's own forward_url, else the deployment's CREDIT_ENGINE_FORWARD_URL."""
+    return ctx.settings.forward_url
+
+
+async def _relayed_answer(ctx: AppContext, message: VapiMessage, raw: bytes) -> dict[str, Any]:
+    """A message whose sender waits for the platform's answer: relayed at once, answered as the
+    platform answered (within the time Vapi gives a server), or {} when there is no platform or
+    no usable answer (Vapi then goes on as it would with a server that said nothing)."""
+    try:
+        target = await asyncio.wait_for(_forward_target(ctx, message), timeout=relay_lookup_s_max)
+    except Exception:
+        log.exception("cannot tell where %s of call %s goes", message.type, message.call_id)
+        target = None
+    if target is None:
+        ctx.metrics.webhooks.labels(message.type[:40], "no_platform").inc()
+        return {}
+    relayed = await ctx.forwarder.relay(target, raw, relay_s_max)
+    if relayed.answer is None:
+        log.warning("the platform gave %s for %s of call %s; answered {}", relayed.problem, message.type, message.call_id)
+        ctx.metrics.webhooks.labels(message.type[:40], "relay_failed").inc()
+        return {}
+    ctx.metrics.webhooks.labels(message.type[:40], "relayed").inc()
+    return relayed.answer
 
 
 _background: set["asyncio.Task[None]"] = set()
@@ -109,7 +180,7 @@ async def _reserve(ctx: AppContext, org_id: str, call_id: str, unfunded: Unfunde
     return reservation
 
 
-async def assistant_request(ctx: AppContext, message: VapiMessage) -> dict[str, Any]:
+async def assistant_request(ctx: AppContext, message: VapiMessage, raw: bytes) -> dict[str, Any]:
     # Only a number admits a call here: an assistant-request is an inbound call to a bare number.
     # (A call's variableValues are the platform's text, never a reason to bill an org.)
     who = await attribute_message(ctx, message)
@@ -134,11 +205,16 @@ async def assistant_request(ctx: AppContext, message: VapiMessage) -> dict[str, 
                     message.call_id, org_id)  # fmt: skip
         ctx.metrics.webhooks.labels(message.type, "replayed_after_window").inc()
         return {"error": SPOKEN_TRY_LATER}
+    started = asyncio.get_running_loop().time()
     reservation = await _reserve(ctx, org_id, message.call_id)
     ctx.metrics.webhooks.labels(message.type, reservation.outcome.name).inc()
     if reservation.held and not reservation.funded:
         return {"error": SPOKEN_NO_CREDIT}  # the call is already running unfunded, being ended
     if reservation.outcome in (Outcome.ok, Outcome.replayed):
+        forward_url = await _org_forward_url(ctx, org_id)
+        if forward_url is not None:
+            budget_s = assistant_request_budget_s - platform_answer_margin_s - (asyncio.get_running_loop().time() - started)
+            return await _platform_answers(ctx, message, raw, org_id, reservation, Target(forward_url, ctx.settings.forward_secret), budget_s)
         await _remember(ctx, message, org_id)
         # The engine is the call's server (engine/call_server.py): its messages come here, not to
         # a server URL the saved assistant may carry.
@@ -153,11 +229,38 @@ async def assistant_request(ctx: AppContext, message: VapiMessage) -> dict[str, 
     return {"error": SPOKEN_TRY_LATER}
 
 
-async def _remember(ctx: AppContext, message: VapiMessage, org_id: str) -> None:
-    """The org admitted the call (it holds it): index it, and keep its control URL."""
+async def _platform_answers(
+    ctx: AppContext, message: VapiMessage, raw: bytes, org_id: str, reservation: Reservation, target: Target, budget_s: float
+) -> dict[str, Any]:
+    """The org's platform has its own assistant-request logic (transient assistants, squads,
+    workflows): the call is reserved, then the platform is asked with Vapi's own body, and its
+    answer comes back with the engine's overrides merged in. The platform's own refusal is passed
+    on; a platform slow, down or answering garbage gets the org's spoken try-later. Either way the
+    hold is released (a call that never starts is charged nothing)."""
+    assert message.call_id is not None
+    relayed = await ctx.forwarder.relay(target, raw, budget_s)
+    merged = merge_platform_answer(ctx.settings, org_id, reservation.max_duration_s, relayed.answer or {})
+    if merged.answer is None:
+        await release_call(ctx.rt, org_id, message.call_id)
+        if merged.refusal is not None:
+            ctx.metrics.webhooks.labels(message.type, "platform_refused").inc()
+            return {"error": merged.refusal}
+        log.warning("the platform of org %s gave %s for the assistant-request of call %s: refused",
+                    org_id, relayed.problem or "an answer choosing nothing", message.call_id)  # fmt: skip
+        ctx.metrics.webhooks.labels(message.type, "platform_failed").inc()
+        return {"error": SPOKEN_TRY_LATER}
+    await _remember(ctx, message, org_id, merged.server_url)
+    ctx.metrics.webhooks.labels(message.type, "platform_answered").inc()
+    return merged.answer
+
+
+async def _remember(ctx: AppContext, message: VapiMessage, org_id: str, forward_url: str | None = None) -> None:
+    """The org admitted the call (it holds it): index it, keep its control URL, and where its
+    messages go on to if the platform's answer named it."""
     assert message.call_id is not None
     control_url = _allowed_control_url(ctx, message, org_id)
-    await ctx.calls.remember(message.call_id, org_id, control_url)
+    await ctx.calls.remember(message.call_id, org_id, control_url, forward_url)
+    ctx.forwarder.targets.pop(message.call_id, None)
 
 
 def _allowed_control_url(ctx: AppContext, message: VapiMessage, org_id: str) -> str | None:
@@ -171,7 +274,7 @@ def _allowed_control_url(ctx: AppContext, message: VapiMessage, org_id: str) -> 
     return control_url
 
 
-async def status_update(ctx: AppContext, message: VapiMessage) -> dict[str, Any]:
+async def status_update(ctx: AppContext, message: VapiMessage, raw: bytes) -> dict[str, Any]:
     if message.status not in ("in-progress", "ended"):
         return {}
     who = await _payer(ctx, message)
@@ -277,7 +380,7 @@ async def _end_unheld(ctx: AppContext, message: VapiMessage, org_id: str | None,
     ctx.metrics.webhooks.labels(message.type, f"end_{reason}" if queued else f"cannot_end_{reason}").inc()
 
 
-async def end_of_call_report(ctx: AppContext, message: VapiMessage) -> dict[str, Any]:
+async def end_of_call_report(ctx: AppContext, message: VapiMessage, raw: bytes) -> dict[str, Any]:
     who = await _payer(ctx, message)
     if who is None:
         return {}
@@ -332,7 +435,7 @@ def _status_body(end_call: bool, reason: str, balance: int = 0, available: int =
 async def status_check(request: Request) -> Response:
     """The kill switch's pull side: one script call on the hot path, no Postgres."""
     ctx = context(request)
-    body = await _authenticated_body(request)
+    _, body = await _authenticated_body(request)
     call_id, message = _call_id_of(body)
     ctx.require_ready()
     if message is not None:  # a Vapi envelope: its number, else the org that admitted the call

@@ -1,0 +1,191 @@
+"""The engine in front of the platform's own server (issue 13, points 2, 3 and 6): the platform's
+assistant-request logic composed with the engine's (the platform's answer comes back with the
+engine's overrides merged in), and every message of the call forwarded, with the same body and
+Vapi-style auth: answers relayed, the rest in the background. Over real HTTP: Vapi's messages
+built with its SDK to the real app, a fake platform server on loopback, real Redis and Postgres."""
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from typing import Any
+
+import pytest
+from vapi.types import (
+    ServerMessageResponseAssistantRequest,
+    ServerMessageToolCalls,
+    ServerMessageToolCallsToolWithToolCallListItem_Function,
+    ToolCall,
+    ToolCallFunction,
+)
+
+from engine.call_server import WEBHOOK_PATH
+from engine.config import Settings
+from tests.fake_platform import FakePlatform, Reply, fake_platform_server
+from tests.webapp.conftest import ADMIN_TOKEN, WEBHOOK_SECRET, Api
+from tests.webapp.test_seed_scenarios import wallet
+from tests.webapp.vapi_payloads import assistant_request, call, encode, end_of_call_report, status_update
+from webapp.vapi import SPOKEN_TRY_LATER
+
+PUBLIC_URL = "https://credit.example.com"
+PLATFORM_SECRET = "platform-secret-" + "p" * 20
+
+
+@pytest.fixture
+async def platform() -> AsyncIterator[FakePlatform]:
+    async with fake_platform_server() as server:
+        yield server
+
+
+@pytest.fixture
+def app_settings(settings: Settings, platform: FakePlatform) -> Settings:
+    return replace(
+        settings,
+        admin_token=ADMIN_TOKEN,
+        vapi_webhook_secret=WEBHOOK_SECRET,
+        public_url=PUBLIC_URL,
+        forward_url=f"{platform.base_url}/vapi",
+        forward_secret=PLATFORM_SECRET,
+        outbound_allow_private=True,  # the fake platform listens on 127.0.0.1
+    )
+
+
+async def eventually(predicate: Any, timeout_s: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError("timed out")
+
+
+def tool_calls(call_id: str, number: str) -> bytes:
+    the_call = call(call_id, phone_number_id=number)
+    tool = ToolCall(
+        id="tc-1", type="function", function=ToolCallFunction(name="lookup_order", arguments='{"order": "42"}')
+    )
+    with_list = ServerMessageToolCallsToolWithToolCallListItem_Function(type="function", tool_call=tool)
+    return encode(
+        ServerMessageToolCalls(
+            type="tool-calls", call=the_call, tool_call_list=[tool], tool_with_tool_call_list=[with_list]
+        )
+    )
+
+
+TRANSIENT = {
+    "name": "Per-call assistant",
+    "firstMessage": "Hello from the platform",
+    "server": {"url": "PLATFORM/calls"},
+    "serverMessages": ["transcript", "tool-calls"],
+}
+
+
+async def test_a_transient_assistant_is_answered_with_the_engine_as_server_and_its_messages_reach_both(
+    api: Api, platform: FakePlatform
+) -> None:
+    org, key = await api.new_org(600)
+    number = await api.register_number(org)
+    transient = {**TRANSIENT, "server": {"url": f"{platform.base_url}/calls"}}
+    platform.replies["assistant-request"] = Reply(
+        body={"assistant": transient, "assistantOverrides": {"maxDurationSeconds": 300}}
+    )
+    platform.replies["tool-calls"] = Reply(body={"results": [{"toolCallId": "tc-1", "result": "order 42 shipped"}]})
+    answer = (await api.vapi(assistant_request(call("c-1", phone_number_id=number)))).json()
+    ServerMessageResponseAssistantRequest.model_validate(answer)
+    assert answer["assistant"] == transient  # the platform's choice, untouched
+    overrides = answer["assistantOverrides"]
+    assert overrides["server"]["url"] == PUBLIC_URL + WEBHOOK_PATH  # the engine, not the assistant's own server
+    assert overrides["serverMessages"] == ["transcript", "tool-calls", "status-update", "end-of-call-report"]
+    assert (overrides["maxDurationSeconds"], overrides["monitorPlan"]) == (300, {"controlEnabled": True})
+    # Vapi's own body and auth, as Vapi would have sent them to the platform.
+    (asked,) = [g for g in platform.got if g.path == "/vapi"]
+    assert asked.message["type"] == "assistant-request" and asked.headers["x-vapi-secret"] == PLATFORM_SECRET
+    # The call's messages now come to the engine: billed here, and forwarded to the server the
+    # platform's answer named (the tool's answer relayed back to Vapi).
+    the_call = call("c-1", phone_number_id=number)
+    assert (await api.vapi(status_update(the_call, "in-progress"))).json() == {}
+    relayed = await api.vapi(tool_calls("c-1", number))
+    assert relayed.json() == {"results": [{"toolCallId": "tc-1", "result": "order 42 shipped"}]}
+    await api.vapi(end_of_call_report(the_call, 61))
+    await eventually(lambda: platform.types("/calls") == ["status-update", "tool-calls", "end-of-call-report"])
+    assert (await wallet(api, key))["balance_pence"] == 600 - 61  # billed once, whatever the platform did
+
+
+async def test_the_platforms_refusal_is_passed_on_and_the_hold_released(api: Api, platform: FakePlatform) -> None:
+    org, key = await api.new_org(600)
+    number = await api.register_number(org)
+    platform.replies["assistant-request"] = Reply(body={"error": "We are closed today."})
+    answer = (await api.vapi(assistant_request(call("c-closed", phone_number_id=number)))).json()
+    assert answer == {"error": "We are closed today."}
+    held = await wallet(api, key)
+    assert (held["held_pence"], held["live_calls"], held["balance_pence"]) == (0, 0, 600)
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        Reply(delay_s=10),  # slow: past the 5 s budget
+        Reply(status=500),
+        Reply(raw=b"<html>oops</html>"),
+        Reply(body=[1, 2]),
+        Reply(body={}),  # chooses nothing
+        Reply(body={"error": ""}),  # an empty error: Vapi would say "Unknown Error"
+    ],
+    ids=["slow", "500", "not-json", "not-an-object", "nothing", "empty-error"],
+)
+async def test_a_platform_slow_down_or_answering_garbage_gets_the_spoken_try_later(
+    api: Api, platform: FakePlatform, reply: Reply
+) -> None:
+    org, key = await api.new_org(600)
+    number = await api.register_number(org)
+    platform.replies["assistant-request"] = reply
+    started = time.monotonic()
+    answer = await api.vapi(assistant_request(call("c-bad", phone_number_id=number)))
+    assert time.monotonic() - started < 5.5  # inside the assistant-request budget (Vapi allows 7.5 s)
+    assert (answer.status_code, answer.json()) == (200, {"error": SPOKEN_TRY_LATER})
+    assert (await wallet(api, key))["held_pence"] == 0
+
+
+async def test_squad_and_workflow_answers(api: Api, platform: FakePlatform) -> None:
+    org, _ = await api.new_org(600)
+    number = await api.register_number(org)
+    platform.replies["assistant-request"] = Reply(
+        body={"squadId": "squad-1", "squadOverrides": {"variableValues": {"x": 1}}}
+    )
+    squad = (await api.vapi(assistant_request(call("c-squad", phone_number_id=number)))).json()
+    ServerMessageResponseAssistantRequest.model_validate(squad)
+    assert squad["squadId"] == "squad-1"
+    assert squad["squadOverrides"]["server"]["url"] == PUBLIC_URL + WEBHOOK_PATH
+    assert squad["squadOverrides"]["variableValues"] == {"x": 1, "org_id": org}
+    platform.replies["assistant-request"] = Reply(body={"workflowId": "wf-1"})
+    workflow = (await api.vapi(assistant_request(call("c-wf", phone_number_id=number)))).json()
+    ServerMessageResponseAssistantRequest.model_validate(workflow)
+    # Vapi's workflowOverrides carry variables only: the workflow's server is the engine by its own configuration.
+    assert workflow == {"workflowId": "wf-1", "workflowOverrides": {"variableValues": {"org_id": org}}}
+
+
+async def test_forwarding_to_a_platform_that_is_down_neither_delays_vapi_nor_changes_billing(
+    api: Api, platform: FakePlatform
+) -> None:
+    org, key = await api.new_org(600)
+    number = await api.register_number(org, assistant_id="asst-saved")
+    platform.replies["assistant-request"] = Reply(body={"assistantId": "asst-saved"})
+    assert (await api.vapi(assistant_request(call("c-down", phone_number_id=number)))).json()[
+        "assistantId"
+    ] == "asst-saved"
+    platform.down = True
+    platform.replies["conversation-update"] = Reply(delay_s=3)
+    the_call = call("c-down", phone_number_id=number)
+    for body in (
+        status_update(the_call, "in-progress"),
+        b'{"message":{"type":"conversation-update","call":{"id":"c-down","phoneNumberId":"' + number.encode() + b'"}}}',
+        end_of_call_report(the_call, 42),
+    ):
+        started = time.monotonic()
+        assert (await api.vapi(body)).json() == {}
+        assert time.monotonic() - started < 1.0  # Vapi's 200 does not wait for the platform
+    assert (await wallet(api, key))["balance_pence"] == 600 - 42
+    # Each message was tried, and tried again (the platform answered 503).
+    await eventually(lambda: platform.types().count("end-of-call-report") >= 2)
+    metrics = (await api.client.get("/metrics")).text
+    assert 'credit_engine_forwarded_messages_total{result="retried"}' in metrics

@@ -50,8 +50,17 @@ class CallIndex:
         return True
 
     async def keep_control_url(self, org_id: str, call_id: str, control_url: str) -> None:
-        """Where the kill switch ends the org's call (dropped by it once the call holds nothing)."""
-        await self.rt.redis.hset(self.rt.keys.org(org_id).control, call_id, control_url)
+        """Where the kill switch ends the org's call. Dropped by the kill switch's visit once the
+        call holds nothing; the whole hash expires two days after its last write, so an org that
+        is never visited again keeps none for long."""
+        key = self.rt.keys.org(org_id).control
+        async with self.rt.redis.pipeline(transaction=False) as pipe:
+            pipe.hset(key, call_id, control_url)
+            pipe.expire(key, call_ttl_s)
+            await pipe.execute()
+
+    async def forget_control_url(self, org_id: str, call_id: str) -> None:
+        await self.rt.redis.hdel(self.rt.keys.org(org_id).control, call_id)
 
     async def forward_url_of(self, call_id: str) -> str | None:
         """Where the platform's own answer to the call's assistant-request said its messages go."""

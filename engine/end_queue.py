@@ -120,6 +120,11 @@ async def claim_unheld_call(rt: Runtime, call_id: str, now_ms: int) -> UnheldCal
     lease_ms = rt.settings.kill_push_deadline_ms + end_queue_lock_margin_ms
     if not await rt.redis.set(lock, "1", nx=True, px=lease_ms):
         return None
+    due_ms = await rt.redis.zscore(rt.keys.end_queue(call_id), call_id)
+    if due_ms is not None and due_ms > now_ms:
+        # Listed before another worker's attempt moved it on: not due any more (its backoff).
+        await rt.redis.delete(lock)
+        return None
     raw = await rt.redis.get(rt.keys.end_queue_entry(call_id))
     if raw is None:  # ended, given up or expired meanwhile
         async with rt.redis.pipeline(transaction=False) as pipe:
@@ -159,6 +164,14 @@ async def forget_unheld_call(rt: Runtime, call_id: str) -> None:
 async def release_unheld_call(rt: Runtime, call_id: str) -> None:
     """An attempt failed: let the next one (due after its backoff) be claimed by any worker."""
     await rt.redis.delete(rt.keys.end_queue_lock(call_id))
+
+
+async def defer_unheld_call(rt: Runtime, call_id: str, due_ms: int) -> None:
+    """Try again at due_ms (a give-up Postgres could not record yet: not every round meanwhile)."""
+    async with rt.redis.pipeline(transaction=False) as pipe:
+        pipe.zadd(rt.keys.end_queue(call_id), {call_id: due_ms}, xx=True)
+        pipe.delete(rt.keys.end_queue_lock(call_id))
+        await pipe.execute()
 
 
 async def give_up_unheld_call(rt: Runtime, call: UnheldCall, now_ms: int) -> None:

@@ -59,10 +59,10 @@ async def expire_due_holds(rt: Runtime) -> ExpiryReport:
             report.org_unknown += 1
             await restore_org_if_absent(rt, row["org_id"])  # the next run expires it
         elif resolution.outcome == Outcome.hold_not_found:
-            if await rt.redis.xlen(rt.keys.org(row["org_id"]).outbox):
-                # The org has entries on their way to Postgres: this call's resolution may be one
-                # of them (its Redis record pruned meanwhile, if Postgres was away longer than the
-                # idempotency window). The drain settles the row; the next run looks again.
+            if await _on_its_way(rt, row["org_id"], row["call_id"]):
+                # Its resolution is in the org's outbox, on its way to Postgres (its Redis record
+                # pruned meanwhile, if Postgres was away longer than the idempotency window): the
+                # drain settles the row.
                 report.resolved_meanwhile += 1
                 continue
             report.missing_in_redis += 1
@@ -70,6 +70,24 @@ async def expire_due_holds(rt: Runtime) -> ExpiryReport:
         else:
             report.resolved_meanwhile += 1
     return report
+
+
+outbox_scan_page = 1_000
+
+
+async def _on_its_way(rt: Runtime, org_id: str, call_id: str) -> bool:
+    """Whether the org's outbox holds an event of this call (read page by page: the outbox is
+    bounded by CREDIT_ENGINE_OUTBOX_PER_ORG_MAX, and this runs only for a row Redis does not know)."""
+    stream = rt.keys.org(org_id).outbox
+    after = "-"
+    for _ in range(rt.settings.outbox_per_org_max // outbox_scan_page + 1):
+        entries = await rt.redis.xrange(stream, after, "+", count=outbox_scan_page)
+        if any(fields.get("t") == "H" and fields.get("c") == call_id for _, fields in entries):
+            return True
+        if len(entries) < outbox_scan_page:
+            return False
+        after = "(" + entries[-1][0]
+    return True  # longer than its bound: say yes, the next run looks again
 
 
 async def _close_missing(rt: Runtime, org_id: str, call_id: str) -> None:

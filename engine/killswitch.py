@@ -49,6 +49,7 @@ from engine.config import ConfigError, Settings
 from engine.control import ControlClients, control_url_allowed, send_control  # noqa: F401 - control_url_allowed: for the webhook
 from engine.end_queue import (  # noqa: F401 - end_unheld_call: for the webhook
     claim_unheld_call,
+    defer_unheld_call,
     due_unheld_calls,
     end_queue_per_round_max,
     end_unheld_call,
@@ -113,6 +114,7 @@ class Visit:
     depletion_ms: int  # 0: no call burning
     next_visit_ms: int  # 0: nothing left to watch
     actions: list[Action]
+    unfunded_n: int = 0  # the org's unfunded holds ever taken, as the visit saw them
 
 
 async def visit_org(rt: Runtime, org_id: str) -> Visit:
@@ -126,12 +128,12 @@ async def visit_org(rt: Runtime, org_id: str) -> Visit:
         [rt.clock.script_arg(), org_id, s.kill_warn_lead_ms, s.kill_attempts_max, s.kill_backoff_base_ms,
          s.kill_backoff_max_ms, s.kill_recheck_ms],
     )  # fmt: skip
-    code, now_ms, depletion_ms, next_visit_ms = (int(v) for v in reply[:4])
-    rest = reply[4:]
+    code, now_ms, depletion_ms, next_visit_ms, unfunded_n = (int(v) for v in reply[:5])
+    rest = reply[5:]
     actions = [Action(str(rest[i]), str(rest[i + 1]), int(rest[i + 2])) for i in range(0, len(rest), 3)]
     if any(a.kind == "end_failed" for a in actions):
         await rt.redis.sadd(rt.keys.outbox_dirty(org_id), org_id)  # the end_call_failed alert
-    return Visit(code == 0, now_ms, depletion_ms, next_visit_ms, actions)
+    return Visit(code == 0, now_ms, depletion_ms, next_visit_ms, actions, unfunded_n)
 
 
 async def acknowledge(rt: Runtime, org_id: str, call_id: str, kind: str) -> None:
@@ -155,8 +157,12 @@ async def reschedule(rt: Runtime, org_id: str, visit: Visit) -> None:
         await rt.redis.zadd(schedule, {org_id: visit.next_visit_ms + rt.settings.kill_warn_lead_ms})
     else:
         await rt.redis.zrem(schedule, org_id)
-    burn = await rt.redis.hmget(rt.keys.org(org_id).org, list(BURN_FIELDS))
-    now_depletion_ms = depletion_ms_of(burn)
+    fields = await rt.redis.hmget(rt.keys.org(org_id).org, [*BURN_FIELDS, "unfunded_n"])
+    if int(fields[-1] or 0) != visit.unfunded_n:
+        # An unfunded hold was taken during the visit: its "now" may have been overwritten above.
+        await file_depletion(rt, org_id, visit.now_ms)
+        return
+    now_depletion_ms = depletion_ms_of(fields[:-1])
     if now_depletion_ms > 0 and now_depletion_ms != visit.depletion_ms:
         await file_depletion(rt, org_id, now_depletion_ms)
 
@@ -401,9 +407,9 @@ class KillSwitch:
                 try:
                     await give_up_unheld_call(self.rt, claim, now_ms)
                     self.report.given_up += 1
-                except Exception:  # Postgres away: the entry stays, and a later round gives up again
+                except Exception:  # Postgres away: the entry stays; a round after the backoff gives up again
                     log.exception("kill switch: could not give up call %s of the end queue yet", claim.call_id)
-                    await release_unheld_call(self.rt, claim.call_id)
+                    await defer_unheld_call(self.rt, claim.call_id, now_ms + self.rt.settings.kill_backoff_max_ms)
         return len(call_ids)
 
     def _start(self, p: Push) -> None:

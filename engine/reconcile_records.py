@@ -143,8 +143,12 @@ def call_record_problems(
     now_ms: int,
     idempotency_ttl_ms: int,
 ) -> list[str]:
-    """Where Redis's call resolutions disagree with Postgres's (the outbox applied on top)."""
-    expected = {**postgres, **in_flight_resolutions(outbox)}
+    """Where Redis's call resolutions disagree with Postgres's (the outbox applied on top). A
+    resolution still in the outbox is not looked for among Redis's records: the records were
+    scanned before the outbox was last read, so a call resolved in between has its event there
+    and its record here only after the scan."""
+    in_flight = in_flight_resolutions(outbox)
+    expected = {**postgres, **in_flight}
     problems = []
     for call_id, record in sorted(redis.items()):
         truth = expected.get(call_id)
@@ -157,8 +161,8 @@ def call_record_problems(
             )
     live = set(live_call_ids)
     keep_from_ms = now_ms - idempotency_ttl_ms + window_margin_ms
-    for call_id, truth in sorted(expected.items()):
-        if call_id not in redis and call_id not in live and truth.resolved_ms >= keep_from_ms:
+    for call_id, truth in sorted(postgres.items()):
+        if call_id not in redis and call_id not in live and call_id not in in_flight and truth.resolved_ms >= keep_from_ms:
             problems.append(
                 f"call {call_id}: postgres says {truth.text()}, redis has no record inside its "
                 "idempotency window (a replayed report would be billed again)"

@@ -105,6 +105,7 @@ org_save_money(KEYS[1], org)
 rcall('HSET', KEYS[2], call_id, hold_encode(h))
 outbox_hold(KEYS[4], org_id, org, call_id, 'live', h, 0, 0, now)
 if refusal ~= nil then
+  rcall('HINCRBY', KEYS[1], 'unfunded_n', 1)  -- the kill switch's reschedule looks for this (killswitch_tick.lua)
   local reply = head(4, org)
   reply[7] = now  -- the kill switch visits the org at once and ends this call
   return with_tail(reply, {0, 0})

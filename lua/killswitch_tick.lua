@@ -25,7 +25,9 @@
     ARGV[6] backoff_max_ms
     ARGV[7] recheck_ms            the next visit while calls burn and nothing is due sooner
 
-  Output: {code, now_ms, depletion_ms, next_visit_ms, (call_id, action, attempt)...}
+  Output: {code, now_ms, depletion_ms, next_visit_ms, unfunded_n, (call_id, action, attempt)...}
+  unfunded_n is the org's count of unfunded holds ever taken (hold_reserve.lua): the caller reads
+  it again after filing the next visit, and files the org for now if one was taken meanwhile.
   action is 'warn', 'end' or 'end_failed' (attempts used up: the call is flagged and an
   end_call_failed alert is in the outbox). depletion_ms and next_visit_ms are 0 for none.
      0  ok
@@ -43,7 +45,7 @@ local recheck = int_arg(ARGV[7], 'recheck_ms', 1000, 3600000)
 
 local org = org_load(KEYS[1])
 if org == nil then
-  return {-2, now, 0, 0}
+  return {-2, now, 0, 0, 0}
 end
 
 local function decode_state(text)
@@ -65,6 +67,7 @@ local function backoff(tries)
 end
 
 local deadline = burn_deadline_ms(org)
+local unfunded_n = tonumber(rcall('HGET', KEYS[1], 'unfunded_n')) or 0
 local live = rcall('HGETALL', KEYS[2])
 local is_live = {}
 for i = 1, #live, 2 do
@@ -80,13 +83,13 @@ for _, key in ipairs({KEYS[3], KEYS[5]}) do
   end
 end
 if deadline == 0 then
-  return {0, now, 0, 0}
+  return {0, now, 0, 0, unfunded_n}
 end
 
 local warn_at = deadline - warn_lead
 local end_at = deadline + org.grace_seconds * 1000
 local next_visit = now + recheck
-local reply = {0, now, deadline, 0}
+local reply = {0, now, deadline, 0, unfunded_n}
 
 local function consider(at)
   if at < next_visit then

@@ -37,4 +37,6 @@ class ApiError(Exception):
 
     def response(self) -> Response:
         headers = {"WWW-Authenticate": "Bearer"} if self.status_code == 401 else None
+        if self.status_code == 503:
+            headers = {"Retry-After": "1"}
         return error_response(self.status_code, self.code, self.message, self.field, headers)

@@ -336,6 +336,8 @@ async def _first_sight(ctx: AppContext, message: VapiMessage, who: Attribution, 
         await ctx.calls.keep_control_url(org_id, call_id, control_url)
     unfunded = Unfunded.record if who.may_admit else Unfunded.always
     reservation = await _reserve(ctx, org_id, call_id, unfunded)
+    if not reservation.held and control_url is not None:
+        await ctx.calls.forget_control_url(org_id, call_id)  # kept for a hold that was not taken
     if reservation.outcome == Outcome.call_already_resolved:
         return await _resolved_before(ctx, message, org_id, not_found)
     if not reservation.held:

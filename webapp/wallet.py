@@ -163,10 +163,15 @@ async def reserve(request: Request) -> Response:
     ctx, org_id = await org_context(request)
     call_id = _call_id(request)
     ctx.require_ready()
-    if await resolved_in_postgres(ctx.rt, org_id, call_id):
+    resolved = await resolved_in_postgres(ctx.rt, org_id, call_id)
+    if resolved:
         # Resolved longer ago than Redis remembers (its own check refuses a recent one): a new hold
-        # would be a phantom of a finished call. (Postgres away: Redis's answer stands.)
+        # would be a phantom of a finished call.
         raise ApiError(409, "call_already_resolved", "this call has already ended and been billed", field="call_id")
+    if resolved is None:
+        # Postgres cannot say: a hold now could be such a phantom, which nothing would expire
+        # (Postgres has the call resolved). Refused; the platform retries.
+        raise ApiError(503, "unavailable", "cannot check this call id against the ledger now; retry shortly")
     reservation = await reserve_call(ctx.rt, org_id, call_id)
     if reservation.outcome == Outcome.org_unknown and await ctx.bring_org_in(org_id):
         reservation = await reserve_call(ctx.rt, org_id, call_id)

@@ -7,6 +7,7 @@
   topup       credit an org (Postgres-first)
   verify      check a deployment: schema, scripts, worker, lag, Redis = Postgres (exit 1 on any cross)
   status      balances, live calls, ledger lag and worker health; --watch refreshes like top
+  vapi        connect a Vapi account (VAPI_API_KEY): import its numbers, connect them, check them
 
 Connection settings come from REDIS_URL and DATABASE_URL; when they are not set, the commands
 other than `up` use the servers of a running `credit-engine up` (its <data-dir>/services.json).
@@ -27,6 +28,7 @@ from engine.config import ConfigError, Settings
 
 EXIT_OK = 0
 EXIT_DRIFT = 1
+EXIT_FAILED = 1  # a check crossed, or an operation failed for some item (the others were done)
 EXIT_USAGE = 2
 
 
@@ -292,6 +294,19 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes (default 1)")
     status.add_argument("--json", action="store_true", help="one JSON object per refresh")
     status.set_defaults(handler=cmd_status)
+
+    vapi = commands.add_parser("vapi", help="connect a Vapi account (VAPI_API_KEY): import, connect, check its numbers")
+    vapi_commands = vapi.add_subparsers(dest="vapi_command", required=True)
+    vapi_import = vapi_commands.add_parser("import", help="list the account's numbers; with --org, register them")
+    vapi_import.add_argument("--org", help="register every unregistered number to this org (without: change nothing)")
+    vapi_import.add_argument("--json", action="store_true", help="machine-readable report")
+    vapi_connect = vapi_commands.add_parser("connect", help="make registered numbers bare, with the engine as server")
+    vapi_connect.add_argument("--org", help="only this org's numbers")
+    vapi_connect.add_argument("--dry-run", action="store_true", help="say what would change, change nothing")
+    vapi_connect.add_argument("--json", action="store_true", help="machine-readable report")
+    vapi_check = vapi_commands.add_parser("check", help="a tick or a cross per number and setting (exit 1 on a cross)")
+    vapi_check.add_argument("--json", action="store_true", help="machine-readable report")
+    vapi.set_defaults(handler=cmd_vapi)
     return parser
 
 
@@ -329,6 +344,75 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
         return _with_runtime(settings, action)
     except KeyboardInterrupt:
         return EXIT_OK
+
+
+def _webhook_secret_of_up(settings: Settings) -> Settings:
+    """The webhook secret a `credit-engine up` generated (<data-dir>/secrets.env), when the
+    environment has none: the numbers must carry the secret the running engine checks."""
+    path = settings.data_dir / "secrets.env"
+    if settings.vapi_webhook_secret is not None or not path.exists():
+        return settings
+    for line in path.read_text().splitlines():
+        name, _, value = line.partition("=")
+        if name == "VAPI_WEBHOOK_SECRET" and value:
+            return replace(settings, vapi_webhook_secret=value)
+    return settings
+
+
+def cmd_vapi(args: argparse.Namespace, settings: Settings) -> int:
+    from engine.call_server import engine_server
+    from engine.errors import InvalidInput, OrgNotFound
+    from engine.progress import ProgressLine
+    from engine.vapi_account import VapiAccount, VapiError
+    from engine.vapi_check import check_account
+    from engine.vapi_setup import connect_numbers, import_numbers
+
+    if settings.vapi_api_key is None:
+        print("error: VAPI_API_KEY is not set: the Vapi account's private API key (Vapi dashboard, API Keys)",
+              file=sys.stderr)  # fmt: skip
+        return EXIT_USAGE
+    settings = _webhook_secret_of_up(settings)
+    desired = engine_server(settings)
+    if args.vapi_command == "connect":
+        if desired is None:
+            print("error: CREDIT_ENGINE_PUBLIC_URL is not set: it is where Vapi reaches this engine "
+                  "(https://credit.example.com), and the numbers' server is <it>/api/vapi/webhook", file=sys.stderr)  # fmt: skip
+            return EXIT_USAGE
+        if "credentialId" not in desired and "headers" not in desired:
+            print("error: neither CREDIT_ENGINE_VAPI_CREDENTIAL_ID nor VAPI_WEBHOOK_SECRET is set: nothing would "
+                  "authenticate Vapi's messages to the engine", file=sys.stderr)  # fmt: skip
+            return EXIT_USAGE
+
+    def on_page(pages: int, count: int) -> None:
+        if pages > 1:  # a large account: say where the listing is
+            print(f"listing the Vapi account's numbers: {count} after {pages} pages", file=sys.stderr, flush=True)
+
+    async def action(rt: Any) -> int:
+        async with VapiAccount(settings.vapi_api_key or "", settings.vapi_base_url,
+                               redacted=(settings.vapi_webhook_secret,)) as account:  # fmt: skip
+            try:
+                if args.vapi_command == "import":
+                    report: Any = await import_numbers(rt, account, args.org, on_page=on_page)
+                elif args.vapi_command == "connect":
+                    assert desired is not None
+                    progress = ProgressLine("connect", sys.stderr, unit="numbers", flagged="failed")
+                    report = await connect_numbers(rt, account, desired, org_id=args.org, dry_run=args.dry_run,
+                                                   progress=progress, on_page=on_page)  # fmt: skip
+                else:
+                    report = await check_account(rt, account, settings)
+            except OrgNotFound as error:
+                print(f"error: {error} (create it with `credit-engine orgs create`)", file=sys.stderr)
+                return EXIT_USAGE
+            except InvalidInput as error:
+                print(f"error: {error}", file=sys.stderr)
+                return EXIT_USAGE
+            except VapiError as error:
+                print(f"error: {error}", file=sys.stderr)
+                return EXIT_FAILED
+        print(json.dumps(report.as_json(), indent=2) if args.json else report.table())
+        return EXIT_OK if report.ok else EXIT_FAILED
+
+    return _with_runtime(settings, action)
 
 
 PASSTHROUGH = {"bench": cmd_bench, "loadtest": cmd_loadtest}

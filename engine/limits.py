@@ -42,8 +42,18 @@ reconcile_page_size = 500  # orgs per Postgres page and Redis pipeline
 reconcile_check_attempts_max = 5  # re-reads when an org changes while being compared
 rebuild_lock_ttl_ms = 5 * 60 * 1000
 
+# Vapi's REST API, for `credit-engine vapi import|connect|check` (engine/vapi_account.py).
+vapi_numbers_page_size = 1_000  # GET /phone-number?limit=: Vapi's maximum (its default is 100)
+vapi_numbers_pages_max = 100  # 100,000 numbers; a bigger account is refused, never half-listed
+vapi_request_timeout_s = 10.0
+vapi_request_attempts_max = 3  # a 429, a 5xx or a transport error is tried again, after a backoff
+vapi_retry_after_s_max = 10.0  # the longest Retry-After honoured
+vapi_assistants_checked_max = 100  # `vapi check` looks up at most this many distinct assistants
+public_url_probe_timeout_s = 5.0  # `vapi check`: GET <CREDIT_ENGINE_PUBLIC_URL>/healthz
+
 assert max_duration_s_max * rate_pence_per_minute_max < lua_integer_exact_max
 assert billed_seconds_max * rate_pence_per_minute_max < lua_integer_exact_max
 assert balance_pence_max + amount_pence_max < lua_integer_exact_max
 assert idempotency_ttl_ms_default > max_duration_s_max * 1000 + hold_report_slack_ms_default
 assert settle_orgs_per_batch_max <= settle_batch_size_max
+assert 1 <= vapi_numbers_page_size <= 1_000  # Vapi refuses a `limit` above 1,000

@@ -116,3 +116,52 @@ async def number_for_provision_key(rt: Runtime, org_id: str, provision_key: str)
         "SELECT * FROM phone_numbers WHERE org_id = $1 AND provision_key = $2", org_id, provision_key
     )
     return _from_row(row) if row is not None else None
+
+
+async def registered_numbers(rt: Runtime, org_id: str | None = None) -> list[PhoneNumber]:
+    """Every registered number (of one org, if given), released ones included, by id."""
+    rows = await rt.pg.fetch(
+        "SELECT * FROM phone_numbers WHERE $1::text IS NULL OR org_id = $1 ORDER BY vapi_phone_number_id", org_id
+    )
+    return [_from_row(row) for row in rows]
+
+
+async def import_number(
+    rt: Runtime, org_id: str, vapi_phone_number_id: str, *, number: str | None, assistant_id: str | None, provider: str
+) -> PhoneNumber | None:
+    """Register a number found on the platform's Vapi account (`credit-engine vapi import`), only if
+    nobody registered it yet: None when it is registered already (to this org or another), which
+    is left exactly as it is (its assistant, and a suspension for unpaid rent, are kept)."""
+    validate.org_id(org_id)
+    check_phone_number_id(vapi_phone_number_id)
+    try:
+        row = await rt.pg.fetchrow(
+            """
+            INSERT INTO phone_numbers (vapi_phone_number_id, org_id, number, assistant_id, provider, status)
+            VALUES ($1, $2, $3, $4, $5, 'active')
+            ON CONFLICT (vapi_phone_number_id) DO NOTHING
+            RETURNING *
+            """,
+            vapi_phone_number_id, org_id, number, assistant_id, provider,
+        )  # fmt: skip
+    except asyncpg.ForeignKeyViolationError:
+        raise OrgNotFound(org_id) from None
+    if row is None:
+        return None
+    await rt.redis.hset(_owner_key(rt), vapi_phone_number_id, f"{org_id}|{assistant_id or ''}")
+    return _from_row(row)
+
+
+async def adopt_assistant(rt: Runtime, vapi_phone_number_id: str, assistant_id: str) -> bool:
+    """Record the assistant a number had at Vapi as the one the engine answers, if it has none
+    yet (`credit-engine vapi connect`, before the number is made bare). False: it had one."""
+    row = await rt.pg.fetchrow(
+        """UPDATE phone_numbers SET assistant_id = $2 WHERE vapi_phone_number_id = $1 AND assistant_id IS NULL
+           RETURNING org_id, status""",
+        vapi_phone_number_id, assistant_id,
+    )  # fmt: skip
+    if row is None:
+        return False
+    if row["status"] == "active":
+        await rt.redis.hset(_owner_key(rt), vapi_phone_number_id, f"{row['org_id']}|{assistant_id}")
+    return True

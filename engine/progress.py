@@ -1,4 +1,4 @@
-"""A progress line on stderr for long operator runs (reconcile over many orgs)."""
+"""A progress line on stderr for long operator runs (reconcile over many orgs, vapi connect over many numbers)."""
 
 import sys
 import time
@@ -9,8 +9,10 @@ log_interval_s = 5.0  # into a log file or pipe
 
 
 class ProgressLine:
-    def __init__(self, label: str, stream: TextIO = sys.stderr) -> None:
+    def __init__(self, label: str, stream: TextIO = sys.stderr, *, unit: str = "orgs", flagged: str = "drifted") -> None:
         self.label = label
+        self.unit = unit
+        self.flagged = flagged
         self.stream = stream
         self.started = time.monotonic()
         self.drawn_at = 0.0
@@ -27,7 +29,8 @@ class ProgressLine:
         width = 30
         filled = int(width * done / total) if total else width
         bar = "#" * filled + "." * (width - filled)
-        line = f"{self.label} [{bar}] {done}/{total} orgs ({percent:.0f}%), {drifted} drifted, {rate:.0f} orgs/s"
+        line = (f"{self.label} [{bar}] {done}/{total} {self.unit} ({percent:.0f}%), {drifted} {self.flagged}, "
+                f"{rate:.0f} {self.unit}/s")  # fmt: skip
         if self.interactive:
             self.stream.write("\r" + line)
             if done >= total:

@@ -2,16 +2,30 @@
 against the request types of Vapi's own SDK (vapi_server_sdk), so the engine is tested sending
 what Vapi accepts, field names and nesting included, and nothing Vapi does not know.
 
-Routes: `POST /phone-number` (a `provider: "vapi"` body, validated as `CreateVapiPhoneNumberDto`)
-and `DELETE /phone-number/{id}`. Every request is recorded with its parsed body.
+Routes, each answering with the shapes of the SDK's response types:
+
+- `POST /phone-number` (a `provider: "vapi"` body, validated as `CreateVapiPhoneNumberDto`);
+- `GET /phone-number`: the query parameters of the SDK's `phone_numbers.list` only (`limit` up to
+  1,000, Vapi's maximum; `createdAtGt|Lt|Ge|Le`, `updatedAt…` as ISO dates), newest first (or
+  `list_order = "ASC"`), at most `limit` (default 100) numbers;
+- `PATCH /phone-number/{id}`: the body validated as the SDK's update DTO of the number's provider
+  (`UpdateVapiPhoneNumberDto` for a vapi number; `provider` is the SDK union's discriminator and
+  must be the number's); a null detaches (`assistantId: null`);
+- `DELETE /phone-number/{id}`, `GET /credential/{id}`, `GET /assistant/{id}`.
+
+Every request is recorded with its parsed body. `failing` makes a route answer a status instead
+(keyed "METHOD /path"), as an outage of Vapi's would.
 """
 
 import asyncio
+import inspect
+import itertools
 import secrets
 import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import orjson
@@ -21,9 +35,54 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
-from vapi.types import CreateVapiPhoneNumberDto
+from vapi.phone_numbers.client import AsyncPhoneNumbersClient
+from vapi.types import (
+    Assistant,
+    ByoPhoneNumber,
+    CreateVapiPhoneNumberDto,
+    TelnyxPhoneNumber,
+    TwilioPhoneNumber,
+    UpdateByoPhoneNumberDto,
+    UpdateTelnyxPhoneNumberDto,
+    UpdateTwilioPhoneNumberDto,
+    UpdateVapiPhoneNumberDto,
+    UpdateVonagePhoneNumberDto,
+    VapiPhoneNumber,
+    VonagePhoneNumber,
+    WebhookCredential,
+)
 
 API_KEY = "vapi-api-key-for-tests"
+VAPI_ORG_ID = "vapi-org-0001"
+LIST_LIMIT_MAX = 1_000  # the spec's maximum for `limit`
+LIST_LIMIT_DEFAULT = 100
+# provider -> (the SDK's response type of such a number, its update DTO)
+PHONE_NUMBER_TYPES: dict[str, tuple[type[pydantic.BaseModel], type[pydantic.BaseModel]]] = {
+    "vapi": (VapiPhoneNumber, UpdateVapiPhoneNumberDto),
+    "twilio": (TwilioPhoneNumber, UpdateTwilioPhoneNumberDto),
+    "vonage": (VonagePhoneNumber, UpdateVonagePhoneNumberDto),
+    "telnyx": (TelnyxPhoneNumber, UpdateTelnyxPhoneNumberDto),
+    "byo-phone-number": (ByoPhoneNumber, UpdateByoPhoneNumberDto),
+}
+T0 = datetime(2026, 11, 1, tzinfo=UTC)
+
+
+def _camel(name: str) -> str:
+    head, *rest = name.split("_")
+    return head + "".join(part.title() for part in rest)
+
+
+# The query parameters the SDK's `GET /phone-number` sends (limit, createdAtGt, ...).
+LIST_PARAMETERS = frozenset(
+    _camel(name)
+    for name in inspect.signature(AsyncPhoneNumbersClient.list).parameters
+    if name not in ("self", "request_options")
+)
+
+
+def iso(instant: datetime) -> str:
+    """Vapi's timestamps: ISO 8601, milliseconds, Z."""
+    return instant.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.") + f"{instant.microsecond // 1000:03d}Z"
 
 
 def sdk_fields(model: type[pydantic.BaseModel]) -> set[str]:
@@ -57,7 +116,12 @@ class FakeVapiApi:
     port: int = 0
     seen: list[Seen] = field(default_factory=list)
     numbers: dict[str, dict[str, Any]] = field(default_factory=dict)
+    credentials: dict[str, dict[str, Any]] = field(default_factory=dict)
+    assistants: dict[str, dict[str, Any]] = field(default_factory=dict)
     invalid: list[str] = field(default_factory=list)  # every validation problem, for the test to assert empty
+    failing: dict[str, int] = field(default_factory=dict)  # "PATCH /phone-number/<id>" -> the status to answer
+    list_order: str = "DESC"  # how GET /phone-number orders by createdAt
+    _created: itertools.count = field(default_factory=itertools.count)  # type: ignore[type-arg]
 
     @property
     def base_url(self) -> str:
@@ -65,6 +129,149 @@ class FakeVapiApi:
 
     def _authorised(self, request: Request) -> bool:
         return request.headers.get("authorization") == f"Bearer {API_KEY}"
+
+    def seen_where(self, method: str, path_prefix: str = "/") -> list[Seen]:
+        return [seen for seen in self.seen if seen.method == method and seen.path.startswith(path_prefix)]
+
+    def add_number(
+        self, *, provider: str = "vapi", created_at: datetime | None = None, **fields: Any
+    ) -> dict[str, Any]:
+        """A number on the account, as Vapi would list it (checked against the SDK's response type).
+        `fields` are its JSON fields (assistantId, squadId, server, ...)."""
+        index = next(self._created)
+        created = created_at or T0 + timedelta(minutes=index)
+        number: dict[str, Any] = {
+            "id": f"pn-{index:04d}-{secrets.token_hex(4)}",
+            "orgId": VAPI_ORG_ID,
+            "provider": provider,
+            "status": "active",
+            "number": f"+1415555{index:04d}",
+            "createdAt": iso(created),
+            "updatedAt": iso(created),
+            **({"twilioAccountSid": "AC" + "0" * 32} if provider == "twilio" else {}),
+            **fields,
+        }
+        PHONE_NUMBER_TYPES[provider][0].model_validate(number)
+        self.numbers[number["id"]] = number
+        return number
+
+    def add_credential(
+        self, credential_id: str, authentication_plan: dict[str, Any], provider: str = "webhook"
+    ) -> None:
+        credential = {
+            "id": credential_id,
+            "orgId": VAPI_ORG_ID,
+            "provider": provider,
+            "authenticationPlan": authentication_plan,
+            "authenticationSession": {},
+            "createdAt": iso(T0),
+            "updatedAt": iso(T0),
+        }
+        if provider == "webhook":
+            WebhookCredential.model_validate(credential)
+        self.credentials[credential_id] = credential
+
+    def add_assistant(self, assistant_id: str) -> None:
+        assistant = {
+            "id": assistant_id,
+            "orgId": VAPI_ORG_ID,
+            "name": assistant_id,
+            "createdAt": iso(T0),
+            "updatedAt": iso(T0),
+        }
+        Assistant.model_validate(assistant)
+        self.assistants[assistant_id] = assistant
+
+    def _refused(self, request: Request, body: Any = None) -> Response | None:
+        """Record the request; the answer when it is not to be served (no key, or failing on purpose)."""
+        self.seen.append(Seen(request.method, request.url.path, body, dict(request.headers)))
+        if not self._authorised(request):
+            return JSONResponse({"message": "Unauthorized", "statusCode": 401}, status_code=401)
+        status = self.failing.get(f"{request.method} {request.url.path}")
+        if status is not None:
+            return JSONResponse({"message": "failing on purpose", "statusCode": status}, status_code=status)
+        return None
+
+    async def list_phone_numbers(self, request: Request) -> Response:
+        query = dict(request.query_params)
+        if (refused := self._refused(request, query)) is not None:
+            return refused
+        problems = [f"unknown query parameter {name!r}" for name in sorted(set(query) - LIST_PARAMETERS)]
+        bounds: dict[str, datetime] = {}
+        for name, value in query.items():
+            if name == "limit":
+                try:
+                    valid = 0 <= float(value) <= LIST_LIMIT_MAX
+                except ValueError:
+                    valid = False
+                if not valid:
+                    problems.append(f"limit must be a number in 0..{LIST_LIMIT_MAX}, got {value!r}")
+            elif name in LIST_PARAMETERS:
+                try:
+                    bounds[name] = datetime.fromisoformat(value)
+                except ValueError:
+                    problems.append(f"{name} must be an ISO 8601 date-time, got {value!r}")
+        if problems:
+            self.invalid.extend(problems)
+            return JSONResponse({"message": problems, "error": "Bad Request", "statusCode": 400}, status_code=400)
+        compare = {
+            "Gt": lambda a, b: a > b,
+            "Lt": lambda a, b: a < b,
+            "Ge": lambda a, b: a >= b,
+            "Le": lambda a, b: a <= b,
+        }
+        chosen = [
+            number
+            for number in self.numbers.values()
+            if all(
+                compare[name[-2:]](datetime.fromisoformat(number[name[:9]]), bound) for name, bound in bounds.items()
+            )
+        ]
+        chosen.sort(key=lambda number: number["createdAt"], reverse=self.list_order == "DESC")
+        limit = int(float(query.get("limit", LIST_LIMIT_DEFAULT)))
+        return JSONResponse(chosen[:limit])
+
+    async def update_phone_number(self, request: Request) -> Response:
+        body = orjson.loads(await request.body())
+        if (refused := self._refused(request, body)) is not None:
+            return refused
+        number = self.numbers.get(request.path_params["number_id"])
+        if number is None:
+            return JSONResponse({"message": "Not Found", "statusCode": 404}, status_code=404)
+        problems = (
+            []
+            if body.get("provider", number["provider"]) == number["provider"]
+            else [f"provider {body.get('provider')!r} is not the number's ({number['provider']!r})"]
+        )
+        problems += check_request(PHONE_NUMBER_TYPES[number["provider"]][1], body, ignore=frozenset({"provider"}))
+        if problems:
+            self.invalid.extend(problems)
+            return JSONResponse({"message": problems, "error": "Bad Request", "statusCode": 400}, status_code=400)
+        for name, value in body.items():
+            if name == "provider":
+                continue
+            if value is None:
+                number.pop(name, None)
+            else:
+                number[name] = value
+        number["updatedAt"] = iso(datetime.now(UTC))
+        return JSONResponse(number)
+
+    async def get_credential(self, request: Request) -> Response:
+        if (refused := self._refused(request)) is not None:
+            return refused
+        credential = self.credentials.get(request.path_params["credential_id"])
+        return JSONResponse(
+            credential or {"message": "Not Found", "statusCode": 404}, status_code=200 if credential else 404
+        )
+
+    async def get_assistant(self, request: Request) -> Response:
+        if (refused := self._refused(request)) is not None:
+            return refused
+        assistant = self.assistants.get(request.path_params["assistant_id"])
+        return JSONResponse(
+            assistant or {"message": "Not Found", "statusCode": 404}, status_code=200 if assistant else 404
+        )
 
     async def create_phone_number(self, request: Request) -> Response:
         body = orjson.loads(await request.body())
@@ -79,7 +286,7 @@ class FakeVapiApi:
         number_id = f"pn_{secrets.token_hex(8)}"
         number = {
             "id": number_id,
-            "orgId": "vapi-org-0001",
+            "orgId": VAPI_ORG_ID,
             "provider": "vapi",
             "status": "active",
             "number": f"+1{body.get('numberDesiredAreaCode', '415')}555{len(self.numbers):04d}",
@@ -110,7 +317,11 @@ async def fake_vapi_api_server() -> AsyncIterator[FakeVapiApi]:
     fake = FakeVapiApi(port=_free_port())
     routes = [
         Route("/phone-number", fake.create_phone_number, methods=["POST"]),
+        Route("/phone-number", fake.list_phone_numbers, methods=["GET"]),
         Route("/phone-number/{number_id}", fake.delete_phone_number, methods=["DELETE"]),
+        Route("/phone-number/{number_id}", fake.update_phone_number, methods=["PATCH"]),
+        Route("/credential/{credential_id}", fake.get_credential, methods=["GET"]),
+        Route("/assistant/{assistant_id}", fake.get_assistant, methods=["GET"]),
     ]
     app = Starlette(routes=routes)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=fake.port, log_level="warning", lifespan="off"))

@@ -242,6 +242,7 @@ class AssistantServers:
         self.settings = settings
         self.client = client or httpx.AsyncClient(timeout=assistant_lookup_s_max)
         self.cache: OrderedDict[str, tuple[float, str | None]] = OrderedDict()
+        self.pending: dict[str, asyncio.Future[str | None]] = {}
 
     async def aclose(self) -> None:
         await self.client.aclose()
@@ -252,7 +253,11 @@ class AssistantServers:
         cached = self.cache.get(assistant_id)
         if cached is not None and time.monotonic() - cached[0] < assistant_ttl_s:
             return cached[1]
-        url = await self._fetch(assistant_id)
+        pending = self.pending.get(assistant_id)  # one lookup at a time per assistant
+        if pending is None:
+            pending = self.pending[assistant_id] = asyncio.ensure_future(self._fetch(assistant_id))
+            pending.add_done_callback(lambda _: self.pending.pop(assistant_id, None))
+        url = await asyncio.shield(pending)
         self.cache[assistant_id] = (time.monotonic(), url)
         while len(self.cache) > assistants_cached_max:
             self.cache.popitem(last=False)

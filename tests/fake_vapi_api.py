@@ -171,14 +171,16 @@ class FakeVapiApi:
             WebhookCredential.model_validate(credential)
         self.credentials[credential_id] = credential
 
-    def add_assistant(self, assistant_id: str) -> None:
-        assistant = {
+    def add_assistant(self, assistant_id: str, server_url: str | None = None) -> None:
+        assistant: dict[str, Any] = {
             "id": assistant_id,
             "orgId": VAPI_ORG_ID,
             "name": assistant_id,
             "createdAt": iso(T0),
             "updatedAt": iso(T0),
         }
+        if server_url is not None:
+            assistant["server"] = {"url": server_url}
         Assistant.model_validate(assistant)
         self.assistants[assistant_id] = assistant
 

@@ -22,6 +22,7 @@ from vapi.types import (
 from engine.call_server import WEBHOOK_PATH
 from engine.config import Settings
 from tests.fake_platform import FakePlatform, Reply, fake_platform_server
+from tests.fake_vapi_api import API_KEY, FakeVapiApi, fake_vapi_api_server
 from tests.webapp.conftest import ADMIN_TOKEN, WEBHOOK_SECRET, Api
 from tests.webapp.test_seed_scenarios import wallet
 from tests.webapp.vapi_payloads import assistant_request, call, encode, end_of_call_report, status_update
@@ -38,15 +39,26 @@ async def platform() -> AsyncIterator[FakePlatform]:
 
 
 @pytest.fixture
-def app_settings(settings: Settings, platform: FakePlatform) -> Settings:
+async def vapi_api() -> AsyncIterator[FakeVapiApi]:
+    async with fake_vapi_api_server() as fake:
+        yield fake
+
+
+@pytest.fixture
+def app_settings(
+    settings: Settings, platform: FakePlatform, vapi_api: FakeVapiApi, request: pytest.FixtureRequest
+) -> Settings:
+    chosen = {"forward_url": f"{platform.base_url}/vapi", **getattr(request, "param", {})}
     return replace(
         settings,
         admin_token=ADMIN_TOKEN,
         vapi_webhook_secret=WEBHOOK_SECRET,
         public_url=PUBLIC_URL,
-        forward_url=f"{platform.base_url}/vapi",
         forward_secret=PLATFORM_SECRET,
         outbound_allow_private=True,  # the fake platform listens on 127.0.0.1
+        vapi_api_key=API_KEY,
+        vapi_base_url=vapi_api.base_url,
+        **chosen,
     )
 
 
@@ -189,3 +201,26 @@ async def test_forwarding_to_a_platform_that_is_down_neither_delays_vapi_nor_cha
     await eventually(lambda: platform.types().count("end-of-call-report") >= 2)
     metrics = (await api.client.get("/metrics")).text
     assert 'credit_engine_forwarded_messages_total{result="retried"}' in metrics
+
+
+@pytest.mark.parametrize("app_settings", [{"forward_url": None}], indirect=True)
+async def test_without_a_forward_url_messages_go_to_the_saved_assistants_own_server(
+    api: Api, platform: FakePlatform, vapi_api: FakeVapiApi
+) -> None:
+    """Where the platform's server was before the engine stood in front of it: the saved
+    assistant's own server URL, as Vapi has it (GET /assistant/{id}, cached)."""
+    org, key = await api.new_org(600)
+    vapi_api.add_assistant("asst-own", server_url=f"{platform.base_url}/own")
+    number = await api.register_number(org, assistant_id="asst-own")
+    answer = (await api.vapi(assistant_request(call("c-own", phone_number_id=number)))).json()
+    assert (
+        answer["assistantId"] == "asst-own"
+        and answer["assistantOverrides"]["server"]["url"] == PUBLIC_URL + WEBHOOK_PATH
+    )
+    the_call = call("c-own", phone_number_id=number).model_copy(update={"assistant_id": "asst-own"})
+    await api.vapi(status_update(the_call, "in-progress"))
+    await api.vapi(end_of_call_report(the_call, 30))
+    await eventually(lambda: platform.types("/own") == ["status-update", "end-of-call-report"])
+    assert platform.got[0].headers["x-vapi-secret"] == PLATFORM_SECRET
+    assert len([s for s in vapi_api.seen if s.path == "/assistant/asst-own"]) == 1  # cached
+    assert (await wallet(api, key))["balance_pence"] == 600 - 30

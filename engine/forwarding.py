@@ -34,7 +34,8 @@ import httpx
 import orjson
 
 from engine.config import Settings
-from engine.outbound import Outbound
+from engine.fire_and_forget import FireAndForget
+from engine.outbound import Failure, Outbound
 
 log = logging.getLogger(__name__)
 
@@ -171,39 +172,45 @@ class Forwarder:
             self.stats.dropped_full += 1
             self.count("dropped_queue_full")
             if self.stats.dropped_full == 1 or self.stats.dropped_full % 1000 == 0:
-                log.error("forwarding queue full (%d messages): %d messages dropped so far; is the platform's server down?",
-                          queue_size_max, self.stats.dropped_full)  # fmt: skip
+                log.error(
+                    "forwarding queue full (%d messages): %d messages dropped so far; is the platform's server down?",
+                    queue_size_max,
+                    self.stats.dropped_full,
+                )
             return False
         return True
 
     async def _send_forever(self) -> None:
-        """A sender: unbounded on purpose, it runs for the life of the web process."""
-        while True:
-            item = await self.queue.get()
-            try:
-                await self._send(item)
-            except Exception:  # a bug, or a store away while resolving: the sender goes on
-                log.exception("forwarding a message failed unexpectedly; dropped")
-                self.stats.dropped_failed += 1
-                self.count("dropped_failed")
-            finally:
-                self.queue.task_done()
+        """A sender: unbounded on purpose, it runs for the life of the web process. Each has its
+        own lean client (engine/fire_and_forget.py: kept-alive connections, not shared)."""
+        client = FireAndForget(allow_private=self.settings.outbound_allow_private)
+        try:
+            while True:
+                item = await self.queue.get()
+                try:
+                    await self._send(client, item)
+                except Exception:  # a bug, or a store away while resolving: the sender goes on
+                    log.exception("forwarding a message failed unexpectedly; dropped")
+                    self.stats.dropped_failed += 1
+                    self.count("dropped_failed")
+                finally:
+                    self.queue.task_done()
+        finally:
+            await client.aclose()
 
-    async def _send(self, item: _Queued) -> None:
+    async def _send(self, client: FireAndForget, item: _Queued) -> None:
         if item.target is None:
             item.target = await item.resolve()
             if item.target is None:
                 self.count("no_target")
                 return
         item.attempt += 1
-        answer = await self.outbound.post(
-            item.target.url, item.body, self.headers(item.target), total_s_max=send_total_s_max, response_bytes_max=0
-        )
+        answer = await client.post(item.target.url, item.body, self.headers(item.target), total_s_max=send_total_s_max)
         if answer.status is not None and 200 <= answer.status < 300:
             self.stats.delivered += 1
             self.count("delivered")
             return
-        if item.attempt >= attempts_max:
+        if item.attempt >= attempts_max or answer.failure is Failure.refused:  # refused: no attempt will differ
             self.stats.dropped_failed += 1
             self.count("dropped_failed")
             log.warning("forwarding a message gave up after %d attempts (%s)", item.attempt, answer.detail)

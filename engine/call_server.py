@@ -24,6 +24,7 @@ from typing import Any
 
 from engine import limits
 from engine.config import Settings
+from engine.runtime import Runtime
 
 WEBHOOK_PATH = "/api/vapi/webhook"
 STATUS_CHECK_PATH = "/api/vapi/webhook/status-check"
@@ -98,6 +99,7 @@ class PlatformAnswer:
     answer: dict[str, Any] | None  # what Vapi gets; None: the platform's answer was not usable
     refusal: str | None  # the platform's own spoken error (the call is refused)
     server_url: str | None  # the server URL the answer named for the call (its messages are forwarded there)
+    workflow_id: str | None = None  # a saved workflow: its own server must be the engine (`vapi check`)
 
 
 # The keys of an assistant-request answer (the SDK's ServerMessageResponseAssistantRequest), by
@@ -111,9 +113,11 @@ CHOICES = (
 
 def merge_platform_answer(settings: Settings, org_id: str, funded_duration_s: int, answer: dict[str, Any]) -> PlatformAnswer:
     """The platform's answer with the engine's overrides merged in (see admission_overrides):
-    an assistant (saved or transient) or a squad takes them whole; a workflow only carries
-    `variableValues` in Vapi's API, so its server must be the engine by the workflow's own
-    configuration (README); a `destination` transfers the call as it is."""
+    an assistant (saved or transient) or a squad takes them whole. A workflow's overrides carry
+    only `variableValues` in Vapi's API: a transient workflow is given the engine's part in its
+    own body (it is the engine's answer to write), a saved one must have the engine as its server
+    by its own configuration (README; `vapi check` checks the ones answered). A `destination`
+    transfers the call as it is."""
     error = answer.get("error")
     if error is not None:
         usable = isinstance(error, str) and error.strip() != ""
@@ -127,9 +131,7 @@ def merge_platform_answer(settings: Settings, org_id: str, funded_duration_s: in
         asked = answer.get(overrides_key) if isinstance(answer.get(overrides_key), dict) else None
         merged: dict[str, Any] = dict(chosen)
         if overrides_key == "workflowOverrides":
-            variables = (asked or {}).get("variableValues")
-            merged[overrides_key] = {"variableValues": {**(variables if isinstance(variables, dict) else {}), "org_id": org_id}}
-            return PlatformAnswer(merged, None, None)
+            return _workflow_answer(settings, org_id, funded_duration_s, merged, asked)
         transient = chosen.get("assistant") if isinstance(chosen.get("assistant"), dict) else {}
         own_messages = transient.get("serverMessages")
         merged[overrides_key] = admission_overrides(
@@ -137,6 +139,25 @@ def merge_platform_answer(settings: Settings, org_id: str, funded_duration_s: in
         )
         return PlatformAnswer(merged, None, _server_url(asked) or _server_url(transient))
     return PlatformAnswer(None, None, None)
+
+
+def _workflow_answer(
+    settings: Settings, org_id: str, funded_duration_s: int, merged: dict[str, Any], asked: dict[str, Any] | None
+) -> PlatformAnswer:
+    variables = (asked or {}).get("variableValues")
+    merged["workflowOverrides"] = {"variableValues": {**(variables if isinstance(variables, dict) else {}), "org_id": org_id}}
+    if "workflowId" in merged:
+        return PlatformAnswer(merged, None, None, workflow_id=merged["workflowId"])
+    workflow = dict(merged["workflow"])  # a transient workflow (CreateWorkflowDto): no serverMessages in Vapi's API
+    platform_server_url = _server_url(workflow)
+    workflow["maxDurationSeconds"] = _shorter(workflow.get("maxDurationSeconds"), funded_duration_s)
+    monitor = workflow.get("monitorPlan")
+    workflow["monitorPlan"] = {**(monitor if isinstance(monitor, dict) else {}), "controlEnabled": True}
+    server = engine_server(settings)
+    if server is not None:
+        workflow["server"] = server
+    merged["workflow"] = workflow
+    return PlatformAnswer(merged, None, platform_server_url)
 
 
 def _usable_choice(value: Any) -> bool:
@@ -147,3 +168,18 @@ def _server_url(holder: Any) -> str | None:
     server = holder.get("server") if isinstance(holder, dict) else None
     url = server.get("url") if isinstance(server, dict) else None
     return url if isinstance(url, str) and url else None
+
+
+async def remember_workflow(rt: Runtime, workflow_id: str, now_ms: int) -> None:
+    """A platform answered a call with this saved workflow: `vapi check` checks that its own server
+    is the engine (the only way the engine sees that call's messages). The newest are kept."""
+    key = rt.keys.workflows_answered
+    async with rt.redis.pipeline(transaction=False) as pipe:
+        pipe.zadd(key, {workflow_id: now_ms})
+        pipe.zremrangebyrank(key, 0, -limits.vapi_workflows_remembered_max - 1)
+        await pipe.execute()
+
+
+async def workflows_answered(rt: Runtime, count_max: int) -> list[str]:
+    """The saved workflows platforms answered with, newest first."""
+    return [str(w) for w in await rt.redis.zrevrange(rt.keys.workflows_answered, 0, count_max - 1)]

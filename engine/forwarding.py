@@ -39,6 +39,11 @@ from engine.outbound import Failure, Outbound
 
 log = logging.getLogger(__name__)
 
+# On everything the engine forwards. A message that arrives with it was forwarded by an engine: a
+# URL that leads back to the engine under another name (its IP, a second hostname, a proxy). It is
+# answered without being handled or forwarded again, so a loop stops at its first hop.
+FORWARDED_HEADER = "X-Credit-Engine-Forwarded"
+
 # Messages whose sender waits for an answer (vapi-contract.md §1): relayed, never queued.
 ANSWERED_TYPES = frozenset(
     {
@@ -77,6 +82,7 @@ class ForwardStats:
     retried: int = 0
     dropped_full: int = 0  # the queue was full
     dropped_failed: int = 0  # every attempt failed
+    forwarded_back: int = 0  # came back to the engine (FORWARDED_HEADER): not handled again
 
 
 @dataclass(frozen=True)
@@ -127,7 +133,7 @@ class Forwarder:
         await self.outbound.aclose()
 
     def headers(self, target: Target) -> dict[str, str]:
-        headers = {"Content-Type": "application/json"}
+        headers = {"Content-Type": "application/json", FORWARDED_HEADER: "1"}
         if target.secret:
             headers["X-Vapi-Secret"] = target.secret
         return headers

@@ -150,6 +150,11 @@ class Keyspace:
         return f"{self.prefix}:worker:counters"
 
     @property
+    def workflows_answered(self) -> str:
+        """Sorted set: saved workflows a platform answered an assistant-request with, by when (ms)."""
+        return f"{self.prefix}:workflows-answered"
+
+    @property
     def arq_queue(self) -> str:
         return f"{self.prefix}:arq:queue"
 

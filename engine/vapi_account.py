@@ -231,6 +231,10 @@ class VapiAccount:
         """GET /assistant/{id}; None when Vapi does not know it (404)."""
         return await self._object(f"/assistant/{quote(assistant_id, safe='')}", f"reading assistant {assistant_id}")
 
+    async def workflow(self, workflow_id: str) -> dict[str, Any] | None:
+        """GET /workflow/{id}; None when Vapi does not know it (404)."""
+        return await self._object(f"/workflow/{quote(workflow_id, safe='')}", f"reading workflow {workflow_id}")
+
     async def _object(self, path: str, what: str) -> dict[str, Any] | None:
         try:
             answer = await self._request("GET", path, what)

@@ -13,6 +13,11 @@ A tick or a cross (as `verify` prints them, `!` for a tick with a warning) for:
   (engine_server's URL and authentication), and an assistant for the engine to answer that Vapi
   knows (GET /assistant/{id}, at most `vapi_assistants_checked_max` distinct ones).
 
+- every saved workflow a platform answered a call with (newest first, at most
+  `vapi_workflows_checked_max`): Vapi knows it, its own server (if it names one) is the engine, and
+  its monitorPlan enables control. A workflow's overrides carry only variables, so the engine cannot
+  make itself the server of a workflow's call the way it does for an assistant's or a squad's.
+
 Numbers on the account that are registered to no org pass with a warning (their calls get "not
 set up" once bare, or skip the engine while an assistant is attached).
 """
@@ -24,7 +29,7 @@ from typing import Any
 import httpx
 
 from engine import limits
-from engine.call_server import engine_server
+from engine.call_server import engine_server, workflows_answered
 from engine.config import Settings
 from engine.phone_numbers import PhoneNumber, registered_numbers
 from engine.runtime import Runtime
@@ -204,7 +209,49 @@ async def check_account(rt: Runtime, account: VapiAccount, settings: Settings) -
         )
     registry = await registered_numbers(rt)
     checks += await _number_checks(account, settings, registry, numbers)
+    checks += await _workflow_checks(rt, account, settings)
     return Verification(checks + _coverage_checks(registry, numbers))
+
+
+def workflow_problems(workflow: dict[str, Any], desired: dict[str, Any] | None) -> tuple[list[str], str]:
+    """(why a call answered with this saved workflow would escape the engine, what is fine)."""
+    problems = []
+    server = workflow.get("server") if isinstance(workflow.get("server"), dict) else None
+    if server is None or not server.get("url"):
+        fine = "no server of its own (its calls' messages go to the number's server, the engine)"
+    elif desired is None:
+        problems.append("its server is not checked: CREDIT_ENGINE_PUBLIC_URL is not set")
+        fine = ""
+    else:
+        problems += [f"{problem}: its calls' messages skip the engine" for problem in server_problems(server, desired)]
+        fine = "its server is the engine"
+    monitor = workflow.get("monitorPlan") if isinstance(workflow.get("monitorPlan"), dict) else {}
+    if monitor.get("controlEnabled") is not True:
+        problems.append("monitorPlan.controlEnabled is not true: the kill switch cannot end its calls")
+    return problems, f"{fine}, control enabled"
+
+
+async def _workflow_checks(rt: Runtime, account: VapiAccount, settings: Settings) -> list[Check]:
+    """One check per saved workflow a platform answered with (engine/call_server.remember_workflow)."""
+    desired = engine_server(settings)
+    workflow_ids = await workflows_answered(rt, limits.vapi_workflows_checked_max + 1)
+    checks = []
+    for workflow_id in workflow_ids[: limits.vapi_workflows_checked_max]:
+        name = f"workflow {workflow_id}"
+        try:
+            workflow = await account.workflow(workflow_id)
+        except VapiError as error:
+            checks.append(Check(name, False, str(error)))
+            continue
+        if workflow is None:
+            checks.append(Check(name, False, "a platform answered calls with it, and Vapi does not know it (404)"))
+            continue
+        problems, fine = workflow_problems(workflow, desired)
+        checks.append(Check(name, not problems, "; ".join(problems) if problems else fine))
+    if len(workflow_ids) > limits.vapi_workflows_checked_max:
+        detail = f"only the newest {limits.vapi_workflows_checked_max} workflows platforms answered with were checked"
+        checks.append(Check("workflows", True, detail, warning=True))
+    return checks
 
 
 async def _number_checks(

@@ -50,10 +50,11 @@ async def _platform_connection(reader: asyncio.StreamReader, writer: asyncio.Str
             body = await reader.readexactly(length)
             counts["messages"] += 1
             answer = PLATFORM_ANSWER if b'"assistant-request"' in body[:200] else b"{}"
-            writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(answer), answer))
+            head_out = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(answer)
+            writer.write(head_out + answer)
             await writer.drain()
-    except (asyncio.IncompleteReadError, ConnectionError, asyncio.LimitOverrunError):
-        writer.close()
+    except (asyncio.IncompleteReadError, ConnectionError, asyncio.LimitOverrunError, asyncio.CancelledError):
+        writer.close()  # the client went, or the platform is stopping (its connections cancelled)
 
 
 async def _serve_platform(port: int, counts_path: Path) -> None:

@@ -11,7 +11,7 @@ Routes, each answering with the shapes of the SDK's response types:
 - `PATCH /phone-number/{id}`: the body validated as the SDK's update DTO of the number's provider
   (`UpdateVapiPhoneNumberDto` for a vapi number; `provider` is the SDK union's discriminator and
   must be the number's); a null detaches (`assistantId: null`);
-- `DELETE /phone-number/{id}`, `GET /credential/{id}`, `GET /assistant/{id}`.
+- `DELETE /phone-number/{id}`, `GET /credential/{id}`, `GET /assistant/{id}`, `GET /workflow/{id}`.
 
 Every request is recorded with its parsed body. `failing` makes a route answer a status instead
 (keyed "METHOD /path"), as an outage of Vapi's would.
@@ -38,6 +38,7 @@ from starlette.routing import Route
 from vapi.phone_numbers.client import AsyncPhoneNumbersClient
 from vapi.types import (
     Assistant,
+    Workflow,
     ByoPhoneNumber,
     CreateVapiPhoneNumberDto,
     TelnyxPhoneNumber,
@@ -118,6 +119,7 @@ class FakeVapiApi:
     numbers: dict[str, dict[str, Any]] = field(default_factory=dict)
     credentials: dict[str, dict[str, Any]] = field(default_factory=dict)
     assistants: dict[str, dict[str, Any]] = field(default_factory=dict)
+    workflows: dict[str, dict[str, Any]] = field(default_factory=dict)
     invalid: list[str] = field(default_factory=list)  # every validation problem, for the test to assert empty
     failing: dict[str, int] = field(default_factory=dict)  # "PATCH /phone-number/<id>" -> the status to answer
     list_order: str = "DESC"  # how GET /phone-number orders by createdAt
@@ -183,6 +185,22 @@ class FakeVapiApi:
             assistant["server"] = {"url": server_url}
         Assistant.model_validate(assistant)
         self.assistants[assistant_id] = assistant
+
+    def add_workflow(self, workflow_id: str, server: dict[str, Any] | None = None, control_enabled: bool = True) -> None:
+        workflow: dict[str, Any] = {
+            "id": workflow_id,
+            "orgId": VAPI_ORG_ID,
+            "name": workflow_id,
+            "createdAt": iso(T0),
+            "updatedAt": iso(T0),
+            "nodes": [],
+            "edges": [],
+            "monitorPlan": {"controlEnabled": control_enabled},
+        }
+        if server is not None:
+            workflow["server"] = server
+        Workflow.model_validate(workflow)
+        self.workflows[workflow_id] = workflow
 
     def _refused(self, request: Request, body: Any = None) -> Response | None:
         """Record the request; the answer when it is not to be served (no key, or failing on purpose)."""
@@ -275,6 +293,12 @@ class FakeVapiApi:
             assistant or {"message": "Not Found", "statusCode": 404}, status_code=200 if assistant else 404
         )
 
+    async def get_workflow(self, request: Request) -> Response:
+        if (refused := self._refused(request)) is not None:
+            return refused
+        workflow = self.workflows.get(request.path_params["workflow_id"])
+        return JSONResponse(workflow or {"message": "Not Found", "statusCode": 404}, status_code=200 if workflow else 404)
+
     async def create_phone_number(self, request: Request) -> Response:
         body = orjson.loads(await request.body())
         self.seen.append(Seen("POST", request.url.path, body, dict(request.headers)))
@@ -324,6 +348,7 @@ async def fake_vapi_api_server() -> AsyncIterator[FakeVapiApi]:
         Route("/phone-number/{number_id}", fake.update_phone_number, methods=["PATCH"]),
         Route("/credential/{credential_id}", fake.get_credential, methods=["GET"]),
         Route("/assistant/{assistant_id}", fake.get_assistant, methods=["GET"]),
+        Route("/workflow/{workflow_id}", fake.get_workflow, methods=["GET"]),
     ]
     app = Starlette(routes=routes)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=fake.port, log_level="warning", lifespan="off"))

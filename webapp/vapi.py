@@ -9,18 +9,20 @@ idempotent, so a duplicate is a replay and a late `status-update` after the repo
 
 import asyncio
 import logging
+import time
 from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import Response
 
 from engine import keys as key_rules
+from engine import limits
 from engine.attribution import UNATTRIBUTED, Attribution, attribute, may_be_a_replay
-from engine.call_server import admission_overrides, merge_platform_answer
+from engine.call_server import admission_overrides, merge_platform_answer, remember_workflow
 from engine.control import control_url_allowed
 from engine.end_queue import end_unheld_call
 from engine.errors import InvalidInput
-from engine.forwarding import ANSWERED_TYPES, Target
+from engine.forwarding import ANSWERED_TYPES, FORWARDED_HEADER, Target
 from engine.holds import (
     CallCheck,
     CallEvent,
@@ -75,6 +77,8 @@ async def webhook(request: Request) -> Response:
         message = parse_message(envelope)
     except InvalidInput as error:  # not a Vapi message at all
         raise ApiError(400, "invalid_request", error.message, field=error.field) from None
+    if FORWARDED_HEADER in request.headers:
+        return json_response(_forwarded_back(ctx, message))
     if message.type in ANSWERED_TYPES and message.type != "assistant-request":
         # The platform's server answers these (a tool's result, a transfer's destination, ...).
         return json_response(await _relayed_answer(ctx, message, raw))
@@ -97,6 +101,22 @@ async def webhook(request: Request) -> Response:
         # Vapi's 200 never waits for it and nothing the platform does changes billing.
         ctx.forwarder.enqueue(lambda: _forward_target(ctx, message), raw)
     return json_response(body)
+
+
+def _forwarded_back(ctx: AppContext, message: VapiMessage) -> dict[str, Any]:
+    """A message the engine forwarded came back to it: a forward URL that names the engine (under
+    a name other than CREDIT_ENGINE_PUBLIC_URL). Handled once already, on its way in; handled again
+    it would be forwarded again, forever. An assistant-request is refused (the platform it was
+    meant for never saw it), so the misconfiguration is heard, not hidden."""
+    ctx.metrics.webhooks.labels(message.type[:40], "forwarded_back").inc()
+    ctx.forwarder.stats.forwarded_back += 1
+    if ctx.forwarder.stats.forwarded_back == 1 or ctx.forwarder.stats.forwarded_back % 1000 == 0:
+        log.error(
+            "%d messages the engine forwarded came back to it: a forward URL (or an assistant's server) "
+            "names the engine; they are not handled or forwarded again",
+            ctx.forwarder.stats.forwarded_back,
+        )
+    return {"error": SPOKEN_TRY_LATER} if message.type == "assistant-request" else {}
 
 
 async def _forward_target(ctx: AppContext, message: VapiMessage) -> Target | None:
@@ -250,6 +270,11 @@ async def _platform_answers(
         ctx.metrics.webhooks.labels(message.type, "platform_failed").inc()
         return {"error": SPOKEN_TRY_LATER}
     await _remember(ctx, message, org_id, merged.server_url)
+    if merged.workflow_id is not None and len(merged.workflow_id) <= limits.vapi_id_length_max:
+        try:
+            await remember_workflow(ctx.rt, merged.workflow_id, int(time.time() * 1000))
+        except Exception:  # for `vapi check` only: the call goes on
+            log.exception("could not remember workflow %s for `vapi check`", merged.workflow_id[:64])
     ctx.metrics.webhooks.labels(message.type, "platform_answered").inc()
     return merged.answer
 

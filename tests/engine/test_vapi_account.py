@@ -7,16 +7,15 @@ answering in the test's loop."""
 import asyncio
 import json
 from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
 from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
-import uvicorn
 
-from engine.call_server import WEBHOOK_PATH
+from engine import limits
+from engine.call_server import WEBHOOK_PATH, remember_workflow, workflows_answered
 from engine.cli import main
 from engine.config import Settings
 from engine.embedded import free_port
@@ -24,11 +23,10 @@ from engine.phone_numbers import register_number, registered_numbers
 from engine.runtime import Runtime
 from engine.vapi_account import AccountNumber, VapiAccount, VapiError, next_page_bound
 from tests.fake_vapi_api import API_KEY, T0, FakeVapiApi, fake_vapi_api_server, iso
-from tests.helpers import new_org
+from tests.helpers import engine_served, new_org
 from tests.processes import service_env
 from tests.webapp.conftest import ADMIN_TOKEN, WEBHOOK_SECRET, Api, api  # noqa: F401  (the `api` fixture)
 from tests.webapp.vapi_payloads import assistant_request, call
-from webapp.app import create_app
 
 PLATFORM_SERVER = "https://platform.example.com/vapi/hook"
 
@@ -86,23 +84,6 @@ async def vapi_cli(capsys: pytest.CaptureFixture[str], data_dir: Path, *args: st
 
 async def registry(rt: Runtime) -> dict[str, tuple[str, str | None]]:
     return {known.vapi_phone_number_id: (known.org_id, known.assistant_id) for known in await registered_numbers(rt)}
-
-
-@asynccontextmanager
-async def engine_served(settings: Settings, port: int) -> AsyncIterator[None]:
-    """The engine's web app on a loopback port: its CREDIT_ENGINE_PUBLIC_URL answers."""
-    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning"))
-    task = asyncio.create_task(server.serve())
-    for _ in range(1_000):
-        if server.started:
-            break
-        await asyncio.sleep(0.01)
-    assert server.started
-    try:
-        yield
-    finally:
-        server.should_exit = True
-        await task
 
 
 async def test_import_lists_without_changing_anything_then_registers_each_number_with_its_assistant(
@@ -397,3 +378,45 @@ def test_a_credential_the_engine_cannot_read_is_crossed() -> None:
     ]
     for credential in wrong:
         assert credential_problems(credential)[0], credential
+
+
+async def test_check_crosses_each_workflow_a_platform_answered_with_whose_calls_would_escape_the_engine(
+    rt: Runtime,
+    app_settings: Settings,
+    vapi_api: FakeVapiApi,
+    operator_env: dict[str, str],
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A workflow's overrides carry only variables at Vapi, so the engine cannot make itself the
+    server of its calls: the workflows platforms answered with are checked where they live."""
+    monkeypatch.setenv("CREDIT_ENGINE_VAPI_CREDENTIAL_ID", "cred-1")
+    vapi_api.add_credential("cred-1", {"type": "bearer", "token": WEBHOOK_SECRET})
+    engine = {"url": app_settings.public_url + WEBHOOK_PATH, "credentialId": "cred-1"}
+    vapi_api.add_workflow("wf-engine", server=engine)
+    vapi_api.add_workflow("wf-no-server")
+    vapi_api.add_workflow("wf-platform", server={"url": PLATFORM_SERVER, "credentialId": "cred-1"})
+    vapi_api.add_workflow("wf-no-control", server=engine, control_enabled=False)
+    vapi_api.add_workflow("wf-never-answered", server={"url": PLATFORM_SERVER})  # no call used it: not checked
+    for at_ms, workflow_id in enumerate(("wf-engine", "wf-no-server", "wf-platform", "wf-no-control", "wf-gone")):
+        await remember_workflow(rt, workflow_id, at_ms)
+    code, out, _ = await vapi_cli(capsys, tmp_path, "check", "--json")
+    assert code == 1
+    checks = {check["name"]: check for check in json.loads(out)["checks"] if check["name"].startswith("workflow")}
+    assert set(checks) == {f"workflow {w}" for w in ("wf-engine", "wf-no-server", "wf-platform", "wf-no-control", "wf-gone")}
+    assert checks["workflow wf-engine"]["ok"] and "its server is the engine" in checks["workflow wf-engine"]["detail"]
+    assert checks["workflow wf-no-server"]["ok"] and "no server of its own" in checks["workflow wf-no-server"]["detail"]
+    assert not checks["workflow wf-platform"]["ok"]
+    assert f"its server is {PLATFORM_SERVER}, not the engine" in checks["workflow wf-platform"]["detail"]
+    assert not checks["workflow wf-no-control"]["ok"] and "kill switch" in checks["workflow wf-no-control"]["detail"]
+    assert not checks["workflow wf-gone"]["ok"] and "404" in checks["workflow wf-gone"]["detail"]
+    assert vapi_api.invalid == []
+
+
+async def test_the_workflows_remembered_are_the_newest_and_bounded(rt: Runtime, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(limits, "vapi_workflows_remembered_max", 3)
+    for at_ms, workflow_id in enumerate(("wf-1", "wf-2", "wf-3", "wf-4", "wf-2")):
+        await remember_workflow(rt, workflow_id, 10 + at_ms)
+    assert await workflows_answered(rt, 10) == ["wf-2", "wf-4", "wf-3"]
+    assert await workflows_answered(rt, 2) == ["wf-2", "wf-4"]

@@ -11,7 +11,9 @@ from dataclasses import replace
 from typing import Any
 
 import pytest
+import httpx
 from vapi.types import (
+    CreateWorkflowDto,
     ServerMessageResponseAssistantRequest,
     ServerMessageToolCalls,
     ServerMessageToolCallsToolWithToolCallListItem_Function,
@@ -19,10 +21,14 @@ from vapi.types import (
     ToolCallFunction,
 )
 
-from engine.call_server import WEBHOOK_PATH
+from engine.call_server import WEBHOOK_PATH, workflows_answered
 from engine.config import Settings
+from engine.embedded import free_port
+from engine.forwarding import FORWARDED_HEADER
+from engine.runtime import Runtime
 from tests.fake_platform import FakePlatform, Reply, fake_platform_server
 from tests.fake_vapi_api import API_KEY, FakeVapiApi, fake_vapi_api_server
+from tests.helpers import engine_served
 from tests.webapp.conftest import ADMIN_TOKEN, WEBHOOK_SECRET, Api
 from tests.webapp.test_seed_scenarios import wallet
 from tests.webapp.vapi_payloads import assistant_request, call, encode, end_of_call_report, status_update
@@ -158,7 +164,7 @@ async def test_a_platform_slow_down_or_answering_garbage_gets_the_spoken_try_lat
     assert (await wallet(api, key))["held_pence"] == 0
 
 
-async def test_squad_and_workflow_answers(api: Api, platform: FakePlatform) -> None:
+async def test_squad_and_workflow_answers(api: Api, platform: FakePlatform, rt: Runtime) -> None:
     org, _ = await api.new_org(600)
     number = await api.register_number(org)
     platform.replies["assistant-request"] = Reply(
@@ -172,8 +178,88 @@ async def test_squad_and_workflow_answers(api: Api, platform: FakePlatform) -> N
     platform.replies["assistant-request"] = Reply(body={"workflowId": "wf-1"})
     workflow = (await api.vapi(assistant_request(call("c-wf", phone_number_id=number)))).json()
     ServerMessageResponseAssistantRequest.model_validate(workflow)
-    # Vapi's workflowOverrides carry variables only: the workflow's server is the engine by its own configuration.
+    # Vapi's workflowOverrides carry variables only: the workflow's server is the engine by its own
+    # configuration, and `vapi check` checks the workflows platforms answered with.
     assert workflow == {"workflowId": "wf-1", "workflowOverrides": {"variableValues": {"org_id": org}}}
+    assert "wf-1" in await workflows_answered(rt, 10)
+
+
+async def test_a_transient_workflow_is_answered_with_the_engine_as_its_server_and_its_messages_reach_both(
+    api: Api, platform: FakePlatform
+) -> None:
+    """A transient workflow is the engine's answer to write: its own server becomes the engine's,
+    control enabled, its duration bounded by the credit; the server it named gets the messages."""
+    org, key = await api.new_org(300)  # 5 minutes at 60p a minute
+    number = await api.register_number(org)
+    transient = {
+        "name": "Per-call workflow",
+        "nodes": [],
+        "edges": [],
+        "server": {"url": f"{platform.base_url}/flows", "timeoutSeconds": 15},
+        "maxDurationSeconds": 3600,
+        "monitorPlan": {"listenEnabled": True},
+    }
+    platform.replies["assistant-request"] = Reply(body={"workflow": transient})
+    answer = (await api.vapi(assistant_request(call("c-flow", phone_number_id=number)))).json()
+    ServerMessageResponseAssistantRequest.model_validate(answer)
+    CreateWorkflowDto.model_validate(answer["workflow"])
+    assert answer["workflow"]["server"]["url"] == PUBLIC_URL + WEBHOOK_PATH
+    assert answer["workflow"]["monitorPlan"] == {"listenEnabled": True, "controlEnabled": True}
+    assert answer["workflow"]["maxDurationSeconds"] <= 300
+    assert answer["workflowOverrides"] == {"variableValues": {"org_id": org}}
+    the_call = call("c-flow", phone_number_id=number)
+    await api.vapi(status_update(the_call, "in-progress"))
+    await api.vapi(end_of_call_report(the_call, 45))
+    await eventually(lambda: platform.types("/flows") == ["status-update", "end-of-call-report"])
+    assert (await wallet(api, key))["balance_pence"] == 300 - 45
+
+
+async def test_a_forward_url_that_leads_back_to_the_engine_stops_at_the_first_hop(
+    app_settings: Settings, platform: FakePlatform
+) -> None:
+    """The platform's transient assistant names the engine under another name than its public
+    URL (here its loopback address): each message the engine forwards there comes back once, is
+    answered without being handled or forwarded again, and the call is billed once."""
+    port = free_port()
+    settings = replace(app_settings, forward_secret=WEBHOOK_SECRET)  # so the engine accepts what it forwards
+    async with engine_served(settings, port), httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
+        api = Api(client, settings)
+        org, key = await api.new_org(600)
+        number = await api.register_number(org)
+        looping = {**TRANSIENT, "server": {"url": f"http://127.0.0.1:{port}{WEBHOOK_PATH}"}}
+        platform.replies["assistant-request"] = Reply(body={"assistant": looping})
+        answer = (await api.vapi(assistant_request(call("c-loop", phone_number_id=number)))).json()
+        assert answer["assistantOverrides"]["server"]["url"] == PUBLIC_URL + WEBHOOK_PATH
+        the_call = call("c-loop", phone_number_id=number)
+        await api.vapi(status_update(the_call, "in-progress"))
+        assert (await api.vapi(tool_calls("c-loop", number))).json() == {}  # relayed to the engine: nothing to say
+        await api.vapi(end_of_call_report(the_call, 61))
+
+        async def came_back() -> float:
+            metrics = (await client.get("/metrics")).text
+            lines = [
+                line
+                for line in metrics.splitlines()
+                if line.startswith("credit_engine_vapi_messages_total") and 'result="forwarded_back"' in line
+            ]
+            return sum(float(line.rsplit(" ", 1)[1]) for line in lines)
+
+        deadline = time.monotonic() + 5
+        while await came_back() < 3 and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.5)  # a loop would go on counting
+        assert await came_back() == 3  # status-update, tool-calls, report: each came back once
+        assert (await wallet(api, key))["balance_pence"] == 600 - 61
+        # An assistant-request that comes back is refused: the platform it was meant for never saw it.
+        platform.replies["assistant-request"] = Reply(body={"assistant": looping})
+        looped = await client.post(
+            WEBHOOK_PATH,
+            content=assistant_request(call("c-loop-2", phone_number_id=number)),
+            headers={"X-Vapi-Secret": WEBHOOK_SECRET, FORWARDED_HEADER: "1"},
+        )
+        assert looped.json() == {"error": SPOKEN_TRY_LATER}
+        assert (await wallet(api, key))["held_pence"] == 0
+    assert platform.types("/vapi") == ["assistant-request"]
 
 
 async def test_forwarding_to_a_platform_that_is_down_neither_delays_vapi_nor_changes_billing(

@@ -79,8 +79,8 @@ async def test_4_reservation_lifecycle(api: Api, clock: ManualClock) -> None:
     the_call = call("call-4", phone_number_id=number, control_url="https://vapi.test/control/4")
     answer = await api.vapi(assistant_request(the_call))
     assert answer.status_code == 200
-    assert answer.json() == {"assistantId": "asst-1",
-                             "assistantOverrides": {"maxDurationSeconds": 10_000, "variableValues": {"org_id": org}}}  # fmt: skip
+    overrides = {"maxDurationSeconds": 10_000, "variableValues": {"org_id": org}, "monitorPlan": {"controlEnabled": True}}
+    assert answer.json() == {"assistantId": "asst-1", "assistantOverrides": overrides}  # no public URL: no server
     held = await wallet(api, key)
     assert (held["held_pence"], held["available_pence"], held["live_calls"]) == (300, 9_700, 1)
     assert (await api.vapi(status_update(the_call, "in-progress"))).json() == {}

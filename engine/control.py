@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 import httpx
 
@@ -103,6 +103,31 @@ async def send_control(
     if not response.is_success:
         return ControlReply(False, f"HTTP {response.status_code}")
     return ControlReply(True)
+
+
+async def control_url_at_vapi(settings: Settings, http: httpx.AsyncClient, call_id: str, timeout_s: float) -> str | None:
+    """The call's control URL as Vapi has it (`GET /call/{id}`, `monitor.controlUrl`: vapi-contract
+    §5), for a call the engine must end but whose URL it lost (a Redis rebuilt from Postgres, a
+    message that never came). None without VAPI_API_KEY, when Vapi does not say, or names a URL
+    that is not Vapi's (the same rule as a webhook's)."""
+    if settings.vapi_api_key is None:
+        return None
+    try:
+        response = await http.get(
+            f"{settings.vapi_base_url}/call/{quote(call_id, safe='')}",
+            headers={"Authorization": f"Bearer {settings.vapi_api_key}"},
+            timeout=timeout_s,
+        )
+    except httpx.HTTPError:
+        return None
+    if not response.is_success:
+        return None
+    try:
+        monitor = response.json().get("monitor")
+    except (ValueError, AttributeError):
+        return None
+    url = monitor.get("controlUrl") if isinstance(monitor, dict) else None
+    return url if control_url_allowed(settings, url) else None
 
 
 class ControlClients:

@@ -36,6 +36,7 @@ live calls no hold covers.
 """
 
 import asyncio
+import contextlib
 import logging
 import math
 from dataclasses import dataclass
@@ -46,7 +47,8 @@ from redis.exceptions import RedisError
 
 from engine import validate
 from engine.config import ConfigError, Settings
-from engine.control import ControlClients, control_url_allowed, send_control  # noqa: F401 - control_url_allowed: for the webhook
+from engine.call_index import CallIndex
+from engine.control import ControlClients, control_url_allowed, control_url_at_vapi, send_control  # noqa: F401 - control_url_allowed: for the webhook
 from engine.end_queue import (  # noqa: F401 - end_unheld_call: for the webhook
     claim_unheld_call,
     defer_unheld_call,
@@ -235,6 +237,11 @@ async def push(rt: Runtime, http: httpx.AsyncClient, org_id: str | None, action:
     """One attempt. True when Vapi took it (2xx). No control URL, or one not on Vapi's hosts
     (engine/control.py), sends nothing: an ERROR line and a failed attempt."""
     timeout_s = rt.settings.kill_push_deadline_ms / 1000 if timeout_s is None else timeout_s
+    if control_url is None and rt.settings.vapi_api_key is not None:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        control_url = await _control_url_from_vapi(rt, http, org_id, action.call_id, timeout_s / 2)
+        timeout_s = max(0.001, timeout_s - (loop.time() - started))
     reply = await send_control(rt.settings, http, control_url, action.kind, timeout_s)
     if reply.refused:
         log.error("kill switch: cannot %s call %s of org %s (attempt %d): %s", action.kind, action.call_id, org_id,
@@ -243,6 +250,20 @@ async def push(rt: Runtime, http: httpx.AsyncClient, org_id: str | None, action:
         log.warning("kill switch: %s of call %s (org %s) failed, attempt %d: %s", action.kind, action.call_id, org_id,
                     action.attempt, reply.problem)  # fmt: skip
     return reply.taken
+
+
+async def _control_url_from_vapi(
+    rt: Runtime, http: httpx.AsyncClient, org_id: str | None, call_id: str, timeout_s: float
+) -> str | None:
+    """The engine lost the call's control URL (a Redis rebuilt from Postgres keeps holds, not URLs)
+    or never saw it: Vapi knows it. Kept for the call's next push."""
+    control_url = await control_url_at_vapi(rt.settings, http, call_id, timeout_s)
+    if control_url is not None and org_id is not None:
+        with contextlib.suppress(RedisError):
+            await CallIndex(rt).keep_control_url(org_id, call_id, control_url)
+    found = "Vapi gave one" if control_url else "Vapi gave none"
+    log.warning("kill switch: no control URL kept for call %s (org %s); %s", call_id, org_id, found)
+    return control_url
 
 
 @dataclass

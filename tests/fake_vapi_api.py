@@ -11,7 +11,8 @@ Routes, each answering with the shapes of the SDK's response types:
 - `PATCH /phone-number/{id}`: the body validated as the SDK's update DTO of the number's provider
   (`UpdateVapiPhoneNumberDto` for a vapi number; `provider` is the SDK union's discriminator and
   must be the number's); a null detaches (`assistantId: null`);
-- `DELETE /phone-number/{id}`, `GET /credential/{id}`, `GET /assistant/{id}`, `GET /workflow/{id}`.
+- `DELETE /phone-number/{id}`, `GET /credential/{id}`, `GET /assistant/{id}`, `GET /workflow/{id}`, `GET /call/{id}`
+  (a call's `monitor.controlUrl`, where the kill switch finds a URL it lost).
 
 Every request is recorded with its parsed body. `failing` makes a route answer a status instead
 (keyed "METHOD /path"), as an outage of Vapi's would.
@@ -38,6 +39,7 @@ from starlette.routing import Route
 from vapi.phone_numbers.client import AsyncPhoneNumbersClient
 from vapi.types import (
     Assistant,
+    Call,
     Workflow,
     ByoPhoneNumber,
     CreateVapiPhoneNumberDto,
@@ -120,6 +122,7 @@ class FakeVapiApi:
     credentials: dict[str, dict[str, Any]] = field(default_factory=dict)
     assistants: dict[str, dict[str, Any]] = field(default_factory=dict)
     workflows: dict[str, dict[str, Any]] = field(default_factory=dict)
+    calls: dict[str, dict[str, Any]] = field(default_factory=dict)
     invalid: list[str] = field(default_factory=list)  # every validation problem, for the test to assert empty
     failing: dict[str, int] = field(default_factory=dict)  # "PATCH /phone-number/<id>" -> the status to answer
     list_order: str = "DESC"  # how GET /phone-number orders by createdAt
@@ -201,6 +204,19 @@ class FakeVapiApi:
             workflow["server"] = server
         Workflow.model_validate(workflow)
         self.workflows[workflow_id] = workflow
+
+    def add_call(self, call_id: str, control_url: str) -> None:
+        the_call = {
+            "id": call_id,
+            "orgId": VAPI_ORG_ID,
+            "type": "inboundPhoneCall",
+            "status": "in-progress",
+            "createdAt": iso(T0),
+            "updatedAt": iso(T0),
+            "monitor": {"controlUrl": control_url},
+        }
+        Call.model_validate(the_call)
+        self.calls[call_id] = the_call
 
     def _refused(self, request: Request, body: Any = None) -> Response | None:
         """Record the request; the answer when it is not to be served (no key, or failing on purpose)."""
@@ -299,6 +315,12 @@ class FakeVapiApi:
         workflow = self.workflows.get(request.path_params["workflow_id"])
         return JSONResponse(workflow or {"message": "Not Found", "statusCode": 404}, status_code=200 if workflow else 404)
 
+    async def get_call(self, request: Request) -> Response:
+        if (refused := self._refused(request)) is not None:
+            return refused
+        the_call = self.calls.get(request.path_params["call_id"])
+        return JSONResponse(the_call or {"message": "Not Found", "statusCode": 404}, status_code=200 if the_call else 404)
+
     async def create_phone_number(self, request: Request) -> Response:
         body = orjson.loads(await request.body())
         self.seen.append(Seen("POST", request.url.path, body, dict(request.headers)))
@@ -349,6 +371,7 @@ async def fake_vapi_api_server() -> AsyncIterator[FakeVapiApi]:
         Route("/credential/{credential_id}", fake.get_credential, methods=["GET"]),
         Route("/assistant/{assistant_id}", fake.get_assistant, methods=["GET"]),
         Route("/workflow/{workflow_id}", fake.get_workflow, methods=["GET"]),
+        Route("/call/{call_id}", fake.get_call, methods=["GET"]),
     ]
     app = Starlette(routes=routes)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=fake.port, log_level="warning", lifespan="off"))

@@ -76,6 +76,8 @@ from engine.restore import ensure_rebuilt
 from engine.runtime import Runtime
 from tests.conftest import delete_prefix
 from tests.fake_vapi import FakeVapi, fake_vapi_server
+from tests.fake_vapi_api import API_KEY as VAPI_API_KEY
+from tests.fake_vapi_api import fake_vapi_api_server
 from tests.webapp.conftest import ADMIN_TOKEN, WEBHOOK_SECRET
 from tests.webapp.vapi_payloads import encode
 from webapp.app import create_app
@@ -314,6 +316,7 @@ class Calls(RuleBasedStateMachine):
             created_ms=self.clock.value_ms,
         )
         self.calls[call_id] = c
+        self.vapi_api.add_call(call_id, c.control_url)  # type: ignore[attr-defined]
         if failing_control:
             self.fake.always[f"/{call_id}/control"] = 500
         self.run(self._start(c, reserve_as))
@@ -695,21 +698,29 @@ def run_model(settings: Settings, max_examples: int) -> None:
     async def open_world() -> tuple[Any, ...]:
         fake_cm = fake_vapi_server()
         fake = await fake_cm.__aenter__()
+        vapi_api_cm = fake_vapi_api_server()
+        vapi_api = await vapi_api_cm.__aenter__()
         hanging = HangingEndpoint()
         hanging_url = await hanging.start()
-        worker_settings = replace(settings, vapi_control_base_url=fake.base_url)
-        app = create_app(replace(settings, vapi_control_base_url=fake.base_url), clock=clock)
+        # Vapi's REST API too: numbers are bought there, and a control URL the engine lost is found there.
+        worker_settings = replace(
+            settings, vapi_control_base_url=fake.base_url, vapi_api_key=VAPI_API_KEY, vapi_base_url=vapi_api.base_url
+        )
+        app = create_app(worker_settings, clock=clock)
         lifespan = app.router.lifespan_context(app)
         await lifespan.__aenter__()
         client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://credit-engine.test")
         rt = await Runtime.open(worker_settings, clock=clock)
-        return fake_cm, fake, hanging, hanging_url, app, lifespan, client, rt
+        return fake_cm, fake, vapi_api_cm, vapi_api, hanging, hanging_url, app, lifespan, client, rt
 
-    fake_cm, fake, hanging, hanging_url, app, lifespan, client, rt = loop.run_until_complete(open_world())
+    fake_cm, fake, vapi_api_cm, vapi_api, hanging, hanging_url, app, lifespan, client, rt = loop.run_until_complete(
+        open_world()
+    )
     http = httpx.AsyncClient()
     outbound = outbound_for_alerts(allow_private=True)
     Calls.loop, Calls.app, Calls.client, Calls.rt, Calls.clock = loop, app, client, rt, clock
     Calls.fake, Calls.hanging_url, Calls.http, Calls.outbound = fake, hanging_url, http, outbound  # type: ignore[attr-defined]
+    Calls.vapi_api = vapi_api  # type: ignore[attr-defined]
     try:
         run_state_machine_as_test(
             Calls,
@@ -730,6 +741,8 @@ def run_model(settings: Settings, max_examples: int) -> None:
             await rt.close()
             await hanging.close()
             await fake_cm.__aexit__(None, None, None)
+            await vapi_api_cm.__aexit__(None, None, None)
+            assert vapi_api.invalid == []  # every request to Vapi's API was one it accepts
             assert settings.redis_url is not None
             await delete_prefix(settings.redis_url, settings.key_prefix)
 

@@ -49,6 +49,33 @@ def _public_url(env: Mapping[str, str], name: str) -> str | None:
     return raw
 
 
+def _forward_url(env: Mapping[str, str], name: str) -> str | None:
+    raw = (env.get(name) or "").strip()
+    if not raw:
+        return None
+    from engine.outbound import parse_url  # the parser the sender uses (httpx's), imported only when set
+
+    parsed = parse_url(raw) if len(raw) <= limits.url_length_max and raw.isprintable() and " " not in raw else None
+    if parsed is None or parsed.fragment or (parsed.port is not None and not 1 <= parsed.port <= 65_535):
+        raise ConfigError(f"{name} must be the platform's server URL, like https://platform.example.com/vapi "
+                          f"(http(s), at most {limits.url_length_max} characters), got {raw[:100]!r}")  # fmt: skip
+    return raw
+
+
+header_secret_length_max = 1_000
+
+
+def _header_secret(env: Mapping[str, str], name: str) -> str | None:
+    raw = env.get(name) or ""
+    if not raw:
+        return None
+    if len(raw) > header_secret_length_max or any(not 0x21 <= ord(char) <= 0x7E for char in raw):
+        # The secret itself is never echoed.
+        raise ConfigError(f"{name} must be 1-{header_secret_length_max} visible ASCII characters (it is sent as a "
+                          f"header), got {len(raw)} characters")  # fmt: skip
+    return raw
+
+
 def _choice(env: Mapping[str, str], name: str, default: str, choices: tuple[str, ...]) -> str:
     raw = env.get(name, "").strip().lower() or default
     if raw not in choices:
@@ -125,6 +152,10 @@ class Settings:
     # A live call no org admitted (engine/attribution.py) bills nobody: "end" ends it through its
     # control URL, "allow" lets it run (the platform pays Vapi for it).
     unattributed_calls: str = "end"
+    # The platform's own server for orgs without a `forward_url` of their own, and the secret the
+    # engine sends it as `X-Vapi-Secret` (as Vapi does to its servers). None: no default server.
+    forward_url: str | None = None
+    forward_secret: str | None = None
     control_url_hosts: tuple[str, ...] = ("vapi.ai",)  # a control URL must be https on one of these (or a subdomain)
     # Alerts to orgs' webhooks (engine/alerts.py), signed with a per-org key derived from this.
     alert_signing_key: str | None = None  # None: alerts are not sent (they wait in alert_events)
@@ -191,6 +222,8 @@ class Settings:
             public_url=_public_url(env, "CREDIT_ENGINE_PUBLIC_URL"),
             vapi_credential_id=env.get("CREDIT_ENGINE_VAPI_CREDENTIAL_ID") or None,
             unattributed_calls=_choice(env, "CREDIT_ENGINE_UNATTRIBUTED_CALLS", "end", ("end", "allow")),
+            forward_url=_forward_url(env, "CREDIT_ENGINE_FORWARD_URL"),
+            forward_secret=_header_secret(env, "CREDIT_ENGINE_FORWARD_SECRET"),
             control_url_hosts=_hosts(env, "CREDIT_ENGINE_CONTROL_URL_HOSTS", ("vapi.ai",)),
             alert_signing_key=env.get("CREDIT_ENGINE_ALERT_SIGNING_KEY") or None,
             alert_attempts_max=_int(env, "CREDIT_ENGINE_ALERT_ATTEMPTS_MAX", 8, 1, 100),
@@ -223,7 +256,7 @@ class Settings:
     def __repr__(self) -> str:
         # Secrets never reach a log line through a repr.
         hidden = {"admin_token", "vapi_webhook_secret", "vapi_hmac_secret", "vapi_api_key", "vapi_control_token",
-                  "alert_signing_key"}  # fmt: skip
+                  "alert_signing_key", "forward_secret"}  # fmt: skip
         shown = ", ".join(
             f"{f.name}={'<set>' if f.name in hidden and getattr(self, f.name) else getattr(self, f.name)!r}"
             for f in fields(self)

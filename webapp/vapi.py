@@ -20,6 +20,9 @@ from engine.attribution import Attribution, attribute, may_be_a_replay
 from engine.call_server import admission_overrides
 from engine.control import control_url_allowed
 from engine.end_queue import end_unheld_call
+# The default sentences (declared once, in engine/org_profiles.py); an org may set its own.
+from engine.org_profiles import SPOKEN_BUSY, SPOKEN_NO_CREDIT, SPOKEN_NOT_SET_UP, SPOKEN_TRY_LATER  # noqa: F401
+from engine.org_profiles import Refusal, refusal_text
 from engine.holds import CallCheck, CallEvent, Reservation, Unfunded, check_call, commit_call, release_call, reserve_call
 from engine.results import Money, Outcome
 from engine.idempotency import call_state_key
@@ -34,10 +37,6 @@ log = logging.getLogger(__name__)
 assistant_request_budget_s = 5.0
 message_budget_s = 15.0
 
-SPOKEN_NO_CREDIT = "Sorry, there is not enough credit on this account to take your call. Please top up and try again."
-SPOKEN_NOT_SET_UP = "Sorry, this number is not set up to take calls yet."
-SPOKEN_BUSY = "Sorry, all of this account's lines are busy right now. Please try again in a few minutes."
-SPOKEN_TRY_LATER = "Sorry, we cannot take your call right now. Please try again in a few minutes."
 ZERO_MONEY = Money(0, 0, 0, 0, 0)
 
 
@@ -117,15 +116,16 @@ async def assistant_request(ctx: AppContext, message: VapiMessage) -> dict[str, 
     if not who.by_number or not who.may_admit or assistant_id is None:
         log.warning("assistant-request for a number with no org, no assistant, or suspended: %r", message.phone_number_id)
         ctx.metrics.webhooks.labels(message.type, "unknown_number").inc()
-        return {"error": SPOKEN_NOT_SET_UP}
+        # A suspended (or assistant-less) number is still its org's: the org's sentence.
+        return {"error": await refusal_text(ctx.rt, who.org_id if who.by_number else None, Refusal.not_set_up)}
     org_id = who.org_id
     assert org_id is not None
     if message.call_id is None or not key_rules.is_call_id(message.call_id):
         log.warning("assistant-request without a usable call.id for org %s", org_id)
-        return {"error": SPOKEN_TRY_LATER}
+        return {"error": await refusal_text(ctx.rt, org_id, Refusal.try_later)}
     if not ctx.guard.ready:
         ctx.metrics.webhooks.labels(message.type, "state_restoring").inc()
-        return {"error": SPOKEN_TRY_LATER}
+        return {"error": await refusal_text(ctx.rt, org_id, Refusal.try_later)}
     if await may_be_a_replay(ctx.rt, org_id, message.call_id, message.created_ms) is not False:
         # A call older than Redis's memory of resolutions, resolved (or Postgres cannot say): a
         # replay of an assistant-request Vapi stopped waiting for long ago. A hold now would be a
@@ -133,11 +133,11 @@ async def assistant_request(ctx: AppContext, message: VapiMessage) -> dict[str, 
         log.warning("assistant-request for call %s of org %s, created before the idempotency window: refused",
                     message.call_id, org_id)  # fmt: skip
         ctx.metrics.webhooks.labels(message.type, "replayed_after_window").inc()
-        return {"error": SPOKEN_TRY_LATER}
+        return {"error": await refusal_text(ctx.rt, org_id, Refusal.try_later)}
     reservation = await _reserve(ctx, org_id, message.call_id)
     ctx.metrics.webhooks.labels(message.type, reservation.outcome.name).inc()
-    if reservation.held and not reservation.funded:
-        return {"error": SPOKEN_NO_CREDIT}  # the call is already running unfunded, being ended
+    if reservation.held and not reservation.funded:  # the call is already running unfunded, being ended
+        return {"error": await refusal_text(ctx.rt, org_id, Refusal.no_credit)}
     if reservation.outcome in (Outcome.ok, Outcome.replayed):
         await _remember(ctx, message, org_id)
         # The engine is the call's server (engine/call_server.py): its messages come here, not to
@@ -147,10 +147,10 @@ async def assistant_request(ctx: AppContext, message: VapiMessage) -> dict[str, 
             "assistantOverrides": admission_overrides(ctx.settings, org_id, reservation.max_duration_s),
         }
     if reservation.outcome == Outcome.insufficient_funds:
-        return {"error": SPOKEN_NO_CREDIT}
+        return {"error": await refusal_text(ctx.rt, org_id, Refusal.no_credit)}
     if reservation.outcome == Outcome.too_many_calls:
-        return {"error": SPOKEN_BUSY}
-    return {"error": SPOKEN_TRY_LATER}
+        return {"error": await refusal_text(ctx.rt, org_id, Refusal.busy)}
+    return {"error": await refusal_text(ctx.rt, org_id, Refusal.try_later)}
 
 
 async def _remember(ctx: AppContext, message: VapiMessage, org_id: str) -> None:

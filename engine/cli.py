@@ -30,6 +30,9 @@ EXIT_OK = 0
 EXIT_DRIFT = 1
 EXIT_FAILED = 1  # a check crossed, or an operation failed for some item (the others were done)
 EXIT_USAGE = 2
+# The org settings whose default is "not set" (kept here, not imported: the CLI starts without the engine).
+UNSETTABLE = ("min_start_pence", "low_balance_threshold_pence", "alert_webhook_url", "max_concurrent_calls",
+              "forward_url", "refusal_no_credit", "refusal_busy", "refusal_not_set_up", "refusal_try_later")  # fmt: skip
 
 
 def _connected(settings: Settings) -> Settings:
@@ -142,9 +145,15 @@ def cmd_reconcile(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _settings_from_args(args: argparse.Namespace) -> dict[str, Any]:
-    names = ("rate_pence_per_minute", "overdraft_pence", "min_start_pence", "hold_block_minutes", "grace_seconds",
-             "low_balance_threshold_pence", "alert_webhook_url", "max_concurrent_calls")  # fmt: skip
-    return {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
+    from engine.errors import InvalidInput
+    from engine.org_settings import OrgSettings
+
+    values = {name: getattr(args, name) for name in OrgSettings.names() if getattr(args, name, None) is not None}
+    for name in getattr(args, "unset", None) or ():  # back to the default
+        if name in values:
+            raise InvalidInput(name, "is both given and unset")
+        values[name] = None
+    return values
 
 
 def cmd_orgs(args: argparse.Namespace, settings: Settings) -> int:
@@ -228,6 +237,11 @@ def _add_org_settings(parser: argparse.ArgumentParser, rate_required: bool) -> N
     parser.add_argument("--low-balance-threshold", dest="low_balance_threshold_pence", type=int)
     parser.add_argument("--alert-webhook-url", dest="alert_webhook_url")
     parser.add_argument("--max-concurrent-calls", dest="max_concurrent_calls", type=int)
+    parser.add_argument("--forward-url", dest="forward_url", help="the platform's own server (public addresses only)")
+    parser.add_argument("--refusal-no-credit", dest="refusal_no_credit", help="spoken when credit is short")
+    parser.add_argument("--refusal-busy", dest="refusal_busy", help="spoken at max_concurrent_calls")
+    parser.add_argument("--refusal-not-set-up", dest="refusal_not_set_up", help="spoken when the number cannot take calls")
+    parser.add_argument("--refusal-try-later", dest="refusal_try_later", help="spoken for any other refusal")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -268,6 +282,8 @@ def build_parser() -> argparse.ArgumentParser:
     update.add_argument("org_id")
     update.add_argument("--name")
     _add_org_settings(update, rate_required=False)
+    update.add_argument("--unset", action="append", choices=UNSETTABLE, metavar="SETTING",
+                        help=f"back to its default (repeatable): {', '.join(UNSETTABLE)}")  # fmt: skip
     orgs.set_defaults(handler=cmd_orgs)
 
     loadtest = commands.add_parser("loadtest", help="the seed's load scenarios with locust (see --help)", add_help=False)

@@ -39,14 +39,40 @@ def _bool(env: Mapping[str, str], name: str) -> bool:
     raise ConfigError(f"{name} must be 1 or 0 (true/false), got {raw!r}")
 
 
-def _public_url(env: Mapping[str, str], name: str, *, path_allowed: bool = False) -> str | None:
-    raw = (env.get(name) or "").strip()
-    raw = raw if path_allowed else raw.rstrip("/")
+def _public_url(env: Mapping[str, str], name: str) -> str | None:
+    raw = (env.get(name) or "").strip().rstrip("/")
     if not raw:
         return None
     parts = urlsplit(raw)
-    if parts.scheme not in ("https", "http") or not parts.hostname or parts.fragment or (parts.query and not path_allowed):
+    if parts.scheme not in ("https", "http") or not parts.hostname or parts.fragment or parts.query:
         raise ConfigError(f"{name} must be an http(s) URL like https://credit.example.com, got {raw!r}")
+    return raw
+
+
+def _forward_url(env: Mapping[str, str], name: str) -> str | None:
+    raw = (env.get(name) or "").strip()
+    if not raw:
+        return None
+    from engine.outbound import parse_url  # the parser the sender uses (httpx's), imported only when set
+
+    parsed = parse_url(raw) if len(raw) <= limits.url_length_max and raw.isprintable() and " " not in raw else None
+    if parsed is None or parsed.fragment or (parsed.port is not None and not 1 <= parsed.port <= 65_535):
+        raise ConfigError(f"{name} must be the platform's server URL, like https://platform.example.com/vapi "
+                          f"(http(s), at most {limits.url_length_max} characters), got {raw[:100]!r}")  # fmt: skip
+    return raw
+
+
+header_secret_length_max = 1_000
+
+
+def _header_secret(env: Mapping[str, str], name: str) -> str | None:
+    raw = env.get(name) or ""
+    if not raw:
+        return None
+    if len(raw) > header_secret_length_max or any(not 0x21 <= ord(char) <= 0x7E for char in raw):
+        # The secret itself is never echoed.
+        raise ConfigError(f"{name} must be 1-{header_secret_length_max} visible ASCII characters (it is sent as a "
+                          f"header), got {len(raw)} characters")  # fmt: skip
     return raw
 
 
@@ -123,13 +149,13 @@ class Settings:
     # engine as its server (engine/call_server.py). None: calls may bypass the engine.
     public_url: str | None = None
     vapi_credential_id: str | None = None  # the Vapi credential Vapi authenticates to us with
-    # The platform's own server, where the engine forwards what Vapi sends (engine/forwarding.py):
-    # the deployment's default for orgs without their own forward_url, and the secret sent with it.
-    forward_url: str | None = None
-    forward_secret: str | None = None
     # A live call no org admitted (engine/attribution.py) bills nobody: "end" ends it through its
     # control URL, "allow" lets it run (the platform pays Vapi for it).
     unattributed_calls: str = "end"
+    # The platform's own server for orgs without a `forward_url` of their own, and the secret the
+    # engine sends it as `X-Vapi-Secret` (as Vapi does to its servers). None: no default server.
+    forward_url: str | None = None
+    forward_secret: str | None = None
     control_url_hosts: tuple[str, ...] = ("vapi.ai",)  # a control URL must be https on one of these (or a subdomain)
     # Alerts to orgs' webhooks (engine/alerts.py), signed with a per-org key derived from this.
     alert_signing_key: str | None = None  # None: alerts are not sent (they wait in alert_events)
@@ -195,9 +221,9 @@ class Settings:
             vapi_control_token=env.get("VAPI_CONTROL_TOKEN") or None,
             public_url=_public_url(env, "CREDIT_ENGINE_PUBLIC_URL"),
             vapi_credential_id=env.get("CREDIT_ENGINE_VAPI_CREDENTIAL_ID") or None,
-            forward_url=_public_url(env, "CREDIT_ENGINE_FORWARD_URL", path_allowed=True),
-            forward_secret=env.get("CREDIT_ENGINE_FORWARD_SECRET") or None,
             unattributed_calls=_choice(env, "CREDIT_ENGINE_UNATTRIBUTED_CALLS", "end", ("end", "allow")),
+            forward_url=_forward_url(env, "CREDIT_ENGINE_FORWARD_URL"),
+            forward_secret=_header_secret(env, "CREDIT_ENGINE_FORWARD_SECRET"),
             control_url_hosts=_hosts(env, "CREDIT_ENGINE_CONTROL_URL_HOSTS", ("vapi.ai",)),
             alert_signing_key=env.get("CREDIT_ENGINE_ALERT_SIGNING_KEY") or None,
             alert_attempts_max=_int(env, "CREDIT_ENGINE_ALERT_ATTEMPTS_MAX", 8, 1, 100),

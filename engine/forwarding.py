@@ -72,6 +72,10 @@ assert send_total_s_max * attempts_max < 60
 class Target:
     url: str
     secret: str | None  # sent as X-Vapi-Secret, as Vapi sends the platform's own secret
+    # The operator's own CREDIT_ENGINE_FORWARD_URL: it may be an internal address (the platform's
+    # server beside the engine). Every other URL was chosen by an org or its platform and goes
+    # through the address rule (engine/outbound.py).
+    operators: bool = False
 
 
 @dataclass
@@ -113,6 +117,7 @@ class Forwarder:
         self.outbound = outbound or Outbound(
             allow_private=settings.outbound_allow_private, connections_max=connections_max
         )
+        self.operators_outbound = Outbound(allow_private=True, connections_max=connections_max)
         self.queue: asyncio.Queue[_Queued] = asyncio.Queue(maxsize=queue_size_max)
         self.stats = ForwardStats()
         self.count = count or (lambda result: None)
@@ -131,6 +136,7 @@ class Forwarder:
                 await task
         self._tasks = []
         await self.outbound.aclose()
+        await self.operators_outbound.aclose()
 
     def headers(self, target: Target) -> dict[str, str]:
         headers = {"Content-Type": "application/json", FORWARDED_HEADER: "1"}
@@ -142,7 +148,8 @@ class Forwarder:
         """POST a message that expects an answer; the platform's JSON object, or why not."""
         if total_s_max <= 0:
             return Relayed(None, "no time left")
-        answer = await self.outbound.post(
+        outbound = self.operators_outbound if target.operators else self.outbound
+        answer = await outbound.post(
             target.url, body, self.headers(target), total_s_max=total_s_max, response_bytes_max=relay_response_bytes_max
         )
         problem = ""
@@ -189,12 +196,13 @@ class Forwarder:
     async def _send_forever(self) -> None:
         """A sender: unbounded on purpose, it runs for the life of the web process. Each has its
         own lean client (engine/fire_and_forget.py: kept-alive connections, not shared)."""
-        client = FireAndForget(allow_private=self.settings.outbound_allow_private)
+        guarded = FireAndForget(allow_private=self.settings.outbound_allow_private)
+        operators = FireAndForget(allow_private=True)
         try:
             while True:
                 item = await self.queue.get()
                 try:
-                    await self._send(client, item)
+                    await self._send(guarded, operators, item)
                 except Exception:  # a bug, or a store away while resolving: the sender goes on
                     log.exception("forwarding a message failed unexpectedly; dropped")
                     self.stats.dropped_failed += 1
@@ -202,15 +210,17 @@ class Forwarder:
                 finally:
                     self.queue.task_done()
         finally:
-            await client.aclose()
+            await guarded.aclose()
+            await operators.aclose()
 
-    async def _send(self, client: FireAndForget, item: _Queued) -> None:
+    async def _send(self, guarded: FireAndForget, operators: FireAndForget, item: _Queued) -> None:
         if item.target is None:
             item.target = await item.resolve()
             if item.target is None:
                 self.count("no_target")
                 return
         item.attempt += 1
+        client = operators if item.target.operators else guarded
         answer = await client.post(item.target.url, item.body, self.headers(item.target), total_s_max=send_total_s_max)
         if answer.status is not None and 200 <= answer.status < 300:
             self.stats.delivered += 1

@@ -37,6 +37,13 @@ org_id_length_max = 64
 call_id_length_max = 128
 idempotency_key_length_max = 255
 
+# Org settings the webhook reads (engine/org_profiles.py): kept per process, never in Redis.
+refusal_text_length_max = 500  # a spoken refusal, trimmed; Vapi speaks "Unknown Error" for an empty one
+url_length_max = 2_000  # alert_webhook_url, forward_url
+org_profile_cache_ttl_s = 10.0  # another process's change to an org is seen within this
+org_profile_cache_size_max = 10_000  # orgs whose profiles one process keeps (least recently used go first)
+org_profile_read_s_max = 1.0  # a profile read from Postgres; past it a refusal is spoken in the default words
+
 # Reconciler.
 reconcile_page_size = 500  # orgs per Postgres page and Redis pipeline
 reconcile_check_attempts_max = 5  # re-reads when an org changes while being compared
@@ -60,3 +67,4 @@ assert balance_pence_max + amount_pence_max < lua_integer_exact_max
 assert idempotency_ttl_ms_default > max_duration_s_max * 1000 + hold_report_slack_ms_default
 assert settle_orgs_per_batch_max <= settle_batch_size_max
 assert 1 <= vapi_numbers_page_size <= 1_000  # Vapi refuses a `limit` above 1,000
+assert org_profile_read_s_max < 5.0  # well inside the assistant-request budget (webapp/vapi.py)

@@ -1,7 +1,9 @@
-"""An org's settings: what its calls cost and how far its credit may be stretched.
+"""An org's settings: what its calls cost and how far its credit may be stretched; and how its
+calls sound and where its platform's server is (the Vapi profile).
 
-Settings are Postgres-first (the orgs table), then copied into the org's Redis hash where the
-scripts read them at decision time.
+Settings are Postgres-first (the orgs table). The money settings are copied into the org's Redis
+hash, where the scripts read them at decision time; the profile settings (`forward_url`, the
+refusal sentences) are read by the webhook through engine/org_profiles.py and never reach Redis.
 """
 
 from dataclasses import dataclass, fields, replace
@@ -9,6 +11,7 @@ from typing import Any
 
 from engine import limits, outbound, validate
 from engine.errors import InvalidInput
+from engine.org_profiles import Refusal
 
 
 @dataclass(frozen=True)
@@ -21,6 +24,13 @@ class OrgSettings:
     low_balance_threshold_pence: int | None = None
     alert_webhook_url: str | None = None
     max_concurrent_calls: int | None = None  # None: no limit
+    # The platform's own server (None: CREDIT_ENGINE_FORWARD_URL), and what callers hear when a
+    # call is refused (None: engine/org_profiles.py's default sentence).
+    forward_url: str | None = None
+    refusal_no_credit: str | None = None
+    refusal_busy: str | None = None
+    refusal_not_set_up: str | None = None
+    refusal_try_later: str | None = None
 
     @property
     def min_start_pence_effective(self) -> int:
@@ -51,7 +61,12 @@ class OrgSettings:
             _check_url(self.alert_webhook_url, "alert_webhook_url")
         if self.max_concurrent_calls is not None:
             validate.whole_number(self.max_concurrent_calls, "max_concurrent_calls", 1, 1_000_000)
-        return self
+        if self.forward_url is not None:
+            _check_url(self.forward_url, "forward_url")
+        spoken = {
+            name: spoken_text(getattr(self, name), name) for name in REFUSAL_SETTINGS if getattr(self, name) is not None
+        }
+        return replace(self, **spoken) if spoken else self  # kept trimmed
 
     def changed(self, changes: dict[str, Any]) -> "OrgSettings":
         known = {f.name for f in fields(self)}
@@ -65,18 +80,36 @@ class OrgSettings:
         return tuple(f.name for f in fields(cls))
 
 
+REFUSAL_SETTINGS = tuple(refusal.value for refusal in Refusal)
+URL_SETTINGS = ("alert_webhook_url", "forward_url")  # called by the engine: the address rule applies
+
+
+def spoken_text(value: object, field: str) -> str:
+    """A sentence Vapi will speak: 1..refusal_text_length_max printable characters once trimmed
+    (no NUL, newline or other control character). Never empty: Vapi says "Unknown Error" instead."""
+    length_max = limits.refusal_text_length_max
+    text = value.strip() if isinstance(value, str) else ""
+    if not 1 <= len(text) <= length_max or not text.isprintable():
+        raise InvalidInput(field, f"must be a sentence of 1-{length_max} printable characters (null: the default)")
+    return text
+
+
 def _check_url(value: object, field: str) -> None:
-    if not isinstance(value, str) or len(value) > 2000 or not value.isprintable() or " " in value:
-        raise InvalidInput(field, "must be an http(s) URL of at most 2000 characters")
+    length_max = limits.url_length_max
+    if not isinstance(value, str) or len(value) > length_max or not value.isprintable() or " " in value:
+        raise InvalidInput(field, f"must be an http(s) URL of at most {length_max} characters")
     if outbound.parse_url(value) is None:  # the parser the sender uses
         raise InvalidInput(field, "must be an http(s) URL")
 
 
-async def check_alert_webhook_url(url: str | None, *, allow_private: bool) -> None:
-    """When the URL is saved: refuse a host that is, or resolves to, an internal address (the rule
+async def check_url_addresses(settings: OrgSettings, names: tuple[str, ...], *, allow_private: bool) -> None:
+    """When URLs are saved: refuse a host that is, or resolves to, an internal address (the rule
     is engine/outbound.py's; the same check runs again, pinned, at every send)."""
-    if url is None:
-        return
-    refusal = await outbound.url_refusal(url, allow_private=allow_private)
-    if refusal is not None:
-        raise InvalidInput("alert_webhook_url", refusal)
+    for name in names:
+        assert name in URL_SETTINGS
+        url = getattr(settings, name)
+        if url is None:
+            continue
+        refusal = await outbound.url_refusal(url, allow_private=allow_private)
+        if refusal is not None:
+            raise InvalidInput(name, refusal)

@@ -15,7 +15,7 @@ from redis.exceptions import RedisError
 
 from engine import validate
 from engine.errors import InvalidInput, OrgExists, OrgNotFound
-from engine.org_settings import OrgSettings, check_alert_webhook_url
+from engine.org_settings import URL_SETTINGS, OrgSettings, check_url_addresses
 from engine.restore import restore_org_if_absent
 from engine.results import Outcome, decode
 from engine.runtime import Runtime
@@ -48,6 +48,11 @@ def _settings_columns(settings: OrgSettings) -> list[Any]:
         settings.low_balance_threshold_pence,
         settings.alert_webhook_url,
         settings.max_concurrent_calls,
+        settings.forward_url,
+        settings.refusal_no_credit,
+        settings.refusal_busy,
+        settings.refusal_not_set_up,
+        settings.refusal_try_later,
     ]
 
 
@@ -61,14 +66,15 @@ async def create_org(rt: Runtime, org_id: str, name: str, settings: OrgSettings)
     validate.org_id(org_id)
     name = _check_name(name)
     settings = settings.validated()
-    await check_alert_webhook_url(settings.alert_webhook_url, allow_private=rt.settings.outbound_allow_private)
+    await check_url_addresses(settings, URL_SETTINGS, allow_private=rt.settings.outbound_allow_private)
     async with rt.pg.acquire() as conn, conn.transaction():
         row = await conn.fetchrow(
             """
             INSERT INTO orgs (org_id, name, rate_pence_per_minute, overdraft_pence, min_start_pence,
                               hold_block_minutes, grace_seconds, low_balance_threshold_pence,
-                              alert_webhook_url, max_concurrent_calls)
-            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+                              alert_webhook_url, max_concurrent_calls, forward_url, refusal_no_credit,
+                              refusal_busy, refusal_not_set_up, refusal_try_later)
+            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)
             ON CONFLICT (org_id) DO NOTHING
             RETURNING *
             """,
@@ -79,6 +85,7 @@ async def create_org(rt: Runtime, org_id: str, name: str, settings: OrgSettings)
         if row is None:
             raise OrgExists(org_id)
         await conn.execute("INSERT INTO org_balances (org_id) VALUES ($1)", org_id)
+    rt.profiles.forget(org_id)  # a profile read while the org did not exist (the defaults)
     try:
         await restore_org_if_absent(rt, org_id)
     except RedisError:
@@ -103,14 +110,15 @@ async def update_org(rt: Runtime, org_id: str, changes: dict[str, Any]) -> Org:
     current = await get_org(rt, org_id)
     name = _check_name(changes.pop("name")) if "name" in changes else current.name
     settings = current.settings.changed(changes)
-    if "alert_webhook_url" in changes:
-        await check_alert_webhook_url(settings.alert_webhook_url, allow_private=rt.settings.outbound_allow_private)
+    changed_urls = tuple(url_setting for url_setting in URL_SETTINGS if url_setting in changes)
+    await check_url_addresses(settings, changed_urls, allow_private=rt.settings.outbound_allow_private)
     row = await rt.pg.fetchrow(
         """
         UPDATE orgs SET name = $2, rate_pence_per_minute = $3, overdraft_pence = $4,
                min_start_pence = $5, hold_block_minutes = $6, grace_seconds = $7,
                low_balance_threshold_pence = $8, alert_webhook_url = $9,
-               max_concurrent_calls = $10, updated_at = now()
+               max_concurrent_calls = $10, forward_url = $11, refusal_no_credit = $12,
+               refusal_busy = $13, refusal_not_set_up = $14, refusal_try_later = $15, updated_at = now()
         WHERE org_id = $1
         RETURNING *
         """,
@@ -120,6 +128,7 @@ async def update_org(rt: Runtime, org_id: str, changes: dict[str, Any]) -> Org:
     )
     if row is None:
         raise OrgNotFound(org_id)
+    rt.profiles.forget(org_id)  # this process speaks the new sentences at once; others within the cache's TTL
     try:
         await configure_redis(rt, org_id, settings)
     except RedisError:

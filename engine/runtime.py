@@ -3,7 +3,7 @@
 import asyncio
 from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import asyncpg
@@ -19,6 +19,7 @@ from engine.clock import Clock, RedisClock
 from engine.config import Settings
 from engine.db import create_pool
 from engine.keys import Keyspace
+from engine.org_profiles import ProfileCache
 from engine.scripts import ScriptRunner
 
 redis_retries_max = 3
@@ -150,6 +151,7 @@ class Runtime:
     keys: Keyspace
     scripts: ScriptRunner
     clock: Clock
+    profiles: ProfileCache = field(default_factory=ProfileCache)  # orgs' Vapi profiles (engine/org_profiles.py)
 
     @classmethod
     async def open(

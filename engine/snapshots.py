@@ -43,7 +43,8 @@ class OrgSnapshot:
 ORGS_SQL = """
 SELECT o.org_id, o.name, o.rate_pence_per_minute, o.overdraft_pence, o.min_start_pence,
        o.hold_block_minutes, o.grace_seconds, o.low_balance_threshold_pence,
-       o.alert_webhook_url, o.max_concurrent_calls,
+       o.alert_webhook_url, o.max_concurrent_calls, o.forward_url, o.refusal_no_credit, o.refusal_busy,
+       o.refusal_not_set_up, o.refusal_try_later,
        b.balance_pence, b.debt_pence, b.last_entry_id
 FROM orgs o JOIN org_balances b USING (org_id)
 WHERE o.org_id = ANY($1::text[])
@@ -85,6 +86,11 @@ def settings_from_row(row: asyncpg.Record) -> OrgSettings:
         low_balance_threshold_pence=row["low_balance_threshold_pence"],
         alert_webhook_url=row["alert_webhook_url"],
         max_concurrent_calls=row["max_concurrent_calls"],
+        forward_url=row["forward_url"],
+        refusal_no_credit=row["refusal_no_credit"],
+        refusal_busy=row["refusal_busy"],
+        refusal_not_set_up=row["refusal_not_set_up"],
+        refusal_try_later=row["refusal_try_later"],
     )
 
 

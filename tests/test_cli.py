@@ -169,3 +169,28 @@ def test_a_clustered_worker_without_its_own_arq_redis_is_refused_with_the_settin
     monkeypatch.setenv("CREDIT_ENGINE_REDIS_CLUSTER", "maybe")
     assert main(["worker"]) == 2
     assert "CREDIT_ENGINE_REDIS_CLUSTER must be 1 or 0" in capsys.readouterr().err
+
+
+@pytest.mark.usefixtures("cli_env")
+async def test_orgs_create_and_update_set_the_vapi_profile(rt: Runtime, capsys: pytest.CaptureFixture[str]) -> None:
+    from engine.orgs import get_org
+
+    created = ["orgs", "create", "voice", "--rate", "60", "--forward-url", "https://93.184.216.34/vapi",
+               "--refusal-busy", " All lines busy at Voice Co. ", "--refusal-no-credit", "Voice Co: no credit."]  # fmt: skip
+    assert await asyncio.to_thread(main, created) == 0
+    shown = json.loads(capsys.readouterr().out)["settings"]
+    assert (shown["forward_url"], shown["refusal_busy"]) == ("https://93.184.216.34/vapi", "All lines busy at Voice Co.")
+    updated = ["orgs", "update", "voice", "--refusal-not-set-up", "Voice Co: closed.", "--refusal-try-later", "Voice Co: later.",
+               "--unset", "refusal_busy", "--unset", "forward_url"]  # fmt: skip
+    assert await asyncio.to_thread(main, updated) == 0
+    settings = (await get_org(rt, "voice")).settings
+    assert (settings.refusal_no_credit, settings.refusal_busy, settings.refusal_not_set_up, settings.refusal_try_later,
+            settings.forward_url) == ("Voice Co: no credit.", None, "Voice Co: closed.", "Voice Co: later.", None)  # fmt: skip
+    capsys.readouterr()
+    for args, field in ((["--refusal-busy", "   "], "refusal_busy"), (["--refusal-try-later", "x" * 501], "refusal_try_later"),
+                        (["--refusal-no-credit", "a\x07b"], "refusal_no_credit"),
+                        (["--forward-url", "http://127.0.0.1:8080/vapi"], "forward_url"),
+                        (["--forward-url", "https://93.184.216.34/", "--unset", "forward_url"], "forward_url")):  # fmt: skip
+        assert await asyncio.to_thread(main, ["orgs", "update", "voice", *args]) == 2, args
+        assert field in capsys.readouterr().err, args
+    assert (await get_org(rt, "voice")).settings == settings  # nothing changed

@@ -46,6 +46,12 @@ def org_json(org: Org) -> dict[str, Any]:
         "low_balance_threshold_pence": settings.low_balance_threshold_pence,
         "alert_webhook_url": settings.alert_webhook_url,
         "max_concurrent_calls": settings.max_concurrent_calls,
+        # None: the default (CREDIT_ENGINE_FORWARD_URL; the engine's own sentence).
+        "forward_url": settings.forward_url,
+        "refusal_no_credit": settings.refusal_no_credit,
+        "refusal_busy": settings.refusal_busy,
+        "refusal_not_set_up": settings.refusal_not_set_up,
+        "refusal_try_later": settings.refusal_try_later,
         "created_at": org.created_at.isoformat(),
         "updated_at": org.updated_at.isoformat(),
     }

@@ -46,6 +46,14 @@ SETTINGS_PROPERTIES: dict[str, Any] = {
     "low_balance_threshold_pence": {"type": "integer", "minimum": 0, "maximum": limits.amount_pence_max},
     "alert_webhook_url": {"type": "string", "format": "uri", "maxLength": 2000},
     "max_concurrent_calls": {"type": "integer", "minimum": 1, "maximum": 1_000_000},
+    "forward_url": {"type": "string", "format": "uri", "maxLength": limits.url_length_max, "nullable": True,
+                    "description": "The platform's own server (public addresses only); null: CREDIT_ENGINE_FORWARD_URL."},
+    **{name: {"type": "string", "minLength": 1, "maxLength": limits.refusal_text_length_max, "nullable": True,
+              "description": f"What a caller hears when a call is refused ({why}): printable, trimmed, never blank; "
+                             "null: the engine's default sentence."}
+       for name, why in (("refusal_no_credit", "not enough credit"), ("refusal_busy", "at max_concurrent_calls"),
+                         ("refusal_not_set_up", "the number cannot take calls"),
+                         ("refusal_try_later", "anything else"))},
 }
 
 SCHEMAS: dict[str, Any] = {

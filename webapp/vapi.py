@@ -33,6 +33,9 @@ from engine.holds import (
     release_call,
     reserve_call,
 )
+# The default sentences (declared once, in engine/org_profiles.py); an org may set its own.
+from engine.org_profiles import SPOKEN_BUSY, SPOKEN_NO_CREDIT, SPOKEN_NOT_SET_UP, SPOKEN_TRY_LATER  # noqa: F401
+from engine.org_profiles import Refusal, refusal_text, vapi_profile
 from engine.idempotency import call_state_key
 from engine.results import Money, Outcome
 from webapp.auth import vapi_authenticated
@@ -50,10 +53,6 @@ relay_lookup_s_max = 1.0  # finding where a relayed message goes
 platform_answer_margin_s = 0.5  # of the assistant-request's budget, kept for our own work after the platform answers
 assert relay_lookup_s_max + relay_s_max < message_budget_s
 
-SPOKEN_NO_CREDIT = "Sorry, there is not enough credit on this account to take your call. Please top up and try again."
-SPOKEN_NOT_SET_UP = "Sorry, this number is not set up to take calls yet."
-SPOKEN_BUSY = "Sorry, all of this account's lines are busy right now. Please try again in a few minutes."
-SPOKEN_TRY_LATER = "Sorry, we cannot take your call right now. Please try again in a few minutes."
 ZERO_MONEY = Money(0, 0, 0, 0, 0)
 
 
@@ -136,15 +135,23 @@ async def _forward_target(ctx: AppContext, message: VapiMessage) -> Target | Non
         url = await ctx.assistant_servers.server_url(message.assistant_id)
     if url is not None and ctx.settings.public_url is not None and url.startswith(ctx.settings.public_url + "/"):
         url = None  # the platform's assistant already names the engine: nothing to forward to
-    target = Target(url, ctx.settings.forward_secret) if url is not None else None
+    target = _target(ctx, url) if url is not None else None
     if call_id is not None:
         ctx.forwarder.cache_target(call_id, target)
     return target
 
 
+def _target(ctx: AppContext, url: str) -> Target:
+    """The deployment's own forward URL may be internal; any other was chosen by an org or its platform."""
+    return Target(url, ctx.settings.forward_secret, operators=url == ctx.settings.forward_url)
+
+
 async def _org_forward_url(ctx: AppContext, org_id: str | None) -> str | None:
-    """The org's own forward_url, else the deployment's CREDIT_ENGINE_FORWARD_URL."""
-    return ctx.settings.forward_url
+    """The org's own forward_url, else the deployment's CREDIT_ENGINE_FORWARD_URL (cached per
+    process: engine/org_profiles.py). Postgres away: raises, rather than guess which platform."""
+    if org_id is None:
+        return ctx.settings.forward_url
+    return (await vapi_profile(ctx.rt, org_id)).forward_url
 
 
 async def _relayed_answer(ctx: AppContext, message: VapiMessage, raw: bytes) -> dict[str, Any]:
@@ -208,15 +215,16 @@ async def assistant_request(ctx: AppContext, message: VapiMessage, raw: bytes) -
     if not who.by_number or not who.may_admit or assistant_id is None:
         log.warning("assistant-request for a number with no org, no assistant, or suspended: %r", message.phone_number_id)
         ctx.metrics.webhooks.labels(message.type, "unknown_number").inc()
-        return {"error": SPOKEN_NOT_SET_UP}
+        # A suspended (or assistant-less) number is still its org's: the org's sentence.
+        return {"error": await refusal_text(ctx.rt, who.org_id if who.by_number else None, Refusal.not_set_up)}
     org_id = who.org_id
     assert org_id is not None
     if message.call_id is None or not key_rules.is_call_id(message.call_id):
         log.warning("assistant-request without a usable call.id for org %s", org_id)
-        return {"error": SPOKEN_TRY_LATER}
+        return {"error": await refusal_text(ctx.rt, org_id, Refusal.try_later)}
     if not ctx.guard.ready:
         ctx.metrics.webhooks.labels(message.type, "state_restoring").inc()
-        return {"error": SPOKEN_TRY_LATER}
+        return {"error": await refusal_text(ctx.rt, org_id, Refusal.try_later)}
     if await may_be_a_replay(ctx.rt, org_id, message.call_id, message.created_ms) is not False:
         # A call older than Redis's memory of resolutions, resolved (or Postgres cannot say): a
         # replay of an assistant-request Vapi stopped waiting for long ago. A hold now would be a
@@ -224,17 +232,17 @@ async def assistant_request(ctx: AppContext, message: VapiMessage, raw: bytes) -
         log.warning("assistant-request for call %s of org %s, created before the idempotency window: refused",
                     message.call_id, org_id)  # fmt: skip
         ctx.metrics.webhooks.labels(message.type, "replayed_after_window").inc()
-        return {"error": SPOKEN_TRY_LATER}
+        return {"error": await refusal_text(ctx.rt, org_id, Refusal.try_later)}
     started = asyncio.get_running_loop().time()
     reservation = await _reserve(ctx, org_id, message.call_id)
     ctx.metrics.webhooks.labels(message.type, reservation.outcome.name).inc()
-    if reservation.held and not reservation.funded:
-        return {"error": SPOKEN_NO_CREDIT}  # the call is already running unfunded, being ended
+    if reservation.held and not reservation.funded:  # the call is already running unfunded, being ended
+        return {"error": await refusal_text(ctx.rt, org_id, Refusal.no_credit)}
     if reservation.outcome in (Outcome.ok, Outcome.replayed):
         forward_url = await _org_forward_url(ctx, org_id)
         if forward_url is not None:
             budget_s = assistant_request_budget_s - platform_answer_margin_s - (asyncio.get_running_loop().time() - started)
-            return await _platform_answers(ctx, message, raw, org_id, reservation, Target(forward_url, ctx.settings.forward_secret), budget_s)
+            return await _platform_answers(ctx, message, raw, org_id, reservation, _target(ctx, forward_url), budget_s)
         await _remember(ctx, message, org_id)
         # The engine is the call's server (engine/call_server.py): its messages come here, not to
         # a server URL the saved assistant may carry.
@@ -243,10 +251,10 @@ async def assistant_request(ctx: AppContext, message: VapiMessage, raw: bytes) -
             "assistantOverrides": admission_overrides(ctx.settings, org_id, reservation.max_duration_s),
         }
     if reservation.outcome == Outcome.insufficient_funds:
-        return {"error": SPOKEN_NO_CREDIT}
+        return {"error": await refusal_text(ctx.rt, org_id, Refusal.no_credit)}
     if reservation.outcome == Outcome.too_many_calls:
-        return {"error": SPOKEN_BUSY}
-    return {"error": SPOKEN_TRY_LATER}
+        return {"error": await refusal_text(ctx.rt, org_id, Refusal.busy)}
+    return {"error": await refusal_text(ctx.rt, org_id, Refusal.try_later)}
 
 
 async def _platform_answers(
@@ -268,7 +276,7 @@ async def _platform_answers(
         log.warning("the platform of org %s gave %s for the assistant-request of call %s: refused",
                     org_id, relayed.problem or "an answer choosing nothing", message.call_id)  # fmt: skip
         ctx.metrics.webhooks.labels(message.type, "platform_failed").inc()
-        return {"error": SPOKEN_TRY_LATER}
+        return {"error": await refusal_text(ctx.rt, org_id, Refusal.try_later)}
     await _remember(ctx, message, org_id, merged.server_url)
     if merged.workflow_id is not None and len(merged.workflow_id) <= limits.vapi_id_length_max:
         try:

@@ -54,14 +54,17 @@ async def vapi_api() -> AsyncIterator[FakeVapiApi]:
 def app_settings(
     settings: Settings, platform: FakePlatform, vapi_api: FakeVapiApi, request: pytest.FixtureRequest
 ) -> Settings:
-    chosen = {"forward_url": f"{platform.base_url}/vapi", **getattr(request, "param", {})}
+    chosen = {
+        "forward_url": f"{platform.base_url}/vapi",
+        "outbound_allow_private": True,  # the fake platform listens on 127.0.0.1
+        **getattr(request, "param", {}),
+    }
     return replace(
         settings,
         admin_token=ADMIN_TOKEN,
         vapi_webhook_secret=WEBHOOK_SECRET,
         public_url=PUBLIC_URL,
         forward_secret=PLATFORM_SECRET,
-        outbound_allow_private=True,  # the fake platform listens on 127.0.0.1
         vapi_api_key=API_KEY,
         vapi_base_url=vapi_api.base_url,
         **chosen,
@@ -310,3 +313,48 @@ async def test_without_a_forward_url_messages_go_to_the_saved_assistants_own_ser
     assert platform.got[0].headers["x-vapi-secret"] == PLATFORM_SECRET
     assert len([s for s in vapi_api.seen if s.path == "/assistant/asst-own"]) == 1  # cached
     assert (await wallet(api, key))["balance_pence"] == 600 - 30
+
+
+async def test_an_orgs_own_forward_url_and_refusal_sentence_win_over_the_deployments(
+    api: Api, platform: FakePlatform
+) -> None:
+    org, _ = await api.new_org(
+        600, forward_url=f"{platform.base_url}/org-own", refusal_try_later="Our agents are away, call back soon."
+    )
+    other, _ = await api.new_org(600)
+    platform.replies["assistant-request"] = Reply(body={"assistantId": "asst-platform"})
+    mine = await api.register_number(org)
+    theirs = await api.register_number(other)
+    assert (await api.vapi(assistant_request(call("c-own-1", phone_number_id=mine)))).json()["assistantId"] == "asst-platform"
+    assert (await api.vapi(assistant_request(call("c-dep-1", phone_number_id=theirs)))).json()["assistantId"] == "asst-platform"
+    assert (platform.types("/org-own"), platform.types("/vapi")) == (["assistant-request"], ["assistant-request"])
+    # The org's platform failing: its own sentence, the hold released.
+    platform.replies["assistant-request"] = Reply(status=500)
+    answer = (await api.vapi(assistant_request(call("c-own-2", phone_number_id=mine)))).json()
+    assert answer == {"error": "Our agents are away, call back soon."}
+    answer = (await api.vapi(assistant_request(call("c-dep-2", phone_number_id=theirs)))).json()
+    assert answer == {"error": SPOKEN_TRY_LATER}
+
+
+@pytest.mark.parametrize("app_settings", [{"outbound_allow_private": False}], indirect=True)
+async def test_only_the_operators_forward_url_may_be_an_internal_address(
+    api: Api, platform: FakePlatform, rt: Runtime
+) -> None:
+    """CREDIT_ENGINE_FORWARD_URL is the operator's (the platform's server beside the engine, here on
+    loopback). An org's forward_url that resolves inside by the time it is used (a DNS answer
+    changed since it was saved: written here straight to Postgres) reaches nothing."""
+    org, key = await api.new_org(600)
+    number = await api.register_number(org)
+    platform.replies["assistant-request"] = Reply(body={"assistantId": "asst-platform"})
+    assert (await api.vapi(assistant_request(call("c-op", phone_number_id=number)))).json()["assistantId"] == "asst-platform"
+    the_call = call("c-op", phone_number_id=number)
+    await api.vapi(status_update(the_call, "in-progress"))
+    await api.vapi(end_of_call_report(the_call, 20))
+    await eventually(lambda: platform.types("/vapi") == ["assistant-request", "status-update", "end-of-call-report"])
+    sneaky, sneaky_key = await api.new_org(600)
+    await rt.pg.execute("UPDATE orgs SET forward_url = $2 WHERE org_id = $1", sneaky, f"{platform.base_url}/inside")
+    sneaky_number = await api.register_number(sneaky)
+    answer = (await api.vapi(assistant_request(call("c-in", phone_number_id=sneaky_number)))).json()
+    assert answer == {"error": SPOKEN_TRY_LATER}
+    assert platform.types("/inside") == []
+    assert (await wallet(api, sneaky_key))["held_pence"] == 0

@@ -170,7 +170,7 @@ class Settings:
         appendfsync = env.get("CREDIT_ENGINE_REDIS_APPENDFSYNC", "everysec")
         if appendfsync not in ("always", "everysec", "no"):
             raise ConfigError("CREDIT_ENGINE_REDIS_APPENDFSYNC must be always, everysec or no")
-        return cls(
+        settings = cls(
             redis_url=env.get("REDIS_URL") or None,
             database_url=env.get("DATABASE_URL") or None,
             redis_cluster=_bool(env, "CREDIT_ENGINE_REDIS_CLUSTER"),
@@ -230,6 +230,12 @@ class Settings:
             alert_backoff_base_ms=_int(env, "CREDIT_ENGINE_ALERT_BACKOFF_BASE_MS", 2_000, 1, 3_600_000),
             outbound_allow_private=_bool(env, "CREDIT_ENGINE_OUTBOUND_ALLOW_PRIVATE"),
         )
+        engines_own = {settings.vapi_webhook_secret, settings.vapi_hmac_secret} - {None}
+        if settings.forward_secret is not None and settings.forward_secret in engines_own:
+            # The forward secret goes to platforms' servers: it must not be what Vapi proves itself with.
+            message = "CREDIT_ENGINE_FORWARD_SECRET must differ from VAPI_WEBHOOK_SECRET and VAPI_WEBHOOK_HMAC_SECRET"
+            raise ConfigError(message + ": platforms' servers receive it")
+        return settings
 
     def with_services(self, redis_url: str, database_url: str) -> "Settings":
         return replace(self, redis_url=redis_url, database_url=database_url)

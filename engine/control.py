@@ -105,11 +105,20 @@ async def send_control(
     return ControlReply(True)
 
 
-async def control_url_at_vapi(settings: Settings, http: httpx.AsyncClient, call_id: str, timeout_s: float) -> str | None:
+@dataclass(frozen=True)
+class VapiCall:
+    """What the kill switch reads of Vapi's record of a call (`GET /call/{id}`)."""
+
+    control_url: str  # monitor.controlUrl, one of Vapi's (control_url_allowed)
+    phone_number_id: str | None  # the number it was on
+    org_id: str | None  # assistantOverrides.variableValues.org_id: the org the engine (or the platform) named
+
+
+async def call_at_vapi(settings: Settings, http: httpx.AsyncClient, call_id: str, timeout_s: float) -> VapiCall | None:
     """The call's control URL as Vapi has it (`GET /call/{id}`, `monitor.controlUrl`: vapi-contract
     §5), for a call the engine must end but whose URL it lost (a Redis rebuilt from Postgres, a
-    message that never came). None without VAPI_API_KEY, when Vapi does not say, or names a URL
-    that is not Vapi's (the same rule as a webhook's)."""
+    message that never came), with what says whose call it is. None without VAPI_API_KEY, when
+    Vapi does not say, or names a URL that is not Vapi's (the same rule as a webhook's)."""
     if settings.vapi_api_key is None:
         return None
     try:
@@ -123,11 +132,20 @@ async def control_url_at_vapi(settings: Settings, http: httpx.AsyncClient, call_
     if not response.is_success:
         return None
     try:
-        monitor = response.json().get("monitor")
-    except (ValueError, AttributeError):
+        found = response.json()
+    except ValueError:
         return None
+    if not isinstance(found, dict) or found.get("id") != call_id:
+        return None
+    monitor = found.get("monitor")
     url = monitor.get("controlUrl") if isinstance(monitor, dict) else None
-    return url if control_url_allowed(settings, url) else None
+    if not control_url_allowed(settings, url):
+        return None
+    overrides = found.get("assistantOverrides")
+    variables = overrides.get("variableValues") if isinstance(overrides, dict) else None
+    org_id = variables.get("org_id") if isinstance(variables, dict) else None
+    number = found.get("phoneNumberId")
+    return VapiCall(url, number if isinstance(number, str) else None, org_id if isinstance(org_id, str) else None)
 
 
 class ControlClients:

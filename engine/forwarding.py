@@ -21,6 +21,8 @@ seconds of messages at most), as a platform whose server is down would have lost
 """
 
 import asyncio
+import hashlib
+import hmac
 import contextlib
 import logging
 import time
@@ -71,11 +73,29 @@ assert send_total_s_max * attempts_max < 60
 @dataclass(frozen=True)
 class Target:
     url: str
-    secret: str | None  # sent as X-Vapi-Secret, as Vapi sends the platform's own secret
+    secret: str | None  # sent as X-Vapi-Secret, as Vapi sends the platform's own secret (see forward_secret_for)
     # The operator's own CREDIT_ENGINE_FORWARD_URL: it may be an internal address (the platform's
     # server beside the engine). Every other URL was chosen by an org or its platform and goes
     # through the address rule (engine/outbound.py).
     operators: bool = False
+
+
+def org_forward_secret(forward_secret: str, org_id: str) -> str:
+    """The X-Vapi-Secret an org's own platform gets: derived from CREDIT_ENGINE_FORWARD_SECRET, so the
+    operator's platform can check any org's, and an org's platform learns only its own (never the
+    secret the operator's platform trusts). Shown to the org by GET /api/forwarding/secret."""
+    return hmac.new(forward_secret.encode(), f"forward:{org_id}".encode(), hashlib.sha256).hexdigest()
+
+
+def forward_secret_for(settings: Settings, org_id: str | None, *, operators: bool) -> str | None:
+    """The operator's own URLs (CREDIT_ENGINE_FORWARD_URL, the account's assistants' servers) get the
+    forward secret itself; any URL an org or a platform's answer chose gets the org's derived one
+    (none when the org is not known)."""
+    if settings.forward_secret is None:
+        return None
+    if operators:
+        return settings.forward_secret
+    return org_forward_secret(settings.forward_secret, org_id) if org_id is not None else None
 
 
 @dataclass

@@ -48,7 +48,7 @@ from redis.exceptions import RedisError
 from engine import validate
 from engine.config import ConfigError, Settings
 from engine.call_index import CallIndex
-from engine.control import ControlClients, control_url_allowed, control_url_at_vapi, send_control  # noqa: F401 - control_url_allowed: for the webhook
+from engine.control import ControlClients, VapiCall, call_at_vapi, control_url_allowed, send_control  # noqa: F401 - control_url_allowed: for the webhook
 from engine.end_queue import (  # noqa: F401 - end_unheld_call: for the webhook
     claim_unheld_call,
     defer_unheld_call,
@@ -59,6 +59,7 @@ from engine.end_queue import (  # noqa: F401 - end_unheld_call: for the webhook
     give_up_unheld_call,
     release_unheld_call,
 )
+from engine.phone_numbers import number_owner
 from engine.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -256,14 +257,26 @@ async def _control_url_from_vapi(
     rt: Runtime, http: httpx.AsyncClient, org_id: str | None, call_id: str, timeout_s: float
 ) -> str | None:
     """The engine lost the call's control URL (a Redis rebuilt from Postgres keeps holds, not URLs)
-    or never saw it: Vapi knows it. Kept for the call's next push."""
-    control_url = await control_url_at_vapi(rt.settings, http, call_id, timeout_s)
-    if control_url is not None and org_id is not None:
+    or never saw it: Vapi knows it. Used only if Vapi's record says the call is the org's (on one
+    of its numbers, or admitted for it: variableValues.org_id): a hold names any call id an org
+    chose (the reserve API), and must not reach another org's call. Kept for the call's next push."""
+    found = await call_at_vapi(rt.settings, http, call_id, timeout_s)
+    ours = found is not None and (org_id is None or await _call_is_the_orgs(rt, org_id, found))
+    if found is not None and ours and org_id is not None:
         with contextlib.suppress(RedisError):
-            await CallIndex(rt).keep_control_url(org_id, call_id, control_url)
-    found = "Vapi gave one" if control_url else "Vapi gave none"
-    log.warning("kill switch: no control URL kept for call %s (org %s); %s", call_id, org_id, found)
-    return control_url
+            await CallIndex(rt).keep_control_url(org_id, call_id, found.control_url)
+    what = "Vapi gave one" if ours else "Vapi gave none" if found is None else "Vapi's record is another org's call"
+    log.warning("kill switch: no control URL kept for call %s (org %s); %s", call_id, org_id, what)
+    return found.control_url if found is not None and ours else None
+
+
+async def _call_is_the_orgs(rt: Runtime, org_id: str, found: VapiCall) -> bool:
+    """On a number: the number's owner decides (the registry is ours); else the org it was admitted for."""
+    if found.phone_number_id is not None:
+        owner = await number_owner(rt, found.phone_number_id, active_only=False)
+        if owner is not None:
+            return owner.org_id == org_id
+    return found.org_id == org_id
 
 
 @dataclass

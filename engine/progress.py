@@ -9,14 +9,16 @@ log_interval_s = 5.0  # into a log file or pipe
 
 
 class ProgressLine:
-    def __init__(self, label: str, stream: TextIO = sys.stderr, *, unit: str = "orgs", flagged: str = "drifted") -> None:
+    def __init__(
+        self, label: str, stream: TextIO | None = None, *, unit: str = "orgs", flagged: str = "drifted"
+    ) -> None:
         self.label = label
         self.unit = unit
         self.flagged = flagged
-        self.stream = stream
+        self.stream = stream if stream is not None else sys.stderr  # read now: a test may have replaced it
         self.started = time.monotonic()
         self.drawn_at = 0.0
-        self.interactive = stream.isatty()
+        self.interactive = self.stream.isatty()
 
     def __call__(self, done: int, total: int, drifted: int = 0) -> None:
         now = time.monotonic()

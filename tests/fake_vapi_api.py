@@ -205,16 +205,23 @@ class FakeVapiApi:
         Workflow.model_validate(workflow)
         self.workflows[workflow_id] = workflow
 
-    def add_call(self, call_id: str, control_url: str) -> None:
-        the_call = {
+    def add_call(
+        self, call_id: str, control_url: str, *, phone_number_id: str | None = None, org_id: str | None = None
+    ) -> None:
+        """A call as Vapi records it: on a number, or (a web call) with the org it was admitted for."""
+        the_call: dict[str, Any] = {
             "id": call_id,
             "orgId": VAPI_ORG_ID,
-            "type": "inboundPhoneCall",
+            "type": "inboundPhoneCall" if phone_number_id else "webCall",
             "status": "in-progress",
             "createdAt": iso(T0),
             "updatedAt": iso(T0),
             "monitor": {"controlUrl": control_url},
         }
+        if phone_number_id is not None:
+            the_call["phoneNumberId"] = phone_number_id
+        if org_id is not None:
+            the_call["assistantOverrides"] = {"variableValues": {"org_id": org_id}}
         Call.model_validate(the_call)
         self.calls[call_id] = the_call
 

@@ -83,6 +83,7 @@ ROUTES = [
     route("/api/wallet/holds", wallet.holds, "GET", "wallet_holds"),
     route("/api/alerts", alerts_api.list_alerts, "GET", "alerts"),
     route("/api/alerts/signing-secret", alerts_api.signing_secret, "GET", "alerts_signing_secret"),
+    route("/api/forwarding/secret", wallet.forwarding_secret, "GET", "forwarding_secret"),
     route("/api/calls/{call_id}", wallet.show_call, "GET", "call_show"),
     route("/api/calls/{call_id}/reserve", wallet.reserve, "POST", "call_reserve"),
     route("/api/managed-telephony/pricing", managed_telephony.pricing, "GET", "pricing"),

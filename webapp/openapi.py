@@ -167,13 +167,16 @@ PATHS: dict[str, Any] = {
     "/api/alerts/signing-secret": {"get": {
         "summary": "The secret that signs the org's alert webhooks (header Credit-Engine-Signature)", "security": ORG,
         "responses": {"200": answer("The secret"), "404": answer("Alerts disabled: no signing key", ref("Error")), **ERRORS}}},
+    "/api/forwarding/secret": {"get": {
+        "summary": "The X-Vapi-Secret sent with what is forwarded to the org's own platform (its forward_url)", "security": ORG,
+        "responses": {"200": answer("The secret"), "404": answer("No forward secret configured", ref("Error")), **ERRORS}}},
     "/api/calls/{call_id}": {"get": {
         "summary": "One of the org's calls", "security": ORG, "parameters": [CALL_PATH],
         "responses": {"200": answer("The call"), "404": answer("Not this org's call", ref("Error")), **ERRORS}}},
     "/api/calls/{call_id}/reserve": {"post": {
         "summary": "Reserve credit for an outbound call", "security": ORG, "parameters": [CALL_PATH],
         "responses": {"201": answer("Held", ref("Reservation")), "402": answer("Not enough credit", ref("Error")),
-                      "409": answer("Already ended, or too many calls", ref("Error")), **ERRORS}}},
+                      "409": answer("Already ended, too many calls, or another org's call", ref("Error")), **ERRORS}}},
     "/api/managed-telephony/pricing": {"get": {
         "summary": "What a phone number costs", "security": ORG,
         "responses": {"200": answer("Price", {"type": "object", "properties": {"phone_number_pence": {"type": "integer"}}}), **ERRORS}}},

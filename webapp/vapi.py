@@ -22,7 +22,7 @@ from engine.call_server import admission_overrides, merge_platform_answer, remem
 from engine.control import control_url_allowed
 from engine.end_queue import end_unheld_call
 from engine.errors import InvalidInput
-from engine.forwarding import ANSWERED_TYPES, FORWARDED_HEADER, Target
+from engine.forwarding import ANSWERED_TYPES, FORWARDED_HEADER, Target, forward_secret_for
 from engine.holds import (
     CallCheck,
     CallEvent,
@@ -127,23 +127,29 @@ async def _forward_target(ctx: AppContext, message: VapiMessage) -> Target | Non
         found, target = ctx.forwarder.cached_target(call_id)
         if found:
             return target
+    who = await attribute_message(ctx, message) if call_id is not None else UNATTRIBUTED
     url = await ctx.calls.forward_url_of(call_id) if call_id is not None else None
     if url is None:
-        who = await attribute_message(ctx, message) if call_id is not None else UNATTRIBUTED
         url = await _org_forward_url(ctx, who.org_id)
+    operators_choice = False
     if url is None and message.assistant_id is not None:
         url = await ctx.assistant_servers.server_url(message.assistant_id)
+        operators_choice = True  # the account's own assistant, configured at Vapi by the platform
     if url is not None and ctx.settings.public_url is not None and url.startswith(ctx.settings.public_url + "/"):
         url = None  # the platform's assistant already names the engine: nothing to forward to
-    target = _target(ctx, url) if url is not None else None
+    target = _target(ctx, url, who.org_id, operators_choice) if url is not None else None
     if call_id is not None:
         ctx.forwarder.cache_target(call_id, target)
     return target
 
 
-def _target(ctx: AppContext, url: str) -> Target:
-    """The deployment's own forward URL may be internal; any other was chosen by an org or its platform."""
-    return Target(url, ctx.settings.forward_secret, operators=url == ctx.settings.forward_url)
+def _target(ctx: AppContext, url: str, org_id: str | None, operators_choice: bool = False) -> Target:
+    """The deployment's own forward URL may be internal, and it (with the account's assistants'
+    servers) gets the forward secret; any other URL was chosen by an org or a platform's answer:
+    the address rule, and the org's derived secret (engine/forwarding.forward_secret_for)."""
+    operators = url == ctx.settings.forward_url
+    secret = forward_secret_for(ctx.settings, org_id, operators=operators or operators_choice)
+    return Target(url, secret, operators=operators)
 
 
 async def _org_forward_url(ctx: AppContext, org_id: str | None) -> str | None:
@@ -242,7 +248,7 @@ async def assistant_request(ctx: AppContext, message: VapiMessage, raw: bytes) -
         forward_url = await _org_forward_url(ctx, org_id)
         if forward_url is not None:
             budget_s = assistant_request_budget_s - platform_answer_margin_s - (asyncio.get_running_loop().time() - started)
-            return await _platform_answers(ctx, message, raw, org_id, reservation, _target(ctx, forward_url), budget_s)
+            return await _platform_answers(ctx, message, raw, org_id, reservation, _target(ctx, forward_url, org_id), budget_s)
         await _remember(ctx, message, org_id)
         # The engine is the call's server (engine/call_server.py): its messages come here, not to
         # a server URL the saved assistant may carry.

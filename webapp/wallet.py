@@ -11,7 +11,8 @@ from starlette.responses import Response
 
 from engine.attribution import resolved_in_postgres
 from engine.balances import Wallet, read_wallet
-from engine.holds import live_holds, reserve_call
+from engine.forwarding import org_forward_secret
+from engine.holds import live_holds, release_call, reserve_call
 from engine.keys import is_call_id
 from engine.records import CallState
 from engine.results import Outcome
@@ -172,6 +173,9 @@ async def reserve(request: Request) -> Response:
         # Postgres cannot say: a hold now could be such a phantom, which nothing would expire
         # (Postgres has the call resolved). Refused; the platform retries.
         raise ApiError(503, "unavailable", "cannot check this call id against the ledger now; retry shortly")
+    owner = await ctx.calls.org_of(call_id)
+    if owner is not None and owner != org_id:
+        raise ApiError(409, "call_taken", "another org admitted this call id", field="call_id")
     reservation = await reserve_call(ctx.rt, org_id, call_id)
     if reservation.outcome == Outcome.org_unknown and await ctx.bring_org_in(org_id):
         reservation = await reserve_call(ctx.rt, org_id, call_id)
@@ -179,7 +183,9 @@ async def reserve(request: Request) -> Response:
     if reservation.held and not reservation.funded:
         raise ApiError(409, "call_not_funded", "this call is already running without credit and is being ended", field="call_id")
     if reservation.outcome in (Outcome.ok, Outcome.replayed):
-        await ctx.calls.remember(call_id, org_id)
+        if not await ctx.calls.remember(call_id, org_id):  # another org admitted it meanwhile
+            await release_call(ctx.rt, org_id, call_id)
+            raise ApiError(409, "call_taken", "another org admitted this call id", field="call_id")
         headers = {"Idempotent-Replayed": "true"} if reservation.outcome == Outcome.replayed else None
         return json_response(
             {"call_id": call_id, "hold_pence": reservation.hold_pence, "max_duration_seconds": reservation.max_duration_s,
@@ -194,3 +200,13 @@ async def reserve(request: Request) -> Response:
     if reservation.outcome == Outcome.call_already_resolved:
         raise ApiError(409, "call_already_resolved", "this call has already ended and been billed", field="call_id")
     raise ApiError(503, "unavailable", f"cannot reserve now ({reservation.outcome.name}); retry shortly")
+
+
+async def forwarding_secret(request: Request) -> Response:
+    """The X-Vapi-Secret the engine sends with what it forwards to the org's own platform (its
+    `forward_url`, and any server URL its platform's answers name): derived per org, never the
+    deployment's own (engine/forwarding.org_forward_secret)."""
+    ctx, org_id = await org_context(request)
+    if ctx.settings.forward_secret is None:
+        raise ApiError(404, "forwarding_unsigned", "this deployment has no CREDIT_ENGINE_FORWARD_SECRET: forwarded messages carry no secret")
+    return json_response({"secret": org_forward_secret(ctx.settings.forward_secret, org_id), "header": "X-Vapi-Secret"})

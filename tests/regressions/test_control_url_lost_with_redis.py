@@ -61,7 +61,7 @@ async def test_a_call_whose_control_url_redis_lost_is_still_ended_through_vapis_
     the_call = await world.start_call(number, "call-lost-url")
     control_url = the_call.monitor.control_url if the_call.monitor else None
     assert control_url is not None
-    vapi_api.add_call("call-lost-url", control_url)
+    vapi_api.add_call("call-lost-url", control_url, phone_number_id=number)
     await drain_org_fully(world.rt, org_id)  # the hold is in Postgres; the control URL only in Redis
     await lose_redis(world.rt)
     assert await world.rt.redis.hget(world.rt.keys.org(org_id).control, "call-lost-url") is None
@@ -83,7 +83,7 @@ async def test_a_control_url_vapi_names_off_its_own_hosts_is_not_used(
     """Vapi's answer is checked by the same rule as a webhook's: the token goes to Vapi's hosts only."""
     org_id, _key, number = await world.org(30)
     await world.start_call(number, "call-odd-url")
-    vapi_api.add_call("call-odd-url", "https://attacker.example.com/call-odd-url/control")
+    vapi_api.add_call("call-odd-url", "https://attacker.example.com/call-odd-url/control", phone_number_id=number)
     await drain_org_fully(world.rt, org_id)
     await lose_redis(world.rt)
     world.at(36)

@@ -316,7 +316,14 @@ class Calls(RuleBasedStateMachine):
             created_ms=self.clock.value_ms,
         )
         self.calls[call_id] = c
-        self.vapi_api.add_call(call_id, c.control_url)  # type: ignore[attr-defined]
+        as_vapi_has_it = self.vapi_call(c)
+        variables = as_vapi_has_it.assistant_overrides.variable_values if as_vapi_has_it.assistant_overrides else None
+        self.vapi_api.add_call(  # type: ignore[attr-defined]
+            call_id,
+            c.control_url,
+            phone_number_id=as_vapi_has_it.phone_number_id,
+            org_id=(variables or {}).get("org_id"),
+        )
         if failing_control:
             self.fake.always[f"/{call_id}/control"] = 500
         self.run(self._start(c, reserve_as))

@@ -60,15 +60,18 @@ def engine_server(settings: Settings) -> dict[str, Any] | None:
 def admission_overrides(
     settings: Settings,
     org_id: str,
-    funded_duration_s: int,
+    funded_duration_s: int | None,
     asked: dict[str, Any] | None = None,
     assistant_server_messages: list[str] | None = None,
 ) -> dict[str, Any]:
     """The `assistantOverrides` (or `squadOverrides`) of an answer that admits a call: `asked`
-    (what the platform's own answer overrode, if anything) with the engine's part merged in."""
-    assert limits.max_duration_s_min <= funded_duration_s <= limits.max_duration_s_max
+    (what the platform's own answer overrode, if anything) with the engine's part merged in.
+    funded_duration_s None (a handoff mid-call): a maxDurationSeconds asked for stays as asked
+    (the kill switch bounds the call)."""
+    assert funded_duration_s is None or limits.max_duration_s_min <= funded_duration_s <= limits.max_duration_s_max
     overrides = dict(asked or {})
-    overrides["maxDurationSeconds"] = _shorter(overrides.get("maxDurationSeconds"), funded_duration_s)
+    if funded_duration_s is not None:
+        overrides["maxDurationSeconds"] = _shorter(overrides.get("maxDurationSeconds"), funded_duration_s)
     variables = overrides.get("variableValues")
     overrides["variableValues"] = {**(variables if isinstance(variables, dict) else {}), "org_id": org_id}
     monitor = overrides.get("monitorPlan")
@@ -133,12 +136,70 @@ def merge_platform_answer(settings: Settings, org_id: str, funded_duration_s: in
         if overrides_key == "workflowOverrides":
             return _workflow_answer(settings, org_id, funded_duration_s, merged, asked)
         transient = chosen.get("assistant") if isinstance(chosen.get("assistant"), dict) else {}
-        own_messages = transient.get("serverMessages")
+        server_url = _server_url(asked) or _server_url(transient)
         merged[overrides_key] = admission_overrides(
-            settings, org_id, funded_duration_s, asked, own_messages if isinstance(own_messages, list) else None
+            settings, org_id, funded_duration_s, asked, _messages_of(transient)
         )
-        return PlatformAnswer(merged, None, _server_url(asked) or _server_url(transient))
+        if isinstance(chosen.get("squad"), dict):
+            merged["squad"], squad_server_url = _squad_made_ours(settings, org_id, funded_duration_s, chosen["squad"])
+            server_url = server_url or squad_server_url
+        return PlatformAnswer(merged, None, server_url)
     return PlatformAnswer(None, None, None)
+
+
+def _messages_of(assistant: Any) -> list[str] | None:
+    messages = assistant.get("serverMessages") if isinstance(assistant, dict) else None
+    return messages if isinstance(messages, list) else None
+
+
+def _squad_made_ours(
+    settings: Settings, org_id: str, funded_duration_s: int | None, squad: dict[str, Any]
+) -> tuple[dict[str, Any], str | None]:
+    """A transient squad's own override layers (`membersOverrides`, each member's
+    `assistantOverrides`) get the engine's part too: which layer Vapi applies last is not ours to
+    guess. Returns the squad and the first server URL the platform named in it."""
+    squad = dict(squad)
+    layers: list[Any] = [squad.get("membersOverrides")]
+    members = []
+    for member in squad.get("members") if isinstance(squad.get("members"), list) else []:
+        if not isinstance(member, dict):
+            members.append(member)
+            continue
+        asked = member.get("assistantOverrides") if isinstance(member.get("assistantOverrides"), dict) else None
+        transient = member.get("assistant") if isinstance(member.get("assistant"), dict) else None
+        layers += [asked, transient]
+        overrides = admission_overrides(settings, org_id, funded_duration_s, asked, _messages_of(transient))
+        members.append({**member, "assistantOverrides": overrides})
+    if "members" in squad:
+        squad["members"] = members
+    asked_members = squad.get("membersOverrides") if isinstance(squad.get("membersOverrides"), dict) else None
+    squad["membersOverrides"] = admission_overrides(settings, org_id, funded_duration_s, asked_members)
+    return squad, next((url for url in map(_server_url, layers) if url), None)
+
+
+def merge_handoff_answer(settings: Settings, org_id: str, answer: dict[str, Any]) -> tuple[dict[str, Any], str | None]:
+    """The platform's answer to a `handoff-destination-request`: the call goes on with another
+    assistant (or squad) the platform names, so the engine's part goes into its overrides as at
+    admission (the engine its server, its messages, control), the duration left to the kill switch.
+    Returns the answer and the server URL the platform named for the rest of the call."""
+    destination = answer.get("destination")
+    if not isinstance(destination, dict):
+        return answer, None
+    destination = dict(destination)
+    server_url = None
+    if destination.get("type") == "assistant":
+        asked = destination.get("assistantOverrides") if isinstance(destination.get("assistantOverrides"), dict) else None
+        transient = destination.get("assistant") if isinstance(destination.get("assistant"), dict) else None
+        server_url = _server_url(asked) or _server_url(transient)
+        destination["assistantOverrides"] = admission_overrides(settings, org_id, None, asked, _messages_of(transient))
+    elif destination.get("type") == "squad":
+        asked = destination.get("squadOverrides") if isinstance(destination.get("squadOverrides"), dict) else None
+        server_url = _server_url(asked)
+        destination["squadOverrides"] = admission_overrides(settings, org_id, None, asked)
+        if isinstance(destination.get("squad"), dict):
+            destination["squad"], squad_server_url = _squad_made_ours(settings, org_id, None, destination["squad"])
+            server_url = server_url or squad_server_url
+    return {**answer, "destination": destination}, server_url
 
 
 def _workflow_answer(

@@ -18,7 +18,7 @@ from starlette.responses import Response
 from engine import keys as key_rules
 from engine import limits
 from engine.attribution import UNATTRIBUTED, Attribution, attribute, may_be_a_replay
-from engine.call_server import admission_overrides, merge_platform_answer, remember_workflow
+from engine.call_server import admission_overrides, merge_handoff_answer, merge_platform_answer, remember_workflow
 from engine.control import control_url_allowed
 from engine.end_queue import end_unheld_call
 from engine.errors import InvalidInput
@@ -178,7 +178,23 @@ async def _relayed_answer(ctx: AppContext, message: VapiMessage, raw: bytes) -> 
         ctx.metrics.webhooks.labels(message.type[:40], "relay_failed").inc()
         return {}
     ctx.metrics.webhooks.labels(message.type[:40], "relayed").inc()
+    if message.type == "handoff-destination-request":
+        return await _handoff_made_ours(ctx, message, relayed.answer)
     return relayed.answer
+
+
+async def _handoff_made_ours(ctx: AppContext, message: VapiMessage, answer: dict[str, Any]) -> dict[str, Any]:
+    """The rest of the call goes to the assistant (or squad) the platform named: the engine stays
+    its server (engine/call_server.merge_handoff_answer), and a server URL the platform named in
+    it is where the call's messages are forwarded from now on."""
+    who = await attribute_message(ctx, message)
+    if who.org_id is None or message.call_id is None:
+        return answer  # a call no org admitted: not the engine's to bill
+    merged, server_url = merge_handoff_answer(ctx.settings, who.org_id, answer)
+    if server_url is not None:
+        await ctx.calls.remember(message.call_id, who.org_id, forward_url=server_url)
+        ctx.forwarder.targets.pop(message.call_id, None)
+    return merged
 
 
 _background: set["asyncio.Task[None]"] = set()

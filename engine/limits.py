@@ -56,7 +56,6 @@ vapi_request_timeout_s = 10.0
 vapi_request_attempts_max = 3  # a 429, a 5xx or a transport error is tried again, after a backoff
 vapi_retry_after_s_max = 10.0  # the longest Retry-After honoured
 vapi_assistants_checked_max = 100  # `vapi check` looks up at most this many distinct assistants
-vapi_id_length_max = 128  # an id a platform named (a workflow's) longer than this is not kept
 vapi_workflows_remembered_max = 1_000  # saved workflows a platform answered with, newest kept (call_server)
 vapi_workflows_checked_max = 100  # `vapi check` looks up at most this many of them, newest first
 public_url_probe_timeout_s = 5.0  # `vapi check`: GET <CREDIT_ENGINE_PUBLIC_URL>/healthz

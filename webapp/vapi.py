@@ -16,7 +16,6 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from engine import keys as key_rules
-from engine import limits
 from engine.attribution import UNATTRIBUTED, Attribution, attribute, may_be_a_replay
 from engine.call_server import admission_overrides, merge_handoff_answer, merge_platform_answer, remember_workflow
 from engine.control import control_url_allowed
@@ -300,7 +299,7 @@ async def _platform_answers(
         ctx.metrics.webhooks.labels(message.type, "platform_failed").inc()
         return {"error": await refusal_text(ctx.rt, org_id, Refusal.try_later)}
     await _remember(ctx, message, org_id, merged.server_url)
-    if merged.workflow_id is not None and len(merged.workflow_id) <= limits.vapi_id_length_max:
+    if merged.workflow_id is not None and key_rules.is_call_id(merged.workflow_id):  # an id's characters only
         try:
             await remember_workflow(ctx.rt, merged.workflow_id, int(time.time() * 1000))
         except Exception:  # for `vapi check` only: the call goes on

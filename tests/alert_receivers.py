@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import orjson
 
 from engine.runtime import Runtime
+from tests.served import served_raw
 
 ANSWER = "answer"  # the status below, after hold_s, with a short body; keep-alive
 SILENT = "silent"  # reads the request, never answers
@@ -103,23 +104,9 @@ async def receiver(
     mode: str, *, status: int = 200, hold_s: float = 0.0, ssl_context: ssl.SSLContext | None = None
 ) -> AsyncIterator[Receiver]:
     the = Receiver(mode, status=status, hold_s=hold_s, scheme="https" if ssl_context else "http")
-    tasks: set[asyncio.Task[None]] = set()
-
-    def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.create_task(the.handle(reader, writer))
-        tasks.add(task)
-        task.add_done_callback(tasks.discard)
-
-    server = await asyncio.start_server(on_connect, "127.0.0.1", 0, ssl=ssl_context)
-    the.port = server.sockets[0].getsockname()[1]
-    try:
+    async with served_raw(the.handle, ssl_context) as port:
+        the.port = port
         yield the
-    finally:
-        server.close()
-        for task in list(tasks):
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        await server.wait_closed()
 
 
 async def add_alerts(rt: Runtime, org_id: str, count: int) -> list[str]:

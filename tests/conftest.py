@@ -10,6 +10,7 @@ from engine.clock import ManualClock
 from engine.config import Settings
 from engine.db import with_database
 from engine.runtime import Runtime
+from tests.fake_vapi_api import FakeVapiApi, fake_vapi_api_server
 from tests.services import (
     Services,
     create_template_database,
@@ -93,3 +94,10 @@ async def rt(settings: Settings, clock: ManualClock) -> AsyncIterator[Runtime]:
     await runtime.close()
     assert settings.redis_url is not None
     await delete_prefix(settings.redis_url, settings.key_prefix)
+
+
+@pytest.fixture
+async def vapi_api() -> AsyncIterator[FakeVapiApi]:
+    """A fake of Vapi's REST API that checks what it is sent against Vapi's SDK (tests/fake_vapi_api.py)."""
+    async with fake_vapi_api_server() as fake:
+        yield fake

@@ -3,18 +3,19 @@ port: it records every message it gets and answers as the test scripts it (an as
 answer, a tool's result, an error, a delay, garbage)."""
 
 import asyncio
-import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
-import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+
+from engine.embedded import free_port
+from tests.served import served
 
 
 @dataclass
@@ -60,23 +61,9 @@ class FakePlatform:
         return JSONResponse(reply.body, status_code=reply.status)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @asynccontextmanager
 async def fake_platform_server() -> AsyncIterator[FakePlatform]:
-    fake = FakePlatform(port=_free_port())
+    fake = FakePlatform(port=free_port())
     app = Starlette(routes=[Route("/{path:path}", fake.handle, methods=["POST"])])
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=fake.port, log_level="warning", lifespan="off"))
-    task = asyncio.create_task(server.serve())
-    while not server.started:
-        await asyncio.sleep(0.01)
-    try:
+    async with served(app, fake.port, cut_short=True):
         yield fake
-    finally:
-        server.should_exit = True
-        server.force_exit = True
-        await task

@@ -7,7 +7,6 @@ a worker reaches the fake through `vapi_control_base_url=fake.base_url` (VAPI_CO
 which keeps the path and replaces the scheme and host."""
 
 import asyncio
-import socket
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -15,12 +14,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
-import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from engine.embedded import free_port
+from tests.served import served
 
 VAPI_CONTROL_HOST = "https://aws-us-west-2-production1-phone-call-websocket.vapi.ai"
 
@@ -81,25 +81,10 @@ class FakeVapi:
         return JSONResponse({}, status_code=status)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @asynccontextmanager
 async def fake_vapi_server(port: int | None = None) -> AsyncIterator[FakeVapi]:
     """port: one chosen beforehand (a worker started earlier was told it); None: any free one."""
-    fake = FakeVapi(port=port or _free_port())
+    fake = FakeVapi(port=port or free_port())
     app = Starlette(routes=[Route("/{path:path}", fake.handle, methods=["POST"])])
-    # A request still delayed at the end is cut short rather than holding the test up.
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=fake.port, log_level="warning", lifespan="off",
-                                           timeout_graceful_shutdown=1))  # fmt: skip
-    task = asyncio.create_task(server.serve())
-    while not server.started:
-        await asyncio.sleep(0.01)
-    try:
+    async with served(app, fake.port, cut_short=True):
         yield fake
-    finally:
-        server.should_exit = True
-        await task

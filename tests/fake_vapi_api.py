@@ -18,11 +18,9 @@ Every request is recorded with its parsed body. `failing` makes a route answer a
 (keyed "METHOD /path"), as an outage of Vapi's would.
 """
 
-import asyncio
 import inspect
 import itertools
 import secrets
-import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -31,7 +29,6 @@ from typing import Any
 
 import orjson
 import pydantic
-import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -39,9 +36,8 @@ from starlette.routing import Route
 from vapi.phone_numbers.client import AsyncPhoneNumbersClient
 from vapi.types import (
     Assistant,
-    Call,
-    Workflow,
     ByoPhoneNumber,
+    Call,
     CreateVapiPhoneNumberDto,
     TelnyxPhoneNumber,
     TwilioPhoneNumber,
@@ -53,7 +49,11 @@ from vapi.types import (
     VapiPhoneNumber,
     VonagePhoneNumber,
     WebhookCredential,
+    Workflow,
 )
+
+from engine.embedded import free_port
+from tests.served import served
 
 API_KEY = "vapi-api-key-for-tests"
 VAPI_ORG_ID = "vapi-org-0001"
@@ -189,7 +189,9 @@ class FakeVapiApi:
         Assistant.model_validate(assistant)
         self.assistants[assistant_id] = assistant
 
-    def add_workflow(self, workflow_id: str, server: dict[str, Any] | None = None, control_enabled: bool = True) -> None:
+    def add_workflow(
+        self, workflow_id: str, server: dict[str, Any] | None = None, control_enabled: bool = True
+    ) -> None:
         workflow: dict[str, Any] = {
             "id": workflow_id,
             "orgId": VAPI_ORG_ID,
@@ -300,33 +302,24 @@ class FakeVapiApi:
         number["updatedAt"] = iso(datetime.now(UTC))
         return JSONResponse(number)
 
-    async def get_credential(self, request: Request) -> Response:
+    def _one(self, request: Request, store: dict[str, dict[str, Any]], param: str) -> Response:
+        """GET of one object by id: as stored, or Vapi's 404."""
         if (refused := self._refused(request)) is not None:
             return refused
-        credential = self.credentials.get(request.path_params["credential_id"])
-        return JSONResponse(
-            credential or {"message": "Not Found", "statusCode": 404}, status_code=200 if credential else 404
-        )
+        found = store.get(request.path_params[param])
+        return JSONResponse(found or {"message": "Not Found", "statusCode": 404}, status_code=200 if found else 404)
+
+    async def get_credential(self, request: Request) -> Response:
+        return self._one(request, self.credentials, "credential_id")
 
     async def get_assistant(self, request: Request) -> Response:
-        if (refused := self._refused(request)) is not None:
-            return refused
-        assistant = self.assistants.get(request.path_params["assistant_id"])
-        return JSONResponse(
-            assistant or {"message": "Not Found", "statusCode": 404}, status_code=200 if assistant else 404
-        )
+        return self._one(request, self.assistants, "assistant_id")
 
     async def get_workflow(self, request: Request) -> Response:
-        if (refused := self._refused(request)) is not None:
-            return refused
-        workflow = self.workflows.get(request.path_params["workflow_id"])
-        return JSONResponse(workflow or {"message": "Not Found", "statusCode": 404}, status_code=200 if workflow else 404)
+        return self._one(request, self.workflows, "workflow_id")
 
     async def get_call(self, request: Request) -> Response:
-        if (refused := self._refused(request)) is not None:
-            return refused
-        the_call = self.calls.get(request.path_params["call_id"])
-        return JSONResponse(the_call or {"message": "Not Found", "statusCode": 404}, status_code=200 if the_call else 404)
+        return self._one(request, self.calls, "call_id")
 
     async def create_phone_number(self, request: Request) -> Response:
         body = orjson.loads(await request.body())
@@ -361,15 +354,9 @@ class FakeVapiApi:
         return JSONResponse(number or {"message": "Not Found"}, status_code=200 if number else 404)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @asynccontextmanager
 async def fake_vapi_api_server() -> AsyncIterator[FakeVapiApi]:
-    fake = FakeVapiApi(port=_free_port())
+    fake = FakeVapiApi(port=free_port())
     routes = [
         Route("/phone-number", fake.create_phone_number, methods=["POST"]),
         Route("/phone-number", fake.list_phone_numbers, methods=["GET"]),
@@ -380,13 +367,5 @@ async def fake_vapi_api_server() -> AsyncIterator[FakeVapiApi]:
         Route("/workflow/{workflow_id}", fake.get_workflow, methods=["GET"]),
         Route("/call/{call_id}", fake.get_call, methods=["GET"]),
     ]
-    app = Starlette(routes=routes)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=fake.port, log_level="warning", lifespan="off"))
-    task = asyncio.create_task(server.serve())
-    while not server.started:
-        await asyncio.sleep(0.01)
-    try:
+    async with served(Starlette(routes=routes), fake.port):
         yield fake
-    finally:
-        server.should_exit = True
-        await task

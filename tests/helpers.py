@@ -1,18 +1,16 @@
 """Small builders shared by the tests."""
 
-import asyncio
 import secrets
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
-
-import uvicorn
 
 from engine.config import Settings
 from engine.credits import credit
 from engine.org_settings import OrgSettings
 from engine.orgs import create_org
 from engine.runtime import Runtime
+from tests.served import served
 from webapp.app import create_app
 
 
@@ -55,15 +53,5 @@ async def assert_books_agree(rt: Runtime, org_id: str) -> int:
 @asynccontextmanager
 async def engine_served(settings: Settings, port: int) -> AsyncIterator[None]:
     """The engine's web app on a loopback port: its CREDIT_ENGINE_PUBLIC_URL answers."""
-    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning"))
-    task = asyncio.create_task(server.serve())
-    for _ in range(1_000):
-        if server.started:
-            break
-        await asyncio.sleep(0.01)
-    assert server.started
-    try:
+    async with served(create_app(settings), port, lifespan="on"):
         yield
-    finally:
-        server.should_exit = True
-        await task

@@ -15,6 +15,7 @@ import pytest
 from engine.fire_and_forget import FireAndForget, head_bytes_max
 from engine.outbound import Failure
 from tests.engine.test_outbound import certificate  # noqa: F401  (a fixture)
+from tests.served import served_raw
 
 BODY = b'{"message": {"type": "status-update"}}'
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
@@ -37,7 +38,6 @@ class Server:
 @asynccontextmanager
 async def scripted(script: Script, ssl_context: ssl.SSLContext | None = None) -> AsyncIterator[Server]:
     the = Server(scheme="https" if ssl_context else "http")
-    tasks: set[asyncio.Task[None]] = set()
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         the.connections += 1
@@ -58,21 +58,9 @@ async def scripted(script: Script, ssl_context: ssl.SSLContext | None = None) ->
         finally:
             writer.close()
 
-    def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.create_task(handle(reader, writer))
-        tasks.add(task)
-        task.add_done_callback(tasks.discard)
-
-    server = await asyncio.start_server(on_connect, "127.0.0.1", 0, ssl=ssl_context)
-    the.port = server.sockets[0].getsockname()[1]
-    try:
+    async with served_raw(handle, ssl_context) as port:
+        the.port = port
         yield the
-    finally:
-        server.close()
-        for task in list(tasks):
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        await server.wait_closed()
 
 
 @asynccontextmanager

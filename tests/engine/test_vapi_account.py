@@ -6,7 +6,7 @@ answering in the test's loop."""
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
@@ -22,19 +22,13 @@ from engine.embedded import free_port
 from engine.phone_numbers import register_number, registered_numbers
 from engine.runtime import Runtime
 from engine.vapi_account import AccountNumber, VapiAccount, VapiError, next_page_bound
-from tests.fake_vapi_api import API_KEY, T0, FakeVapiApi, fake_vapi_api_server, iso
+from tests.fake_vapi_api import API_KEY, T0, FakeVapiApi, iso
 from tests.helpers import engine_served, new_org
 from tests.processes import service_env
 from tests.webapp.conftest import ADMIN_TOKEN, WEBHOOK_SECRET, Api, api  # noqa: F401  (the `api` fixture)
 from tests.webapp.vapi_payloads import assistant_request, call
 
 PLATFORM_SERVER = "https://platform.example.com/vapi/hook"
-
-
-@pytest.fixture
-async def vapi_api() -> AsyncIterator[FakeVapiApi]:
-    async with fake_vapi_api_server() as fake:
-        yield fake
 
 
 @pytest.fixture
@@ -404,7 +398,9 @@ async def test_check_crosses_each_workflow_a_platform_answered_with_whose_calls_
     code, out, _ = await vapi_cli(capsys, tmp_path, "check", "--json")
     assert code == 1
     checks = {check["name"]: check for check in json.loads(out)["checks"] if check["name"].startswith("workflow")}
-    assert set(checks) == {f"workflow {w}" for w in ("wf-engine", "wf-no-server", "wf-platform", "wf-no-control", "wf-gone")}
+    assert set(checks) == {
+        f"workflow {w}" for w in ("wf-engine", "wf-no-server", "wf-platform", "wf-no-control", "wf-gone")
+    }
     assert checks["workflow wf-engine"]["ok"] and "its server is the engine" in checks["workflow wf-engine"]["detail"]
     assert checks["workflow wf-no-server"]["ok"] and "no server of its own" in checks["workflow wf-no-server"]["detail"]
     assert not checks["workflow wf-platform"]["ok"]
@@ -414,7 +410,9 @@ async def test_check_crosses_each_workflow_a_platform_answered_with_whose_calls_
     assert vapi_api.invalid == []
 
 
-async def test_the_workflows_remembered_are_the_newest_and_bounded(rt: Runtime, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_the_workflows_remembered_are_the_newest_and_bounded(
+    rt: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(limits, "vapi_workflows_remembered_max", 3)
     for at_ms, workflow_id in enumerate(("wf-1", "wf-2", "wf-3", "wf-4", "wf-2")):
         await remember_workflow(rt, workflow_id, 10 + at_ms)

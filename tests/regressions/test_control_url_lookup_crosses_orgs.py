@@ -11,40 +11,11 @@ Fixed twice: the reserve API refuses (409 `call_taken`) a call id another org ad
 lookup uses Vapi's record only if it says the call is the org's (its number's owner, else the org
 it was admitted for). The second holds when the first cannot: the call index lost with Redis."""
 
-from collections.abc import AsyncIterator
-from dataclasses import replace
-
 import httpx
-import pytest
 
-from engine.clock import ManualClock
-from engine.config import Settings
-from engine.runtime import Runtime
-from tests.fake_vapi import FakeVapi
-from tests.fake_vapi_api import API_KEY, FakeVapiApi, fake_vapi_api_server
-from tests.webapp.test_kill_switch import KILL_SETTINGS, World
-
-
-@pytest.fixture
-async def vapi_api() -> AsyncIterator[FakeVapiApi]:
-    async with fake_vapi_api_server() as fake:
-        yield fake
-
-
-@pytest.fixture
-async def worker_rt(
-    settings: Settings, clock: ManualClock, fake: FakeVapi, vapi_api: FakeVapiApi
-) -> AsyncIterator[Runtime]:
-    with_api = replace(
-        settings,
-        vapi_control_base_url=fake.base_url,
-        vapi_api_key=API_KEY,
-        vapi_base_url=vapi_api.base_url,
-        **KILL_SETTINGS,
-    )
-    runtime = await Runtime.open(with_api, clock=clock)
-    yield runtime
-    await runtime.close()
+from tests.fake_vapi_api import FakeVapiApi
+from tests.regressions.with_vapi_api import worker_rt  # noqa: F401 - a fixture
+from tests.webapp.test_kill_switch import World
 
 
 async def test_an_org_cannot_make_the_kill_switch_end_another_orgs_call(

@@ -7,45 +7,17 @@ the call ran on, and the org spent past its credit plus grace (29 p against 27 p
 Vapi knows every call's control URL (`GET /call/{id}`, `monitor.controlUrl`): a kill switch that
 has none asks, keeps what Vapi says (if it is one of Vapi's URLs), and ends the call."""
 
-from collections.abc import AsyncIterator
-from dataclasses import replace
-
 import httpx
-import pytest
 
-from engine.clock import ManualClock
-from engine.config import Settings
 from engine.killswitch import ControlUrls, run_round
 from engine.outbox import drain_org_fully
 from engine.restore import ensure_rebuilt
 from engine.runtime import Runtime
 from tests.conftest import delete_prefix
-from tests.fake_vapi import FakeVapi
-from tests.fake_vapi_api import API_KEY, FakeVapiApi, fake_vapi_api_server
+from tests.fake_vapi_api import FakeVapiApi
+from tests.regressions.with_vapi_api import worker_rt  # noqa: F401 - a fixture
 from tests.webapp import vapi_payloads as payloads
-from tests.webapp.test_kill_switch import END, KILL_SETTINGS, World
-
-
-@pytest.fixture
-async def vapi_api() -> AsyncIterator[FakeVapiApi]:
-    async with fake_vapi_api_server() as fake:
-        yield fake
-
-
-@pytest.fixture
-async def worker_rt(
-    settings: Settings, clock: ManualClock, fake: FakeVapi, vapi_api: FakeVapiApi
-) -> AsyncIterator[Runtime]:
-    with_api = replace(
-        settings,
-        vapi_control_base_url=fake.base_url,
-        vapi_api_key=API_KEY,
-        vapi_base_url=vapi_api.base_url,
-        **KILL_SETTINGS,
-    )
-    runtime = await Runtime.open(with_api, clock=clock)
-    yield runtime
-    await runtime.close()
+from tests.webapp.test_kill_switch import END, World
 
 
 async def lose_redis(rt: Runtime) -> None:

@@ -20,7 +20,6 @@ from tests.webapp.test_forwarding import (  # noqa: F401
     app_settings,
     eventually,
     platform,
-    vapi_api,
 )
 from tests.webapp.vapi_payloads import assistant_request, call, status_update
 
@@ -56,4 +55,6 @@ async def test_a_url_the_platforms_answer_chose_does_not_receive_the_forward_sec
     await api.vapi(status_update(call("c-chosen", phone_number_id=number), "in-progress"))
     await eventually(lambda: platform.types("/anywhere-the-answer-chose") == ["status-update"])
     (got,) = [g for g in platform.got if g.path == "/anywhere-the-answer-chose"]
-    assert got.headers.get("x-vapi-secret") != PLATFORM_SECRET, "the deployment's forward secret went to a URL an answer chose"
+    assert got.headers.get("x-vapi-secret") != PLATFORM_SECRET, (
+        "the deployment's forward secret went to a URL an answer chose"
+    )

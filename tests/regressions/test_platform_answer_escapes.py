@@ -32,7 +32,7 @@ from vapi.types import ServerMessageResponseAssistantRequest, ServerMessageRespo
 from engine.call_server import WEBHOOK_PATH
 from tests.fake_platform import FakePlatform, Reply
 from tests.webapp.conftest import Api
-from tests.webapp.test_forwarding import PUBLIC_URL, app_settings, eventually, platform, vapi_api  # noqa: F401
+from tests.webapp.test_forwarding import PUBLIC_URL, app_settings, eventually, platform  # noqa: F401
 from tests.webapp.vapi_payloads import assistant_request, call, status_update
 
 ENGINE = PUBLIC_URL + WEBHOOK_PATH

@@ -120,10 +120,11 @@ async def test_one_orgs_key_never_sees_or_moves_another_orgs_money(api: Api) -> 
     assert (await api.as_org(key_a, "GET", "/api/wallet/holds")).json()["items"] == []
     items_a = (await api.as_org(key_a, "GET", "/api/wallet/transactions")).json()["items"]
     assert {i["amount_pence"] for i in items_a} == {1000}
-    # A's reserve of B's call id is A's own hold on A's own money: B's call is untouched.
-    assert (await api.as_org(key_a, "POST", "/api/calls/b-call/reserve")).status_code == 201
+    # A's reserve of B's call id is refused: the call is B's, and neither org's money moves.
+    taken = await api.as_org(key_a, "POST", "/api/calls/b-call/reserve")
+    assert (taken.status_code, taken.json()["error"]["code"]) == (409, "call_taken")
     assert (await wallet(api, key_b))["held_pence"] == 300
-    assert (await wallet(api, key_a))["held_pence"] == 300
+    assert (await wallet(api, key_a))["held_pence"] == 0
 
 
 async def test_keys_are_stored_hashed_and_a_revoked_key_stops_working(api: Api) -> None:

@@ -10,8 +10,8 @@ from collections.abc import AsyncIterator
 from dataclasses import replace
 from typing import Any
 
-import pytest
 import httpx
+import pytest
 from vapi.types import (
     CreateWorkflowDto,
     ServerMessageResponseAssistantRequest,
@@ -26,7 +26,7 @@ from engine.config import Settings
 from engine.embedded import free_port
 from engine.runtime import Runtime
 from tests.fake_platform import FakePlatform, Reply, fake_platform_server
-from tests.fake_vapi_api import API_KEY, FakeVapiApi, fake_vapi_api_server
+from tests.fake_vapi_api import API_KEY, FakeVapiApi
 from tests.helpers import engine_served
 from tests.webapp.conftest import ADMIN_TOKEN, WEBHOOK_SECRET, Api
 from tests.webapp.test_seed_scenarios import wallet
@@ -41,12 +41,6 @@ PLATFORM_SECRET = "platform-secret-" + "p" * 20
 async def platform() -> AsyncIterator[FakePlatform]:
     async with fake_platform_server() as server:
         yield server
-
-
-@pytest.fixture
-async def vapi_api() -> AsyncIterator[FakeVapiApi]:
-    async with fake_vapi_api_server() as fake:
-        yield fake
 
 
 @pytest.fixture
@@ -322,8 +316,12 @@ async def test_an_orgs_own_forward_url_and_refusal_sentence_win_over_the_deploym
     platform.replies["assistant-request"] = Reply(body={"assistantId": "asst-platform"})
     mine = await api.register_number(org)
     theirs = await api.register_number(other)
-    assert (await api.vapi(assistant_request(call("c-own-1", phone_number_id=mine)))).json()["assistantId"] == "asst-platform"
-    assert (await api.vapi(assistant_request(call("c-dep-1", phone_number_id=theirs)))).json()["assistantId"] == "asst-platform"
+    assert (await api.vapi(assistant_request(call("c-own-1", phone_number_id=mine)))).json()[
+        "assistantId"
+    ] == "asst-platform"
+    assert (await api.vapi(assistant_request(call("c-dep-1", phone_number_id=theirs)))).json()[
+        "assistantId"
+    ] == "asst-platform"
     assert (platform.types("/org-own"), platform.types("/vapi")) == (["assistant-request"], ["assistant-request"])
     # The org's platform gets the org's own secret (which the org reads from the API), never the
     # deployment's, which the operator's platform trusts.
@@ -349,7 +347,9 @@ async def test_only_the_operators_forward_url_may_be_an_internal_address(
     org, key = await api.new_org(600)
     number = await api.register_number(org)
     platform.replies["assistant-request"] = Reply(body={"assistantId": "asst-platform"})
-    assert (await api.vapi(assistant_request(call("c-op", phone_number_id=number)))).json()["assistantId"] == "asst-platform"
+    assert (await api.vapi(assistant_request(call("c-op", phone_number_id=number)))).json()[
+        "assistantId"
+    ] == "asst-platform"
     the_call = call("c-op", phone_number_id=number)
     await api.vapi(status_update(the_call, "in-progress"))
     await api.vapi(end_of_call_report(the_call, 20))

@@ -3,22 +3,15 @@ inbound call to it sends an assistant-request (and passes the credit check); the
 assistant the org asked for and answers it. Against a fake of Vapi's API that checks each request
 body against the SDK's `CreateVapiPhoneNumberDto`."""
 
-from collections.abc import AsyncIterator
 from dataclasses import replace
 
 import pytest
 
 from engine.config import Settings
-from tests.fake_vapi_api import API_KEY, FakeVapiApi, fake_vapi_api_server
+from tests.fake_vapi_api import API_KEY, FakeVapiApi
 from tests.webapp.conftest import ADMIN_TOKEN, WEBHOOK_SECRET, Api
 from tests.webapp.test_seed_scenarios import wallet
 from tests.webapp.vapi_payloads import assistant_request, call
-
-
-@pytest.fixture
-async def vapi_api() -> AsyncIterator[FakeVapiApi]:
-    async with fake_vapi_api_server() as fake:
-        yield fake
 
 
 @pytest.fixture

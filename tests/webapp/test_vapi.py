@@ -3,12 +3,11 @@
 import asyncio
 
 import pytest
+from vapi.types import Analysis, Artifact, ServerMessageEndOfCallReport
 
 from engine.clock import ManualClock
 from tests.webapp.conftest import Api
 from tests.webapp.test_seed_scenarios import ledger_kinds, wallet
-from vapi.types import Analysis, Artifact, ServerMessageEndOfCallReport
-
 from tests.webapp.vapi_payloads import T0, assistant_request, call, encode, end_of_call_report, status_update
 from webapp.vapi import SPOKEN_BUSY, SPOKEN_NO_CREDIT, SPOKEN_NOT_SET_UP
 
@@ -109,7 +108,9 @@ async def test_vapis_cost_is_stored_not_billed(api: Api) -> None:
     rt = await Runtime.open(api.settings)
     try:
         await ledger_kinds(api, org)
-        row = await rt.pg.fetchrow("SELECT amount_pence, meta FROM ledger_entries WHERE kind = 'call_charge' AND org_id = $1", org)
+        row = await rt.pg.fetchrow(
+            "SELECT amount_pence, meta FROM ledger_entries WHERE kind = 'call_charge' AND org_id = $1", org
+        )
     finally:
         await rt.close()
     assert row["amount_pence"] == -60  # 60 s at 60p/min, whatever Vapi's own cost was
@@ -130,7 +131,11 @@ async def test_other_message_types_get_an_empty_acknowledgement(api: Api) -> Non
 async def test_malformed_bodies_get_a_400_naming_the_problem(api: Api) -> None:
     broken = await api.vapi(b'{"message": {"type": "assistant-request",')
     assert (broken.status_code, broken.json()["error"]["code"]) == (400, "invalid_json")
-    for body, field in ((b'{"hello": 1}', "message"), (b'{"message": {"call": {}}}', "message.type"), (b"[1,2]", "message")):
+    for body, field in (
+        (b'{"hello": 1}', "message"),
+        (b'{"message": {"call": {}}}', "message.type"),
+        (b"[1,2]", "message"),
+    ):
         answer = await api.vapi(body)
         assert answer.status_code == 400
         assert answer.json()["error"]["field"] == field
@@ -146,7 +151,9 @@ async def test_wrong_types_inside_a_message_are_ignored_not_fatal(api: Api) -> N
     assert (answer.status_code, answer.json()) == (200, {})
 
 
-async def test_a_stuck_assistant_request_is_refused_aloud_within_the_budget(api: Api, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_a_stuck_assistant_request_is_refused_aloud_within_the_budget(
+    api: Api, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import time
 
     import webapp.vapi
@@ -165,7 +172,9 @@ async def test_a_stuck_assistant_request_is_refused_aloud_within_the_budget(api:
     assert time.monotonic() - started < 2
 
 
-async def test_a_report_without_times_bills_what_we_saw_and_a_later_full_report_settles(api: Api, clock: ManualClock) -> None:
+async def test_a_report_without_times_bills_what_we_saw_and_a_later_full_report_settles(
+    api: Api, clock: ManualClock
+) -> None:
     org, key = await api.new_org(10_000)
     number = await api.register_number(org)
     the_call = call("c1", phone_number_id=number)
@@ -173,7 +182,11 @@ async def test_a_report_without_times_bills_what_we_saw_and_a_later_full_report_
     await api.vapi(status_update(the_call, "in-progress"))
     clock.advance(600_000)
     await api.vapi(status_update(the_call, "ended"))
-    bare = b'{"message":{"type":"end-of-call-report","endedReason":"customer-ended-call","call":{"id":"c1","phoneNumberId":"' + number.encode() + b'"}}}'
+    bare = (
+        b'{"message":{"type":"end-of-call-report","endedReason":"customer-ended-call","call":{"id":"c1","phoneNumberId":"'
+        + number.encode()
+        + b'"}}}'
+    )
     assert (await api.vapi(bare)).json() == {}
     assert (await wallet(api, key))["balance_pence"] == 10_000 - 600  # the ten minutes we saw, not 0
     await api.vapi(end_of_call_report(the_call, 612))  # the full report, later
@@ -186,7 +199,9 @@ async def test_another_org_cannot_take_over_a_calls_status_checks(api: Api, cloc
     number = await api.register_number(victim)
     await api.vapi(assistant_request(call("victim-call", phone_number_id=number)))
     _, attacker_key = await api.new_org(777)
-    assert (await api.as_org(attacker_key, "POST", "/api/calls/victim-call/reserve")).status_code == 201
+    taken = await api.as_org(attacker_key, "POST", "/api/calls/victim-call/reserve")
+    assert (taken.status_code, taken.json()["error"]["code"]) == (409, "call_taken")
+    assert (await wallet(api, attacker_key))["held_pence"] == 0
     decision = (await api.status_check("victim-call")).json()
     assert decision["balance_pence"] == 5000  # still the victim's call, not the attacker's hold
 
@@ -197,7 +212,9 @@ async def test_a_status_check_naming_an_org_that_does_not_exist_is_an_unknown_ca
     assert (answer.status_code, answer.json()["reason"]) == (200, "unknown_call")
 
 
-async def test_a_refused_assistant_request_does_not_leave_its_hold_behind(api: Api, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_a_refused_assistant_request_does_not_leave_its_hold_behind(
+    api: Api, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import webapp.vapi
 
     org, key = await api.new_org(1000)

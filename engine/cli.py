@@ -244,9 +244,24 @@ def _add_org_settings(parser: argparse.ArgumentParser, rate_required: bool) -> N
     parser.add_argument("--refusal-try-later", dest="refusal_try_later", help="spoken for any other refusal")
 
 
+DATA_DIR_HELP = "where `up` keeps its data, and where the other commands find its servers (default .credit-engine)"
+
+
+def _accept_data_dir_everywhere(parser: argparse.ArgumentParser) -> None:
+    """`--data-dir` is a global option that may also follow any command (`credit-engine up --data-dir
+    D`, as the README writes it). A command's copy has no default, so it never overwrites one given
+    before the command; the commands that parse their own options (loadtest, bench) are left alone."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for command in action.choices.values():
+                if command.add_help:
+                    command.add_argument("--data-dir", type=Path, default=argparse.SUPPRESS, help=DATA_DIR_HELP)
+                    _accept_data_dir_everywhere(command)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="credit-engine", description="Prepaid credit engine for Vapi calls.")
-    parser.add_argument("--data-dir", type=Path, help="where `up` keeps its data (default .credit-engine)")
+    parser.add_argument("--data-dir", type=Path, help=DATA_DIR_HELP)
     commands = parser.add_subparsers(dest="command", required=True)
 
     up = commands.add_parser("up", help="run everything on this machine")
@@ -323,6 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
     vapi_check = vapi_commands.add_parser("check", help="a tick or a cross per number and setting (exit 1 on a cross)")
     vapi_check.add_argument("--json", action="store_true", help="machine-readable report")
     vapi.set_defaults(handler=cmd_vapi)
+    _accept_data_dir_everywhere(parser)
     return parser
 
 

@@ -1,8 +1,10 @@
 """The `credit-engine` command as an operator uses it."""
 
+import argparse
 import asyncio
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -13,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.cli import main
+from engine.cli import build_parser, main
 from engine.config import Settings
 from engine.embedded import free_port
 from engine.runtime import Runtime
@@ -36,7 +38,7 @@ def clean_env() -> dict[str, str]:
 
 def start_up(data_dir: Path, port: int) -> tuple[subprocess.Popen[str], list[str]]:
     process = subprocess.Popen(
-        [sys.executable, "-m", "engine.cli", "--data-dir", str(data_dir), "up", "--port", str(port)],
+        [sys.executable, "-m", "engine.cli", "up", "--data-dir", str(data_dir), "--port", str(port)],  # as the README writes it
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=clean_env(),
     )  # fmt: skip
     assert process.stdout is not None
@@ -194,3 +196,40 @@ async def test_orgs_create_and_update_set_the_vapi_profile(rt: Runtime, capsys: 
         assert await asyncio.to_thread(main, ["orgs", "update", "voice", *args]) == 2, args
         assert field in capsys.readouterr().err, args
     assert (await get_org(rt, "voice")).settings == settings  # nothing changed
+
+
+def readme_commands() -> list[str]:
+    """The first column of the README's commands table, without its backquotes."""
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    table = text.split("## Commands", 1)[1].split("\n\n", 2)[1]
+    return [line.split("`")[1] for line in table.splitlines() if line.startswith("| `credit-engine")]
+
+
+def test_every_option_the_readme_documents_is_accepted_where_it_is_written() -> None:
+    """`credit-engine up --data-dir DIR` was documented and refused ("unrecognized arguments"): each
+    `[--option]` of a row must be an option of that very command."""
+    commands = readme_commands()
+    assert len(commands) >= 12
+    parser = build_parser()
+    for usage in commands:
+        words = [w for w in usage.split()[1:] if not w.startswith(("[", "--", "|"))]
+        names = [w for w in words if w.islower() and w.isidentifier()]
+        subparser = parser
+        for name in names[0].split("|")[:1] + names[1:2]:
+            choices = next(a for a in subparser._actions if isinstance(a, argparse._SubParsersAction)).choices
+            if name not in choices:
+                break
+            subparser = choices[name]
+        known = set(subparser._option_string_actions)
+        for option in re.findall(r"--[a-z-]+", usage):
+            assert option in known, (usage, option)
+
+
+@pytest.mark.parametrize("argv", [["up", "--data-dir", "D"], ["--data-dir", "D", "up"], ["status", "--data-dir", "D"]])
+def test_data_dir_may_come_before_or_after_the_command(argv: list[str]) -> None:
+    assert build_parser().parse_args(argv).data_dir == Path("D")
+
+
+def test_data_dir_after_the_command_wins_and_without_it_the_default_stays() -> None:
+    assert build_parser().parse_args(["--data-dir", "A", "up", "--data-dir", "B"]).data_dir == Path("B")
+    assert build_parser().parse_args(["up"]).data_dir is None  # Settings' own default applies

@@ -16,7 +16,6 @@ other than `up` use the servers of a running `credit-engine up` (its <data-dir>/
 import argparse
 import asyncio
 import json
-import logging
 import secrets
 import sys
 from collections.abc import Awaitable, Callable
@@ -25,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.config import ConfigError, Settings
+from engine.logs import configure_logging
 
 EXIT_OK = 0
 EXIT_DRIFT = 1
@@ -85,6 +85,7 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
         loop="uvloop",
         http="httptools",
         log_level=settings.log_level.lower(),
+        log_config=None,  # uvicorn's lines go through the engine's own handler and format (engine/logs.py)
         access_log=False,
     )
     return EXIT_OK
@@ -463,8 +464,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     if args.data_dir is not None:
         settings = replace(settings, data_dir=args.data_dir)
-    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
+    configure_logging(settings.log_level, settings.log_format)
     try:
         return int(args.handler(args, settings))
     except ConfigError as error:  # a setting only this command needs (the worker's arq Redis)

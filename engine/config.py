@@ -11,6 +11,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from engine import limits
+from engine.logs import LOG_FORMATS
 
 
 class ConfigError(ValueError):
@@ -115,6 +116,7 @@ class Settings:
     worker_expire_interval_s: int = 5
     worker_health_check_interval_s: int = 5
     log_level: str = "INFO"
+    log_format: str = "text"  # text | json (one object per line, for log shippers)
     # HTTP API
     admin_token: str | None = None  # None: the admin API refuses everyone
     vapi_webhook_secret: str | None = None  # X-Vapi-Secret / Bearer; None: webhooks refuse everyone
@@ -191,6 +193,7 @@ class Settings:
             worker_expire_interval_s=_int(env, "CREDIT_ENGINE_WORKER_EXPIRE_INTERVAL_S", 5, 1, 3600),
             worker_health_check_interval_s=_int(env, "CREDIT_ENGINE_WORKER_HEALTH_CHECK_INTERVAL_S", 5, 1, 3600),
             log_level=env.get("CREDIT_ENGINE_LOG_LEVEL", "INFO").upper(),
+            log_format=_choice(env, "CREDIT_ENGINE_LOG_FORMAT", "text", LOG_FORMATS),
             admin_token=env.get("CREDIT_ENGINE_ADMIN_TOKEN") or None,
             vapi_webhook_secret=env.get("VAPI_WEBHOOK_SECRET") or None,
             vapi_hmac_secret=env.get("VAPI_WEBHOOK_HMAC_SECRET") or None,

@@ -1,5 +1,8 @@
 """engine/config.py: the platform's server and its secret, checked when read; the secret never shown."""
 
+import re
+from pathlib import Path
+
 import pytest
 
 from engine.config import ConfigError, Settings
@@ -25,3 +28,25 @@ def test_the_forward_secret_is_checked_when_read_and_never_shown() -> None:
         with pytest.raises(ConfigError, match="CREDIT_ENGINE_FORWARD_SECRET") as refused:
             Settings.from_env({"CREDIT_ENGINE_FORWARD_SECRET": bad})
         assert bad not in str(refused.value)  # the secret itself is never echoed
+
+
+def test_every_setting_the_engine_reads_is_a_row_of_the_readmes_configuration_table() -> None:
+    """A setting added to engine/config.py and forgotten in the README fails here: each name the
+    reader looks up has a table row of its own, written out in full (no `…_MAX_MS`)."""
+    root = Path(__file__).resolve().parents[2]
+    read = set(
+        re.findall(
+            r'"((?:CREDIT_ENGINE|VAPI)_[A-Z_]+|REDIS_URL|DATABASE_URL)"', (root / "engine/config.py").read_text()
+        )
+    )
+    rows = [line.split("|")[1] for line in (root / "README.md").read_text().splitlines() if line.startswith("| `")]
+    documented = {name for row in rows for name in re.findall(r"`([A-Z][A-Z_]+)`", row)}
+    assert len(read) > 50
+    assert read - documented == set()
+
+
+def test_the_log_format_is_text_or_json() -> None:
+    assert Settings.from_env({}).log_format == "text"
+    assert Settings.from_env({"CREDIT_ENGINE_LOG_FORMAT": "json"}).log_format == "json"
+    with pytest.raises(ConfigError, match="CREDIT_ENGINE_LOG_FORMAT"):
+        Settings.from_env({"CREDIT_ENGINE_LOG_FORMAT": "xml"})

@@ -1,6 +1,7 @@
 """The worker as a real process: it drains, expires, rebuilds, and survives SIGKILL exactly once."""
 
 import asyncio
+import json
 import random
 import signal
 import time
@@ -225,3 +226,25 @@ async def test_the_worker_process_warns_then_ends_a_call_on_redis_time(settings:
 
 async def _received(fake: FakeVapi, count: int) -> bool:
     return len(fake.received) >= count
+
+
+@pytest.mark.parametrize("level", ["INFO", "DEBUG"])
+async def test_the_worker_logs_json_lines_without_arqs_job_lines_at_info(rt: Runtime, tmp_path: Path, level: str) -> None:
+    """A real worker running its crons every second: at INFO its log holds no line per job (arq
+    writes two per job, which drowned everything else); at DEBUG they are there, marked DEBUG.
+    Every line is one JSON object a log shipper can parse."""
+    log = tmp_path / "worker.log"
+    worker = await start_ready_worker(rt, log, CREDIT_ENGINE_LOG_LEVEL=level, CREDIT_ENGINE_LOG_FORMAT="json")
+    try:
+        await asyncio.sleep(3.5)  # the expiry cron runs every second (tests/processes.py)
+    finally:
+        assert stop(worker) == 0, log.read_text()
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    assert all(set(line) >= {"time", "level", "logger", "message"} for line in lines)
+    job_lines = [line for line in lines if line["logger"] == "arq.worker" and ("→" in line["message"] or "←" in line["message"])]
+    started = [line for line in lines if line["message"].startswith("Starting worker")]
+    assert started and started[0]["level"] == "INFO"  # arq's own start-up line is kept
+    if level == "INFO":
+        assert job_lines == []
+    else:
+        assert len(job_lines) >= 4 and {line["level"] for line in job_lines} == {"DEBUG"}

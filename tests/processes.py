@@ -69,6 +69,18 @@ async def http_ready(client: "httpx.AsyncClient") -> bool:
         return False
 
 
+async def deployment_ready(client: "httpx.AsyncClient") -> bool:
+    """/readyz says 200 and nothing degraded: Postgres answers and a worker keeps the ledger up to
+    date (readiness alone says only that the web process can decide)."""
+    import httpx
+
+    try:
+        answer = await client.get("/readyz")
+    except httpx.TransportError:
+        return False
+    return answer.status_code == 200 and answer.json()["degraded"] == []
+
+
 async def wait_for(predicate: Callable[[], Awaitable[bool]], timeout_s: float, what: str, interval_s: float = 0.05) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:

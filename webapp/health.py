@@ -21,8 +21,14 @@ async def _worker_stats(ctx: AppContext) -> dict[str, int]:
 
 
 async def readyz(request: Request) -> Response:
-    """200 only when Redis and Postgres answer, Redis holds the rebuilt state, and the ledger is
-    not further behind than CREDIT_ENGINE_READINESS_OUTBOX_LAG_S_MAX."""
+    """200 when this process can decide: Redis answers and holds the rebuilt state. Nothing else.
+
+    The engine decides from Redis alone: through a Postgres outage the outbox holds the ledger's
+    entries, and through a stopped worker too. Were either in the status code, a load balancer that
+    honours readiness would take every web process out of rotation at once, and Vapi's webhooks
+    (which must get an answer) would fail for a fault the engine is built to ride out. So the
+    health of Postgres, the worker and the ledger's lag is reported in the body (and in /metrics and
+    `credit-engine verify`), never in the status code."""
     ctx = context(request)
     checks: dict[str, Any] = {}
     try:
@@ -30,19 +36,28 @@ async def readyz(request: Request) -> Response:
         checks["redis"] = "ok"
     except Exception as error:  # any failure means not ready; the reason is reported
         checks["redis"] = f"unreachable: {type(error).__name__}"
-    try:
-        await ctx.rt.pg.fetchval("SELECT 1", timeout=2)
-        checks["postgres"] = "ok"
-    except Exception as error:
-        checks["postgres"] = f"unreachable: {type(error).__name__}"
     checks["state"] = "ok" if ctx.guard.ready else "restoring from the ledger"
+    checks["postgres"] = await _postgres_check(ctx)
     if checks["redis"] == "ok":
         lag_ms = outbox_lag_ms(await _worker_stats(ctx), await redis_now_ms(ctx.rt.redis))
         limit_ms = ctx.settings.readiness_outbox_lag_s_max * 1000
         checks["outbox_lag_ms"] = lag_ms
         checks["outbox"] = "no worker has reported yet" if lag_ms is None else ("ok" if lag_ms <= limit_ms else "behind")
-    ready = all(checks.get(name) == "ok" for name in ("redis", "postgres", "state", "outbox"))
-    return json_response({"status": "ready" if ready else "not_ready", "checks": checks}, 200 if ready else 503)
+    ready = all(checks[name] == "ok" for name in READY_WHEN)
+    degraded = [name for name in ("postgres", "outbox") if checks.get(name, "ok") != "ok"]
+    body = {"status": "ready" if ready else "not_ready", "degraded": degraded, "checks": checks}
+    return json_response(body, 200 if ready else 503)
+
+
+READY_WHEN = ("redis", "state")  # what the status code says; the rest is reported, never decisive
+
+
+async def _postgres_check(ctx: AppContext) -> str:
+    try:
+        await ctx.rt.pg.fetchval("SELECT 1", timeout=2)
+        return "ok"
+    except Exception as error:
+        return f"unreachable: {type(error).__name__}"
 
 
 async def metrics(request: Request) -> Response:
@@ -58,6 +73,7 @@ async def metrics(request: Request) -> Response:
         ctx.metrics.ledger_writes.set(stats.get("entries_written", 0))
         ctx.metrics.ledger_duplicates.set(stats.get("entries_duplicate", 0))
         ctx.metrics.worker_heartbeat_age.set(max(0, now_ms - stats.get("heartbeat_ms", now_ms)) / 1000)
+    ctx.metrics.postgres_up.set(1 if await _postgres_check(ctx) == "ok" else 0)
     try:
         counters = await ctx.rt.redis.hgetall(ctx.rt.keys.worker_counters)
     except Exception:

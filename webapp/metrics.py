@@ -41,6 +41,10 @@ class Metrics:
             "credit_engine_ledger_duplicates", "Outbox entries refused as duplicate decisions (see ledger_rejects)",
             registry=self.registry,
         )  # fmt: skip
+        self.postgres_up = Gauge(
+            "credit_engine_postgres_up", "1 if this web process's Postgres answered at this scrape, else 0",
+            registry=self.registry,
+        )
         self.worker_heartbeat_age = Gauge(
             "credit_engine_worker_heartbeat_age_seconds", "Seconds since the worker last reported", registry=self.registry
         )

@@ -196,7 +196,7 @@ PATHS: dict[str, Any] = {
         "responses": {"200": answer("Decision", ref("StatusCheckResult")),
                       "503": answer("Balances are being restored", ref("Error")), **ERRORS}}},
     "/healthz": {"get": {"summary": "The process is up", "responses": {"200": answer("Up")}}},
-    "/readyz": {"get": {"summary": "Redis and Postgres answer, state rebuilt, ledger not behind",
+    "/readyz": {"get": {"summary": "This process can decide: Redis answers with its state rebuilt (Postgres, worker and ledger lag: in the body)",
                         "responses": {"200": answer("Ready"), "503": answer("Not ready")}}},
     "/metrics": {"get": {"summary": "Prometheus metrics", "responses": {"200": {"description": "Metrics",
                          "content": {"text/plain": {"schema": {"type": "string"}}}}}}},

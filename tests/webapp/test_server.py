@@ -14,7 +14,7 @@ import pytest
 
 from engine.config import Settings
 from engine.embedded import free_port
-from tests.processes import service_env, start_worker, stop, wait_for
+from tests.processes import deployment_ready, service_env, start_worker, stop, wait_for
 from tests.webapp.conftest import ADMIN_TOKEN, WEBHOOK_SECRET
 from tests.webapp.vapi_payloads import assistant_request, call, end_of_call_report, status_update
 
@@ -50,13 +50,7 @@ def server(server_settings: Settings, tmp_path: Path) -> Iterator[Server]:
 async def http(server: Server) -> AsyncIterator[httpx.AsyncClient]:
     async with httpx.AsyncClient(base_url=server.url, timeout=10) as client:
 
-        async def ready() -> bool:
-            try:
-                return (await client.get("/readyz")).status_code == 200
-            except httpx.TransportError:
-                return False
-
-        await wait_for(ready, 30, "the server and worker to be ready")
+        await wait_for(lambda: deployment_ready(client), 30, "the server and worker to be ready")
         yield client
 
 

@@ -1,92 +1,11 @@
 """Run the worker process: `credit-engine worker`."""
 
 import asyncio
-import logging
-import signal
 
 import uvloop
 
-from arq.constants import in_progress_key_prefix
-from arq.utils import timestamp_ms
-from arq.worker import Worker
-from redis.exceptions import RedisError, ResponseError, WatchError
-
 from engine.config import Settings
-
-log = logging.getLogger(__name__)
-
-redis_retry_pause_s = 1.0
-
-
-class CreditEngineWorker(Worker):
-    async def start_jobs(self, job_ids: list[bytes]) -> None:
-        """arq's start_jobs, except that a job slot taken for a job whose claim then failed in Redis
-        (a lost connection mid-WATCH) is given back. arq gives it back only for the errors it
-        expects; once the poll loop survives Redis outages (below), every other error would leak a
-        slot for good, and a worker that leaked max_jobs of them would never run a cron again."""
-        for job_id_b in job_ids:
-            await self.sem.acquire()
-            if self.job_counter >= self.max_jobs:
-                self.sem.release()
-                return None
-            self.job_counter = self.job_counter + 1
-            started = False
-            try:
-                started = await self._claim_and_start(job_id_b.decode())
-            finally:
-                if not started:
-                    self.job_counter = self.job_counter - 1
-                    self.sem.release()
-
-    async def _claim_and_start(self, job_id: str) -> bool:
-        """Mark the job in progress (unless it runs elsewhere) and start it: arq 0.28's own steps."""
-        in_progress_key = in_progress_key_prefix + job_id
-        async with self.pool.pipeline(transaction=True) as pipe:
-            await pipe.watch(in_progress_key)
-            ongoing_exists = await pipe.exists(in_progress_key)
-            score = await pipe.zscore(self.queue_name, job_id)
-            if ongoing_exists or not score or score > timestamp_ms():
-                return False  # running elsewhere, finished, or re-enqueued for later
-            pipe.multi()
-            pipe.psetex(in_progress_key, int(self.in_progress_timeout_s * 1000), b"1")
-            try:
-                await pipe.execute()
-            except (ResponseError, WatchError):
-                return False  # started elsewhere since
-        task = self.loop.create_task(self.run_job(job_id, int(score)))
-        task.add_done_callback(lambda _: self._release_sem_dec_counter_on_complete())
-        self.tasks[job_id] = task
-        return True
-
-    async def _poll_iteration(self) -> None:
-        """arq lets a Redis error out of its poll loop, which ends the worker: a Redis restart would
-        leave no worker at all. Wait for Redis instead; the drain and timed loops do the same."""
-        try:
-            await super()._poll_iteration()
-        except (RedisError, OSError) as error:  # a WatchError can wrap a lost connection too
-            log.warning("redis unreachable (%s: %s); polling again in %.0f s", type(error).__name__, error,
-                        redis_retry_pause_s)  # fmt: skip
-            await asyncio.sleep(redis_retry_pause_s)
-
-    async def close(self) -> None:
-        """arq's close(), made safe for two ways it ends a worker with exit 1 and without on_shutdown:
-        - on SIGTERM arq cancels its running jobs, then gathers them without return_exceptions, so a
-          job cancelled while arq books it in Redis (outside the job's own wait_for) raises
-          CancelledError here. Our jobs are idempotent and run again anyway: let them settle.
-        - it deletes its health-check key before on_shutdown, which raises when Redis is down."""
-        if not self._handle_signals:
-            self.handle_sig(signal.SIGUSR1)
-        if not self._pool:
-            return
-        await asyncio.gather(*self.tasks.values(), return_exceptions=True)
-        try:
-            await self.pool.delete(self.health_check_key)
-        except (RedisError, OSError) as error:
-            log.warning("could not delete the health-check key at shutdown (%s); it expires by itself", error)
-        if self.on_shutdown:
-            await self.on_shutdown(self.ctx)
-        await self.pool.aclose(close_connection_pool=True)
-        self._pool = None
+from worker.arq_worker import CreditEngineWorker
 
 
 def run_worker(settings: Settings) -> None:

@@ -10,7 +10,7 @@ from arq.connections import RedisSettings
 from arq.worker import Worker, func
 
 from engine.config import Settings
-from worker.main import CreditEngineWorker
+from worker.arq_worker import CreditEngineWorker
 
 
 async def noop(ctx: dict[str, Any]) -> str:

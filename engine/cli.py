@@ -382,14 +382,12 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
 def _webhook_secret_of_up(settings: Settings) -> Settings:
     """The webhook secret a `credit-engine up` generated (<data-dir>/secrets.env), when the
     environment has none: the numbers must carry the secret the running engine checks."""
-    path = settings.data_dir / "secrets.env"
-    if settings.vapi_webhook_secret is not None or not path.exists():
+    from engine.services_file import read_secrets
+
+    if settings.vapi_webhook_secret is not None:
         return settings
-    for line in path.read_text().splitlines():
-        name, _, value = line.partition("=")
-        if name == "VAPI_WEBHOOK_SECRET" and value:
-            return replace(settings, vapi_webhook_secret=value)
-    return settings
+    generated = read_secrets(settings.data_dir).get("VAPI_WEBHOOK_SECRET")
+    return replace(settings, vapi_webhook_secret=generated) if generated else settings
 
 
 def cmd_vapi(args: argparse.Namespace, settings: Settings) -> int:

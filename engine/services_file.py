@@ -1,10 +1,23 @@
-"""<data-dir>/services.json: where a running `credit-engine up` listens, for the other commands."""
+"""What a `credit-engine up` leaves in its data dir for the other commands: services.json (where
+it listens) and secrets.env (the secrets it generated)."""
 
 import json
 import os
 from pathlib import Path
 
+from dotenv import dotenv_values
+
 SERVICES_FILE = "services.json"
+SECRETS_FILE = "secrets.env"
+
+
+def read_secrets(data_dir: Path) -> dict[str, str]:
+    """<data-dir>/secrets.env as a shell would read it (python-dotenv: quotes, comments, `export`),
+    so an operator's edit means what it says; names without a value are left out."""
+    path = data_dir / SECRETS_FILE
+    if not path.exists():
+        return {}
+    return {name: value for name, value in dotenv_values(path).items() if value}
 
 
 def services_path(data_dir: Path) -> Path:

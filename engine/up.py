@@ -27,11 +27,10 @@ from engine.embedded import EmbeddedPostgres, EmbeddedRedis
 from engine.migrate import upgrade_to_head
 from engine.restore import ensure_rebuilt
 from engine.runtime import Runtime
-from engine.services_file import services_path, write_services
+from engine.services_file import SECRETS_FILE, read_secrets, services_path, write_services
 
 log = logging.getLogger(__name__)
 
-SECRETS_FILE = "secrets.env"
 GENERATED_SECRETS = ("CREDIT_ENGINE_ADMIN_TOKEN", "VAPI_WEBHOOK_SECRET", "CREDIT_ENGINE_ALERT_SIGNING_KEY")
 child_stop_timeout_s = 20.0
 child_restarts_per_minute_max = 5
@@ -66,12 +65,7 @@ def local_secrets(data_dir: Path) -> dict[str, str]:
     """The admin token and Vapi webhook secret for this machine: from the environment if set,
     else generated once into <data-dir>/secrets.env (mode 600). Never printed."""
     path = data_dir / SECRETS_FILE
-    stored: dict[str, str] = {}
-    if path.exists():
-        for line in path.read_text().splitlines():
-            name, _, value = line.partition("=")
-            if name and value:
-                stored[name] = value
+    stored = read_secrets(data_dir)
     changed = False
     for name in GENERATED_SECRETS:
         if name not in stored:

@@ -233,3 +233,25 @@ def test_data_dir_may_come_before_or_after_the_command(argv: list[str]) -> None:
 def test_data_dir_after_the_command_wins_and_without_it_the_default_stays() -> None:
     assert build_parser().parse_args(["--data-dir", "A", "up", "--data-dir", "B"]).data_dir == Path("B")
     assert build_parser().parse_args(["up"]).data_dir is None  # Settings' own default applies
+
+
+def test_an_operator_edited_secrets_file_means_what_a_shell_would_read(tmp_path: Path) -> None:
+    """secrets.env is read with python-dotenv: quotes, a trailing comment and `export` are the
+    file's syntax, not part of the secret (a hand-rolled split once kept them in)."""
+    from engine.up import local_secrets
+
+    (tmp_path / "secrets.env").write_text(
+        "# rotated 2026-11-29\n"
+        'export CREDIT_ENGINE_ADMIN_TOKEN="admin-token-1"  # the new one\n'
+        "VAPI_WEBHOOK_SECRET='webhook-secret-1'\n"
+        "CREDIT_ENGINE_ALERT_SIGNING_KEY=\n"
+    )
+    generated = ("CREDIT_ENGINE_ADMIN_TOKEN", "VAPI_WEBHOOK_SECRET", "CREDIT_ENGINE_ALERT_SIGNING_KEY")
+    with pytest.MonkeyPatch.context() as patch:
+        for name in generated:
+            patch.delenv(name, raising=False)
+        read = local_secrets(tmp_path)
+        assert local_secrets(tmp_path) == read  # written back, read again: the same secrets
+    assert (read["CREDIT_ENGINE_ADMIN_TOKEN"], read["VAPI_WEBHOOK_SECRET"]) == ("admin-token-1", "webhook-secret-1")
+    assert len(read["CREDIT_ENGINE_ALERT_SIGNING_KEY"]) >= 32  # empty in the file: generated and written back
+    assert tmp_path.joinpath("secrets.env").stat().st_mode & 0o777 == 0o600

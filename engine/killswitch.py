@@ -10,8 +10,10 @@ Vapi never asks whether a call may go on, so the engine must act. Three layers:
    plus the org's grace, to every live call of the org, since they all draw on one balance;
 3. the pull endpoint (status-check) for anyone who asks.
 
-The schedule is one sorted set, org -> depletion moment, touched only by plain commands (so it
-works unchanged on Redis Cluster; the truth lives in each org's own slot):
+The schedule is a sorted set org -> depletion moment split into shards (`Keyspace.kill_schedule`:
+an org's shard by `hint_shard`, the shards spread over a cluster's masters, the worker visits every
+shard), touched only by plain commands (so it works unchanged on Redis Cluster; the truth lives in
+each org's own slot):
 - after a script moves an org's depletion moment, its caller files it with `ZADD LT`, so the
   schedule is never later than any moment filed since the worker last looked;
 - the worker visits an org `kill_warn_lead_ms` before its score, runs killswitch_tick.lua (the

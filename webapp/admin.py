@@ -22,6 +22,7 @@ from webapp import requests as req
 from webapp.auth import require_admin
 from webapp.context import AppContext, context
 from webapp.responses import ApiError, json_response
+from webapp.wallet import wallet_json
 
 SETTINGS_FIELDS = set(OrgSettings.names())
 KEY_ID = re.compile(r"key_[0-9a-f]{16}")
@@ -85,9 +86,8 @@ async def show(request: Request) -> Response:
     org = await get_org(ctx.rt, _org_id(request))
     wallet = await read_wallet(ctx.rt, org.org_id)
     body = org_json(org)
-    if wallet is not None:
-        body["wallet"] = {"balance_pence": wallet.balance_pence, "held_pence": wallet.held_pence,
-                          "available_pence": wallet.available_pence, "debt_pence": wallet.debt_pence}  # fmt: skip
+    if wallet is not None:  # None while Redis does not hold the org (it is being restored)
+        body["wallet"] = wallet_json(wallet)
     return json_response(body)
 
 

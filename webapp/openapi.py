@@ -56,12 +56,74 @@ SETTINGS_PROPERTIES: dict[str, Any] = {
                          ("refusal_try_later", "anything else"))},
 }
 
+INTEGER = {"type": "integer"}
+TEXT = {"type": "string"}
+TIME = {"type": "string", "format": "date-time"}
+
+
+def nullable(schema: dict[str, Any]) -> dict[str, Any]:
+    return {**schema, "nullable": True}
+
+
+def closed(properties: dict[str, Any], *, optional: tuple[str, ...] = (), description: str = "") -> dict[str, Any]:
+    """A response object: these properties and no others, each one always sent unless named optional.
+    Closed, so a field a handler starts sending without documenting it here fails
+    tests/webapp/test_openapi_contract.py and schemathesis's response_schema_conformance check."""
+    assert set(optional) <= set(properties)
+    schema: dict[str, Any] = {"type": "object", "additionalProperties": False, "properties": properties}
+    required = [name for name in properties if name not in optional]
+    if required:
+        schema["required"] = required
+    if description:
+        schema["description"] = description
+    return schema
+
+
+def error_schema(**details: dict[str, Any]) -> dict[str, Any]:
+    """`{"error": {"code", "message", ...}}` (webapp/responses.py): with details, an error that
+    always carries them; without, one that may name the `field` at fault."""
+    if details:
+        return closed({"error": closed({"code": TEXT, "message": TEXT, **details})})
+    return closed({"error": closed({"code": TEXT, "message": TEXT, "field": TEXT}, optional=("field",))})
+
+
+UNSET_AS_NULL = ("low_balance_threshold_pence", "alert_webhook_url", "max_concurrent_calls")
+
+
+def setting_shown(name: str, schema: dict[str, Any]) -> dict[str, Any]:
+    """A setting as responses show it: null where the org left it unset (min_start_pence shows the
+    value in force), and a URL as it was saved, so no `format` (the engine's URL rule is not RFC
+    3986's). Requests keep SETTINGS_PROPERTIES as they are."""
+    shown = {key: value for key, value in schema.items() if key != "format"}
+    return nullable(shown) if name in UNSET_AS_NULL else shown
+
+
+SETTINGS_SHOWN = {name: setting_shown(name, schema) for name, schema in SETTINGS_PROPERTIES.items()}
+ORG_PROPERTIES = {"org_id": ORG_ID, "name": TEXT, **SETTINGS_SHOWN, "created_at": TIME, "updated_at": TIME}
+# One wallet shape (webapp/wallet.wallet_json): the admin's view of an org carries it as `wallet`,
+# GET /api/wallet between the org's id and its currency.
+WALLET_PROPERTIES = {
+    "balance_pence": INTEGER,
+    "held_pence": INTEGER,
+    "available_pence": INTEGER,
+    "debt_pence": INTEGER,
+    "live_calls": INTEGER,
+}
+HOLD_PROPERTIES = {
+    "call_id": TEXT,
+    "hold_pence": INTEGER,
+    "rate_pence_per_minute": INTEGER,
+    "created_at": TIME,
+    "started_at": nullable(TIME),
+    "ended_at": nullable(TIME),
+    "expires_at": TIME,
+    "max_duration_seconds": INTEGER,
+}
+
 SCHEMAS: dict[str, Any] = {
-    "Error": {
-        "type": "object", "required": ["error"],
-        "properties": {"error": {"type": "object", "required": ["code", "message"], "properties": {
-            "code": {"type": "string"}, "message": {"type": "string"}, "field": {"type": "string"}}}},
-    },
+    "Error": error_schema(),
+    "InsufficientBalanceError": error_schema(required_pence=INTEGER, available_pence=INTEGER),
+    "ProviderFailedError": error_schema(refunded_pence=INTEGER, refund_transaction_id=INTEGER),
     "OrgCreate": {
         "type": "object", "additionalProperties": False, "required": ["org_id", "name", "rate_pence_per_minute"],
         "properties": {"org_id": ORG_ID, "name": {"type": "string", "minLength": 1, "maxLength": 200}, **SETTINGS_PROPERTIES},
@@ -70,41 +132,63 @@ SCHEMAS: dict[str, Any] = {
         "type": "object", "additionalProperties": False, "minProperties": 1,
         "properties": {"name": {"type": "string", "minLength": 1, "maxLength": 200}, **SETTINGS_PROPERTIES},
     },
-    "Org": {"type": "object", "properties": {"org_id": ORG_ID, "name": {"type": "string"}, **SETTINGS_PROPERTIES}},
+    "Org": closed(ORG_PROPERTIES),
+    "OrgView": closed({**ORG_PROPERTIES, "wallet": ref("WalletState")}, optional=("wallet",),
+                      description="`wallet` is absent while Redis does not hold the org (it is being restored)."),
+    "WalletState": closed(WALLET_PROPERTIES, description="An org's money and live calls at one instant (Redis)."),
+    "Wallet": closed({"org_id": ORG_ID, **WALLET_PROPERTIES, "currency": TEXT}),
+    "ApiKey": closed({"key_id": TEXT, "api_key": TEXT}),
     "TopUp": {"type": "object", "additionalProperties": False, "required": ["amount_pence"], "properties": {"amount_pence": AMOUNT}},
-    "TopUpResult": {"type": "object", "properties": {
-        "transaction_id": {"type": "integer"}, "balance_pence": {"type": "integer"},
-        "available_pence": {"type": "integer", "nullable": True}, "applied": {"type": "boolean"}}},
+    "TopUpResult": closed({"transaction_id": INTEGER, "balance_pence": INTEGER, "applied": {"type": "boolean"},
+                           "available_pence": nullable(INTEGER)},
+                          description="`available_pence` is null while Redis has not applied the ledger's credit."),
     "PhoneNumberRegistration": {
         "type": "object", "additionalProperties": False, "required": ["vapi_phone_number_id", "org_id"],
         "properties": {"vapi_phone_number_id": {"type": "string", "minLength": 1, "maxLength": 128}, "org_id": ORG_ID,
                        "number": {"type": "string", "maxLength": 32}, "assistant_id": {"type": "string", "maxLength": 128}},
     },
-    "Wallet": {"type": "object", "properties": {
-        "org_id": ORG_ID, "balance_pence": {"type": "integer"}, "held_pence": {"type": "integer"},
-        "available_pence": {"type": "integer"}, "debt_pence": {"type": "integer"}, "live_calls": {"type": "integer"},
-        "currency": {"type": "string"}}},
-    "Transactions": {"type": "object", "properties": {
-        "items": {"type": "array", "items": {"type": "object", "properties": {
-            "id": {"type": "integer"}, "kind": {"type": "string"}, "amount_pence": {"type": "integer"},
-            "balance_after_pence": {"type": "integer"}, "call_id": {"type": "string", "nullable": True},
-            "idempotency_key": {"type": "string"}, "created_at": {"type": "string", "format": "date-time"}}}},
-        "next_cursor": {"type": "string", "nullable": True}}},
-    "Reservation": {"type": "object", "properties": {
-        "call_id": CALL_ID, "hold_pence": {"type": "integer"}, "max_duration_seconds": {"type": "integer"}}},
+    "PhoneNumber": closed({"vapi_phone_number_id": TEXT, "org_id": ORG_ID, "number": nullable(TEXT),
+                           "assistant_id": nullable(TEXT), "status": TEXT}),
+    "Transaction": closed({
+        "id": INTEGER, "kind": TEXT, "amount_pence": INTEGER, "debt_delta_pence": INTEGER,
+        "balance_after_pence": INTEGER, "call_id": nullable(TEXT), "idempotency_key": TEXT, "created_at": TIME}),
+    "Transactions": closed({"items": {"type": "array", "items": ref("Transaction")}, "next_cursor": nullable(TEXT)}),
+    "Hold": closed(HOLD_PROPERTIES),
+    "Holds": closed({"items": {"type": "array", "items": ref("Hold")}}),
+    "Call": {"oneOf": [ref("LiveCall"), ref("ResolvedCall")]},
+    "LiveCall": closed({"status": {"type": "string", "enum": ["live"]}, **HOLD_PROPERTIES}),
+    "ResolvedCall": closed({
+        "call_id": TEXT, "status": {"type": "string", "enum": ["committed", "released", "expired"]},
+        "charged_pence": nullable(INTEGER), "billed_seconds": nullable(INTEGER)}),
+    "Reservation": closed({"call_id": CALL_ID, "hold_pence": INTEGER, "max_duration_seconds": INTEGER,
+                           "available_pence": INTEGER}),
+    "Alert": closed({
+        "id": TEXT, "type": TEXT, "call_id": nullable(TEXT), "status": TEXT, "attempts": INTEGER,
+        "last_error": nullable(TEXT), "created_at": TIME, "delivered_at": nullable(TIME)}),
+    "Alerts": closed({"alerts": {"type": "array", "items": ref("Alert")}}),
+    "AlertSigningSecret": closed({"signing_secret": TEXT, "header": TEXT, "scheme": TEXT}),
+    "ForwardSecret": closed({"secret": TEXT, "header": TEXT}),
+    "Pricing": closed({"phone_number_pence": INTEGER, "currency": TEXT}),
     "Provision": {
         "type": "object", "additionalProperties": False,
         "properties": {"area_code": {"type": "string", "pattern": "^[0-9]{3}$"},
                        "assistant_id": {"type": "string", "pattern": "^[A-Za-z0-9_.:-]{1,128}$"}},
     },
-    "Provisioned": {"type": "object", "properties": {
-        "phone_number": {"type": "object", "properties": {"id": {"type": "string"}, "number": {"type": "string", "nullable": True},
-                                                          "status": {"type": "string"}}},
-        "charged_pence": {"type": "integer"}, "balance_pence": {"type": "integer"}}},
+    "Provisioned": closed({
+        "phone_number": closed({"id": TEXT, "number": nullable(TEXT), "status": TEXT}),
+        "charged_pence": INTEGER, "balance_pence": INTEGER}),
     "VapiEnvelope": {
         "type": "object", "required": ["message"],
         "properties": {"message": {"type": "object", "required": ["type"], "properties": {"type": {"type": "string"}}}},
         "description": "A Vapi server message exactly as Vapi sends it.",
+    },
+    # Open by design, the one response object that is: Vapi's schema, and for the messages the
+    # org's platform answers (tool calls, transfers, handoffs, its own assistant-request logic),
+    # the platform's answer relayed as it gave it.
+    "VapiReply": {
+        "type": "object",
+        "description": "Vapi's documented reply: an assistant (`assistantId`, `assistantOverrides`), a spoken refusal "
+                       "(`error`), `{}`, or the org's platform's own answer with the engine's part merged in.",
     },
     "StatusCheck": {
         "oneOf": [
@@ -112,11 +196,19 @@ SCHEMAS: dict[str, Any] = {
             ref("VapiEnvelope"),
         ],
     },
-    "StatusCheckResult": {"type": "object", "required": ["endCall", "reason"], "properties": {
+    "StatusCheckResult": closed({
         "endCall": {"type": "boolean"},
         "reason": {"type": "string", "enum": ["ok", "credit_exhausted", "call_ended", "unknown_call"]},
-        "balance_pence": {"type": "integer"}, "available_pence": {"type": "integer"},
-        "call_cost_so_far_pence": {"type": "integer"}}},
+        "balance_pence": INTEGER, "available_pence": INTEGER, "call_cost_so_far_pence": INTEGER}),
+    "Health": closed({"status": {"type": "string", "enum": ["ok"]}}),
+    "Readiness": closed({
+        "status": {"type": "string", "enum": ["ready", "not_ready"]},
+        "degraded": {"type": "array", "items": {"type": "string", "enum": ["postgres", "outbox"]},
+                     "description": "What is not well but does not stop this process deciding"},
+        "checks": closed({"redis": TEXT, "postgres": TEXT, "state": TEXT, "outbox_lag_ms": nullable(INTEGER),
+                          "outbox": TEXT}, optional=("outbox_lag_ms", "outbox"),
+                         description="`outbox_lag_ms` and `outbox` only when Redis answers; `outbox_lag_ms` is null "
+                                     "until a worker has reported.")}),
 }  # fmt: skip
 
 ADMIN = [{"adminToken": []}]
@@ -132,13 +224,12 @@ PATHS: dict[str, Any] = {
     "/api/admin/orgs/{org_id}": {
         "parameters": [ORG_PATH],
         "get": {"summary": "An org's settings and wallet", "security": ADMIN,
-                "responses": {"200": answer("The org", ref("Org")), "404": answer("No such org", ref("Error")), **ERRORS}},
+                "responses": {"200": answer("The org", ref("OrgView")), "404": answer("No such org", ref("Error")), **ERRORS}},
         "patch": {"summary": "Change an org's settings", "security": ADMIN, "requestBody": json_body(ref("OrgChange")),
                   "responses": {"200": answer("The org", ref("Org")), "404": answer("No such org", ref("Error")), **ERRORS}}},
     "/api/admin/orgs/{org_id}/api-keys": {"post": {
         "summary": "Issue an API key (shown once; stored hashed)", "security": ADMIN, "parameters": [ORG_PATH],
-        "responses": {"201": answer("The key", {"type": "object", "properties": {
-            "key_id": {"type": "string"}, "api_key": {"type": "string"}}}), "404": answer("No such org", ref("Error")), **ERRORS}}},
+        "responses": {"201": answer("The key", ref("ApiKey")), "404": answer("No such org", ref("Error")), **ERRORS}}},
     "/api/admin/orgs/{org_id}/api-keys/{key_id}": {"delete": {
         "summary": "Revoke an API key", "security": ADMIN,
         "parameters": [ORG_PATH, {"name": "key_id", "in": "path", "required": True, "schema": {"type": "string"}}],
@@ -151,7 +242,7 @@ PATHS: dict[str, Any] = {
     "/api/admin/phone-numbers": {"post": {
         "summary": "Register a number bought at Vapi to an org", "security": ADMIN,
         "requestBody": json_body(ref("PhoneNumberRegistration")),
-        "responses": {"201": answer("Registered"), "404": answer("No such org", ref("Error")),
+        "responses": {"201": answer("Registered", ref("PhoneNumber")), "404": answer("No such org", ref("Error")),
                       "409": answer("Registered to another org", ref("Error")), **ERRORS}}},
     "/api/wallet": {"get": {"summary": "The org's live balance (from Redis)", "security": ORG,
                             "responses": {"200": answer("Wallet", ref("Wallet")), **ERRORS}}},
@@ -161,43 +252,49 @@ PATHS: dict[str, Any] = {
                        {"name": "cursor", "in": "query", "schema": {"type": "string"}}],
         "responses": {"200": answer("A page", ref("Transactions")), **ERRORS}}},
     "/api/wallet/holds": {"get": {"summary": "The org's live call holds", "security": ORG,
-                                  "responses": {"200": answer("Holds"), **ERRORS}}},
+                                  "responses": {"200": answer("Holds", ref("Holds")), **ERRORS}}},
     "/api/alerts": {"get": {"summary": "The org's last 100 alerts and their delivery", "security": ORG,
-                            "responses": {"200": answer("Alerts"), **ERRORS}}},
+                            "responses": {"200": answer("Alerts", ref("Alerts")), **ERRORS}}},
     "/api/alerts/signing-secret": {"get": {
         "summary": "The secret that signs the org's alert webhooks (header Credit-Engine-Signature)", "security": ORG,
-        "responses": {"200": answer("The secret"), "404": answer("Alerts disabled: no signing key", ref("Error")), **ERRORS}}},
+        "responses": {"200": answer("The secret", ref("AlertSigningSecret")),
+                      "404": answer("Alerts disabled: no signing key", ref("Error")), **ERRORS}}},
     "/api/forwarding/secret": {"get": {
         "summary": "The X-Vapi-Secret sent with what is forwarded to the org's own platform (its forward_url)", "security": ORG,
-        "responses": {"200": answer("The secret"), "404": answer("No forward secret configured", ref("Error")), **ERRORS}}},
+        "responses": {"200": answer("The secret", ref("ForwardSecret")),
+                      "404": answer("No forward secret configured", ref("Error")), **ERRORS}}},
     "/api/calls/{call_id}": {"get": {
         "summary": "One of the org's calls", "security": ORG, "parameters": [CALL_PATH],
-        "responses": {"200": answer("The call"), "404": answer("Not this org's call", ref("Error")), **ERRORS}}},
+        "responses": {"200": answer("The call", ref("Call")), "404": answer("Not this org's call", ref("Error")),
+                      **ERRORS}}},
     "/api/calls/{call_id}/reserve": {"post": {
         "summary": "Reserve credit for an outbound call", "security": ORG, "parameters": [CALL_PATH],
         "responses": {"201": answer("Held", ref("Reservation")), "402": answer("Not enough credit", ref("Error")),
                       "409": answer("Already ended, too many calls, or another org's call", ref("Error")), **ERRORS}}},
     "/api/managed-telephony/pricing": {"get": {
         "summary": "What a phone number costs", "security": ORG,
-        "responses": {"200": answer("Price", {"type": "object", "properties": {"phone_number_pence": {"type": "integer"}}}), **ERRORS}}},
+        "responses": {"200": answer("Price", ref("Pricing")), **ERRORS}}},
     "/api/managed-telephony/provision": {"post": {
         "summary": "Buy a phone number: charge (zero-debt), buy, register; refund if the provider fails",
         "security": ORG, "parameters": [IDEMPOTENCY_KEY], "requestBody": json_body(ref("Provision")),
-        "responses": {"201": answer("Bought", ref("Provisioned")), "402": answer("Not enough credit", ref("Error")),
+        "responses": {"201": answer("Bought", ref("Provisioned")),
+                      "402": answer("Not enough credit", ref("InsufficientBalanceError")),
                       "409": answer("Same key still running", ref("Error")),
-                      "502": answer("Provider failed; refunded", ref("Error")), **ERRORS}}},
+                      "502": answer("Provider failed; refunded", ref("ProviderFailedError")), **ERRORS}}},
     "/api/vapi/webhook": {"post": {
         "summary": "Vapi server messages (assistant-request, status-update, end-of-call-report, ...)", "security": VAPI,
         "requestBody": json_body(ref("VapiEnvelope")),
-        "responses": {"200": answer("Vapi's documented reply: an assistant, a spoken error, or {}"), **ERRORS}}},
+        "responses": {"200": answer("Vapi's documented reply", ref("VapiReply")), **ERRORS}}},
     "/api/vapi/webhook/status-check": {"post": {
         "summary": "The kill switch, pulled: may this call go on?", "security": VAPI,
         "requestBody": json_body(ref("StatusCheck")),
         "responses": {"200": answer("Decision", ref("StatusCheckResult")),
                       "503": answer("Balances are being restored", ref("Error")), **ERRORS}}},
-    "/healthz": {"get": {"summary": "The process is up", "responses": {"200": answer("Up")}}},
-    "/readyz": {"get": {"summary": "This process can decide: Redis answers with its state rebuilt (Postgres, worker and ledger lag: in the body)",
-                        "responses": {"200": answer("Ready"), "503": answer("Not ready")}}},
+    "/healthz": {"get": {"summary": "The process is up", "responses": {"200": answer("Up", ref("Health"))}}},
+    "/readyz": {"get": {"summary": "This process can decide: Redis answers with its state rebuilt (Postgres, worker "
+                                   "and ledger lag: reported in the body, never in the status)",
+                        "responses": {"200": answer("Ready", ref("Readiness")),
+                                      "503": answer("Not ready", ref("Readiness"))}}},
     "/metrics": {"get": {"summary": "Prometheus metrics", "responses": {"200": {"description": "Metrics",
                          "content": {"text/plain": {"schema": {"type": "string"}}}}}}},
 }  # fmt: skip

@@ -41,18 +41,22 @@ async def _wallet(ctx: AppContext, org_id: str) -> Wallet:
     return wallet
 
 
-async def show_wallet(request: Request) -> Response:
-    ctx, org_id = await org_context(request)
-    wallet = await _wallet(ctx, org_id)
-    return json_response({
-        "org_id": org_id,
+def wallet_json(wallet: Wallet) -> dict[str, Any]:
+    """The one wallet shape (OpenAPI: WalletState): the org's own GET /api/wallet puts it between
+    the org's id and its currency, the admin's view of an org carries it as `wallet`."""
+    return {
         "balance_pence": wallet.balance_pence,
         "held_pence": wallet.held_pence,
         "available_pence": wallet.available_pence,
         "debt_pence": wallet.debt_pence,
         "live_calls": wallet.live_calls,
-        "currency": CURRENCY,
-    })  # fmt: skip
+    }
+
+
+async def show_wallet(request: Request) -> Response:
+    ctx, org_id = await org_context(request)
+    wallet = await _wallet(ctx, org_id)
+    return json_response({"org_id": org_id, **wallet_json(wallet), "currency": CURRENCY})
 
 
 def _cursor(request: Request) -> int | None:

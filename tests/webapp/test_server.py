@@ -1,5 +1,6 @@
 """The API as a real server: `credit-engine serve` (uvicorn) and `credit-engine worker` as processes,
-driven over real HTTP; and schemathesis against its /openapi.json, looking for any 5xx."""
+driven over real HTTP; and schemathesis against its /openapi.json, looking for any 5xx and for any
+answer its response schemas (closed: no undocumented field) do not allow."""
 
 import asyncio
 import signal
@@ -97,7 +98,7 @@ async def test_schemathesis_finds_no_server_error(http: httpx.AsyncClient, serve
         result = await asyncio.to_thread(
             subprocess.run,
             [sys.executable, "-m", "schemathesis.cli", "run", f"{server.url}/openapi.json",
-             "--checks", "not_a_server_error", "--max-examples", "25", "--seed", "2026",
+             "--checks", "not_a_server_error,response_schema_conformance", "--max-examples", "25", "--seed", "2026",
              "-H", f"Authorization: Bearer {token}", "-H", f"X-Vapi-Secret: {WEBHOOK_SECRET}",
              "--request-timeout", "10", "--suppress-health-check", "all"],
             capture_output=True, text=True, timeout=600, cwd=tmp_path,

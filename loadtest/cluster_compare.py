@@ -24,7 +24,7 @@ from engine.assets import deduct_asset
 from engine.clock import RedisClock
 from engine.config import Settings
 from engine.doorbell import pop_rung
-from engine.embedded import EmbeddedRedis, EmbeddedRedisCluster
+from engine.embedded import EmbeddedRedis
 from engine.holds import CallEvent, check_call, reserve_call
 from engine.keys import Keyspace
 from engine.org_settings import OrgSettings
@@ -33,6 +33,7 @@ from engine.results import Outcome
 from engine.runtime import Runtime, redis_client
 from engine.scripts import ScriptRunner
 from engine.snapshots import OrgSnapshot
+from loadtest.redis_cluster import EmbeddedRedisCluster
 
 
 async def open_rt(url: str, cluster: bool, pool_size: int) -> Runtime:

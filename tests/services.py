@@ -19,8 +19,9 @@ from pathlib import Path
 import asyncpg
 
 from engine.db import asyncpg_dsn, with_database
-from engine.embedded import EmbeddedPostgres, EmbeddedRedis, EmbeddedRedisCluster
+from engine.embedded import EmbeddedPostgres, EmbeddedRedis
 from engine.migrate import upgrade_to_head
+from loadtest.redis_cluster import EmbeddedRedisCluster
 
 
 @dataclass

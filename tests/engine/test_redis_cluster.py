@@ -19,7 +19,6 @@ from redis.crc import key_slot
 from engine.assets import deduct_asset
 from engine.balances import read_wallet
 from engine.config import Settings
-from engine.embedded import EmbeddedRedisCluster
 from engine.holds import commit_call, live_holds, reserve_call
 from engine.keys import HINT_SHARD_TAGS, ORG_ID_PATTERN, Keyspace, hint_shard
 from engine.killswitch import due_orgs, file_depletion, reschedule_live_orgs
@@ -28,6 +27,7 @@ from engine.restore import ensure_rebuilt, state_present
 from engine.results import Outcome
 from engine.runtime import Runtime
 from engine.scripts import load_scripts
+from loadtest.redis_cluster import EmbeddedRedisCluster
 from tests.conftest import delete_prefix
 from tests.helpers import new_org
 from worker.drainer import Drainer

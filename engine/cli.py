@@ -15,8 +15,10 @@ other than `up` use the servers of a running `credit-engine up` (its <data-dir>/
 
 import argparse
 import asyncio
+import contextlib
 import json
 import secrets
+import signal
 import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, replace
@@ -357,8 +359,18 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     from engine.status import as_json, deployment_status, org_status, render_deployment, render_org
 
     async def action(rt: Any) -> int:
-        while True:
-            status = await (org_status(rt, args.org) if args.org else deployment_status(rt))
+        stop = asyncio.Event()
+        if args.watch:  # Ctrl-C ends the watch between two refreshes, or abandons the one under way
+            asyncio.get_running_loop().add_signal_handler(signal.SIGINT, stop.set)
+        while not stop.is_set():
+            refresh = asyncio.ensure_future(org_status(rt, args.org) if args.org else deployment_status(rt))
+            stopped = asyncio.ensure_future(stop.wait())
+            await asyncio.wait({refresh, stopped}, return_when=asyncio.FIRST_COMPLETED)
+            stopped.cancel()
+            if not refresh.done():
+                refresh.cancel()
+                break
+            status = refresh.result()
             if status is None:
                 print(f"no org {args.org} in Redis", file=sys.stderr)
                 return EXIT_USAGE
@@ -369,9 +381,11 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
                 print(("\x1b[H\x1b[2J" if args.watch and sys.stdout.isatty() else "") + text, flush=True)
             if not args.watch:
                 return EXIT_OK
-            await asyncio.sleep(args.interval)
-            if args.watch and not sys.stdout.isatty() and not args.json:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), args.interval)
+            if not stop.is_set() and not sys.stdout.isatty() and not args.json:
                 print(f"--- {time.strftime('%H:%M:%S')}", flush=True)
+        return EXIT_OK
 
     try:
         return _with_runtime(settings, action)

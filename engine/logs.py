@@ -8,7 +8,9 @@ operator must read (calls ended, alerts, drift, failures) and not a heartbeat.""
 
 import json
 import logging
+import sys
 from datetime import UTC, datetime
+from typing import TextIO
 
 LOG_FORMATS = ("text", "json")
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -30,6 +32,23 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(line, ensure_ascii=False)
 
 
+class StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to whatever sys.stderr is when a line is logged, not when the handler was made (as
+    logging's own last-resort handler does): a caller that swaps sys.stderr for a while (a test's
+    capture, then closed) must not leave every later line writing to a closed stream."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property  # type: ignore[override]
+    def stream(self) -> TextIO:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: TextIO) -> None:
+        pass
+
+
 class ArqRoutineAtDebug(logging.Filter):
     """Logs arq's routine lines at DEBUG: passed on only when DEBUG is wanted."""
 
@@ -41,9 +60,18 @@ class ArqRoutineAtDebug(logging.Filter):
 
 
 def configure_logging(level: str, log_format: str) -> None:
-    handler = logging.StreamHandler()
+    """The process's root handler, once: a second call (the CLI's main() run again in one process)
+    replaces it rather than adding a second one; a root that has handlers of someone else's (a test
+    runner's) keeps them, as basicConfig does."""
+    handler = StderrHandler()
     handler.setFormatter(JsonFormatter() if log_format == "json" else logging.Formatter(TEXT_FORMAT))
-    logging.basicConfig(level=level, handlers=[handler], force=True)
+    root = logging.getLogger()
+    ours = [h for h in root.handlers if isinstance(h, StderrHandler)]
+    for old in ours:
+        root.removeHandler(old)
+    if ours or not root.handlers:
+        root.addHandler(handler)
+        root.setLevel(level)
     logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
     arq_worker = logging.getLogger("arq.worker")
     if not any(isinstance(f, ArqRoutineAtDebug) for f in arq_worker.filters):

@@ -6,7 +6,7 @@ Human-configured durations are in seconds in the environment and converted to ms
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -82,7 +82,14 @@ def _choice(env: Mapping[str, str], name: str, default: str, choices: tuple[str,
     if raw not in choices:
         raise ConfigError(f"{name} must be one of {', '.join(choices)}, got {raw!r}")
     return raw
+
+
 HOST_ENTRY_PATTERN = re.compile(r"[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)*(:[0-9]{1,5})?")
+
+
+def _codes(env: Mapping[str, str], name: str, default: frozenset[str]) -> frozenset[str]:
+    raw = env.get(name)
+    return default if raw is None else frozenset(code for code in raw.split(",") if code)
 
 
 def _hosts(env: Mapping[str, str], name: str, default: tuple[str, ...]) -> tuple[str, ...]:
@@ -103,7 +110,7 @@ class Settings:
     redis_cluster: bool = False  # REDIS_URL is one node of a Redis Cluster (the client finds the rest)
     arq_redis_url: str | None = None  # arq's job bookkeeping; None: REDIS_URL (a cluster needs its own, see arq_url)
     key_prefix: str = "ce"
-    data_dir: Path = field(default_factory=lambda: Path(".credit-engine"))
+    data_dir: Path = Path(".credit-engine")  # a Path is immutable: one default, shared safely
     redis_appendfsync: str = "everysec"  # embedded Redis: always | everysec | no
     idempotency_ttl_ms: int = limits.idempotency_ttl_ms_default
     hold_report_slack_ms: int = limits.hold_report_slack_ms_default
@@ -144,7 +151,9 @@ class Settings:
     kill_poll_interval_ms: int = 200
     kill_pushes_in_flight_max: int = 256  # control-URL POSTs one worker has under way at once
     kill_push_deadline_ms: int = 900  # one POST, from being handed out (slot wait included); < kill_backoff_base_ms
-    kill_end_queue_ttl_ms: int = 60 * 60 * 1000  # an entry of the end queue (calls no org holds) is forgotten after this
+    kill_end_queue_ttl_ms: int = (
+        60 * 60 * 1000
+    )  # an entry of the end queue (calls no org holds) is forgotten after this
     vapi_control_base_url: str | None = None  # replaces a control URL's scheme and host (a proxy, a test's fake Vapi)
     vapi_control_token: str | None = None  # Bearer token when monitorPlan.controlAuthenticationEnabled
     # Where Vapi reaches this engine (https://credit.example.com): every admitted call names the
@@ -169,7 +178,7 @@ class Settings:
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
         env = os.environ if env is None else env
-        appendfsync = env.get("CREDIT_ENGINE_REDIS_APPENDFSYNC", "everysec")
+        appendfsync = env.get("CREDIT_ENGINE_REDIS_APPENDFSYNC", cls.redis_appendfsync)
         if appendfsync not in ("always", "everysec", "no"):
             raise ConfigError("CREDIT_ENGINE_REDIS_APPENDFSYNC must be always, everysec or no")
         settings = cls(
@@ -177,60 +186,90 @@ class Settings:
             database_url=env.get("DATABASE_URL") or None,
             redis_cluster=_bool(env, "CREDIT_ENGINE_REDIS_CLUSTER"),
             arq_redis_url=env.get("CREDIT_ENGINE_ARQ_REDIS_URL") or None,
-            key_prefix=env.get("CREDIT_ENGINE_KEY_PREFIX", "ce"),
-            data_dir=Path(env.get("CREDIT_ENGINE_DATA_DIR", ".credit-engine")),
+            key_prefix=env.get("CREDIT_ENGINE_KEY_PREFIX", cls.key_prefix),
+            data_dir=Path(env.get("CREDIT_ENGINE_DATA_DIR", cls.data_dir)),
             redis_appendfsync=appendfsync,
             idempotency_ttl_ms=1000
-            * _int(env, "CREDIT_ENGINE_IDEMPOTENCY_TTL_S", limits.idempotency_ttl_ms_default // 1000, 3600, 10**8),
+            * _int(env, "CREDIT_ENGINE_IDEMPOTENCY_TTL_S", cls.idempotency_ttl_ms // 1000, 3600, 10**8),
             hold_report_slack_ms=1000
-            * _int(env, "CREDIT_ENGINE_HOLD_REPORT_SLACK_S", limits.hold_report_slack_ms_default // 1000, 0, 86_400),
-            outbox_per_org_max=_int(env, "CREDIT_ENGINE_OUTBOX_PER_ORG_MAX", limits.outbox_per_org_max_default, 1, 10**8),
-            pg_pool_size=_int(env, "CREDIT_ENGINE_PG_POOL_SIZE", 10, 1, 500),
-            redis_pool_size=_int(env, "CREDIT_ENGINE_REDIS_POOL_SIZE", 64, 1, 10_000),
-            worker_poll_interval_ms=_int(env, "CREDIT_ENGINE_WORKER_POLL_INTERVAL_MS", 20, 1, 10_000),
-            worker_drain_loops=_int(env, "CREDIT_ENGINE_WORKER_DRAIN_LOOPS", 2, 1, 16),
-            worker_sweep_interval_s=_int(env, "CREDIT_ENGINE_WORKER_SWEEP_INTERVAL_S", 15, 1, 3600),
-            worker_expire_interval_s=_int(env, "CREDIT_ENGINE_WORKER_EXPIRE_INTERVAL_S", 5, 1, 3600),
-            worker_health_check_interval_s=_int(env, "CREDIT_ENGINE_WORKER_HEALTH_CHECK_INTERVAL_S", 5, 1, 3600),
-            log_level=env.get("CREDIT_ENGINE_LOG_LEVEL", "INFO").upper(),
-            log_format=_choice(env, "CREDIT_ENGINE_LOG_FORMAT", "text", LOG_FORMATS),
+            * _int(env, "CREDIT_ENGINE_HOLD_REPORT_SLACK_S", cls.hold_report_slack_ms // 1000, 0, 86_400),
+            outbox_per_org_max=_int(env, "CREDIT_ENGINE_OUTBOX_PER_ORG_MAX", cls.outbox_per_org_max, 1, 10**8),
+            pg_pool_size=_int(env, "CREDIT_ENGINE_PG_POOL_SIZE", cls.pg_pool_size, 1, 500),
+            redis_pool_size=_int(env, "CREDIT_ENGINE_REDIS_POOL_SIZE", cls.redis_pool_size, 1, 10_000),
+            worker_poll_interval_ms=_int(
+                env, "CREDIT_ENGINE_WORKER_POLL_INTERVAL_MS", cls.worker_poll_interval_ms, 1, 10_000
+            ),
+            worker_drain_loops=_int(env, "CREDIT_ENGINE_WORKER_DRAIN_LOOPS", cls.worker_drain_loops, 1, 16),
+            worker_sweep_interval_s=_int(
+                env, "CREDIT_ENGINE_WORKER_SWEEP_INTERVAL_S", cls.worker_sweep_interval_s, 1, 3600
+            ),
+            worker_expire_interval_s=_int(
+                env, "CREDIT_ENGINE_WORKER_EXPIRE_INTERVAL_S", cls.worker_expire_interval_s, 1, 3600
+            ),
+            worker_health_check_interval_s=_int(
+                env, "CREDIT_ENGINE_WORKER_HEALTH_CHECK_INTERVAL_S", cls.worker_health_check_interval_s, 1, 3600
+            ),
+            log_level=env.get("CREDIT_ENGINE_LOG_LEVEL", cls.log_level).upper(),
+            log_format=_choice(env, "CREDIT_ENGINE_LOG_FORMAT", cls.log_format, LOG_FORMATS),
             admin_token=env.get("CREDIT_ENGINE_ADMIN_TOKEN") or None,
             vapi_webhook_secret=env.get("VAPI_WEBHOOK_SECRET") or None,
             vapi_hmac_secret=env.get("VAPI_WEBHOOK_HMAC_SECRET") or None,
-            vapi_hmac_tolerance_s=_int(env, "VAPI_WEBHOOK_HMAC_TOLERANCE_S", 300, 1, 3600),
-            phone_number_pence=_int(env, "CREDIT_ENGINE_PHONE_NUMBER_PENCE", 1000, 1, limits.amount_pence_max),
-            phone_number_rent_pence=_int(env, "CREDIT_ENGINE_PHONE_NUMBER_RENT_PENCE", 1000, 1, limits.amount_pence_max),
-            rent_grace_days=_int(env, "CREDIT_ENGINE_RENT_GRACE_DAYS", 7, 0, 365),
-            rent_release_days=_int(env, "CREDIT_ENGINE_RENT_RELEASE_DAYS", 30, 0, 3650),
-            vapi_api_key=env.get("VAPI_API_KEY") or None,
-            vapi_base_url=env.get("VAPI_BASE_URL", "https://api.vapi.ai").rstrip("/"),
-            default_assistant_id=env.get("CREDIT_ENGINE_DEFAULT_ASSISTANT_ID") or None,
-            fake_provider_failing_area_codes=frozenset(
-                code for code in env.get("CREDIT_ENGINE_FAKE_PROVIDER_FAILING_AREA_CODES", "999").split(",") if code
+            vapi_hmac_tolerance_s=_int(env, "VAPI_WEBHOOK_HMAC_TOLERANCE_S", cls.vapi_hmac_tolerance_s, 1, 3600),
+            phone_number_pence=_int(
+                env, "CREDIT_ENGINE_PHONE_NUMBER_PENCE", cls.phone_number_pence, 1, limits.amount_pence_max
             ),
-            readiness_outbox_lag_s_max=_int(env, "CREDIT_ENGINE_READINESS_OUTBOX_LAG_S_MAX", 60, 1, 86_400),
-            idempotent_claim_stale_s=_int(env, "CREDIT_ENGINE_IDEMPOTENT_CLAIM_STALE_S", 60, 1, 86_400),
-            kill_warn_lead_ms=1000 * _int(env, "CREDIT_ENGINE_KILL_WARN_LEAD_S", 30, 0, 3600),
+            phone_number_rent_pence=_int(
+                env, "CREDIT_ENGINE_PHONE_NUMBER_RENT_PENCE", cls.phone_number_rent_pence, 1, limits.amount_pence_max
+            ),
+            rent_grace_days=_int(env, "CREDIT_ENGINE_RENT_GRACE_DAYS", cls.rent_grace_days, 0, 365),
+            rent_release_days=_int(env, "CREDIT_ENGINE_RENT_RELEASE_DAYS", cls.rent_release_days, 0, 3650),
+            vapi_api_key=env.get("VAPI_API_KEY") or None,
+            vapi_base_url=env.get("VAPI_BASE_URL", cls.vapi_base_url).rstrip("/"),
+            default_assistant_id=env.get("CREDIT_ENGINE_DEFAULT_ASSISTANT_ID") or None,
+            fake_provider_failing_area_codes=_codes(
+                env, "CREDIT_ENGINE_FAKE_PROVIDER_FAILING_AREA_CODES", cls.fake_provider_failing_area_codes
+            ),
+            readiness_outbox_lag_s_max=_int(
+                env, "CREDIT_ENGINE_READINESS_OUTBOX_LAG_S_MAX", cls.readiness_outbox_lag_s_max, 1, 86_400
+            ),
+            idempotent_claim_stale_s=_int(
+                env, "CREDIT_ENGINE_IDEMPOTENT_CLAIM_STALE_S", cls.idempotent_claim_stale_s, 1, 86_400
+            ),
+            kill_warn_lead_ms=1000
+            * _int(env, "CREDIT_ENGINE_KILL_WARN_LEAD_S", cls.kill_warn_lead_ms // 1000, 0, 3600),
             kill_warning_text=env.get("CREDIT_ENGINE_KILL_WARNING_TEXT") or cls.kill_warning_text,
-            kill_attempts_max=_int(env, "CREDIT_ENGINE_KILL_ATTEMPTS_MAX", 5, 1, 100),
-            kill_backoff_base_ms=_int(env, "CREDIT_ENGINE_KILL_BACKOFF_BASE_MS", 1_000, 1, 3_600_000),
-            kill_backoff_max_ms=_int(env, "CREDIT_ENGINE_KILL_BACKOFF_MAX_MS", 16_000, 1, 3_600_000),
-            kill_recheck_ms=1000 * _int(env, "CREDIT_ENGINE_KILL_RECHECK_S", 30, 1, 3600),
-            kill_poll_interval_ms=_int(env, "CREDIT_ENGINE_KILL_POLL_INTERVAL_MS", 200, 10, 10_000),
-            kill_pushes_in_flight_max=_int(env, "CREDIT_ENGINE_KILL_PUSHES_IN_FLIGHT_MAX", 256, 1, 10_000),
-            kill_push_deadline_ms=_int(env, "CREDIT_ENGINE_KILL_PUSH_DEADLINE_MS", 900, 50, 600_000),
-            kill_end_queue_ttl_ms=1000 * _int(env, "CREDIT_ENGINE_KILL_END_QUEUE_TTL_S", 3600, 60, 7 * 86_400),
+            kill_attempts_max=_int(env, "CREDIT_ENGINE_KILL_ATTEMPTS_MAX", cls.kill_attempts_max, 1, 100),
+            kill_backoff_base_ms=_int(
+                env, "CREDIT_ENGINE_KILL_BACKOFF_BASE_MS", cls.kill_backoff_base_ms, 1, 3_600_000
+            ),
+            kill_backoff_max_ms=_int(env, "CREDIT_ENGINE_KILL_BACKOFF_MAX_MS", cls.kill_backoff_max_ms, 1, 3_600_000),
+            kill_recheck_ms=1000 * _int(env, "CREDIT_ENGINE_KILL_RECHECK_S", cls.kill_recheck_ms // 1000, 1, 3600),
+            kill_poll_interval_ms=_int(
+                env, "CREDIT_ENGINE_KILL_POLL_INTERVAL_MS", cls.kill_poll_interval_ms, 10, 10_000
+            ),
+            kill_pushes_in_flight_max=_int(
+                env, "CREDIT_ENGINE_KILL_PUSHES_IN_FLIGHT_MAX", cls.kill_pushes_in_flight_max, 1, 10_000
+            ),
+            kill_push_deadline_ms=_int(
+                env, "CREDIT_ENGINE_KILL_PUSH_DEADLINE_MS", cls.kill_push_deadline_ms, 50, 600_000
+            ),
+            kill_end_queue_ttl_ms=1000
+            * _int(env, "CREDIT_ENGINE_KILL_END_QUEUE_TTL_S", cls.kill_end_queue_ttl_ms // 1000, 60, 7 * 86_400),
             vapi_control_base_url=(env.get("VAPI_CONTROL_BASE_URL") or "").rstrip("/") or None,
             vapi_control_token=env.get("VAPI_CONTROL_TOKEN") or None,
             public_url=_public_url(env, "CREDIT_ENGINE_PUBLIC_URL"),
             vapi_credential_id=env.get("CREDIT_ENGINE_VAPI_CREDENTIAL_ID") or None,
-            unattributed_calls=_choice(env, "CREDIT_ENGINE_UNATTRIBUTED_CALLS", "end", ("end", "allow")),
+            unattributed_calls=_choice(
+                env, "CREDIT_ENGINE_UNATTRIBUTED_CALLS", cls.unattributed_calls, ("end", "allow")
+            ),
             forward_url=_forward_url(env, "CREDIT_ENGINE_FORWARD_URL"),
             forward_secret=_header_secret(env, "CREDIT_ENGINE_FORWARD_SECRET"),
-            control_url_hosts=_hosts(env, "CREDIT_ENGINE_CONTROL_URL_HOSTS", ("vapi.ai",)),
+            control_url_hosts=_hosts(env, "CREDIT_ENGINE_CONTROL_URL_HOSTS", cls.control_url_hosts),
             alert_signing_key=env.get("CREDIT_ENGINE_ALERT_SIGNING_KEY") or None,
-            alert_attempts_max=_int(env, "CREDIT_ENGINE_ALERT_ATTEMPTS_MAX", 8, 1, 100),
-            alert_backoff_base_ms=_int(env, "CREDIT_ENGINE_ALERT_BACKOFF_BASE_MS", 2_000, 1, 3_600_000),
+            alert_attempts_max=_int(env, "CREDIT_ENGINE_ALERT_ATTEMPTS_MAX", cls.alert_attempts_max, 1, 100),
+            alert_backoff_base_ms=_int(
+                env, "CREDIT_ENGINE_ALERT_BACKOFF_BASE_MS", cls.alert_backoff_base_ms, 1, 3_600_000
+            ),
             outbound_allow_private=_bool(env, "CREDIT_ENGINE_OUTBOUND_ALLOW_PRIVATE"),
         )
         engines_own = {settings.vapi_webhook_secret, settings.vapi_hmac_secret} - {None}

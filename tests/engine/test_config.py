@@ -50,3 +50,13 @@ def test_the_log_format_is_text_or_json() -> None:
     assert Settings.from_env({"CREDIT_ENGINE_LOG_FORMAT": "json"}).log_format == "json"
     with pytest.raises(ConfigError, match="CREDIT_ENGINE_LOG_FORMAT"):
         Settings.from_env({"CREDIT_ENGINE_LOG_FORMAT": "xml"})
+
+
+def test_every_default_is_the_dataclasss_own() -> None:
+    """Each default is written once, on the dataclass; the environment reader asks it (cls.<field>)
+    rather than repeating it, so an empty environment gives exactly Settings()."""
+    assert Settings.from_env({}) == Settings()
+    source = (Path(__file__).resolve().parents[2] / "engine/config.py").read_text()
+    reader = source.split("def from_env", 1)[1].split("engines_own", 1)[0]
+    repeated = re.findall(r'env\.get\("[A-Z_]+", "[^"]*"\)|_int\(env, "[A-Z_]+", [0-9]', reader)
+    assert repeated == []

@@ -122,6 +122,8 @@ class Settings:
     worker_sweep_interval_s: int = 15
     worker_expire_interval_s: int = 5
     worker_health_check_interval_s: int = 5
+    worker_metrics_port: int = 9464  # the worker's own /metrics; 0: not served
+    worker_metrics_host: str = "127.0.0.1"
     log_level: str = "INFO"
     log_format: str = "text"  # text | json (one object per line, for log shippers)
     # HTTP API
@@ -209,6 +211,8 @@ class Settings:
             worker_health_check_interval_s=_int(
                 env, "CREDIT_ENGINE_WORKER_HEALTH_CHECK_INTERVAL_S", cls.worker_health_check_interval_s, 1, 3600
             ),
+            worker_metrics_port=_int(env, "CREDIT_ENGINE_WORKER_METRICS_PORT", cls.worker_metrics_port, 0, 65_535),
+            worker_metrics_host=env.get("CREDIT_ENGINE_WORKER_METRICS_HOST", cls.worker_metrics_host),
             log_level=env.get("CREDIT_ENGINE_LOG_LEVEL", cls.log_level).upper(),
             log_format=_choice(env, "CREDIT_ENGINE_LOG_FORMAT", cls.log_format, LOG_FORMATS),
             admin_token=env.get("CREDIT_ENGINE_ADMIN_TOKEN") or None,

@@ -162,12 +162,14 @@ def _print_banner(
 ) -> None:
     redis_note = f"embedded, AOF appendfsync {settings.redis_appendfsync}" if redis_server else "external"
     pg_note = "embedded" if pg_server else "external"
+    metrics_port = settings.worker_metrics_port
+    worker_metrics = f"   (its metrics: http://{settings.worker_metrics_host}:{metrics_port}/metrics)" if metrics_port else ""
     print(
         f"""
 credit-engine is up
   web app    http://{host}:{port}   (GET /healthz, GET /readyz, GET /openapi.json)
   secrets    {data_dir / SECRETS_FILE}   (admin token, Vapi webhook secret; mode 600)
-  worker     draining the outbox into the Postgres ledger
+  worker     draining the outbox into the Postgres ledger{worker_metrics}
   Redis      {redact(redis_url)}   ({redis_note})
   Postgres   {redact(database_url)}   ({pg_note})
   data       {data_dir}

@@ -27,6 +27,7 @@ def service_env(settings: Settings, **extra: str) -> dict[str, str]:
         "CREDIT_ENGINE_LOG_LEVEL": "WARNING",
         "CREDIT_ENGINE_WORKER_EXPIRE_INTERVAL_S": "1",
         "CREDIT_ENGINE_WORKER_SWEEP_INTERVAL_S": "2",
+        "CREDIT_ENGINE_WORKER_METRICS_PORT": "0",  # many workers at once: a test that wants it gives a port
         **extra,
     }
 

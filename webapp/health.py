@@ -70,14 +70,6 @@ async def metrics(request: Request) -> Response:
     if stats:
         ctx.metrics.outbox_entries.set(stats.get("outbox_entries", 0))
         ctx.metrics.outbox_lag.set((outbox_lag_ms(stats, now_ms) or 0) / 1000)
-        ctx.metrics.ledger_writes.set(stats.get("entries_written", 0))
-        ctx.metrics.ledger_duplicates.set(stats.get("entries_duplicate", 0))
         ctx.metrics.worker_heartbeat_age.set(max(0, now_ms - stats.get("heartbeat_ms", now_ms)) / 1000)
     ctx.metrics.postgres_up.set(1 if await _postgres_check(ctx) == "ok" else 0)
-    try:
-        counters = await ctx.rt.redis.hgetall(ctx.rt.keys.worker_counters)
-    except Exception:
-        counters = {}
-    for event, count in counters.items():
-        ctx.metrics.worker_events.labels(event).set(int(count))
     return Response(ctx.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")

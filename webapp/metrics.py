@@ -1,4 +1,6 @@
-"""Prometheus metrics of one web process, plus the worker's figures read from Redis on scrape."""
+"""Prometheus metrics of one web process, plus readings of the deployment's shared state taken from
+Redis on scrape (ledger lag, outbox size, worker heartbeat: gauges, the same from any process). The
+worker's counters are the worker's own (worker/metrics.py), never republished here."""
 
 from typing import Any
 
@@ -33,14 +35,6 @@ class Metrics:
         self.outbox_lag = Gauge(
             "credit_engine_outbox_lag_seconds", "Age of the oldest entry not yet in the ledger", registry=self.registry
         )
-        self.ledger_writes = Gauge(
-            "credit_engine_ledger_entries_written", "Ledger entries the worker has written since it started",
-            registry=self.registry,
-        )  # fmt: skip
-        self.ledger_duplicates = Gauge(
-            "credit_engine_ledger_duplicates", "Outbox entries refused as duplicate decisions (see ledger_rejects)",
-            registry=self.registry,
-        )  # fmt: skip
         self.postgres_up = Gauge(
             "credit_engine_postgres_up", "1 if this web process's Postgres answered at this scrape, else 0",
             registry=self.registry,
@@ -48,11 +42,6 @@ class Metrics:
         self.worker_heartbeat_age = Gauge(
             "credit_engine_worker_heartbeat_age_seconds", "Seconds since the worker last reported", registry=self.registry
         )
-        self.worker_events = Gauge(
-            "credit_engine_worker_events", "Kill-switch pushes and alert deliveries counted by all workers "
-            "(kill_warned, kill_ended, kill_failed_attempts, kill_given_up, alerts_delivered, alerts_failed, ...)",
-            ["event"], registry=self.registry,
-        )  # fmt: skip
 
         self._children: dict[tuple[str, ...], Any] = {}
 

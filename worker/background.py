@@ -20,6 +20,7 @@ from engine.alerts import deliver_due, outbound_for_alerts
 from engine.control import ControlClients
 from engine.killswitch import ControlUrls, KillSwitch
 from engine.runtime import Runtime
+from worker.metrics import METRICS
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +89,7 @@ class TimedLoops:
         nonzero = {name: n for name, n in counts.items() if n}
         if not nonzero:
             return
+        METRICS.count(**nonzero)  # this worker's counters; Redis keeps the deployment's totals
         async with self.rt.redis.pipeline(transaction=False) as pipe:
             for name, n in nonzero.items():
                 pipe.hincrby(self.rt.keys.worker_counters, name, n)

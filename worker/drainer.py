@@ -22,6 +22,7 @@ from engine.doorbell import pop_rung, ring
 from engine.outbox import drain_orgs, outbox_lengths
 from engine.runtime import Runtime
 from engine.snapshots import org_id_pages
+from worker.metrics import METRICS
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +72,7 @@ class Drainer:
                     published_at = time.monotonic()
             except (RedisError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as error:
                 self.stats.errors += 1
+                METRICS.drain_errors.inc()
                 log.warning("outbox drain failed, retrying in %.2fs: %s", backoff_s, error)
                 await self._sleep(backoff_s)
                 backoff_s = min(backoff_s * 2, backoff_s_max)
@@ -78,6 +80,7 @@ class Drainer:
             except Exception:
                 # A bug must not end the drain for every org: log it loudly and go on.
                 self.stats.errors += 1
+                METRICS.drain_errors.inc()
                 log.exception("outbox drain failed unexpectedly, retrying in %.2fs", backoff_s)
                 await self._sleep(backoff_s)
                 backoff_s = min(backoff_s * 2, backoff_s_max)
@@ -109,6 +112,10 @@ class Drainer:
         self.stats.entries_written += result.written.inserted
         self.stats.entries_redelivered += result.written.redelivered
         self.stats.entries_duplicate += result.written.duplicates
+        METRICS.batches.inc()
+        METRICS.entries_written.inc(result.written.inserted)
+        METRICS.entries_redelivered.inc(result.written.redelivered)
+        METRICS.entries_duplicate.inc(result.written.duplicates)
         if result.oldest_created_ms is not None:
             now_ms = await rt.clock.now_ms(rt.redis)
             self.stats.last_lag_ms = max(0, now_ms - result.oldest_created_ms)
@@ -141,6 +148,8 @@ class Drainer:
         now_ms = await rt.clock.now_ms(rt.redis)
         self.stats.outbox_entries = total_entries
         self.stats.outbox_oldest_age_ms = 0 if oldest_ms is None else max(0, now_ms - oldest_ms)
+        METRICS.outbox_entries.set(total_entries)
+        METRICS.outbox_oldest_age.set(self.stats.outbox_oldest_age_ms / 1000)
         await self.publish_stats()
         return rung
 

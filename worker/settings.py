@@ -24,6 +24,7 @@ from engine.telephony import make_telephony
 from worker import jobs
 from worker.background import TimedLoops
 from worker.drainer import Drainer
+from worker.metrics import METRICS
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +65,7 @@ def worker_options(settings: Settings) -> dict[str, Any]:
     async def on_startup(ctx: dict[str, Any]) -> None:
         rt = await Runtime.open(settings)
         ctx["rt"] = rt
+        ctx["metrics_server"] = METRICS.serve(settings.worker_metrics_host, settings.worker_metrics_port)
         ctx["telephony"] = make_telephony(settings)
         await ensure_rebuilt(rt)  # before draining anything: Redis may have lost its state
         await adopt_unsharded_hints(rt)  # hints an earlier release filed in one key each
@@ -93,6 +95,10 @@ def worker_options(settings: Settings) -> dict[str, Any]:
         rt: Runtime | None = ctx.get("rt")
         if rt is not None:
             await rt.close()
+        metrics_server = ctx.get("metrics_server")
+        if metrics_server is not None:
+            await asyncio.to_thread(metrics_server.shutdown)
+            metrics_server.server_close()
         log.info("worker stopped")
 
     def cron_name(name: str) -> str:

@@ -3,10 +3,12 @@
 import asyncio
 import json
 import random
+import re
 import signal
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 
 from engine.assets import deduct_asset
@@ -14,10 +16,11 @@ from engine.balances import read_wallet
 from engine.call_index import CallIndex
 from engine.clock import ManualClock, RedisClock
 from engine.config import Settings
+from engine.embedded import free_port
 from engine.holds import CallEvent, check_call, commit_call, reserve_call
 from engine.reconciler import check
-from engine.results import Outcome
 from engine.restore import state_present
+from engine.results import Outcome
 from engine.runtime import Runtime
 from tests.conftest import delete_prefix
 from tests.fake_vapi import FakeVapi, fake_vapi_server
@@ -248,3 +251,22 @@ async def test_the_worker_logs_json_lines_without_arqs_job_lines_at_info(rt: Run
         assert job_lines == []
     else:
         assert len(job_lines) >= 4 and {line["level"] for line in job_lines} == {"DEBUG"}
+
+
+async def test_the_worker_serves_its_own_counters(rt: Runtime, tmp_path: Path) -> None:
+    """The worker's /metrics counts what this worker wrote, as a Prometheus counter (so rate()
+    works), where the web processes once republished it read back from Redis as a gauge."""
+    orgs = [await new_org(rt, 100_000) for _ in range(2)]
+    expected = await make_traffic(rt, orgs, 120, seed=5)
+    port = free_port()
+    worker = await start_ready_worker(rt, tmp_path / "worker.log", CREDIT_ENGINE_WORKER_METRICS_PORT=str(port))
+    try:
+        await wait_for(lambda: outboxes_empty(rt, orgs), 30, "the worker to drain")
+        async with httpx.AsyncClient() as client:
+            text = (await client.get(f"http://127.0.0.1:{port}/metrics")).text
+    finally:
+        assert stop(worker) == 0, (tmp_path / "worker.log").read_text()
+    assert "# TYPE credit_engine_worker_ledger_entries_written_total counter" in text
+    written = re.search(r"^credit_engine_worker_ledger_entries_written_total (\S+)$", text, re.M)
+    assert written is not None and float(written.group(1)) == expected
+    await assert_ledger_exact(rt, orgs, expected)

@@ -21,13 +21,14 @@ from redis.exceptions import RedisError
 
 from engine import keys as key_rules
 from engine.call_index import CallIndex
+from engine.db import bounded, lookup_timeout_s
 from engine.idempotency import call_state_key
 from engine.phone_numbers import number_owner
 from engine.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
-admission_lookup_timeout_s = 2.0
+admission_lookup_timeout_s = lookup_timeout_s
 clock_skew_margin_ms = 10 * 60 * 1000  # between Vapi's clock (call.createdAt) and Redis's
 
 
@@ -93,13 +94,13 @@ async def _in_call_holds(rt: Runtime, org_id: str, call_id: str, *, resolved_onl
     if rt.pg is None:
         return None
     try:
-        row = await rt.pg.fetchval(
-            "SELECT 1 FROM call_holds WHERE org_id = $1 AND call_id = $2 AND (NOT $3 OR status <> 'live')",
-            org_id,
-            call_id,
-            resolved_only,
-            timeout=admission_lookup_timeout_s,
-        )
+        async with bounded(admission_lookup_timeout_s):  # a Postgres that never answers included
+            row = await rt.pg.fetchval(
+                "SELECT 1 FROM call_holds WHERE org_id = $1 AND call_id = $2 AND (NOT $3 OR status <> 'live')",
+                org_id,
+                call_id,
+                resolved_only,
+            )
     except (asyncpg.PostgresError, OSError, TimeoutError) as error:
         log.warning("cannot ask postgres about call %s of org %s: %s", call_id, org_id, error)
         return None

@@ -361,7 +361,12 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     async def action(rt: Any) -> int:
         stop = asyncio.Event()
         if args.watch:  # Ctrl-C ends the watch between two refreshes, or abandons the one under way
-            asyncio.get_running_loop().add_signal_handler(signal.SIGINT, stop.set)
+
+            def first_ctrl_c() -> None:  # a second Ctrl-C interrupts whatever still runs, as usual
+                stop.set()
+                asyncio.get_running_loop().remove_signal_handler(signal.SIGINT)
+
+            asyncio.get_running_loop().add_signal_handler(signal.SIGINT, first_ctrl_c)
         while not stop.is_set():
             refresh = asyncio.ensure_future(org_status(rt, args.org) if args.org else deployment_status(rt))
             stopped = asyncio.ensure_future(stop.wait())

@@ -11,7 +11,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from engine import limits
-from engine.logs import LOG_FORMATS
+from engine.logs import LOG_FORMATS, LOG_LEVELS
 
 
 class ConfigError(ValueError):
@@ -213,7 +213,7 @@ class Settings:
             ),
             worker_metrics_port=_int(env, "CREDIT_ENGINE_WORKER_METRICS_PORT", cls.worker_metrics_port, 0, 65_535),
             worker_metrics_host=env.get("CREDIT_ENGINE_WORKER_METRICS_HOST", cls.worker_metrics_host),
-            log_level=env.get("CREDIT_ENGINE_LOG_LEVEL", cls.log_level).upper(),
+            log_level=_choice(env, "CREDIT_ENGINE_LOG_LEVEL", cls.log_level.lower(), LOG_LEVELS).upper(),
             log_format=_choice(env, "CREDIT_ENGINE_LOG_FORMAT", cls.log_format, LOG_FORMATS),
             admin_token=env.get("CREDIT_ENGINE_ADMIN_TOKEN") or None,
             vapi_webhook_secret=env.get("VAPI_WEBHOOK_SECRET") or None,

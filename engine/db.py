@@ -1,5 +1,6 @@
 """Postgres connections: raw asyncpg where the volume is, SQLAlchemy only for Alembic."""
 
+import asyncio
 import json
 from urllib.parse import urlsplit, urlunsplit
 
@@ -32,12 +33,26 @@ async def _init_connection(connection: asyncpg.Connection) -> None:
     await connection.set_type_codec("jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
 
 
+# A read on a decision path (who pays, was it resolved, whose key is this) waits this long in all,
+# for a connection and for the answer: a pool's own `timeout=` bounds only the query, and a
+# Postgres that accepts connections but never answers would otherwise hold the caller for
+# asyncpg's 60-second connect timeout, past every budget Vapi and clients give us.
+lookup_timeout_s = 2.0
+connect_timeout_s = 5.0  # one new connection to Postgres (asyncpg's default is 60 s)
+
+
+def bounded(timeout_s: float = lookup_timeout_s) -> asyncio.Timeout:
+    """`async with bounded(): await pool.fetch…(…)`: the connection's wait and the query, together."""
+    return asyncio.timeout(timeout_s)
+
+
 async def create_pool(database_url: str, size: int) -> asyncpg.Pool:
     pool = await asyncpg.create_pool(
         asyncpg_dsn(database_url),
         min_size=1,
         max_size=size,
         command_timeout=30,
+        timeout=connect_timeout_s,
         init=_init_connection,
     )
     assert pool is not None

@@ -20,27 +20,27 @@ Invariants:
   can restore live holds after Redis loses them.
 """
 
+import logging
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any
-
-import logging
 
 import asyncpg
 import orjson
 from redis.exceptions import RedisError
 
 from engine import limits, validate
+from engine.db import bounded, lookup_timeout_s
+from engine.idempotency import call_ledger_key, call_state_key
 from engine.killswitch import add_depletion, file_depletion
 from engine.outbox import note_refused_for_full_outbox
 from engine.records import HoldRecord
 from engine.results import Money, Outcome, decode
 from engine.runtime import Runtime
-from engine.idempotency import call_ledger_key, call_state_key
 
 log = logging.getLogger(__name__)
 
-resolved_lookup_timeout_s = 2.0
+resolved_lookup_timeout_s = lookup_timeout_s
 
 
 class Unfunded(IntEnum):
@@ -191,10 +191,11 @@ async def commit_call(
     # decides which. A Redis-only runtime (the Lua tests) has no ledger to ask.
     if rt.pg is not None:
         try:
-            row = await rt.pg.fetchrow(
-                "SELECT status, charged_pence FROM call_holds WHERE org_id = $1 AND call_id = $2 AND status <> 'live'",
-                org_id, call_id, timeout=resolved_lookup_timeout_s,
-            )  # fmt: skip
+            async with bounded(resolved_lookup_timeout_s):  # a Postgres that never answers included
+                row = await rt.pg.fetchrow(
+                    "SELECT status, charged_pence FROM call_holds WHERE org_id = $1 AND call_id = $2 AND status <> 'live'",
+                    org_id, call_id,
+                )  # fmt: skip
         except (asyncpg.PostgresError, OSError, TimeoutError) as error:
             # Postgres away: bill from Redis, as before Redis forgot anything. The only risk is a
             # call resolved more than the idempotency window ago; an unbilled call is the worse one.

@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 from typing import TextIO
 
 LOG_FORMATS = ("text", "json")
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 # arq.worker's routine lines: a job started, finished, retried or aborted ("%6.2fs → …"), a health
 # record written. Its start-up, shutdown and error lines stay as arq logs them.

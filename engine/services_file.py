@@ -13,11 +13,12 @@ SECRETS_FILE = "secrets.env"
 
 def read_secrets(data_dir: Path) -> dict[str, str]:
     """<data-dir>/secrets.env as a shell would read it (python-dotenv: quotes, comments, `export`),
-    so an operator's edit means what it says; names without a value are left out."""
+    so an operator's edit means what it says; `${…}` in a secret is kept as written, never expanded;
+    names without a value are left out."""
     path = data_dir / SECRETS_FILE
     if not path.exists():
         return {}
-    return {name: value for name, value in dotenv_values(path).items() if value}
+    return {name: value for name, value in dotenv_values(path, interpolate=False).items() if value}
 
 
 def services_path(data_dir: Path) -> Path:

@@ -6,6 +6,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from engine.clock import redis_now_ms
+from engine.db import bounded
 from engine.ledger_lag import outbox_lag_ms
 from webapp.context import AppContext, context
 from webapp.responses import json_response
@@ -39,22 +40,28 @@ async def readyz(request: Request) -> Response:
     checks["state"] = "ok" if ctx.guard.ready else "restoring from the ledger"
     checks["postgres"] = await _postgres_check(ctx)
     if checks["redis"] == "ok":
-        lag_ms = outbox_lag_ms(await _worker_stats(ctx), await redis_now_ms(ctx.rt.redis))
-        limit_ms = ctx.settings.readiness_outbox_lag_s_max * 1000
-        checks["outbox_lag_ms"] = lag_ms
-        checks["outbox"] = "no worker has reported yet" if lag_ms is None else ("ok" if lag_ms <= limit_ms else "behind")
+        try:
+            lag_ms = outbox_lag_ms(await _worker_stats(ctx), await redis_now_ms(ctx.rt.redis))
+        except Exception as error:  # Redis went away between the ping and these reads
+            checks["redis"] = f"unreachable: {type(error).__name__}"
+        else:
+            limit_ms = ctx.settings.readiness_outbox_lag_s_max * 1000
+            checks["outbox_lag_ms"] = lag_ms
+            checks["outbox"] = "no worker has reported yet" if lag_ms is None else ("ok" if lag_ms <= limit_ms else "behind")
     ready = all(checks[name] == "ok" for name in READY_WHEN)
     degraded = [name for name in ("postgres", "outbox") if checks.get(name, "ok") != "ok"]
     body = {"status": "ready" if ready else "not_ready", "degraded": degraded, "checks": checks}
     return json_response(body, 200 if ready else 503)
 
 
-READY_WHEN = ("redis", "state")  # what the status code says; the rest is reported, never decisive
+READY_WHEN = ("redis", "state")
+postgres_check_timeout_s = 1.0  # a probe's own timeout is a few seconds: /readyz answers well within it  # what the status code says; the rest is reported, never decisive
 
 
 async def _postgres_check(ctx: AppContext) -> str:
     try:
-        await ctx.rt.pg.fetchval("SELECT 1", timeout=2)
+        async with bounded(postgres_check_timeout_s):  # never answering is unreachable too, and quickly
+            await ctx.rt.pg.fetchval("SELECT 1")
         return "ok"
     except Exception as error:
         return f"unreachable: {type(error).__name__}"

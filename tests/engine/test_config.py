@@ -60,3 +60,9 @@ def test_every_default_is_the_dataclasss_own() -> None:
     reader = source.split("def from_env", 1)[1].split("engines_own", 1)[0]
     repeated = re.findall(r'env\.get\("[A-Z_]+", "[^"]*"\)|_int\(env, "[A-Z_]+", [0-9]', reader)
     assert repeated == []
+
+
+def test_a_log_level_logging_does_not_know_is_refused_when_read() -> None:
+    assert Settings.from_env({"CREDIT_ENGINE_LOG_LEVEL": "debug"}).log_level == "DEBUG"
+    with pytest.raises(ConfigError, match="CREDIT_ENGINE_LOG_LEVEL"):
+        Settings.from_env({"CREDIT_ENGINE_LOG_LEVEL": "verbose"})

@@ -704,7 +704,7 @@ class HangingEndpoint:
         gc.collect()
 
 
-def run_model(settings: Settings, max_examples: int) -> None:
+def run_model(settings: Settings, max_examples: int, *, derandomize: bool = False) -> None:
     loop = asyncio.new_event_loop()
     clock = ManualClock()
 
@@ -739,6 +739,7 @@ def run_model(settings: Settings, max_examples: int) -> None:
             Calls,
             settings=hypothesis_settings(
                 max_examples=max_examples,
+                derandomize=derandomize,
                 stateful_step_count=40,
                 deadline=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
@@ -765,7 +766,11 @@ def run_model(settings: Settings, max_examples: int) -> None:
 
 def test_the_promises_hold_whatever_vapi_and_clients_send(model_settings: Settings) -> None:
     SEEN.clear()
-    run_model(model_settings, max_examples=int(os.environ.get("CREDIT_ENGINE_MODEL_EXAMPLES", "12")))
+    # The same examples every run (hypothesis's derandomize): twelve random ones once went by with no
+    # report at all, and the check below (rightly) failed a run that had tested nothing wrong. The
+    # soak below, and CI's bounded soak, draw new examples every time.
+    examples = int(os.environ.get("CREDIT_ENGINE_MODEL_EXAMPLES", "12"))
+    run_model(model_settings, max_examples=examples, derandomize=os.environ.get("CREDIT_ENGINE_MODEL_RANDOM") != "1")
     print("model runs did:", dict(sorted(SEEN.items())))
     # Not vacuous: calls were admitted, reported, billed, ended by the kill switch, replayed.
     for what in ("inbound admitted", "reports", "end-calls pushed", "replays", "settled and compared"):

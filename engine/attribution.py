@@ -21,14 +21,13 @@ from redis.exceptions import RedisError
 
 from engine import keys as key_rules
 from engine.call_index import CallIndex
-from engine.db import bounded, lookup_timeout_s
+from engine.db import bounded
 from engine.idempotency import call_state_key
 from engine.phone_numbers import number_owner
 from engine.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
-admission_lookup_timeout_s = lookup_timeout_s
 clock_skew_margin_ms = 10 * 60 * 1000  # between Vapi's clock (call.createdAt) and Redis's
 
 
@@ -85,7 +84,7 @@ async def admitted_by(rt: Runtime, org_id: str, call_id: str) -> bool:
 
 async def resolved_in_postgres(rt: Runtime, org_id: str, call_id: str) -> bool | None:
     """Whether Postgres has the call resolved (Redis may have forgotten: its idempotency window).
-    None when Postgres cannot say (away, or slower than admission_lookup_timeout_s)."""
+    None when Postgres cannot say (away, or slower than engine.db.lookup_timeout_s)."""
     return await _in_call_holds(rt, org_id, call_id, resolved_only=True)
 
 
@@ -94,7 +93,7 @@ async def _in_call_holds(rt: Runtime, org_id: str, call_id: str, *, resolved_onl
     if rt.pg is None:
         return None
     try:
-        async with bounded(admission_lookup_timeout_s):  # a Postgres that never answers included
+        async with bounded():  # a Postgres that never answers included
             row = await rt.pg.fetchval(
                 "SELECT 1 FROM call_holds WHERE org_id = $1 AND call_id = $2 AND (NOT $3 OR status <> 'live')",
                 org_id,

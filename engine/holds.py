@@ -30,7 +30,7 @@ import orjson
 from redis.exceptions import RedisError
 
 from engine import limits, validate
-from engine.db import bounded, lookup_timeout_s
+from engine.db import bounded
 from engine.idempotency import call_ledger_key, call_state_key
 from engine.killswitch import add_depletion, file_depletion
 from engine.outbox import note_refused_for_full_outbox
@@ -39,8 +39,6 @@ from engine.results import Money, Outcome, decode
 from engine.runtime import Runtime
 
 log = logging.getLogger(__name__)
-
-resolved_lookup_timeout_s = lookup_timeout_s
 
 
 class Unfunded(IntEnum):
@@ -191,7 +189,7 @@ async def commit_call(
     # decides which. A Redis-only runtime (the Lua tests) has no ledger to ask.
     if rt.pg is not None:
         try:
-            async with bounded(resolved_lookup_timeout_s):  # a Postgres that never answers included
+            async with bounded():  # a Postgres that never answers included
                 row = await rt.pg.fetchrow(
                     "SELECT status, charged_pence FROM call_holds WHERE org_id = $1 AND call_id = $2 AND status <> 'live'",
                     org_id, call_id,

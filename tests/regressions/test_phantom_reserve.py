@@ -31,7 +31,7 @@ async def test_a_reserve_retried_after_the_window_while_postgres_is_slow_leaves_
 
     async def slow(pool: asyncpg.Pool, query: str, *args: Any, **kwargs: Any) -> Any:
         if "call_holds" in query:
-            raise TimeoutError  # as asyncpg does past admission_lookup_timeout_s (2 s)
+            raise TimeoutError  # as asyncpg does past engine.db.lookup_timeout_s (2 s)
         return await real_fetchval(pool, query, *args, **kwargs)
 
     monkeypatch.setattr(asyncpg.Pool, "fetchval", slow)

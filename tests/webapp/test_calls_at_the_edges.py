@@ -259,7 +259,7 @@ async def test_an_old_call_first_seen_live_while_postgres_is_slow_takes_no_hold(
 
     async def slow(pool: asyncpg.Pool, query: str, *args: Any, **kwargs: Any) -> Any:
         if "call_holds" in query:
-            raise TimeoutError  # as asyncpg does past admission_lookup_timeout_s
+            raise TimeoutError  # as asyncpg does past engine.db.lookup_timeout_s
         return await real_fetchval(pool, query, *args, **kwargs)
 
     monkeypatch.setattr(asyncpg.Pool, "fetchval", slow)

@@ -33,8 +33,8 @@ from dataclasses import dataclass
 
 import asyncpg
 
-from engine.outbound import Failure, Outbound
-from engine.runtime import Runtime
+from credit_engine.engine.outbound import Failure, Outbound
+from credit_engine.engine.runtime import Runtime
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Money arithmetic in integer pence, mirrored exactly by the Lua scripts (see lua/_lib.lua)."""
 
-from engine import limits
+from credit_engine.engine import limits
 
 
 def billed_seconds_from_ms(duration_ms: int) -> int:

@@ -8,10 +8,10 @@ response that issued it.
 import hashlib
 import secrets
 
-from engine import validate
-from engine.db import bounded
-from engine.errors import OrgNotFound
-from engine.runtime import Runtime
+from credit_engine.engine import validate
+from credit_engine.engine.db import bounded
+from credit_engine.engine.errors import OrgNotFound
+from credit_engine.engine.runtime import Runtime
 
 KEY_PREFIX = "ce_live_"
 

@@ -15,13 +15,13 @@ from typing import Any
 
 import orjson
 
-from engine import validate
-from engine.balances import money_now
-from engine.idempotency import client_ledger_key
-from engine.killswitch import file_depletion
-from engine.outbox import note_refused_for_full_outbox
-from engine.results import Money, Outcome, decode
-from engine.runtime import Runtime
+from credit_engine.engine import validate
+from credit_engine.engine.balances import money_now
+from credit_engine.engine.idempotency import client_ledger_key
+from credit_engine.engine.killswitch import file_depletion
+from credit_engine.engine.outbox import note_refused_for_full_outbox
+from credit_engine.engine.results import Money, Outcome, decode
+from credit_engine.engine.runtime import Runtime
 
 
 @dataclass(frozen=True)

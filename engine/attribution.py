@@ -19,12 +19,12 @@ from dataclasses import dataclass
 import asyncpg
 from redis.exceptions import RedisError
 
-from engine import keys as key_rules
-from engine.call_index import CallIndex
-from engine.db import bounded
-from engine.idempotency import call_state_key
-from engine.phone_numbers import number_owner
-from engine.runtime import Runtime
+from credit_engine.engine import keys as key_rules
+from credit_engine.engine.call_index import CallIndex
+from credit_engine.engine.db import bounded
+from credit_engine.engine.idempotency import call_state_key
+from credit_engine.engine.phone_numbers import number_owner
+from credit_engine.engine.runtime import Runtime
 
 log = logging.getLogger(__name__)
 

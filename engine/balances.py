@@ -2,9 +2,9 @@
 
 from dataclasses import dataclass
 
-from engine import validate
-from engine.results import Money, Outcome
-from engine.runtime import Runtime
+from credit_engine.engine import validate
+from credit_engine.engine.results import Money, Outcome
+from credit_engine.engine.runtime import Runtime
 
 
 @dataclass(frozen=True)

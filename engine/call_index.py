@@ -13,7 +13,7 @@
 import logging
 from collections import OrderedDict
 
-from engine.runtime import Runtime
+from credit_engine.engine.runtime import Runtime
 
 log = logging.getLogger(__name__)
 

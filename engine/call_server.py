@@ -22,9 +22,9 @@ Without `CREDIT_ENGINE_PUBLIC_URL` the engine cannot name itself: everything but
 from dataclasses import dataclass
 from typing import Any
 
-from engine import limits
-from engine.config import Settings
-from engine.runtime import Runtime
+from credit_engine.engine import limits
+from credit_engine.engine.config import Settings
+from credit_engine.engine.runtime import Runtime
 
 WEBHOOK_PATH = "/api/vapi/webhook"
 STATUS_CHECK_PATH = "/api/vapi/webhook/status-check"

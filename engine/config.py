@@ -10,8 +10,8 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from engine import limits
-from engine.logs import LOG_FORMATS, LOG_LEVELS
+from credit_engine.engine import limits
+from credit_engine.engine.logs import LOG_FORMATS, LOG_LEVELS
 
 
 class ConfigError(ValueError):
@@ -54,7 +54,7 @@ def _forward_url(env: Mapping[str, str], name: str) -> str | None:
     raw = (env.get(name) or "").strip()
     if not raw:
         return None
-    from engine.outbound import parse_url  # the parser the sender uses (httpx's), imported only when set
+    from credit_engine.engine.outbound import parse_url  # the parser the sender uses (httpx's), imported only when set
 
     parsed = parse_url(raw) if len(raw) <= limits.url_length_max and raw.isprintable() and " " not in raw else None
     if parsed is None or parsed.fragment or (parsed.port is not None and not 1 <= parsed.port <= 65_535):

@@ -22,7 +22,7 @@ from urllib.parse import quote, urlsplit
 
 import httpx
 
-from engine.config import Settings
+from credit_engine.engine.config import Settings
 
 control_url_length_max = 2048
 # httpcore's pool scans all of its connections for every request and every response (quadratic

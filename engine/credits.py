@@ -14,15 +14,15 @@ from typing import Any
 
 from redis.exceptions import RedisError
 
-from engine import limits, validate
-from engine.balances import money_now
-from engine.errors import InvalidInput, OrgNotFound
-from engine.killswitch import file_depletion
-from engine.restore import restore_org_if_absent
-from engine.results import Money, Outcome, decode
-from engine.runtime import Runtime
-from engine.idempotency import credit_ledger_key, repay_ledger_key
-from engine.types import CREDIT_KINDS, EntryKind
+from credit_engine.engine import limits, validate
+from credit_engine.engine.balances import money_now
+from credit_engine.engine.errors import InvalidInput, OrgNotFound
+from credit_engine.engine.idempotency import credit_ledger_key, repay_ledger_key
+from credit_engine.engine.killswitch import file_depletion
+from credit_engine.engine.restore import restore_org_if_absent
+from credit_engine.engine.results import Money, Outcome, decode
+from credit_engine.engine.runtime import Runtime
+from credit_engine.engine.types import CREDIT_KINDS, EntryKind
 
 log = logging.getLogger(__name__)
 

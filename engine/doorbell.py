@@ -8,9 +8,9 @@ master restarted empty) delays an entry until the next sweep, never loses it.
 
 from collections import defaultdict
 
-from engine.keys import hint_shard
-from engine.killswitch import file_depletion
-from engine.runtime import Runtime
+from credit_engine.engine.keys import hint_shard
+from credit_engine.engine.killswitch import file_depletion
+from credit_engine.engine.runtime import Runtime
 
 
 async def ring(rt: Runtime, org_ids: list[str]) -> None:

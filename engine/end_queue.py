@@ -26,9 +26,9 @@ from dataclasses import dataclass
 import asyncpg
 import orjson
 
-from engine.control import control_url_allowed
-from engine.keys import is_call_id, is_org_id
-from engine.runtime import Runtime
+from credit_engine.engine.control import control_url_allowed
+from credit_engine.engine.keys import is_call_id, is_org_id
+from credit_engine.engine.runtime import Runtime
 
 log = logging.getLogger(__name__)
 

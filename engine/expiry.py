@@ -12,11 +12,11 @@ hold event, so the cron's next run sees the next batch.
 import logging
 from dataclasses import dataclass
 
-from engine.holds import expire_call
-from engine.restore import restore_org_if_absent
-from engine.results import Outcome
-from engine.runtime import Runtime
-from engine.timeutil import dt_from_ms
+from credit_engine.engine.holds import expire_call
+from credit_engine.engine.restore import restore_org_if_absent
+from credit_engine.engine.results import Outcome
+from credit_engine.engine.runtime import Runtime
+from credit_engine.engine.timeutil import dt_from_ms
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ import asyncio
 import ssl
 from dataclasses import dataclass
 
-from engine.outbound import AddressRefused, Failure, Resolver, addresses_checked, parse_url, resolve
+from credit_engine.engine.outbound import AddressRefused, Failure, Resolver, addresses_checked, parse_url, resolve
 
 head_bytes_max = 16 * 1024  # status line and headers of one response
 skip_chunk = 64 * 1024

@@ -21,9 +21,9 @@ seconds of messages at most), as a platform whose server is down would have lost
 """
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
-import contextlib
 import logging
 import time
 from collections import OrderedDict
@@ -35,9 +35,9 @@ from urllib.parse import quote
 import httpx
 import orjson
 
-from engine.config import Settings
-from engine.fire_and_forget import FireAndForget
-from engine.outbound import Failure, Outbound
+from credit_engine.engine.config import Settings
+from credit_engine.engine.fire_and_forget import FireAndForget
+from credit_engine.engine.outbound import Failure, Outbound
 
 log = logging.getLogger(__name__)
 

@@ -29,14 +29,14 @@ import asyncpg
 import orjson
 from redis.exceptions import RedisError
 
-from engine import limits, validate
-from engine.db import bounded
-from engine.idempotency import call_ledger_key, call_state_key
-from engine.killswitch import add_depletion, file_depletion
-from engine.outbox import note_refused_for_full_outbox
-from engine.records import HoldRecord
-from engine.results import Money, Outcome, decode
-from engine.runtime import Runtime
+from credit_engine.engine import limits, validate
+from credit_engine.engine.db import bounded
+from credit_engine.engine.idempotency import call_ledger_key, call_state_key
+from credit_engine.engine.killswitch import add_depletion, file_depletion
+from credit_engine.engine.outbox import note_refused_for_full_outbox
+from credit_engine.engine.records import HoldRecord
+from credit_engine.engine.results import Money, Outcome, decode
+from credit_engine.engine.runtime import Runtime
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ those legacy keys are still recognised, by their meta, when rent asks whether a 
 
 import hashlib
 
-from engine import validate
+from credit_engine.engine import validate
 
 CLIENT_NAMESPACES = frozenset({"asset", "topup"})
 INTERNAL_NAMESPACES = frozenset({"rent", "refund", "repay", "call"})

@@ -15,7 +15,7 @@ from typing import Any
 
 import orjson
 
-from engine.runtime import Runtime
+from credit_engine.engine.runtime import Runtime
 
 
 class Claim(Enum):

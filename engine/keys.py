@@ -14,7 +14,7 @@ import re
 import zlib
 from dataclasses import dataclass
 
-from engine import limits
+from credit_engine.engine import limits
 
 ORG_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,%d}" % (limits.org_id_length_max - 1))
 CALL_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,%d}" % (limits.call_id_length_max - 1))

@@ -47,11 +47,11 @@ from typing import Any
 import httpx
 from redis.exceptions import RedisError
 
-from engine import validate
-from engine.config import ConfigError, Settings
-from engine.call_index import CallIndex
-from engine.control import ControlClients, VapiCall, call_at_vapi, control_url_allowed, send_control  # noqa: F401 - control_url_allowed: for the webhook
-from engine.end_queue import (  # noqa: F401 - end_unheld_call: for the webhook
+from credit_engine.engine import validate
+from credit_engine.engine.call_index import CallIndex
+from credit_engine.engine.config import ConfigError, Settings
+from credit_engine.engine.control import ControlClients, VapiCall, call_at_vapi, control_url_allowed, send_control  # noqa: F401 - control_url_allowed: for the webhook
+from credit_engine.engine.end_queue import (  # noqa: F401 - end_unheld_call: for the webhook
     claim_unheld_call,
     defer_unheld_call,
     due_unheld_calls,
@@ -61,8 +61,8 @@ from engine.end_queue import (  # noqa: F401 - end_unheld_call: for the webhook
     give_up_unheld_call,
     release_unheld_call,
 )
-from engine.phone_numbers import number_owner
-from engine.runtime import Runtime
+from credit_engine.engine.phone_numbers import number_owner
+from credit_engine.engine.runtime import Runtime
 
 log = logging.getLogger(__name__)
 

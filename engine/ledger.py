@@ -23,10 +23,10 @@ from typing import Any
 import asyncpg
 import orjson
 
-from engine import faults
-from engine.records import HoldRecord
-from engine.timeutil import dt_from_ms, ms_from_dt
-from engine.types import EntryKind, HoldStatus
+from credit_engine.engine import faults
+from credit_engine.engine.records import HoldRecord
+from credit_engine.engine.timeutil import dt_from_ms, ms_from_dt
+from credit_engine.engine.types import EntryKind, HoldStatus
 
 
 # Slotted and not frozen: the writer builds tens of thousands of these a second, and a frozen

@@ -24,10 +24,10 @@ from typing import TYPE_CHECKING
 
 import asyncpg
 
-from engine import limits
+from credit_engine.engine import limits
 
 if TYPE_CHECKING:
-    from engine.runtime import Runtime
+    from credit_engine.engine.runtime import Runtime
 
 log = logging.getLogger(__name__)
 

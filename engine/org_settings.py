@@ -9,9 +9,9 @@ refusal sentences) are read by the webhook through engine/org_profiles.py and ne
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
-from engine import limits, outbound, validate
-from engine.errors import InvalidInput
-from engine.org_profiles import Refusal
+from credit_engine.engine import limits, outbound, validate
+from credit_engine.engine.errors import InvalidInput
+from credit_engine.engine.org_profiles import Refusal
 
 
 @dataclass(frozen=True)

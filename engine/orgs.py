@@ -13,13 +13,13 @@ from typing import Any
 import asyncpg
 from redis.exceptions import RedisError
 
-from engine import validate
-from engine.errors import InvalidInput, OrgExists, OrgNotFound
-from engine.org_settings import URL_SETTINGS, OrgSettings, check_url_addresses
-from engine.restore import restore_org_if_absent
-from engine.results import Outcome, decode
-from engine.runtime import Runtime
-from engine.snapshots import settings_from_row
+from credit_engine.engine import validate
+from credit_engine.engine.errors import InvalidInput, OrgExists, OrgNotFound
+from credit_engine.engine.org_settings import URL_SETTINGS, OrgSettings, check_url_addresses
+from credit_engine.engine.restore import restore_org_if_absent
+from credit_engine.engine.results import Outcome, decode
+from credit_engine.engine.runtime import Runtime
+from credit_engine.engine.snapshots import settings_from_row
 
 log = logging.getLogger(__name__)
 

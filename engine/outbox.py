@@ -14,11 +14,19 @@ from typing import Any
 import asyncpg
 import orjson
 
-from engine import faults, limits
-from engine.ledger import AlertEvent, BatchResult, HoldEvent, LedgerEntry, UnknownOrg, UnwritableEntry, write_batch
-from engine.records import HoldRecord
-from engine.runtime import Runtime
-from engine.types import EntryKind, HoldStatus
+from credit_engine.engine import faults, limits
+from credit_engine.engine.ledger import (
+    AlertEvent,
+    BatchResult,
+    HoldEvent,
+    LedgerEntry,
+    UnknownOrg,
+    UnwritableEntry,
+    write_batch,
+)
+from credit_engine.engine.records import HoldRecord
+from credit_engine.engine.runtime import Runtime
+from credit_engine.engine.types import EntryKind, HoldStatus
 
 log = logging.getLogger(__name__)
 

@@ -9,9 +9,9 @@ from dataclasses import dataclass
 
 import asyncpg
 
-from engine import validate
-from engine.errors import InvalidInput, OrgNotFound
-from engine.runtime import Runtime
+from credit_engine.engine import validate
+from credit_engine.engine.errors import InvalidInput, OrgNotFound
+from credit_engine.engine.runtime import Runtime
 
 PHONE_NUMBER_ID_MAX = 128
 

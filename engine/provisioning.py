@@ -25,15 +25,15 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from engine import idempotent_requests as claims
-from engine.assets import deduct_asset
-from engine.credits import credit
-from engine.phone_numbers import number_for_provision_key, register_number
-from engine.results import Outcome
-from engine.runtime import Runtime
-from engine.telephony import ProviderError, Telephony
-from engine.idempotency import credit_ledger_key, provision_refund_key
-from engine.types import EntryKind
+from credit_engine.engine import idempotent_requests as claims
+from credit_engine.engine.assets import deduct_asset
+from credit_engine.engine.credits import credit
+from credit_engine.engine.idempotency import credit_ledger_key, provision_refund_key
+from credit_engine.engine.phone_numbers import number_for_provision_key, register_number
+from credit_engine.engine.results import Outcome
+from credit_engine.engine.runtime import Runtime
+from credit_engine.engine.telephony import ProviderError, Telephony
+from credit_engine.engine.types import EntryKind
 
 log = logging.getLogger(__name__)
 

@@ -15,12 +15,12 @@ from dataclasses import dataclass
 
 import asyncpg
 
-from engine.idempotency import call_state_prefix, legacy_rent_ledger_key, rent_ledger_key
-from engine.ledger import HoldEvent, LedgerEntry
-from engine.outbox import OutboxItem
-from engine.records import CallState
-from engine.timeutil import dt_from_ms
-from engine.types import HoldStatus
+from credit_engine.engine.idempotency import call_state_prefix, legacy_rent_ledger_key, rent_ledger_key
+from credit_engine.engine.ledger import HoldEvent, LedgerEntry
+from credit_engine.engine.outbox import OutboxItem
+from credit_engine.engine.records import CallState
+from credit_engine.engine.timeutil import dt_from_ms
+from credit_engine.engine.types import HoldStatus
 
 # A resolution Postgres has and Redis lacks is drift only while Redis should still hold it: a
 # record may be pruned once its window has passed, and the two clocks differ by a little.

@@ -22,20 +22,20 @@ direction, becomes Postgres's.
 
 import asyncio
 import time
-
-import orjson
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from engine import limits
-from engine.amounts import billed_seconds_from_ms, call_cost_pence
-from engine.balances import peek_org
-from engine.credits import apply_pending_credits
-from engine.ledger import HoldEvent, LedgerEntry
-from engine.idempotency import call_state_prefix
-from engine.outbox import MALFORMED_ERRORS, OutboxItem, drain_org_fully, parse_entry
-from engine.reconcile_records import (
+import orjson
+
+from credit_engine.engine import limits
+from credit_engine.engine.amounts import billed_seconds_from_ms, call_cost_pence
+from credit_engine.engine.balances import peek_org
+from credit_engine.engine.credits import apply_pending_credits
+from credit_engine.engine.idempotency import call_state_prefix
+from credit_engine.engine.ledger import HoldEvent, LedgerEntry
+from credit_engine.engine.outbox import MALFORMED_ERRORS, OutboxItem, drain_org_fully, parse_entry
+from credit_engine.engine.reconcile_records import (
     Resolution,
     call_record_problems,
     ledger_keys_in,
@@ -45,11 +45,11 @@ from engine.reconcile_records import (
     redis_resolutions,
     rent_problems,
 )
-from engine.records import HoldRecord
-from engine.restore import restore_orgs, snapshot_orgs
-from engine.results import Outcome
-from engine.runtime import Runtime
-from engine.snapshots import LIVE_HOLDS_SQL, ORGS_SQL, org_id_pages, settings_from_row
+from credit_engine.engine.records import HoldRecord
+from credit_engine.engine.restore import restore_orgs, snapshot_orgs
+from credit_engine.engine.results import Outcome
+from credit_engine.engine.runtime import Runtime
+from credit_engine.engine.snapshots import LIVE_HOLDS_SQL, ORGS_SQL, org_id_pages, settings_from_row
 
 Progress = Callable[[int, int, int], None]  # done, total, drifted
 

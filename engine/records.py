@@ -7,7 +7,7 @@ tests round-trip them through the scripts.
 
 from dataclasses import dataclass
 
-from engine.types import HoldStatus
+from credit_engine.engine.types import HoldStatus
 
 
 @dataclass(frozen=True)

@@ -21,13 +21,12 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-
-from engine.assets import charge_asset
-from engine.phone_numbers import forget_owner
-from engine.results import Outcome
-from engine.runtime import Runtime
-from engine.telephony import ProviderError, Telephony
-from engine.idempotency import legacy_rent_ledger_key, rent_ledger_key
+from credit_engine.engine.assets import charge_asset
+from credit_engine.engine.idempotency import legacy_rent_ledger_key, rent_ledger_key
+from credit_engine.engine.phone_numbers import forget_owner
+from credit_engine.engine.results import Outcome
+from credit_engine.engine.runtime import Runtime
+from credit_engine.engine.telephony import ProviderError, Telephony
 
 log = logging.getLogger(__name__)
 

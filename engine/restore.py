@@ -25,13 +25,13 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.crc import REDIS_CLUSTER_HASH_SLOTS
 
-from engine import limits
-from engine.cluster import is_cluster, master_slots, slot_tag
-from engine.keys import Keyspace
-from engine.killswitch import file_depletion, reschedule_live_orgs
-from engine.results import Outcome, decode
-from engine.runtime import Runtime
-from engine.snapshots import OrgSnapshot, load_snapshots, org_id_pages
+from credit_engine.engine import limits
+from credit_engine.engine.cluster import is_cluster, master_slots, slot_tag
+from credit_engine.engine.keys import Keyspace
+from credit_engine.engine.killswitch import file_depletion, reschedule_live_orgs
+from credit_engine.engine.results import Outcome, decode
+from credit_engine.engine.runtime import Runtime
+from credit_engine.engine.snapshots import OrgSnapshot, load_snapshots, org_id_pages
 
 log = logging.getLogger(__name__)
 

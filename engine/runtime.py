@@ -15,12 +15,12 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from engine.clock import Clock, RedisClock
-from engine.config import Settings
-from engine.db import create_pool
-from engine.keys import Keyspace
-from engine.org_profiles import ProfileCache
-from engine.scripts import ScriptRunner
+from credit_engine.engine.clock import Clock, RedisClock
+from credit_engine.engine.config import Settings
+from credit_engine.engine.db import create_pool
+from credit_engine.engine.keys import Keyspace
+from credit_engine.engine.org_profiles import ProfileCache
+from credit_engine.engine.scripts import ScriptRunner
 
 redis_retries_max = 3
 

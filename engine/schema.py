@@ -3,7 +3,7 @@ schema can be compared with what this release expects (`credit-engine verify`).
 
 The expected description ships as migrations/schema.json. A test migrates a fresh database and
 compares, so the file cannot drift from the migrations; regenerate it with
-`python -m engine.schema <database_url> > migrations/schema.json` after adding a migration.
+`python -m credit_engine.engine.schema <database_url> > migrations/schema.json` after adding a migration.
 """
 
 import asyncio
@@ -14,7 +14,7 @@ from typing import Any
 
 import asyncpg
 
-from engine.db import asyncpg_dsn
+from credit_engine.engine.db import asyncpg_dsn
 
 Schema = dict[str, Any]
 CONSTRAINT_KINDS = {"p": "primary key", "u": "unique", "f": "foreign key", "c": "check", "x": "exclusion"}
@@ -52,7 +52,7 @@ async def describe(conn: asyncpg.Connection) -> Schema:
 
 
 def expected() -> Schema:
-    return json.loads(resources.files("migrations").joinpath("schema.json").read_text())  # type: ignore[no-any-return]
+    return json.loads(resources.files("credit_engine.migrations").joinpath("schema.json").read_text())  # type: ignore[no-any-return]
 
 
 def differences(want: Schema, have: Schema) -> list[str]:

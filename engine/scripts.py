@@ -9,9 +9,9 @@ does not declare (which would break Redis Cluster slot routing) or forget an arg
 import hashlib
 import logging
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
-from collections.abc import Callable
 from typing import Any
 
 from redis.asyncio import Redis, RedisCluster
@@ -73,7 +73,7 @@ def parse_script(name: str, text: str, includes: dict[str, str]) -> LuaScript:
 
 
 def load_scripts() -> dict[str, LuaScript]:
-    package = resources.files("lua")
+    package = resources.files("credit_engine.lua")
     texts = {
         entry.name.removesuffix(".lua"): entry.read_text(encoding="utf-8")
         for entry in package.iterdir()

@@ -9,11 +9,11 @@ from dataclasses import dataclass
 
 import asyncpg
 
-from engine.org_settings import OrgSettings
-from engine.records import CallState, HoldRecord, asset_idem_value, credit_idem_value
-from engine.timeutil import dt_from_ms, ms_from_dt
-from engine.idempotency import call_state_key
-from engine.types import HoldStatus
+from credit_engine.engine.idempotency import call_state_key
+from credit_engine.engine.org_settings import OrgSettings
+from credit_engine.engine.records import CallState, HoldRecord, asset_idem_value, credit_idem_value
+from credit_engine.engine.timeutil import dt_from_ms, ms_from_dt
+from credit_engine.engine.types import HoldStatus
 
 
 @dataclass(frozen=True)

@@ -9,14 +9,14 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from engine.amounts import format_pence
-from engine.balances import read_wallet
-from engine.clock import redis_now_ms
-from engine.holds import live_holds
-from engine.killswitch import BURN_FIELDS, depletion_ms_of
-from engine.ledger_lag import outbox_lag_ms
-from engine.runtime import Runtime
-from engine.worker_health import arq_health_check_present
+from credit_engine.engine.amounts import format_pence
+from credit_engine.engine.balances import read_wallet
+from credit_engine.engine.clock import redis_now_ms
+from credit_engine.engine.holds import live_holds
+from credit_engine.engine.killswitch import BURN_FIELDS, depletion_ms_of
+from credit_engine.engine.ledger_lag import outbox_lag_ms
+from credit_engine.engine.runtime import Runtime
+from credit_engine.engine.worker_health import arq_health_check_present
 
 worker_stale_ms = 10_000
 busiest_shown = 10

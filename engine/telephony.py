@@ -12,7 +12,7 @@ from typing import Protocol
 
 import httpx
 
-from engine.config import Settings
+from credit_engine.engine.config import Settings
 
 provider_timeout_s = 10.0
 

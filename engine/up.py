@@ -22,12 +22,13 @@ from dataclasses import replace
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
-from engine.config import Settings
-from engine.embedded import EmbeddedPostgres, EmbeddedRedis
-from engine.migrate import upgrade_to_head
-from engine.restore import ensure_rebuilt
-from engine.runtime import Runtime
-from engine.services_file import SECRETS_FILE, read_secrets, services_path, write_services
+from credit_engine.engine import processes
+from credit_engine.engine.config import Settings
+from credit_engine.engine.embedded import EmbeddedPostgres, EmbeddedRedis
+from credit_engine.engine.migrate import upgrade_to_head
+from credit_engine.engine.restore import ensure_rebuilt
+from credit_engine.engine.runtime import Runtime
+from credit_engine.engine.services_file import SECRETS_FILE, read_secrets, services_path, write_services
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +106,7 @@ def run_up(settings: Settings, host: str, port: int) -> int:
         asyncio.run(_rebuild(settings))
 
         env = {**os.environ, "REDIS_URL": redis_url, "DATABASE_URL": database_url, **local_secrets(data_dir)}
-        cli = [sys.executable, "-m", "engine.cli"]
+        cli = processes.cli()
         children = [
             Child("web", [*cli, "serve", "--host", host, "--port", str(port)], env),
             Child("worker", [*cli, "worker"], env),

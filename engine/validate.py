@@ -1,7 +1,7 @@
 """Checks for values that cross into the engine. Each raises InvalidInput naming the field."""
 
-from engine import keys, limits
-from engine.errors import InvalidInput
+from credit_engine.engine import keys, limits
+from credit_engine.engine.errors import InvalidInput
 
 
 def whole_number(value: object, field: str, minimum: int, maximum: int) -> int:

@@ -26,7 +26,7 @@ from urllib.parse import quote
 
 import httpx
 
-from engine import limits
+from credit_engine.engine import limits
 
 ATTACHMENTS = ("assistantId", "squadId", "workflowId")  # any of these set: no assistant-request
 backoff_base_s = 0.5

@@ -28,14 +28,14 @@ from typing import Any
 
 import httpx
 
-from engine import limits
-from engine.call_server import engine_server, workflows_answered
-from engine.config import Settings
-from engine.phone_numbers import PhoneNumber, registered_numbers
-from engine.runtime import Runtime
-from engine.vapi_account import AccountNumber, VapiAccount, VapiError
-from engine.vapi_setup import server_problems
-from engine.verify import Check, Verification
+from credit_engine.engine import limits
+from credit_engine.engine.call_server import engine_server, workflows_answered
+from credit_engine.engine.config import Settings
+from credit_engine.engine.phone_numbers import PhoneNumber, registered_numbers
+from credit_engine.engine.runtime import Runtime
+from credit_engine.engine.vapi_account import AccountNumber, VapiAccount, VapiError
+from credit_engine.engine.vapi_setup import server_problems
+from credit_engine.engine.verify import Check, Verification
 
 # What webapp/auth.py reads from an HMAC credential: (field, Vapi's default, accepted values).
 HMAC_EXPECTED = (

@@ -26,17 +26,17 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
-from engine.errors import InvalidInput
-from engine.orgs import get_org
-from engine.phone_numbers import (
+from credit_engine.engine.errors import InvalidInput
+from credit_engine.engine.orgs import get_org
+from credit_engine.engine.phone_numbers import (
     PhoneNumber,
     adopt_assistant,
     check_phone_number_id,
     import_number,
     registered_numbers,
 )
-from engine.runtime import Runtime
-from engine.vapi_account import AccountNumber, VapiAccount, VapiError
+from credit_engine.engine.runtime import Runtime
+from credit_engine.engine.vapi_account import AccountNumber, VapiAccount, VapiError
 
 # Server fields the platform may have set that are kept when the engine becomes the server.
 # (encryptedPaths is not: the engine could not read the encrypted fields.)

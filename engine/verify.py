@@ -16,18 +16,18 @@ from typing import Any
 import asyncpg
 from redis.exceptions import ResponseError
 
-from engine import schema
-from engine.clock import redis_now_ms
-from engine.call_server import engine_server
-from engine.cluster import is_cluster
-from engine.config import Settings
-from engine.db import asyncpg_dsn
-from engine.keys import Keyspace
-from engine.ledger_lag import outbox_lag_ms
-from engine.restore import markers_present
-from engine.runtime import Runtime, redis_client
-from engine.scripts import load_scripts
-from engine.worker_health import arq_health_check_present
+from credit_engine.engine import schema
+from credit_engine.engine.call_server import engine_server
+from credit_engine.engine.clock import redis_now_ms
+from credit_engine.engine.cluster import is_cluster
+from credit_engine.engine.config import Settings
+from credit_engine.engine.db import asyncpg_dsn
+from credit_engine.engine.keys import Keyspace
+from credit_engine.engine.ledger_lag import outbox_lag_ms
+from credit_engine.engine.restore import markers_present
+from credit_engine.engine.runtime import Runtime, redis_client
+from credit_engine.engine.scripts import load_scripts
+from credit_engine.engine.worker_health import arq_health_check_present
 
 connect_timeout_s = 5.0
 heartbeat_stale_ms = 10_000
@@ -150,7 +150,7 @@ async def verify(settings: Settings, sample_size: int = sample_size_default) -> 
 
         async def sample_agrees() -> tuple[bool, str]:
             assert pg is not None, "no connection"
-            from engine.reconciler import check
+            from credit_engine.engine.reconciler import check
 
             org_ids = [row["org_id"] for row in await pg.fetch("SELECT org_id FROM orgs")]
             sample = random.sample(org_ids, min(sample_size, len(org_ids)))

@@ -3,8 +3,8 @@ arq_url), which on a Redis Cluster deployment is not the engine's Redis."""
 
 from redis.asyncio import Redis
 
-from engine.config import ConfigError, Settings
-from engine.keys import Keyspace
+from credit_engine.engine.config import ConfigError, Settings
+from credit_engine.engine.keys import Keyspace
 
 
 async def arq_health_check_present(settings: Settings, redis: Redis) -> bool | None:

@@ -16,8 +16,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from engine.keys import Keyspace
-from engine.scripts import ScriptRunner
+from credit_engine.engine.keys import Keyspace
+from credit_engine.engine.scripts import ScriptRunner
 
 scripts = ScriptRunner()
 keys = Keyspace(os.environ.get("CREDIT_ENGINE_KEY_PREFIX", "ce"))

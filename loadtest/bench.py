@@ -36,16 +36,17 @@ from typing import Any
 import httpx
 import psutil
 
-from engine.assets import deduct_asset
-from engine.config import Settings
-from engine.db import with_database
-from engine.embedded import EmbeddedPostgres, EmbeddedRedis, free_port
-from engine.holds import CallEvent, check_call, reserve_call
-from engine.migrate import upgrade_to_head
-from engine.restore import rebuild_all
-from engine.runtime import Runtime
-from loadtest.rate import RateResult, http_request, run_at_rate
-from migrations.sql_statements import split_statements
+from credit_engine.engine import processes
+from credit_engine.engine.assets import deduct_asset
+from credit_engine.engine.config import Settings
+from credit_engine.engine.db import with_database
+from credit_engine.engine.embedded import EmbeddedPostgres, EmbeddedRedis, free_port
+from credit_engine.engine.holds import CallEvent, check_call, reserve_call
+from credit_engine.engine.migrate import upgrade_to_head
+from credit_engine.engine.restore import rebuild_all
+from credit_engine.engine.runtime import Runtime
+from credit_engine.loadtest.rate import RateResult, http_request, run_at_rate
+from credit_engine.migrations.sql_statements import split_statements
 
 HERE = Path(__file__).resolve().parent
 WRK_SCRIPT = HERE / "wrk_post.lua"
@@ -113,9 +114,9 @@ class WebServer:
         self.env = env
         self.log_path = data_dir / f"{design}.log"
         if design == "status-check":
-            self.argv = [sys.executable, "-m", "engine.cli", "serve", "--port", str(self.port)]
+            self.argv = processes.cli("serve", "--port", str(self.port))
         else:
-            module = {"bare-evalsha": "loadtest.bare_app:app", "seed-for-update": "loadtest.seed_app:app"}[design]
+            module = {"bare-evalsha": "credit_engine.loadtest.bare_app:app", "seed-for-update": "credit_engine.loadtest.seed_app:app"}[design]
             self.argv = [sys.executable, "-m", "uvicorn", module, "--port", str(self.port), "--loop", "uvloop",
                          "--http", "httptools", "--no-access-log", "--log-level", "warning"]  # fmt: skip
         self.process: subprocess.Popen[bytes] | None = None
@@ -250,7 +251,7 @@ async def seed_many_orgs(rt: Runtime, count: int) -> list[tuple[str, str]]:
 
 
 async def drain_everything(rt: Runtime) -> None:
-    from worker.drainer import Drainer
+    from credit_engine.worker.drainer import Drainer
 
     drainer = Drainer(rt)
     await drainer.sweep()
@@ -261,7 +262,7 @@ async def drain_everything(rt: Runtime) -> None:
 async def seed_the_seed_design(database_url: str, orgs: list[tuple[str, str]]) -> None:
     import asyncpg
 
-    from loadtest.seed_app import SCHEMA
+    from credit_engine.loadtest.seed_app import SCHEMA
 
     conn = await asyncpg.connect(database_url)
     try:
@@ -400,7 +401,7 @@ async def ledger_section(report: Report, rt: Runtime, env: dict[str, str], data_
 
     prefilled = await waiting()
     with open(data_dir / "worker.log", "ab") as log_file:
-        worker = subprocess.Popen([sys.executable, "-m", "engine.cli", "worker"], env=env, stdout=log_file, stderr=log_file)
+        worker = subprocess.Popen(processes.cli("worker"), env=env, stdout=log_file, stderr=log_file)
     try:
         first_seen = None
         while True:  # ends when the prefilled entries are all written (or after 10 minutes)
@@ -494,7 +495,7 @@ async def reconcile_section(report: Report, pg_url: str, redis_url: str, d: Dura
 async def asyncpg_connect(url: str) -> Any:
     import asyncpg
 
-    from engine.db import asyncpg_dsn
+    from credit_engine.engine.db import asyncpg_dsn
 
     return await asyncpg.connect(asyncpg_dsn(url))
 
@@ -573,7 +574,7 @@ def main(argv: list[str] | None = None) -> int:
     report = asyncio.run(run(durations, args.out, sections))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "benchmarks.json").write_text(json.dumps(asdict(report), indent=2))
-    from loadtest.bench_report import write_report
+    from credit_engine.loadtest.bench_report import write_report
 
     write_report(report, args.out, " ".join(["credit-engine bench", *(argv if argv is not None else sys.argv[1:])]))
     print((args.out / "benchmarks.md").read_text())

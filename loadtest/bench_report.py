@@ -3,7 +3,7 @@
 from pathlib import Path
 from typing import Any
 
-from engine import limits
+from credit_engine.engine import limits
 
 # Targets (issue 4), in the project's naming grammar.
 status_check_share_of_bare_min = 0.70

@@ -1,6 +1,6 @@
 """The engine's Redis decisions on a 3-master Redis Cluster beside a single Redis, in the same run.
 
-    python -m loadtest.cluster_compare [--orgs 1000] [--ops 20000] [--concurrency 64] [--out docs]
+    python -m credit_engine.loadtest.cluster_compare [--orgs 1000] [--ops 20000] [--concurrency 64] [--out docs]
 
 Both servers are embedded (loopback, no persistence) and driven by the engine's own functions
 through the engine's own clients: a hold check on a live call (one EVALSHA), an asset deduction
@@ -20,20 +20,20 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from engine.assets import deduct_asset
-from engine.clock import RedisClock
-from engine.config import Settings
-from engine.doorbell import pop_rung
-from engine.embedded import EmbeddedRedis
-from engine.holds import CallEvent, check_call, reserve_call
-from engine.keys import Keyspace
-from engine.org_settings import OrgSettings
-from engine.restore import restore_orgs
-from engine.results import Outcome
-from engine.runtime import Runtime, redis_client
-from engine.scripts import ScriptRunner
-from engine.snapshots import OrgSnapshot
-from loadtest.redis_cluster import EmbeddedRedisCluster
+from credit_engine.engine.assets import deduct_asset
+from credit_engine.engine.clock import RedisClock
+from credit_engine.engine.config import Settings
+from credit_engine.engine.doorbell import pop_rung
+from credit_engine.engine.embedded import EmbeddedRedis
+from credit_engine.engine.holds import CallEvent, check_call, reserve_call
+from credit_engine.engine.keys import Keyspace
+from credit_engine.engine.org_settings import OrgSettings
+from credit_engine.engine.restore import restore_orgs
+from credit_engine.engine.results import Outcome
+from credit_engine.engine.runtime import Runtime, redis_client
+from credit_engine.engine.scripts import ScriptRunner
+from credit_engine.engine.snapshots import OrgSnapshot
+from credit_engine.loadtest.redis_cluster import EmbeddedRedisCluster
 
 
 async def open_rt(url: str, cluster: bool, pool_size: int) -> Runtime:
@@ -133,7 +133,7 @@ def report(results: dict[str, Any], args: argparse.Namespace) -> str:
     lines = [
         "# A Redis Cluster beside a single Redis",
         "",
-        f"`python -m loadtest.cluster_compare --orgs {args.orgs} --ops {args.ops} --concurrency {args.concurrency}`: "
+        f"`python -m credit_engine.loadtest.cluster_compare --orgs {args.orgs} --ops {args.ops} --concurrency {args.concurrency}`: "
         "both embedded on this machine, same run, the engine's own functions and clients.",
         "",
         "| operation | single p50 / p99 | cluster p50 / p99 | single ops/s | cluster ops/s | cluster ÷ single (ops/s) |",

@@ -10,8 +10,8 @@ at once. Measured in the same run, interleaved so the machine's noise falls on b
 2. the webhook's latency under 1,000 messages a second (conversation-updates, forwarded in the
    background), with forwarding and without: forwarding must not raise the webhook's p99.
 
-    python -m loadtest.forwarding_bench --out docs      # writes docs/forwarding.md
-    python -m loadtest.forwarding_bench --quick         # a smoke run, prints only
+    python -m credit_engine.loadtest.forwarding_bench --out docs      # writes docs/forwarding.md
+    python -m credit_engine.loadtest.forwarding_bench --quick         # a smoke run, prints only
 """
 
 import argparse
@@ -29,8 +29,9 @@ from pathlib import Path
 import httpx
 import orjson
 
-from engine.embedded import free_port
-from loadtest.stack import Stack
+from credit_engine.engine import processes
+from credit_engine.engine.embedded import free_port
+from credit_engine.loadtest.stack import Stack
 
 PLATFORM_ANSWER = orjson.dumps({"assistantId": "asst-platform"})
 
@@ -181,12 +182,12 @@ def run(opts: Options) -> str:
     with Stack(extra_env={"CREDIT_ENGINE_FORWARD_URL": f"http://127.0.0.1:{platform_port}/vapi",
                           "CREDIT_ENGINE_OUTBOUND_ALLOW_PRIVATE": "1"}) as stack:  # fmt: skip
         counts_path = stack.data_dir / "platform-count"
-        platform = subprocess.Popen([sys.executable, "-m", "loadtest.forwarding_bench", "--platform", str(platform_port),
-                                     "--platform-counts", str(counts_path)])  # fmt: skip
+        platform = subprocess.Popen(processes.module("credit_engine.loadtest.forwarding_bench", "--platform", str(platform_port),
+                                     "--platform-counts", str(counts_path)))  # fmt: skip
         plain_port = free_port()
         plain_env = {k: v for k, v in stack.env.items() if k != "CREDIT_ENGINE_FORWARD_URL"}
         with open(stack.data_dir / "plain.log", "ab") as log:
-            plain = subprocess.Popen([sys.executable, "-m", "engine.cli", "serve", "--port", str(plain_port)],
+            plain = subprocess.Popen(processes.cli("serve", "--port", str(plain_port)),
                                      env=plain_env, stdout=log, stderr=log)  # fmt: skip
         try:
             _wait_http(f"http://127.0.0.1:{plain_port}/healthz")
@@ -235,7 +236,7 @@ def report(opts: Options, admissions: dict[str, list[float]], background: dict[s
 
 
 def command(opts: Options) -> str:
-    return f"python -m loadtest.forwarding_bench --requests {opts.requests} --rate {opts.rate_per_s} --seconds {opts.seconds}"
+    return f"python -m credit_engine.loadtest.forwarding_bench --requests {opts.requests} --rate {opts.rate_per_s} --seconds {opts.seconds}"
 
 
 def _wait_http(url: str) -> None:
@@ -263,7 +264,7 @@ def _wait_tcp(port: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m loadtest.forwarding_bench", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m credit_engine.loadtest.forwarding_bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=1000, help="assistant-requests of each kind")
     parser.add_argument("--rate", type=int, default=1000, help="background messages per second")
     parser.add_argument("--seconds", type=int, default=10, help="how long the background load runs")

@@ -1,8 +1,8 @@
 """The kill switch at scale: how late the end-calls reach Vapi after depletion + grace, with many
 live calls and slow control endpoints, in real time against the real worker process.
 
-    python -m loadtest.killswitch_scale [--orgs 1000] [--calls-per-org 10] [--out docs]
-    python -m loadtest.killswitch_scale --quick        # a small run (the smoke test uses it)
+    python -m credit_engine.loadtest.killswitch_scale [--orgs 1000] [--calls-per-org 10] [--out docs]
+    python -m credit_engine.loadtest.killswitch_scale --quick        # a small run (the smoke test uses it)
 
 One run measures several scenarios side by side, each on fresh state (its own database, Redis
 flushed, its own `credit-engine worker` process):
@@ -37,19 +37,20 @@ from typing import Any
 
 import asyncpg
 
-from engine.config import Settings
-from engine.credits import credit
-from engine.db import asyncpg_dsn, with_database
-from engine.embedded import EmbeddedPostgres, EmbeddedRedis, free_port
-from engine.holds import CallEvent, check_call, reserve_call
-from engine.killswitch import BURN_FIELDS, depletion_ms_of
-from engine.migrate import upgrade_to_head
-from engine.org_settings import OrgSettings
-from engine.orgs import create_org
-from engine.results import Outcome
-from engine.runtime import Runtime
-from engine.worker_health import arq_health_check_present
-from engine.call_index import CallIndex
+from credit_engine.engine import processes
+from credit_engine.engine.call_index import CallIndex
+from credit_engine.engine.config import Settings
+from credit_engine.engine.credits import credit
+from credit_engine.engine.db import asyncpg_dsn, with_database
+from credit_engine.engine.embedded import EmbeddedPostgres, EmbeddedRedis, free_port
+from credit_engine.engine.holds import CallEvent, check_call, reserve_call
+from credit_engine.engine.killswitch import BURN_FIELDS, depletion_ms_of
+from credit_engine.engine.migrate import upgrade_to_head
+from credit_engine.engine.org_settings import OrgSettings
+from credit_engine.engine.orgs import create_org
+from credit_engine.engine.results import Outcome
+from credit_engine.engine.runtime import Runtime
+from credit_engine.engine.worker_health import arq_health_check_present
 
 # Thresholds (full runs only), in the project's naming grammar. The lateness ones apply to the
 # staggered scenarios (fast, slow); the burst measures throughput, and must end every call.
@@ -87,7 +88,7 @@ class Options:
     scenarios: list[str]
     seed: int
     quick: bool
-    worker_src: Path | None
+    worker_python: str | None
     out: Path | None
     log_dir: Path | None
 
@@ -345,11 +346,9 @@ def start_worker(
         "VAPI_CONTROL_BASE_URL": f"http://127.0.0.1:{fake_port}",
         "CREDIT_ENGINE_PG_POOL_SIZE": "20",
     }
-    cwd = opts.worker_src  # another checkout's engine (e.g. the code before a change) shadows this one
-    with open(log_path, "ab") as log:
-        return subprocess.Popen(
-            [sys.executable, "-m", "engine.cli", "worker"], env=env, stdout=log, stderr=subprocess.STDOUT, cwd=cwd
-        )
+    with open(log_path, "ab") as log:  # opts.worker_python: another install (e.g. the code before a change)
+        command = processes.cli("worker", python=opts.worker_python)
+        return subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
 
 
 async def wait_worker_ready(rt: Runtime, worker: subprocess.Popen[bytes]) -> None:
@@ -414,9 +413,9 @@ def verdicts(all_figures: list[Figures]) -> list[tuple[bool, str]]:
 def command_line(opts: Options) -> str:
     scenarios = "" if opts.scenarios == ["fast", "slow", "burst"] else f" --scenarios {','.join(opts.scenarios)}"
     if opts.quick:
-        return f"python -m loadtest.killswitch_scale --quick{scenarios}"
+        return f"python -m credit_engine.loadtest.killswitch_scale --quick{scenarios}"
     return (
-        f"python -m loadtest.killswitch_scale --orgs {opts.orgs} --calls-per-org {opts.calls_per_org} "
+        f"python -m credit_engine.loadtest.killswitch_scale --orgs {opts.orgs} --calls-per-org {opts.calls_per_org} "
         f"--spread-s {opts.spread_s:g}{scenarios} --out docs"
     )
 
@@ -481,7 +480,7 @@ def parse(argv: list[str] | None = None) -> Options:
     parser.add_argument("--seed", type=int, default=12)
     parser.add_argument("--quick", action="store_true", help="20 orgs x 5 calls, 2 s spread: a smoke run")
     parser.add_argument(
-        "--worker-src", type=Path, help="run the worker from this checkout (e.g. the code before a change)"
+        "--worker-python", help="run the worker with this interpreter: a venv with another version installed"
     )
     parser.add_argument("--out", type=Path, help="write killswitch-scale.md here")
     parser.add_argument("--log-dir", type=Path, help="keep the workers' logs here (default: thrown away)")
@@ -499,7 +498,7 @@ def parse(argv: list[str] | None = None) -> Options:
         [s for s in args.scenarios.split(",") if s],
         args.seed,
         args.quick,
-        args.worker_src,
+        args.worker_python,
         args.out,
         args.log_dir,
     )

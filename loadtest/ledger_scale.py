@@ -1,7 +1,7 @@
 """The ledger at scale: the transaction-history query and the worker's batch insert, measured on
 a small ledger and again on a large one (10M rows by default) in the same run, with the plans.
 
-    python -m loadtest.ledger_scale [--rows 10000000] [--orgs 100000] [--database-url URL] [--out docs]
+    python -m credit_engine.loadtest.ledger_scale [--rows 10000000] [--orgs 100000] [--database-url URL] [--out docs]
 
 Without --database-url it starts an embedded Postgres of its own in a temporary directory (the
 data is thrown away). The rows are made in bulk by SQL with the ledger's triggers off for that
@@ -20,10 +20,10 @@ from pathlib import Path
 
 import asyncpg
 
-from engine.db import asyncpg_dsn, with_database
-from engine.ledger import LedgerEntry, write_batch
-from engine.migrate import upgrade_to_head
-from engine.types import EntryKind
+from credit_engine.engine.db import asyncpg_dsn, with_database
+from credit_engine.engine.ledger import LedgerEntry, write_batch
+from credit_engine.engine.migrate import upgrade_to_head
+from credit_engine.engine.types import EntryKind
 
 HISTORY_SQL = """
 SELECT id, kind, amount_pence, debt_delta_pence, balance_after_pence, call_id, idempotency_key, created_at
@@ -153,7 +153,7 @@ async def run(database_url: str, rows: int, orgs: int, out: Path | None) -> None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         (out / "ledger-scale.md").write_text(
-            "# The ledger at scale\n\nMeasured by `python -m loadtest.ledger_scale "
+            "# The ledger at scale\n\nMeasured by `python -m credit_engine.loadtest.ledger_scale "
             f"--rows {rows} --orgs {orgs}` (embedded Postgres, this 2-core machine, "
             f"{time.strftime('%Y-%m-%d')}); both rows of the table come from the same run.\n\n" + report
             + "\n## Plans on the large ledger\n\nThe history query (`GET /api/wallet/transactions`, a page from a cursor):\n\n"
@@ -172,7 +172,7 @@ def main() -> None:
         server = None
         admin_url = args.database_url
         if admin_url is None:
-            from engine.embedded import EmbeddedPostgres
+            from credit_engine.engine.embedded import EmbeddedPostgres
 
             server = EmbeddedPostgres(Path(tmp) / "postgres")
             admin_url = server.start()

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import redis  # the sync client: forming a test cluster happens before any event loop
 
-from engine.embedded import EmbeddedRedis, _port_open, free_port, redis_server_binary, start_timeout_s
+from credit_engine.engine.embedded import EmbeddedRedis, _port_open, free_port, redis_server_binary, start_timeout_s
 
 
 @functools.cache

@@ -21,7 +21,8 @@ from typing import Any
 
 import httpx
 
-from loadtest.stack import Stack
+from credit_engine.engine import processes
+from credit_engine.loadtest.stack import Stack
 
 LOCUSTFILE = Path(__file__).with_name("locustfile.py")
 PRICE_PENCE = 1000
@@ -102,7 +103,7 @@ def wait_drained_and_reconciled(stack: Stack, client: httpx.Client, orgs: list[O
         if not behind:
             break
         time.sleep(0.5)
-    reconcile = subprocess.run([sys.executable, "-m", "engine.cli", "reconcile", "--check"], env=stack.env,
+    reconcile = subprocess.run(processes.cli("reconcile", "--check"), env=stack.env,
                                capture_output=True, text=True, timeout=600)  # fmt: skip
     summary = reconcile.stdout.strip().splitlines()[-1] if reconcile.stdout.strip() else reconcile.stderr[-500:]
     if behind:

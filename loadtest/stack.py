@@ -6,15 +6,15 @@ import os
 import secrets
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import httpx
 
-from engine.embedded import EmbeddedPostgres, EmbeddedRedis, free_port
-from engine.migrate import upgrade_to_head
+from credit_engine.engine import processes
+from credit_engine.engine.embedded import EmbeddedPostgres, EmbeddedRedis, free_port
+from credit_engine.engine.migrate import upgrade_to_head
 
 ready_timeout_s = 60.0
 
@@ -54,7 +54,7 @@ class Stack:
         self.redis.start()
         self.postgres.start()
         upgrade_to_head(self.postgres.url)
-        cli = [sys.executable, "-m", "engine.cli"]
+        cli = processes.cli()
         with open(self.data_dir / "web.log", "ab") as log:
             self.web = subprocess.Popen([*cli, "serve", "--port", str(self.port)], env=self.env, stdout=log, stderr=log)
         if self.with_worker:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import orjson
 
-from engine.runtime import Runtime
+from credit_engine.engine.runtime import Runtime
 from tests.served import served_raw
 
 ANSWER = "answer"  # the status below, after hold_s, with a short body; keep-alive

@@ -6,10 +6,10 @@ from dataclasses import replace
 import pytest
 from redis.asyncio import Redis, RedisCluster
 
-from engine.clock import ManualClock
-from engine.config import Settings
-from engine.db import with_database
-from engine.runtime import Runtime
+from credit_engine.engine.clock import ManualClock
+from credit_engine.engine.config import Settings
+from credit_engine.engine.db import with_database
+from credit_engine.engine.runtime import Runtime
 from tests.fake_vapi_api import FakeVapiApi, fake_vapi_api_server
 from tests.services import (
     Services,

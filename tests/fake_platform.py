@@ -14,7 +14,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from engine.embedded import free_port
+from credit_engine.engine.embedded import free_port
 from tests.served import served
 
 

@@ -19,7 +19,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from engine.embedded import free_port
+from credit_engine.engine.embedded import free_port
 from tests.served import served
 
 VAPI_CONTROL_HOST = "https://aws-us-west-2-production1-phone-call-websocket.vapi.ai"

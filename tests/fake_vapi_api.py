@@ -52,7 +52,7 @@ from vapi.types import (
     Workflow,
 )
 
-from engine.embedded import free_port
+from credit_engine.engine.embedded import free_port
 from tests.served import served
 
 API_KEY = "vapi-api-key-for-tests"

@@ -5,13 +5,13 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from engine.config import Settings
-from engine.credits import credit
-from engine.org_settings import OrgSettings
-from engine.orgs import create_org
-from engine.runtime import Runtime
+from credit_engine.engine.config import Settings
+from credit_engine.engine.credits import credit
+from credit_engine.engine.org_settings import OrgSettings
+from credit_engine.engine.orgs import create_org
+from credit_engine.engine.runtime import Runtime
+from credit_engine.webapp.app import create_app
 from tests.served import served
-from webapp.app import create_app
 
 
 async def new_org(rt: Runtime, balance_pence: int = 0, *, rate_pence_per_minute: int = 60, **settings: Any) -> str:
@@ -27,9 +27,9 @@ async def new_org(rt: Runtime, balance_pence: int = 0, *, rate_pence_per_minute:
 async def assert_books_agree(rt: Runtime, org_id: str) -> int:
     """Drain the org, then: the ledger's sum = the Postgres projection = Redis's balance (and the
     same for debt), no entry refused by the ledger, and `reconcile --check` clean. Returns the balance."""
-    from engine.balances import read_wallet
-    from engine.outbox import drain_org_fully
-    from engine.reconciler import check
+    from credit_engine.engine.balances import read_wallet
+    from credit_engine.engine.outbox import drain_org_fully
+    from credit_engine.engine.reconciler import check
 
     await drain_org_fully(rt, org_id)
     row = await rt.pg.fetchrow(

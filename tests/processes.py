@@ -11,8 +11,9 @@ from pathlib import Path
 
 from redis.asyncio import Redis
 
-from engine.config import Settings
-from engine.keys import Keyspace
+from credit_engine.engine import processes
+from credit_engine.engine.config import Settings
+from credit_engine.engine.keys import Keyspace
 
 
 def service_env(settings: Settings, **extra: str) -> dict[str, str]:
@@ -35,7 +36,7 @@ def service_env(settings: Settings, **extra: str) -> dict[str, str]:
 def start_worker(settings: Settings, log_path: Path, **extra_env: str) -> subprocess.Popen[bytes]:
     with open(log_path, "ab") as log:  # the child keeps its own copy of the descriptor
         process = subprocess.Popen(
-            [sys.executable, "-m", "engine.cli", "worker"],
+            processes.cli("worker"),
             env=service_env(settings, **extra_env),
             stdout=log,
             stderr=subprocess.STDOUT,

@@ -8,13 +8,13 @@ from typing import Any
 
 from redis.asyncio import RedisCluster
 
-from engine.assets import deduct_asset
-from engine.clock import RedisClock
-from engine.config import Settings
-from engine.holds import reserve_call
-from engine.keys import Keyspace
-from engine.runtime import Runtime, redis_client
-from engine.scripts import ScriptRunner
+from credit_engine.engine.assets import deduct_asset
+from credit_engine.engine.clock import RedisClock
+from credit_engine.engine.config import Settings
+from credit_engine.engine.holds import reserve_call
+from credit_engine.engine.keys import Keyspace
+from credit_engine.engine.runtime import Runtime, redis_client
+from credit_engine.engine.scripts import ScriptRunner
 
 
 async def _fire(settings: Settings, ops: list[tuple[str, str, str, int]], barrier: Any) -> list[dict[str, int | str]]:

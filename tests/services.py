@@ -18,10 +18,10 @@ from pathlib import Path
 
 import asyncpg
 
-from engine.db import asyncpg_dsn, with_database
-from engine.embedded import EmbeddedPostgres, EmbeddedRedis
-from engine.migrate import upgrade_to_head
-from loadtest.redis_cluster import EmbeddedRedisCluster
+from credit_engine.engine.db import asyncpg_dsn, with_database
+from credit_engine.engine.embedded import EmbeddedPostgres, EmbeddedRedis
+from credit_engine.engine.migrate import upgrade_to_head
+from credit_engine.loadtest.redis_cluster import EmbeddedRedisCluster
 
 
 @dataclass

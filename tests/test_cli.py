@@ -8,17 +8,17 @@ import re
 import signal
 import socket
 import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
 
 import pytest
 
-from engine.cli import build_parser, main
-from engine.config import Settings
-from engine.embedded import free_port
-from engine.runtime import Runtime
+from credit_engine.commands import build_parser, main
+from credit_engine.engine import processes
+from credit_engine.engine.config import Settings
+from credit_engine.engine.embedded import free_port
+from credit_engine.engine.runtime import Runtime
 from tests.helpers import new_org
 
 up_start_timeout_s = 60
@@ -26,7 +26,7 @@ up_start_timeout_s = 60
 
 def cli(data_dir: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "engine.cli", "--data-dir", str(data_dir), *args],
+        processes.cli("--data-dir", str(data_dir), *args),
         capture_output=True, text=True, timeout=60, env=env,
     )  # fmt: skip
 
@@ -38,7 +38,7 @@ def clean_env() -> dict[str, str]:
 
 def start_up(data_dir: Path, port: int) -> tuple[subprocess.Popen[str], list[str]]:
     process = subprocess.Popen(
-        [sys.executable, "-m", "engine.cli", "up", "--data-dir", str(data_dir), "--port", str(port)],  # as the README writes it
+        processes.cli("up", "--data-dir", str(data_dir), "--port", str(port)),  # as the README writes it
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=clean_env(),
     )  # fmt: skip
     assert process.stdout is not None
@@ -175,7 +175,7 @@ def test_a_clustered_worker_without_its_own_arq_redis_is_refused_with_the_settin
 
 @pytest.mark.usefixtures("cli_env")
 async def test_orgs_create_and_update_set_the_vapi_profile(rt: Runtime, capsys: pytest.CaptureFixture[str]) -> None:
-    from engine.orgs import get_org
+    from credit_engine.engine.orgs import get_org
 
     created = ["orgs", "create", "voice", "--rate", "60", "--forward-url", "https://93.184.216.34/vapi",
                "--refusal-busy", " All lines busy at Voice Co. ", "--refusal-no-credit", "Voice Co: no credit."]  # fmt: skip
@@ -238,7 +238,7 @@ def test_data_dir_after_the_command_wins_and_without_it_the_default_stays() -> N
 def test_an_operator_edited_secrets_file_means_what_a_shell_would_read(tmp_path: Path) -> None:
     """secrets.env is read with python-dotenv: quotes, a trailing comment and `export` are the
     file's syntax, not part of the secret (a hand-rolled split once kept them in)."""
-    from engine.up import local_secrets
+    from credit_engine.engine.up import local_secrets
 
     (tmp_path / "secrets.env").write_text(
         "# rotated 2026-11-29\n"

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import yaml
 
-from engine.cli import build_parser
-from engine.keys import Keyspace
+from credit_engine.commands import build_parser
+from credit_engine.engine.keys import Keyspace
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -120,12 +120,10 @@ def test_the_wheel_builds_from_exactly_the_files_the_image_gets_and_holds_every_
     assert built.returncode == 0, built.stdout + built.stderr
     [wheel] = (tmp_path / "wheels").glob("*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
-    packages = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
-    for package in packages:  # every module and data file of every package the project declares
-        folder = ROOT / package.replace(".", "/")
-        for path in folder.iterdir():
-            if path.suffix in (".py", ".lua", ".mako", ".json"):
-                assert str(path.relative_to(ROOT)) in names, path
-    assert {name.split("/")[0] for name in names if not name.startswith("credit_engine-")} == {
-        package.split(".")[0] for package in packages
-    }
+    setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    for package, folder in setuptools["package-dir"].items():  # every module and data file of each
+        for path in (ROOT / folder).rglob("*"):
+            if path.suffix in (".py", ".lua", ".mako", ".json", ".sql") and "__pycache__" not in path.parts:
+                installed = "/".join([*package.split("."), *path.relative_to(ROOT / folder).parts])
+                assert installed in names, path
+    assert {name.split("/")[0] for name in names if ".dist-info/" not in name} == {"credit_engine"}

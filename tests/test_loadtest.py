@@ -2,14 +2,15 @@
 performance is measured by `credit-engine bench`, not by timed tests)."""
 
 import subprocess
-import sys
 from pathlib import Path
+
+from credit_engine.engine import processes
 
 
 def test_the_provision_race_passes_over_http_with_locust(tmp_path: Path) -> None:
     # Locust runs in its own process: it monkey-patches the interpreter with gevent.
     result = subprocess.run(
-        [sys.executable, "-m", "engine.cli", "loadtest", "provision-race", "--out", str(tmp_path)],
+        processes.cli("loadtest", "provision-race", "--out", str(tmp_path)),
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -20,7 +21,7 @@ def test_the_provision_race_passes_over_http_with_locust(tmp_path: Path) -> None
 
 def test_the_benchmark_runs_and_writes_its_report(tmp_path: Path) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "engine.cli", "bench", "--quick", "--only", "lua,reconcile", "--out", str(tmp_path)],
+        processes.cli("bench", "--quick", "--only", "lua,reconcile", "--out", str(tmp_path)),
         capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

@@ -5,7 +5,6 @@ same ledger, every entry written once (two workers never write one twice nor ski
 
 import asyncio
 import subprocess
-import sys
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,9 +12,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from engine.config import Settings
-from engine.embedded import free_port
-from engine.runtime import Runtime
+from credit_engine.engine import processes
+from credit_engine.engine.config import Settings
+from credit_engine.engine.embedded import free_port
+from credit_engine.engine.runtime import Runtime
 from tests.processes import http_ready, service_env, start_worker, stop, wait_for
 from tests.webapp.conftest import ADMIN_TOKEN, WEBHOOK_SECRET
 from tests.webapp.vapi_payloads import assistant_request, call, end_of_call_report, status_update
@@ -32,7 +32,7 @@ def urls(request: pytest.FixtureRequest, settings: Settings, tmp_path: Path) -> 
     webs = []
     for i, port in enumerate(ports):
         with open(tmp_path / f"web-{i}.log", "ab") as log:
-            webs.append(subprocess.Popen([sys.executable, "-m", "engine.cli", "serve", "--port", str(port)], env=env,
+            webs.append(subprocess.Popen(processes.cli("serve", "--port", str(port)), env=env,
                                          stdout=log, stderr=subprocess.STDOUT))  # fmt: skip
     workers = [start_worker(settings, tmp_path / f"worker-{i}.log") for i in range(count)]
     try:

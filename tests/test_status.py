@@ -4,20 +4,20 @@ import json
 import re
 import signal
 import subprocess
-import sys
 
-from engine.config import Settings
-from engine.holds import CallEvent, check_call, reserve_call
-from engine.restore import ensure_rebuilt
-from engine.results import Outcome
-from engine.runtime import Runtime
+from credit_engine.engine import processes
+from credit_engine.engine.config import Settings
+from credit_engine.engine.holds import CallEvent, check_call, reserve_call
+from credit_engine.engine.restore import ensure_rebuilt
+from credit_engine.engine.results import Outcome
+from credit_engine.engine.runtime import Runtime
 from tests.conftest import delete_prefix
 from tests.helpers import new_org
 from tests.processes import service_env
 
 
 def status(settings: Settings, *args: str) -> tuple[int, str]:
-    done = subprocess.run([sys.executable, "-m", "engine.cli", "status", *args], env=service_env(settings),
+    done = subprocess.run(processes.cli("status", *args), env=service_env(settings),
                           capture_output=True, text=True, timeout=60)  # fmt: skip
     return done.returncode, done.stdout + done.stderr
 
@@ -57,7 +57,7 @@ async def test_status_shows_an_orgs_money_and_live_calls_and_the_busiest_orgs(se
         assert code == 2 and "no org org-nobody" in output
 
         # --watch refreshes until interrupted, then exits cleanly.
-        watching = subprocess.Popen([sys.executable, "-m", "engine.cli", "status", "--watch", "--interval", "0.2"],
+        watching = subprocess.Popen(processes.cli("status", "--watch", "--interval", "0.2"),
                                     env=service_env(settings), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
         try:
             assert watching.stdout is not None

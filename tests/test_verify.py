@@ -3,20 +3,19 @@ naming the cause for each thing broken on purpose."""
 
 import json
 import subprocess
-import sys
 from dataclasses import replace
 from pathlib import Path
 
-from engine import schema
-from engine.embedded import free_port
-from engine.restore import ensure_rebuilt
-from engine.runtime import Runtime
+from credit_engine.engine import processes, schema
+from credit_engine.engine.embedded import free_port
+from credit_engine.engine.restore import ensure_rebuilt
+from credit_engine.engine.runtime import Runtime
 from tests.helpers import new_org
 from tests.processes import arq_health_check, service_env, start_worker, stop, wait_for
 
 
 def run_verify(settings, *args: str) -> tuple[int, str]:  # type: ignore[no-untyped-def]
-    done = subprocess.run([sys.executable, "-m", "engine.cli", "verify", *args], env=service_env(settings),
+    done = subprocess.run(processes.cli("verify", *args), env=service_env(settings),
                           capture_output=True, text=True, timeout=120)  # fmt: skip
     return done.returncode, done.stdout + done.stderr
 

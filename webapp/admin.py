@@ -1,28 +1,27 @@
 """Admin API (Authorization: Bearer <CREDIT_ENGINE_ADMIN_TOKEN>): orgs, API keys, top-ups, numbers."""
 
 import re
-
 from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import Response
 
-from engine import idempotent_requests as claims
-from engine import limits
-from engine.api_keys import issue_api_key, revoke_api_key
-from engine.balances import read_wallet
-from engine.credits import credit
-from engine.errors import InvalidInput, OrgExists, OrgNotFound
-from engine.keys import is_org_id
-from engine.org_settings import OrgSettings
-from engine.orgs import Org, create_org, get_org, update_org
-from engine.phone_numbers import NumberTaken, check_phone_number_id, register_number
-from engine.results import Outcome
-from webapp import requests as req
-from webapp.auth import require_admin
-from webapp.context import AppContext, context
-from webapp.responses import ApiError, json_response
-from webapp.wallet import wallet_json
+from credit_engine.engine import idempotent_requests as claims
+from credit_engine.engine import limits
+from credit_engine.engine.api_keys import issue_api_key, revoke_api_key
+from credit_engine.engine.balances import read_wallet
+from credit_engine.engine.credits import credit
+from credit_engine.engine.errors import InvalidInput, OrgExists, OrgNotFound
+from credit_engine.engine.keys import is_org_id
+from credit_engine.engine.org_settings import OrgSettings
+from credit_engine.engine.orgs import Org, create_org, get_org, update_org
+from credit_engine.engine.phone_numbers import NumberTaken, check_phone_number_id, register_number
+from credit_engine.engine.results import Outcome
+from credit_engine.webapp import requests as req
+from credit_engine.webapp.auth import require_admin
+from credit_engine.webapp.context import AppContext, context
+from credit_engine.webapp.responses import ApiError, json_response
+from credit_engine.webapp.wallet import wallet_json
 
 SETTINGS_FIELDS = set(OrgSettings.names())
 KEY_ID = re.compile(r"key_[0-9a-f]{16}")

@@ -3,9 +3,9 @@
 from starlette.requests import Request
 from starlette.responses import Response
 
-from engine.alerts import SIGNATURE_HEADER, last_error_public, org_signing_secret
-from webapp.responses import ApiError, json_response
-from webapp.wallet import org_context
+from credit_engine.engine.alerts import SIGNATURE_HEADER, last_error_public, org_signing_secret
+from credit_engine.webapp.responses import ApiError, json_response
+from credit_engine.webapp.wallet import org_context
 
 alerts_page_max = 100
 

@@ -17,21 +17,21 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from engine.call_index import CallIndex
-from engine.call_server import STATUS_CHECK_PATH, WEBHOOK_PATH
-from engine.clock import Clock
-from engine.config import Settings
-from engine.errors import InvalidInput, OrgNotFound
-from engine.forwarding import AssistantServers, Forwarder
-from engine.runtime import Runtime
-from engine.telephony import Telephony, VapiTelephony, make_telephony
-from webapp import admin, alerts_api, health, managed_telephony, vapi, wallet
-from webapp.context import AppContext
-from webapp.metrics import Metrics
-from webapp.middleware import BodySizeLimit
-from webapp.openapi import openapi_document
-from webapp.responses import ApiError, error_response, json_response
-from webapp.state import StateGuard
+from credit_engine.engine.call_index import CallIndex
+from credit_engine.engine.call_server import STATUS_CHECK_PATH, WEBHOOK_PATH
+from credit_engine.engine.clock import Clock
+from credit_engine.engine.config import Settings
+from credit_engine.engine.errors import InvalidInput, OrgNotFound
+from credit_engine.engine.forwarding import AssistantServers, Forwarder
+from credit_engine.engine.runtime import Runtime
+from credit_engine.engine.telephony import Telephony, VapiTelephony, make_telephony
+from credit_engine.webapp import admin, alerts_api, health, managed_telephony, vapi, wallet
+from credit_engine.webapp.context import AppContext
+from credit_engine.webapp.metrics import Metrics
+from credit_engine.webapp.middleware import BodySizeLimit
+from credit_engine.webapp.openapi import openapi_document
+from credit_engine.webapp.responses import ApiError, error_response, json_response
+from credit_engine.webapp.state import StateGuard
 
 log = logging.getLogger(__name__)
 

@@ -10,10 +10,10 @@ import time
 
 from starlette.requests import Request
 
-from engine.api_keys import org_for_api_key
-from engine.config import Settings
-from engine.runtime import Runtime
-from webapp.responses import ApiError
+from credit_engine.engine.api_keys import org_for_api_key
+from credit_engine.engine.config import Settings
+from credit_engine.engine.runtime import Runtime
+from credit_engine.webapp.responses import ApiError
 
 HMAC_SIGNATURE_HEADER = "x-signature"
 HMAC_TIMESTAMP_HEADER = "x-timestamp"

@@ -4,16 +4,16 @@ from dataclasses import dataclass
 
 from starlette.requests import Request
 
-from engine.call_index import CallIndex
-from engine.config import Settings
-from engine.forwarding import AssistantServers, Forwarder
-from engine.orgs import org_exists
-from engine.restore import restore_org_if_absent
-from engine.runtime import Runtime
-from engine.telephony import Telephony
-from webapp.metrics import Metrics
-from webapp.responses import ApiError
-from webapp.state import StateGuard
+from credit_engine.engine.call_index import CallIndex
+from credit_engine.engine.config import Settings
+from credit_engine.engine.forwarding import AssistantServers, Forwarder
+from credit_engine.engine.orgs import org_exists
+from credit_engine.engine.restore import restore_org_if_absent
+from credit_engine.engine.runtime import Runtime
+from credit_engine.engine.telephony import Telephony
+from credit_engine.webapp.metrics import Metrics
+from credit_engine.webapp.responses import ApiError
+from credit_engine.webapp.state import StateGuard
 
 
 @dataclass

@@ -5,11 +5,11 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import Response
 
-from engine.clock import redis_now_ms
-from engine.db import bounded
-from engine.ledger_lag import outbox_lag_ms
-from webapp.context import AppContext, context
-from webapp.responses import json_response
+from credit_engine.engine.clock import redis_now_ms
+from credit_engine.engine.db import bounded
+from credit_engine.engine.ledger_lag import outbox_lag_ms
+from credit_engine.webapp.context import AppContext, context
+from credit_engine.webapp.responses import json_response
 
 
 async def healthz(request: Request) -> Response:

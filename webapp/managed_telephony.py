@@ -5,10 +5,10 @@ import re
 from starlette.requests import Request
 from starlette.responses import Response
 
-from engine.provisioning import ProvisionRequest, provision
-from webapp import requests as req
-from webapp.responses import json_response
-from webapp.wallet import CURRENCY, org_context
+from credit_engine.engine.provisioning import ProvisionRequest, provision
+from credit_engine.webapp import requests as req
+from credit_engine.webapp.responses import json_response
+from credit_engine.webapp.wallet import CURRENCY, org_context
 
 AREA_CODE = re.compile(r"[0-9]{3}")
 ASSISTANT_ID = re.compile(r"[A-Za-z0-9_.:-]{1,128}")

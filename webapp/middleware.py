@@ -2,7 +2,7 @@
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from webapp.responses import error_response
+from credit_engine.webapp.responses import error_response
 
 
 class BodySizeLimit:

@@ -2,7 +2,7 @@
 
 from typing import Any
 
-from engine import limits
+from credit_engine.engine import limits
 
 AMOUNT = {"type": "integer", "minimum": 1, "maximum": limits.amount_pence_max}
 ORG_ID = {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"}

@@ -7,9 +7,9 @@ from typing import Any
 import orjson
 from starlette.requests import Request
 
-from engine import limits
-from engine.keys import is_idempotency_key
-from webapp.responses import ApiError
+from credit_engine.engine import limits
+from credit_engine.engine.keys import is_idempotency_key
+from credit_engine.webapp.responses import ApiError
 
 JSON_CONTENT_TYPE = re.compile(r"^application/([a-z0-9.+-]*\+)?json\s*(;.*)?$", re.IGNORECASE)
 

@@ -5,8 +5,8 @@ import asyncio
 import contextlib
 import logging
 
-from engine.restore import ensure_rebuilt, state_present
-from engine.runtime import Runtime
+from credit_engine.engine.restore import ensure_rebuilt, state_present
+from credit_engine.engine.runtime import Runtime
 
 log = logging.getLogger(__name__)
 

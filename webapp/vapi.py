@@ -15,14 +15,19 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import Response
 
-from engine import keys as key_rules
-from engine.attribution import UNATTRIBUTED, Attribution, attribute, may_be_a_replay
-from engine.call_server import admission_overrides, merge_handoff_answer, merge_platform_answer, remember_workflow
-from engine.control import control_url_allowed
-from engine.end_queue import end_unheld_call
-from engine.errors import InvalidInput
-from engine.forwarding import ANSWERED_TYPES, FORWARDED_HEADER, Target, forward_secret_for
-from engine.holds import (
+from credit_engine.engine import keys as key_rules
+from credit_engine.engine.attribution import UNATTRIBUTED, Attribution, attribute, may_be_a_replay
+from credit_engine.engine.call_server import (
+    admission_overrides,
+    merge_handoff_answer,
+    merge_platform_answer,
+    remember_workflow,
+)
+from credit_engine.engine.control import control_url_allowed
+from credit_engine.engine.end_queue import end_unheld_call
+from credit_engine.engine.errors import InvalidInput
+from credit_engine.engine.forwarding import ANSWERED_TYPES, FORWARDED_HEADER, Target, forward_secret_for
+from credit_engine.engine.holds import (
     CallCheck,
     CallEvent,
     Reservation,
@@ -32,16 +37,24 @@ from engine.holds import (
     release_call,
     reserve_call,
 )
+from credit_engine.engine.idempotency import call_state_key
+
 # The default sentences (declared once, in engine/org_profiles.py); an org may set its own.
-from engine.org_profiles import SPOKEN_BUSY, SPOKEN_NO_CREDIT, SPOKEN_NOT_SET_UP, SPOKEN_TRY_LATER  # noqa: F401
-from engine.org_profiles import Refusal, refusal_text, vapi_profile
-from engine.idempotency import call_state_key
-from engine.results import Money, Outcome
-from webapp.auth import vapi_authenticated
-from webapp.context import AppContext, context
-from webapp.requests import parse_json
-from webapp.responses import ApiError, json_response
-from webapp.vapi_messages import VapiMessage, parse_message
+from credit_engine.engine.org_profiles import (  # noqa: F401
+    SPOKEN_BUSY,
+    SPOKEN_NO_CREDIT,
+    SPOKEN_NOT_SET_UP,
+    SPOKEN_TRY_LATER,
+    Refusal,
+    refusal_text,
+    vapi_profile,
+)
+from credit_engine.engine.results import Money, Outcome
+from credit_engine.webapp.auth import vapi_authenticated
+from credit_engine.webapp.context import AppContext, context
+from credit_engine.webapp.requests import parse_json
+from credit_engine.webapp.responses import ApiError, json_response
+from credit_engine.webapp.vapi_messages import VapiMessage, parse_message
 
 log = logging.getLogger(__name__)
 

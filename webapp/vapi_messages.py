@@ -15,9 +15,9 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from engine import limits
-from engine.amounts import billed_seconds_from_us
-from engine.errors import InvalidInput
+from credit_engine.engine import limits
+from credit_engine.engine.amounts import billed_seconds_from_us
+from credit_engine.engine.errors import InvalidInput
 
 
 @dataclass(frozen=True)

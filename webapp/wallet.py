@@ -2,25 +2,25 @@
 org: there is no parameter naming an org, so another org's data cannot even be asked for."""
 
 import base64
-import re
 import binascii
+import re
 from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import Response
 
-from engine.attribution import resolved_in_postgres
-from engine.balances import Wallet, read_wallet
-from engine.forwarding import org_forward_secret
-from engine.holds import live_holds, release_call, reserve_call
-from engine.keys import is_call_id
-from engine.records import CallState
-from engine.results import Outcome
-from engine.timeutil import dt_from_ms
-from engine.idempotency import call_state_key
-from webapp.auth import require_org
-from webapp.context import AppContext, context
-from webapp.responses import ApiError, json_response
+from credit_engine.engine.attribution import resolved_in_postgres
+from credit_engine.engine.balances import Wallet, read_wallet
+from credit_engine.engine.forwarding import org_forward_secret
+from credit_engine.engine.holds import live_holds, release_call, reserve_call
+from credit_engine.engine.idempotency import call_state_key
+from credit_engine.engine.keys import is_call_id
+from credit_engine.engine.records import CallState
+from credit_engine.engine.results import Outcome
+from credit_engine.engine.timeutil import dt_from_ms
+from credit_engine.webapp.auth import require_org
+from credit_engine.webapp.context import AppContext, context
+from credit_engine.webapp.responses import ApiError, json_response
 
 CURRENCY = "GBP"
 page_size_default = 50

@@ -16,11 +16,11 @@ from collections.abc import Awaitable, Callable
 
 from redis.exceptions import RedisError
 
-from engine.alerts import deliver_due, outbound_for_alerts
-from engine.control import ControlClients
-from engine.killswitch import ControlUrls, KillSwitch
-from engine.runtime import Runtime
-from worker.metrics import METRICS
+from credit_engine.engine.alerts import deliver_due, outbound_for_alerts
+from credit_engine.engine.control import ControlClients
+from credit_engine.engine.killswitch import ControlUrls, KillSwitch
+from credit_engine.engine.runtime import Runtime
+from credit_engine.worker.metrics import METRICS
 
 log = logging.getLogger(__name__)
 

@@ -16,13 +16,13 @@ from dataclasses import dataclass
 import asyncpg
 from redis.exceptions import RedisError
 
-from engine import limits
-from engine.clock import redis_now_ms
-from engine.doorbell import pop_rung, ring
-from engine.outbox import drain_orgs, outbox_lengths
-from engine.runtime import Runtime
-from engine.snapshots import org_id_pages
-from worker.metrics import METRICS
+from credit_engine.engine import limits
+from credit_engine.engine.clock import redis_now_ms
+from credit_engine.engine.doorbell import pop_rung, ring
+from credit_engine.engine.outbox import drain_orgs, outbox_lengths
+from credit_engine.engine.runtime import Runtime
+from credit_engine.engine.snapshots import org_id_pages
+from credit_engine.worker.metrics import METRICS
 
 log = logging.getLogger(__name__)
 

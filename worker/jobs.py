@@ -3,15 +3,15 @@
 import logging
 from typing import Any
 
-from engine import provisioning, rent
-from engine.credits import apply_pending_credits
-from engine.expiry import expire_due_holds
-from engine.killswitch import reschedule_live_orgs
-from engine.outbox import drain_org_fully
-from engine.reconciler import repair_org
-from engine.restore import ensure_rebuilt
-from engine.runtime import Runtime
-from worker.drainer import Drainer
+from credit_engine.engine import provisioning, rent
+from credit_engine.engine.credits import apply_pending_credits
+from credit_engine.engine.expiry import expire_due_holds
+from credit_engine.engine.killswitch import reschedule_live_orgs
+from credit_engine.engine.outbox import drain_org_fully
+from credit_engine.engine.reconciler import repair_org
+from credit_engine.engine.restore import ensure_rebuilt
+from credit_engine.engine.runtime import Runtime
+from credit_engine.worker.drainer import Drainer
 
 log = logging.getLogger(__name__)
 

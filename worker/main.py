@@ -4,12 +4,12 @@ import asyncio
 
 import uvloop
 
-from engine.config import Settings
-from worker.arq_worker import CreditEngineWorker
+from credit_engine.engine.config import Settings
+from credit_engine.worker.arq_worker import CreditEngineWorker
 
 
 def run_worker(settings: Settings) -> None:
-    from worker.settings import worker_options
+    from credit_engine.worker.settings import worker_options
 
     loop = uvloop.new_event_loop()
     asyncio.set_event_loop(loop)

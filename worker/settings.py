@@ -15,16 +15,16 @@ from arq.cron import cron
 from arq.worker import func
 from redis.exceptions import RedisError
 
-from engine.config import Settings
-from engine.doorbell import adopt_unsharded_hints
-from engine.keys import Keyspace
-from engine.restore import ensure_rebuilt
-from engine.runtime import Runtime
-from engine.telephony import make_telephony
-from worker import jobs
-from worker.background import TimedLoops
-from worker.drainer import Drainer
-from worker.metrics import METRICS
+from credit_engine.engine.config import Settings
+from credit_engine.engine.doorbell import adopt_unsharded_hints
+from credit_engine.engine.keys import Keyspace
+from credit_engine.engine.restore import ensure_rebuilt
+from credit_engine.engine.runtime import Runtime
+from credit_engine.engine.telephony import make_telephony
+from credit_engine.worker import jobs
+from credit_engine.worker.background import TimedLoops
+from credit_engine.worker.drainer import Drainer
+from credit_engine.worker.metrics import METRICS
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ import sqlalchemy as sa
 from alembic import op
 from sqlalchemy.dialects import postgresql
 
-from migrations.sql_statements import read_statements
+from credit_engine.migrations.sql_statements import read_statements
 
 revision = "0001"
 down_revision = None

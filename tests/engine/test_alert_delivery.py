@@ -10,13 +10,13 @@ from dataclasses import replace
 
 import pytest
 
-from engine import alerts
-from engine.alerts import deliver_due, deliveries_in_flight_max, deliveries_per_org_in_flight_max
-from engine.config import Settings
-from engine.errors import InvalidInput
-from engine.orgs import update_org
-from engine.outbound import Outbound
-from engine.runtime import Runtime
+from credit_engine.engine import alerts
+from credit_engine.engine.alerts import deliver_due, deliveries_in_flight_max, deliveries_per_org_in_flight_max
+from credit_engine.engine.config import Settings
+from credit_engine.engine.errors import InvalidInput
+from credit_engine.engine.orgs import update_org
+from credit_engine.engine.outbound import Outbound
+from credit_engine.engine.runtime import Runtime
 from tests.alert_receivers import ANSWER, ENDLESS, SILENT, TRICKLE, add_alerts, alert_rows, receiver
 from tests.helpers import new_org
 

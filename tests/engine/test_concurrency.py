@@ -2,10 +2,10 @@
 
 import asyncio
 
-from engine.balances import read_wallet
-from engine.outbox import drain_org_fully
-from engine.reconciler import check
-from engine.runtime import Runtime
+from credit_engine.engine.balances import read_wallet
+from credit_engine.engine.outbox import drain_org_fully
+from credit_engine.engine.reconciler import check
+from credit_engine.engine.runtime import Runtime
 from tests.helpers import new_org
 from tests.race_clients import race
 

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.config import ConfigError, Settings
+from credit_engine.engine.config import ConfigError, Settings
 
 
 def test_the_forward_url_is_checked_when_read() -> None:

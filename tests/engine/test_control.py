@@ -5,9 +5,9 @@ from dataclasses import replace
 
 import pytest
 
-from engine.config import ConfigError, Settings
-from engine.control import control_target, control_url_allowed
-from engine.killswitch import check_settings
+from credit_engine.engine.config import ConfigError, Settings
+from credit_engine.engine.control import control_target, control_url_allowed
+from credit_engine.engine.killswitch import check_settings
 
 VAPI = "https://aws-us-west-2-production1-phone-call-websocket.vapi.ai/c0ffee/control"
 

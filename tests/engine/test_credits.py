@@ -5,15 +5,15 @@ from dataclasses import replace
 
 import pytest
 
-from engine import limits
-from engine.balances import read_wallet
-from engine.credits import apply_pending_credits, credit
-from engine.embedded import free_port
-from engine.errors import InvalidInput, OrgNotFound
-from engine.reconciler import check, repair
-from engine.results import Outcome
-from engine.runtime import Runtime, redis_client
-from engine.types import EntryKind
+from credit_engine.engine import limits
+from credit_engine.engine.balances import read_wallet
+from credit_engine.engine.credits import apply_pending_credits, credit
+from credit_engine.engine.embedded import free_port
+from credit_engine.engine.errors import InvalidInput, OrgNotFound
+from credit_engine.engine.reconciler import check, repair
+from credit_engine.engine.results import Outcome
+from credit_engine.engine.runtime import Runtime, redis_client
+from credit_engine.engine.types import EntryKind
 from tests.helpers import new_org
 
 
@@ -116,7 +116,7 @@ async def test_credit_metadata_is_stored_as_a_json_object(rt: Runtime) -> None:
 
 
 async def test_a_credit_stuck_too_long_is_reported_and_repaired(rt: Runtime, rt_without_redis: Runtime) -> None:
-    from engine.clock import RedisClock
+    from credit_engine.engine.clock import RedisClock
 
     rt.clock = RedisClock()  # ages are compared with Postgres's clock: use the real one
     org = await new_org(rt, 100)

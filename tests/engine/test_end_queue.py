@@ -9,15 +9,15 @@ from dataclasses import replace
 import httpx
 import pytest
 
-from engine.clock import ManualClock
-from engine.config import Settings
-from engine.end_queue import alert_key, end_unheld_call
-from engine.killswitch import ControlUrls, KillSwitch, RoundReport, run_round
-from engine.runtime import Runtime
+from credit_engine.engine.clock import ManualClock
+from credit_engine.engine.config import Settings
+from credit_engine.engine.end_queue import alert_key, end_unheld_call
+from credit_engine.engine.killswitch import ControlUrls, KillSwitch, RoundReport, run_round
+from credit_engine.engine.runtime import Runtime
+from credit_engine.worker.background import TimedLoops
 from tests.conftest import delete_prefix
 from tests.fake_vapi import FakeVapi, fake_vapi_server
 from tests.helpers import new_org
-from worker.background import TimedLoops
 
 END = {"type": "end-call"}
 QUEUE_SETTINGS = {

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from engine.fire_and_forget import FireAndForget, head_bytes_max
-from engine.outbound import Failure
+from credit_engine.engine.fire_and_forget import FireAndForget, head_bytes_max
+from credit_engine.engine.outbound import Failure
 from tests.engine.test_outbound import certificate  # noqa: F401  (a fixture)
 from tests.served import served_raw
 

@@ -3,21 +3,20 @@ Postgres keeps them forever. A replay that arrives after Redis forgot is still c
 
 from datetime import UTC, datetime
 
-from engine.assets import charge_asset, deduct_asset
-from engine.balances import read_wallet
-from engine.credits import credit
-from engine.idempotency import credit_ledger_key, legacy_rent_ledger_key, rent_ledger_key
-from engine.phone_numbers import number_for_provision_key, register_number
-from engine.rent import charge_rent
-from engine.clock import ManualClock
-from engine.holds import commit_call, reserve_call
-from engine.outbox import drain_org_fully
-from engine.provisioning import ProvisionRequest, provision
-from engine.reconciler import check, repair
-from engine.results import Outcome
-from engine.runtime import Runtime
-from engine.telephony import FakeTelephony
-from engine.idempotency import call_state_key
+from credit_engine.engine.assets import charge_asset, deduct_asset
+from credit_engine.engine.balances import read_wallet
+from credit_engine.engine.clock import ManualClock
+from credit_engine.engine.credits import credit
+from credit_engine.engine.holds import commit_call, reserve_call
+from credit_engine.engine.idempotency import call_state_key, credit_ledger_key, legacy_rent_ledger_key, rent_ledger_key
+from credit_engine.engine.outbox import drain_org_fully
+from credit_engine.engine.phone_numbers import number_for_provision_key, register_number
+from credit_engine.engine.provisioning import ProvisionRequest, provision
+from credit_engine.engine.reconciler import check, repair
+from credit_engine.engine.rent import charge_rent
+from credit_engine.engine.results import Outcome
+from credit_engine.engine.runtime import Runtime
+from credit_engine.engine.telephony import FakeTelephony
 from tests.helpers import assert_books_agree, new_org
 
 

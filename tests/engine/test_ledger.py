@@ -5,12 +5,12 @@ import json
 import asyncpg
 import pytest
 
-from engine.assets import deduct_asset
-from engine.holds import CallEvent, check_call, commit_call, reserve_call
-from engine.ledger import write_batch
-from engine.outbox import drain_org_fully, drain_orgs, parse_entry
-from engine.results import Outcome
-from engine.runtime import Runtime
+from credit_engine.engine.assets import deduct_asset
+from credit_engine.engine.holds import CallEvent, check_call, commit_call, reserve_call
+from credit_engine.engine.ledger import write_batch
+from credit_engine.engine.outbox import drain_org_fully, drain_orgs, parse_entry
+from credit_engine.engine.results import Outcome
+from credit_engine.engine.runtime import Runtime
 from tests.helpers import new_org
 
 
@@ -146,7 +146,7 @@ async def test_entry_kinds_carry_their_sign(rt: Runtime, kind: str, amount: int,
 
 
 async def test_debt_reaches_postgres_and_the_chain_holds_across_repayment(rt: Runtime) -> None:
-    from engine.credits import credit
+    from credit_engine.engine.credits import credit
 
     org = await new_org(rt, 100)
     await commit_call(rt, org, "c", 300)  # 300p against 100p, overdraft 0: 200p debt

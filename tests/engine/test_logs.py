@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from engine.logs import StderrHandler, configure_logging
+from credit_engine.engine.logs import StderrHandler, configure_logging
 
 
 @pytest.fixture

@@ -9,8 +9,8 @@ import asyncpg
 import pytest
 from alembic import command
 
-from engine.db import asyncpg_dsn, with_database
-from engine.migrate import alembic_config
+from credit_engine.engine.db import asyncpg_dsn, with_database
+from credit_engine.engine.migrate import alembic_config
 from tests.services import Services, _admin, drop_database
 
 PROFILE_COLUMNS = ("forward_url", "refusal_no_credit", "refusal_busy", "refusal_not_set_up", "refusal_try_later")

@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from engine import limits
-from engine.org_profiles import (
+from credit_engine.engine import limits
+from credit_engine.engine.org_profiles import (
     REFUSAL_DEFAULTS,
     ProfileCache,
     Refusal,
@@ -18,8 +18,8 @@ from engine.org_profiles import (
     refusal_text,
     vapi_profile,
 )
-from engine.orgs import update_org
-from engine.runtime import Runtime
+from credit_engine.engine.orgs import update_org
+from credit_engine.engine.runtime import Runtime
 from tests.helpers import new_org
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.outbound import Failure, Outbound, address_allowed, literal_address, url_refusal
+from credit_engine.engine.outbound import Failure, Outbound, address_allowed, literal_address, url_refusal
 from tests.alert_receivers import ANSWER, receiver
 
 REFUSED = (

@@ -1,10 +1,10 @@
 """Provisioning when things go wrong in the middle: crashes, clients that never come back."""
 
-from engine import idempotent_requests as claims
-from engine.balances import read_wallet
-from engine.provisioning import OPERATION, ProvisionRequest, finish_abandoned_provisions, provision
-from engine.runtime import Runtime
-from engine.telephony import BoughtNumber, FakeTelephony, ProviderError
+from credit_engine.engine import idempotent_requests as claims
+from credit_engine.engine.balances import read_wallet
+from credit_engine.engine.provisioning import OPERATION, ProvisionRequest, finish_abandoned_provisions, provision
+from credit_engine.engine.runtime import Runtime
+from credit_engine.engine.telephony import BoughtNumber, FakeTelephony, ProviderError
 from tests.helpers import new_org
 
 

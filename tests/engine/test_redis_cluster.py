@@ -16,21 +16,21 @@ from hypothesis import strategies as st
 from redis.asyncio import RedisCluster
 from redis.crc import key_slot
 
-from engine.assets import deduct_asset
-from engine.balances import read_wallet
-from engine.config import Settings
-from engine.holds import commit_call, live_holds, reserve_call
-from engine.keys import HINT_SHARD_TAGS, ORG_ID_PATTERN, Keyspace, hint_shard
-from engine.killswitch import due_orgs, file_depletion, reschedule_live_orgs
-from engine.reconciler import check
-from engine.restore import ensure_rebuilt, state_present
-from engine.results import Outcome
-from engine.runtime import Runtime
-from engine.scripts import load_scripts
-from loadtest.redis_cluster import EmbeddedRedisCluster
+from credit_engine.engine.assets import deduct_asset
+from credit_engine.engine.balances import read_wallet
+from credit_engine.engine.config import Settings
+from credit_engine.engine.holds import commit_call, live_holds, reserve_call
+from credit_engine.engine.keys import HINT_SHARD_TAGS, ORG_ID_PATTERN, Keyspace, hint_shard
+from credit_engine.engine.killswitch import due_orgs, file_depletion, reschedule_live_orgs
+from credit_engine.engine.reconciler import check
+from credit_engine.engine.restore import ensure_rebuilt, state_present
+from credit_engine.engine.results import Outcome
+from credit_engine.engine.runtime import Runtime
+from credit_engine.engine.scripts import load_scripts
+from credit_engine.loadtest.redis_cluster import EmbeddedRedisCluster
+from credit_engine.worker.drainer import Drainer
 from tests.conftest import delete_prefix
 from tests.helpers import new_org
-from worker.drainer import Drainer
 
 SCRIPTS = load_scripts()
 LABEL_KEY = re.compile(r"(<prefix>\S+)$")

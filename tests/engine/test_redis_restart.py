@@ -6,16 +6,16 @@ from pathlib import Path
 
 import pytest
 
-from engine.assets import deduct_asset
-from engine.balances import read_wallet
-from engine.config import Settings
-from engine.embedded import EmbeddedRedis
-from engine.holds import live_holds, reserve_call
-from engine.outbox import drain_org_fully
-from engine.reconciler import check
-from engine.restore import ensure_rebuilt, state_present
-from engine.results import Outcome
-from engine.runtime import Runtime
+from credit_engine.engine.assets import deduct_asset
+from credit_engine.engine.balances import read_wallet
+from credit_engine.engine.config import Settings
+from credit_engine.engine.embedded import EmbeddedRedis
+from credit_engine.engine.holds import live_holds, reserve_call
+from credit_engine.engine.outbox import drain_org_fully
+from credit_engine.engine.reconciler import check
+from credit_engine.engine.restore import ensure_rebuilt, state_present
+from credit_engine.engine.results import Outcome
+from credit_engine.engine.runtime import Runtime
 from tests.helpers import new_org
 
 

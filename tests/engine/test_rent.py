@@ -4,16 +4,15 @@ from datetime import UTC, datetime
 
 import pytest
 
-from engine import rent
-
-from engine.clock import ManualClock
-from engine.credits import credit
-from engine.outbox import drain_org_fully
-from engine.phone_numbers import Owner, number_owner, register_number
-from engine.rent import charge_rent
-from engine.runtime import Runtime
-from engine.telephony import FakeTelephony
-from engine.idempotency import rent_ledger_key
+from credit_engine.engine import rent
+from credit_engine.engine.clock import ManualClock
+from credit_engine.engine.credits import credit
+from credit_engine.engine.idempotency import rent_ledger_key
+from credit_engine.engine.outbox import drain_org_fully
+from credit_engine.engine.phone_numbers import Owner, number_owner, register_number
+from credit_engine.engine.rent import charge_rent
+from credit_engine.engine.runtime import Runtime
+from credit_engine.engine.telephony import FakeTelephony
 from tests.helpers import new_org
 
 DAY_MS = 86_400_000

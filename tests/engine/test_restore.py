@@ -2,18 +2,24 @@
 
 import asyncio
 
-from engine.assets import deduct_asset
-from engine.balances import read_wallet
-from engine.clock import ManualClock
-from engine.credits import credit
-from engine.holds import CallEvent, check_call, commit_call, expire_call, live_holds, reserve_call
-from engine.idempotency import call_state_key
-from engine.orgs import update_org
-from engine.outbox import drain_org_fully
-from engine.reconciler import check, repair
-from engine.restore import ensure_rebuilt, restore_org_if_absent, restore_orgs, snapshot_orgs, state_present
-from engine.results import Outcome
-from engine.runtime import Runtime
+from credit_engine.engine.assets import deduct_asset
+from credit_engine.engine.balances import read_wallet
+from credit_engine.engine.clock import ManualClock
+from credit_engine.engine.credits import credit
+from credit_engine.engine.holds import CallEvent, check_call, commit_call, expire_call, live_holds, reserve_call
+from credit_engine.engine.idempotency import call_state_key
+from credit_engine.engine.orgs import update_org
+from credit_engine.engine.outbox import drain_org_fully
+from credit_engine.engine.reconciler import check, repair
+from credit_engine.engine.restore import (
+    ensure_rebuilt,
+    restore_org_if_absent,
+    restore_orgs,
+    snapshot_orgs,
+    state_present,
+)
+from credit_engine.engine.results import Outcome
+from credit_engine.engine.runtime import Runtime
 from tests.conftest import delete_prefix
 from tests.helpers import assert_books_agree, new_org
 
@@ -131,10 +137,10 @@ async def test_settings_changes_reach_redis(rt: Runtime) -> None:
 async def test_a_refused_restore_does_not_mark_a_pending_credit_as_applied(rt: Runtime) -> None:
     from dataclasses import replace as dc_replace
 
-    from engine.credits import apply_pending_credits, credit
-    from engine.embedded import free_port
-    from engine.restore import restore_orgs, snapshot_orgs
-    from engine.runtime import redis_client
+    from credit_engine.engine.credits import apply_pending_credits, credit
+    from credit_engine.engine.embedded import free_port
+    from credit_engine.engine.restore import restore_orgs, snapshot_orgs
+    from credit_engine.engine.runtime import redis_client
 
     org = await new_org(rt, 1000)
     dead = redis_client(f"redis://127.0.0.1:{free_port()}/0", 2)

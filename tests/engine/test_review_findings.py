@@ -6,19 +6,18 @@ from typing import Any
 
 import pytest
 
-import engine.credits
-import engine.restore
-from engine.balances import read_wallet
-from engine.call_index import CallIndex
-from engine.credits import apply_pending_credits, credit
-from engine.holds import CallEvent, Unfunded, check_call, commit_call, expire_call, reserve_call
-from engine.killswitch import ControlUrls
-from engine.outbox import drain_org_fully
-from engine.reconciler import check
-from engine.restore import restore_org_if_absent
-from engine.results import Outcome
-from engine.runtime import Runtime
-from engine.snapshots import ORGS_SQL
+from credit_engine.engine import credits, restore
+from credit_engine.engine.balances import read_wallet
+from credit_engine.engine.call_index import CallIndex
+from credit_engine.engine.credits import apply_pending_credits, credit
+from credit_engine.engine.holds import CallEvent, Unfunded, check_call, commit_call, expire_call, reserve_call
+from credit_engine.engine.killswitch import ControlUrls
+from credit_engine.engine.outbox import drain_org_fully
+from credit_engine.engine.reconciler import check
+from credit_engine.engine.restore import restore_org_if_absent
+from credit_engine.engine.results import Outcome
+from credit_engine.engine.runtime import Runtime
+from credit_engine.engine.snapshots import ORGS_SQL
 from tests.helpers import assert_books_agree, new_org
 
 CONTROL = "https://phone-call-websocket.aws-us-west-2-backend-production1.vapi.ai/c-1/control"
@@ -49,8 +48,8 @@ async def test_a_credit_committed_while_a_restore_reads_its_snapshot_is_not_lost
     await drain_org_fully(rt, org_id)
     await rt.redis.delete(*rt.keys.org(org_id).all())  # Redis lost the org (or never had it)
 
-    real_load = engine.restore.load_snapshots
-    real_apply = engine.credits.apply_to_redis
+    real_load = restore.load_snapshots
+    real_apply = credits.apply_to_redis
     fired = False
 
     async def not_yet(*args: Any) -> tuple[bool, None]:
@@ -68,17 +67,17 @@ async def test_a_credit_committed_while_a_restore_reads_its_snapshot_is_not_lost
             rows = await self.conn.fetch(sql, *args)
             if sql is ORGS_SQL and not fired:
                 fired = True
-                monkeypatch.setattr(engine.credits, "apply_to_redis", not_yet)
+                monkeypatch.setattr(credits, "apply_to_redis", not_yet)
                 await credit(rt, org_id, "topup-during-restore", 500)  # committed in Postgres now
-                monkeypatch.setattr(engine.credits, "apply_to_redis", real_apply)
+                monkeypatch.setattr(credits, "apply_to_redis", real_apply)
             return rows
 
     async def load(conn: Any, *args: Any) -> Any:
         return await real_load(Conn(conn), *args)
 
-    monkeypatch.setattr(engine.restore, "load_snapshots", load)
+    monkeypatch.setattr(restore, "load_snapshots", load)
     assert await restore_org_if_absent(rt, org_id) == Outcome.ok
-    monkeypatch.setattr(engine.restore, "load_snapshots", real_load)
+    monkeypatch.setattr(restore, "load_snapshots", real_load)
     report = await apply_pending_credits(rt, older_than_ms=0)  # the worker finishes the top-up
     assert report.applied == 1
     projection = await rt.pg.fetchval("SELECT balance_pence FROM org_balances WHERE org_id = $1", org_id)
@@ -138,8 +137,8 @@ async def test_after_a_rebuild_a_live_unfunded_hold_is_still_ended_at_once(rt: R
     from Postgres restores the hold (max_duration_s 0) but files the org only at its credit-based
     depletion moment (org_restore.lua's head, reschedule_live_orgs): with a healthy balance that is
     hours away, so a call whose end-call was not yet acknowledged when Redis was lost runs on."""
-    from engine.killswitch import due_orgs, visit_org
-    from engine.restore import ensure_rebuilt
+    from credit_engine.engine.killswitch import due_orgs, visit_org
+    from credit_engine.engine.restore import ensure_rebuilt
     from tests.conftest import delete_prefix
 
     org_id = await new_org(rt, 10_000)  # 166 minutes at 60p/min
@@ -162,14 +161,14 @@ async def test_a_rent_charge_landing_during_a_check_is_not_drift(rt: Runtime, mo
     rent_paid_month = M) is in neither the outbox it read nor the ledger: 'number ... is marked paid
     for M, but the ledger has no rent entry'. The monthly rent run charges every number at once, so
     a check during it reports drift that is not there."""
-    import engine.reconciler
-    from engine.assets import charge_asset
-    from engine.idempotency import rent_ledger_key
-    from engine.phone_numbers import register_number
+    from credit_engine.engine import reconciler
+    from credit_engine.engine.assets import charge_asset
+    from credit_engine.engine.idempotency import rent_ledger_key
+    from credit_engine.engine.phone_numbers import register_number
 
     org_id = await new_org(rt, 1_000)
     await register_number(rt, org_id, "pn-rent", number=None, assistant_id=None, provider="fake")
-    real = engine.reconciler.rent_problems
+    real = reconciler.rent_problems
 
     async def rent_run_meanwhile(pg: Any, paid: Any, outbox_keys: set[str]) -> Any:
         key = rent_ledger_key(org_id, "pn-rent", "2026-12")
@@ -180,7 +179,7 @@ async def test_a_rent_charge_landing_during_a_check_is_not_drift(rt: Runtime, mo
         )
         return await real(pg, paid, outbox_keys)
 
-    monkeypatch.setattr(engine.reconciler, "rent_problems", rent_run_meanwhile)
+    monkeypatch.setattr(reconciler, "rent_problems", rent_run_meanwhile)
     report = await check(rt, [org_id])
     assert report.clean, report.drifted
 
@@ -189,13 +188,13 @@ async def test_a_resolution_drained_between_the_postgres_and_redis_reads_is_not_
     rt: Runtime, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Suspected false positive of the new check; it holds (the org is re-read, then clean)."""
-    import engine.reconciler
+    from credit_engine.engine import reconciler
 
     org_id = await new_org(rt, 1_000)
     await drain_org_fully(rt, org_id)
     await reserve_call(rt, org_id, "c")
     await commit_call(rt, org_id, "c", 30)  # its resolution waits in the outbox
-    real = engine.reconciler._redis_states
+    real = reconciler._redis_states
     drained = False
 
     async def drain_first(rt_: Runtime, pg: Any) -> Any:
@@ -205,6 +204,6 @@ async def test_a_resolution_drained_between_the_postgres_and_redis_reads_is_not_
             await drain_org_fully(rt, org_id)
         return await real(rt_, pg)
 
-    monkeypatch.setattr(engine.reconciler, "_redis_states", drain_first)
+    monkeypatch.setattr(reconciler, "_redis_states", drain_first)
     report = await check(rt, [org_id])
     assert drained and report.clean, (report.drifted, report.busy)

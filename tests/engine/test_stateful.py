@@ -19,18 +19,26 @@ from hypothesis import HealthCheck
 from hypothesis import settings as hypothesis_settings
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule, run_state_machine_as_test
 
-from engine.amounts import billed_seconds_from_ms, call_cost_pence, charge_with_floor
-from engine.assets import deduct_asset
-from engine.balances import read_wallet
-from engine.clock import ManualClock
-from engine.config import Settings
-from engine.credits import credit
-from engine.holds import CallEvent, check_call, commit_call, expire_call, live_holds, release_call, reserve_call
-from engine.org_settings import OrgSettings
-from engine.orgs import create_org
-from engine.outbox import drain_org_fully
-from engine.restore import ensure_rebuilt
-from engine.runtime import Runtime
+from credit_engine.engine.amounts import billed_seconds_from_ms, call_cost_pence, charge_with_floor
+from credit_engine.engine.assets import deduct_asset
+from credit_engine.engine.balances import read_wallet
+from credit_engine.engine.clock import ManualClock
+from credit_engine.engine.config import Settings
+from credit_engine.engine.credits import credit
+from credit_engine.engine.holds import (
+    CallEvent,
+    check_call,
+    commit_call,
+    expire_call,
+    live_holds,
+    release_call,
+    reserve_call,
+)
+from credit_engine.engine.org_settings import OrgSettings
+from credit_engine.engine.orgs import create_org
+from credit_engine.engine.outbox import drain_org_fully
+from credit_engine.engine.restore import ensure_rebuilt
+from credit_engine.engine.runtime import Runtime
 from tests.conftest import delete_prefix
 
 CALLS = [f"call-{i}" for i in range(4)]

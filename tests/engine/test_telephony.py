@@ -5,7 +5,7 @@ import json
 import httpx
 import pytest
 
-from engine.telephony import FakeTelephony, ProviderError, VapiTelephony
+from credit_engine.engine.telephony import FakeTelephony, ProviderError, VapiTelephony
 
 
 def vapi_stub(status: int, body: object, seen: list[httpx.Request]) -> httpx.AsyncClient:

@@ -1,7 +1,7 @@
 """Connecting a Vapi account (issue 13, point 5): `credit-engine vapi import|connect|check` against a
 fake of Vapi's REST API on a loopback port that checks every request against the SDK's request
 types (tests/fake_vapi_api.py), with real Redis and Postgres; the commands run through
-`engine.cli.main` as an operator runs them (exit codes, output), in a thread so that the fake keeps
+`credit_engine.commands.main` as an operator runs them (exit codes, output), in a thread so that the fake keeps
 answering in the test's loop."""
 
 import asyncio
@@ -14,14 +14,14 @@ from typing import Any
 
 import pytest
 
-from engine import limits
-from engine.call_server import WEBHOOK_PATH, remember_workflow, workflows_answered
-from engine.cli import main
-from engine.config import Settings
-from engine.embedded import free_port
-from engine.phone_numbers import register_number, registered_numbers
-from engine.runtime import Runtime
-from engine.vapi_account import AccountNumber, VapiAccount, VapiError, next_page_bound
+from credit_engine.commands import main
+from credit_engine.engine import limits
+from credit_engine.engine.call_server import WEBHOOK_PATH, remember_workflow, workflows_answered
+from credit_engine.engine.config import Settings
+from credit_engine.engine.embedded import free_port
+from credit_engine.engine.phone_numbers import register_number, registered_numbers
+from credit_engine.engine.runtime import Runtime
+from credit_engine.engine.vapi_account import AccountNumber, VapiAccount, VapiError, next_page_bound
 from tests.fake_vapi_api import API_KEY, T0, FakeVapiApi, iso
 from tests.helpers import engine_served, new_org
 from tests.processes import service_env
@@ -329,7 +329,7 @@ async def test_check_ticks_a_connected_account_and_crosses_each_thing_that_break
 
 
 def test_a_credential_the_engine_cannot_read_is_crossed() -> None:
-    from engine.vapi_check import credential_problems
+    from credit_engine.engine.vapi_check import credential_problems
 
     assert credential_problems({"provider": "webhook", "authenticationPlan": {"type": "bearer", "token": "t"}})[0] == []
     assert (

@@ -10,16 +10,16 @@ import os
 import secrets
 import signal
 import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
-from engine.config import Settings
-from engine.db import with_database
-from engine.embedded import EmbeddedPostgres, EmbeddedRedis, free_port
-from engine.migrate import upgrade_to_head
+from credit_engine.engine import processes
+from credit_engine.engine.config import Settings
+from credit_engine.engine.db import with_database
+from credit_engine.engine.embedded import EmbeddedPostgres, EmbeddedRedis, free_port
+from credit_engine.engine.migrate import upgrade_to_head
 from tests.processes import service_env, stop
 
 ADMIN_TOKEN = "admin-" + secrets.token_hex(20)
@@ -107,7 +107,7 @@ class Deployment:
     def _spawn(self, args: list[str], log_name: str) -> subprocess.Popen[bytes]:
         log_path = self.root / log_name
         with open(log_path, "ab") as log:
-            process = subprocess.Popen([sys.executable, "-m", "engine.cli", *args], env=self._process_env(), stdout=log,
+            process = subprocess.Popen(processes.cli(*args), env=self._process_env(), stdout=log,
                                        stderr=subprocess.STDOUT)  # fmt: skip
         process.log_path = log_path  # type: ignore[attr-defined]
         return process

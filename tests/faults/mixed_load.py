@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import httpx
 
-from engine.amounts import billed_seconds_from_ms, call_cost_pence
+from credit_engine.engine.amounts import billed_seconds_from_ms, call_cost_pence
 from tests.faults.deployment import ADMIN_TOKEN, WEBHOOK_SECRET
 from tests.webapp.vapi_payloads import assistant_request, call, end_of_call_report, status_update
 

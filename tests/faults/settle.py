@@ -4,14 +4,14 @@ and Redis all say exactly what the load was told."""
 import asyncio
 import os
 import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 
-from engine.balances import read_wallet
-from engine.holds import live_holds
-from engine.reconciler import check
-from engine.runtime import Runtime
+from credit_engine.engine import processes
+from credit_engine.engine.balances import read_wallet
+from credit_engine.engine.holds import live_holds
+from credit_engine.engine.reconciler import check
+from credit_engine.engine.runtime import Runtime
 from tests.faults.mixed_load import OrgUnderLoad
 from tests.processes import service_env
 
@@ -98,6 +98,6 @@ async def verify(rt: Runtime, orgs: list[OrgUnderLoad], phone_number_pence: int)
 def reconcile_cli_exit_code(rt: Runtime) -> tuple[int, str]:
     """`credit-engine reconcile --check` over the whole deployment, as an operator would run it."""
     env = service_env(rt.settings)
-    done = subprocess.run([sys.executable, "-m", "engine.cli", "reconcile", "--check"], env={**os.environ, **env},
+    done = subprocess.run(processes.cli("reconcile", "--check"), env={**os.environ, **env},
                           capture_output=True, text=True, timeout=120)  # fmt: skip
     return done.returncode, done.stdout[-2000:] + done.stderr[-2000:]

@@ -6,11 +6,11 @@ import time
 
 import pytest
 
+from credit_engine.webapp.app import ROUTES
 from tests.webapp.conftest import ADMIN_TOKEN, WEBHOOK_SECRET, Api, api, app_settings  # noqa: F401 - fixtures
 from tests.webapp.test_auth import signed
 from tests.webapp.test_seed_scenarios import ledger_kinds, wallet
 from tests.webapp.vapi_payloads import assistant_request, call
-from webapp.app import ROUTES
 
 pytestmark = pytest.mark.faults
 

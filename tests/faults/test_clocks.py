@@ -10,7 +10,6 @@ and the test says so.
 
 import os
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from datetime import datetime
@@ -19,9 +18,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from engine.config import Settings
-from engine.embedded import free_port
-from engine.runtime import Runtime
+from credit_engine.engine.processes import cli as engine_command
+from credit_engine.engine.config import Settings
+from credit_engine.engine.embedded import free_port
+from credit_engine.engine.runtime import Runtime
 from tests.fake_vapi import FakeVapi, fake_vapi_server
 from tests.processes import http_ready, service_env, stop, wait_for
 from tests.webapp.conftest import ADMIN_TOKEN, WEBHOOK_SECRET
@@ -47,7 +47,7 @@ def skewed_env(settings: Settings, skew_s: int, **extra: str) -> dict[str, str]:
 
 def spawn(args: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
     with open(log_path, "ab") as log:
-        process = subprocess.Popen([sys.executable, "-m", "engine.cli", *args], env=env, stdout=log, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(engine_command(*args), env=env, stdout=log, stderr=subprocess.STDOUT)
     process.log_path = log_path  # type: ignore[attr-defined]
     return process
 

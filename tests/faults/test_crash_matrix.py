@@ -14,13 +14,12 @@ import os
 import random
 import time
 from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import asdict, dataclass, replace
-from pathlib import Path
+from dataclasses import asdict, dataclass
 
 import httpx
 import pytest
 
-from engine.runtime import Runtime
+from credit_engine.engine.runtime import Runtime
 from tests.faults.deployment import ADMIN_TOKEN, COMPONENTS, WEBHOOK_SECRET, Deployment
 from tests.faults.mixed_load import ISSUED_API_KEYS, MixedLoad
 from tests.faults.settle import oldest_outbox_age_ms, reconcile_cli_exit_code, verify

@@ -8,10 +8,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from engine.errors import InvalidInput
+from credit_engine.engine.errors import InvalidInput
+from credit_engine.webapp.vapi_messages import parse_message
 from tests.webapp.conftest import Api, api, app_settings  # noqa: F401 - fixtures
 from tests.webapp.test_seed_scenarios import ledger_kinds, wallet
-from webapp.vapi_messages import parse_message
 
 pytestmark = pytest.mark.faults
 

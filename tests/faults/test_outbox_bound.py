@@ -8,7 +8,7 @@ from dataclasses import replace
 
 import pytest
 
-from engine.config import Settings
+from credit_engine.engine.config import Settings
 from tests.webapp.conftest import Api, api  # noqa: F401 - fixture
 from tests.webapp.test_seed_scenarios import ledger_kinds, wallet
 from tests.webapp.vapi_payloads import assistant_request, call, end_of_call_report, status_update
@@ -43,7 +43,7 @@ async def test_at_the_bound_new_decisions_are_refused_running_calls_are_billed(a
         bought += 1
         assert bought < BOUND
     assert (answer.status_code, answer.json()["error"]["code"]) == (503, "ledger_backlog")
-    with caplog.at_level(logging.ERROR, logger="engine.outbox"):
+    with caplog.at_level(logging.ERROR, logger="credit_engine.engine.outbox"):
         refused = await api.vapi(assistant_request(call("call-new", phone_number_id=number)))
         reserve = await api.as_org(key, "POST", "/api/calls/call-outbound/reserve")
     assert set(refused.json()) == {"error"} and refused.json()["error"]  # a spoken refusal, in Vapi's shape

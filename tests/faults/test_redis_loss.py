@@ -16,8 +16,8 @@ import asyncpg
 import httpx
 import pytest
 
-from engine.amounts import billed_seconds_from_ms, call_cost_pence
-from engine.db import asyncpg_dsn
+from credit_engine.engine.amounts import billed_seconds_from_ms, call_cost_pence
+from credit_engine.engine.db import asyncpg_dsn
 from tests.faults.deployment import WEBHOOK_SECRET, Deployment
 from tests.faults.mixed_load import MixedLoad
 from tests.processes import wait_for
@@ -131,7 +131,7 @@ async def test_redis_lost_mid_call_refuses_until_restored_then_resumes_with_the_
 
 
 async def _drained(client: httpx.AsyncClient, deployment: Deployment) -> bool:
-    from engine.runtime import Runtime
+    from credit_engine.engine.runtime import Runtime
 
     rt = await Runtime.open(deployment.settings)
     try:
@@ -146,8 +146,8 @@ async def _drained(client: httpx.AsyncClient, deployment: Deployment) -> bool:
 async def test_the_state_guard_outlives_postgres_starting_up(rt, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
     """The web app's watch over Redis's state once died on asyncpg's CannotConnectNowError (Postgres
     starting up), leaving every decision refused for good. Now it keeps trying until the rebuild works."""
-    from engine import restore
-    from webapp import state
+    from credit_engine.engine import restore
+    from credit_engine.webapp import state
 
     calls = []
 

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from engine.amounts import billed_seconds_from_ms, call_cost_pence
+from credit_engine.engine.amounts import billed_seconds_from_ms, call_cost_pence
 from tests.webapp.conftest import Api, api, app_settings  # noqa: F401 - fixtures
 from tests.webapp.test_seed_scenarios import ledger_kinds, wallet
 from tests.webapp.vapi_payloads import assistant_request, call, end_of_call_report, status_update

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from engine.config import Settings
-from engine.embedded import EmbeddedRedis
-from engine.runtime import Runtime
+from credit_engine.engine.config import Settings
+from credit_engine.engine.embedded import EmbeddedRedis
+from credit_engine.engine.runtime import Runtime
 from tests.processes import start_worker, stop, wait_for
 from tests.worker.test_worker_process import worker_ready
 

@@ -12,16 +12,16 @@ from typing import Any
 import fakeredis
 import pytest
 
-from engine.clock import ManualClock
-from engine.config import Settings
-from engine.keys import Keyspace
-from engine.org_settings import OrgSettings
-from engine.records import HoldRecord
-from engine.restore import restore_orgs
-from engine.results import Outcome
-from engine.runtime import Runtime
-from engine.scripts import ScriptRunner
-from engine.snapshots import OrgSnapshot
+from credit_engine.engine.clock import ManualClock
+from credit_engine.engine.config import Settings
+from credit_engine.engine.keys import Keyspace
+from credit_engine.engine.org_settings import OrgSettings
+from credit_engine.engine.records import HoldRecord
+from credit_engine.engine.restore import restore_orgs
+from credit_engine.engine.results import Outcome
+from credit_engine.engine.runtime import Runtime
+from credit_engine.engine.scripts import ScriptRunner
+from credit_engine.engine.snapshots import OrgSnapshot
 from tests.conftest import connect_any, delete_prefix
 from tests.services import Services
 

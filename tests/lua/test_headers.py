@@ -5,8 +5,8 @@ from importlib import resources
 
 import pytest
 
-from engine.results import Outcome
-from engine.scripts import INCLUDE_PATTERN, load_scripts
+from credit_engine.engine.results import Outcome
+from credit_engine.engine.scripts import INCLUDE_PATTERN, load_scripts
 
 SCRIPTS = load_scripts()
 EXPECTED = {
@@ -17,7 +17,7 @@ EXPECTED = {
 
 
 def test_every_script_ships_in_the_lua_package() -> None:
-    shipped = {e.name for e in resources.files("lua").iterdir() if e.name.endswith(".lua")}
+    shipped = {e.name for e in resources.files("credit_engine.lua").iterdir() if e.name.endswith(".lua")}
     assert {f"{name}.lua" for name in EXPECTED} | {"_lib.lua"} == shipped
     assert set(SCRIPTS) == EXPECTED
 

@@ -5,13 +5,13 @@ from dataclasses import replace
 import pytest
 from redis.exceptions import ResponseError
 
-from engine import limits
-from engine.assets import deduct_asset
-from engine.errors import InvalidInput
-from engine.holds import CallEvent, check_call, commit_call, expire_call, release_call, reserve_call
-from engine.results import Outcome
-from engine.runtime import Runtime
-from engine.idempotency import client_ledger_key, credit_ledger_key, repay_ledger_key
+from credit_engine.engine import limits
+from credit_engine.engine.assets import deduct_asset
+from credit_engine.engine.errors import InvalidInput
+from credit_engine.engine.holds import CallEvent, check_call, commit_call, expire_call, release_call, reserve_call
+from credit_engine.engine.idempotency import client_ledger_key, credit_ledger_key, repay_ledger_key
+from credit_engine.engine.results import Outcome
+from credit_engine.engine.runtime import Runtime
 from tests.lua.conftest import outbox, seed_org
 
 
@@ -321,7 +321,7 @@ async def test_idempotency_records_expire_after_their_ttl(redis_rt: Runtime) -> 
 
 async def test_call_cost_rounding_matches_python_for_every_second_and_awkward_rates(redis_rt: Runtime) -> None:
     """Lua and Python (engine/amounts.py) round the same way, including every remainder mod 60."""
-    from engine.amounts import call_cost_pence
+    from credit_engine.engine.amounts import call_cost_pence
 
     for rate in (1, 7, 59, 61):
         org = await seed_org(redis_rt, 10**9, rate_pence_per_minute=rate)

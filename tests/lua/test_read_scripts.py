@@ -1,10 +1,10 @@
 """The read-only scripts (org_peek, org_read): one instant of one org, nothing changed."""
 
-from engine.assets import deduct_asset
-from engine.balances import peek_org, read_wallet
-from engine.holds import reserve_call
-from engine.results import Outcome
-from engine.runtime import Runtime
+from credit_engine.engine.assets import deduct_asset
+from credit_engine.engine.balances import peek_org, read_wallet
+from credit_engine.engine.holds import reserve_call
+from credit_engine.engine.results import Outcome
+from credit_engine.engine.runtime import Runtime
 from tests.lua.conftest import seed_org
 
 

@@ -9,10 +9,10 @@ has none asks, keeps what Vapi says (if it is one of Vapi's URLs), and ends the 
 
 import httpx
 
-from engine.killswitch import ControlUrls, run_round
-from engine.outbox import drain_org_fully
-from engine.restore import ensure_rebuilt
-from engine.runtime import Runtime
+from credit_engine.engine.killswitch import ControlUrls, run_round
+from credit_engine.engine.outbox import drain_org_fully
+from credit_engine.engine.restore import ensure_rebuilt
+from credit_engine.engine.runtime import Runtime
 from tests.conftest import delete_prefix
 from tests.fake_vapi_api import FakeVapiApi
 from tests.regressions.with_vapi_api import worker_rt  # noqa: F401 - a fixture

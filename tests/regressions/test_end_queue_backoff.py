@@ -5,10 +5,10 @@ attempt released it: the second attempt goes out at once, not after the backoff,
 
 import httpx
 
-from engine.clock import ManualClock
-from engine.end_queue import claim_unheld_call, due_unheld_calls, end_unheld_call
-from engine.killswitch import ControlUrls, run_round
-from engine.runtime import Runtime
+from credit_engine.engine.clock import ManualClock
+from credit_engine.engine.end_queue import claim_unheld_call, due_unheld_calls, end_unheld_call
+from credit_engine.engine.killswitch import ControlUrls, run_round
+from credit_engine.engine.runtime import Runtime
 from tests.fake_vapi import FakeVapi
 
 

@@ -6,11 +6,11 @@ import httpx
 import orjson
 import pytest
 
-import engine.end_queue
-from engine.clock import ManualClock
-from engine.end_queue import end_unheld_call
-from engine.killswitch import ControlUrls, KillSwitch
-from engine.runtime import Runtime
+from credit_engine.engine import end_queue
+from credit_engine.engine.clock import ManualClock
+from credit_engine.engine.end_queue import end_unheld_call
+from credit_engine.engine.killswitch import ControlUrls, KillSwitch
+from credit_engine.engine.runtime import Runtime
 from tests.fake_vapi import FakeVapi
 from tests.helpers import new_org
 
@@ -42,7 +42,7 @@ async def test_a_give_up_postgres_cannot_take_is_retried_in_a_tight_loop(
         tries += 1
         raise ConnectionRefusedError("postgres away")
 
-    monkeypatch.setattr(engine.end_queue, "alert_end_call_failed", postgres_away)
+    monkeypatch.setattr(end_queue, "alert_end_call_failed", postgres_away)
     kill_switch = KillSwitch(qrt, http, ControlUrls(qrt))
     pauses = []
     for _ in range(5):  # five rounds; the clock does not move

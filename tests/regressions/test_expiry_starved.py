@@ -3,12 +3,12 @@ outbox holds anything, and its candidates are the 500 earliest rows: an org whos
 empty when the cron looks keeps its stale rows 'live' for good, and 500 of them at the head of the
 queue stop every other org's holds from expiring (their credit stays held, their lines taken)."""
 
-from engine.clock import ManualClock
-from engine.expiry import expire_batch_size_max, expire_due_holds
-from engine.holds import reserve_call
-from engine.outbox import drain_org_fully
-from engine.results import Outcome
-from engine.runtime import Runtime
+from credit_engine.engine.clock import ManualClock
+from credit_engine.engine.expiry import expire_batch_size_max, expire_due_holds
+from credit_engine.engine.holds import reserve_call
+from credit_engine.engine.outbox import drain_org_fully
+from credit_engine.engine.results import Outcome
+from credit_engine.engine.runtime import Runtime
 from tests.helpers import new_org
 
 

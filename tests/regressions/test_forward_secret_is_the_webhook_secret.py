@@ -9,7 +9,7 @@ should refuse a forward secret equal to the webhook secret (or the HMAC secret).
 
 import pytest
 
-from engine.config import ConfigError, Settings
+from credit_engine.engine.config import ConfigError, Settings
 
 SECRET = "the-engines-own-vapi-webhook-secret-0123456789"
 

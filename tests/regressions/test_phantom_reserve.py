@@ -8,10 +8,10 @@ from typing import Any
 import asyncpg
 import pytest
 
-from engine.expiry import expire_due_holds
-from engine.holds import release_call
-from engine.outbox import drain_org_fully
-from engine.reconciler import check
+from credit_engine.engine.expiry import expire_due_holds
+from credit_engine.engine.holds import release_call
+from credit_engine.engine.outbox import drain_org_fully
+from credit_engine.engine.reconciler import check
 from tests.webapp import vapi_payloads as payloads
 from tests.webapp.test_kill_switch import END, World
 from tests.webapp.test_seed_scenarios import wallet

@@ -29,7 +29,7 @@ it through the call's control URL.
 import orjson
 from vapi.types import ServerMessageResponseAssistantRequest, ServerMessageResponseHandoffDestinationRequest
 
-from engine.call_server import WEBHOOK_PATH
+from credit_engine.engine.call_server import WEBHOOK_PATH
 from tests.fake_platform import FakePlatform, Reply
 from tests.webapp.conftest import Api
 from tests.webapp.test_forwarding import PUBLIC_URL, app_settings, eventually, platform  # noqa: F401

@@ -9,11 +9,11 @@ from typing import Any
 
 import pytest
 
-from engine.holds import release_call, reserve_call
-from engine.outbox import drain_org_fully
-from engine.reconciler import check
-from engine.results import Outcome
-from engine.runtime import Runtime
+from credit_engine.engine.holds import release_call, reserve_call
+from credit_engine.engine.outbox import drain_org_fully
+from credit_engine.engine.reconciler import check
+from credit_engine.engine.results import Outcome
+from credit_engine.engine.runtime import Runtime
 from tests.helpers import new_org
 
 

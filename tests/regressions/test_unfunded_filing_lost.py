@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
-import engine.killswitch
-from engine.holds import CallEvent, Unfunded, check_call, reserve_call
-from engine.results import Outcome
+from credit_engine.engine import killswitch
+from credit_engine.engine.holds import CallEvent, Unfunded, check_call, reserve_call
+from credit_engine.engine.results import Outcome
 from tests.webapp.test_kill_switch import END, World
 
 
@@ -22,7 +22,7 @@ async def test_an_unfunded_hold_taken_during_a_visit_is_not_ended_at_once(
     world.at(1)
     await world.rt.redis.zadd(world.rt.keys.kill_schedule(org_id), {org_id: world.clock.value_ms})  # e.g. the backstop
     await world.round()  # visited: next visit in kill_recheck_ms (30 s), the org's calls being far from depletion
-    real = engine.killswitch.reschedule
+    real = killswitch.reschedule
     taken = False
 
     async def reschedule_racing_a_first_sight(rt: Any, org: str, visit: Any) -> None:
@@ -39,7 +39,7 @@ async def test_an_unfunded_hold_taken_during_a_visit_is_not_ended_at_once(
             )
         await real(rt, org, visit)
 
-    monkeypatch.setattr(engine.killswitch, "reschedule", reschedule_racing_a_first_sight)
+    monkeypatch.setattr(killswitch, "reschedule", reschedule_racing_a_first_sight)
     world.at(40)
     await world.round()
     assert taken

@@ -6,9 +6,9 @@ from dataclasses import replace
 
 import pytest
 
-from engine.clock import ManualClock
-from engine.config import Settings
-from engine.runtime import Runtime
+from credit_engine.engine.clock import ManualClock
+from credit_engine.engine.config import Settings
+from credit_engine.engine.runtime import Runtime
 from tests.fake_vapi import FakeVapi
 from tests.fake_vapi_api import API_KEY, FakeVapiApi
 from tests.webapp.test_kill_switch import KILL_SETTINGS

@@ -9,9 +9,9 @@ from typing import Any
 import httpx
 import pytest
 
-from engine.clock import ManualClock
-from engine.config import Settings
-from webapp.app import create_app
+from credit_engine.engine.clock import ManualClock
+from credit_engine.engine.config import Settings
+from credit_engine.webapp.app import create_app
 
 ADMIN_TOKEN = "admin-" + "a" * 40
 WEBHOOK_SECRET = "vapi-secret-" + "b" * 40

@@ -8,10 +8,10 @@ from dataclasses import replace
 
 import pytest
 
-from engine.alerts import deliver_due
-from engine.config import Settings
-from engine.outbound import Outbound
-from engine.runtime import Runtime
+from credit_engine.engine.alerts import deliver_due
+from credit_engine.engine.config import Settings
+from credit_engine.engine.outbound import Outbound
+from credit_engine.engine.runtime import Runtime
 from tests.alert_receivers import ANSWER, SILENT, add_alerts, receiver
 from tests.webapp.conftest import ADMIN_TOKEN, WEBHOOK_SECRET, Api
 

@@ -4,7 +4,7 @@ import time
 
 import pytest
 
-from engine.runtime import Runtime
+from credit_engine.engine.runtime import Runtime
 from tests.webapp.conftest import Api
 from tests.webapp.test_seed_scenarios import ledger_kinds, wallet
 
@@ -227,7 +227,7 @@ async def test_inputs_that_once_made_a_500_are_4xx(api: Api) -> None:
         assert (answer.status_code, answer.json()["error"]["field"]) == (422, field)
     assert (await api.admin("DELETE", f"/api/admin/orgs/{org}/api-keys/key%00x")).status_code == 404
     # A top-up beyond the balance limit is refused and does not spend its key.
-    from engine import limits
+    from credit_engine.engine import limits
 
     for i in range(10):
         await api.admin("POST", f"/api/admin/orgs/{org}/topups", {"amount_pence": limits.amount_pence_max},

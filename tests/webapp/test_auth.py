@@ -6,8 +6,8 @@ import time
 
 import pytest
 
-from engine.api_keys import key_sha256
-from engine.runtime import Runtime
+from credit_engine.engine.api_keys import key_sha256
+from credit_engine.engine.runtime import Runtime
 from tests.webapp.conftest import ADMIN_TOKEN, WEBHOOK_SECRET, Api
 from tests.webapp.test_seed_scenarios import wallet
 from tests.webapp.vapi_payloads import assistant_request, call

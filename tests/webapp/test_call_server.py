@@ -10,8 +10,13 @@ import pydantic
 import pytest
 from vapi.types import AssistantOverrides, MonitorPlan, Server, ServerMessageResponseAssistantRequest
 
-from engine.call_server import ENGINE_SERVER_MESSAGES, VAPI_DEFAULT_SERVER_MESSAGES, WEBHOOK_PATH, admission_overrides
-from engine.config import ConfigError, Settings
+from credit_engine.engine.call_server import (
+    ENGINE_SERVER_MESSAGES,
+    VAPI_DEFAULT_SERVER_MESSAGES,
+    WEBHOOK_PATH,
+    admission_overrides,
+)
+from credit_engine.engine.config import ConfigError, Settings
 from tests.fake_vapi_api import check_request
 from tests.webapp.conftest import ADMIN_TOKEN, WEBHOOK_SECRET, Api
 from tests.webapp.vapi_payloads import assistant_request, call, end_of_call_report, status_update

@@ -12,18 +12,17 @@ import orjson
 import pytest
 from vapi.types import Call
 
-from engine.config import Settings
-from engine.holds import release_call
-from engine.idempotency import call_state_key
-from engine.outbox import drain_org_fully
-from engine.phone_numbers import forget_owner
+from credit_engine.engine.config import Settings
+from credit_engine.engine.holds import release_call
+from credit_engine.engine.idempotency import call_state_key
+from credit_engine.engine.outbox import drain_org_fully
+from credit_engine.engine.phone_numbers import forget_owner
+from credit_engine.webapp.vapi import SPOKEN_BUSY, SPOKEN_NO_CREDIT
 from tests.helpers import assert_books_agree
 from tests.webapp import vapi_payloads as payloads
 from tests.webapp.conftest import ADMIN_TOKEN, WEBHOOK_SECRET
-from tests.webapp.test_kill_switch import END, KILL_SETTINGS, RATE, World, fake, http, outbound, world, worker_rt  # noqa: F401
+from tests.webapp.test_kill_switch import END, KILL_SETTINGS, RATE, World, fake, http, outbound, worker_rt, world  # noqa: F401
 from tests.webapp.test_seed_scenarios import ledger_kinds, wallet
-from webapp.vapi import SPOKEN_BUSY, SPOKEN_NO_CREDIT
-
 
 # Bodies an adversarial review sent: each a 200 (Vapi) or a 4xx, never a 5xx.
 HOSTILE: list[dict[str, Any]] = [

@@ -21,17 +21,17 @@ from vapi.types import (
     ToolCallFunction,
 )
 
-from engine.call_server import WEBHOOK_PATH, workflows_answered
-from engine.config import Settings
-from engine.embedded import free_port
-from engine.runtime import Runtime
+from credit_engine.engine.call_server import WEBHOOK_PATH, workflows_answered
+from credit_engine.engine.config import Settings
+from credit_engine.engine.embedded import free_port
+from credit_engine.engine.runtime import Runtime
+from credit_engine.webapp.vapi import SPOKEN_TRY_LATER
 from tests.fake_platform import FakePlatform, Reply, fake_platform_server
 from tests.fake_vapi_api import API_KEY, FakeVapiApi
 from tests.helpers import engine_served
 from tests.webapp.conftest import ADMIN_TOKEN, WEBHOOK_SECRET, Api
 from tests.webapp.test_seed_scenarios import wallet
 from tests.webapp.vapi_payloads import assistant_request, call, encode, end_of_call_report, status_update
-from webapp.vapi import SPOKEN_TRY_LATER
 
 PUBLIC_URL = "https://credit.example.com"
 PLATFORM_SECRET = "platform-secret-" + "p" * 20

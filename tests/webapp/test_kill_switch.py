@@ -11,15 +11,15 @@ import httpx
 import pytest
 from vapi.types import Call
 
-from engine.alerts import deliver_due, org_signing_secret, outbound_for_alerts, verify
-from engine.clock import ManualClock
-from engine.config import Settings
-from engine.holds import CallEvent, check_call, commit_call, expire_call, reserve_call
-from engine.killswitch import ControlUrls, KillSwitch, RoundReport, run_round
-from engine.outbound import Outbound
-from engine.outbox import drain_org_fully
-from engine.results import Outcome
-from engine.runtime import Runtime
+from credit_engine.engine.alerts import deliver_due, org_signing_secret, outbound_for_alerts, verify
+from credit_engine.engine.clock import ManualClock
+from credit_engine.engine.config import Settings
+from credit_engine.engine.holds import CallEvent, check_call, commit_call, expire_call, reserve_call
+from credit_engine.engine.killswitch import ControlUrls, KillSwitch, RoundReport, run_round
+from credit_engine.engine.outbound import Outbound
+from credit_engine.engine.outbox import drain_org_fully
+from credit_engine.engine.results import Outcome
+from credit_engine.engine.runtime import Runtime
 from tests.fake_vapi import FakeVapi, fake_vapi_server
 from tests.helpers import new_org
 from tests.processes import wait_for
@@ -223,7 +223,7 @@ async def test_a_control_url_that_always_fails_is_given_up_flagged_and_alerted(w
 
 
 async def test_low_balance_alerts_once_per_crossing_signed_and_retried(world: World) -> None:
-    from engine.assets import deduct_asset
+    from credit_engine.engine.assets import deduct_asset
 
     rt = world.rt
     org_id, key, _ = await world.org(100, low_balance_threshold_pence=50,
@@ -292,7 +292,7 @@ async def test_expiry_racing_a_late_report_bills_exactly_once_the_true_cost(rt: 
 
 
 async def test_the_concurrency_limit_refuses_at_assistant_request_with_a_spoken_error(world: World) -> None:
-    from webapp.vapi import SPOKEN_BUSY
+    from credit_engine.webapp.vapi import SPOKEN_BUSY
 
     _, key, number = await world.org(10_000, max_concurrent_calls=1)
     await world.start_call(number, "one")

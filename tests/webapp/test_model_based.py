@@ -58,29 +58,29 @@ from vapi.types import (
     ServerMessageStatusUpdate,
 )
 
-from engine.alerts import deliver_due, outbound_for_alerts
-from engine.amounts import call_cost_pence
-from engine.balances import read_wallet
-from engine.clock import ManualClock
-from engine.config import Settings
-from engine.credits import apply_pending_credits
-from engine.expiry import expire_due_holds
-from engine.holds import live_holds
-from engine.killswitch import ControlUrls, run_round
-from engine.ledger import LedgerEntry
-from engine.outbound import Outbound
-from engine.outbox import drain_org_fully, parse_entry
-from engine.phone_numbers import forget_owner
-from engine.reconciler import check, repair
-from engine.restore import ensure_rebuilt
-from engine.runtime import Runtime
+from credit_engine.engine.alerts import deliver_due, outbound_for_alerts
+from credit_engine.engine.amounts import call_cost_pence
+from credit_engine.engine.balances import read_wallet
+from credit_engine.engine.clock import ManualClock
+from credit_engine.engine.config import Settings
+from credit_engine.engine.credits import apply_pending_credits
+from credit_engine.engine.expiry import expire_due_holds
+from credit_engine.engine.holds import live_holds
+from credit_engine.engine.killswitch import ControlUrls, run_round
+from credit_engine.engine.ledger import LedgerEntry
+from credit_engine.engine.outbound import Outbound
+from credit_engine.engine.outbox import drain_org_fully, parse_entry
+from credit_engine.engine.phone_numbers import forget_owner
+from credit_engine.engine.reconciler import check, repair
+from credit_engine.engine.restore import ensure_rebuilt
+from credit_engine.engine.runtime import Runtime
+from credit_engine.webapp.app import create_app
 from tests.conftest import delete_prefix
 from tests.fake_vapi import FakeVapi, fake_vapi_server
 from tests.fake_vapi_api import API_KEY as VAPI_API_KEY
 from tests.fake_vapi_api import fake_vapi_api_server
 from tests.webapp.conftest import ADMIN_TOKEN, WEBHOOK_SECRET
 from tests.webapp.vapi_payloads import encode
-from webapp.app import create_app
 
 ORGS = ("a", "b")
 CALLS = tuple(f"c{i}" for i in range(6))

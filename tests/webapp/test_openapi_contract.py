@@ -20,15 +20,15 @@ import schemathesis
 from schemathesis.core.failures import Failure, FailureGroup
 from schemathesis.specs.openapi.schemas import OpenApiSchema
 
-from engine.config import Settings
-from engine.idempotency import call_state_key
-from engine.outbox import drain_org_fully
-from engine.runtime import Runtime
+from credit_engine.engine.config import Settings
+from credit_engine.engine.idempotency import call_state_key
+from credit_engine.engine.outbox import drain_org_fully
+from credit_engine.engine.runtime import Runtime
+from credit_engine.webapp.app import ROUTES
+from credit_engine.webapp.openapi import SCHEMAS, openapi_document
 from tests.alert_receivers import add_alerts
 from tests.webapp.conftest import ADMIN_TOKEN, Api
 from tests.webapp.vapi_payloads import assistant_request, call, end_of_call_report, status_update
-from webapp.app import ROUTES
-from webapp.openapi import SCHEMAS, openapi_document
 
 # The one response object left open, on purpose: Vapi's reply, which for a platform's messages is
 # the platform's own answer relayed (webapp/openapi.py says why).

@@ -6,16 +6,16 @@ import dataclasses
 
 import pytest
 
-from engine import limits
-from engine.org_profiles import REFUSAL_DEFAULTS, Refusal
-from engine.org_settings import REFUSAL_SETTINGS, OrgSettings
-from engine.phone_numbers import forget_owner
-from engine.runtime import Runtime
+from credit_engine.engine import limits
+from credit_engine.engine.org_profiles import REFUSAL_DEFAULTS, Refusal
+from credit_engine.engine.org_settings import REFUSAL_SETTINGS, OrgSettings
+from credit_engine.engine.phone_numbers import forget_owner
+from credit_engine.engine.runtime import Runtime
+from credit_engine.webapp.vapi import SPOKEN_BUSY, SPOKEN_NO_CREDIT, SPOKEN_NOT_SET_UP, SPOKEN_TRY_LATER
 from tests.webapp.conftest import Api
 from tests.webapp.test_alerts_api import INTERNAL_URLS
 from tests.webapp.test_seed_scenarios import wallet
 from tests.webapp.vapi_payloads import assistant_request, call
-from webapp.vapi import SPOKEN_BUSY, SPOKEN_NO_CREDIT, SPOKEN_NOT_SET_UP, SPOKEN_TRY_LATER
 
 OWN = {
     "refusal_no_credit": "Acme here: your prepaid minutes have run out. Top up at acme.example and call back.",
@@ -129,10 +129,10 @@ async def test_a_forward_url_to_an_internal_address_is_refused_and_a_public_one_
 async def test_every_org_setting_is_declared_wherever_a_setting_must_be(api: Api) -> None:
     """OrgSettings is the table; the admin JSON, the OpenAPI schemas, the CLI, the snapshot SQL and
     the shipped schema each name every setting (and the CLI's --unset list is the nullable ones)."""
-    from engine import cli
-    from engine.schema import expected
-    from engine.snapshots import ORGS_SQL
-    from webapp.openapi import SCHEMAS, SETTINGS_PROPERTIES
+    from credit_engine import commands as cli
+    from credit_engine.engine.schema import expected
+    from credit_engine.engine.snapshots import ORGS_SQL
+    from credit_engine.webapp.openapi import SCHEMAS, SETTINGS_PROPERTIES
 
     names = set(OrgSettings.names())
     assert {"forward_url", *REFUSAL_SETTINGS} <= names

@@ -7,7 +7,7 @@ from dataclasses import replace
 
 import pytest
 
-from engine.config import Settings
+from credit_engine.engine.config import Settings
 from tests.fake_vapi_api import API_KEY, FakeVapiApi
 from tests.webapp.conftest import ADMIN_TOKEN, WEBHOOK_SECRET, Api
 from tests.webapp.test_seed_scenarios import wallet

@@ -1,14 +1,14 @@
 """The seed's ten end-to-end scenarios (prepaid-billing-e2e.test.ts), over HTTP against real Redis
 and Postgres, with Vapi payloads built from Vapi's SDK types."""
 
-from engine.clock import ManualClock
-from engine.outbox import drain_org_fully
+from credit_engine.engine.clock import ManualClock
+from credit_engine.engine.outbox import drain_org_fully
 from tests.webapp.conftest import Api
 from tests.webapp.vapi_payloads import assistant_request, call, end_of_call_report, status_update
 
 
 async def ledger_kinds(api: Api, org_id: str) -> list[tuple[str, int]]:
-    from engine.runtime import Runtime
+    from credit_engine.engine.runtime import Runtime
 
     rt = await Runtime.open(api.settings)
     try:

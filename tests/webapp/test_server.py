@@ -13,8 +13,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from engine.config import Settings
-from engine.embedded import free_port
+from credit_engine.engine import processes
+from credit_engine.engine.config import Settings
+from credit_engine.engine.embedded import free_port
 from tests.processes import deployment_ready, service_env, start_worker, stop, wait_for
 from tests.webapp.conftest import ADMIN_TOKEN, WEBHOOK_SECRET
 from tests.webapp.vapi_payloads import assistant_request, call, end_of_call_report, status_update
@@ -36,7 +37,7 @@ def server(server_settings: Settings, tmp_path: Path) -> Iterator[Server]:
     port = free_port()
     env = service_env(server_settings, CREDIT_ENGINE_ADMIN_TOKEN=ADMIN_TOKEN, VAPI_WEBHOOK_SECRET=WEBHOOK_SECRET)
     with open(tmp_path / "web.log", "ab") as log:
-        web = subprocess.Popen([sys.executable, "-m", "engine.cli", "serve", "--port", str(port)], env=env, stdout=log,
+        web = subprocess.Popen(processes.cli("serve", "--port", str(port)), env=env, stdout=log,
                                stderr=subprocess.STDOUT)  # fmt: skip
     worker = start_worker(server_settings, tmp_path / "worker.log")
     try:

@@ -6,14 +6,14 @@ from dataclasses import replace
 
 import pytest
 
-from engine.clock import RedisClock
-from engine.config import Settings
-from engine.embedded import free_port
-from engine.keys import Keyspace
-from engine.runtime import Runtime, redis_client
-from engine.scripts import ScriptRunner
-from webapp import state
-from webapp.state import StateGuard
+from credit_engine.engine.clock import RedisClock
+from credit_engine.engine.config import Settings
+from credit_engine.engine.embedded import free_port
+from credit_engine.engine.keys import Keyspace
+from credit_engine.engine.runtime import Runtime, redis_client
+from credit_engine.engine.scripts import ScriptRunner
+from credit_engine.webapp import state
+from credit_engine.webapp.state import StateGuard
 
 
 @pytest.mark.parametrize("cluster", [False, True], ids=["redis", "redis-cluster"])

@@ -5,11 +5,11 @@ import asyncio
 import pytest
 from vapi.types import Analysis, Artifact, ServerMessageEndOfCallReport
 
-from engine.clock import ManualClock
+from credit_engine.engine.clock import ManualClock
+from credit_engine.webapp.vapi import SPOKEN_BUSY, SPOKEN_NO_CREDIT, SPOKEN_NOT_SET_UP
 from tests.webapp.conftest import Api
 from tests.webapp.test_seed_scenarios import ledger_kinds, wallet
 from tests.webapp.vapi_payloads import T0, assistant_request, call, encode, end_of_call_report, status_update
-from webapp.vapi import SPOKEN_BUSY, SPOKEN_NO_CREDIT, SPOKEN_NOT_SET_UP
 
 
 async def test_assistant_request_refused_with_a_spoken_error_when_credit_is_short(api: Api) -> None:
@@ -103,7 +103,7 @@ async def test_vapis_cost_is_stored_not_billed(api: Api) -> None:
     org, _ = await api.new_org(1000)
     number = await api.register_number(org)
     await api.vapi(end_of_call_report(call("c1", phone_number_id=number), 60, cost_usd=9.99))
-    from engine.runtime import Runtime
+    from credit_engine.engine.runtime import Runtime
 
     rt = await Runtime.open(api.settings)
     try:
@@ -156,7 +156,7 @@ async def test_a_stuck_assistant_request_is_refused_aloud_within_the_budget(
 ) -> None:
     import time
 
-    import webapp.vapi
+    from credit_engine.webapp import vapi as vapi_module
 
     org, _ = await api.new_org(1000)
     number = await api.register_number(org)
@@ -164,11 +164,11 @@ async def test_a_stuck_assistant_request_is_refused_aloud_within_the_budget(
     async def stuck(*args: object, **kwargs: object) -> None:
         await asyncio.sleep(60)
 
-    monkeypatch.setattr(webapp.vapi, "assistant_request_budget_s", 0.5)
-    monkeypatch.setattr(webapp.vapi, "reserve_call", stuck)
+    monkeypatch.setattr(vapi_module, "assistant_request_budget_s", 0.5)
+    monkeypatch.setattr(vapi_module, "reserve_call", stuck)
     started = time.monotonic()
     answer = await api.vapi(assistant_request(call("c1", phone_number_id=number)))
-    assert (answer.status_code, answer.json()) == (200, {"error": webapp.vapi.SPOKEN_TRY_LATER})
+    assert (answer.status_code, answer.json()) == (200, {"error": vapi_module.SPOKEN_TRY_LATER})
     assert time.monotonic() - started < 2
 
 
@@ -215,21 +215,21 @@ async def test_a_status_check_naming_an_org_that_does_not_exist_is_an_unknown_ca
 async def test_a_refused_assistant_request_does_not_leave_its_hold_behind(
     api: Api, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import webapp.vapi
+    from credit_engine.webapp import vapi as vapi_module
 
     org, key = await api.new_org(1000)
     number = await api.register_number(org)
-    real_reserve = webapp.vapi.reserve_call
+    real_reserve = vapi_module.reserve_call
 
     async def slow_after_reserving(*args: object, **kwargs: object) -> object:
         result = await real_reserve(*args, **kwargs)  # type: ignore[arg-type]
         await asyncio.sleep(60)  # the hold is taken, then the deadline passes
         return result
 
-    monkeypatch.setattr(webapp.vapi, "assistant_request_budget_s", 0.3)
-    monkeypatch.setattr(webapp.vapi, "reserve_call", slow_after_reserving)
+    monkeypatch.setattr(vapi_module, "assistant_request_budget_s", 0.3)
+    monkeypatch.setattr(vapi_module, "reserve_call", slow_after_reserving)
     answer = await api.vapi(assistant_request(call("c1", phone_number_id=number)))
-    assert answer.json() == {"error": webapp.vapi.SPOKEN_TRY_LATER}
+    assert answer.json() == {"error": vapi_module.SPOKEN_TRY_LATER}
     for _ in range(100):
         if (await wallet(api, key))["held_pence"] == 0:
             break

@@ -4,7 +4,6 @@ exactly what Vapi sends: field names, nesting and formats come from Vapi's schem
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from engine.clock import ManualClock
 from vapi.types import (
     Analysis,
     Artifact,
@@ -16,6 +15,8 @@ from vapi.types import (
     ServerMessageEndOfCallReport,
     ServerMessageStatusUpdate,
 )
+
+from credit_engine.engine.clock import ManualClock
 
 # Calls are created when a ManualClock starts (engine/clock.py): a message replayed after the clock
 # has moved on carries the call's original createdAt, as Vapi's would.

@@ -3,7 +3,7 @@ from collections.abc import AsyncIterator
 import pytest
 from redis.asyncio import Redis
 
-from engine.config import Settings
+from credit_engine.engine.config import Settings
 
 
 @pytest.fixture(autouse=True)

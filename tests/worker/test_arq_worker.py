@@ -6,7 +6,7 @@ from pathlib import Path
 
 import arq
 
-from worker.arq_worker import ARQ_SOURCES, ARQ_VERSION, CreditEngineWorker, arq_source_fingerprint
+from credit_engine.worker.arq_worker import ARQ_SOURCES, ARQ_VERSION, CreditEngineWorker, arq_source_fingerprint
 
 
 def test_arq_is_the_exact_release_the_override_was_written_against() -> None:

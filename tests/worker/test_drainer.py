@@ -2,13 +2,13 @@
 
 import pytest
 
-from engine.assets import deduct_asset
-from engine.holds import reserve_call
-from engine.outbox import drain_orgs
-from engine.runtime import Runtime
+from credit_engine.engine.assets import deduct_asset
+from credit_engine.engine.holds import reserve_call
+from credit_engine.engine.outbox import drain_orgs
+from credit_engine.engine.runtime import Runtime
+from credit_engine.worker.drainer import Drainer
 from tests.helpers import new_org
 from tests.lua.conftest import seed_org
-from worker.drainer import Drainer
 
 
 async def ledger_count(rt: Runtime, org_id: str) -> int:
@@ -30,7 +30,7 @@ async def test_a_round_drains_the_rung_orgs_in_one_batch(rt: Runtime) -> None:
 async def test_an_org_with_more_than_a_batch_is_rung_again_until_empty(rt: Runtime) -> None:
     import asyncio
 
-    from engine import limits
+    from credit_engine.engine import limits
 
     entries = 2 * limits.settle_batch_size_max + 100
     org = await new_org(rt, 10 * entries)
@@ -73,7 +73,7 @@ async def test_an_org_whose_entries_cannot_be_written_does_not_block_the_others(
 
 
 async def test_an_entry_the_ledger_refuses_is_kept_aside_and_the_rest_of_its_org_flows(rt: Runtime) -> None:
-    from engine.reconciler import check, repair
+    from credit_engine.engine.reconciler import check, repair
 
     org = await new_org(rt, 1000)
     await deduct_asset(rt, org, "before", 10)
@@ -101,7 +101,7 @@ async def test_an_entry_the_ledger_refuses_is_kept_aside_and_the_rest_of_its_org
 async def test_the_drain_loop_survives_an_unexpected_error(rt: Runtime, monkeypatch: pytest.MonkeyPatch) -> None:
     import asyncio
 
-    import worker.drainer as drainer_module
+    import credit_engine.worker.drainer as drainer_module
 
     org = await new_org(rt, 1000)
     await deduct_asset(rt, org, "a", 10)
@@ -129,7 +129,7 @@ async def test_the_drain_loop_survives_an_unexpected_error(rt: Runtime, monkeypa
 
 
 async def test_hints_an_earlier_release_kept_in_one_key_are_moved_into_the_shards(rt: Runtime) -> None:
-    from engine.doorbell import adopt_unsharded_hints, pop_rung
+    from credit_engine.engine.doorbell import adopt_unsharded_hints, pop_rung
 
     orgs = [await new_org(rt, 1000) for _ in range(20)]
     for org in orgs:

@@ -11,17 +11,17 @@ from pathlib import Path
 import httpx
 import pytest
 
-from engine.assets import deduct_asset
-from engine.balances import read_wallet
-from engine.call_index import CallIndex
-from engine.clock import ManualClock, RedisClock
-from engine.config import Settings
-from engine.embedded import free_port
-from engine.holds import CallEvent, check_call, commit_call, reserve_call
-from engine.reconciler import check
-from engine.restore import state_present
-from engine.results import Outcome
-from engine.runtime import Runtime
+from credit_engine.engine.assets import deduct_asset
+from credit_engine.engine.balances import read_wallet
+from credit_engine.engine.call_index import CallIndex
+from credit_engine.engine.clock import ManualClock, RedisClock
+from credit_engine.engine.config import Settings
+from credit_engine.engine.embedded import free_port
+from credit_engine.engine.holds import CallEvent, check_call, commit_call, reserve_call
+from credit_engine.engine.reconciler import check
+from credit_engine.engine.restore import state_present
+from credit_engine.engine.results import Outcome
+from credit_engine.engine.runtime import Runtime
 from tests.conftest import delete_prefix
 from tests.fake_vapi import FakeVapi, fake_vapi_server
 from tests.helpers import new_org

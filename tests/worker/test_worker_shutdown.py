@@ -9,8 +9,8 @@ from arq import create_pool
 from arq.connections import RedisSettings
 from arq.worker import Worker, func
 
-from engine.config import Settings
-from worker.arq_worker import CreditEngineWorker
+from credit_engine.engine.config import Settings
+from credit_engine.worker.arq_worker import CreditEngineWorker
 
 
 async def noop(ctx: dict[str, Any]) -> str:

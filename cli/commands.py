@@ -25,8 +25,8 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
-from engine.config import ConfigError, Settings
-from engine.logs import configure_logging
+from credit_engine.engine.config import ConfigError, Settings
+from credit_engine.engine.logs import configure_logging
 
 EXIT_OK = 0
 EXIT_DRIFT = 1
@@ -40,7 +40,7 @@ UNSETTABLE = ("min_start_pence", "low_balance_threshold_pence", "alert_webhook_u
 def _connected(settings: Settings) -> Settings:
     if settings.redis_url and settings.database_url:
         return settings
-    from engine.services_file import read_services
+    from credit_engine.engine.services_file import read_services
 
     services = read_services(settings.data_dir)
     if services is None:
@@ -56,7 +56,7 @@ def _connected(settings: Settings) -> Settings:
 
 
 def _with_runtime(settings: Settings, action: Callable[[Any], Awaitable[int]]) -> int:
-    from engine.runtime import Runtime
+    from credit_engine.engine.runtime import Runtime
 
     async def main() -> int:
         rt = await Runtime.open(_connected(settings))
@@ -69,7 +69,7 @@ def _with_runtime(settings: Settings, action: Callable[[Any], Awaitable[int]]) -
 
 
 def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
-    from engine.up import run_up
+    from credit_engine.engine.up import run_up
 
     return run_up(settings, args.host, args.port)
 
@@ -77,7 +77,7 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     import uvicorn
 
-    from webapp.app import create_app
+    from credit_engine.webapp.app import create_app
 
     settings = _connected(settings)
     uvicorn.run(
@@ -94,14 +94,14 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
-    from worker.main import run_worker
+    from credit_engine.worker.main import run_worker
 
     run_worker(_connected(settings))
     return EXIT_OK
 
 
 def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
-    from engine.migrate import upgrade_to_head
+    from credit_engine.engine.migrate import upgrade_to_head
 
     settings = _connected(settings)
     assert settings.database_url is not None
@@ -111,8 +111,8 @@ def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_reconcile(args: argparse.Namespace, settings: Settings) -> int:
-    from engine.progress import ProgressLine
-    from engine.reconciler import check, repair
+    from credit_engine.engine.progress import ProgressLine
+    from credit_engine.engine.reconciler import check, repair
 
     async def action(rt: Any) -> int:
         orgs = args.org or None
@@ -148,8 +148,8 @@ def cmd_reconcile(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _settings_from_args(args: argparse.Namespace) -> dict[str, Any]:
-    from engine.errors import InvalidInput
-    from engine.org_settings import OrgSettings
+    from credit_engine.engine.errors import InvalidInput
+    from credit_engine.engine.org_settings import OrgSettings
 
     values = {name: getattr(args, name) for name in OrgSettings.names() if getattr(args, name, None) is not None}
     for name in getattr(args, "unset", None) or ():  # back to the default
@@ -160,10 +160,10 @@ def _settings_from_args(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_orgs(args: argparse.Namespace, settings: Settings) -> int:
-    from engine.balances import read_wallet
-    from engine.errors import InvalidInput, OrgExists, OrgNotFound
-    from engine.org_settings import OrgSettings
-    from engine.orgs import create_org, get_org, update_org
+    from credit_engine.engine.balances import read_wallet
+    from credit_engine.engine.errors import InvalidInput, OrgExists, OrgNotFound
+    from credit_engine.engine.org_settings import OrgSettings
+    from credit_engine.engine.orgs import create_org, get_org, update_org
 
     async def action(rt: Any) -> int:
         try:
@@ -189,9 +189,9 @@ def cmd_orgs(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_topup(args: argparse.Namespace, settings: Settings) -> int:
-    from engine.credits import credit
-    from engine.errors import InvalidInput, OrgNotFound
-    from engine.results import Outcome
+    from credit_engine.engine.credits import credit
+    from credit_engine.engine.errors import InvalidInput, OrgNotFound
+    from credit_engine.engine.results import Outcome
 
     async def action(rt: Any) -> int:
         key = args.idempotency_key or f"cli-{secrets.token_hex(8)}"
@@ -219,13 +219,13 @@ def cmd_loadtest(args: argparse.Namespace, settings: Settings) -> int:
     except ImportError:
         print('locust is not installed: pip install ".[load]"', file=sys.stderr)
         return EXIT_USAGE
-    from loadtest.runner import main as loadtest_main
+    from credit_engine.loadtest.runner import main as loadtest_main
 
     return loadtest_main(args.loadtest_args)
 
 
 def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
-    from loadtest.bench import main as bench_main
+    from credit_engine.loadtest.bench import main as bench_main
 
     return bench_main(args.bench_args)
 
@@ -346,7 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_verify(args: argparse.Namespace, settings: Settings) -> int:
-    from engine.verify import verify
+    from credit_engine.engine.verify import verify
 
     result = asyncio.run(verify(_connected(settings), sample_size=args.sample))
     print(json.dumps(result.as_json(), indent=2) if args.json else result.table())
@@ -356,7 +356,7 @@ def cmd_verify(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     import time
 
-    from engine.status import as_json, deployment_status, org_status, render_deployment, render_org
+    from credit_engine.engine.status import as_json, deployment_status, org_status, render_deployment, render_org
 
     async def action(rt: Any) -> int:
         stop = asyncio.Event()
@@ -401,7 +401,7 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
 def _webhook_secret_of_up(settings: Settings) -> Settings:
     """The webhook secret a `credit-engine up` generated (<data-dir>/secrets.env), when the
     environment has none: the numbers must carry the secret the running engine checks."""
-    from engine.services_file import read_secrets
+    from credit_engine.engine.services_file import read_secrets
 
     if settings.vapi_webhook_secret is not None:
         return settings
@@ -410,12 +410,12 @@ def _webhook_secret_of_up(settings: Settings) -> Settings:
 
 
 def cmd_vapi(args: argparse.Namespace, settings: Settings) -> int:
-    from engine.call_server import engine_server
-    from engine.errors import InvalidInput, OrgNotFound
-    from engine.progress import ProgressLine
-    from engine.vapi_account import VapiAccount, VapiError
-    from engine.vapi_check import check_account
-    from engine.vapi_setup import connect_numbers, import_numbers
+    from credit_engine.engine.call_server import engine_server
+    from credit_engine.engine.errors import InvalidInput, OrgNotFound
+    from credit_engine.engine.progress import ProgressLine
+    from credit_engine.engine.vapi_account import VapiAccount, VapiError
+    from credit_engine.engine.vapi_check import check_account
+    from credit_engine.engine.vapi_setup import connect_numbers, import_numbers
 
     if settings.vapi_api_key is None:
         print("error: VAPI_API_KEY is not set: the Vapi account's private API key (Vapi dashboard, API Keys)",

@@ -33,8 +33,17 @@ EXIT_DRIFT = 1
 EXIT_FAILED = 1  # a check crossed, or an operation failed for some item (the others were done)
 EXIT_USAGE = 2
 # The org settings whose default is "not set" (kept here, not imported: the CLI starts without the engine).
-UNSETTABLE = ("min_start_pence", "low_balance_threshold_pence", "alert_webhook_url", "max_concurrent_calls",
-              "forward_url", "refusal_no_credit", "refusal_busy", "refusal_not_set_up", "refusal_try_later")  # fmt: skip
+UNSETTABLE = (
+    "min_start_pence",
+    "low_balance_threshold_pence",
+    "alert_webhook_url",
+    "max_concurrent_calls",
+    "forward_url",
+    "refusal_no_credit",
+    "refusal_busy",
+    "refusal_not_set_up",
+    "refusal_try_later",
+)
 
 
 def _connected(settings: Settings) -> Settings:
@@ -129,8 +138,16 @@ def cmd_reconcile(args: argparse.Namespace, settings: Settings) -> int:
             return EXIT_OK if after.clean and not report.failed else EXIT_DRIFT
         result = await check(rt, orgs, ProgressLine("reconcile"))
         if args.json:
-            print(json.dumps({"orgs_checked": result.orgs_checked, "drifted": [asdict(d) for d in result.drifted],
-                              "busy": result.busy, "seconds": round(result.seconds, 3)}))  # fmt: skip
+            print(
+                json.dumps(
+                    {
+                        "orgs_checked": result.orgs_checked,
+                        "drifted": [asdict(d) for d in result.drifted],
+                        "busy": result.busy,
+                        "seconds": round(result.seconds, 3),
+                    }
+                )
+            )
         else:
             for drift in result.drifted:
                 print(f"DRIFT {drift.org_id}")
@@ -181,8 +198,17 @@ def cmd_orgs(args: argparse.Namespace, settings: Settings) -> int:
             print(f"error: {error}", file=sys.stderr)
             return EXIT_USAGE
         wallet = await read_wallet(rt, org.org_id)
-        print(json.dumps({"org_id": org.org_id, "name": org.name, "settings": asdict(org.settings),
-                          "wallet": asdict(wallet) if wallet else None}, indent=2))  # fmt: skip
+        print(
+            json.dumps(
+                {
+                    "org_id": org.org_id,
+                    "name": org.name,
+                    "settings": asdict(org.settings),
+                    "wallet": asdict(wallet) if wallet else None,
+                },
+                indent=2,
+            )
+        )
         return EXIT_OK
 
     return _with_runtime(settings, action)
@@ -204,10 +230,19 @@ def cmd_topup(args: argparse.Namespace, settings: Settings) -> int:
             print(f"error: idempotency key {key!r} was used for {result.amount_pence} pence", file=sys.stderr)
             return EXIT_USAGE
         money = result.money
-        print(json.dumps({"outcome": result.outcome.name, "transaction_id": result.entry_id,
-                          "idempotency_key": key, "applied_in_redis": result.applied,
-                          "balance_pence": money.balance_pence if money else None,
-                          "available_pence": money.available_pence if money else None}, indent=2))  # fmt: skip
+        print(
+            json.dumps(
+                {
+                    "outcome": result.outcome.name,
+                    "transaction_id": result.entry_id,
+                    "idempotency_key": key,
+                    "applied_in_redis": result.applied,
+                    "balance_pence": money.balance_pence if money else None,
+                    "available_pence": money.available_pence if money else None,
+                },
+                indent=2,
+            )
+        )
         return EXIT_OK
 
     return _with_runtime(settings, action)
@@ -231,8 +266,9 @@ def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _add_org_settings(parser: argparse.ArgumentParser, rate_required: bool) -> None:
-    parser.add_argument("--rate", dest="rate_pence_per_minute", type=int, required=rate_required,
-                        help="call rate in pence per minute")  # fmt: skip
+    parser.add_argument(
+        "--rate", dest="rate_pence_per_minute", type=int, required=rate_required, help="call rate in pence per minute"
+    )
     parser.add_argument("--overdraft", dest="overdraft_pence", type=int)
     parser.add_argument("--min-start", dest="min_start_pence", type=int)
     parser.add_argument("--hold-block-minutes", dest="hold_block_minutes", type=int)
@@ -243,7 +279,9 @@ def _add_org_settings(parser: argparse.ArgumentParser, rate_required: bool) -> N
     parser.add_argument("--forward-url", dest="forward_url", help="the platform's own server (public addresses only)")
     parser.add_argument("--refusal-no-credit", dest="refusal_no_credit", help="spoken when credit is short")
     parser.add_argument("--refusal-busy", dest="refusal_busy", help="spoken at max_concurrent_calls")
-    parser.add_argument("--refusal-not-set-up", dest="refusal_not_set_up", help="spoken when the number cannot take calls")
+    parser.add_argument(
+        "--refusal-not-set-up", dest="refusal_not_set_up", help="spoken when the number cannot take calls"
+    )
     parser.add_argument("--refusal-try-later", dest="refusal_try_later", help="spoken for any other refusal")
 
 
@@ -300,11 +338,18 @@ def build_parser() -> argparse.ArgumentParser:
     update.add_argument("org_id")
     update.add_argument("--name")
     _add_org_settings(update, rate_required=False)
-    update.add_argument("--unset", action="append", choices=UNSETTABLE, metavar="SETTING",
-                        help=f"back to its default (repeatable): {', '.join(UNSETTABLE)}")  # fmt: skip
+    update.add_argument(
+        "--unset",
+        action="append",
+        choices=UNSETTABLE,
+        metavar="SETTING",
+        help=f"back to its default (repeatable): {', '.join(UNSETTABLE)}",
+    )
     orgs.set_defaults(handler=cmd_orgs)
 
-    loadtest = commands.add_parser("loadtest", help="the seed's load scenarios with locust (see --help)", add_help=False)
+    loadtest = commands.add_parser(
+        "loadtest", help="the seed's load scenarios with locust (see --help)", add_help=False
+    )
     loadtest.add_argument("loadtest_args", nargs=argparse.REMAINDER)
     loadtest.set_defaults(handler=cmd_loadtest)
     bench = commands.add_parser("bench", help="benchmarks, side by side, in one run (see --help)", add_help=False)
@@ -319,7 +364,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     verify = commands.add_parser("verify", help="check a deployment (exit 1 on any failed check)")
     verify.add_argument("--json", action="store_true", help="machine-readable report")
-    verify.add_argument("--sample", type=int, default=50, help="orgs to compare between Redis and Postgres (default 50)")
+    verify.add_argument(
+        "--sample", type=int, default=50, help="orgs to compare between Redis and Postgres (default 50)"
+    )
     verify.set_defaults(handler=cmd_verify)
 
     status = commands.add_parser("status", help="balances, live calls, ledger lag and worker health")
@@ -418,19 +465,27 @@ def cmd_vapi(args: argparse.Namespace, settings: Settings) -> int:
     from credit_engine.engine.vapi_setup import connect_numbers, import_numbers
 
     if settings.vapi_api_key is None:
-        print("error: VAPI_API_KEY is not set: the Vapi account's private API key (Vapi dashboard, API Keys)",
-              file=sys.stderr)  # fmt: skip
+        print(
+            "error: VAPI_API_KEY is not set: the Vapi account's private API key (Vapi dashboard, API Keys)",
+            file=sys.stderr,
+        )
         return EXIT_USAGE
     settings = _webhook_secret_of_up(settings)
     desired = engine_server(settings)
     if args.vapi_command == "connect":
         if desired is None:
-            print("error: CREDIT_ENGINE_PUBLIC_URL is not set: it is where Vapi reaches this engine "
-                  "(https://credit.example.com), and the numbers' server is <it>/api/vapi/webhook", file=sys.stderr)  # fmt: skip
+            print(
+                "error: CREDIT_ENGINE_PUBLIC_URL is not set: it is where Vapi reaches this engine "
+                "(https://credit.example.com), and the numbers' server is <it>/api/vapi/webhook",
+                file=sys.stderr,
+            )
             return EXIT_USAGE
         if "credentialId" not in desired and "headers" not in desired:
-            print("error: neither CREDIT_ENGINE_VAPI_CREDENTIAL_ID nor VAPI_WEBHOOK_SECRET is set: nothing would "
-                  "authenticate Vapi's messages to the engine", file=sys.stderr)  # fmt: skip
+            print(
+                "error: neither CREDIT_ENGINE_VAPI_CREDENTIAL_ID nor VAPI_WEBHOOK_SECRET is set: nothing would "
+                "authenticate Vapi's messages to the engine",
+                file=sys.stderr,
+            )
             return EXIT_USAGE
 
     def on_page(pages: int, count: int) -> None:
@@ -438,16 +493,18 @@ def cmd_vapi(args: argparse.Namespace, settings: Settings) -> int:
             print(f"listing the Vapi account's numbers: {count} after {pages} pages", file=sys.stderr, flush=True)
 
     async def action(rt: Any) -> int:
-        async with VapiAccount(settings.vapi_api_key or "", settings.vapi_base_url,
-                               redacted=(settings.vapi_webhook_secret,)) as account:  # fmt: skip
+        async with VapiAccount(
+            settings.vapi_api_key or "", settings.vapi_base_url, redacted=(settings.vapi_webhook_secret,)
+        ) as account:
             try:
                 if args.vapi_command == "import":
                     report: Any = await import_numbers(rt, account, args.org, on_page=on_page)
                 elif args.vapi_command == "connect":
                     assert desired is not None
                     progress = ProgressLine("connect", sys.stderr, unit="numbers", flagged="failed")
-                    report = await connect_numbers(rt, account, desired, org_id=args.org, dry_run=args.dry_run,
-                                                   progress=progress, on_page=on_page)  # fmt: skip
+                    report = await connect_numbers(
+                        rt, account, desired, org_id=args.org, dry_run=args.dry_run, progress=progress, on_page=on_page
+                    )
                 else:
                     report = await check_account(rt, account, settings)
             except OrgNotFound as error:

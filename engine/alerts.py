@@ -163,14 +163,31 @@ async def deliver_one(
     error = answer.failure.value if answer.failure is not None else f"HTTP {answer.status}"
     assert last_error_public(error) == error
     if answer.failure == Failure.refused or row["attempts"] >= rt.settings.alert_attempts_max:
-        await rt.pg.execute("UPDATE alert_events SET status = 'failed', last_error = $2 WHERE id = $1", row["id"], error)
-        log.error("alert %s (%s) to org %s failed after %d attempts, last: %s; given up", row["id"], row["kind"],
-                  row["org_id"], row["attempts"], answer.detail)  # fmt: skip
+        await rt.pg.execute(
+            "UPDATE alert_events SET status = 'failed', last_error = $2 WHERE id = $1", row["id"], error
+        )
+        log.error(
+            "alert %s (%s) to org %s failed after %d attempts, last: %s; given up",
+            row["id"],
+            row["kind"],
+            row["org_id"],
+            row["attempts"],
+            answer.detail,
+        )
         return "refused" if answer.failure == Failure.refused else "failed"
     backoff_s = rt.settings.alert_backoff_base_ms / 1000 * 2 ** (row["attempts"] - 1)
     await rt.pg.execute(
         "UPDATE alert_events SET next_attempt_at = now() + make_interval(secs => $2), last_error = $3 WHERE id = $1",
-        row["id"], backoff_s, error,
-    )  # fmt: skip
-    log.warning("alert %s to org %s: %s, retry %d in %.1f s", row["id"], row["org_id"], answer.detail, row["attempts"], backoff_s)
+        row["id"],
+        backoff_s,
+        error,
+    )
+    log.warning(
+        "alert %s to org %s: %s, retry %d in %.1f s",
+        row["id"],
+        row["org_id"],
+        answer.detail,
+        row["attempts"],
+        backoff_s,
+    )
     return "retrying"

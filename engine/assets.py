@@ -97,7 +97,9 @@ async def charge_asset(
     return AssetDeduction(result.outcome, result.money, charged_pence, balance_pence_after, key)
 
 
-async def _from_ledger(rt: Runtime, org_id: str, key: str, amount_pence: int, fingerprint: str) -> AssetDeduction | None:
+async def _from_ledger(
+    rt: Runtime, org_id: str, key: str, amount_pence: int, fingerprint: str
+) -> AssetDeduction | None:
     """The deduction as the ledger has it, if it has it: a replay, or a conflict."""
     row = await rt.pg.fetchrow("SELECT amount_pence, meta FROM ledger_entries WHERE idempotency_key = $1", key)
     if row is None:

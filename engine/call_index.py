@@ -29,7 +29,9 @@ class CallIndex:
     def key(self, call_id: str) -> str:
         return self.rt.keys.call_index(call_id)
 
-    async def remember(self, call_id: str, org_id: str, control_url: str | None = None, forward_url: str | None = None) -> bool:
+    async def remember(
+        self, call_id: str, org_id: str, control_url: str | None = None, forward_url: str | None = None
+    ) -> bool:
         """Record that the org admitted the call (call this only when it holds the call); the first
         claim stays. With forward_url: where the platform's own answer said the call's messages go
         (engine/forwarding.py). Returns False if another org admitted the call id first."""
@@ -44,7 +46,11 @@ class CallIndex:
         if control_url:
             await self.keep_control_url(org_id, call_id, control_url)
         if owner != org_id:
-            log.warning("call %s was admitted by another org first; org %s keeps its own hold but not the index", call_id, org_id)
+            log.warning(
+                "call %s was admitted by another org first; org %s keeps its own hold but not the index",
+                call_id,
+                org_id,
+            )
             return False
         self._cache(call_id, org_id)
         return True

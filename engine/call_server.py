@@ -114,7 +114,9 @@ CHOICES = (
 )
 
 
-def merge_platform_answer(settings: Settings, org_id: str, funded_duration_s: int, answer: dict[str, Any]) -> PlatformAnswer:
+def merge_platform_answer(
+    settings: Settings, org_id: str, funded_duration_s: int, answer: dict[str, Any]
+) -> PlatformAnswer:
     """The platform's answer with the engine's overrides merged in (see admission_overrides):
     an assistant (saved or transient) or a squad takes them whole. A workflow's overrides carry
     only `variableValues` in Vapi's API: a transient workflow is given the engine's part in its
@@ -137,9 +139,7 @@ def merge_platform_answer(settings: Settings, org_id: str, funded_duration_s: in
             return _workflow_answer(settings, org_id, funded_duration_s, merged, asked)
         transient = chosen.get("assistant") if isinstance(chosen.get("assistant"), dict) else {}
         server_url = _server_url(asked) or _server_url(transient)
-        merged[overrides_key] = admission_overrides(
-            settings, org_id, funded_duration_s, asked, _messages_of(transient)
-        )
+        merged[overrides_key] = admission_overrides(settings, org_id, funded_duration_s, asked, _messages_of(transient))
         if isinstance(chosen.get("squad"), dict):
             merged["squad"], squad_server_url = _squad_made_ours(settings, org_id, funded_duration_s, chosen["squad"])
             server_url = server_url or squad_server_url
@@ -188,7 +188,9 @@ def merge_handoff_answer(settings: Settings, org_id: str, answer: dict[str, Any]
     destination = dict(destination)
     server_url = None
     if destination.get("type") == "assistant":
-        asked = destination.get("assistantOverrides") if isinstance(destination.get("assistantOverrides"), dict) else None
+        asked = (
+            destination.get("assistantOverrides") if isinstance(destination.get("assistantOverrides"), dict) else None
+        )
         transient = destination.get("assistant") if isinstance(destination.get("assistant"), dict) else None
         server_url = _server_url(asked) or _server_url(transient)
         destination["assistantOverrides"] = admission_overrides(settings, org_id, None, asked, _messages_of(transient))
@@ -206,7 +208,9 @@ def _workflow_answer(
     settings: Settings, org_id: str, funded_duration_s: int, merged: dict[str, Any], asked: dict[str, Any] | None
 ) -> PlatformAnswer:
     variables = (asked or {}).get("variableValues")
-    merged["workflowOverrides"] = {"variableValues": {**(variables if isinstance(variables, dict) else {}), "org_id": org_id}}
+    merged["workflowOverrides"] = {
+        "variableValues": {**(variables if isinstance(variables, dict) else {}), "org_id": org_id}
+    }
     if "workflowId" in merged:
         return PlatformAnswer(merged, None, None, workflow_id=merged["workflowId"])
     workflow = dict(merged["workflow"])  # a transient workflow (CreateWorkflowDto): no serverMessages in Vapi's API

@@ -58,8 +58,10 @@ def _forward_url(env: Mapping[str, str], name: str) -> str | None:
 
     parsed = parse_url(raw) if len(raw) <= limits.url_length_max and raw.isprintable() and " " not in raw else None
     if parsed is None or parsed.fragment or (parsed.port is not None and not 1 <= parsed.port <= 65_535):
-        raise ConfigError(f"{name} must be the platform's server URL, like https://platform.example.com/vapi "
-                          f"(http(s), at most {limits.url_length_max} characters), got {raw[:100]!r}")  # fmt: skip
+        raise ConfigError(
+            f"{name} must be the platform's server URL, like https://platform.example.com/vapi "
+            f"(http(s), at most {limits.url_length_max} characters), got {raw[:100]!r}"
+        )
     return raw
 
 
@@ -72,8 +74,10 @@ def _header_secret(env: Mapping[str, str], name: str) -> str | None:
         return None
     if len(raw) > header_secret_length_max or any(not 0x21 <= ord(char) <= 0x7E for char in raw):
         # The secret itself is never echoed.
-        raise ConfigError(f"{name} must be 1-{header_secret_length_max} visible ASCII characters (it is sent as a "
-                          f"header), got {len(raw)} characters")  # fmt: skip
+        raise ConfigError(
+            f"{name} must be 1-{header_secret_length_max} visible ASCII characters (it is sent as a "
+            f"header), got {len(raw)} characters"
+        )
     return raw
 
 
@@ -295,8 +299,10 @@ class Settings:
         if self.arq_redis_url:
             return self.arq_redis_url
         if self.redis_cluster:
-            raise ConfigError("CREDIT_ENGINE_REDIS_CLUSTER is set: the worker needs CREDIT_ENGINE_ARQ_REDIS_URL, a plain "
-                              "(non-cluster) Redis for arq's job bookkeeping")  # fmt: skip
+            raise ConfigError(
+                "CREDIT_ENGINE_REDIS_CLUSTER is set: the worker needs CREDIT_ENGINE_ARQ_REDIS_URL, a plain "
+                "(non-cluster) Redis for arq's job bookkeeping"
+            )
         if self.redis_url is None:
             raise ConfigError("REDIS_URL is not set")
         return self.redis_url
@@ -307,8 +313,15 @@ class Settings:
 
     def __repr__(self) -> str:
         # Secrets never reach a log line through a repr.
-        hidden = {"admin_token", "vapi_webhook_secret", "vapi_hmac_secret", "vapi_api_key", "vapi_control_token", "forward_secret",
-                  "alert_signing_key"}  # fmt: skip
+        hidden = {
+            "admin_token",
+            "vapi_webhook_secret",
+            "vapi_hmac_secret",
+            "vapi_api_key",
+            "vapi_control_token",
+            "forward_secret",
+            "alert_signing_key",
+        }
         shown = ", ".join(
             f"{f.name}={'<set>' if f.name in hidden and getattr(self, f.name) else getattr(self, f.name)!r}"
             for f in fields(self)

@@ -135,7 +135,9 @@ async def apply_to_redis(rt: Runtime, org_id: str, key: str, amount_pence: int) 
             await restore_org_if_absent(rt, org_id)
             result = await _run_credit_apply(rt, org_id, key, amount_pence)
     except RedisError as error:
-        log.warning("credit %s committed in postgres, not yet applied in redis (%s); the worker will apply it", key, error)
+        log.warning(
+            "credit %s committed in postgres, not yet applied in redis (%s); the worker will apply it", key, error
+        )
         return False, None
     if result.outcome not in (Outcome.ok, Outcome.replayed):
         log.error("credit %s could not be applied in redis: %s", key, result.outcome.name)
@@ -193,11 +195,16 @@ async def apply_pending_credits(
     )
     for row in rows:
         if row["age_ms"] > too_old_ms:
-            log.error("pending credit %s is too old to apply by itself; its org must be repaired from postgres", row["idempotency_key"])
+            log.error(
+                "pending credit %s is too old to apply by itself; its org must be repaired from postgres",
+                row["idempotency_key"],
+            )
             report.too_old += 1
             report.too_old_orgs.add(row["org_id"])
             continue
-        await rt.pg.execute("UPDATE pending_credits SET attempts = attempts + 1 WHERE idempotency_key = $1", row["idempotency_key"])
+        await rt.pg.execute(
+            "UPDATE pending_credits SET attempts = attempts + 1 WHERE idempotency_key = $1", row["idempotency_key"]
+        )
         applied, _ = await apply_to_redis(rt, row["org_id"], row["idempotency_key"], row["amount_pence"])
         if applied:
             report.applied += 1

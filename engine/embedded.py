@@ -92,14 +92,20 @@ class EmbeddedRedis:
             persistence = ["--appendonly", "yes", "--appendfsync", self.appendfsync]
         return [
             str(redis_server_binary()),
-            "--port", str(self.port),
-            "--bind", "127.0.0.1",
-            "--dir", str(self.data_dir),
-            "--save", "",
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            str(self.data_dir),
+            "--save",
+            "",
             *persistence,
-            "--daemonize", "no",
-            "--logfile", str(self.data_dir / "redis.log"),
-        ]  # fmt: skip
+            "--daemonize",
+            "no",
+            "--logfile",
+            str(self.data_dir / "redis.log"),
+        ]
 
     def start(self) -> str:
         assert self.process is None or self.process.poll() is not None
@@ -178,10 +184,21 @@ class EmbeddedPostgres:
         if (self.pgdata / "PG_VERSION").exists():
             return
         subprocess.run(
-            [str(self.bin_dir / "initdb"), "-D", str(self.pgdata), "--auth=trust", "-U", "postgres",
-             "--encoding=UTF8", "--no-instructions"],
-            check=True, capture_output=True, cwd=self.data_dir, **self._run_kwargs(),  # type: ignore[arg-type]
-        )  # fmt: skip
+            [
+                str(self.bin_dir / "initdb"),
+                "-D",
+                str(self.pgdata),
+                "--auth=trust",
+                "-U",
+                "postgres",
+                "--encoding=UTF8",
+                "--no-instructions",
+            ],
+            check=True,
+            capture_output=True,
+            cwd=self.data_dir,
+            **self._run_kwargs(),  # type: ignore[arg-type]
+        )
 
     def start(self) -> str:
         assert self.process is None or self.process.poll() is not None
@@ -190,12 +207,28 @@ class EmbeddedPostgres:
         if self.run_as is not None:
             os.chown(self.data_dir / "postgres.log", self.run_as.pw_uid, self.run_as.pw_gid)
         self.process = subprocess.Popen(
-            [str(self.bin_dir / "postgres"), "-D", str(self.pgdata), "-p", str(self.port),
-             "-c", "listen_addresses=127.0.0.1", "-c", f"unix_socket_directories={self.data_dir}",
-             "-c", "max_connections=200", "-c", "fsync=on"],
-            stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file, cwd=self.data_dir,
-            preexec_fn=_die_with_parent, **self._run_kwargs(),  # type: ignore[arg-type]
-        )  # fmt: skip
+            [
+                str(self.bin_dir / "postgres"),
+                "-D",
+                str(self.pgdata),
+                "-p",
+                str(self.port),
+                "-c",
+                "listen_addresses=127.0.0.1",
+                "-c",
+                f"unix_socket_directories={self.data_dir}",
+                "-c",
+                "max_connections=200",
+                "-c",
+                "fsync=on",
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=log_file,
+            stderr=log_file,
+            cwd=self.data_dir,
+            preexec_fn=_die_with_parent,
+            **self._run_kwargs(),  # type: ignore[arg-type]
+        )
         log_file.close()
         deadline = time.monotonic() + start_timeout_s
         while time.monotonic() < deadline:

@@ -52,7 +52,9 @@ async def expire_due_holds(rt: Runtime) -> ExpiryReport:
         if resolution.outcome == Outcome.ok:
             report.expired += 1
             report.charged_pence += resolution.charged_pence
-            log.info("expired hold of call %s (org %s): charged %dp", row["call_id"], row["org_id"], resolution.charged_pence)
+            log.info(
+                "expired hold of call %s (org %s): charged %dp", row["call_id"], row["org_id"], resolution.charged_pence
+            )
         elif resolution.outcome == Outcome.not_expired:
             report.not_due += 1
         elif resolution.outcome == Outcome.org_unknown:
@@ -95,7 +97,9 @@ async def _close_missing(rt: Runtime, org_id: str, call_id: str) -> None:
     org is on its way to Postgres: it lost them (a Redis restart before the hold's events were
     rebuilt). Close the stale row so it is not restored as a live hold; nothing was charged,
     which the log says loudly."""
-    log.warning("hold of call %s (org %s) is live in postgres but unknown to redis: closing it as released", call_id, org_id)
+    log.warning(
+        "hold of call %s (org %s) is live in postgres but unknown to redis: closing it as released", call_id, org_id
+    )
     await rt.pg.execute(
         """
         UPDATE call_holds SET status = 'released', charged_pence = 0, billed_seconds = 0,

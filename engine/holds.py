@@ -168,7 +168,14 @@ async def check_call(rt: Runtime, org_id: str, call_id: str, event: CallEvent = 
         assert started
         assert remaining_ms <= 0
     return CallCheck(
-        result.outcome, result.money, bool(end_call), cost_so_far_pence, hold_pence, remaining_ms, bool(started), bool(ended)
+        result.outcome,
+        result.money,
+        bool(end_call),
+        cost_so_far_pence,
+        hold_pence,
+        remaining_ms,
+        bool(started),
+        bool(ended),
     )
 
 
@@ -178,8 +185,12 @@ async def commit_call(
     validate.org_id(org_id)
     validate.call_id(call_id)
     validate.whole_number(billed_seconds, "billed_seconds", 0, limits.billed_seconds_max)
-    args = [call_ledger_key(org_id, call_id, "adjust"), billed_seconds, rt.settings.idempotency_ttl_ms,
-            orjson.dumps(meta or {}).decode()]  # fmt: skip
+    args = [
+        call_ledger_key(org_id, call_id, "adjust"),
+        billed_seconds,
+        rt.settings.idempotency_ttl_ms,
+        orjson.dumps(meta or {}).decode(),
+    ]
     resolution = await _resolve(rt, "hold_commit", org_id, call_id, [*args, 0])
     if resolution.outcome != Outcome.unknown_call:
         return resolution
@@ -192,16 +203,22 @@ async def commit_call(
             async with bounded():  # a Postgres that never answers included
                 row = await rt.pg.fetchrow(
                     "SELECT status, charged_pence FROM call_holds WHERE org_id = $1 AND call_id = $2 AND status <> 'live'",
-                    org_id, call_id,
-                )  # fmt: skip
+                    org_id,
+                    call_id,
+                )
         except (asyncpg.PostgresError, OSError, TimeoutError) as error:
             # Postgres away: bill from Redis, as before Redis forgot anything. The only risk is a
             # call resolved more than the idempotency window ago; an unbilled call is the worse one.
             log.warning("cannot ask postgres about call %s of org %s (%s): billing it directly", call_id, org_id, error)
             row = None
         if row is not None:
-            log.warning("end-of-call report for call %s of org %s, resolved (%s) before Redis's idempotency window: "
-                        "not billed again", call_id, org_id, row["status"])  # fmt: skip
+            log.warning(
+                "end-of-call report for call %s of org %s, resolved (%s) before Redis's idempotency window: "
+                "not billed again",
+                call_id,
+                org_id,
+                row["status"],
+            )
             return Resolution(Outcome.replayed, resolution.money, int(row["charged_pence"] or 0), 0, 0)
     return await _resolve(rt, "hold_commit", org_id, call_id, [*args, 1])
 

@@ -45,8 +45,12 @@ async def begin(rt: Runtime, org_id: str, operation: str, key: str, request: dic
             INSERT INTO idempotent_requests (org_id, operation, idempotency_key, request_sha256, request_body)
             VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING RETURNING created_at
             """,
-            org_id, operation, key, digest, request,
-        )  # fmt: skip
+            org_id,
+            operation,
+            key,
+            digest,
+            request,
+        )
         if inserted:
             return Claimed(Claim.new, claimed_at=inserted)
         row = await conn.fetchrow(
@@ -56,8 +60,11 @@ async def begin(rt: Runtime, org_id: str, operation: str, key: str, request: dic
             FROM idempotent_requests WHERE org_id = $1 AND operation = $2 AND idempotency_key = $3
             FOR UPDATE
             """,
-            org_id, operation, key, rt.settings.idempotent_claim_stale_s,
-        )  # fmt: skip
+            org_id,
+            operation,
+            key,
+            rt.settings.idempotent_claim_stale_s,
+        )
         if row is None:  # abandoned between our INSERT and SELECT: try once more, fresh
             return await begin(rt, org_id, operation, key, request)
         if bytes(row["request_sha256"]) != digest:
@@ -68,8 +75,10 @@ async def begin(rt: Runtime, org_id: str, operation: str, key: str, request: dic
             claimed_at = await conn.fetchval(
                 "UPDATE idempotent_requests SET created_at = clock_timestamp() "
                 "WHERE org_id = $1 AND operation = $2 AND idempotency_key = $3 RETURNING created_at",
-                org_id, operation, key,
-            )  # fmt: skip
+                org_id,
+                operation,
+                key,
+            )
             return Claimed(Claim.new, claimed_at=claimed_at)
         return Claimed(Claim.in_progress)
 
@@ -81,8 +90,12 @@ async def finish(rt: Runtime, org_id: str, operation: str, key: str, status: int
         SET state = 'done', response_status = $4, response_body = $5, completed_at = now()
         WHERE org_id = $1 AND operation = $2 AND idempotency_key = $3
         """,
-        org_id, operation, key, status, body,  # the pool's jsonb codec encodes the dict
-    )  # fmt: skip
+        org_id,
+        operation,
+        key,
+        status,
+        body,  # the pool's jsonb codec encodes the dict
+    )
 
 
 @dataclass(frozen=True)
@@ -106,8 +119,10 @@ async def stale_claims(rt: Runtime, operation: str, limit: int = 100) -> list[Ab
             ORDER BY created_at LIMIT $3 FOR UPDATE SKIP LOCKED)
         RETURNING org_id, idempotency_key, request_body
         """,
-        operation, rt.settings.idempotent_claim_stale_s, limit,
-    )  # fmt: skip
+        operation,
+        rt.settings.idempotent_claim_stale_s,
+        limit,
+    )
     return [Abandoned(row["org_id"], row["idempotency_key"], row["request_body"]) for row in rows]
 
 
@@ -120,13 +135,19 @@ async def let_go(rt: Runtime, org_id: str, operation: str, key: str, claimed_at:
         UPDATE idempotent_requests SET created_at = created_at - make_interval(secs => $5 + 1)
         WHERE org_id = $1 AND operation = $2 AND idempotency_key = $3 AND state = 'in_progress' AND created_at = $4
         """,
-        org_id, operation, key, claimed_at, rt.settings.idempotent_claim_stale_s,
-    )  # fmt: skip
+        org_id,
+        operation,
+        key,
+        claimed_at,
+        rt.settings.idempotent_claim_stale_s,
+    )
 
 
 async def abandon(rt: Runtime, org_id: str, operation: str, key: str) -> None:
     """Forget a claimed key whose request changed nothing, so the same key may be tried again."""
     await rt.pg.execute(
         "DELETE FROM idempotent_requests WHERE org_id = $1 AND operation = $2 AND idempotency_key = $3 AND state = 'in_progress'",
-        org_id, operation, key,
-    )  # fmt: skip
+        org_id,
+        operation,
+        key,
+    )

@@ -27,8 +27,24 @@ IDEMPOTENCY_KEY_PATTERN = re.compile(r"[\x21-\x7e]{1,%d}" % limits.idempotency_k
 # no one Redis Cluster master carries every decision's ring. Shard i's hash tag lands in slot
 # 1024·i + 512 (tests/engine/test_redis_cluster.py checks), so shards spread over the masters of a
 # cluster whose slots are split evenly. The worker visits every shard, on whichever node it is.
-HINT_SHARD_TAGS = ("1768", "20261", "18360", "41271", "3453", "11199", "29098", "8591",
-                   "265", "45842", "13409", "17891", "46093", "3635", "2912", "48623")  # fmt: skip
+HINT_SHARD_TAGS = (
+    "1768",
+    "20261",
+    "18360",
+    "41271",
+    "3453",
+    "11199",
+    "29098",
+    "8591",
+    "265",
+    "45842",
+    "13409",
+    "17891",
+    "46093",
+    "3635",
+    "2912",
+    "48623",
+)
 
 
 def hint_shard(org_id: str) -> int:

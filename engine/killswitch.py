@@ -130,9 +130,16 @@ async def visit_org(rt: Runtime, org_id: str) -> Visit:
         rt.redis,
         "killswitch_tick",
         [keys.org, keys.holds, keys.kill, keys.outbox, keys.control],
-        [rt.clock.script_arg(), org_id, s.kill_warn_lead_ms, s.kill_attempts_max, s.kill_backoff_base_ms,
-         s.kill_backoff_max_ms, s.kill_recheck_ms],
-    )  # fmt: skip
+        [
+            rt.clock.script_arg(),
+            org_id,
+            s.kill_warn_lead_ms,
+            s.kill_attempts_max,
+            s.kill_backoff_base_ms,
+            s.kill_backoff_max_ms,
+            s.kill_recheck_ms,
+        ],
+    )
     code, now_ms, depletion_ms, next_visit_ms, unfunded_n = (int(v) for v in reply[:5])
     rest = reply[5:]
     actions = [Action(str(rest[i]), str(rest[i + 1]), int(rest[i + 2])) for i in range(0, len(rest), 3)]
@@ -228,15 +235,26 @@ async def reschedule_live_orgs(rt: Runtime) -> int:
 def check_settings(settings: Settings) -> None:
     """The relations the pushes rely on; a worker refuses to start without them."""
     if settings.kill_push_deadline_ms >= settings.kill_backoff_base_ms:
-        raise ConfigError("CREDIT_ENGINE_KILL_PUSH_DEADLINE_MS must be below CREDIT_ENGINE_KILL_BACKOFF_BASE_MS: a "
-                          "push must be over before the tick hands its action out again")  # fmt: skip
+        raise ConfigError(
+            "CREDIT_ENGINE_KILL_PUSH_DEADLINE_MS must be below CREDIT_ENGINE_KILL_BACKOFF_BASE_MS: a "
+            "push must be over before the tick hands its action out again"
+        )
     if settings.kill_end_queue_ttl_ms <= settings.kill_attempts_max * settings.kill_backoff_max_ms:
-        raise ConfigError("CREDIT_ENGINE_KILL_END_QUEUE_TTL_S must exceed CREDIT_ENGINE_KILL_ATTEMPTS_MAX x "
-                          "CREDIT_ENGINE_KILL_BACKOFF_MAX_MS: an end-queue entry must outlive its retries")  # fmt: skip
+        raise ConfigError(
+            "CREDIT_ENGINE_KILL_END_QUEUE_TTL_S must exceed CREDIT_ENGINE_KILL_ATTEMPTS_MAX x "
+            "CREDIT_ENGINE_KILL_BACKOFF_MAX_MS: an end-queue entry must outlive its retries"
+        )
 
 
-async def push(rt: Runtime, http: httpx.AsyncClient, org_id: str | None, action: Action, control_url: str | None,
-               *, timeout_s: float | None = None) -> bool:  # fmt: skip
+async def push(
+    rt: Runtime,
+    http: httpx.AsyncClient,
+    org_id: str | None,
+    action: Action,
+    control_url: str | None,
+    *,
+    timeout_s: float | None = None,
+) -> bool:
     """One attempt. True when Vapi took it (2xx). No control URL, or one not on Vapi's hosts
     (engine/control.py), sends nothing: an ERROR line and a failed attempt."""
     timeout_s = rt.settings.kill_push_deadline_ms / 1000 if timeout_s is None else timeout_s
@@ -247,11 +265,23 @@ async def push(rt: Runtime, http: httpx.AsyncClient, org_id: str | None, action:
         timeout_s = max(0.001, timeout_s - (loop.time() - started))
     reply = await send_control(rt.settings, http, control_url, action.kind, timeout_s)
     if reply.refused:
-        log.error("kill switch: cannot %s call %s of org %s (attempt %d): %s", action.kind, action.call_id, org_id,
-                  action.attempt, reply.problem)  # fmt: skip
+        log.error(
+            "kill switch: cannot %s call %s of org %s (attempt %d): %s",
+            action.kind,
+            action.call_id,
+            org_id,
+            action.attempt,
+            reply.problem,
+        )
     elif not reply.taken:
-        log.warning("kill switch: %s of call %s (org %s) failed, attempt %d: %s", action.kind, action.call_id, org_id,
-                    action.attempt, reply.problem)  # fmt: skip
+        log.warning(
+            "kill switch: %s of call %s (org %s) failed, attempt %d: %s",
+            action.kind,
+            action.call_id,
+            org_id,
+            action.attempt,
+            reply.problem,
+        )
     return reply.taken
 
 
@@ -293,9 +323,14 @@ class RoundReport:
 
     def counters(self) -> dict[str, int]:
         """As the worker counts them (credit_engine_worker_events{event=...})."""
-        return {"kill_warned": self.warned, "kill_ended": self.ended, "kill_failed_attempts": self.failed_attempts,
-                "kill_given_up": self.given_up, "kill_ended_unheld": self.ended_unheld,
-                "kill_skipped_in_flight": self.skipped_in_flight}  # fmt: skip
+        return {
+            "kill_warned": self.warned,
+            "kill_ended": self.ended,
+            "kill_failed_attempts": self.failed_attempts,
+            "kill_given_up": self.given_up,
+            "kill_ended_unheld": self.ended_unheld,
+            "kill_skipped_in_flight": self.skipped_in_flight,
+        }
 
 
 @dataclass(frozen=True)
@@ -353,8 +388,9 @@ class KillSwitch:
         poll interval (a web process may file an earlier depletion moment at any time)."""
         poll_s = self.rt.settings.kill_poll_interval_ms / 1000
         org_ids = [] if self.full else await due_orgs(self.rt)
-        *visited, unheld_due = await asyncio.gather(*(self._visit(org_id) for org_id in org_ids),
-                                                    self._end_queue_round(), return_exceptions=True)  # fmt: skip
+        *visited, unheld_due = await asyncio.gather(
+            *(self._visit(org_id) for org_id in org_ids), self._end_queue_round(), return_exceptions=True
+        )
         self.warnings_waiting = 0
         for outcome in visited:
             if not isinstance(outcome, BaseException):
@@ -414,13 +450,23 @@ class KillSwitch:
     def _to_push(self, org_id: str, action: Action) -> bool:
         if action.kind == "end_failed":
             self.report.given_up += 1
-            log.error("kill switch: gave up ending call %s of org %s after %d attempts; flagged for review "
-                      "(alert end_call_failed)", action.call_id, org_id, action.attempt)  # fmt: skip
+            log.error(
+                "kill switch: gave up ending call %s of org %s after %d attempts; flagged for review "
+                "(alert end_call_failed)",
+                action.call_id,
+                org_id,
+                action.attempt,
+            )
             return False
         if (False, org_id, action.call_id, action.kind) in self.pushes:
             self.report.skipped_in_flight += 1
-            log.info("kill switch: %s of call %s (org %s) is still under way; attempt %d skipped", action.kind,
-                     action.call_id, org_id, action.attempt)  # fmt: skip
+            log.info(
+                "kill switch: %s of call %s (org %s) is still under way; attempt %d skipped",
+                action.kind,
+                action.call_id,
+                org_id,
+                action.attempt,
+            )
             return False
         return True
 
@@ -436,8 +482,15 @@ class KillSwitch:
         handed_out_at = asyncio.get_running_loop().time()
         for claim in claims:
             if not claim.give_up:
-                self._start(Push(claim.org_id, Action(claim.call_id, "end", claim.attempts), claim.control_url,
-                                 handed_out_at, unheld=True))  # fmt: skip
+                self._start(
+                    Push(
+                        claim.org_id,
+                        Action(claim.call_id, "end", claim.attempts),
+                        claim.control_url,
+                        handed_out_at,
+                        unheld=True,
+                    )
+                )
         for claim in claims:
             if claim.give_up:
                 try:
@@ -452,23 +505,33 @@ class KillSwitch:
         key = p.key
         assert key not in self.pushes
         deadline = p.handed_out_at + self.rt.settings.kill_push_deadline_ms / 1000
-        self.pushes[key] = asyncio.create_task(self._push(p, deadline, key), name=f"kill-{p.action.kind}-{p.action.call_id}")
+        self.pushes[key] = asyncio.create_task(
+            self._push(p, deadline, key), name=f"kill-{p.action.kind}-{p.action.call_id}"
+        )
 
     async def _push(self, p: Push, deadline: float, key: tuple[bool, str, str, str]) -> None:
         loop = asyncio.get_running_loop()
         try:
             try:
                 async with asyncio.timeout_at(deadline), self.slots, self.clients.client() as http:
-                    taken = await push(self.rt, http, p.org_id, p.action, p.control_url,
-                                       timeout_s=max(0.001, deadline - loop.time()))  # fmt: skip
+                    taken = await push(
+                        self.rt, http, p.org_id, p.action, p.control_url, timeout_s=max(0.001, deadline - loop.time())
+                    )
             except TimeoutError:
                 taken = False
-                log.warning("kill switch: %s of call %s (org %s), attempt %d: no answer within %d ms", p.action.kind,
-                            p.action.call_id, p.org_id, p.action.attempt, self.rt.settings.kill_push_deadline_ms)  # fmt: skip
+                log.warning(
+                    "kill switch: %s of call %s (org %s), attempt %d: no answer within %d ms",
+                    p.action.kind,
+                    p.action.call_id,
+                    p.org_id,
+                    p.action.attempt,
+                    self.rt.settings.kill_push_deadline_ms,
+                )
             await self._settle(p, taken)
         except Exception:
-            log.exception("kill switch: the %s push to call %s (org %s) failed", p.action.kind, p.action.call_id,
-                          p.org_id)  # fmt: skip
+            log.exception(
+                "kill switch: the %s push to call %s (org %s) failed", p.action.kind, p.action.call_id, p.org_id
+            )
         finally:
             self.pushes.pop(key, None)
 

@@ -286,7 +286,9 @@ async def _plan_inserts(
     projections: dict[str, list[int]],
     result: BatchResult,
 ) -> tuple[list[tuple[LedgerEntry, int, int]], list[tuple[str, str, str, str]]]:
-    existing = {row["idempotency_key"]: row for row in await conn.fetch(EXISTING_SQL, [e.idempotency_key for e in entries])}
+    existing = {
+        row["idempotency_key"]: row for row in await conn.fetch(EXISTING_SQL, [e.idempotency_key for e in entries])
+    }
     planned: dict[str, LedgerEntry] = {}
     rows: list[tuple[LedgerEntry, int, int]] = []
     rejects: list[tuple[str, str, str, str]] = []
@@ -303,7 +305,9 @@ async def _plan_inserts(
             continue
         projection = projections[entry.org_id]
         if projection[1] + entry.debt_delta_pence < 0:
-            raise UnwritableEntry(f"{entry.idempotency_key} would take org {entry.org_id}'s debt below zero in postgres")
+            raise UnwritableEntry(
+                f"{entry.idempotency_key} would take org {entry.org_id}'s debt below zero in postgres"
+            )
         projection[0] += entry.amount_pence
         projection[1] += entry.debt_delta_pence
         rows.append((entry, projection[0], projection[1]))
@@ -311,7 +315,9 @@ async def _plan_inserts(
     return rows, rejects
 
 
-async def _insert(conn: asyncpg.Connection, rows: list[tuple[LedgerEntry, int, int]], projections: dict[str, list[int]]) -> None:
+async def _insert(
+    conn: asyncpg.Connection, rows: list[tuple[LedgerEntry, int, int]], projections: dict[str, list[int]]
+) -> None:
     inserted = await conn.fetch(
         INSERT_SQL,
         [e.org_id for e, _, _ in rows],

@@ -173,6 +173,8 @@ async def refusal_text(rt: "Runtime", org_id: str | None, refusal: Refusal) -> s
     try:
         profile = await vapi_profile(rt, org_id)
     except READ_ERRORS as error:
-        log.warning("org %s's refusal sentences cannot be read (%s); the default is spoken", org_id, type(error).__name__)
+        log.warning(
+            "org %s's refusal sentences cannot be read (%s); the default is spoken", org_id, type(error).__name__
+        )
         return REFUSAL_DEFAULTS[refusal]
     return profile.spoken(refusal)

@@ -56,7 +56,9 @@ class OrgSettings:
         validate.whole_number(self.hold_block_minutes, "hold_block_minutes", 1, limits.hold_block_minutes_max)
         validate.whole_number(self.grace_seconds, "grace_seconds", 0, limits.grace_seconds_max)
         if self.low_balance_threshold_pence is not None:
-            validate.whole_number(self.low_balance_threshold_pence, "low_balance_threshold_pence", 0, limits.amount_pence_max)
+            validate.whole_number(
+                self.low_balance_threshold_pence, "low_balance_threshold_pence", 0, limits.amount_pence_max
+            )
         if self.alert_webhook_url is not None:
             _check_url(self.alert_webhook_url, "alert_webhook_url")
         if self.max_concurrent_calls is not None:

@@ -100,7 +100,9 @@ def per_org_read_max(org_count: int, entries_max: int) -> int:
 MALFORMED_ERRORS = (KeyError, ValueError, AssertionError, orjson.JSONDecodeError)
 
 
-async def read_outboxes(rt: Runtime, org_ids: list[str], entries_max: int) -> tuple[dict[str, list[OutboxItem]], list[str]]:
+async def read_outboxes(
+    rt: Runtime, org_ids: list[str], entries_max: int
+) -> tuple[dict[str, list[OutboxItem]], list[str]]:
     """Read up to `entries_max` entries in all, oldest first within each org. Returns the entries
     by org and the orgs whose read was cut at their share (more may be waiting). An entry that
     cannot be parsed is moved to its org's dead letters at once (with the reason), so it stalls
@@ -119,7 +121,9 @@ async def read_outboxes(rt: Runtime, org_ids: list[str], entries_max: int) -> tu
                 items.append(parse_entry(stream_id, fields))
             except MALFORMED_ERRORS as error:
                 reason = f"malformed entry: {type(error).__name__}: {error}"
-                log.error("outbox entry %s of org %s cannot be read, moved to its dead letters: %s", stream_id, org_id, reason)
+                log.error(
+                    "outbox entry %s of org %s cannot be read, moved to its dead letters: %s", stream_id, org_id, reason
+                )
                 await dead_letter(rt, org_id, stream_id, reason)
         if items:
             items_by_org[org_id] = items
@@ -180,7 +184,12 @@ async def _write_one_by_one(rt: Runtime, org_id: str, items: list[OutboxItem]) -
             done.append(item)
         except POISON_ERRORS as error:
             reason = f"{type(error).__name__}: {error}"
-            log.error("outbox entry %s of org %s refused by the ledger, moved to its dead letters: %s", item.stream_id, org_id, reason)
+            log.error(
+                "outbox entry %s of org %s refused by the ledger, moved to its dead letters: %s",
+                item.stream_id,
+                org_id,
+                reason,
+            )
             await dead_letter(rt, org_id, item.stream_id, reason)
     return written, done
 
@@ -240,5 +249,10 @@ def note_refused_for_full_outbox(org_id: str, operation: str, outbox_max: int) -
     if now - _full_logged_at.get(org_id, -full_log_interval_s) < full_log_interval_s:
         return
     _full_logged_at[org_id] = now
-    log.error("outbox of org %s is full (%d entries, CREDIT_ENGINE_OUTBOX_PER_ORG_MAX): refusing new debits and holds "
-              "(%s refused) until the ledger catches up; is Postgres or the worker down?", org_id, outbox_max, operation)
+    log.error(
+        "outbox of org %s is full (%d entries, CREDIT_ENGINE_OUTBOX_PER_ORG_MAX): refusing new debits and holds "
+        "(%s refused) until the ledger catches up; is Postgres or the worker down?",
+        org_id,
+        outbox_max,
+        operation,
+    )

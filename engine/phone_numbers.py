@@ -36,7 +36,9 @@ def _owner_key(rt: Runtime) -> str:
 
 
 def _from_row(row: asyncpg.Record) -> PhoneNumber:
-    return PhoneNumber(row["vapi_phone_number_id"], row["org_id"], row["number"], row["assistant_id"], row["status"], row["provider"])
+    return PhoneNumber(
+        row["vapi_phone_number_id"], row["org_id"], row["number"], row["assistant_id"], row["status"], row["provider"]
+    )
 
 
 def check_phone_number_id(value: object, field: str = "vapi_phone_number_id") -> str:
@@ -69,8 +71,14 @@ async def register_number(
                 WHERE phone_numbers.org_id = EXCLUDED.org_id
             RETURNING *
             """,
-            vapi_phone_number_id, org_id, number, assistant_id, provider, provision_key, status,
-        )  # fmt: skip
+            vapi_phone_number_id,
+            org_id,
+            number,
+            assistant_id,
+            provider,
+            provision_key,
+            status,
+        )
     except asyncpg.ForeignKeyViolationError:
         raise OrgNotFound(org_id) from None
     if row is None:
@@ -142,8 +150,12 @@ async def import_number(
             ON CONFLICT (vapi_phone_number_id) DO NOTHING
             RETURNING *
             """,
-            vapi_phone_number_id, org_id, number, assistant_id, provider,
-        )  # fmt: skip
+            vapi_phone_number_id,
+            org_id,
+            number,
+            assistant_id,
+            provider,
+        )
     except asyncpg.ForeignKeyViolationError:
         raise OrgNotFound(org_id) from None
     if row is None:
@@ -158,8 +170,9 @@ async def adopt_assistant(rt: Runtime, vapi_phone_number_id: str, assistant_id: 
     row = await rt.pg.fetchrow(
         """UPDATE phone_numbers SET assistant_id = $2 WHERE vapi_phone_number_id = $1 AND assistant_id IS NULL
            RETURNING org_id, status""",
-        vapi_phone_number_id, assistant_id,
-    )  # fmt: skip
+        vapi_phone_number_id,
+        assistant_id,
+    )
     if row is None:
         return False
     if row["status"] == "active":

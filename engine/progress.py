@@ -31,8 +31,10 @@ class ProgressLine:
         width = 30
         filled = int(width * done / total) if total else width
         bar = "#" * filled + "." * (width - filled)
-        line = (f"{self.label} [{bar}] {done}/{total} {self.unit} ({percent:.0f}%), {drifted} {self.flagged}, "
-                f"{rate:.0f} {self.unit}/s")  # fmt: skip
+        line = (
+            f"{self.label} [{bar}] {done}/{total} {self.unit} ({percent:.0f}%), {drifted} {self.flagged}, "
+            f"{rate:.0f} {self.unit}/s"
+        )
         if self.interactive:
             self.stream.write("\r" + line)
             if done >= total:

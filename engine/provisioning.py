@@ -68,14 +68,24 @@ async def provision(
         assert claimed.status is not None and claimed.body is not None
         return Response(claimed.status, claimed.body, replayed=True)
     if claimed.claim == claims.Claim.conflict:
-        return Response(422, error_body("idempotency_key_reused", "this Idempotency-Key was used with a different request body"))
+        return Response(
+            422, error_body("idempotency_key_reused", "this Idempotency-Key was used with a different request body")
+        )
     if claimed.claim == claims.Claim.in_progress:
-        return Response(409, error_body("request_in_progress", "a request with this Idempotency-Key is still running; retry shortly"))
+        return Response(
+            409,
+            error_body("request_in_progress", "a request with this Idempotency-Key is still running; retry shortly"),
+        )
     return await _run_and_record(rt, telephony, org_id, key, request, price_pence, claimed.claimed_at)
 
 
 async def _run_and_record(
-    rt: Runtime, telephony: Telephony, org_id: str, key: str, request: ProvisionRequest, price_pence: int,
+    rt: Runtime,
+    telephony: Telephony,
+    org_id: str,
+    key: str,
+    request: ProvisionRequest,
+    price_pence: int,
     claimed_at: datetime | None = None,
 ) -> Response:
     # If this raises before the provider was asked, our claim is made stale at once: every step so
@@ -104,7 +114,12 @@ class _Attempt:
 
 
 async def _run(
-    rt: Runtime, telephony: Telephony, org_id: str, key: str, request: ProvisionRequest, price_pence: int,
+    rt: Runtime,
+    telephony: Telephony,
+    org_id: str,
+    key: str,
+    request: ProvisionRequest,
+    price_pence: int,
     attempt: _Attempt,
 ) -> Response:
     fingerprint = claims.request_sha256(request.as_dict()).hex()
@@ -122,7 +137,9 @@ async def _run(
             ),
         )
     if deduction.outcome == Outcome.idempotency_conflict:
-        return Response(422, error_body("idempotency_key_reused", "this Idempotency-Key was used for a different charge"))
+        return Response(
+            422, error_body("idempotency_key_reused", "this Idempotency-Key was used for a different charge")
+        )
     if deduction.outcome == Outcome.outbox_full:
         return Response(503, error_body("ledger_backlog", "the ledger is behind; no new charges until it catches up"))
     if deduction.outcome == Outcome.org_unknown:
@@ -142,13 +159,25 @@ async def _run(
             bought = await telephony.buy(area_code=request.area_code, idempotency_key=f"{org_id}/{key}")
         except ProviderError as error:
             log.warning("provider %s failed for org %s: %s; refunding %dp", telephony.name, org_id, error, price_pence)
-            refund = await credit(rt, org_id, provision_refund_key(key), price_pence, kind=EntryKind.refund,
-                                  meta={"reason": "provider_failed", "provider": telephony.name})  # fmt: skip
+            refund = await credit(
+                rt,
+                org_id,
+                provision_refund_key(key),
+                price_pence,
+                kind=EntryKind.refund,
+                meta={"reason": "provider_failed", "provider": telephony.name},
+            )
             return _failed(price_pence, refund.entry_id)
         existing = await register_number(
-            rt, org_id, bought.vapi_phone_number_id, number=bought.number, assistant_id=request.assistant_id,
-            provider=telephony.name, provision_key=key, status=bought.status,
-        )  # fmt: skip
+            rt,
+            org_id,
+            bought.vapi_phone_number_id,
+            number=bought.number,
+            assistant_id=request.assistant_id,
+            provider=telephony.name,
+            provision_key=key,
+            status=bought.status,
+        )
     return Response(
         201,
         {
@@ -186,9 +215,13 @@ async def finish_abandoned_provisions(rt: Runtime, telephony: Telephony, price_p
     for abandoned in await claims.stale_claims(rt, OPERATION):
         request = ProvisionRequest(abandoned.request.get("area_code"), abandoned.request.get("assistant_id"))
         try:
-            response = await _run_and_record(rt, telephony, abandoned.org_id, abandoned.idempotency_key, request, price_pence)
+            response = await _run_and_record(
+                rt, telephony, abandoned.org_id, abandoned.idempotency_key, request, price_pence
+            )
         except Exception:  # left in progress; the next run tries again
-            log.exception("could not finish the abandoned provision %s of org %s", abandoned.idempotency_key, abandoned.org_id)
+            log.exception(
+                "could not finish the abandoned provision %s of org %s", abandoned.idempotency_key, abandoned.org_id
+            )
             continue
         log.warning("finished an abandoned provision of org %s: %d", abandoned.org_id, response.status)
         finished += 1

@@ -162,7 +162,12 @@ def call_record_problems(
     live = set(live_call_ids)
     keep_from_ms = now_ms - idempotency_ttl_ms + window_margin_ms
     for call_id, truth in sorted(postgres.items()):
-        if call_id not in redis and call_id not in live and call_id not in in_flight and truth.resolved_ms >= keep_from_ms:
+        if (
+            call_id not in redis
+            and call_id not in live
+            and call_id not in in_flight
+            and truth.resolved_ms >= keep_from_ms
+        ):
             problems.append(
                 f"call {call_id}: postgres says {truth.text()}, redis has no record inside its "
                 "idempotency window (a replayed report would be billed again)"

@@ -66,7 +66,16 @@ SETTING_FIELDS = (
     "max_concurrent_calls",
     "low_balance_threshold_pence",
 )
-MONEY_FIELDS = ("balance_pence", "held_pence", "debt_pence", "seq", "burn_rate", "burn_k", "burn_at_s", "burn_frozen_pence")
+MONEY_FIELDS = (
+    "balance_pence",
+    "held_pence",
+    "debt_pence",
+    "seq",
+    "burn_rate",
+    "burn_k",
+    "burn_at_s",
+    "burn_frozen_pence",
+)
 recheck_pause_s = 0.05
 records_scan_count = 1_000  # call-resolution records per HSCAN round trip
 # Longer than these, something is stuck (the worker drains within a second and re-applies
@@ -130,7 +139,9 @@ async def _pg_states(rt: Runtime, org_ids: list[str], window_from_ms: int) -> di
         holds_by_org.setdefault(row["org_id"], []).append((row["call_id"], row["hold_pence"], row["version"]))
     pending_by_org: dict[str, list[tuple[str, int, int]]] = {}
     for row in pending:
-        pending_by_org.setdefault(row["org_id"], []).append((row["idempotency_key"], row["amount_pence"], row["created_ms"]))
+        pending_by_org.setdefault(row["org_id"], []).append(
+            (row["idempotency_key"], row["amount_pence"], row["created_ms"])
+        )
     return {
         row["org_id"]: PgState(
             settings=tuple(settings_from_row(row).script_args()),
@@ -157,7 +168,9 @@ async def _redis_states(rt: Runtime, pg: dict[str, PgState]) -> dict[str, RedisS
             keys = rt.keys.org(org_id)
             pending_keys = [key for key, _, _ in pg[org_id].pending_credits]
             args = [len(fields), *fields, *pending_keys]
-            rt.scripts.add_to_pipeline(pipe, "org_read", [keys.org, keys.holds, keys.outbox, keys.dead, keys.idem], args)
+            rt.scripts.add_to_pipeline(
+                pipe, "org_read", [keys.org, keys.holds, keys.outbox, keys.dead, keys.idem], args
+            )
 
     replies = await rt.scripts.execute(rt.redis, build)
     states = {}
@@ -189,8 +202,9 @@ async def _add_resolutions(rt: Runtime, states: dict[str, RedisState]) -> dict[s
     later: dict[str, list[OutboxItem]] = {}
     for org_id, state in states.items():
         flat: list[str] = []
-        async for name, value in rt.redis.hscan_iter(rt.keys.org(org_id).idem, match=f"{call_state_prefix(org_id)}*",
-                                                       count=records_scan_count):  # fmt: skip
+        async for name, value in rt.redis.hscan_iter(
+            rt.keys.org(org_id).idem, match=f"{call_state_prefix(org_id)}*", count=records_scan_count
+        ):
             flat += [name, value]
         state.resolutions.update(redis_resolutions(org_id, flat))
         entries = await rt.redis.xrange(rt.keys.org(org_id).outbox, "-", "+")
@@ -248,10 +262,14 @@ def compare(
     if redis.unreadable:
         problems.append(f"{len(redis.unreadable)} outbox entries cannot be read: {redis.unreadable[:3]}")
     if redis.dead_letters:
-        problems.append(f"{redis.dead_letters} outbox entries were refused by the ledger (dead letters): Redis has "
-                        "changes Postgres does not")  # fmt: skip
+        problems.append(
+            f"{redis.dead_letters} outbox entries were refused by the ledger (dead letters): Redis has "
+            "changes Postgres does not"
+        )
     if redis.outbox and now_ms - redis.outbox[0].created_ms > outbox_stuck_ms:
-        problems.append(f"outbox not draining: its oldest entry is {(now_ms - redis.outbox[0].created_ms) // 1000} s old")
+        problems.append(
+            f"outbox not draining: its oldest entry is {(now_ms - redis.outbox[0].created_ms) // 1000} s old"
+        )
     balance, debt = pg.balance_pence, pg.debt_pence
     holds = {call_id: hold_pence for call_id, hold_pence, _ in pg.live_holds}
     for item in redis.outbox:
@@ -269,7 +287,9 @@ def compare(
         if not redis.pending_applied.get(key, False):
             balance -= amount_pence
             if now_ms - created_ms > pending_credit_stuck_ms:
-                problems.append(f"credit {key} was committed {(now_ms - created_ms) // 1000} s ago and is still not in Redis")
+                problems.append(
+                    f"credit {key} was committed {(now_ms - created_ms) // 1000} s ago and is still not in Redis"
+                )
     if redis.money["balance_pence"] != balance:
         problems.append(f"balance_pence: redis {redis.money['balance_pence']}, postgres says {balance}")
     if redis.money["debt_pence"] != debt:
@@ -282,7 +302,9 @@ def compare(
     expected_burn = burn_sums(redis.holds.values(), redis.money["burn_at_s"])
     actual_burn = (redis.money["burn_rate"], redis.money["burn_k"], redis.money["burn_frozen_pence"])
     if actual_burn != expected_burn:
-        problems.append(f"kill-switch burn sums (rate, k, frozen) {actual_burn} disagree with the live holds: {expected_burn}")
+        problems.append(
+            f"kill-switch burn sums (rate, k, frozen) {actual_burn} disagree with the live holds: {expected_burn}"
+        )
     if redis.settings != pg.settings:
         problems.append(f"settings: redis {redis.settings}, postgres says {pg.settings}")
     problems += call_record_problems(
@@ -307,23 +329,35 @@ async def _check_orgs(rt: Runtime, org_ids: list[str]) -> tuple[dict[str, list[s
     outbox_keys = {key for state in redis.values() for key in ledger_keys_in(state.outbox)}
     in_ledger = await _keys_in_ledger(rt, sorted(outbox_keys))
     after = await _pg_states(rt, list(before), window_from_ms)
-    rent = await rent_problems(rt.pg, {org_id: list(state.paid_months) for org_id, state in before.items()},
-                               outbox_keys | {key for items in outbox_later.values() for key in ledger_keys_in(items)})  # fmt: skip
+    rent = await rent_problems(
+        rt.pg,
+        {org_id: list(state.paid_months) for org_id, state in before.items()},
+        outbox_keys | {key for items in outbox_later.values() for key in ledger_keys_in(items)},
+    )
     problems: dict[str, list[str]] = {}
     moved = []
     for org_id, pg_state in before.items():
         if after.get(org_id) != pg_state:
             moved.append(org_id)
             continue
-        found = compare(pg_state, redis[org_id], in_ledger, now_ms, rt.settings.idempotency_ttl_ms, older.get(org_id, {}),
-                        outbox_later[org_id])  # fmt: skip
+        found = compare(
+            pg_state,
+            redis[org_id],
+            in_ledger,
+            now_ms,
+            rt.settings.idempotency_ttl_ms,
+            older.get(org_id, {}),
+            outbox_later[org_id],
+        )
         found += rent.get(org_id, [])
         if found:
             problems[org_id] = found
     return problems, moved
 
 
-async def _older_resolutions(rt: Runtime, pg: dict[str, PgState], redis: dict[str, RedisState]) -> dict[str, dict[str, Resolution]]:
+async def _older_resolutions(
+    rt: Runtime, pg: dict[str, PgState], redis: dict[str, RedisState]
+) -> dict[str, dict[str, Resolution]]:
     """Redis keeps a record past its window until a script prunes it: the rows of those (older than
     the window's query read), to compare them too."""
     wanted = []
@@ -381,7 +415,8 @@ async def repair_org(rt: Runtime, org_id: str) -> Outcome:
             # The restored balance includes every credit Postgres had, and their idempotency
             # records came with it: those credits are applied now.
             await rt.pg.execute(
-                "DELETE FROM pending_credits WHERE idempotency_key = ANY($1::text[])", list(snapshot.pending_credit_keys)
+                "DELETE FROM pending_credits WHERE idempotency_key = ANY($1::text[])",
+                list(snapshot.pending_credit_keys),
             )
             await archive_dead_letters(rt, org_id)
             return outcome
@@ -398,9 +433,11 @@ async def archive_dead_letters(rt: Runtime, org_id: str) -> int:
         return 0
     await rt.pg.executemany(
         "INSERT INTO ledger_rejects (org_id, idempotency_key, reason, entry) VALUES ($1, $2, $3, $4)",
-        [(org_id, fields.get("k", ""), "dead_letter: " + fields.get("reason", ""), orjson.dumps(fields).decode())
-         for _, fields in entries],
-    )  # fmt: skip
+        [
+            (org_id, fields.get("k", ""), "dead_letter: " + fields.get("reason", ""), orjson.dumps(fields).decode())
+            for _, fields in entries
+        ],
+    )
     await rt.redis.xdel(keys.dead, *[stream_id for stream_id, _ in entries])
     return len(entries)
 
@@ -420,5 +457,9 @@ async def repair(rt: Runtime, org_ids: list[str] | None = None, progress: Progre
             report.repaired.append(drift.org_id)
         else:
             report.failed[drift.org_id] = "kept changing; try again"
-    report.after = await check(rt, [d.org_id for d in found.drifted] + found.busy) if found.drifted or found.busy else CheckReport()
+    report.after = (
+        await check(rt, [d.org_id for d in found.drifted] + found.busy)
+        if found.drifted or found.busy
+        else CheckReport()
+    )
     return report

@@ -34,6 +34,7 @@ DAY_MS = 86_400_000
 numbers_per_page = 1_000  # due numbers per query; a run pages through all of them
 pages_per_run_max = 1_000  # 1,000,000 numbers a run; the next run (10 minutes later) goes on
 
+
 @dataclass
 class RentReport:
     month: str
@@ -59,18 +60,30 @@ def month_start_ms(month: str) -> int:
 
 
 async def _alert(rt: Runtime, org_id: str, kind: str, number_id: str, month: str, now_ms: int, **extra: Any) -> None:
-    payload = {"type": kind, "org_id": org_id, "phone_number_id": number_id, "month": month,
-               "rent_pence": rt.settings.phone_number_rent_pence, **extra}  # fmt: skip
+    payload = {
+        "type": kind,
+        "org_id": org_id,
+        "phone_number_id": number_id,
+        "month": month,
+        "rent_pence": rt.settings.phone_number_rent_pence,
+        **extra,
+    }
     await rt.pg.execute(
         """INSERT INTO alert_events (org_id, idempotency_key, kind, payload, created_at)
            VALUES ($1, $2, $3, $4::jsonb, to_timestamp($5::bigint / 1000.0)) ON CONFLICT (idempotency_key) DO NOTHING""",
-        org_id, f"{org_id}/{kind}/{number_id}/{month}", kind, payload, now_ms,  # the pool's codec encodes it
-    )  # fmt: skip
+        org_id,
+        f"{org_id}/{kind}/{number_id}/{month}",
+        kind,
+        payload,
+        now_ms,  # the pool's codec encodes it
+    )
 
 
 # Suspend or release only a number still unpaid for the month (a top-up and a charge may have come in between).
-UNPAID_UPDATE = ("UPDATE phone_numbers SET {set} WHERE vapi_phone_number_id = $1 "
-                 "AND (rent_paid_month IS NULL OR rent_paid_month < $2)")  # fmt: skip
+UNPAID_UPDATE = (
+    "UPDATE phone_numbers SET {set} WHERE vapi_phone_number_id = $1 "
+    "AND (rent_paid_month IS NULL OR rent_paid_month < $2)"
+)
 RENT_LOCK = 0x72656E74  # pg advisory lock: one rent run at a time across every worker
 
 
@@ -89,7 +102,9 @@ async def charge_rent(rt: Runtime, telephony: Telephony, now_ms: int | None = No
     return report
 
 
-async def _charge_due(rt: Runtime, telephony: Telephony, report: RentReport, month: str, this_month_ms: int, now_ms: int) -> None:
+async def _charge_due(
+    rt: Runtime, telephony: Telephony, report: RentReport, month: str, this_month_ms: int, now_ms: int
+) -> None:
     # A web process may have cached a number just before it was suspended: forget them again.
     inactive = await rt.pg.fetch("SELECT vapi_phone_number_id FROM phone_numbers WHERE status <> 'active'")
     await forget_owner(rt, *[row["vapi_phone_number_id"] for row in inactive])
@@ -117,7 +132,9 @@ async def _charge_due(rt: Runtime, telephony: Telephony, report: RentReport, mon
         if len(rows) < numbers_per_page:
             return
         after = rows[-1]["vapi_phone_number_id"]
-    log.warning("rent run stopped after %d pages of %d numbers; the next run goes on", pages_per_run_max, numbers_per_page)
+    log.warning(
+        "rent run stopped after %d pages of %d numbers; the next run goes on", pages_per_run_max, numbers_per_page
+    )
 
 
 async def month_paid(rt: Runtime, org_id: str, number_id: str, month: str) -> bool:
@@ -136,19 +153,35 @@ async def month_paid(rt: Runtime, org_id: str, number_id: str, month: str) -> bo
     return paid is not None
 
 
-async def _one_number(rt: Runtime, telephony: Telephony, report: RentReport, row: Any, number_id: str, org_id: str,
-                      month: str, now_ms: int) -> None:  # fmt: skip
+async def _one_number(
+    rt: Runtime,
+    telephony: Telephony,
+    report: RentReport,
+    row: Any,
+    number_id: str,
+    org_id: str,
+    month: str,
+    now_ms: int,
+) -> None:
     if await month_paid(rt, org_id, number_id, month):
         outcome = Outcome.replayed
     else:
         key = rent_ledger_key(org_id, number_id, month)
-        deduction = await charge_asset(rt, org_id, key, rt.settings.phone_number_rent_pence,
-                                       meta={"asset": "phone_number_rent", "phone_number_id": number_id, "month": month})  # fmt: skip
+        deduction = await charge_asset(
+            rt,
+            org_id,
+            key,
+            rt.settings.phone_number_rent_pence,
+            meta={"asset": "phone_number_rent", "phone_number_id": number_id, "month": month},
+        )
         outcome = deduction.outcome
     if outcome in (Outcome.ok, Outcome.replayed):
         await rt.pg.execute(
             """UPDATE phone_numbers SET rent_paid_month = $2, status = 'active', suspended_at = NULL
-               WHERE vapi_phone_number_id = $1""", number_id, month)  # fmt: skip
+               WHERE vapi_phone_number_id = $1""",
+            number_id,
+            month,
+        )
         report.charged += outcome == Outcome.ok
         report.already_paid += outcome == Outcome.replayed
         if row["status"] == "suspended":
@@ -166,26 +199,43 @@ async def _one_number(rt: Runtime, telephony: Telephony, report: RentReport, row
     unpaid_since = failed if failed is not None and (paid is None or paid < failed) else None
     if unpaid_since is None:
         unpaid_since = month
-        await rt.pg.execute("UPDATE phone_numbers SET rent_failed_month = $2 WHERE vapi_phone_number_id = $1", number_id, month)
-        await _alert(rt, org_id, "rent_failed", number_id, month, now_ms,
-                     suspend_after_days=rt.settings.rent_grace_days, release_after_days=rt.settings.rent_release_days)  # fmt: skip
+        await rt.pg.execute(
+            "UPDATE phone_numbers SET rent_failed_month = $2 WHERE vapi_phone_number_id = $1", number_id, month
+        )
+        await _alert(
+            rt,
+            org_id,
+            "rent_failed",
+            number_id,
+            month,
+            now_ms,
+            suspend_after_days=rt.settings.rent_grace_days,
+            release_after_days=rt.settings.rent_release_days,
+        )
     days_overdue = (now_ms - month_start_ms(unpaid_since)) / DAY_MS
     if days_overdue >= rt.settings.rent_release_days:
         try:
             await telephony.release(number_id)
         except ProviderError as error:
-            log.error("could not release unpaid number %s of org %s at %s: %s", number_id, org_id, telephony.name, error)
+            log.error(
+                "could not release unpaid number %s of org %s at %s: %s", number_id, org_id, telephony.name, error
+            )
             report.failed.append(number_id)
             return
         await rt.pg.execute(UNPAID_UPDATE.format(set="status = 'released', released_at = now()"), number_id, month)
         await forget_owner(rt, number_id)
         await _alert(rt, org_id, "number_released", number_id, month, now_ms)
-        log.warning("released number %s of org %s: rent for %s unpaid for %.0f days", number_id, org_id, month, days_overdue)
+        log.warning(
+            "released number %s of org %s: rent for %s unpaid for %.0f days", number_id, org_id, month, days_overdue
+        )
         report.released += 1
     elif days_overdue >= rt.settings.rent_grace_days and row["status"] == "active":
         await rt.pg.execute(UNPAID_UPDATE.format(set="status = 'suspended', suspended_at = now()"), number_id, month)
         await forget_owner(rt, number_id)
-        await _alert(rt, org_id, "number_suspended", number_id, month, now_ms,
-                     release_after_days=rt.settings.rent_release_days)  # fmt: skip
-        log.warning("suspended number %s of org %s: rent for %s unpaid for %.0f days", number_id, org_id, month, days_overdue)
+        await _alert(
+            rt, org_id, "number_suspended", number_id, month, now_ms, release_after_days=rt.settings.rent_release_days
+        )
+        log.warning(
+            "suspended number %s of org %s: rent for %s unpaid for %.0f days", number_id, org_id, month, days_overdue
+        )
         report.suspended += 1

@@ -74,7 +74,9 @@ def add_restore(rt: Runtime, pipe: Any, snapshot: OrgSnapshot, mode: str, expect
     )
 
 
-async def restore_orgs(rt: Runtime, snapshots: list[OrgSnapshot], mode: str, expected_seq: int = 0) -> dict[str, Outcome]:
+async def restore_orgs(
+    rt: Runtime, snapshots: list[OrgSnapshot], mode: str, expected_seq: int = 0
+) -> dict[str, Outcome]:
     """Restore many orgs in one pipeline. Returns each org's outcome (ok or restore_conflict)."""
     assert mode in ("absent", "seq")
     assert mode == "absent" or len(snapshots) == 1
@@ -198,8 +200,11 @@ async def ensure_rebuilt(rt: Runtime, progress: Callable[[int, int], None] | Non
                 report = await rebuild_all(rt, progress)
                 log.info(
                     "rebuilt redis from postgres: %d orgs (%d restored, %d already present) in %.2fs",
-                    report.orgs_total, report.orgs_restored, report.orgs_present, report.seconds,
-                )  # fmt: skip
+                    report.orgs_total,
+                    report.orgs_restored,
+                    report.orgs_present,
+                    report.seconds,
+                )
                 return report
             finally:
                 if await rt.redis.get(rt.keys.rebuild_lock) == token:

@@ -159,7 +159,9 @@ class Runtime:
     ) -> "Runtime":
         if settings.redis_url is None or settings.database_url is None:
             raise ValueError("REDIS_URL and DATABASE_URL must be set (or use `credit-engine up`)")
-        redis = redis_client(settings.redis_url, settings.redis_pool_size, redis_socket_timeout_s, cluster=settings.redis_cluster)
+        redis = redis_client(
+            settings.redis_url, settings.redis_pool_size, redis_socket_timeout_s, cluster=settings.redis_cluster
+        )
         scripts = ScriptRunner()
         try:
             await scripts.load(redis)

@@ -33,7 +33,9 @@ async def describe(conn: asyncpg.Connection) -> Schema:
            WHERE table_schema = 'public' ORDER BY table_name, ordinal_position"""
     ):
         if row["table_name"] in tables:
-            tables[row["table_name"]]["columns"][row["column_name"]] = f"{row['data_type']}{'' if row['is_nullable'] == 'YES' else ' not null'}"
+            tables[row["table_name"]]["columns"][row["column_name"]] = (
+                f"{row['data_type']}{'' if row['is_nullable'] == 'YES' else ' not null'}"
+            )
     for row in await conn.fetch(
         """SELECT rel.relname AS table_name, con.conname, con.contype FROM pg_constraint con
            JOIN pg_class rel ON rel.oid = con.conrelid JOIN pg_namespace n ON n.oid = rel.relnamespace
@@ -42,7 +44,9 @@ async def describe(conn: asyncpg.Connection) -> Schema:
         if row["table_name"] in tables:
             kind = row["contype"].decode() if isinstance(row["contype"], bytes) else str(row["contype"])  # a "char"
             tables[row["table_name"]]["constraints"][row["conname"]] = CONSTRAINT_KINDS.get(kind, kind)
-    for row in await conn.fetch("SELECT tablename, indexname FROM pg_indexes WHERE schemaname = 'public' ORDER BY 1, 2"):
+    for row in await conn.fetch(
+        "SELECT tablename, indexname FROM pg_indexes WHERE schemaname = 'public' ORDER BY 1, 2"
+    ):
         if row["tablename"] in tables:
             tables[row["tablename"]]["indexes"].append(row["indexname"])
     revision = None
@@ -59,7 +63,9 @@ def differences(want: Schema, have: Schema) -> list[str]:
     """What `have` lacks or has different from `want` (extra tables or indexes are not a problem)."""
     problems = []
     if have.get("revision") != want.get("revision"):
-        problems.append(f"migration {have.get('revision')!r}, expected {want.get('revision')!r} (run `credit-engine migrate`)")
+        problems.append(
+            f"migration {have.get('revision')!r}, expected {want.get('revision')!r} (run `credit-engine migrate`)"
+        )
     for table, spec in want["tables"].items():
         got = have["tables"].get(table)
         if got is None:

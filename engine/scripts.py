@@ -81,9 +81,7 @@ def load_scripts() -> dict[str, LuaScript]:
     }
     includes = {name: text for name, text in texts.items() if name.startswith("_")}
     return {
-        name: parse_script(name, text, includes)
-        for name, text in sorted(texts.items())
-        if not name.startswith("_")
+        name: parse_script(name, text, includes) for name, text in sorted(texts.items()) if not name.startswith("_")
     }
 
 

@@ -171,9 +171,7 @@ async def org_id_pages(conn: asyncpg.Connection, page_size: int, only: list[str]
         return
     after = ""
     while True:  # ends when a page comes back empty; each page moves `after` strictly forward
-        rows = await conn.fetch(
-            "SELECT org_id FROM orgs WHERE org_id > $1 ORDER BY org_id LIMIT $2", after, page_size
-        )
+        rows = await conn.fetch("SELECT org_id FROM orgs WHERE org_id > $1 ORDER BY org_id LIMIT $2", after, page_size)
         if not rows:
             return
         page = [row["org_id"] for row in rows]

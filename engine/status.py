@@ -71,15 +71,26 @@ async def org_status(rt: Runtime, org_id: str, now_ms: int | None = None) -> Org
     depletion_ms = depletion_ms_of(burn)
     holds = await live_holds(rt, org_id)
     calls = [
-        LiveCall(call_id, _iso(hold.started_ms) if hold.started_ms else None,
-                 max(0, (now_ms - hold.started_ms) // 1000) if hold.started_ms else 0, hold.rate_pence_per_minute,
-                 hold.hold_pence, max(0, math.ceil((hold.expires_ms - now_ms) / 1000)))
+        LiveCall(
+            call_id,
+            _iso(hold.started_ms) if hold.started_ms else None,
+            max(0, (now_ms - hold.started_ms) // 1000) if hold.started_ms else 0,
+            hold.rate_pence_per_minute,
+            hold.hold_pence,
+            max(0, math.ceil((hold.expires_ms - now_ms) / 1000)),
+        )
         for call_id, hold in sorted(holds.items())
-    ]  # fmt: skip
+    ]
     return OrgStatus(
-        org_id, wallet.balance_pence, wallet.held_pence, wallet.available_pence, wallet.debt_pence,
-        await rt.redis.xlen(keys.outbox), max(0, math.ceil((depletion_ms - now_ms) / 1000)) if depletion_ms else None, calls,
-    )  # fmt: skip
+        org_id,
+        wallet.balance_pence,
+        wallet.held_pence,
+        wallet.available_pence,
+        wallet.debt_pence,
+        await rt.redis.xlen(keys.outbox),
+        max(0, math.ceil((depletion_ms - now_ms) / 1000)) if depletion_ms else None,
+        calls,
+    )
 
 
 async def deployment_status(rt: Runtime) -> DeploymentStatus:
@@ -100,9 +111,16 @@ async def deployment_status(rt: Runtime) -> DeploymentStatus:
     statuses = [s for s in [await org_status(rt, org_id, now_ms) for org_id in burning] if s is not None and s.calls]
     statuses.sort(key=lambda s: (-len(s.calls), s.credit_runs_out_in_s or 0))
     return DeploymentStatus(
-        _iso(now_ms), worker, worker_ok, stats.get("outbox_entries", 0), outbox_lag_ms(stats, now_ms) if stats else None,
-        stats.get("entries_written", 0), len(statuses), sum(len(s.calls) for s in statuses), statuses[:busiest_shown],
-    )  # fmt: skip
+        _iso(now_ms),
+        worker,
+        worker_ok,
+        stats.get("outbox_entries", 0),
+        outbox_lag_ms(stats, now_ms) if stats else None,
+        stats.get("entries_written", 0),
+        len(statuses),
+        sum(len(s.calls) for s in statuses),
+        statuses[:busiest_shown],
+    )
 
 
 def as_json(status: DeploymentStatus | OrgStatus) -> dict[str, Any]:
@@ -126,8 +144,10 @@ def render_org(status: OrgStatus) -> str:
     if status.calls:
         lines.append(f"  {'call':<36} {'running':>8} {'rate/min':>9} {'held':>10} {'hold ends':>10}")
         for call in status.calls:
-            lines.append(f"  {call.call_id[:36]:<36} {call.seconds_running:>7}s {call.rate_pence_per_minute:>8}p "
-                         f"{format_pence(call.hold_pence):>10} {call.expires_in_s:>9}s")  # fmt: skip
+            lines.append(
+                f"  {call.call_id[:36]:<36} {call.seconds_running:>7}s {call.rate_pence_per_minute:>8}p "
+                f"{format_pence(call.hold_pence):>10} {call.expires_in_s:>9}s"
+            )
     return "\n".join(lines)
 
 
@@ -142,6 +162,8 @@ def render_deployment(status: DeploymentStatus) -> str:
     if status.busiest:
         lines.append(f"  {'org':<24} {'calls':>5} {'balance':>12} {'available':>12} {'runs out in':>12}")
         for org in status.busiest:
-            lines.append(f"  {org.org_id[:24]:<24} {len(org.calls):>5} {format_pence(org.balance_pence):>12} "
-                         f"{format_pence(org.available_pence):>12} {_runs_out(org.credit_runs_out_in_s):>12}")  # fmt: skip
+            lines.append(
+                f"  {org.org_id[:24]:<24} {len(org.calls):>5} {format_pence(org.balance_pence):>12} "
+                f"{format_pence(org.available_pence):>12} {_runs_out(org.credit_runs_out_in_s):>12}"
+            )
     return "\n".join(lines)

@@ -93,7 +93,8 @@ class VapiTelephony:
     async def release(self, vapi_phone_number_id: str) -> None:
         try:
             response = await self.client.delete(
-                f"{self.base_url}/phone-number/{vapi_phone_number_id}", headers={"Authorization": f"Bearer {self.api_key}"}
+                f"{self.base_url}/phone-number/{vapi_phone_number_id}",
+                headers={"Authorization": f"Bearer {self.api_key}"},
             )
         except httpx.HTTPError as error:
             raise ProviderError(f"vapi unreachable: {type(error).__name__}") from error

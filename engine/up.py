@@ -164,7 +164,9 @@ def _print_banner(
     redis_note = f"embedded, AOF appendfsync {settings.redis_appendfsync}" if redis_server else "external"
     pg_note = "embedded" if pg_server else "external"
     metrics_port = settings.worker_metrics_port
-    worker_metrics = f"   (its metrics: http://{settings.worker_metrics_host}:{metrics_port}/metrics)" if metrics_port else ""
+    worker_metrics = (
+        f"   (its metrics: http://{settings.worker_metrics_host}:{metrics_port}/metrics)" if metrics_port else ""
+    )
     print(
         f"""
 credit-engine is up
@@ -186,6 +188,9 @@ Ctrl-C stops everything; balances are kept in {data_dir}.
         flush=True,
     )
     if settings.public_url is None:
-        print("WARNING: CREDIT_ENGINE_PUBLIC_URL is not set: calls this engine admits do not name it as their server,\n"
-              "         so an assistant with its own server URL takes their messages (and their billing) away.\n"
-              "         Set it to the URL Vapi reaches this engine at (README, \"Vapi's messages\").", flush=True)  # fmt: skip
+        print(
+            "WARNING: CREDIT_ENGINE_PUBLIC_URL is not set: calls this engine admits do not name it as their server,\n"
+            "         so an assistant with its own server URL takes their messages (and their billing) away.\n"
+            '         Set it to the URL Vapi reaches this engine at (README, "Vapi\'s messages").',
+            flush=True,
+        )

@@ -59,7 +59,9 @@ class Verification:
         lines = [f"{marks[check.ok, check.warning]} {check.name.ljust(width)}  {check.detail}" for check in self.checks]
         passed = sum(check.ok for check in self.checks)
         warnings = sum(check.ok and check.warning for check in self.checks)
-        lines.append(f"{passed}/{len(self.checks)} checks passed" + (f" ({warnings} with a warning)" if warnings else ""))
+        lines.append(
+            f"{passed}/{len(self.checks)} checks passed" + (f" ({warnings} with a warning)" if warnings else "")
+        )
         return "\n".join(lines)
 
 
@@ -78,6 +80,7 @@ async def verify(settings: Settings, sample_size: int = sample_size_default) -> 
     pg: asyncpg.Connection | None = None
     checks: list[Check] = []
     try:
+
         async def redis_answers() -> tuple[bool, str]:
             info = await redis.info("server")
             try:
@@ -118,7 +121,10 @@ async def verify(settings: Settings, sample_size: int = sample_size_default) -> 
         async def state_present() -> tuple[bool, str]:
             state = await redis.hgetall(keys.state)
             if not state or not await markers_present(redis, keys):
-                return False, "no state marker: Redis has not been rebuilt from Postgres (start the web app or the worker)"
+                return (
+                    False,
+                    "no state marker: Redis has not been rebuilt from Postgres (start the web app or the worker)",
+                )
             return True, f"rebuilt for {state.get('orgs', '?')} orgs"
 
         checks.append(await _guarded("redis state", state_present))
@@ -144,7 +150,10 @@ async def verify(settings: Settings, sample_size: int = sample_size_default) -> 
             if lag_ms is None:
                 return False, "unknown: no worker has reported"
             limit_ms = settings.readiness_outbox_lag_s_max * 1000
-            return lag_ms <= limit_ms, f"{lag_ms} ms behind (limit {limit_ms} ms), {stats.get('outbox_entries', 0)} entries waiting"
+            return (
+                lag_ms <= limit_ms,
+                f"{lag_ms} ms behind (limit {limit_ms} ms), {stats.get('outbox_entries', 0)} entries waiting",
+            )
 
         checks.append(await _guarded("outbox lag", ledger_lag))
 
@@ -162,9 +171,15 @@ async def verify(settings: Settings, sample_size: int = sample_size_default) -> 
             finally:
                 await rt.close()
             if report.drifted:
-                return False, f"{len(report.drifted)} of {len(sample)} sampled orgs drifted: {', '.join(d.org_id for d in report.drifted[:5])}"
+                return (
+                    False,
+                    f"{len(report.drifted)} of {len(sample)} sampled orgs drifted: {', '.join(d.org_id for d in report.drifted[:5])}",
+                )
             if report.busy:
-                return False, f"{len(report.busy)} of {len(sample)} sampled orgs changed on every read: {', '.join(report.busy[:5])}"
+                return (
+                    False,
+                    f"{len(report.busy)} of {len(sample)} sampled orgs changed on every read: {', '.join(report.busy[:5])}",
+                )
             return True, f"{len(sample)} of {len(org_ids)} orgs sampled, Redis = Postgres"
 
         checks.append(await _guarded("redis = postgres", sample_agrees))
@@ -180,9 +195,13 @@ def vapi_routing_check(settings: Settings) -> Check:
     """Whether admitted calls name this engine as their server (engine/call_server.py)."""
     server = engine_server(settings)
     if server is None:
-        return Check("vapi routing", True, "CREDIT_ENGINE_PUBLIC_URL is not set: admitted calls do not name this engine as "
-                     "their server, so an assistant with its own server URL takes their messages (and billing) away",
-                     warning=True)  # fmt: skip
+        return Check(
+            "vapi routing",
+            True,
+            "CREDIT_ENGINE_PUBLIC_URL is not set: admitted calls do not name this engine as "
+            "their server, so an assistant with its own server URL takes their messages (and billing) away",
+            warning=True,
+        )
     auth = "credential " + server["credentialId"] if "credentialId" in server else "X-Vapi-Secret header"
     return Check("vapi routing", True, f"admitted calls' server is {server['url']} ({auth})")
 

@@ -28,8 +28,12 @@ script = scripts.scripts["hold_check"]
 async def check(request: Request) -> Response:
     body = orjson.loads(await request.body())
     org = keys.org(body["org_id"])
-    reply = await redis.evalsha(script.sha, 3, org.org, org.holds, org.outbox, 0, body["org_id"], body["call_id"], 0, 600_000, 100_000, 8)
-    return Response(orjson.dumps({"endCall": bool(reply[6]), "available_pence": reply[3]}), media_type="application/json")
+    reply = await redis.evalsha(
+        script.sha, 3, org.org, org.holds, org.outbox, 0, body["org_id"], body["call_id"], 0, 600_000, 100_000, 8
+    )
+    return Response(
+        orjson.dumps({"endCall": bool(reply[6]), "available_pence": reply[3]}), media_type="application/json"
+    )
 
 
 @contextlib.asynccontextmanager

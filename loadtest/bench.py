@@ -116,9 +116,25 @@ class WebServer:
         if design == "status-check":
             self.argv = processes.cli("serve", "--port", str(self.port))
         else:
-            module = {"bare-evalsha": "credit_engine.loadtest.bare_app:app", "seed-for-update": "credit_engine.loadtest.seed_app:app"}[design]
-            self.argv = [sys.executable, "-m", "uvicorn", module, "--port", str(self.port), "--loop", "uvloop",
-                         "--http", "httptools", "--no-access-log", "--log-level", "warning"]  # fmt: skip
+            module = {
+                "bare-evalsha": "credit_engine.loadtest.bare_app:app",
+                "seed-for-update": "credit_engine.loadtest.seed_app:app",
+            }[design]
+            self.argv = [
+                sys.executable,
+                "-m",
+                "uvicorn",
+                module,
+                "--port",
+                str(self.port),
+                "--loop",
+                "uvloop",
+                "--http",
+                "httptools",
+                "--no-access-log",
+                "--log-level",
+                "warning",
+            ]
         self.process: subprocess.Popen[bytes] | None = None
 
     def __enter__(self) -> "WebServer":
@@ -163,13 +179,30 @@ LATENCY_LINE = re.compile(r"^\s+(50|99)%\s+([\d.]+)(us|ms|s)\s*$", re.MULTILINE)
 UNIT_MS = {"us": 0.001, "ms": 1.0, "s": 1000.0}
 
 
-def wrk(url: str, bodies_file: Path, headers: str, seconds: int, connections: int = 32) -> tuple[float, float, float, int, float]:
+def wrk(
+    url: str, bodies_file: Path, headers: str, seconds: int, connections: int = 32
+) -> tuple[float, float, float, int, float]:
     """(requests/s, p50 ms, p99 ms, non-2xx, wrk's CPU seconds) at saturation."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     result = subprocess.run(
-        ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", "-s", str(WRK_SCRIPT), url, "--", str(bodies_file)],
-        env={**os.environ, "WRK_HEADERS": headers}, capture_output=True, text=True, timeout=seconds + 60, check=True,
-    )  # fmt: skip
+        [
+            "wrk",
+            "-t1",
+            f"-c{connections}",
+            f"-d{seconds}s",
+            "--latency",
+            "-s",
+            str(WRK_SCRIPT),
+            url,
+            "--",
+            str(bodies_file),
+        ],
+        env={**os.environ, "WRK_HEADERS": headers},
+        capture_output=True,
+        text=True,
+        timeout=seconds + 60,
+        check=True,
+    )
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     latencies = {pct: float(value) * UNIT_MS[unit] for pct, value, unit in LATENCY_LINE.findall(result.stdout)}
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", result.stdout).group(1))  # type: ignore[union-attr]
@@ -178,8 +211,18 @@ def wrk(url: str, bodies_file: Path, headers: str, seconds: int, connections: in
     return rps, latencies["50"], latencies["99"], int(non_2xx_match.group(1)) if non_2xx_match else 0, cpu
 
 
-def measure(design: str, load: str, server: WebServer, store_pids: list[int], url_path: str, bodies: list[bytes],
-            headers: dict[str, str], mode: str, seconds: int, rate: float = 0) -> Measured:  # fmt: skip
+def measure(
+    design: str,
+    load: str,
+    server: WebServer,
+    store_pids: list[int],
+    url_path: str,
+    bodies: list[bytes],
+    headers: dict[str, str],
+    mode: str,
+    seconds: int,
+    rate: float = 0,
+) -> Measured:
     server_before = cpu_seconds([server.pid])
     store_before = cpu_seconds(store_pids)
     started = time.monotonic()
@@ -187,15 +230,20 @@ def measure(design: str, load: str, server: WebServer, store_pids: list[int], ur
         with tempfile.NamedTemporaryFile("wb", suffix=".jsonl", delete=False) as handle:
             handle.write(b"\n".join(bodies) + b"\n")
         header_text = "|".join(f"{k}: {v}" for k, v in headers.items())
-        runs = sorted(wrk(f"http://127.0.0.1:{server.port}{url_path}", Path(handle.name), header_text, seconds)
-                      for _ in range(saturation_repeats))  # fmt: skip
+        runs = sorted(
+            wrk(f"http://127.0.0.1:{server.port}{url_path}", Path(handle.name), header_text, seconds)
+            for _ in range(saturation_repeats)
+        )
         rps, p50, p99, non_2xx, _ = runs[len(runs) // 2]  # the median run by requests/s
         generator_cpu = sum(run[4] for run in runs)
         os.unlink(handle.name)
         generator = f"wrk -t1 -c32, median of {saturation_repeats}"
     else:
         host = f"127.0.0.1:{server.port}"
-        requests = [http_request("POST", url_path, host, body, {"Content-Type": "application/json", **headers}) for body in bodies]
+        requests = [
+            http_request("POST", url_path, host, body, {"Content-Type": "application/json", **headers})
+            for body in bodies
+        ]
         result = run_at_rate("127.0.0.1", server.port, lambda i: requests[i % len(requests)], rate, seconds)
         rps, p50, p99 = result.rate_achieved, result.percentile_ms(0.50), result.percentile_ms(0.99)
         non_2xx = sum(n for status, n in result.statuses.items() if status >= 300) + result.errors
@@ -203,11 +251,18 @@ def measure(design: str, load: str, server: WebServer, store_pids: list[int], ur
         generator = "open loop (uvloop), 64 conns"
     elapsed = time.monotonic() - started
     return Measured(
-        design, load, mode, round(rps, 1), round(p50, 3), round(p99, 3),
+        design,
+        load,
+        mode,
+        round(rps, 1),
+        round(p50, 3),
+        round(p99, 3),
         round((cpu_seconds([server.pid]) - server_before) / elapsed, 2),
         round((cpu_seconds(store_pids) - store_before) / elapsed, 2),
-        round(generator_cpu / elapsed, 2), generator, non_2xx,
-    )  # fmt: skip
+        round(generator_cpu / elapsed, 2),
+        generator,
+        non_2xx,
+    )
 
 
 # Data -----------------------------------------------------------------------------------------
@@ -269,7 +324,9 @@ async def seed_the_seed_design(database_url: str, orgs: list[tuple[str, str]]) -
         for statement in split_statements(SCHEMA):
             await conn.execute(statement)
         await conn.executemany("INSERT INTO seed_orgs VALUES ($1, 10000000, 300, 60)", [(org,) for org, _ in orgs])
-        await conn.executemany("INSERT INTO seed_reservations VALUES ($1, $2, 300, now())", [(call, org) for org, call in orgs])
+        await conn.executemany(
+            "INSERT INTO seed_reservations VALUES ($1, $2, 300, now())", [(call, org) for org, call in orgs]
+        )
     finally:
         await conn.close()
 
@@ -277,8 +334,15 @@ async def seed_the_seed_design(database_url: str, orgs: list[tuple[str, str]]) -
 # Sections -------------------------------------------------------------------------------------
 
 
-def status_check_section(report: Report, env: dict[str, str], data_dir: Path, orgs: list[tuple[str, str]],
-                         redis_pid: int, pg_pids: list[int], d: Durations) -> None:  # fmt: skip
+def status_check_section(
+    report: Report,
+    env: dict[str, str],
+    data_dir: Path,
+    orgs: list[tuple[str, str]],
+    redis_pid: int,
+    pg_pids: list[int],
+    d: Durations,
+) -> None:
     hot = [orgs[0]]
     loads = {"one hot org": hot, f"{len(orgs):,} orgs": orgs}
     designs = {
@@ -289,16 +353,26 @@ def status_check_section(report: Report, env: dict[str, str], data_dir: Path, or
     for design, (path, headers, store, call_only) in designs.items():
         with WebServer(design, env, data_dir) as server:
             for load, pairs in loads.items():
-                bodies = [json.dumps({"call_id": call} if call_only else {"org_id": org, "call_id": call}).encode()
-                          for org, call in pairs]  # fmt: skip
-                warm = measure(design, load, server, store, path, bodies, headers, "fixed", 2, rate=min(5000, len(bodies)))
+                bodies = [
+                    json.dumps({"call_id": call} if call_only else {"org_id": org, "call_id": call}).encode()
+                    for org, call in pairs
+                ]
+                warm = measure(
+                    design, load, server, store, path, bodies, headers, "fixed", 2, rate=min(5000, len(bodies))
+                )
                 assert warm.non_2xx == 0, f"{design} answered non-2xx while warming up"
                 log(f"{design}, {load}: saturation")
-                report.status_check.append(measure(design, load, server, store, path, bodies, headers, "saturation", d.saturation_s))
+                report.status_check.append(
+                    measure(design, load, server, store, path, bodies, headers, "saturation", d.saturation_s)
+                )
                 log(f"{design}, {load}: 2,000 requests/s")
-                report.status_check.append(measure(design, load, server, store, path, bodies, headers, "fixed", d.fixed_rate_s, 2000))
-            bodies = [json.dumps({"call_id": call} if call_only else {"org_id": org, "call_id": call}).encode()
-                      for org, call in orgs]  # fmt: skip
+                report.status_check.append(
+                    measure(design, load, server, store, path, bodies, headers, "fixed", d.fixed_rate_s, 2000)
+                )
+            bodies = [
+                json.dumps({"call_id": call} if call_only else {"org_id": org, "call_id": call}).encode()
+                for org, call in orgs
+            ]
             points = []
             for rate in (500, 1000, 2000, 3000, 4000, 5000, 6000, 8000, 10000):
                 point = measure(design, "sweep", server, store, path, bodies, headers, "fixed", d.sweep_point_s, rate)
@@ -334,40 +408,92 @@ async def lua_section(report: Report, rt: Runtime, orgs: list[tuple[str, str]], 
             client_us.append((time.perf_counter() - started) / iterations * 1e6)
             stats = await rt.redis.info("commandstats")
             server_us.append(float(stats.get("cmdstat_evalsha", {}).get("usec_per_call", 0)))
-        report.lua[name] = {"client_round_trip_us": round(sorted(client_us)[1], 1),
-                            "redis_usec_per_call": round(sorted(server_us)[1], 2)}  # fmt: skip
-        log(f"lua {name}: {report.lua[name]['client_round_trip_us']} us at the client, "
-            f"{report.lua[name]['redis_usec_per_call']} us inside Redis")  # fmt: skip
+        report.lua[name] = {
+            "client_round_trip_us": round(sorted(client_us)[1], 1),
+            "redis_usec_per_call": round(sorted(server_us)[1], 2),
+        }
+        log(
+            f"lua {name}: {report.lua[name]['client_round_trip_us']} us at the client, "
+            f"{report.lua[name]['redis_usec_per_call']} us inside Redis"
+        )
 
 
-def endpoint_section(report: Report, env: dict[str, str], data_dir: Path, orgs: list[tuple[str, str]], d: Durations) -> None:
+def endpoint_section(
+    report: Report, env: dict[str, str], data_dir: Path, orgs: list[tuple[str, str]], d: Durations
+) -> None:
     rate = 300
-    with WebServer("status-check", env, data_dir) as server, httpx.Client(base_url=f"http://127.0.0.1:{server.port}") as client:
+    with (
+        WebServer("status-check", env, data_dir) as server,
+        httpx.Client(base_url=f"http://127.0.0.1:{server.port}") as client,
+    ):
         admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
         keys = [client.post(f"/api/admin/orgs/{org}/api-keys", headers=admin).json()["api_key"] for org, _ in orgs[:50]]
         host = f"127.0.0.1:{server.port}"
         total = rate * d.endpoint_s
-        reserve = [http_request("POST", f"/api/calls/ep-{i}/reserve", host, b"", {"Authorization": f"Bearer {keys[i % 50]}"})
-                   for i in range(total)]  # fmt: skip
+        reserve = [
+            http_request("POST", f"/api/calls/ep-{i}/reserve", host, b"", {"Authorization": f"Bearer {keys[i % 50]}"})
+            for i in range(total)
+        ]
         commits = []
         for i in range(total):
             org = orgs[i % 50][0]
-            body = json.dumps({"message": {"type": "end-of-call-report", "endedReason": "customer-ended-call",
-                                           "startedAt": "2026-11-24T12:00:00Z", "endedAt": "2026-11-24T12:01:30Z",
-                                           "call": {"id": f"ep-{i}", "orgId": "v", "createdAt": "x", "updatedAt": "x",
-                                                    "assistantOverrides": {"variableValues": {"org_id": org}}}}}).encode()  # fmt: skip
-            commits.append(http_request("POST", "/api/vapi/webhook", host, body,
-                                        {"Content-Type": "application/json", "X-Vapi-Secret": WEBHOOK_SECRET}))  # fmt: skip
-        provisions = [http_request("POST", "/api/managed-telephony/provision", host, b"{}",
-                                   {"Content-Type": "application/json", "Authorization": f"Bearer {keys[i % 50]}",
-                                    "Idempotency-Key": f"bench-{i}"}) for i in range(total)]  # fmt: skip
-        for name, requests in (("reserve", reserve), ("commit (end-of-call-report)", commits), ("provision", provisions)):
+            body = json.dumps(
+                {
+                    "message": {
+                        "type": "end-of-call-report",
+                        "endedReason": "customer-ended-call",
+                        "startedAt": "2026-11-24T12:00:00Z",
+                        "endedAt": "2026-11-24T12:01:30Z",
+                        "call": {
+                            "id": f"ep-{i}",
+                            "orgId": "v",
+                            "createdAt": "x",
+                            "updatedAt": "x",
+                            "assistantOverrides": {"variableValues": {"org_id": org}},
+                        },
+                    }
+                }
+            ).encode()
+            commits.append(
+                http_request(
+                    "POST",
+                    "/api/vapi/webhook",
+                    host,
+                    body,
+                    {"Content-Type": "application/json", "X-Vapi-Secret": WEBHOOK_SECRET},
+                )
+            )
+        provisions = [
+            http_request(
+                "POST",
+                "/api/managed-telephony/provision",
+                host,
+                b"{}",
+                {
+                    "Content-Type": "application/json",
+                    "Authorization": f"Bearer {keys[i % 50]}",
+                    "Idempotency-Key": f"bench-{i}",
+                },
+            )
+            for i in range(total)
+        ]
+        for name, requests in (
+            ("reserve", reserve),
+            ("commit (end-of-call-report)", commits),
+            ("provision", provisions),
+        ):
             result: RateResult = run_at_rate("127.0.0.1", server.port, lambda i, r=requests: r[i], rate, d.endpoint_s)
             bad = {status: n for status, n in result.statuses.items() if status >= 300}
-            report.endpoints[name] = {"rate": rate, "p50_ms": round(result.percentile_ms(0.5), 2),
-                                      "p99_ms": round(result.percentile_ms(0.99), 2), "completed": result.completed,
-                                      "non_2xx": sum(bad.values()) + result.errors}  # fmt: skip
-            log(f"{name}: p50 {result.percentile_ms(0.5):.2f} ms, p99 {result.percentile_ms(0.99):.2f} ms, non-2xx {bad}")
+            report.endpoints[name] = {
+                "rate": rate,
+                "p50_ms": round(result.percentile_ms(0.5), 2),
+                "p99_ms": round(result.percentile_ms(0.99), 2),
+                "completed": result.completed,
+                "non_2xx": sum(bad.values()) + result.errors,
+            }
+            log(
+                f"{name}: p50 {result.percentile_ms(0.5):.2f} ms, p99 {result.percentile_ms(0.99):.2f} ms, non-2xx {bad}"
+            )
 
 
 async def _deduct_at_rate(rt: Runtime, orgs: list[tuple[str, str]], rate: int, seconds: int, tag: str) -> int:
@@ -384,12 +510,18 @@ async def _deduct_at_rate(rt: Runtime, orgs: list[tuple[str, str]], rate: int, s
     return len(tasks)
 
 
-async def ledger_section(report: Report, rt: Runtime, env: dict[str, str], data_dir: Path, orgs: list[tuple[str, str]], d: Durations) -> None:
+async def ledger_section(
+    report: Report, rt: Runtime, env: dict[str, str], data_dir: Path, orgs: list[tuple[str, str]], d: Durations
+) -> None:
     targets = orgs[:1000]
     log(f"ledger: {d.ledger_entries:,} entries into the outboxes of {len(targets)} orgs")
     for start in range(0, d.ledger_entries, 1000):
-        await asyncio.gather(*[deduct_asset(rt, targets[i % len(targets)][0], f"drain-{i}", 1)
-                               for i in range(start, min(start + 1000, d.ledger_entries))])  # fmt: skip
+        await asyncio.gather(
+            *[
+                deduct_asset(rt, targets[i % len(targets)][0], f"drain-{i}", 1)
+                for i in range(start, min(start + 1000, d.ledger_entries))
+            ]
+        )
     outboxes = [rt.keys.org(org).outbox for org, _ in targets]
 
     async def waiting() -> int:
@@ -419,18 +551,28 @@ async def ledger_section(report: Report, rt: Runtime, env: dict[str, str], data_
         log(f"ledger: outbox lag under 2,000 deductions/s for {d.lag_run_s}s")
         lag_started = time.time()
         sent = await _deduct_at_rate(rt, targets, 2000, d.lag_run_s, "lag")
-        while await rt.pg.fetchval("SELECT count(*) FROM ledger_entries WHERE idempotency_key LIKE '%/asset/lag-%'") < sent:
+        while (
+            await rt.pg.fetchval("SELECT count(*) FROM ledger_entries WHERE idempotency_key LIKE '%/asset/lag-%'")
+            < sent
+        ):
             await asyncio.sleep(0.1)
         lags = await rt.pg.fetchrow(
             """SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY extract(epoch FROM recorded_at - created_at)) AS p50,
                       percentile_cont(0.99) WITHIN GROUP (ORDER BY extract(epoch FROM recorded_at - created_at)) AS p99,
                       max(extract(epoch FROM recorded_at - created_at)) AS worst
                FROM ledger_entries WHERE idempotency_key LIKE '%/asset/lag-%'"""
-        )  # fmt: skip
-        report.ledger = {"drain_entries_per_s": round(drain_rate), "prefilled_entries": d.ledger_entries,
-                         "lag_rate_per_s": 2000, "lag_entries": sent, "lag_p50_ms": round(float(lags["p50"]) * 1000, 1),
-                         "lag_p99_ms": round(float(lags["p99"]) * 1000, 1), "lag_max_ms": round(float(lags["worst"]) * 1000, 1),
-                         "lag_run_s": round(time.time() - lag_started, 1), "worker_cpu_s": round(worker_cpu, 1)}  # fmt: skip
+        )
+        report.ledger = {
+            "drain_entries_per_s": round(drain_rate),
+            "prefilled_entries": d.ledger_entries,
+            "lag_rate_per_s": 2000,
+            "lag_entries": sent,
+            "lag_p50_ms": round(float(lags["p50"]) * 1000, 1),
+            "lag_p99_ms": round(float(lags["p99"]) * 1000, 1),
+            "lag_max_ms": round(float(lags["worst"]) * 1000, 1),
+            "lag_run_s": round(time.time() - lag_started, 1),
+            "worker_cpu_s": round(worker_cpu, 1),
+        }
         log(f"ledger: lag p50 {report.ledger['lag_p50_ms']} ms, p99 {report.ledger['lag_p99_ms']} ms")
     finally:
         worker.terminate()
@@ -449,7 +591,10 @@ async def reconcile_section(report: Report, pg_url: str, redis_url: str, d: Dura
     conn = await asyncpg_connect(url)
     try:
         await conn.execute("SET session_replication_role = replica")  # bulk load: the chain is built right below
-        await conn.execute("INSERT INTO orgs (org_id, name, rate_pence_per_minute) SELECT 'r' || i, 'r', 60 FROM generate_series(1, $1) i", orgs)
+        await conn.execute(
+            "INSERT INTO orgs (org_id, name, rate_pence_per_minute) SELECT 'r' || i, 'r', 60 FROM generate_series(1, $1) i",
+            orgs,
+        )
         await conn.execute(
             """INSERT INTO ledger_entries (org_id, idempotency_key, kind, amount_pence, balance_after_pence,
                    debt_after_pence, source, created_at, meta)
@@ -460,8 +605,9 @@ async def reconcile_section(report: Report, pg_url: str, redis_url: str, d: Dura
                       now() - make_interval(secs => (random() * 500000)::int),
                       CASE WHEN k = 0 THEN '{}'::jsonb ELSE jsonb_build_object('redis', jsonb_build_object('balance_after_pence', 100000 - 10 * k)) END
                FROM generate_series(1, $1) o, generate_series(0, $2 - 1) k""",
-            orgs, per_org,
-        )  # fmt: skip
+            orgs,
+            per_org,
+        )
         await conn.execute(
             """INSERT INTO org_balances (org_id, balance_pence, entry_count, last_entry_id)
                SELECT org_id, min(balance_after_pence), count(*), max(id) FROM ledger_entries GROUP BY org_id"""
@@ -476,7 +622,9 @@ async def reconcile_section(report: Report, pg_url: str, redis_url: str, d: Dura
         await conn.execute("ANALYZE")
     finally:
         await conn.close()
-    settings = replace(Settings(), redis_url=redis_url, database_url=url, key_prefix=f"rc{secrets.token_hex(3)}", pg_pool_size=4)
+    settings = replace(
+        Settings(), redis_url=redis_url, database_url=url, key_prefix=f"rc{secrets.token_hex(3)}", pg_pool_size=4
+    )
     rt = await Runtime.open(settings)
     try:
         log("reconcile: rebuilding Redis from Postgres")
@@ -486,9 +634,14 @@ async def reconcile_section(report: Report, pg_url: str, redis_url: str, d: Dura
         idem = await rt.redis.hlen(rt.keys.org("r1").idem)
     finally:
         await rt.close()
-    report.reconcile = {"orgs": orgs, "ledger_entries": orgs * per_org, "live_holds": (orgs + 9) // 10,
-                        "orgs_restored": rebuilt.orgs_restored, "seconds": round(seconds, 1),
-                        "idempotency_records_per_org": idem}  # fmt: skip
+    report.reconcile = {
+        "orgs": orgs,
+        "ledger_entries": orgs * per_org,
+        "live_holds": (orgs + 9) // 10,
+        "orgs_restored": rebuilt.orgs_restored,
+        "seconds": round(seconds, 1),
+        "idempotency_records_per_org": idem,
+    }
     log(f"reconcile: {orgs:,} orgs in {seconds:.1f}s")
 
 
@@ -504,9 +657,14 @@ async def asyncpg_connect(url: str) -> Any:
 
 
 def machine() -> dict[str, Any]:
-    return {"cpus": os.cpu_count(), "cpu_model": platform.processor() or _cpu_model(), "python": platform.python_version(),
-            "platform": platform.platform(), "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
-            "date": time.strftime("%Y-%m-%d %H:%M")}  # fmt: skip
+    return {
+        "cpus": os.cpu_count(),
+        "cpu_model": platform.processor() or _cpu_model(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+    }
 
 
 def _cpu_model() -> str:
@@ -529,9 +687,16 @@ async def run(durations: Durations, out: Path, sections: set[str]) -> Report:
     try:
         await asyncio.to_thread(upgrade_to_head, postgres.url)
         settings = replace(Settings(), redis_url=redis.url, database_url=postgres.url, pg_pool_size=20)
-        env = {**os.environ, "REDIS_URL": redis.url, "DATABASE_URL": postgres.url, "VAPI_WEBHOOK_SECRET": WEBHOOK_SECRET,
-               "CREDIT_ENGINE_ADMIN_TOKEN": ADMIN_TOKEN, "CREDIT_ENGINE_LOG_LEVEL": "WARNING",
-               "CREDIT_ENGINE_PG_POOL_SIZE": "20", "CREDIT_ENGINE_PHONE_NUMBER_PENCE": "100"}  # fmt: skip
+        env = {
+            **os.environ,
+            "REDIS_URL": redis.url,
+            "DATABASE_URL": postgres.url,
+            "VAPI_WEBHOOK_SECRET": WEBHOOK_SECRET,
+            "CREDIT_ENGINE_ADMIN_TOKEN": ADMIN_TOKEN,
+            "CREDIT_ENGINE_LOG_LEVEL": "WARNING",
+            "CREDIT_ENGINE_PG_POOL_SIZE": "20",
+            "CREDIT_ENGINE_PHONE_NUMBER_PENCE": "100",
+        }
         rt = await Runtime.open(settings)
         try:
             log(f"seeding {ORGS_MANY:,} orgs with a live call each")
@@ -540,7 +705,9 @@ async def run(durations: Durations, out: Path, sections: set[str]) -> Report:
             assert redis.process is not None and postgres.process is not None
             pg_pids = [postgres.process.pid]
             if "status" in sections:
-                await asyncio.to_thread(status_check_section, report, env, data_dir, orgs, redis.process.pid, pg_pids, durations)
+                await asyncio.to_thread(
+                    status_check_section, report, env, data_dir, orgs, redis.process.pid, pg_pids, durations
+                )
             if "lua" in sections:
                 await lua_section(report, rt, orgs)
             if "endpoints" in sections:
@@ -558,16 +725,20 @@ async def run(durations: Durations, out: Path, sections: set[str]) -> Report:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="credit-engine bench", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser = argparse.ArgumentParser(
+        prog="credit-engine bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--quick", action="store_true", help="short runs and small data (a smoke test, not figures)")
     parser.add_argument("--out", type=Path, default=Path("docs"), help="where benchmarks.md, the plot and the JSON go")
     parser.add_argument("--only", default="status,lua,endpoints,ledger,reconcile", help="comma-separated sections")
     args = parser.parse_args(argv)
     sections = set(args.only.split(","))
     if sections & {"status", "endpoints"} and shutil.which("wrk") is None:
-        print("credit-engine bench: the status and endpoints sections drive load with wrk, which is not installed "
-              "(Debian/Ubuntu: apt-get install wrk); or run --only lua,ledger,reconcile", file=sys.stderr)  # fmt: skip
+        print(
+            "credit-engine bench: the status and endpoints sections drive load with wrk, which is not installed "
+            "(Debian/Ubuntu: apt-get install wrk); or run --only lua,ledger,reconcile",
+            file=sys.stderr,
+        )
         return 2
     durations = Durations.quick() if args.quick else Durations()
     random.seed(2026)

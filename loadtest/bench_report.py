@@ -36,47 +36,63 @@ def headline(report: Any) -> list[str]:
         if ours and bare and seed:
             share = ours.rps / bare.rps
             over_seed = ours.rps / seed.rps
-            line = (f"- {load}: status check **{ours.rps:,.0f} req/s** = **{share:.0%} of the bare EVALSHA endpoint** "
-                    f"({bare.rps:,.0f}; target ≥ 70%: {_mark(share >= status_check_share_of_bare_min)}) and "
-                    f"**{over_seed:.1f}× the seed's FOR UPDATE design** ({seed.rps:,.0f}")  # fmt: skip
+            line = (
+                f"- {load}: status check **{ours.rps:,.0f} req/s** = **{share:.0%} of the bare EVALSHA endpoint** "
+                f"({bare.rps:,.0f}; target ≥ 70%: {_mark(share >= status_check_share_of_bare_min)}) and "
+                f"**{over_seed:.1f}× the seed's FOR UPDATE design** ({seed.rps:,.0f}"
+            )
             if load == "one hot org":
                 line += f"; target ≥ 3×: {_mark(over_seed >= status_check_over_seed_hot_min)}"
             lines.append(line + ").")
         fixed = _find(report, "status-check", load, "fixed")
         if fixed:
-            lines.append(f"- {load}, 2,000 req/s offered: status check p50 {fixed.p50_ms:.2f} ms, **p99 {fixed.p99_ms:.2f} ms** "
-                         f"(target ≤ 5 ms: {_mark(fixed.p99_ms <= status_check_p99_ms_max_at_2000)}).")  # fmt: skip
+            lines.append(
+                f"- {load}, 2,000 req/s offered: status check p50 {fixed.p50_ms:.2f} ms, **p99 {fixed.p99_ms:.2f} ms** "
+                f"(target ≤ 5 ms: {_mark(fixed.p99_ms <= status_check_p99_ms_max_at_2000)})."
+            )
     if "hold_check" in report.lua:
         usec = report.lua["hold_check"]["redis_usec_per_call"]
         floor = report.lua.get("empty script (floor)", {}).get("redis_usec_per_call", 0.0)
-        lines.append(f"- The kill-switch decision (hold_check.lua) takes **{usec:.2f} µs inside Redis** "
-                     f"(target ≤ 10 µs: {_mark(usec <= lua_usec_per_call_max)}); an empty script called with the same "
-                     f"keys and arguments takes {floor:.2f} µs on this machine, so the decision itself is "
-                     f"{usec - floor:.2f} µs of it.")  # fmt: skip
+        lines.append(
+            f"- The kill-switch decision (hold_check.lua) takes **{usec:.2f} µs inside Redis** "
+            f"(target ≤ 10 µs: {_mark(usec <= lua_usec_per_call_max)}); an empty script called with the same "
+            f"keys and arguments takes {floor:.2f} µs on this machine, so the decision itself is "
+            f"{usec - floor:.2f} µs of it."
+        )
     if report.ledger:
         rate, p99 = report.ledger["drain_entries_per_s"], report.ledger["lag_p99_ms"]
-        lines.append(f"- The ledger writer drains **{rate:,.0f} entries/s** (target ≥ 20,000: "
-                     f"{_mark(rate >= ledger_entries_per_s_min)}); under 2,000 money operations/s the outbox lag p99 is "
-                     f"**{p99:,.0f} ms** (target ≤ 1 s: {_mark(p99 <= ledger_lag_p99_ms_max)}).")  # fmt: skip
+        lines.append(
+            f"- The ledger writer drains **{rate:,.0f} entries/s** (target ≥ 20,000: "
+            f"{_mark(rate >= ledger_entries_per_s_min)}); under 2,000 money operations/s the outbox lag p99 is "
+            f"**{p99:,.0f} ms** (target ≤ 1 s: {_mark(p99 <= ledger_lag_p99_ms_max)})."
+        )
     if report.reconcile:
         r = report.reconcile
-        lines.append(f"- The reconciler rebuilds **{r['orgs']:,} orgs / {r['ledger_entries']:,} ledger entries in "
-                     f"{r['seconds']:.1f} s** (target ≤ 60 s: {_mark(r['seconds'] <= reconcile_seconds_max)}).")  # fmt: skip
+        lines.append(
+            f"- The reconciler rebuilds **{r['orgs']:,} orgs / {r['ledger_entries']:,} ledger entries in "
+            f"{r['seconds']:.1f} s** (target ≤ 60 s: {_mark(r['seconds'] <= reconcile_seconds_max)})."
+        )
     seed_hot = _find(report, "seed-for-update", "one hot org", "saturation")
     ours_hot = _find(report, "status-check", "one hot org", "fixed")
     if seed_hot and ours_hot:
-        lines.append(f"- Against the seed's own table (status check 20-50 ms): p50 {ours_hot.p50_ms:.2f} ms here, "
-                     f"{20 / max(ours_hot.p50_ms, 1e-6):,.0f}× to {50 / max(ours_hot.p50_ms, 1e-6):,.0f}× faster.")  # fmt: skip
+        lines.append(
+            f"- Against the seed's own table (status check 20-50 ms): p50 {ours_hot.p50_ms:.2f} ms here, "
+            f"{20 / max(ours_hot.p50_ms, 1e-6):,.0f}× to {50 / max(ours_hot.p50_ms, 1e-6):,.0f}× faster."
+        )
     return lines
 
 
 def status_table(report: Any) -> list[str]:
-    rows = ["| design | load | mode | req/s | p50 ms | p99 ms | server CPU | Redis/PG CPU | generator | generator CPU |",
-            "|---|---|---|---:|---:|---:|---:|---:|---|---:|"]  # fmt: skip
+    rows = [
+        "| design | load | mode | req/s | p50 ms | p99 ms | server CPU | Redis/PG CPU | generator | generator CPU |",
+        "|---|---|---|---:|---:|---:|---:|---:|---|---:|",
+    ]
     for m in report.status_check:
         mode = "saturation" if m.mode == "saturation" else "2,000 req/s"
-        rows.append(f"| {m.design} | {m.load} | {mode} | {m.rps:,.0f} | {m.p50_ms:.2f} | {m.p99_ms:.2f} | {m.server_cpu:.2f} "
-                    f"| {m.store_cpu:.2f} | {m.generator} | {m.generator_cpu:.2f} |")  # fmt: skip
+        rows.append(
+            f"| {m.design} | {m.load} | {mode} | {m.rps:,.0f} | {m.p50_ms:.2f} | {m.p99_ms:.2f} | {m.server_cpu:.2f} "
+            f"| {m.store_cpu:.2f} | {m.generator} | {m.generator_cpu:.2f} |"
+        )
     return rows
 
 
@@ -138,51 +154,82 @@ def write_report(report: Any, out: Path, command: str) -> None:
     ]
     if plot(report, out / "benchmark-latency.png"):
         lines += ["![latency vs offered load](benchmark-latency.png)", ""]
-    lines += ["Offered load sweep (10,000 orgs; a design's sweep stops once it falls behind the offered rate):", "",
-              "| design | offered req/s | achieved | p50 ms | p99 ms |", "|---|---:|---:|---:|---:|"]  # fmt: skip
+    lines += [
+        "Offered load sweep (10,000 orgs; a design's sweep stops once it falls behind the offered rate):",
+        "",
+        "| design | offered req/s | achieved | p50 ms | p99 ms |",
+        "|---|---:|---:|---:|---:|",
+    ]
     for design, points in report.sweep.items():
         for p in points:
-            lines.append(f"| {design} | {p['offered']:,} | {p['achieved']:,.0f} | {p['p50_ms']:.2f} | {p['p99_ms']:.2f} |")
-    lines += ["", "## The Lua decision", "",
-              "| script | at the client (µs per call, round trip) | inside Redis (µs per call) |", "|---|---:|---:|"]  # fmt: skip
+            lines.append(
+                f"| {design} | {p['offered']:,} | {p['achieved']:,.0f} | {p['p50_ms']:.2f} | {p['p99_ms']:.2f} |"
+            )
+    lines += [
+        "",
+        "## The Lua decision",
+        "",
+        "| script | at the client (µs per call, round trip) | inside Redis (µs per call) |",
+        "|---|---:|---:|",
+    ]
     for name, v in report.lua.items():
         label = name if "(" in name else f"{name}.lua"
         lines.append(f"| {label} | {v['client_round_trip_us']:.1f} | {v['redis_usec_per_call']:.2f} |")
-    lines += ["", "## Money endpoints at a fixed rate", "", "| endpoint | rate | p50 ms | p99 ms | non-2xx |", "|---|---:|---:|---:|---:|"]
+    lines += [
+        "",
+        "## Money endpoints at a fixed rate",
+        "",
+        "| endpoint | rate | p50 ms | p99 ms | non-2xx |",
+        "|---|---:|---:|---:|---:|",
+    ]
     for name, v in report.endpoints.items():
         lines.append(f"| {name} | {v['rate']}/s | {v['p50_ms']:.2f} | {v['p99_ms']:.2f} | {v['non_2xx']} |")
     if report.ledger:
         ledger = report.ledger
-        lines += ["", "## Ledger writer", "",
-                  f"- Drain: {ledger['prefilled_entries']:,} asset deductions waiting in 1,000 orgs' outboxes, drained by the "
-                  f"real worker process at **{ledger['drain_entries_per_s']:,} entries/s** (one transaction per batch of up "
-                  f"to {limits.settle_batch_size_max:,}, with the ledger's chain and projection triggers checking every row).",
-                  f"- Lag: {ledger['lag_entries']:,} deductions at {ledger['lag_rate_per_s']:,}/s while the worker drains; lag is "
-                  "each entry's `recorded_at − created_at` (Redis TIME at the decision, Postgres time of the insert, same "
-                  f"machine clock): p50 {ledger['lag_p50_ms']:,} ms, **p99 {ledger['lag_p99_ms']:,} ms**, max {ledger['lag_max_ms']:,} ms."]  # fmt: skip
+        lines += [
+            "",
+            "## Ledger writer",
+            "",
+            f"- Drain: {ledger['prefilled_entries']:,} asset deductions waiting in 1,000 orgs' outboxes, drained by the "
+            f"real worker process at **{ledger['drain_entries_per_s']:,} entries/s** (one transaction per batch of up "
+            f"to {limits.settle_batch_size_max:,}, with the ledger's chain and projection triggers checking every row).",
+            f"- Lag: {ledger['lag_entries']:,} deductions at {ledger['lag_rate_per_s']:,}/s while the worker drains; lag is "
+            "each entry's `recorded_at − created_at` (Redis TIME at the decision, Postgres time of the insert, same "
+            f"machine clock): p50 {ledger['lag_p50_ms']:,} ms, **p99 {ledger['lag_p99_ms']:,} ms**, max {ledger['lag_max_ms']:,} ms.",
+        ]
     if report.reconcile:
         r = report.reconcile
-        lines += ["", "## Reconciler", "",
-                  f"Rebuild of {r['orgs']:,} orgs with {r['ledger_entries']:,} ledger entries (all inside the idempotency "
-                  f"window, so every credit and deduction comes back as an idempotency record: {r['idempotency_records_per_org']} "
-                  f"per org) and {r['live_holds']:,} live holds into an empty Redis: **{r['seconds']:.1f} s**."]  # fmt: skip
-    lines += ["", "## What is left, and why", "",
-              "- **The status check against the seed.** The practical ceiling is the bare endpoint (same web stack, one "
-              "EVALSHA, nothing else), and the table shows it is itself well under 3× the seed's `FOR UPDATE` design: with "
-              "one uvicorn process on 2 shared cores, Python's per-request HTTP handling dominates every design, so 3× the "
-              "seed is out of reach for any one-process Python web tier. Over many uncontended orgs the seed's single "
-              "Postgres round trip costs about what our handling does; what it costs instead is Postgres CPU (see the "
-              "Redis/PG column) and latency under contention (the hot org). What the engine controls is the gap to the "
-              "ceiling (status-check / bare); more throughput comes from more web processes, which a hot row's lock "
-              "cannot have.",
-              "- **The Lua decision.** `hold_check.lua` is measured beside an empty script: the empty script's cost is "
-              "what EVALSHA itself costs in this Redis build, and no script can go under it. The rest is one HMGET, one "
-              "HGET, parsing the hold and the reply.",
-              "- **The ledger writer** is Python-bound (asyncpg encoding, one transaction per batch, the chain and "
-              "projection triggers in Postgres), far above the rate the web tier can decide at on the same machine.",
-              "- **Lag** is measured while the load generator, the web server, Redis, Postgres and the worker share 2 "
-              "cores: its p99 is mostly the worker waiting for CPU, not batching.",
-              "- **Noise**: repeated runs here move saturation figures by 10–20%; the ratios, measured side by side in one "
-              "run, move much less.",
-              "", "Raw figures: [benchmarks.json](benchmarks.json).", ""]
+        lines += [
+            "",
+            "## Reconciler",
+            "",
+            f"Rebuild of {r['orgs']:,} orgs with {r['ledger_entries']:,} ledger entries (all inside the idempotency "
+            f"window, so every credit and deduction comes back as an idempotency record: {r['idempotency_records_per_org']} "
+            f"per org) and {r['live_holds']:,} live holds into an empty Redis: **{r['seconds']:.1f} s**.",
+        ]
+    lines += [
+        "",
+        "## What is left, and why",
+        "",
+        "- **The status check against the seed.** The practical ceiling is the bare endpoint (same web stack, one "
+        "EVALSHA, nothing else), and the table shows it is itself well under 3× the seed's `FOR UPDATE` design: with "
+        "one uvicorn process on 2 shared cores, Python's per-request HTTP handling dominates every design, so 3× the "
+        "seed is out of reach for any one-process Python web tier. Over many uncontended orgs the seed's single "
+        "Postgres round trip costs about what our handling does; what it costs instead is Postgres CPU (see the "
+        "Redis/PG column) and latency under contention (the hot org). What the engine controls is the gap to the "
+        "ceiling (status-check / bare); more throughput comes from more web processes, which a hot row's lock "
+        "cannot have.",
+        "- **The Lua decision.** `hold_check.lua` is measured beside an empty script: the empty script's cost is "
+        "what EVALSHA itself costs in this Redis build, and no script can go under it. The rest is one HMGET, one "
+        "HGET, parsing the hold and the reply.",
+        "- **The ledger writer** is Python-bound (asyncpg encoding, one transaction per batch, the chain and "
+        "projection triggers in Postgres), far above the rate the web tier can decide at on the same machine.",
+        "- **Lag** is measured while the load generator, the web server, Redis, Postgres and the worker share 2 "
+        "cores: its p99 is mostly the worker waiting for CPU, not batching.",
+        "- **Noise**: repeated runs here move saturation figures by 10–20%; the ratios, measured side by side in one "
+        "run, move much less.",
+        "",
+        "Raw figures: [benchmarks.json](benchmarks.json).",
+        "",
+    ]
     (out / "benchmarks.md").write_text("\n".join(lines))

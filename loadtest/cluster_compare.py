@@ -47,10 +47,19 @@ async def open_rt(url: str, cluster: bool, pool_size: int) -> Runtime:
 async def seed(rt: Runtime, orgs: int) -> list[str]:
     org_ids = [f"org-{n}" for n in range(orgs)]
     snapshots = [
-        OrgSnapshot(org_id=org_id, name=org_id, settings=OrgSettings(rate_pence_per_minute=60), balance_pence=10**9,
-                    debt_pence=0, last_entry_id=None, live_holds={}, idem=[], pending_credit_keys=frozenset())
+        OrgSnapshot(
+            org_id=org_id,
+            name=org_id,
+            settings=OrgSettings(rate_pence_per_minute=60),
+            balance_pence=10**9,
+            debt_pence=0,
+            last_entry_id=None,
+            live_holds={},
+            idem=[],
+            pending_credit_keys=frozenset(),
+        )
         for org_id in org_ids
-    ]  # fmt: skip
+    ]
     for start in range(0, len(snapshots), 200):
         outcomes = await restore_orgs(rt, snapshots[start : start + 200], "absent")
         assert set(outcomes.values()) == {Outcome.ok}
@@ -104,8 +113,10 @@ async def measure(rt: Runtime, orgs: int, ops: int, concurrency: int, run: int) 
             "ops_per_s": round(await throughput(lambda i, op=op: op(i + 10**6), ops, concurrency)),  # type: ignore[misc]
         }
     pops = await latencies_us(lambda _: pop_rung(rt, 128), 2_000)
-    figures["doorbell pop (16 shards)"] = {"p50_us": round(statistics.median(pops), 1),
-                                          "p99_us": round(sorted(pops)[int(len(pops) * 0.99)], 1)}  # fmt: skip
+    figures["doorbell pop (16 shards)"] = {
+        "p50_us": round(statistics.median(pops), 1),
+        "p99_us": round(sorted(pops)[int(len(pops) * 0.99)], 1),
+    }
     return figures
 
 
@@ -117,7 +128,9 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         cluster.start()
         try:
             results = {}
-            for run, (label, url, clustered) in enumerate((("single", single.url, False), ("cluster", cluster.url, True))):
+            for run, (label, url, clustered) in enumerate(
+                (("single", single.url, False), ("cluster", cluster.url, True))
+            ):
                 rt = await open_rt(url, clustered, args.concurrency)
                 try:
                     results[label] = await measure(rt, args.orgs, args.ops, args.concurrency, run)
@@ -141,10 +154,15 @@ def report(results: dict[str, Any], args: argparse.Namespace) -> str:
     ]
     for name, single in results["single"].items():
         cluster = results["cluster"][name]
-        rate = (f"{single['ops_per_s']:,} | {cluster['ops_per_s']:,} | {cluster['ops_per_s'] / single['ops_per_s']:.2f}"
-                if "ops_per_s" in single else "— | — | —")  # fmt: skip
-        lines.append(f"| {name} | {single['p50_us']:.0f} / {single['p99_us']:.0f} µs | "
-                     f"{cluster['p50_us']:.0f} / {cluster['p99_us']:.0f} µs | {rate} |")  # fmt: skip
+        rate = (
+            f"{single['ops_per_s']:,} | {cluster['ops_per_s']:,} | {cluster['ops_per_s'] / single['ops_per_s']:.2f}"
+            if "ops_per_s" in single
+            else "— | — | —"
+        )
+        lines.append(
+            f"| {name} | {single['p50_us']:.0f} / {single['p99_us']:.0f} µs | "
+            f"{cluster['p50_us']:.0f} / {cluster['p99_us']:.0f} µs | {rate} |"
+        )
     return "\n".join(lines) + "\n"
 
 

@@ -88,9 +88,15 @@ def pct(values: list[float], q: float) -> float:
 def call_body(kind: str, call_id: str, number: str) -> bytes:
     message = {
         "type": kind,
-        "call": {"id": call_id, "orgId": "vapi-org", "type": "inboundPhoneCall", "phoneNumberId": number,
-                 "createdAt": datetime.now(UTC).isoformat(), "updatedAt": datetime.now(UTC).isoformat()},
-    }  # fmt: skip
+        "call": {
+            "id": call_id,
+            "orgId": "vapi-org",
+            "type": "inboundPhoneCall",
+            "phoneNumberId": number,
+            "createdAt": datetime.now(UTC).isoformat(),
+            "updatedAt": datetime.now(UTC).isoformat(),
+        },
+    }
     if kind == "conversation-update":
         message["messages"] = [{"role": "user", "message": "hello " * 20}]
     return orjson.dumps({"message": message})
@@ -104,7 +110,9 @@ async def timed_post(client: httpx.AsyncClient, url: str, body: bytes, headers: 
     return elapsed * 1000
 
 
-async def measure_admissions(opts: Options, forwarding: str, plain: str, platform: str, number: str, secret: str) -> dict[str, list[float]]:
+async def measure_admissions(
+    opts: Options, forwarding: str, plain: str, platform: str, number: str, secret: str
+) -> dict[str, list[float]]:
     headers = {"X-Vapi-Secret": secret, "Content-Type": "application/json"}
     times: dict[str, list[float]] = {"with forwarding": [], "without": [], "platform alone": []}
     async with httpx.AsyncClient(timeout=10) as client:
@@ -113,7 +121,9 @@ async def measure_admissions(opts: Options, forwarding: str, plain: str, platfor
             times["with forwarding"].append(await timed_post(client, f"{forwarding}/api/vapi/webhook", body, headers))
             body = call_body("assistant-request", f"ar-{i}-{secrets.token_hex(3)}", number)
             times["without"].append(await timed_post(client, f"{plain}/api/vapi/webhook", body, headers))
-            times["platform alone"].append(await timed_post(client, f"{platform}/vapi", body, {"Content-Type": "application/json"}))
+            times["platform alone"].append(
+                await timed_post(client, f"{platform}/vapi", body, {"Content-Type": "application/json"})
+            )
     return times
 
 
@@ -155,7 +165,13 @@ async def _open_loop(url: str, body: bytes, secret: str, rate_per_s: int, second
                 writer.write(request)
                 head = await reader.readuntil(b"\r\n\r\n")
                 assert head.startswith(b"HTTP/1.1 200"), head[:40]
-                length = int(next(line.split(b":", 1)[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")))
+                length = int(
+                    next(
+                        line.split(b":", 1)[1]
+                        for line in head.split(b"\r\n")
+                        if line.lower().startswith(b"content-length")
+                    )
+                )
                 await reader.readexactly(length)
                 latencies.append((time.perf_counter() - due) * 1000)
         finally:
@@ -170,32 +186,56 @@ def setup_org(stack: Stack, number: str) -> None:
     with httpx.Client(base_url=stack.url, headers=stack.admin(), timeout=10) as client:
         created = client.post("/api/admin/orgs", json={"org_id": org_id, "name": "Bench", "rate_pence_per_minute": 1})
         assert created.status_code == 201, created.text
-        topped = client.post(f"/api/admin/orgs/{org_id}/topups", json={"amount_pence": 10**11}, headers={"Idempotency-Key": "bench"})
+        topped = client.post(
+            f"/api/admin/orgs/{org_id}/topups", json={"amount_pence": 10**11}, headers={"Idempotency-Key": "bench"}
+        )
         assert topped.status_code == 201, topped.text
-        registered = client.post("/api/admin/phone-numbers", json={"vapi_phone_number_id": number, "org_id": org_id,
-                                                                   "assistant_id": "asst-saved"})  # fmt: skip
+        registered = client.post(
+            "/api/admin/phone-numbers",
+            json={"vapi_phone_number_id": number, "org_id": org_id, "assistant_id": "asst-saved"},
+        )
         assert registered.status_code == 201, registered.text
 
 
 def run(opts: Options) -> str:
     platform_port = free_port()
-    with Stack(extra_env={"CREDIT_ENGINE_FORWARD_URL": f"http://127.0.0.1:{platform_port}/vapi",
-                          "CREDIT_ENGINE_OUTBOUND_ALLOW_PRIVATE": "1"}) as stack:  # fmt: skip
+    with Stack(
+        extra_env={
+            "CREDIT_ENGINE_FORWARD_URL": f"http://127.0.0.1:{platform_port}/vapi",
+            "CREDIT_ENGINE_OUTBOUND_ALLOW_PRIVATE": "1",
+        }
+    ) as stack:
         counts_path = stack.data_dir / "platform-count"
-        platform = subprocess.Popen(processes.module("credit_engine.loadtest.forwarding_bench", "--platform", str(platform_port),
-                                     "--platform-counts", str(counts_path)))  # fmt: skip
+        platform = subprocess.Popen(
+            processes.module(
+                "credit_engine.loadtest.forwarding_bench",
+                "--platform",
+                str(platform_port),
+                "--platform-counts",
+                str(counts_path),
+            )
+        )
         plain_port = free_port()
         plain_env = {k: v for k, v in stack.env.items() if k != "CREDIT_ENGINE_FORWARD_URL"}
         with open(stack.data_dir / "plain.log", "ab") as log:
-            plain = subprocess.Popen(processes.cli("serve", "--port", str(plain_port)),
-                                     env=plain_env, stdout=log, stderr=log)  # fmt: skip
+            plain = subprocess.Popen(
+                processes.cli("serve", "--port", str(plain_port)), env=plain_env, stdout=log, stderr=log
+            )
         try:
             _wait_http(f"http://127.0.0.1:{plain_port}/healthz")
             _wait_tcp(platform_port)
             number = f"pn-bench-{secrets.token_hex(3)}"
             setup_org(stack, number)
-            admissions = asyncio.run(measure_admissions(opts, stack.url, f"http://127.0.0.1:{plain_port}",
-                                                        f"http://127.0.0.1:{platform_port}", number, stack.webhook_secret))  # fmt: skip
+            admissions = asyncio.run(
+                measure_admissions(
+                    opts,
+                    stack.url,
+                    f"http://127.0.0.1:{plain_port}",
+                    f"http://127.0.0.1:{platform_port}",
+                    number,
+                    stack.webhook_secret,
+                )
+            )
             urls = {"with forwarding": stack.url, "without": f"http://127.0.0.1:{plain_port}"}
             background = asyncio.run(measure_background(opts, urls, number, stack.webhook_secret))
             time.sleep(2)  # the last background forwards
@@ -207,7 +247,9 @@ def run(opts: Options) -> str:
     return report(opts, admissions, background, forwarded)
 
 
-def report(opts: Options, admissions: dict[str, list[float]], background: dict[str, list[float]], forwarded: int) -> str:
+def report(
+    opts: Options, admissions: dict[str, list[float]], background: dict[str, list[float]], forwarded: int
+) -> str:
     p50 = {name: statistics.median(values) for name, values in admissions.items()}
     p99 = {name: pct(values, 0.99) for name, values in admissions.items()}
     added_p50 = p50["with forwarding"] - p50["without"] - p50["platform alone"]
@@ -225,7 +267,10 @@ def report(opts: Options, admissions: dict[str, list[float]], background: dict[s
         "",
         f"| webhook under {opts.rate_per_s} conversation-updates/s, {opts.seconds} s each (interleaved {window_s} s windows) | p50 | p99 | max |",
         "|---|---|---|---|",
-        *[f"| {name} | {statistics.median(v):.2f} ms | {pct(v, 0.99):.2f} ms | {max(v):.2f} ms |" for name, v in background.items()],
+        *[
+            f"| {name} | {statistics.median(v):.2f} ms | {pct(v, 0.99):.2f} ms | {max(v):.2f} ms |"
+            for name, v in background.items()
+        ],
         "",
         f"The platform received {forwarded} messages: {opts.requests} assistant-requests (with forwarding) "
         f"+ {opts.requests} direct + {sent} forwarded conversation-updates = {2 * opts.requests + sent} expected.",
@@ -264,7 +309,9 @@ def _wait_tcp(port: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m credit_engine.loadtest.forwarding_bench", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m credit_engine.loadtest.forwarding_bench", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--requests", type=int, default=1000, help="assistant-requests of each kind")
     parser.add_argument("--rate", type=int, default=1000, help="background messages per second")
     parser.add_argument("--seconds", type=int, default=10, help="how long the background load runs")

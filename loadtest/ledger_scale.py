@@ -31,7 +31,9 @@ FROM ledger_entries
 WHERE org_id = $1 AND ($2::bigint IS NULL OR id < $2)
 ORDER BY id DESC LIMIT $3
 """  # the query of GET /api/wallet/transactions (webapp/wallet.py)
-CHAIN_SQL = "SELECT balance_after_pence, debt_after_pence FROM ledger_entries WHERE org_id = $1 ORDER BY id DESC LIMIT 1"
+CHAIN_SQL = (
+    "SELECT balance_after_pence, debt_after_pence FROM ledger_entries WHERE org_id = $1 ORDER BY id DESC LIMIT 1"
+)
 BATCH = 2_000
 SEED_CHUNK_ROWS = 1_000_000
 
@@ -51,7 +53,10 @@ async def seed(conn: asyncpg.Connection, first_org: int, orgs: int, per_org: int
     await conn.execute("SET session_replication_role = replica")  # this session only: no triggers
     await conn.execute(
         """INSERT INTO orgs (org_id, name, rate_pence_per_minute)
-           SELECT 'o' || g, 'o' || g, 60 FROM generate_series($1::int, $2::int) g""", first_org, first_org + orgs - 1)
+           SELECT 'o' || g, 'o' || g, 60 FROM generate_series($1::int, $2::int) g""",
+        first_org,
+        first_org + orgs - 1,
+    )
     chunk_orgs = max(1, SEED_CHUNK_ROWS // per_org)
     for start in range(first_org, first_org + orgs, chunk_orgs):
         end = min(start + chunk_orgs, first_org + orgs) - 1
@@ -65,13 +70,20 @@ async def seed(conn: asyncpg.Connection, first_org: int, orgs: int, per_org: int
                       CASE WHEN k = 1 THEN 'postgres' ELSE 'redis' END,
                       now() - make_interval(secs => ($3::int - k))
                FROM generate_series($1::int, $2::int) g, generate_series(1, $3::int) k
-               ORDER BY k, g""", start, end, per_org)  # fmt: skip
+               ORDER BY k, g""",
+            start,
+            end,
+            per_org,
+        )
         print(f"  {progress}: orgs up to {end:,}", flush=True)
     await conn.execute(
         """INSERT INTO org_balances (org_id, balance_pence, debt_pence, entry_count, last_entry_id)
            SELECT org_id, (array_agg(balance_after_pence ORDER BY id DESC))[1], 0, count(*), max(id)
            FROM ledger_entries WHERE org_id IN (SELECT 'o' || g FROM generate_series($1::int, $2::int) g)
-           GROUP BY org_id""", first_org, first_org + orgs - 1)  # fmt: skip
+           GROUP BY org_id""",
+        first_org,
+        first_org + orgs - 1,
+    )
     await conn.execute("SET session_replication_role = origin")
     await conn.execute("VACUUM ANALYZE ledger_entries")
     await conn.execute("VACUUM ANALYZE org_balances")
@@ -92,25 +104,47 @@ async def measure(conn: asyncpg.Connection, orgs: int, first_org: int, rows: int
     balances: dict[str, int] = {}
     for round_ in range(5):
         chosen = [f"o{rng.randrange(first_org, first_org + orgs)}" for _ in range(200)]
-        current = {r["org_id"]: r["balance_pence"] for r in await conn.fetch(
-            "SELECT org_id, balance_pence FROM org_balances WHERE org_id = ANY($1)", chosen)}  # fmt: skip
+        current = {
+            r["org_id"]: r["balance_pence"]
+            for r in await conn.fetch("SELECT org_id, balance_pence FROM org_balances WHERE org_id = ANY($1)", chosen)
+        }
         balances.update(current)
         entries = []
         for i in range(BATCH):
             org = chosen[i % len(chosen)]
             balances[org] -= 1
-            entries.append(LedgerEntry(
-                stream_id=f"{round_}-{i}", org_id=org, idempotency_key=f"{org}/bench/{rows}/{round_}/{i}", kind=EntryKind.asset,
-                amount_pence=-1, debt_delta_pence=0, redis_balance_after_pence=balances[org], redis_debt_after_pence=0,
-                call_id=None, billed_seconds=0, rate_pence_per_minute=0, fingerprint="", meta={},
-                created_ms=int(time.time() * 1000), seq=0))  # fmt: skip
+            entries.append(
+                LedgerEntry(
+                    stream_id=f"{round_}-{i}",
+                    org_id=org,
+                    idempotency_key=f"{org}/bench/{rows}/{round_}/{i}",
+                    kind=EntryKind.asset,
+                    amount_pence=-1,
+                    debt_delta_pence=0,
+                    redis_balance_after_pence=balances[org],
+                    redis_debt_after_pence=0,
+                    call_id=None,
+                    billed_seconds=0,
+                    rate_pence_per_minute=0,
+                    fingerprint="",
+                    meta={},
+                    created_ms=int(time.time() * 1000),
+                    seq=0,
+                )
+            )
         started = time.perf_counter()
         await write_batch(conn, entries, [])
         batch_times.append(time.perf_counter() - started)
     batch_s = statistics.median(batch_times)
     firsts.sort()
-    return Figures(rows, statistics.median(firsts), firsts[int(len(firsts) * 0.99) - 1], statistics.median(deeps),
-                   BATCH / batch_s, batch_s * 1000)  # fmt: skip
+    return Figures(
+        rows,
+        statistics.median(firsts),
+        firsts[int(len(firsts) * 0.99) - 1],
+        statistics.median(deeps),
+        BATCH / batch_s,
+        batch_s * 1000,
+    )
 
 
 async def explain(conn: asyncpg.Connection, org: str) -> tuple[str, str]:
@@ -139,13 +173,19 @@ async def run(database_url: str, rows: int, orgs: int, out: Path | None) -> None
         history_plan, chain_plan = await explain(conn, f"o{orgs // 2}")
     finally:
         await conn.close()
-    table = ["| ledger rows | history, first page p50 / p99 | history, from a cursor p50 | worker batch of 2,000 | entries/s |",
-             "|---|---|---|---|---|"]  # fmt: skip
+    table = [
+        "| ledger rows | history, first page p50 / p99 | history, from a cursor p50 | worker batch of 2,000 | entries/s |",
+        "|---|---|---|---|---|",
+    ]
     for f in (small, large):
-        table.append(f"| {f.rows:,} | {f.history_first_p50_ms:.2f} / {f.history_first_p99_ms:.2f} ms | "
-                     f"{f.history_deep_p50_ms:.2f} ms | {f.batch_ms:.0f} ms | {f.batch_entries_per_s:,.0f} |")  # fmt: skip
-    ratio = (f"large / small: history {large.history_first_p50_ms / small.history_first_p50_ms:.2f}×, "
-             f"batch insert {large.batch_ms / small.batch_ms:.2f}× the time")  # fmt: skip
+        table.append(
+            f"| {f.rows:,} | {f.history_first_p50_ms:.2f} / {f.history_first_p99_ms:.2f} ms | "
+            f"{f.history_deep_p50_ms:.2f} ms | {f.batch_ms:.0f} ms | {f.batch_entries_per_s:,.0f} |"
+        )
+    ratio = (
+        f"large / small: history {large.history_first_p50_ms / small.history_first_p50_ms:.2f}×, "
+        f"batch insert {large.batch_ms / small.batch_ms:.2f}× the time"
+    )
     report = "\n".join(table) + f"\n\n{ratio}. Seeding took {seeded_s:.0f} s; the table and its indexes: {size}.\n"
     print(report)
     print(history_plan)
@@ -155,17 +195,25 @@ async def run(database_url: str, rows: int, orgs: int, out: Path | None) -> None
         (out / "ledger-scale.md").write_text(
             "# The ledger at scale\n\nMeasured by `python -m credit_engine.loadtest.ledger_scale "
             f"--rows {rows} --orgs {orgs}` (embedded Postgres, this 2-core machine, "
-            f"{time.strftime('%Y-%m-%d')}); both rows of the table come from the same run.\n\n" + report
+            f"{time.strftime('%Y-%m-%d')}); both rows of the table come from the same run.\n\n"
+            + report
             + "\n## Plans on the large ledger\n\nThe history query (`GET /api/wallet/transactions`, a page from a cursor):\n\n"
-            + "```\n" + history_plan + "\n```\n\nThe chain check the ledger's trigger runs for every inserted row:\n\n"
-            + "```\n" + chain_plan + "\n```\n")  # fmt: skip
+            + "```\n"
+            + history_plan
+            + "\n```\n\nThe chain check the ledger's trigger runs for every inserted row:\n\n"
+            + "```\n"
+            + chain_plan
+            + "\n```\n"
+        )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=int, default=10_000_000)
     parser.add_argument("--orgs", type=int, default=100_000)
-    parser.add_argument("--database-url", help="an admin URL; a database ce_ledger_scale is created (default: embedded Postgres)")
+    parser.add_argument(
+        "--database-url", help="an admin URL; a database ce_ledger_scale is created (default: embedded Postgres)"
+    )
     parser.add_argument("--out", type=Path, help="write ledger-scale.md here")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="ledger-scale-") as tmp:

@@ -35,8 +35,14 @@ def release_everyone(user_count: int, **_: Any) -> None:
 
 
 def vapi_message(message_type: str, call_id: str, number_id: str, **extra: Any) -> str:
-    call = {"id": call_id, "orgId": "vapi-org", "type": "inboundPhoneCall", "phoneNumberId": number_id,
-            "createdAt": "2026-11-24T12:00:00Z", "updatedAt": "2026-11-24T12:00:00Z"}  # fmt: skip
+    call = {
+        "id": call_id,
+        "orgId": "vapi-org",
+        "type": "inboundPhoneCall",
+        "phoneNumberId": number_id,
+        "createdAt": "2026-11-24T12:00:00Z",
+        "updatedAt": "2026-11-24T12:00:00Z",
+    }
     return json.dumps({"message": {"type": message_type, "call": call, **extra}})
 
 
@@ -54,14 +60,16 @@ class RaceUser(HttpUser):
         kind = CONFIG["kinds"][self.index % len(CONFIG["kinds"])]
         if kind == "provision":
             headers = {"Authorization": f"Bearer {CONFIG['api_key']}", "Idempotency-Key": f"race-{uuid.uuid4()}"}
-            with self.client.post("/api/managed-telephony/provision", json={}, headers=headers, catch_response=True,
-                                  name="provision") as response:  # fmt: skip
+            with self.client.post(
+                "/api/managed-telephony/provision", json={}, headers=headers, catch_response=True, name="provision"
+            ) as response:
                 self._record(response, "provision")
         else:
             call_id = CONFIG.get("call_id") or f"race-call-{self.index}"
             body = vapi_message("assistant-request", call_id, CONFIG["number_id"])
-            with self.client.post("/api/vapi/webhook", data=body, headers=VAPI, catch_response=True,
-                                  name="assistant-request") as response:  # fmt: skip
+            with self.client.post(
+                "/api/vapi/webhook", data=body, headers=VAPI, catch_response=True, name="assistant-request"
+            ) as response:
                 outcome = "held" if response.ok and "assistantId" in response.json() else "refused"
                 self._record(response, f"assistant-request {outcome}")
         finished.append(self.index)
@@ -92,30 +100,51 @@ class CallerUser(HttpUser):
     def call(self) -> None:
         call_id = f"mix-{uuid.uuid4()}"
         number = self.org["number_id"]
-        answer = self.client.post("/api/vapi/webhook", data=vapi_message("assistant-request", call_id, number),
-                                  headers=VAPI, name="assistant-request")  # fmt: skip
+        answer = self.client.post(
+            "/api/vapi/webhook",
+            data=vapi_message("assistant-request", call_id, number),
+            headers=VAPI,
+            name="assistant-request",
+        )
         if "assistantId" not in answer.json():
             return
-        self.client.post("/api/vapi/webhook", data=vapi_message("status-update", call_id, number, status="in-progress"),
-                         headers=VAPI, name="status-update")  # fmt: skip
+        self.client.post(
+            "/api/vapi/webhook",
+            data=vapi_message("status-update", call_id, number, status="in-progress"),
+            headers=VAPI,
+            name="status-update",
+        )
         for _ in range(random.randint(1, 5)):
-            self.client.post("/api/vapi/webhook/status-check", json={"call_id": call_id}, headers=VAPI, name="status-check")
+            self.client.post(
+                "/api/vapi/webhook/status-check", json={"call_id": call_id}, headers=VAPI, name="status-check"
+            )
         seconds = random.randint(5, 600)
-        report = vapi_message("end-of-call-report", call_id, number, endedReason="customer-ended-call",
-                              startedAt="2026-11-24T12:00:00Z", endedAt=f"2026-11-24T12:{seconds // 60:02d}:{seconds % 60:02d}Z",
-                              cost=0.12)  # fmt: skip
+        report = vapi_message(
+            "end-of-call-report",
+            call_id,
+            number,
+            endedReason="customer-ended-call",
+            startedAt="2026-11-24T12:00:00Z",
+            endedAt=f"2026-11-24T12:{seconds // 60:02d}:{seconds % 60:02d}Z",
+            cost=0.12,
+        )
         self.client.post("/api/vapi/webhook", data=report, headers=VAPI, name="end-of-call-report")
 
     @task(1)
     def topup(self) -> None:
-        self.client.post(f"/api/admin/orgs/{self.org['org_id']}/topups", json={"amount_pence": random.randint(100, 5000)},
-                         headers=ADMIN | {"Idempotency-Key": str(uuid.uuid4())}, name="topup")  # fmt: skip
+        self.client.post(
+            f"/api/admin/orgs/{self.org['org_id']}/topups",
+            json={"amount_pence": random.randint(100, 5000)},
+            headers=ADMIN | {"Idempotency-Key": str(uuid.uuid4())},
+            name="topup",
+        )
 
     @task(1)
     def provision(self) -> None:
         headers = {"Authorization": f"Bearer {self.org['api_key']}", "Idempotency-Key": str(uuid.uuid4())}
-        with self.client.post("/api/managed-telephony/provision", json={}, headers=headers, catch_response=True,
-                              name="provision") as response:  # fmt: skip
+        with self.client.post(
+            "/api/managed-telephony/provision", json={}, headers=headers, catch_response=True, name="provision"
+        ) as response:
             if response.status_code in (201, 402):  # a refusal for lack of credit is a right answer
                 response.success()
 

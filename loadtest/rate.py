@@ -91,7 +91,9 @@ def http_request(method: str, path: str, host: str, body: bytes = b"", headers: 
     return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
 
 
-async def _run(host: str, port: int, make: Callable[[int], bytes], rate: float, duration_s: float, connections: int) -> RateResult:
+async def _run(
+    host: str, port: int, make: Callable[[int], bytes], rate: float, duration_s: float, connections: int
+) -> RateResult:
     loop = asyncio.get_running_loop()
     idle: asyncio.Queue[_Connection] = asyncio.Queue()
     for _ in range(connections):
@@ -129,6 +131,8 @@ async def _run(host: str, port: int, make: Callable[[int], bytes], rate: float, 
     return result
 
 
-def run_at_rate(host: str, port: int, make: Callable[[int], bytes], rate: float, duration_s: float, connections: int = 64) -> RateResult:
+def run_at_rate(
+    host: str, port: int, make: Callable[[int], bytes], rate: float, duration_s: float, connections: int = 64
+) -> RateResult:
     """Send int(rate * duration_s) requests, the i-th built by make(i), at `rate` per second."""
     return uvloop.run(_run(host, port, make, rate, duration_s, connections))

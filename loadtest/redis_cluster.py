@@ -22,7 +22,9 @@ def cluster_server_binary() -> Path:
     candidates = {redis_server_binary()}
     for directory in [*os.environ.get("PATH", "").split(os.pathsep), "/usr/bin", "/usr/local/bin"]:
         if directory and (Path(directory) / "redis-server").is_file():
-            candidates.add(Path(directory) / "redis-server")  # not resolved: Debian links it to redis-check-rdb, which reads argv[0]
+            candidates.add(
+                Path(directory) / "redis-server"
+            )  # not resolved: Debian links it to redis-check-rdb, which reads argv[0]
     return max(candidates, key=_redis_version)
 
 
@@ -55,7 +57,8 @@ class EmbeddedRedisCluster:
     def __init__(self, data_dir: Path, *, masters: int = 3, appendfsync: str | None = None) -> None:
         self.data_dir = Path(data_dir).resolve()
         self.nodes = [
-            _ClusterNode(self.data_dir / f"node{i}", port=_cluster_port(), appendfsync=appendfsync) for i in range(masters)
+            _ClusterNode(self.data_dir / f"node{i}", port=_cluster_port(), appendfsync=appendfsync)
+            for i in range(masters)
         ]
 
     @property
@@ -71,7 +74,9 @@ class EmbeddedRedisCluster:
             if clients[0].cluster("info").get("cluster_state") != "ok":
                 per_node = -(-self.slots // len(self.nodes))
                 for i, client in enumerate(clients):
-                    client.execute_command("CLUSTER ADDSLOTS", *range(i * per_node, min(self.slots, (i + 1) * per_node)))
+                    client.execute_command(
+                        "CLUSTER ADDSLOTS", *range(i * per_node, min(self.slots, (i + 1) * per_node))
+                    )
                 for node in self.nodes[1:]:
                     clients[0].execute_command("CLUSTER MEET", "127.0.0.1", node.port)
         finally:
@@ -95,8 +100,11 @@ class EmbeddedRedisCluster:
 
     def _formed(self, client: "object") -> bool:
         info = client.cluster("info")  # type: ignore[attr-defined]
-        return bool(info.get("cluster_state") == "ok" and int(info.get("cluster_known_nodes", 0)) == len(self.nodes)
-                    and int(info.get("cluster_slots_ok", 0)) == self.slots)  # fmt: skip
+        return bool(
+            info.get("cluster_state") == "ok"
+            and int(info.get("cluster_known_nodes", 0)) == len(self.nodes)
+            and int(info.get("cluster_slots_ok", 0)) == self.slots
+        )
 
     def stop(self) -> None:
         for node in self.nodes:
@@ -107,5 +115,12 @@ class _ClusterNode(EmbeddedRedis):
     def command(self) -> list[str]:
         base = super().command()
         base[0] = str(cluster_server_binary())
-        return [*base, "--cluster-enabled", "yes", "--cluster-config-file", str(self.data_dir / "nodes.conf"),
-                "--cluster-node-timeout", "5000"]  # fmt: skip
+        return [
+            *base,
+            "--cluster-enabled",
+            "yes",
+            "--cluster-config-file",
+            str(self.data_dir / "nodes.conf"),
+            "--cluster-node-timeout",
+            "5000",
+        ]

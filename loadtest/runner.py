@@ -42,20 +42,55 @@ def make_org(client: httpx.Client, stack: Stack, org_id: str, balance_pence: int
     client.post("/api/admin/orgs", json=body, headers=admin).raise_for_status()
     api_key = client.post(f"/api/admin/orgs/{org_id}/api-keys", headers=admin).json()["api_key"]
     if balance_pence:
-        client.post(f"/api/admin/orgs/{org_id}/topups", json={"amount_pence": balance_pence},
-                    headers=admin | {"Idempotency-Key": f"seed-{org_id}"}).raise_for_status()  # fmt: skip
+        client.post(
+            f"/api/admin/orgs/{org_id}/topups",
+            json={"amount_pence": balance_pence},
+            headers=admin | {"Idempotency-Key": f"seed-{org_id}"},
+        ).raise_for_status()
     number_id = f"pn-{org_id}"
-    client.post("/api/admin/phone-numbers", json={"vapi_phone_number_id": number_id, "org_id": org_id, "assistant_id": "asst-1"},
-                headers=admin).raise_for_status()  # fmt: skip
+    client.post(
+        "/api/admin/phone-numbers",
+        json={"vapi_phone_number_id": number_id, "org_id": org_id, "assistant_id": "asst-1"},
+        headers=admin,
+    ).raise_for_status()
     return Org(org_id, api_key, number_id)
 
 
-def run_locust(stack: Stack, scenario: str, config: dict[str, Any], users: int, run_time: str, csv_prefix: Path) -> dict[str, dict[str, Any]]:
-    env = {**os.environ, "LOADTEST_SCENARIO": scenario, "LOADTEST_CONFIG": json.dumps(config),
-           "LOADTEST_ADMIN_TOKEN": stack.admin_token, "LOADTEST_WEBHOOK_SECRET": stack.webhook_secret}  # fmt: skip
-    command = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "-u", str(users), "-r", str(users),
-               "--run-time", run_time, "--host", stack.url, "--csv", str(csv_prefix), "--only-summary",
-               "--json-file", str(csv_prefix), "--stop-timeout", "10", "--loglevel", "WARNING"]  # fmt: skip
+def run_locust(
+    stack: Stack, scenario: str, config: dict[str, Any], users: int, run_time: str, csv_prefix: Path
+) -> dict[str, dict[str, Any]]:
+    env = {
+        **os.environ,
+        "LOADTEST_SCENARIO": scenario,
+        "LOADTEST_CONFIG": json.dumps(config),
+        "LOADTEST_ADMIN_TOKEN": stack.admin_token,
+        "LOADTEST_WEBHOOK_SECRET": stack.webhook_secret,
+    }
+    command = [
+        sys.executable,
+        "-m",
+        "locust",
+        "-f",
+        str(LOCUSTFILE),
+        "--headless",
+        "-u",
+        str(users),
+        "-r",
+        str(users),
+        "--run-time",
+        run_time,
+        "--host",
+        stack.url,
+        "--csv",
+        str(csv_prefix),
+        "--only-summary",
+        "--json-file",
+        str(csv_prefix),
+        "--stop-timeout",
+        "10",
+        "--loglevel",
+        "WARNING",
+    ]
     subprocess.run(command, env=env, check=False, timeout=3600)
     # Counts and percentiles come from the JSON locust writes at shutdown (its CSV files are
     # written on a timer, and are kept for people to read).
@@ -63,8 +98,12 @@ def run_locust(stack: Stack, scenario: str, config: dict[str, Any], users: int, 
     stats: dict[str, dict[str, Any]] = {}
     total = {"Request Count": 0, "Failure Count": 0}
     for entry in entries:
-        stats[entry["name"]] = {"Request Count": entry["num_requests"], "Failure Count": entry["num_failures"],
-                                "50%": percentile(entry, 0.50), "99%": percentile(entry, 0.99)}  # fmt: skip
+        stats[entry["name"]] = {
+            "Request Count": entry["num_requests"],
+            "Failure Count": entry["num_failures"],
+            "50%": percentile(entry, 0.50),
+            "99%": percentile(entry, 0.99),
+        }
         total["Request Count"] += entry["num_requests"]
         total["Failure Count"] += entry["num_failures"]
     stats["Aggregated"] = total
@@ -103,8 +142,9 @@ def wait_drained_and_reconciled(stack: Stack, client: httpx.Client, orgs: list[O
         if not behind:
             break
         time.sleep(0.5)
-    reconcile = subprocess.run(processes.cli("reconcile", "--check"), env=stack.env,
-                               capture_output=True, text=True, timeout=600)  # fmt: skip
+    reconcile = subprocess.run(
+        processes.cli("reconcile", "--check"), env=stack.env, capture_output=True, text=True, timeout=600
+    )
     summary = reconcile.stdout.strip().splitlines()[-1] if reconcile.stdout.strip() else reconcile.stderr[-500:]
     if behind:
         return False, f"ledger behind Redis for {behind[:5]}; {summary}"
@@ -122,19 +162,30 @@ def verdict(name: str, checks: list[tuple[str, bool]], details: str) -> bool:
 
 def provision_race(stack: Stack, client: httpx.Client, out: Path) -> bool:
     org = make_org(client, stack, "race-provision", PRICE_PENCE)
-    stats = run_locust(stack, "race", {"kinds": ["provision"], "api_key": org.api_key}, 100, "60s", out / "provision-race")
+    stats = run_locust(
+        stack, "race", {"kinds": ["provision"], "api_key": org.api_key}, 100, "60s", out / "provision-race"
+    )
     ok, reconciled = wait_drained_and_reconciled(stack, client, [org])
     wallet = client.get("/api/wallet", headers={"Authorization": f"Bearer {org.api_key}"}).json()
-    assets = [i for i in client.get("/api/wallet/transactions", headers={"Authorization": f"Bearer {org.api_key}"}).json()["items"]
-              if i["kind"] == "asset"]  # fmt: skip
+    assets = [
+        i
+        for i in client.get("/api/wallet/transactions", headers={"Authorization": f"Bearer {org.api_key}"}).json()[
+            "items"
+        ]
+        if i["kind"] == "asset"
+    ]
     created, refused = count(stats, "provision [201]"), count(stats, "provision [402]")
-    return verdict("100 concurrent provisions, balance for one", [
-        (f"exactly 1 succeeded (201): {created}", created == 1),
-        (f"99 refused (402): {refused}", refused == 99),
-        (f"balance 0 in Redis: {wallet['balance_pence']}", wallet["balance_pence"] == 0),
-        (f"exactly 1 asset entry in the ledger: {len(assets)}", len(assets) == 1),
-        (f"Redis and ledger agree: {reconciled}", ok),
-    ], f"stats: {out / 'provision-race_stats.csv'}")  # fmt: skip
+    return verdict(
+        "100 concurrent provisions, balance for one",
+        [
+            (f"exactly 1 succeeded (201): {created}", created == 1),
+            (f"99 refused (402): {refused}", refused == 99),
+            (f"balance 0 in Redis: {wallet['balance_pence']}", wallet["balance_pence"] == 0),
+            (f"exactly 1 asset entry in the ledger: {len(assets)}", len(assets) == 1),
+            (f"Redis and ledger agree: {reconciled}", ok),
+        ],
+        f"stats: {out / 'provision-race_stats.csv'}",
+    )
 
 
 def assistant_request_race(stack: Stack, client: httpx.Client, out: Path) -> bool:
@@ -146,13 +197,19 @@ def assistant_request_race(stack: Stack, client: httpx.Client, out: Path) -> boo
     wallet = client.get("/api/wallet", headers=auth).json()
     the_call = client.get("/api/calls/one-call", headers=auth).json()
     held = count(stats, "assistant-request held [200]")
-    return verdict("50 concurrent assistant-requests for one call", [
-        (f"all 50 answered with the assistant: {held}", held == 50),
-        (f"exactly one hold: live calls {wallet['live_calls']}, held {wallet['held_pence']}p",
-         wallet["live_calls"] == 1 and wallet["held_pence"] == 300),
-        (f"the call is live: {the_call.get('status')}", the_call.get("status") == "live"),
-        (f"Redis and ledger agree: {reconciled}", ok),
-    ], f"stats: {out / 'assistant-request-race_stats.csv'}")  # fmt: skip
+    return verdict(
+        "50 concurrent assistant-requests for one call",
+        [
+            (f"all 50 answered with the assistant: {held}", held == 50),
+            (
+                f"exactly one hold: live calls {wallet['live_calls']}, held {wallet['held_pence']}p",
+                wallet["live_calls"] == 1 and wallet["held_pence"] == 300,
+            ),
+            (f"the call is live: {the_call.get('status')}", the_call.get("status") == "live"),
+            (f"Redis and ledger agree: {reconciled}", ok),
+        ],
+        f"stats: {out / 'assistant-request-race_stats.csv'}",
+    )
 
 
 def mixed_race(stack: Stack, client: httpx.Client, out: Path) -> bool:
@@ -163,13 +220,19 @@ def mixed_race(stack: Stack, client: httpx.Client, out: Path) -> bool:
     ok, reconciled = wait_drained_and_reconciled(stack, client, [org])
     wallet = client.get("/api/wallet", headers={"Authorization": f"Bearer {org.api_key}"}).json()
     succeeded = count(stats, "provision [201]") + count(stats, "assistant-request held [200]")
-    return verdict("25 provisions + 25 assistant-requests racing, 2 fit", [
-        (f"exactly the 2 that fit succeeded, never more: {succeeded}", succeeded == 2),
-        (f"available never below zero: {wallet['available_pence']}p", wallet["available_pence"] >= 0),
-        (f"what succeeded is what was taken: {2000 - wallet['available_pence']}p = {succeeded} x 1000p",
-         2000 - wallet["available_pence"] == succeeded * 1000),
-        (f"Redis and ledger agree: {reconciled}", ok),
-    ], f"stats: {out / 'mixed-race_stats.csv'}")  # fmt: skip
+    return verdict(
+        "25 provisions + 25 assistant-requests racing, 2 fit",
+        [
+            (f"exactly the 2 that fit succeeded, never more: {succeeded}", succeeded == 2),
+            (f"available never below zero: {wallet['available_pence']}p", wallet["available_pence"] >= 0),
+            (
+                f"what succeeded is what was taken: {2000 - wallet['available_pence']}p = {succeeded} x 1000p",
+                2000 - wallet["available_pence"] == succeeded * 1000,
+            ),
+            (f"Redis and ledger agree: {reconciled}", ok),
+        ],
+        f"stats: {out / 'mixed-race_stats.csv'}",
+    )
 
 
 def mixed(stack: Stack, client: httpx.Client, out: Path, orgs_count: int, users: int, run_time: str) -> bool:
@@ -179,17 +242,25 @@ def mixed(stack: Stack, client: httpx.Client, out: Path, orgs_count: int, users:
     ok, reconciled = wait_drained_and_reconciled(stack, client, orgs)
     total = stats.get("Aggregated", {})
     failures = int(total.get("Failure Count", 1))
-    lines = [f"{name:>22}: {row['Request Count']:>6} requests, p50 {row['50%']} ms, p99 {row['99%']} ms"
-             for name, row in stats.items() if name != "Aggregated"]  # fmt: skip
-    return verdict(f"mixed profile: {orgs_count} orgs, {users} users, {run_time}", [
-        (f"requests: {total.get('Request Count')}, failures: {failures}", failures == 0),
-        (f"Redis and ledger agree after the run: {reconciled}", ok),
-    ], "\n  ".join(lines))  # fmt: skip
+    lines = [
+        f"{name:>22}: {row['Request Count']:>6} requests, p50 {row['50%']} ms, p99 {row['99%']} ms"
+        for name, row in stats.items()
+        if name != "Aggregated"
+    ]
+    return verdict(
+        f"mixed profile: {orgs_count} orgs, {users} users, {run_time}",
+        [
+            (f"requests: {total.get('Request Count')}, failures: {failures}", failures == 0),
+            (f"Redis and ledger agree after the run: {reconciled}", ok),
+        ],
+        "\n  ".join(lines),
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="credit-engine loadtest", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser = argparse.ArgumentParser(
+        prog="credit-engine loadtest", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("scenario", choices=["provision-race", "assistant-request-race", "mixed-race", "mixed", "all"])
     parser.add_argument("--out", type=Path, default=Path("loadtest-results"), help="where locust's CSV files go")
     parser.add_argument("--orgs", type=int, default=50, help="orgs in the mixed profile")
@@ -198,10 +269,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.getLogger("httpx").setLevel(logging.WARNING)
     args.out.mkdir(parents=True, exist_ok=True)
-    scenarios = ["provision-race", "assistant-request-race", "mixed-race", "mixed"] if args.scenario == "all" else [args.scenario]
+    scenarios = (
+        ["provision-race", "assistant-request-race", "mixed-race", "mixed"]
+        if args.scenario == "all"
+        else [args.scenario]
+    )
     results = []
-    with Stack(extra_env={"CREDIT_ENGINE_PHONE_NUMBER_PENCE": str(PRICE_PENCE)}) as stack, \
-            httpx.Client(base_url=stack.url, timeout=30) as client:  # fmt: skip
+    with (
+        Stack(extra_env={"CREDIT_ENGINE_PHONE_NUMBER_PENCE": str(PRICE_PENCE)}) as stack,
+        httpx.Client(base_url=stack.url, timeout=30) as client,
+    ):
         for scenario in scenarios:
             if scenario == "provision-race":
                 results.append(provision_race(stack, client, args.out))

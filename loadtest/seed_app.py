@@ -42,8 +42,9 @@ async def check(request: Request) -> Response:
     body = orjson.loads(await request.body())
     assert pool is not None
     row = await pool.fetchrow("SELECT * FROM seed_status_check($1, $2)", body["org_id"], body["call_id"])
-    return Response(orjson.dumps({"endCall": row["end_call"], "balance_pence": row["balance_pence"]}),
-                    media_type="application/json")  # fmt: skip
+    return Response(
+        orjson.dumps({"endCall": row["end_call"], "balance_pence": row["balance_pence"]}), media_type="application/json"
+    )
 
 
 @contextlib.asynccontextmanager

@@ -20,8 +20,14 @@ ready_timeout_s = 60.0
 
 
 class Stack:
-    def __init__(self, data_dir: Path | None = None, *, extra_env: dict[str, str] | None = None,
-                 appendfsync: str = "everysec", with_worker: bool = True) -> None:  # fmt: skip
+    def __init__(
+        self,
+        data_dir: Path | None = None,
+        *,
+        extra_env: dict[str, str] | None = None,
+        appendfsync: str = "everysec",
+        with_worker: bool = True,
+    ) -> None:
         self.data_dir = data_dir or Path(tempfile.mkdtemp(prefix="credit-engine-load-"))
         self.extra_env = extra_env or {}
         self.with_worker = with_worker

@@ -8,12 +8,16 @@ import sys
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from redis.asyncio import Redis
 
 from credit_engine.engine import processes
 from credit_engine.engine.config import Settings
 from credit_engine.engine.keys import Keyspace
+
+if TYPE_CHECKING:
+    import httpx
 
 
 def service_env(settings: Settings, **extra: str) -> dict[str, str]:
@@ -57,7 +61,9 @@ def stop(process: subprocess.Popen[bytes], timeout_s: float = 30) -> int:
     code = process.wait(timeout_s)
     log_path = getattr(process, "log_path", None)
     if code != 0 and log_path is not None:  # shown by pytest beside the failed assertion
-        print(f"--- {log_path} (exit {code}) ---\n{Path(log_path).read_text(errors='replace')[-4000:]}", file=sys.stderr)
+        print(
+            f"--- {log_path} (exit {code}) ---\n{Path(log_path).read_text(errors='replace')[-4000:]}", file=sys.stderr
+        )
     return code
 
 
@@ -83,7 +89,9 @@ async def deployment_ready(client: "httpx.AsyncClient") -> bool:
     return answer.status_code == 200 and answer.json()["degraded"] == []
 
 
-async def wait_for(predicate: Callable[[], Awaitable[bool]], timeout_s: float, what: str, interval_s: float = 0.05) -> None:
+async def wait_for(
+    predicate: Callable[[], Awaitable[bool]], timeout_s: float, what: str, interval_s: float = 0.05
+) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if await predicate():

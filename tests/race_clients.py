@@ -22,7 +22,9 @@ async def _fire(settings: Settings, ops: list[tuple[str, str, str, int]], barrie
     redis = redis_client(settings.redis_url, pool_size=len(ops) + 1, cluster=settings.redis_cluster)
     scripts = ScriptRunner()
     await scripts.load(redis)
-    rt = Runtime(settings=settings, redis=redis, pg=None, keys=Keyspace(settings.key_prefix), scripts=scripts, clock=RedisClock())  # type: ignore[arg-type]
+    rt = Runtime(
+        settings=settings, redis=redis, pg=None, keys=Keyspace(settings.key_prefix), scripts=scripts, clock=RedisClock()
+    )  # type: ignore[arg-type]
     # Open every connection before the barrier, so the race is between requests, not connects.
     if isinstance(redis, RedisCluster):  # a pool per node: concurrent pings open them on every node
         await asyncio.gather(*[redis.ping(target_nodes=RedisCluster.ALL_NODES) for _ in ops])
@@ -37,8 +39,12 @@ async def _fire(settings: Settings, ops: list[tuple[str, str, str, int]], barrie
             result = await deduct_asset(rt, org_id, key, amount)
             return {"kind": kind, "outcome": result.outcome.name, "available": result.money.available_pence}
         reservation = await reserve_call(rt, org_id, key)
-        return {"kind": kind, "outcome": reservation.outcome.name, "available": reservation.money.available_pence,
-                "hold": reservation.hold_pence}  # fmt: skip
+        return {
+            "kind": kind,
+            "outcome": reservation.outcome.name,
+            "available": reservation.money.available_pence,
+            "hold": reservation.hold_pence,
+        }
 
     try:
         return await asyncio.gather(*[one(*op) for op in ops])
@@ -56,7 +62,9 @@ def race(settings: Settings, ops: list[tuple[str, str, str, int]], processes: in
     barrier = context.Barrier(processes)
     results = context.Queue()
     shares = [ops[i::processes] for i in range(processes)]
-    workers = [context.Process(target=_process_main, args=(replace(settings), share, barrier, results)) for share in shares]
+    workers = [
+        context.Process(target=_process_main, args=(replace(settings), share, barrier, results)) for share in shares
+    ]
     for worker in workers:
         worker.start()
     collected: list[dict[str, int | str]] = []

@@ -27,8 +27,11 @@ up_start_timeout_s = 60
 def cli(data_dir: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         processes.cli("--data-dir", str(data_dir), *args),
-        capture_output=True, text=True, timeout=60, env=env,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
 
 
 def clean_env() -> dict[str, str]:
@@ -39,8 +42,11 @@ def clean_env() -> dict[str, str]:
 def start_up(data_dir: Path, port: int) -> tuple[subprocess.Popen[str], list[str]]:
     process = subprocess.Popen(
         processes.cli("up", "--data-dir", str(data_dir), "--port", str(port)),  # as the README writes it
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=clean_env(),
-    )  # fmt: skip
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=clean_env(),
+    )
     assert process.stdout is not None
     lines: list[str] = []
     deadline = time.monotonic() + up_start_timeout_s
@@ -95,7 +101,9 @@ def test_up_runs_everything_and_a_restart_keeps_every_balance(tmp_path: Path) ->
         assert secrets_file.stat().st_mode & 0o777 == 0o600
         token = dict(line.split("=", 1) for line in secrets_file.read_text().splitlines())["CREDIT_ENGINE_ADMIN_TOKEN"]
         assert token not in text
-        request = urllib.request.Request(f"http://127.0.0.1:{port}/api/admin/orgs/acme", headers={"Authorization": f"Bearer {token}"})
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/api/admin/orgs/acme", headers={"Authorization": f"Bearer {token}"}
+        )
         with urllib.request.urlopen(request, timeout=5) as response:
             assert json.loads(response.read())["wallet"]["balance_pence"] == 5000
         services = json.loads((data_dir / "services.json").read_text())
@@ -177,22 +185,55 @@ def test_a_clustered_worker_without_its_own_arq_redis_is_refused_with_the_settin
 async def test_orgs_create_and_update_set_the_vapi_profile(rt: Runtime, capsys: pytest.CaptureFixture[str]) -> None:
     from credit_engine.engine.orgs import get_org
 
-    created = ["orgs", "create", "voice", "--rate", "60", "--forward-url", "https://93.184.216.34/vapi",
-               "--refusal-busy", " All lines busy at Voice Co. ", "--refusal-no-credit", "Voice Co: no credit."]  # fmt: skip
+    created = [
+        "orgs",
+        "create",
+        "voice",
+        "--rate",
+        "60",
+        "--forward-url",
+        "https://93.184.216.34/vapi",
+        "--refusal-busy",
+        " All lines busy at Voice Co. ",
+        "--refusal-no-credit",
+        "Voice Co: no credit.",
+    ]
     assert await asyncio.to_thread(main, created) == 0
     shown = json.loads(capsys.readouterr().out)["settings"]
-    assert (shown["forward_url"], shown["refusal_busy"]) == ("https://93.184.216.34/vapi", "All lines busy at Voice Co.")
-    updated = ["orgs", "update", "voice", "--refusal-not-set-up", "Voice Co: closed.", "--refusal-try-later", "Voice Co: later.",
-               "--unset", "refusal_busy", "--unset", "forward_url"]  # fmt: skip
+    assert (shown["forward_url"], shown["refusal_busy"]) == (
+        "https://93.184.216.34/vapi",
+        "All lines busy at Voice Co.",
+    )
+    updated = [
+        "orgs",
+        "update",
+        "voice",
+        "--refusal-not-set-up",
+        "Voice Co: closed.",
+        "--refusal-try-later",
+        "Voice Co: later.",
+        "--unset",
+        "refusal_busy",
+        "--unset",
+        "forward_url",
+    ]
     assert await asyncio.to_thread(main, updated) == 0
     settings = (await get_org(rt, "voice")).settings
-    assert (settings.refusal_no_credit, settings.refusal_busy, settings.refusal_not_set_up, settings.refusal_try_later,
-            settings.forward_url) == ("Voice Co: no credit.", None, "Voice Co: closed.", "Voice Co: later.", None)  # fmt: skip
+    assert (
+        settings.refusal_no_credit,
+        settings.refusal_busy,
+        settings.refusal_not_set_up,
+        settings.refusal_try_later,
+        settings.forward_url,
+    ) == ("Voice Co: no credit.", None, "Voice Co: closed.", "Voice Co: later.", None)
     capsys.readouterr()
-    for args, field in ((["--refusal-busy", "   "], "refusal_busy"), (["--refusal-try-later", "x" * 501], "refusal_try_later"),
-                        (["--refusal-no-credit", "a\x07b"], "refusal_no_credit"),
-                        (["--forward-url", "http://127.0.0.1:8080/vapi"], "forward_url"),
-                        (["--forward-url", "https://93.184.216.34/", "--unset", "forward_url"], "forward_url")):  # fmt: skip
+    for args, field in (
+        (["--refusal-busy", "   "], "refusal_busy"),
+        (["--refusal-try-later", "x" * 501], "refusal_try_later"),
+        (["--refusal-no-credit", "a\x07b"], "refusal_no_credit"),
+        (["--forward-url", "http://127.0.0.1:8080/vapi"], "forward_url"),
+        (["--forward-url", "https://93.184.216.34/", "--unset", "forward_url"], "forward_url"),
+    ):
         assert await asyncio.to_thread(main, ["orgs", "update", "voice", *args]) == 2, args
         assert field in capsys.readouterr().err, args
     assert (await get_org(rt, "voice")).settings == settings  # nothing changed

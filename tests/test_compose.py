@@ -49,8 +49,10 @@ def test_each_engine_service_runs_a_real_command_of_ours_in_order() -> None:
     assert services["migrate"]["restart"] == "no"
     assert services["migrate"]["depends_on"] == {"postgres": {"condition": "service_healthy"}}
     for name in ("web", "worker"):
-        assert services[name]["depends_on"] == {"redis": {"condition": "service_healthy"},
-                                                "migrate": {"condition": "service_completed_successfully"}}  # fmt: skip
+        assert services[name]["depends_on"] == {
+            "redis": {"condition": "service_healthy"},
+            "migrate": {"condition": "service_completed_successfully"},
+        }
     web_args = parser.parse_args(services["web"]["command"])
     assert web_args.host == "0.0.0.0" and services["web"]["ports"] == [f"{web_args.port}:{web_args.port}"]
     assert f"127.0.0.1:{web_args.port}/readyz" in " ".join(services["web"]["healthcheck"]["test"])

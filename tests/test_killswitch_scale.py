@@ -9,7 +9,9 @@ from credit_engine.engine import processes
 
 def test_the_kill_switch_benchmark_runs_in_quick_mode_and_writes_its_report(tmp_path: Path) -> None:
     result = subprocess.run(
-        processes.module("credit_engine.loadtest.killswitch_scale", "--quick", "--scenarios", "slow", "--out", str(tmp_path)),
+        processes.module(
+            "credit_engine.loadtest.killswitch_scale", "--quick", "--scenarios", "slow", "--out", str(tmp_path)
+        ),
         capture_output=True,
         text=True,
         timeout=120,

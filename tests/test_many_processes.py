@@ -32,8 +32,11 @@ def urls(request: pytest.FixtureRequest, settings: Settings, tmp_path: Path) -> 
     webs = []
     for i, port in enumerate(ports):
         with open(tmp_path / f"web-{i}.log", "ab") as log:
-            webs.append(subprocess.Popen(processes.cli("serve", "--port", str(port)), env=env,
-                                         stdout=log, stderr=subprocess.STDOUT))  # fmt: skip
+            webs.append(
+                subprocess.Popen(
+                    processes.cli("serve", "--port", str(port)), env=env, stdout=log, stderr=subprocess.STDOUT
+                )
+            )
     workers = [start_worker(settings, tmp_path / f"worker-{i}.log") for i in range(count)]
     try:
         yield [f"http://127.0.0.1:{port}" for port in ports]
@@ -59,16 +62,23 @@ class Spread:
 
 
 async def _org(spread: Spread, org_id: str, balance_pence: int) -> tuple[str, str]:
-    created = await spread.next().post("/api/admin/orgs", headers=ADMIN, json={"org_id": org_id, "name": org_id,
-                                                                             "rate_pence_per_minute": 60})  # fmt: skip
+    created = await spread.next().post(
+        "/api/admin/orgs", headers=ADMIN, json={"org_id": org_id, "name": org_id, "rate_pence_per_minute": 60}
+    )
     assert created.status_code == 201, created.text
     key = (await spread.next().post(f"/api/admin/orgs/{org_id}/api-keys", headers=ADMIN)).json()["api_key"]
-    topped = await spread.next().post(f"/api/admin/orgs/{org_id}/topups", headers=ADMIN | {"Idempotency-Key": "seed"},
-                                      json={"amount_pence": balance_pence})  # fmt: skip
+    topped = await spread.next().post(
+        f"/api/admin/orgs/{org_id}/topups",
+        headers=ADMIN | {"Idempotency-Key": "seed"},
+        json={"amount_pence": balance_pence},
+    )
     assert topped.status_code == 201
     number = f"pn-{org_id}"
-    registered = await spread.next().post("/api/admin/phone-numbers", headers=ADMIN, json={
-        "vapi_phone_number_id": number, "org_id": org_id, "number": "+15550003333", "assistant_id": "a"})  # fmt: skip
+    registered = await spread.next().post(
+        "/api/admin/phone-numbers",
+        headers=ADMIN,
+        json={"vapi_phone_number_id": number, "org_id": org_id, "number": "+15550003333", "assistant_id": "a"},
+    )
     assert registered.status_code == 201
     return key, number
 
@@ -81,34 +91,59 @@ async def test_the_seeds_concurrent_scenarios_give_the_one_process_answer(urls: 
             await wait_for(lambda: http_ready(client), 60, "every web process and worker to be ready")
         # 100 concurrent purchases on credit for exactly 37.
         buyer_key, _ = await _org(spread, "buyer", 37_000)
-        buys = await asyncio.gather(*[
-            spread.next().post("/api/managed-telephony/provision", json={"area_code": "415"},
-                               headers={"Authorization": f"Bearer {buyer_key}", "Idempotency-Key": f"buy-{i}"})
-            for i in range(100)])  # fmt: skip
+        buys = await asyncio.gather(
+            *[
+                spread.next().post(
+                    "/api/managed-telephony/provision",
+                    json={"area_code": "415"},
+                    headers={"Authorization": f"Bearer {buyer_key}", "Idempotency-Key": f"buy-{i}"},
+                )
+                for i in range(100)
+            ]
+        )
         assert Counter(r.status_code for r in buys) == {201: 37, 402: 63}
         # 50 identical admissions of one call at once: one hold.
         caller_key, number = await _org(spread, "caller", 100_000)
         same = call("same-call", phone_number_id=number)
-        admissions = await asyncio.gather(*[spread.next().post("/api/vapi/webhook", content=assistant_request(same),
-                                                               headers=VAPI) for _ in range(50)])  # fmt: skip
+        admissions = await asyncio.gather(
+            *[spread.next().post("/api/vapi/webhook", content=assistant_request(same), headers=VAPI) for _ in range(50)]
+        )
         assert all("assistantOverrides" in a.json() for a in admissions)
+
         # 40 calls, each message to whichever process is next, all calls at once.
         async def one_call(i: int) -> None:
             plain = call(f"call-{i}", phone_number_id=number)
             admitted = call(f"call-{i}", phone_number_id=number, org_hint="caller")
-            assert "assistantOverrides" in (await spread.next().post("/api/vapi/webhook", content=assistant_request(plain), headers=VAPI)).json()
+            assert (
+                "assistantOverrides"
+                in (
+                    await spread.next().post("/api/vapi/webhook", content=assistant_request(plain), headers=VAPI)
+                ).json()
+            )
             await spread.next().post("/api/vapi/webhook", content=status_update(admitted, "in-progress"), headers=VAPI)
-            checked = await spread.next().post("/api/vapi/webhook/status-check", json={"call_id": f"call-{i}"}, headers=VAPI)
+            checked = await spread.next().post(
+                "/api/vapi/webhook/status-check", json={"call_id": f"call-{i}"}, headers=VAPI
+            )
             assert checked.json()["endCall"] is False
             await spread.next().post("/api/vapi/webhook", content=end_of_call_report(admitted, 30 + i), headers=VAPI)
 
         await asyncio.gather(*[one_call(i) for i in range(40)])
-        await spread.next().post("/api/vapi/webhook", content=end_of_call_report(call("same-call", phone_number_id=number, org_hint="caller"), 100),
-                                 headers=VAPI)  # fmt: skip
+        await spread.next().post(
+            "/api/vapi/webhook",
+            content=end_of_call_report(call("same-call", phone_number_id=number, org_hint="caller"), 100),
+            headers=VAPI,
+        )
         # 20 top-ups, each key sent twice at once.
-        topups = await asyncio.gather(*[
-            spread.next().post("/api/admin/orgs/caller/topups", headers=ADMIN | {"Idempotency-Key": f"pay-{i % 10}"},
-                               json={"amount_pence": 100 + i % 10}) for i in range(20)])  # fmt: skip
+        topups = await asyncio.gather(
+            *[
+                spread.next().post(
+                    "/api/admin/orgs/caller/topups",
+                    headers=ADMIN | {"Idempotency-Key": f"pay-{i % 10}"},
+                    json={"amount_pence": 100 + i % 10},
+                )
+                for i in range(20)
+            ]
+        )
         assert {r.status_code for r in topups} <= {201, 409} and sum(r.status_code == 201 for r in topups) >= 10
 
         async def drained() -> bool:
@@ -118,16 +153,29 @@ async def test_the_seeds_concurrent_scenarios_give_the_one_process_answer(urls: 
         await wait_for(drained, 60, "the workers to drain")
         rows = await rt.pg.fetch("SELECT org_id, kind, amount_pence, call_id FROM ledger_entries ORDER BY id")
         ledger = Counter((r["org_id"], r["kind"], r["amount_pence"], r["call_id"]) for r in rows)
-        expected = Counter({("buyer", "topup", 37_000, None): 1, ("buyer", "asset", -1000, None): 37,
-                            ("caller", "topup", 100_000, None): 1, ("caller", "call_charge", -100, "same-call"): 1})  # fmt: skip
+        expected = Counter(
+            {
+                ("buyer", "topup", 37_000, None): 1,
+                ("buyer", "asset", -1000, None): 37,
+                ("caller", "topup", 100_000, None): 1,
+                ("caller", "call_charge", -100, "same-call"): 1,
+            }
+        )
         for i in range(40):
             expected[("caller", "call_charge", -(30 + i), f"call-{i}")] = 1
         for i in range(10):
             expected[("caller", "topup", 100 + i, None)] = 1
         assert ledger == expected  # each once: none twice, none skipped
         assert await rt.pg.fetchval("SELECT count(*) FROM ledger_rejects") == 0
-        for org, balance in (("buyer", 0), ("caller", 100_000 - 100 - sum(30 + i for i in range(40)) + sum(100 + i for i in range(10)))):
-            shown = (await spread.next().get("/api/wallet", headers={"Authorization": f"Bearer {buyer_key if org == 'buyer' else caller_key}"})).json()
+        for org, balance in (
+            ("buyer", 0),
+            ("caller", 100_000 - 100 - sum(30 + i for i in range(40)) + sum(100 + i for i in range(10))),
+        ):
+            shown = (
+                await spread.next().get(
+                    "/api/wallet", headers={"Authorization": f"Bearer {buyer_key if org == 'buyer' else caller_key}"}
+                )
+            ).json()
             assert (shown["balance_pence"], shown["held_pence"]) == (balance, 0), org
             assert await rt.pg.fetchval("SELECT balance_pence FROM org_balances WHERE org_id = $1", org) == balance
     finally:

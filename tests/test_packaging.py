@@ -20,8 +20,12 @@ SETUPTOOLS = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setup
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("wheel")
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", "-w", str(out), str(REPO)],
-                   check=True, capture_output=True, timeout=300)  # fmt: skip
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", "-w", str(out), str(REPO)],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     (built,) = out.glob("credit_engine-*.whl")
     return built
 
@@ -30,8 +34,12 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def installed(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The wheel installed on its own into a folder (its dependencies come from this venv)."""
     target = tmp_path_factory.mktemp("site")
-    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--quiet", "--target", str(target), str(wheel)],
-                   check=True, capture_output=True, timeout=300)  # fmt: skip
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--no-deps", "--quiet", "--target", str(target), str(wheel)],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     return target
 
 
@@ -81,12 +89,19 @@ def test_a_folder_in_the_working_directory_never_shadows_the_installed_code(inst
     assert done.returncode == 0, done.stdout + done.stderr
     assert "usage: credit-engine" in done.stdout
     probe = "import credit_engine.engine.config as c, importlib.util as u; print(c.__file__, u.find_spec('engine'))"
-    done = subprocess.run([sys.executable, "-P", "-c", probe], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=60)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-P", "-c", probe], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60
+    )
     assert done.returncode == 0, done.stderr
     path, engine_spec = done.stdout.split()
     assert path.startswith(str(installed)) and engine_spec == "None"
     # Without -P the decoy wins: the hazard the flag is there for.
-    shadowed = subprocess.run([sys.executable, "-m", "credit_engine", "--help"], cwd=tmp_path, env=env,
-                              capture_output=True, text=True, timeout=60)  # fmt: skip
+    shadowed = subprocess.run(
+        [sys.executable, "-m", "credit_engine", "--help"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert "the credit_engine/ folder was imported" in shadowed.stderr

@@ -17,8 +17,9 @@ from tests.processes import service_env
 
 
 def status(settings: Settings, *args: str) -> tuple[int, str]:
-    done = subprocess.run(processes.cli("status", *args), env=service_env(settings),
-                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    done = subprocess.run(
+        processes.cli("status", *args), env=service_env(settings), capture_output=True, text=True, timeout=60
+    )
     return done.returncode, done.stdout + done.stderr
 
 
@@ -57,8 +58,13 @@ async def test_status_shows_an_orgs_money_and_live_calls_and_the_busiest_orgs(se
         assert code == 2 and "no org org-nobody" in output
 
         # --watch refreshes until interrupted, then exits cleanly.
-        watching = subprocess.Popen(processes.cli("status", "--watch", "--interval", "0.2"),
-                                    env=service_env(settings), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+        watching = subprocess.Popen(
+            processes.cli("status", "--watch", "--interval", "0.2"),
+            env=service_env(settings),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         try:
             assert watching.stdout is not None
             seen = ""

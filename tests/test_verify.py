@@ -15,8 +15,9 @@ from tests.processes import arq_health_check, service_env, start_worker, stop, w
 
 
 def run_verify(settings, *args: str) -> tuple[int, str]:  # type: ignore[no-untyped-def]
-    done = subprocess.run(processes.cli("verify", *args), env=service_env(settings),
-                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    done = subprocess.run(
+        processes.cli("verify", *args), env=service_env(settings), capture_output=True, text=True, timeout=120
+    )
     return done.returncode, done.stdout + done.stderr
 
 
@@ -31,7 +32,9 @@ async def _heartbeat(rt: Runtime) -> bool:
     return bool(await rt.redis.hexists(rt.keys.worker_stats, "heartbeat_ms"))
 
 
-async def test_verify_ticks_everything_on_a_healthy_deployment_and_crosses_what_is_broken(rt: Runtime, tmp_path: Path) -> None:
+async def test_verify_ticks_everything_on_a_healthy_deployment_and_crosses_what_is_broken(
+    rt: Runtime, tmp_path: Path
+) -> None:
     await ensure_rebuilt(rt)
     orgs = [await new_org(rt, 1_000 * (i + 1)) for i in range(3)]
     worker = start_worker(rt.settings, tmp_path / "worker.log")
@@ -45,9 +48,22 @@ async def test_verify_ticks_everything_on_a_healthy_deployment_and_crosses_what_
         assert "! vapi routing" in output and "CREDIT_ENGINE_PUBLIC_URL is not set" in output
         code, output = run_verify(rt.settings, "--json")
         report = json.loads(output)
-        assert code == 0 and report["ok"] and {c["name"] for c in report["checks"]} >= {
-            "redis reachable", "postgres reachable", "schema at head", "lua scripts", "redis state", "worker alive",
-            "outbox lag", "redis = postgres", "vapi routing"}  # fmt: skip
+        assert (
+            code == 0
+            and report["ok"]
+            and {c["name"] for c in report["checks"]}
+            >= {
+                "redis reachable",
+                "postgres reachable",
+                "schema at head",
+                "lua scripts",
+                "redis state",
+                "worker alive",
+                "outbox lag",
+                "redis = postgres",
+                "vapi routing",
+            }
+        )
 
         # Break three things: an index, one org's balance in Redis, and the worker.
         async with rt.pg.acquire() as conn:

@@ -128,7 +128,9 @@ async def topup(request: Request) -> Response:
     if claimed.claim == claims.Claim.conflict:
         raise ApiError(422, "idempotency_key_reused", "this Idempotency-Key was used with a different request body")
     if claimed.claim == claims.Claim.in_progress:
-        raise ApiError(409, "request_in_progress", "a request with this Idempotency-Key is still running; retry shortly")
+        raise ApiError(
+            409, "request_in_progress", "a request with this Idempotency-Key is still running; retry shortly"
+        )
     try:
         result = await credit(ctx.rt, org_id, key, amount, meta={"via": "admin_api"})
     except InvalidInput:
@@ -138,8 +140,12 @@ async def topup(request: Request) -> Response:
         await claims.abandon(ctx.rt, org_id, "topup", key)
         raise ApiError(422, "idempotency_key_reused", "this Idempotency-Key was used for another amount")
     if result.money is not None:
-        response = {"transaction_id": result.entry_id, "balance_pence": result.money.balance_pence,
-                    "available_pence": result.money.available_pence, "applied": True}  # fmt: skip
+        response = {
+            "transaction_id": result.entry_id,
+            "balance_pence": result.money.balance_pence,
+            "available_pence": result.money.available_pence,
+            "applied": True,
+        }
     else:
         # Committed in the ledger; Redis will apply it shortly (the worker, or a retry of this call).
         projection = await ctx.rt.pg.fetchval("SELECT balance_pence FROM org_balances WHERE org_id = $1", org_id)
@@ -160,19 +166,36 @@ async def register_phone_number(request: Request) -> Response:
     try:
         number_id = check_phone_number_id(body.get("vapi_phone_number_id"))
     except InvalidInput:
-        raise ApiError(422, "invalid_field", "vapi_phone_number_id must be 1-128 printable characters",
-                       field="vapi_phone_number_id") from None  # fmt: skip
+        raise ApiError(
+            422,
+            "invalid_field",
+            "vapi_phone_number_id must be 1-128 printable characters",
+            field="vapi_phone_number_id",
+        ) from None
     org_id = req.text(body, "org_id", required=True, length_max=64)
     assert org_id is not None
     try:
         number = await register_number(
-            ctx.rt, org_id, number_id, number=req.text(body, "number", length_max=32),
-            assistant_id=req.text(body, "assistant_id", length_max=128), provider="vapi",
-        )  # fmt: skip
+            ctx.rt,
+            org_id,
+            number_id,
+            number=req.text(body, "number", length_max=32),
+            assistant_id=req.text(body, "assistant_id", length_max=128),
+            provider="vapi",
+        )
     except NumberTaken:
-        raise ApiError(409, "number_taken", "this phone number is registered to another org",
-                       field="vapi_phone_number_id") from None  # fmt: skip
+        raise ApiError(
+            409, "number_taken", "this phone number is registered to another org", field="vapi_phone_number_id"
+        ) from None
     except OrgNotFound:
         raise ApiError(404, "not_found", f"no org {org_id!r}", field="org_id") from None
-    return json_response({"vapi_phone_number_id": number.vapi_phone_number_id, "org_id": number.org_id,
-                          "number": number.number, "assistant_id": number.assistant_id, "status": number.status}, 201)  # fmt: skip
+    return json_response(
+        {
+            "vapi_phone_number_id": number.vapi_phone_number_id,
+            "org_id": number.org_id,
+            "number": number.number,
+            "assistant_id": number.assistant_id,
+            "status": number.status,
+        },
+        201,
+    )

@@ -54,7 +54,11 @@ def timed(name: str, endpoint: Endpoint) -> Endpoint:
             if not budget.expired():
                 raise  # a store's own bound (engine/db.py `bounded`): unreachable, a 503 (on_backend_down)
             log.error("%s took longer than %.0fs: answered 504", name, request_budget_s)
-            return error_response(504, "timeout", "the request took too long; it is safe to retry (with the same Idempotency-Key, where it has one)")
+            return error_response(
+                504,
+                "timeout",
+                "the request took too long; it is safe to retry (with the same Idempotency-Key, where it has one)",
+            )
         finally:
             request.app.state.ctx.metrics.observe_latency(name, time.perf_counter() - started)
 
@@ -117,26 +121,48 @@ async def on_http_error(request: Request, error: Exception) -> Response:
 
 
 # A store that cannot be reached is an outage, not a bug: 503 and a retry, never a 500.
-BACKEND_DOWN = (RedisConnectionError, RedisTimeoutError, asyncpg.PostgresConnectionError,
-                asyncpg.exceptions.OperatorInterventionError, ConnectionError, TimeoutError)  # fmt: skip
+BACKEND_DOWN = (
+    RedisConnectionError,
+    RedisTimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.exceptions.OperatorInterventionError,
+    ConnectionError,
+    TimeoutError,
+)
 
 
 async def on_backend_down(request: Request, error: Exception) -> Response:
-    log.warning("%s %s: a store is unreachable (%s: %s); answered 503", request.method, request.url.path,
-                type(error).__name__, error)  # fmt: skip
-    return error_response(503, "unavailable", "Redis or Postgres is unreachable for a moment; retry shortly "
-                          "(with the same Idempotency-Key, where it has one)", headers={"Retry-After": "1"})  # fmt: skip
+    log.warning(
+        "%s %s: a store is unreachable (%s: %s); answered 503",
+        request.method,
+        request.url.path,
+        type(error).__name__,
+        error,
+    )
+    return error_response(
+        503,
+        "unavailable",
+        "Redis or Postgres is unreachable for a moment; retry shortly "
+        "(with the same Idempotency-Key, where it has one)",
+        headers={"Retry-After": "1"},
+    )
 
 
 async def on_crash(request: Request, error: Exception) -> Response:
     log.exception("unhandled error on %s %s", request.method, request.url.path)
-    return error_response(500, "internal_error", "something went wrong on our side; it is safe to retry (with the same Idempotency-Key, where it has one)")
+    return error_response(
+        500,
+        "internal_error",
+        "something went wrong on our side; it is safe to retry (with the same Idempotency-Key, where it has one)",
+    )
 
 
 guard_stop_timeout_s = 5.0
 
 
-def create_app(settings: Settings | None = None, *, clock: Clock | None = None, telephony: Telephony | None = None) -> Starlette:
+def create_app(
+    settings: Settings | None = None, *, clock: Clock | None = None, telephony: Telephony | None = None
+) -> Starlette:
     settings = settings or Settings.from_env()
 
     @contextlib.asynccontextmanager
@@ -168,8 +194,12 @@ def create_app(settings: Settings | None = None, *, clock: Clock | None = None, 
     return Starlette(
         routes=ROUTES,
         middleware=[
-            Middleware(BodySizeLimit, bytes_max=settings.api_body_bytes_max, large_prefix="/api/vapi/",
-                       large_bytes_max=settings.webhook_body_bytes_max),  # fmt: skip
+            Middleware(
+                BodySizeLimit,
+                bytes_max=settings.api_body_bytes_max,
+                large_prefix="/api/vapi/",
+                large_bytes_max=settings.webhook_body_bytes_max,
+            ),
         ],
         exception_handlers={
             ApiError: on_api_error,

@@ -44,4 +44,3 @@ def context(request: Request) -> AppContext:
     ctx = request.app.state.ctx
     assert isinstance(ctx, AppContext)
     return ctx
-

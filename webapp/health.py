@@ -47,7 +47,9 @@ async def readyz(request: Request) -> Response:
         else:
             limit_ms = ctx.settings.readiness_outbox_lag_s_max * 1000
             checks["outbox_lag_ms"] = lag_ms
-            checks["outbox"] = "no worker has reported yet" if lag_ms is None else ("ok" if lag_ms <= limit_ms else "behind")
+            checks["outbox"] = (
+                "no worker has reported yet" if lag_ms is None else ("ok" if lag_ms <= limit_ms else "behind")
+            )
     ready = all(checks[name] == "ok" for name in READY_WHEN)
     degraded = [name for name in ("postgres", "outbox") if checks.get(name, "ok") != "ok"]
     body = {"status": "ready" if ready else "not_ready", "degraded": degraded, "checks": checks}

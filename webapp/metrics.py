@@ -13,15 +13,23 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         self.decisions = Counter(
-            "credit_engine_decisions", "Money decisions by operation and outcome", ["operation", "outcome"],
+            "credit_engine_decisions",
+            "Money decisions by operation and outcome",
+            ["operation", "outcome"],
             registry=self.registry,
-        )  # fmt: skip
+        )
         self.latency = Histogram(
-            "credit_engine_request_seconds", "Request latency by endpoint", ["endpoint"],
-            buckets=LATENCY_BUCKETS_S, registry=self.registry,
-        )  # fmt: skip
+            "credit_engine_request_seconds",
+            "Request latency by endpoint",
+            ["endpoint"],
+            buckets=LATENCY_BUCKETS_S,
+            registry=self.registry,
+        )
         self.webhooks = Counter(
-            "credit_engine_vapi_messages", "Vapi messages by type and result", ["type", "result"], registry=self.registry
+            "credit_engine_vapi_messages",
+            "Vapi messages by type and result",
+            ["type", "result"],
+            registry=self.registry,
         )
         self.forwarded = Counter(
             "credit_engine_forwarded_messages",
@@ -36,11 +44,14 @@ class Metrics:
             "credit_engine_outbox_lag_seconds", "Age of the oldest entry not yet in the ledger", registry=self.registry
         )
         self.postgres_up = Gauge(
-            "credit_engine_postgres_up", "1 if this web process's Postgres answered at this scrape, else 0",
+            "credit_engine_postgres_up",
+            "1 if this web process's Postgres answered at this scrape, else 0",
             registry=self.registry,
         )
         self.worker_heartbeat_age = Gauge(
-            "credit_engine_worker_heartbeat_age_seconds", "Seconds since the worker last reported", registry=self.registry
+            "credit_engine_worker_heartbeat_age_seconds",
+            "Seconds since the worker last reported",
+            registry=self.registry,
         )
 
         self._children: dict[tuple[str, ...], Any] = {}

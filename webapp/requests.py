@@ -26,7 +26,9 @@ def parse_json(raw: bytes) -> Any:
     except (ValueError, RecursionError):
         raise ApiError(400, "invalid_json", "the request body is not valid JSON") from None
     if _has_lone_surrogate(parsed):  # orjson refuses them; a string with one cannot reach Redis or Postgres
-        raise ApiError(400, "invalid_json", "the request body holds a string that is not valid Unicode (a lone surrogate)")
+        raise ApiError(
+            400, "invalid_json", "the request body holds a string that is not valid Unicode (a lone surrogate)"
+        )
     return parsed
 
 
@@ -87,8 +89,14 @@ def amount_pence(body: dict[str, Any], name: str = "amount_pence") -> int:
     return value
 
 
-def text(body: dict[str, Any], name: str, *, pattern: re.Pattern[str] | None = None, length_max: int = 200,
-         required: bool = False) -> str | None:  # fmt: skip
+def text(
+    body: dict[str, Any],
+    name: str,
+    *,
+    pattern: re.Pattern[str] | None = None,
+    length_max: int = 200,
+    required: bool = False,
+) -> str | None:
     value = body.get(name)
     if value is None:
         if required:
@@ -104,10 +112,14 @@ def text(body: dict[str, Any], name: str, *, pattern: re.Pattern[str] | None = N
 def idempotency_key(request: Request) -> str:
     value = request.headers.get("idempotency-key")
     if value is None:
-        raise ApiError(400, "missing_idempotency_key", "this request needs an Idempotency-Key header", field="Idempotency-Key")
+        raise ApiError(
+            400, "missing_idempotency_key", "this request needs an Idempotency-Key header", field="Idempotency-Key"
+        )
     if not is_idempotency_key(value):
         raise ApiError(
-            400, "invalid_idempotency_key", "Idempotency-Key must be 1-255 printable ASCII characters without spaces",
+            400,
+            "invalid_idempotency_key",
+            "Idempotency-Key must be 1-255 printable ASCII characters without spaces",
             field="Idempotency-Key",
-        )  # fmt: skip
+        )
     return value

@@ -72,7 +72,9 @@ async def _authenticated_body(request: Request) -> tuple[bytes, Any]:
     ctx = context(request)
     raw = await request.body()
     if not vapi_authenticated(request, ctx.settings, raw):
-        raise ApiError(401, "unauthorized", "send the webhook secret (X-Vapi-Secret or Bearer) or a valid HMAC signature")
+        raise ApiError(
+            401, "unauthorized", "send the webhook secret (X-Vapi-Secret or Bearer) or a valid HMAC signature"
+        )
     return raw, parse_json(raw)
 
 
@@ -186,7 +188,9 @@ async def _relayed_answer(ctx: AppContext, message: VapiMessage, raw: bytes) -> 
         return {}
     relayed = await ctx.forwarder.relay(target, raw, relay_s_max)
     if relayed.answer is None:
-        log.warning("the platform gave %s for %s of call %s; answered {}", relayed.problem, message.type, message.call_id)
+        log.warning(
+            "the platform gave %s for %s of call %s; answered {}", relayed.problem, message.type, message.call_id
+        )
         ctx.metrics.webhooks.labels(message.type[:40], "relay_failed").inc()
         return {}
     ctx.metrics.webhooks.labels(message.type[:40], "relayed").inc()
@@ -247,7 +251,9 @@ async def assistant_request(ctx: AppContext, message: VapiMessage, raw: bytes) -
     who = await attribute_message(ctx, message)
     assistant_id = who.assistant_id or ctx.settings.default_assistant_id
     if not who.by_number or not who.may_admit or assistant_id is None:
-        log.warning("assistant-request for a number with no org, no assistant, or suspended: %r", message.phone_number_id)
+        log.warning(
+            "assistant-request for a number with no org, no assistant, or suspended: %r", message.phone_number_id
+        )
         ctx.metrics.webhooks.labels(message.type, "unknown_number").inc()
         # A suspended (or assistant-less) number is still its org's: the org's sentence.
         return {"error": await refusal_text(ctx.rt, who.org_id if who.by_number else None, Refusal.not_set_up)}
@@ -263,8 +269,11 @@ async def assistant_request(ctx: AppContext, message: VapiMessage, raw: bytes) -
         # A call older than Redis's memory of resolutions, resolved (or Postgres cannot say): a
         # replay of an assistant-request Vapi stopped waiting for long ago. A hold now would be a
         # phantom of a finished call.
-        log.warning("assistant-request for call %s of org %s, created before the idempotency window: refused",
-                    message.call_id, org_id)  # fmt: skip
+        log.warning(
+            "assistant-request for call %s of org %s, created before the idempotency window: refused",
+            message.call_id,
+            org_id,
+        )
         ctx.metrics.webhooks.labels(message.type, "replayed_after_window").inc()
         return {"error": await refusal_text(ctx.rt, org_id, Refusal.try_later)}
     started = asyncio.get_running_loop().time()
@@ -275,8 +284,12 @@ async def assistant_request(ctx: AppContext, message: VapiMessage, raw: bytes) -
     if reservation.outcome in (Outcome.ok, Outcome.replayed):
         forward_url = await _org_forward_url(ctx, org_id)
         if forward_url is not None:
-            budget_s = assistant_request_budget_s - platform_answer_margin_s - (asyncio.get_running_loop().time() - started)
-            return await _platform_answers(ctx, message, raw, org_id, reservation, _target(ctx, forward_url, org_id), budget_s)
+            budget_s = (
+                assistant_request_budget_s - platform_answer_margin_s - (asyncio.get_running_loop().time() - started)
+            )
+            return await _platform_answers(
+                ctx, message, raw, org_id, reservation, _target(ctx, forward_url, org_id), budget_s
+            )
         await _remember(ctx, message, org_id)
         # The engine is the call's server (engine/call_server.py): its messages come here, not to
         # a server URL the saved assistant may carry.
@@ -292,7 +305,13 @@ async def assistant_request(ctx: AppContext, message: VapiMessage, raw: bytes) -
 
 
 async def _platform_answers(
-    ctx: AppContext, message: VapiMessage, raw: bytes, org_id: str, reservation: Reservation, target: Target, budget_s: float
+    ctx: AppContext,
+    message: VapiMessage,
+    raw: bytes,
+    org_id: str,
+    reservation: Reservation,
+    target: Target,
+    budget_s: float,
 ) -> dict[str, Any]:
     """The org's platform has its own assistant-request logic (transient assistants, squads,
     workflows): the call is reserved, then the platform is asked with Vapi's own body, and its
@@ -307,8 +326,12 @@ async def _platform_answers(
         if merged.refusal is not None:
             ctx.metrics.webhooks.labels(message.type, "platform_refused").inc()
             return {"error": merged.refusal}
-        log.warning("the platform of org %s gave %s for the assistant-request of call %s: refused",
-                    org_id, relayed.problem or "an answer choosing nothing", message.call_id)  # fmt: skip
+        log.warning(
+            "the platform of org %s gave %s for the assistant-request of call %s: refused",
+            org_id,
+            relayed.problem or "an answer choosing nothing",
+            message.call_id,
+        )
         ctx.metrics.webhooks.labels(message.type, "platform_failed").inc()
         return {"error": await refusal_text(ctx.rt, org_id, Refusal.try_later)}
     await _remember(ctx, message, org_id, merged.server_url)
@@ -391,8 +414,11 @@ async def _first_sight(ctx: AppContext, message: VapiMessage, who: Attribution, 
     if replay is None:
         # An old call and Postgres cannot say whether it was resolved: a hold now could be a
         # phantom of a finished call (locking credit, settled twice by a replayed report).
-        log.warning("call %s of org %s first seen live; cannot tell if it was resolved (postgres away): ending it",
-                    call_id, org_id)  # fmt: skip
+        log.warning(
+            "call %s of org %s first seen live; cannot tell if it was resolved (postgres away): ending it",
+            call_id,
+            org_id,
+        )
         await _end_unheld(ctx, message, None, "cannot_check")
         return not_found
     if replay:
@@ -408,8 +434,12 @@ async def _first_sight(ctx: AppContext, message: VapiMessage, who: Attribution, 
     if reservation.outcome == Outcome.call_already_resolved:
         return await _resolved_before(ctx, message, org_id, not_found)
     if not reservation.held:
-        log.error("live call %s of org %s could not be recorded (%s): it runs until Vapi's maxDurationSeconds",
-                  call_id, org_id, reservation.outcome.name)  # fmt: skip
+        log.error(
+            "live call %s of org %s could not be recorded (%s): it runs until Vapi's maxDurationSeconds",
+            call_id,
+            org_id,
+            reservation.outcome.name,
+        )
         await _end_unheld(ctx, message, org_id, reservation.outcome.name)
         return not_found
     if not reservation.funded:
@@ -425,8 +455,11 @@ async def _resolved_before(ctx: AppContext, message: VapiMessage, org_id: str, n
     limit or pull the kill switch's deadline in). Should the call really be running, it is ended:
     an end-call to a call that is over does no harm. No org alert if that fails (the call is
     most likely gone); the end queue logs it and counts it."""
-    log.warning("status-update in-progress for call %s of org %s, resolved before: not held again; ending it",
-                message.call_id, org_id)  # fmt: skip
+    log.warning(
+        "status-update in-progress for call %s of org %s, resolved before: not held again; ending it",
+        message.call_id,
+        org_id,
+    )
     if message.control_url is not None:
         await _end_unheld(ctx, message, None, "resolved_before")
     else:
@@ -437,8 +470,14 @@ async def _resolved_before(ctx: AppContext, message: VapiMessage, org_id: str, n
 async def _unattributed(ctx: AppContext, message: VapiMessage) -> None:
     """A call no org admitted: nobody is billed; counted, logged, and ended unless allowed."""
     ctx.metrics.webhooks.labels(message.type, "unattributed").inc()
-    log.warning("%s %s for call %s: no org admitted it (number %r, hint %r); billed to nobody", message.type,
-                message.status or "", message.call_id, message.phone_number_id, message.org_id_hint)  # fmt: skip
+    log.warning(
+        "%s %s for call %s: no org admitted it (number %r, hint %r); billed to nobody",
+        message.type,
+        message.status or "",
+        message.call_id,
+        message.phone_number_id,
+        message.org_id_hint,
+    )
     if message.type == "status-update" and message.status == "in-progress" and ctx.settings.unattributed_calls == "end":
         await _end_unheld(ctx, message, None, "unattributed")
 
@@ -476,10 +515,15 @@ async def _report_without_duration(ctx: AppContext, org_id: str, call_id: str) -
     with times settles the difference."""
     resolution = await release_call(ctx.rt, org_id, call_id)
     if resolution.outcome == Outcome.hold_not_found:
-        log.warning("end-of-call-report for call %s has no times and no hold: not billed until a report with times", call_id)
+        log.warning(
+            "end-of-call-report for call %s has no times and no hold: not billed until a report with times", call_id
+        )
     else:
-        log.warning("end-of-call-report for call %s has no times: billed %dp for the time we saw", call_id,
-                    resolution.charged_pence)  # fmt: skip
+        log.warning(
+            "end-of-call-report for call %s has no times: billed %dp for the time we saw",
+            call_id,
+            resolution.charged_pence,
+        )
     ctx.metrics.webhooks.labels("end-of-call-report", f"no_duration_{resolution.outcome.name}").inc()
     return {}
 
@@ -540,12 +584,14 @@ def _call_id_of(body: Any) -> tuple[str, VapiMessage | None]:
         try:
             message = parse_message(body)
         except InvalidInput:
-            raise ApiError(400, "invalid_request", "send {\"call_id\": ...} or a Vapi message", field="message") from None
+            raise ApiError(400, "invalid_request", 'send {"call_id": ...} or a Vapi message', field="message") from None
         call_id: Any = message.call_id
         field = "message.call.id"
     else:
         call_id = body.get("call_id") if isinstance(body, dict) else None
         field = "call_id"
     if not key_rules.is_call_id(call_id):
-        raise ApiError(422, "invalid_field", "a call id of 1-128 characters of A-Z a-z 0-9 _ . : - is required", field=field)
+        raise ApiError(
+            422, "invalid_field", "a call id of 1-128 characters of A-Z a-z 0-9 _ . : - is required", field=field
+        )
     return call_id, message

@@ -98,7 +98,7 @@ def duration_us(started: datetime, ended: datetime) -> int:
 
 def parse_message(envelope: Any) -> VapiMessage:
     if not isinstance(envelope, dict) or not isinstance(envelope.get("message"), dict):
-        raise InvalidInput("message", "the body must be {\"message\": {...}} as Vapi sends it")
+        raise InvalidInput("message", 'the body must be {"message": {...}} as Vapi sends it')
     message = envelope["message"]
     message_type = _str(message.get("type"), 100)
     if message_type is None:

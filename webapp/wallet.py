@@ -94,8 +94,10 @@ async def transactions(request: Request) -> Response:
         WHERE org_id = $1 AND ($2::bigint IS NULL OR id < $2)
         ORDER BY id DESC LIMIT $3
         """,
-        org_id, before, limit + 1,
-    )  # fmt: skip
+        org_id,
+        before,
+        limit + 1,
+    )
     page = rows[:limit]
     items = [
         {
@@ -152,15 +154,29 @@ async def show_call(request: Request) -> Response:
     state_text = await ctx.rt.redis.hget(ctx.rt.keys.org(org_id).idem, call_state_key(org_id, call_id))
     if state_text is None:
         row = await ctx.rt.pg.fetchrow(
-            "SELECT status, charged_pence, billed_seconds FROM call_holds WHERE org_id = $1 AND call_id = $2", org_id, call_id
+            "SELECT status, charged_pence, billed_seconds FROM call_holds WHERE org_id = $1 AND call_id = $2",
+            org_id,
+            call_id,
         )
         if row is None:
             raise ApiError(404, "not_found", "no such call for this org")
-        return json_response({"call_id": call_id, "status": row["status"], "charged_pence": row["charged_pence"],
-                              "billed_seconds": row["billed_seconds"]})  # fmt: skip
+        return json_response(
+            {
+                "call_id": call_id,
+                "status": row["status"],
+                "charged_pence": row["charged_pence"],
+                "billed_seconds": row["billed_seconds"],
+            }
+        )
     state = CallState.decode(state_text)
-    return json_response({"call_id": call_id, "status": state.status.value, "charged_pence": state.charged_pence,
-                          "billed_seconds": state.billed_seconds})  # fmt: skip
+    return json_response(
+        {
+            "call_id": call_id,
+            "status": state.status.value,
+            "charged_pence": state.charged_pence,
+            "billed_seconds": state.billed_seconds,
+        }
+    )
 
 
 async def reserve(request: Request) -> Response:
@@ -185,20 +201,30 @@ async def reserve(request: Request) -> Response:
         reservation = await reserve_call(ctx.rt, org_id, call_id)
     ctx.metrics.decision("reserve", reservation.outcome.name)
     if reservation.held and not reservation.funded:
-        raise ApiError(409, "call_not_funded", "this call is already running without credit and is being ended", field="call_id")
+        raise ApiError(
+            409, "call_not_funded", "this call is already running without credit and is being ended", field="call_id"
+        )
     if reservation.outcome in (Outcome.ok, Outcome.replayed):
         if not await ctx.calls.remember(call_id, org_id):  # another org admitted it meanwhile
             await release_call(ctx.rt, org_id, call_id)
             raise ApiError(409, "call_taken", "another org admitted this call id", field="call_id")
         headers = {"Idempotent-Replayed": "true"} if reservation.outcome == Outcome.replayed else None
         return json_response(
-            {"call_id": call_id, "hold_pence": reservation.hold_pence, "max_duration_seconds": reservation.max_duration_s,
-             "available_pence": reservation.money.available_pence},
-            201, headers=headers,
-        )  # fmt: skip
+            {
+                "call_id": call_id,
+                "hold_pence": reservation.hold_pence,
+                "max_duration_seconds": reservation.max_duration_s,
+                "available_pence": reservation.money.available_pence,
+            },
+            201,
+            headers=headers,
+        )
     if reservation.outcome == Outcome.insufficient_funds:
-        raise ApiError(402, "insufficient_balance",
-                       f"not enough credit to start a call: {reservation.money.available_pence} pence available")  # fmt: skip
+        raise ApiError(
+            402,
+            "insufficient_balance",
+            f"not enough credit to start a call: {reservation.money.available_pence} pence available",
+        )
     if reservation.outcome == Outcome.too_many_calls:
         raise ApiError(409, "too_many_calls", "the org is at its limit of concurrent calls")
     if reservation.outcome == Outcome.call_already_resolved:
@@ -212,5 +238,9 @@ async def forwarding_secret(request: Request) -> Response:
     deployment's own (engine/forwarding.org_forward_secret)."""
     ctx, org_id = await org_context(request)
     if ctx.settings.forward_secret is None:
-        raise ApiError(404, "forwarding_unsigned", "this deployment has no CREDIT_ENGINE_FORWARD_SECRET: forwarded messages carry no secret")
+        raise ApiError(
+            404,
+            "forwarding_unsigned",
+            "this deployment has no CREDIT_ENGINE_FORWARD_SECRET: forwarded messages carry no secret",
+        )
     return json_response({"secret": org_forward_secret(ctx.settings.forward_secret, org_id), "header": "X-Vapi-Secret"})

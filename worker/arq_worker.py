@@ -81,8 +81,9 @@ class CreditEngineWorker(Worker):
         try:
             await super()._poll_iteration()
         except (RedisError, OSError) as error:  # a WatchError can wrap a lost connection too
-            log.warning("redis unreachable (%s: %s); polling again in %.0f s", type(error).__name__, error,
-                        redis_retry_pause_s)  # fmt: skip
+            log.warning(
+                "redis unreachable (%s: %s); polling again in %.0f s", type(error).__name__, error, redis_retry_pause_s
+            )
             await asyncio.sleep(redis_retry_pause_s)
 
     async def close(self) -> None:

@@ -80,9 +80,13 @@ class TimedLoops:
 
     async def alert_round(self) -> float:
         report = await deliver_due(self.rt, self.outbound)
-        await self._count(alerts_delivered=report.delivered, alerts_retrying=report.retrying,
-                          alerts_failed=report.failed, alerts_refused=report.refused,
-                          alerts_no_endpoint=report.no_endpoint)  # fmt: skip
+        await self._count(
+            alerts_delivered=report.delivered,
+            alerts_retrying=report.retrying,
+            alerts_failed=report.failed,
+            alerts_refused=report.refused,
+            alerts_no_endpoint=report.no_endpoint,
+        )
         return alert_poll_interval_s
 
     async def _count(self, **counts: int) -> None:

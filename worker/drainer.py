@@ -155,7 +155,9 @@ class Drainer:
 
     async def publish_stats(self) -> None:
         stats = self.stats
-        heartbeat_ms = await redis_now_ms(self.rt.redis)  # not this machine's clock: the web app compares it with its own reading
+        heartbeat_ms = await redis_now_ms(
+            self.rt.redis
+        )  # not this machine's clock: the web app compares it with its own reading
         await self.rt.redis.hset(
             self.rt.keys.worker_stats,
             mapping={

@@ -42,9 +42,10 @@ class WorkerMetrics:
             registry=self.registry,
         )
         self.outbox_entries = Gauge(
-            "credit_engine_worker_outbox_entries", "Entries in all outboxes at this worker's last sweep",
+            "credit_engine_worker_outbox_entries",
+            "Entries in all outboxes at this worker's last sweep",
             registry=self.registry,
-        )  # fmt: skip
+        )
         self.outbox_oldest_age = Gauge(
             "credit_engine_worker_outbox_oldest_age_seconds",
             "Age of the oldest outbox entry at this worker's last sweep",

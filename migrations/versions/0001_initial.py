@@ -194,6 +194,8 @@ def downgrade() -> None:
     op.drop_table("pending_credits")
     op.drop_table("call_holds")
     op.execute("DROP TABLE ledger_entries")
-    op.execute("DROP FUNCTION ledger_entries_check_projection, ledger_entries_check_chain, ledger_entries_refuse_change")
+    op.execute(
+        "DROP FUNCTION ledger_entries_check_projection, ledger_entries_check_chain, ledger_entries_refuse_change"
+    )
     op.drop_table("org_balances")
     op.drop_table("orgs")

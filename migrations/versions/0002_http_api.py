@@ -69,7 +69,9 @@ def upgrade() -> None:
         ),
     )
     op.create_index(
-        "idempotent_requests_ix_in_progress", "idempotent_requests", ["created_at"],
+        "idempotent_requests_ix_in_progress",
+        "idempotent_requests",
+        ["created_at"],
         postgresql_where=sa.text("state = 'in_progress'"),
     )
 

@@ -12,8 +12,16 @@ def test_the_forward_url_is_checked_when_read() -> None:
     read = Settings.from_env({"CREDIT_ENGINE_FORWARD_URL": " https://platform.example.com/vapi?env=prod "})
     assert read.forward_url == "https://platform.example.com/vapi?env=prod"
     assert Settings.from_env({}).forward_url is None
-    for bad in ("platform.example.com", "ftp://platform.example.com/", "https://", "https://p.test/#frag",
-                "https://p.test:99999/", "https://p.test/a b", "https://p.test/\x00", "https://p.test/" + "p" * 2000):  # fmt: skip
+    for bad in (
+        "platform.example.com",
+        "ftp://platform.example.com/",
+        "https://",
+        "https://p.test/#frag",
+        "https://p.test:99999/",
+        "https://p.test/a b",
+        "https://p.test/\x00",
+        "https://p.test/" + "p" * 2000,
+    ):
         with pytest.raises(ConfigError, match="CREDIT_ENGINE_FORWARD_URL"):
             Settings.from_env({"CREDIT_ENGINE_FORWARD_URL": bad})
 

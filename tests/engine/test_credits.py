@@ -71,7 +71,9 @@ async def test_bad_credits_are_refused_and_write_nothing(rt: Runtime) -> None:
     assert await rt.pg.fetchval("SELECT count(*) FROM ledger_entries WHERE idempotency_key LIKE '%one-more'") == 0
 
 
-async def test_a_topup_whose_redis_step_failed_is_kept_and_applied_later(rt: Runtime, rt_without_redis: Runtime) -> None:
+async def test_a_topup_whose_redis_step_failed_is_kept_and_applied_later(
+    rt: Runtime, rt_without_redis: Runtime
+) -> None:
     org = await new_org(rt, 100)
     result = await credit(rt_without_redis, org, "pay-1", 900)
     assert (result.outcome, result.applied, result.money) == (Outcome.ok, False, None)
@@ -111,7 +113,9 @@ async def test_the_reconciler_heals_a_topup_whose_redis_step_failed(rt: Runtime,
 async def test_credit_metadata_is_stored_as_a_json_object(rt: Runtime) -> None:
     org = await new_org(rt)
     await credit(rt, org, "k", 100, meta={"source": "stripe", "payment": "pi_1"})
-    row = await rt.pg.fetchrow("SELECT jsonb_typeof(meta) AS kind, meta->>'payment' AS payment FROM ledger_entries WHERE org_id = $1", org)
+    row = await rt.pg.fetchrow(
+        "SELECT jsonb_typeof(meta) AS kind, meta->>'payment' AS payment FROM ledger_entries WHERE org_id = $1", org
+    )
     assert (row["kind"], row["payment"]) == ("object", "pi_1")
 
 

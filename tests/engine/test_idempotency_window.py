@@ -26,7 +26,9 @@ async def _past_the_window(rt: Runtime, clock: ManualClock, org: str) -> None:
     assert (await commit_call(rt, org, "pruner", 1)).outcome == Outcome.ok
 
 
-async def test_a_report_replayed_after_redis_forgot_the_call_is_not_billed_again(rt: Runtime, clock: ManualClock) -> None:
+async def test_a_report_replayed_after_redis_forgot_the_call_is_not_billed_again(
+    rt: Runtime, clock: ManualClock
+) -> None:
     org = await new_org(rt, 10_000)
     assert (await reserve_call(rt, org, "held-call")).outcome == Outcome.ok
     assert (await commit_call(rt, org, "held-call", 60)).charged_pence == 60
@@ -40,16 +42,24 @@ async def test_a_report_replayed_after_redis_forgot_the_call_is_not_billed_again
     assert [(r.outcome, r.charged_pence) for r in replays] == [(Outcome.replayed, 60), (Outcome.replayed, 30)]
     assert await read_wallet(rt, org) == before
     await drain_org_fully(rt, org)
-    charges = await rt.pg.fetch("SELECT call_id, amount_pence FROM ledger_entries WHERE org_id = $1 AND call_id IS NOT NULL "
-                                "ORDER BY call_id", org)  # fmt: skip
-    assert [(r["call_id"], r["amount_pence"]) for r in charges] == [("direct-call", -30), ("held-call", -60), ("pruner", -1)]
+    charges = await rt.pg.fetch(
+        "SELECT call_id, amount_pence FROM ledger_entries WHERE org_id = $1 AND call_id IS NOT NULL ORDER BY call_id",
+        org,
+    )
+    assert [(r["call_id"], r["amount_pence"]) for r in charges] == [
+        ("direct-call", -30),
+        ("held-call", -60),
+        ("pruner", -1),
+    ]
     assert await rt.pg.fetchval("SELECT count(*) FROM ledger_rejects") == 0
     assert (await check(rt, [org])).clean
     # A call Postgres has never seen is still billed directly.
     assert (await commit_call(rt, org, "new-outbound", 10)).outcome == Outcome.ok
 
 
-async def test_a_purchase_replayed_after_redis_forgot_its_key_is_answered_from_postgres(rt: Runtime, clock: ManualClock) -> None:
+async def test_a_purchase_replayed_after_redis_forgot_its_key_is_answered_from_postgres(
+    rt: Runtime, clock: ManualClock
+) -> None:
     org = await new_org(rt, 5_000)
     telephony = FakeTelephony()
     first = await provision(rt, telephony, org, "buy-1", ProvisionRequest("415", None), 1000)
@@ -80,21 +90,30 @@ async def test_a_top_up_replayed_after_redis_forgot_it_is_not_credited_again(rt:
     assert await assert_books_agree(rt, org) == 499
 
 
-async def test_a_pending_top_up_replayed_is_applied_once_and_a_stale_one_is_left_to_repair(rt: Runtime, clock: ManualClock) -> None:
+async def test_a_pending_top_up_replayed_is_applied_once_and_a_stale_one_is_left_to_repair(
+    rt: Runtime, clock: ManualClock
+) -> None:
     org = await new_org(rt, 0)
     # Committed in Postgres, never applied in Redis (its process died between the two).
     first = await credit(rt, org, "topup-2", 300)
     await rt.redis.hdel(rt.keys.org(org).idem, credit_ledger_key(org, "topup", "topup-2"))
     await rt.redis.hincrby(rt.keys.org(org).org, "balance_pence", -300)
-    await rt.pg.execute("INSERT INTO pending_credits (idempotency_key, org_id, amount_pence) VALUES ($1, $2, 300)",
-                        first.ledger_key, org)  # fmt: skip
+    await rt.pg.execute(
+        "INSERT INTO pending_credits (idempotency_key, org_id, amount_pence) VALUES ($1, $2, 300)",
+        first.ledger_key,
+        org,
+    )
     replay = await credit(rt, org, "topup-2", 300)
     assert (replay.outcome, replay.applied) == (Outcome.replayed, True)
     assert await rt.pg.fetchval("SELECT count(*) FROM pending_credits WHERE org_id = $1", org) == 0
     assert await assert_books_agree(rt, org) == 300
     # Pending for longer than half the window: a replay applies nothing by key alone.
-    await rt.pg.execute("INSERT INTO pending_credits (idempotency_key, org_id, amount_pence, created_at) "
-                        "VALUES ($1, $2, 300, now() - interval '30 days')", first.ledger_key, org)  # fmt: skip
+    await rt.pg.execute(
+        "INSERT INTO pending_credits (idempotency_key, org_id, amount_pence, created_at) "
+        "VALUES ($1, $2, 300, now() - interval '30 days')",
+        first.ledger_key,
+        org,
+    )
     stale = await credit(rt, org, "topup-2", 300)
     assert (stale.outcome, stale.applied) == (Outcome.replayed, False)
     assert (await read_wallet(rt, org)).balance_pence == 300  # type: ignore[union-attr]
@@ -128,10 +147,15 @@ async def test_a_purchase_keyed_like_rent_gets_no_free_rent_and_no_free_number(r
     december = await charge_rent(rt, telephony)
     assert (december.charged, december.already_paid) == (1, 0)  # December is charged: no free rent
     await drain_org_fully(rt, org)
-    rent = await rt.pg.fetch("SELECT idempotency_key, amount_pence FROM ledger_entries WHERE org_id = $1 AND "
-                             "meta->>'asset' = 'phone_number_rent' ORDER BY id", org)  # fmt: skip
+    rent = await rt.pg.fetch(
+        "SELECT idempotency_key, amount_pence FROM ledger_entries WHERE org_id = $1 AND "
+        "meta->>'asset' = 'phone_number_rent' ORDER BY id",
+        org,
+    )
     assert [(r["idempotency_key"], r["amount_pence"]) for r in rent] == [
-        (legacy, -1000), (rent_ledger_key(org, number, "2026-12"), -1000)]  # fmt: skip
+        (legacy, -1000),
+        (rent_ledger_key(org, number, "2026-12"), -1000),
+    ]
     # 10,000 - November - the failed purchase (refunded) - the pruner's 1p - December
     assert await assert_books_agree(rt, org) == 10_000 - 1000 - 1 - 1000
     repaired = await repair(rt, [org])

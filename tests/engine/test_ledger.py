@@ -71,8 +71,12 @@ async def test_the_same_key_with_a_different_decision_is_kept_as_evidence_not_wr
     # ...but should Redis decide the same key again anyway (the script run on its own, as a
     # release without that check would), the ledger keeps the evidence and writes nothing twice.
     keys = rt.keys.org(org)
-    reply = await rt.scripts.run(rt.redis, "asset_deduct", [keys.org, keys.idem, keys.idem_exp, keys.outbox],
-                                 [0, org, f"{org}/asset/a", 100, "", rt.settings.idempotency_ttl_ms, 1000, "{}"])  # fmt: skip
+    reply = await rt.scripts.run(
+        rt.redis,
+        "asset_deduct",
+        [keys.org, keys.idem, keys.idem_exp, keys.outbox],
+        [0, org, f"{org}/asset/a", 100, "", rt.settings.idempotency_ttl_ms, 1000, "{}"],
+    )
     assert reply[0] == Outcome.ok
     result = await drain_orgs(rt, [org])
     assert (result.written.inserted, result.written.duplicates) == (0, 1)
@@ -96,12 +100,18 @@ async def test_the_ledger_is_append_only(rt: Runtime) -> None:
     assert len(await ledger(rt, org)) == 1
 
 
-async def insert_raw(conn: asyncpg.Connection, org: str, key: str, amount: int, balance_after: int, kind: str = "asset") -> None:
+async def insert_raw(
+    conn: asyncpg.Connection, org: str, key: str, amount: int, balance_after: int, kind: str = "asset"
+) -> None:
     await conn.execute(
         """INSERT INTO ledger_entries (org_id, idempotency_key, kind, amount_pence, balance_after_pence,
                debt_after_pence, source, created_at) VALUES ($1, $2, $3, $4, $5, 0, 'redis', now())""",
-        org, key, kind, amount, balance_after,
-    )  # fmt: skip
+        org,
+        key,
+        kind,
+        amount,
+        balance_after,
+    )
 
 
 async def test_an_entry_that_breaks_the_balance_chain_is_refused(rt: Runtime) -> None:
@@ -132,7 +142,9 @@ async def test_a_projection_left_behind_fails_the_commit(rt: Runtime) -> None:
         ("nonsense", -1, 0, "ledger_entries_chk_kind"),
     ],
 )
-async def test_entry_kinds_carry_their_sign(rt: Runtime, kind: str, amount: int, debt_delta: int, constraint: str) -> None:
+async def test_entry_kinds_carry_their_sign(
+    rt: Runtime, kind: str, amount: int, debt_delta: int, constraint: str
+) -> None:
     org = await new_org(rt, 1000)
     # A consistent chain (the BEFORE INSERT trigger runs first), so the kind's CHECK is what refuses.
     with pytest.raises(asyncpg.CheckViolationError, match=constraint):
@@ -141,8 +153,11 @@ async def test_entry_kinds_carry_their_sign(rt: Runtime, kind: str, amount: int,
                    balance_after_pence, debt_after_pence, source, created_at, call_id)
                VALUES ($1, 'k', $2, $3::bigint, $4::bigint, 1000 + $3::bigint, $4::bigint, 'redis', now(),
                        CASE WHEN $2 LIKE 'call%' THEN 'c' END)""",
-            org, kind, amount, debt_delta,
-        )  # fmt: skip
+            org,
+            kind,
+            amount,
+            debt_delta,
+        )
 
 
 async def test_debt_reaches_postgres_and_the_chain_holds_across_repayment(rt: Runtime) -> None:
@@ -157,13 +172,15 @@ async def test_debt_reaches_postgres_and_the_chain_holds_across_repayment(rt: Ru
     rows = await ledger(rt, org)
     # Postgres order: the Postgres-first top-up is in before the drained Redis-first entries;
     # the chain holds in that order.
-    assert [(r["kind"], r["amount_pence"], r["debt_delta_pence"], r["balance_after_pence"], r["debt_after_pence"])
-            for r in rows] == [
+    assert [
+        (r["kind"], r["amount_pence"], r["debt_delta_pence"], r["balance_after_pence"], r["debt_after_pence"])
+        for r in rows
+    ] == [
         ("topup", 100, 0, 100, 0),
         ("topup", 500, 0, 600, 0),
         ("call_charge", -100, 200, 500, 200),
         ("debt_repayment", -200, -200, 300, 0),
-    ]  # fmt: skip
+    ]
     p = await projection(rt, org)
     assert (p["balance_pence"], p["debt_pence"]) == (300, 0)
 
@@ -191,7 +208,10 @@ async def test_a_report_field_holding_the_text_of_a_nul_escape_is_written_as_giv
     for i, reason in enumerate(reasons):
         assert (await commit_call(rt, org, f"c{i}", 6, meta={"ended_reason": reason})).outcome == Outcome.ok
     await drain_org_fully(rt, org)
-    rows = await rt.pg.fetch("SELECT meta->>'ended_reason' AS reason FROM ledger_entries WHERE org_id = $1 AND kind = 'call_charge' "
-                             "ORDER BY id", org)  # fmt: skip
+    rows = await rt.pg.fetch(
+        "SELECT meta->>'ended_reason' AS reason FROM ledger_entries WHERE org_id = $1 AND kind = 'call_charge' "
+        "ORDER BY id",
+        org,
+    )
     assert [r["reason"] for r in rows] == ["customer\\u0000ended", 'tail\\u0000"', "realnul"]
     assert await rt.redis.xlen(rt.keys.org(org).outbox + ":dead") == 0

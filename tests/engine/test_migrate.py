@@ -38,16 +38,28 @@ async def test_0005_upgrades_a_database_with_orgs_and_downgrades(empty_database:
     await migrate(empty_database, "upgrade", "0004")
     conn = await asyncpg.connect(asyncpg_dsn(empty_database))
     try:
-        await conn.execute("INSERT INTO orgs (org_id, name, rate_pence_per_minute) VALUES ('old-1', 'Old', 60), ('old-2', 'Old', 30)")
+        await conn.execute(
+            "INSERT INTO orgs (org_id, name, rate_pence_per_minute) VALUES ('old-1', 'Old', 60), ('old-2', 'Old', 30)"
+        )
         await conn.execute("INSERT INTO org_balances (org_id) VALUES ('old-1'), ('old-2')")
         await migrate(empty_database, "upgrade", "0005")
         assert await conn.fetchval("SELECT version_num FROM alembic_version") == "0005"
-        rows = await conn.fetch(f"SELECT org_id, rate_pence_per_minute, {', '.join(PROFILE_COLUMNS)} FROM orgs ORDER BY org_id")
+        rows = await conn.fetch(
+            f"SELECT org_id, rate_pence_per_minute, {', '.join(PROFILE_COLUMNS)} FROM orgs ORDER BY org_id"
+        )
         assert [tuple(row.values()) for row in rows] == [("old-1", 60, *[None] * 5), ("old-2", 30, *[None] * 5)]
-        await conn.execute("UPDATE orgs SET refusal_busy = 'Busy.', forward_url = 'https://p.test/' WHERE org_id = 'old-1'")
-        for column, bad in (("refusal_busy", ""), ("refusal_busy", "   "), ("refusal_no_credit", "x" * 501),
-                            ("refusal_not_set_up", ""), ("refusal_try_later", " "), ("forward_url", ""),
-                            ("forward_url", "https://p.test/" + "p" * 2000)):  # fmt: skip
+        await conn.execute(
+            "UPDATE orgs SET refusal_busy = 'Busy.', forward_url = 'https://p.test/' WHERE org_id = 'old-1'"
+        )
+        for column, bad in (
+            ("refusal_busy", ""),
+            ("refusal_busy", "   "),
+            ("refusal_no_credit", "x" * 501),
+            ("refusal_not_set_up", ""),
+            ("refusal_try_later", " "),
+            ("forward_url", ""),
+            ("forward_url", "https://p.test/" + "p" * 2000),
+        ):
             with pytest.raises(asyncpg.CheckViolationError, match=f"orgs_chk_{column}_length"):
                 await conn.execute(f"UPDATE orgs SET {column} = $1 WHERE org_id = 'old-2'", bad)
         await migrate(empty_database, "downgrade", "0004")

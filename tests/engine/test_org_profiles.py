@@ -34,7 +34,10 @@ class FakeClock:
 async def test_a_profile_is_read_once_and_an_update_in_this_process_is_seen_at_once(rt: Runtime) -> None:
     org = await new_org(rt, refusal_busy="Busy at Acme.")
     profile = await vapi_profile(rt, org)
-    assert (profile.spoken(Refusal.busy), profile.spoken(Refusal.no_credit)) == ("Busy at Acme.", REFUSAL_DEFAULTS[Refusal.no_credit])
+    assert (profile.spoken(Refusal.busy), profile.spoken(Refusal.no_credit)) == (
+        "Busy at Acme.",
+        REFUSAL_DEFAULTS[Refusal.no_credit],
+    )
     assert profile.forward_url is None
     # Written behind the engine's back: the cached profile is still served (no query per request).
     await rt.pg.execute("UPDATE orgs SET refusal_busy = 'Changed in SQL.' WHERE org_id = $1", org)

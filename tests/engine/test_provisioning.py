@@ -29,8 +29,10 @@ async def test_a_refunded_purchase_is_never_bought_afterwards(rt: Runtime) -> No
     first = await provision(rt, provider, org, "buy-1", ProvisionRequest(None, None), 1000)
     assert first.status == 502
     # A crash between the refund and recording the answer: the claim is still in progress.
-    await rt.pg.execute("UPDATE idempotent_requests SET state = 'in_progress', response_status = NULL, "
-                        "response_body = NULL, created_at = now() - interval '1 hour'")  # fmt: skip
+    await rt.pg.execute(
+        "UPDATE idempotent_requests SET state = 'in_progress', response_status = NULL, "
+        "response_body = NULL, created_at = now() - interval '1 hour'"
+    )
     again = await provision(rt, provider, org, "buy-1", ProvisionRequest(None, None), 1000)
     assert again.status == 502  # not a free number: the refund stands, the purchase stays failed
     assert provider.calls == 1

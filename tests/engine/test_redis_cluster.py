@@ -67,7 +67,9 @@ async def orgs_on_every_master(rt: Runtime, per_master: int) -> dict[str, list[s
     return by_node
 
 
-@given(org_id=st.from_regex(ORG_ID_PATTERN, fullmatch=True), prefix=st.from_regex(r"[A-Za-z0-9_.-]{1,32}", fullmatch=True))
+@given(
+    org_id=st.from_regex(ORG_ID_PATTERN, fullmatch=True), prefix=st.from_regex(r"[A-Za-z0-9_.-]{1,32}", fullmatch=True)
+)
 def test_every_scripts_declared_keys_hash_to_one_slot(org_id: str, prefix: str) -> None:
     """Each header's key patterns, filled in as engine/keys.py fills them, are keys of the org's
     keyspace, and all of one script's keys share a slot, whatever the org id and prefix."""
@@ -77,7 +79,9 @@ def test_every_scripts_declared_keys_hash_to_one_slot(org_id: str, prefix: str) 
         for label in script.key_names:
             pattern = LABEL_KEY.search(label)
             assert pattern is not None, (script.name, label)
-            keys.append(pattern.group(1).replace("<prefix>", prefix).replace("<org_id>", org_id).replace("<token>", "t0"))
+            keys.append(
+                pattern.group(1).replace("<prefix>", prefix).replace("<org_id>", org_id).replace("<token>", "t0")
+            )
         assert set(keys) <= {*org_keys.all(), org_keys.restore_staging("t0")}, (script.name, keys)
         assert len({key_slot(key.encode()) for key in keys}) == 1, (script.name, keys)
         script.check_call(keys, [0] * script.argv_count)
@@ -143,8 +147,9 @@ async def test_orgs_on_every_master_are_billed_drained_and_reconciled(cluster_rt
         assert wallet is not None and wallet.balance_pence == 10_000 - 1_000 - 90 and wallet.live_calls == 1
     rows = await rt.pg.fetch(
         "SELECT org_id, count(*) AS entries, sum(amount_pence) AS pence FROM ledger_entries WHERE org_id = ANY($1::text[]) "
-        "GROUP BY org_id", orgs,
-    )  # fmt: skip
+        "GROUP BY org_id",
+        orgs,
+    )
     # Per org: the seed top-up, the asset, the call's adjustment: written once each.
     assert {row["org_id"]: (row["entries"], row["pence"]) for row in rows} == {org: (3, 10_000 - 1_090) for org in orgs}
     report = await check(rt, orgs)
@@ -166,7 +171,9 @@ def move_slot(cluster: EmbeddedRedisCluster, slot: int, source: int, target: int
         clients[target].execute_command("CLUSTER SETSLOT", slot, "IMPORTING", source_id)
         clients[source].execute_command("CLUSTER SETSLOT", slot, "MIGRATING", target_id)
         while keys := clients[source].execute_command("CLUSTER GETKEYSINSLOT", slot, 100):
-            clients[source].execute_command("MIGRATE", "127.0.0.1", cluster.nodes[target].port, "", 0, 5000, "KEYS", *keys)
+            clients[source].execute_command(
+                "MIGRATE", "127.0.0.1", cluster.nodes[target].port, "", 0, 5000, "KEYS", *keys
+            )
         for client in clients:
             client.execute_command("CLUSTER SETSLOT", slot, "NODE", target_id)
     finally:
@@ -175,16 +182,23 @@ def move_slot(cluster: EmbeddedRedisCluster, slot: int, source: int, target: int
     cluster.wait_until_formed()
 
 
-async def test_a_reshard_keeps_the_state_markers_and_the_money(cluster: EmbeddedRedisCluster, settings: Settings) -> None:
+async def test_a_reshard_keeps_the_state_markers_and_the_money(
+    cluster: EmbeddedRedisCluster, settings: Settings
+) -> None:
     """Markers move with their slots, so a master whose lowest slot changes still finds its own."""
     rt = await Runtime.open(replace(settings, redis_url=cluster.url, redis_cluster=True))
     try:
         await ensure_rebuilt(rt)
         org = await new_org(rt, 1_000)
         slot = key_slot(rt.keys.org(org).org.encode())
-        owner = next(i for i, node in enumerate(cluster.nodes) if node_of(rt, rt.keys.org(org).org) == f"127.0.0.1:{node.port}")
-        lowest = min(slots for slots, nodes in rt.redis.nodes_manager.slots_cache.items()  # type: ignore[attr-defined]
-                     if nodes[0].name == f"127.0.0.1:{cluster.nodes[owner].port}")  # fmt: skip
+        owner = next(
+            i for i, node in enumerate(cluster.nodes) if node_of(rt, rt.keys.org(org).org) == f"127.0.0.1:{node.port}"
+        )
+        lowest = min(
+            slots
+            for slots, nodes in rt.redis.nodes_manager.slots_cache.items()  # type: ignore[attr-defined]
+            if nodes[0].name == f"127.0.0.1:{cluster.nodes[owner].port}"
+        )
         move_slot(cluster, lowest, owner, (owner + 1) % 3)  # the owner's lowest slot changes
         if slot != lowest:
             move_slot(cluster, slot, owner, (owner + 2) % 3)  # and the org itself moves
@@ -219,7 +233,10 @@ async def test_a_master_restarting_empty_is_noticed_and_only_its_orgs_are_rebuil
     main_marker_node = node_of(rt, rt.keys.state)
     lost_node = next(node for node in cluster.nodes if f"127.0.0.1:{node.port}" != main_marker_node)
     lost_name = f"127.0.0.1:{lost_node.port}"
-    lost_orgs, kept_orgs = by_node[lost_name], [org for name, orgs in by_node.items() if name != lost_name for org in orgs]
+    lost_orgs, kept_orgs = (
+        by_node[lost_name],
+        [org for name, orgs in by_node.items() if name != lost_name for org in orgs],
+    )
     while not any(node_of(rt, rt.keys.outbox_dirty(org)) == lost_name for org in kept_orgs):
         org = await new_org(rt, 10_000)  # one more org on a master that stays up, rung on the lost one
         assert (await reserve_call(rt, org, "live")).outcome == Outcome.ok

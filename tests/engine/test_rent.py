@@ -23,16 +23,28 @@ def at(year: int, month: int, day: int, hour: int = 12) -> int:
 
 
 async def _number(rt: Runtime, org: str, number_id: str, bought: str = "2026-10-15") -> None:
-    await register_number(rt, org, number_id, number="+15550004444", assistant_id="a", provider="fake", provision_key=None,
-                          status="active")  # fmt: skip
-    await rt.pg.execute("UPDATE phone_numbers SET created_at = $2::date WHERE vapi_phone_number_id = $1", number_id,
-                        datetime.fromisoformat(bought).date())  # fmt: skip
+    await register_number(
+        rt,
+        org,
+        number_id,
+        number="+15550004444",
+        assistant_id="a",
+        provider="fake",
+        provision_key=None,
+        status="active",
+    )
+    await rt.pg.execute(
+        "UPDATE phone_numbers SET created_at = $2::date WHERE vapi_phone_number_id = $1",
+        number_id,
+        datetime.fromisoformat(bought).date(),
+    )
 
 
 async def _rent_rows(rt: Runtime, org: str) -> list[tuple[str, int]]:
     await drain_org_fully(rt, org)
-    rows = await rt.pg.fetch("SELECT idempotency_key, amount_pence FROM ledger_entries WHERE org_id = $1 AND kind = 'asset' "
-                             "ORDER BY id", org)  # fmt: skip
+    rows = await rt.pg.fetch(
+        "SELECT idempotency_key, amount_pence FROM ledger_entries WHERE org_id = $1 AND kind = 'asset' ORDER BY id", org
+    )
     return [(r["idempotency_key"], r["amount_pence"]) for r in rows]
 
 
@@ -40,7 +52,9 @@ async def _alerts(rt: Runtime, org: str) -> list[str]:
     return [r["kind"] for r in await rt.pg.fetch("SELECT kind FROM alert_events WHERE org_id = $1 ORDER BY id", org)]
 
 
-async def test_rent_is_charged_once_per_number_and_month_even_after_redis_forgot(rt: Runtime, clock: ManualClock) -> None:
+async def test_rent_is_charged_once_per_number_and_month_even_after_redis_forgot(
+    rt: Runtime, clock: ManualClock
+) -> None:
     org = await new_org(rt, 10_000)
     await _number(rt, org, "pn-paid", bought="2026-10-15")
     await _number(rt, org, "pn-new", bought="2026-11-20")  # bought this month: its price paid November
@@ -60,13 +74,21 @@ async def test_rent_is_charged_once_per_number_and_month_even_after_redis_forgot
     clock.value_ms = at(2026, 12, 1, 1)
     december = await charge_rent(rt, telephony)
     assert december.charged == 2
-    assert sorted(await _rent_rows(rt, org)) == sorted([
-        (rent_ledger_key(org, "pn-paid", "2026-11"), -1000), (rent_ledger_key(org, "pn-paid", "2026-12"), -1000),
-        (rent_ledger_key(org, "pn-new", "2026-12"), -1000)])  # fmt: skip
+    assert sorted(await _rent_rows(rt, org)) == sorted(
+        [
+            (rent_ledger_key(org, "pn-paid", "2026-11"), -1000),
+            (rent_ledger_key(org, "pn-paid", "2026-12"), -1000),
+            (rent_ledger_key(org, "pn-new", "2026-12"), -1000),
+        ]
+    )
     assert await _alerts(rt, org) == []
     assert await rt.pg.fetchval("SELECT count(*) FROM ledger_rejects") == 0
-    assert await rt.pg.fetchval("SELECT 1 FROM ledger_entries WHERE idempotency_key = $1",
-                                rent_ledger_key(org, "pn-paid", "2026-11")) == 1  # fmt: skip
+    assert (
+        await rt.pg.fetchval(
+            "SELECT 1 FROM ledger_entries WHERE idempotency_key = $1", rent_ledger_key(org, "pn-paid", "2026-11")
+        )
+        == 1
+    )
 
 
 async def test_unpaid_rent_alerts_then_suspends_then_a_top_up_reactivates(rt: Runtime, clock: ManualClock) -> None:
@@ -85,7 +107,9 @@ async def test_unpaid_rent_alerts_then_suspends_then_a_top_up_reactivates(rt: Ru
     assert (await charge_rent(rt, telephony)).suspended == 1
     assert await _alerts(rt, org) == ["rent_failed", "number_suspended"]
     assert await number_owner(rt, "pn-late") is None  # calls to it are refused now
-    assert await rt.pg.fetchval("SELECT status FROM phone_numbers WHERE vapi_phone_number_id = 'pn-late'") == "suspended"
+    assert (
+        await rt.pg.fetchval("SELECT status FROM phone_numbers WHERE vapi_phone_number_id = 'pn-late'") == "suspended"
+    )
     assert (await credit(rt, org, "pay-up", 2_000)).applied
     clock.value_ms = at(2026, 11, 9)
     report = await charge_rent(rt, telephony)
@@ -97,7 +121,10 @@ async def test_unpaid_rent_alerts_then_suspends_then_a_top_up_reactivates(rt: Ru
     # Each alert's payload is the JSON object the org's webhook receives (not a JSON string of it).
     payloads = await rt.pg.fetch("SELECT payload FROM alert_events WHERE org_id = $1 ORDER BY id", org)
     assert [(p["payload"]["type"], p["payload"]["phone_number_id"]) for p in payloads] == [
-        ("rent_failed", "pn-late"), ("number_suspended", "pn-late"), ("number_reactivated", "pn-late")]
+        ("rent_failed", "pn-late"),
+        ("number_suspended", "pn-late"),
+        ("number_reactivated", "pn-late"),
+    ]
 
 
 async def test_rent_unpaid_past_the_release_day_releases_the_number_once(rt: Runtime, clock: ManualClock) -> None:

@@ -185,7 +185,9 @@ async def test_a_restore_that_does_not_happen_leaves_the_orgs_records_alone(rt: 
     replay = await commit_call(rt, org, "late", 45)
     assert (replay.outcome, replay.charged_pence) == (Outcome.replayed, 45)
     assert await assert_books_agree(rt, org) == 1000 - 45
-    kinds = await rt.pg.fetch("SELECT kind, amount_pence FROM ledger_entries WHERE org_id = $1 AND call_id = 'late' ORDER BY id", org)
+    kinds = await rt.pg.fetch(
+        "SELECT kind, amount_pence FROM ledger_entries WHERE org_id = $1 AND call_id = 'late' ORDER BY id", org
+    )
     assert [(r["kind"], r["amount_pence"]) for r in kinds] == [("call_expired", -30), ("call_adjustment", -15)]
     # Nothing staged is left behind in Redis.
     assert not [key async for key in rt.redis.scan_iter(match=f"{rt.keys.prefix}:*:restore:*")]

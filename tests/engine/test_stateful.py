@@ -152,7 +152,9 @@ class Ledger(RuleBasedStateMachine):
             expected = "ok"
             max_duration_s = min(available * 60 // m.rate, 43_200)
             now = self.clock.value_ms
-            m.holds[call] = HoldModel(min(m.block * m.rate, available), m.rate, 0, now, now + max_duration_s * 1000 + SLACK_MS, max_duration_s)
+            m.holds[call] = HoldModel(
+                min(m.block * m.rate, available), m.rate, 0, now, now + max_duration_s * 1000 + SLACK_MS, max_duration_s
+            )
             assert (result.hold_pence, result.max_duration_s) == (m.holds[call].hold_pence, max_duration_s)
         assert result.outcome.name == expected
 
@@ -246,13 +248,15 @@ class Ledger(RuleBasedStateMachine):
     def drain_and_compare_with_postgres(self) -> None:
         for org_id, m in self.models.items():
             self.run(drain_org_fully(self.rt, org_id))
-            row = self.run(self.rt.pg.fetchrow(
-                """SELECT b.balance_pence, b.debt_pence,
+            row = self.run(
+                self.rt.pg.fetchrow(
+                    """SELECT b.balance_pence, b.debt_pence,
                           (SELECT coalesce(sum(amount_pence), 0) FROM ledger_entries WHERE org_id = $1) AS amounts,
                           (SELECT coalesce(sum(debt_delta_pence), 0) FROM ledger_entries WHERE org_id = $1) AS debts
                    FROM org_balances b WHERE b.org_id = $1""",
-                org_id,
-            ))  # fmt: skip
+                    org_id,
+                )
+            )
             assert row["amounts"] == row["balance_pence"] == m.balance
             assert row["debts"] == row["debt_pence"] == m.debt
 
@@ -307,4 +311,3 @@ def run_machine(settings: Settings, max_examples: int) -> None:
         assert settings.redis_url is not None
         loop.run_until_complete(delete_prefix(settings.redis_url, settings.key_prefix))
         loop.close()
-

@@ -18,7 +18,14 @@ def vapi_stub(status: int, body: object, seen: list[httpx.Request]) -> httpx.Asy
 
 async def test_buys_a_vapi_number_with_the_api_key_and_reads_the_answer() -> None:
     seen: list[httpx.Request] = []
-    answer = {"id": "pn_123", "orgId": "o", "number": "+14155550123", "status": "active", "createdAt": "x", "updatedAt": "x"}
+    answer = {
+        "id": "pn_123",
+        "orgId": "o",
+        "number": "+14155550123",
+        "status": "active",
+        "createdAt": "x",
+        "updatedAt": "x",
+    }
     adapter = VapiTelephony("secret-key", "https://api.vapi.test", client=vapi_stub(201, answer, seen))
     bought = await adapter.buy(area_code="415", idempotency_key="org/key")
     assert (bought.vapi_phone_number_id, bought.number, bought.status) == ("pn_123", "+14155550123", "active")
@@ -29,7 +36,9 @@ async def test_buys_a_vapi_number_with_the_api_key_and_reads_the_answer() -> Non
     assert json.loads(request.content) == {"provider": "vapi", "name": "org/key", "numberDesiredAreaCode": "415"}
 
 
-@pytest.mark.parametrize(("status", "body"), [(400, {"message": "area code unavailable"}), (500, {}), (201, {"no": "id"}), (201, [1])])
+@pytest.mark.parametrize(
+    ("status", "body"), [(400, {"message": "area code unavailable"}), (500, {}), (201, {"no": "id"}), (201, [1])]
+)
 async def test_any_failure_is_a_provider_error(status: int, body: object) -> None:
     adapter = VapiTelephony("k", "https://api.vapi.test", client=vapi_stub(status, body, []))
     with pytest.raises(ProviderError):
@@ -40,7 +49,9 @@ async def test_an_unreachable_vapi_is_a_provider_error() -> None:
     def refuse(request: httpx.Request) -> httpx.Response:
         raise httpx.ConnectError("connection refused", request=request)
 
-    adapter = VapiTelephony("k", "https://api.vapi.test", client=httpx.AsyncClient(transport=httpx.MockTransport(refuse)))
+    adapter = VapiTelephony(
+        "k", "https://api.vapi.test", client=httpx.AsyncClient(transport=httpx.MockTransport(refuse))
+    )
     with pytest.raises(ProviderError, match="unreachable"):
         await adapter.buy(area_code=None, idempotency_key="k")
 

@@ -70,7 +70,9 @@ def sigkill_tree(process: subprocess.Popen[bytes]) -> None:
 
 
 class Deployment:
-    def __init__(self, root: Path, key_prefix: str = "faults", redis_appendfsync: str | None = "always", **env: str) -> None:
+    def __init__(
+        self, root: Path, key_prefix: str = "faults", redis_appendfsync: str | None = "always", **env: str
+    ) -> None:
         self.root = root
         self.redis = EmbeddedRedis(root / "redis", appendfsync=redis_appendfsync)
         self.postgres = EmbeddedPostgres(root / "postgres")
@@ -92,23 +94,47 @@ class Deployment:
         self.redis.start()
         admin_url = self.postgres.start()
         database_url = with_database(admin_url, "credit_engine")
-        subprocess.run([str(self.postgres.bin_dir / "createdb"), "-h", "127.0.0.1", "-p", str(self.postgres.port),
-                        "-U", "postgres", "credit_engine"], check=True, capture_output=True)  # fmt: skip
+        subprocess.run(
+            [
+                str(self.postgres.bin_dir / "createdb"),
+                "-h",
+                "127.0.0.1",
+                "-p",
+                str(self.postgres.port),
+                "-U",
+                "postgres",
+                "credit_engine",
+            ],
+            check=True,
+            capture_output=True,
+        )
         upgrade_to_head(database_url)
-        self.settings = replace(Settings(), redis_url=self.redis.url, database_url=database_url, key_prefix=self.key_prefix,
-                                admin_token=ADMIN_TOKEN, vapi_webhook_secret=WEBHOOK_SECRET)  # fmt: skip
+        self.settings = replace(
+            Settings(),
+            redis_url=self.redis.url,
+            database_url=database_url,
+            key_prefix=self.key_prefix,
+            admin_token=ADMIN_TOKEN,
+            vapi_webhook_secret=WEBHOOK_SECRET,
+        )
         self.start_web()
         self.start_worker()
 
     def _process_env(self) -> dict[str, str]:
-        return service_env(self.settings, CREDIT_ENGINE_ADMIN_TOKEN=ADMIN_TOKEN, VAPI_WEBHOOK_SECRET=WEBHOOK_SECRET,
-                           CREDIT_ENGINE_LOG_LEVEL="INFO", **self.env)  # fmt: skip
+        return service_env(
+            self.settings,
+            CREDIT_ENGINE_ADMIN_TOKEN=ADMIN_TOKEN,
+            VAPI_WEBHOOK_SECRET=WEBHOOK_SECRET,
+            CREDIT_ENGINE_LOG_LEVEL="INFO",
+            **self.env,
+        )
 
     def _spawn(self, args: list[str], log_name: str) -> subprocess.Popen[bytes]:
         log_path = self.root / log_name
         with open(log_path, "ab") as log:
-            process = subprocess.Popen(processes.cli(*args), env=self._process_env(), stdout=log,
-                                       stderr=subprocess.STDOUT)  # fmt: skip
+            process = subprocess.Popen(
+                processes.cli(*args), env=self._process_env(), stdout=log, stderr=subprocess.STDOUT
+            )
         process.log_path = log_path  # type: ignore[attr-defined]
         return process
 
@@ -146,7 +172,11 @@ class Deployment:
             self.postgres.start()
 
     def logs(self) -> str:
-        return "".join((self.root / name).read_text(errors="replace") for name in ("web.log", "worker.log") if (self.root / name).exists())
+        return "".join(
+            (self.root / name).read_text(errors="replace")
+            for name in ("web.log", "worker.log")
+            if (self.root / name).exists()
+        )
 
     def stop(self) -> tuple[int | None, int | None]:
         codes = (stop(self.web) if self.web else None, stop(self.worker) if self.worker else None)

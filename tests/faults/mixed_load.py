@@ -44,8 +44,12 @@ class OrgUnderLoad:
     refused_calls: set[str] = field(default_factory=set)
 
     def expected_balance_pence(self, phone_number_pence: int) -> int:
-        return (SEED_BALANCE_PENCE + sum(self.topups_pence.values()) - phone_number_pence * len(self.provisions)
-                - sum(self.calls_pence.values()))  # fmt: skip
+        return (
+            SEED_BALANCE_PENCE
+            + sum(self.topups_pence.values())
+            - phone_number_pence * len(self.provisions)
+            - sum(self.calls_pence.values())
+        )
 
 
 class MixedLoad:
@@ -76,24 +80,37 @@ class MixedLoad:
         headers = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
         if key:
             headers["Idempotency-Key"] = key
-        return await self._until_definitive(lambda: self.client.request(method, path, json=json, headers=headers),
-                                            lambda r: r.status_code < 500 and r.status_code != 409)  # fmt: skip
+        return await self._until_definitive(
+            lambda: self.client.request(method, path, json=json, headers=headers),
+            lambda r: r.status_code < 500 and r.status_code != 409,
+        )
 
     async def make_orgs(self, count: int) -> None:
         for _ in range(count):
             org_id = f"org-{self.seed}-{secrets.token_hex(3)}"
-            created = await self.admin("POST", "/api/admin/orgs",
-                                       {"org_id": org_id, "name": "Fault Org", "rate_pence_per_minute": RATE_PENCE_PER_MINUTE})  # fmt: skip
+            created = await self.admin(
+                "POST",
+                "/api/admin/orgs",
+                {"org_id": org_id, "name": "Fault Org", "rate_pence_per_minute": RATE_PENCE_PER_MINUTE},
+            )
             assert created.status_code in (201, 409), created.text  # 409: the first attempt made it
             key_response = await self.admin("POST", f"/api/admin/orgs/{org_id}/api-keys")
             assert key_response.status_code == 201, key_response.text
-            topped = await self.admin("POST", f"/api/admin/orgs/{org_id}/topups", {"amount_pence": SEED_BALANCE_PENCE},
-                                      key=f"seed-{org_id}")  # fmt: skip
+            topped = await self.admin(
+                "POST", f"/api/admin/orgs/{org_id}/topups", {"amount_pence": SEED_BALANCE_PENCE}, key=f"seed-{org_id}"
+            )
             assert topped.status_code == 201, topped.text
             number_id = f"pn-{org_id}"
-            registered = await self.admin("POST", "/api/admin/phone-numbers",
-                                          {"vapi_phone_number_id": number_id, "org_id": org_id, "number": "+15550001111",
-                                           "assistant_id": "asst-1"})  # fmt: skip
+            registered = await self.admin(
+                "POST",
+                "/api/admin/phone-numbers",
+                {
+                    "vapi_phone_number_id": number_id,
+                    "org_id": org_id,
+                    "number": "+15550001111",
+                    "assistant_id": "asst-1",
+                },
+            )
             assert registered.status_code in (201, 409), registered.text
             self.orgs.append(OrgUnderLoad(org_id, key_response.json()["api_key"], number_id))
             ISSUED_API_KEYS.append(key_response.json()["api_key"])
@@ -120,8 +137,9 @@ class MixedLoad:
 
     async def _vapi(self, body: bytes) -> httpx.Response:
         headers = {"X-Vapi-Secret": WEBHOOK_SECRET, "Content-Type": "application/json"}
-        response = await self._until_definitive(lambda: self.client.post("/api/vapi/webhook", content=body, headers=headers),
-                                                lambda r: True)  # fmt: skip
+        response = await self._until_definitive(
+            lambda: self.client.post("/api/vapi/webhook", content=body, headers=headers), lambda r: True
+        )
         assert response.status_code == 200, response.text  # Vapi always gets a 200
         return response
 
@@ -173,4 +191,3 @@ class MixedLoad:
                 await self.call(org, op_id)  # type: ignore[arg-type]
             n += 1
         return n
-

@@ -59,15 +59,18 @@ async def verify(rt: Runtime, orgs: list[OrgUnderLoad], phone_number_pence: int)
         verdict.problems.append("did not settle within 60 s (outbox entries, live holds or pending credits left)")
         return verdict
     for org in orgs:
-        rows = await rt.pg.fetch(
-            "SELECT kind, amount_pence, call_id FROM ledger_entries WHERE org_id = $1", org.org_id)  # fmt: skip
+        rows = await rt.pg.fetch("SELECT kind, amount_pence, call_id FROM ledger_entries WHERE org_id = $1", org.org_id)
         topups = sorted(r["amount_pence"] for r in rows if r["kind"] == "topup")
         expected_topups = sorted([*org.topups_pence.values(), 10_000_000])
         if topups != expected_topups:
-            verdict.problems.append(f"{org.org_id}: top-ups in the ledger {len(topups)}, accepted {len(expected_topups)}")
+            verdict.problems.append(
+                f"{org.org_id}: top-ups in the ledger {len(topups)}, accepted {len(expected_topups)}"
+            )
         assets = [r["amount_pence"] for r in rows if r["kind"] == "asset"]
         if sorted(assets) != [-phone_number_pence] * len(org.provisions):
-            verdict.problems.append(f"{org.org_id}: {len(assets)} number charges in the ledger, {len(org.provisions)} accepted")
+            verdict.problems.append(
+                f"{org.org_id}: {len(assets)} number charges in the ledger, {len(org.provisions)} accepted"
+            )
         charges: dict[str, list[int]] = {}
         for r in rows:
             if r["call_id"] is not None:
@@ -75,17 +78,21 @@ async def verify(rt: Runtime, orgs: list[OrgUnderLoad], phone_number_pence: int)
         expected_charges = {call_id: [-cost] for call_id, cost in org.calls_pence.items() if cost > 0}
         if charges != expected_charges:
             wrong = {c for c in charges.keys() | expected_charges.keys() if charges.get(c) != expected_charges.get(c)}
-            verdict.problems.append(f"{org.org_id}: call charges differ for {sorted(wrong)[:5]} "
-                                    f"(ledger {[charges.get(c) for c in sorted(wrong)[:5]]}, "
-                                    f"expected {[expected_charges.get(c) for c in sorted(wrong)[:5]]})")  # fmt: skip
+            verdict.problems.append(
+                f"{org.org_id}: call charges differ for {sorted(wrong)[:5]} "
+                f"(ledger {[charges.get(c) for c in sorted(wrong)[:5]]}, "
+                f"expected {[expected_charges.get(c) for c in sorted(wrong)[:5]]})"
+            )
         expected_balance = org.expected_balance_pence(phone_number_pence)
         ledger_sum = sum(r["amount_pence"] for r in rows)
         projection = await rt.pg.fetchval("SELECT balance_pence FROM org_balances WHERE org_id = $1", org.org_id)
         wallet = await read_wallet(rt, org.org_id)
         redis_balance = wallet.balance_pence if wallet else None
         if not expected_balance == ledger_sum == projection == redis_balance:
-            verdict.problems.append(f"{org.org_id}: expected {expected_balance}, ledger {ledger_sum}, "
-                                    f"projection {projection}, redis {redis_balance}")  # fmt: skip
+            verdict.problems.append(
+                f"{org.org_id}: expected {expected_balance}, ledger {ledger_sum}, "
+                f"projection {projection}, redis {redis_balance}"
+            )
         dead = await rt.redis.xlen(rt.keys.org(org.org_id).dead)
         if dead:
             verdict.problems.append(f"{org.org_id}: {dead} dead-lettered outbox entries")
@@ -98,6 +105,7 @@ async def verify(rt: Runtime, orgs: list[OrgUnderLoad], phone_number_pence: int)
 def reconcile_cli_exit_code(rt: Runtime) -> tuple[int, str]:
     """`credit-engine reconcile --check` over the whole deployment, as an operator would run it."""
     env = service_env(rt.settings)
-    done = subprocess.run(processes.cli("reconcile", "--check"), env={**os.environ, **env},
-                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    done = subprocess.run(
+        processes.cli("reconcile", "--check"), env={**os.environ, **env}, capture_output=True, text=True, timeout=120
+    )
     return done.returncode, done.stdout[-2000:] + done.stderr[-2000:]

@@ -34,11 +34,15 @@ def body_for(path: str, victim: str) -> object:
         "/api/admin/orgs": {"org_id": "intruder-org", "name": "x", "rate_pence_per_minute": 1},
         "/api/admin/orgs/{org_id}": {"rate_pence_per_minute": 1},
         "/api/admin/orgs/{org_id}/topups": {"amount_pence": 100_000},
-        "/api/admin/phone-numbers": {"vapi_phone_number_id": "pn-intruder", "org_id": victim, "number": "+15550000000",
-                                     "assistant_id": "a"},
+        "/api/admin/phone-numbers": {
+            "vapi_phone_number_id": "pn-intruder",
+            "org_id": victim,
+            "number": "+15550000000",
+            "assistant_id": "a",
+        },
         "/api/managed-telephony/provision": {"area_code": "415"},
         "/api/vapi/webhook/status-check": {"call_id": "v-call"},
-    }.get(path)  # fmt: skip
+    }.get(path)
 
 
 async def test_every_route_refuses_every_wrong_credential_and_nothing_moves(api: Api) -> None:
@@ -58,9 +62,14 @@ async def test_every_route_refuses_every_wrong_credential_and_nothing_moves(api:
     webhook_body = assistant_request(call("intruder-call", phone_number_id=number))
     stale = str(int(time.time()) - 3_600)
     wrong_vapi = [
-        {}, {"X-Vapi-Secret": "wrong"}, {"X-Vapi-Secret": WEBHOOK_SECRET[:-1]}, {"Authorization": f"Bearer {ADMIN_TOKEN}"},
-        {"Authorization": f"Bearer {victim_key}"}, signed(webhook_body, stale), signed(webhook_body, str(int(time.time())), "x" * 40),
-    ]  # fmt: skip
+        {},
+        {"X-Vapi-Secret": "wrong"},
+        {"X-Vapi-Secret": WEBHOOK_SECRET[:-1]},
+        {"Authorization": f"Bearer {ADMIN_TOKEN}"},
+        {"Authorization": f"Bearer {victim_key}"},
+        signed(webhook_body, stale),
+        signed(webhook_body, str(int(time.time())), "x" * 40),
+    ]
     tried = 0
     for route in ROUTES:
         path_kind = kind(route.path)
@@ -72,8 +81,9 @@ async def test_every_route_refuses_every_wrong_credential_and_nothing_moves(api:
             if path_kind == "vapi":
                 for headers in wrong_vapi:
                     content = webhook_body if route.path == "/api/vapi/webhook" else b'{"call_id": "v-call"}'
-                    answer = await api.client.request(method, path, content=content,
-                                                      headers={"content-type": "application/json", **headers})  # fmt: skip
+                    answer = await api.client.request(
+                        method, path, content=content, headers={"content-type": "application/json", **headers}
+                    )
                     assert answer.status_code == 401, (method, path, headers)
                     tried += 1
                 continue
@@ -88,7 +98,9 @@ async def test_every_route_refuses_every_wrong_credential_and_nothing_moves(api:
     assert (await api.as_org(attacker_key, "GET", "/api/calls/v-call")).status_code == 404
     assert (await wallet(api, attacker_key))["balance_pence"] == 5_000
     assert (await api.as_org(attacker_key, "GET", "/api/wallet/holds")).json()["items"] == []
-    assert {i["amount_pence"] for i in (await api.as_org(attacker_key, "GET", "/api/wallet/transactions")).json()["items"]} == {5_000}
+    assert {
+        i["amount_pence"] for i in (await api.as_org(attacker_key, "GET", "/api/wallet/transactions")).json()["items"]
+    } == {5_000}
     assert (await api.as_org(attacker_key, "GET", "/api/alerts")).status_code in (200, 404)
     # Nothing of the victim's moved.
     assert await wallet(api, victim_key) == before

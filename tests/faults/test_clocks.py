@@ -18,9 +18,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from credit_engine.engine.processes import cli as engine_command
 from credit_engine.engine.config import Settings
 from credit_engine.engine.embedded import free_port
+from credit_engine.engine.processes import cli as engine_command
 from credit_engine.engine.runtime import Runtime
 from tests.fake_vapi import FakeVapi, fake_vapi_server
 from tests.processes import http_ready, service_env, stop, wait_for
@@ -35,13 +35,26 @@ VAPI = {"X-Vapi-Secret": WEBHOOK_SECRET, "Content-Type": "application/json"}
 
 
 def skewed_env(settings: Settings, skew_s: int, **extra: str) -> dict[str, str]:
-    env = service_env(settings, CREDIT_ENGINE_ADMIN_TOKEN=ADMIN_TOKEN, VAPI_WEBHOOK_SECRET=WEBHOOK_SECRET,
-                      CREDIT_ENGINE_KILL_WARN_LEAD_S="2", CREDIT_ENGINE_HOLD_REPORT_SLACK_S="1", **extra)  # fmt: skip
+    env = service_env(
+        settings,
+        CREDIT_ENGINE_ADMIN_TOKEN=ADMIN_TOKEN,
+        VAPI_WEBHOOK_SECRET=WEBHOOK_SECRET,
+        CREDIT_ENGINE_KILL_WARN_LEAD_S="2",
+        CREDIT_ENGINE_HOLD_REPORT_SLACK_S="1",
+        **extra,
+    )
     if LIBFAKETIME.exists():
-        env |= {"LD_PRELOAD": str(LIBFAKETIME), "FAKETIME": f"{skew_s:+d}", "FAKETIME_DONT_FAKE_MONOTONIC": "1",
-                "FAKETIME_DONT_RESET": "1"}  # fmt: skip
+        env |= {
+            "LD_PRELOAD": str(LIBFAKETIME),
+            "FAKETIME": f"{skew_s:+d}",
+            "FAKETIME_DONT_FAKE_MONOTONIC": "1",
+            "FAKETIME_DONT_RESET": "1",
+        }
     else:
-        env |= {"PYTHONPATH": f"{SHIM_DIR}{os.pathsep}{env.get('PYTHONPATH', '')}", "CREDIT_ENGINE_TEST_CLOCK_SKEW_S": str(skew_s)}
+        env |= {
+            "PYTHONPATH": f"{SHIM_DIR}{os.pathsep}{env.get('PYTHONPATH', '')}",
+            "CREDIT_ENGINE_TEST_CLOCK_SKEW_S": str(skew_s),
+        }
     return env
 
 
@@ -63,8 +76,11 @@ def processes(settings: Settings, tmp_path: Path, fake_port: int) -> Iterator[tu
     fast_port, slow_port = free_port(), free_port()
     fast = spawn(["serve", "--port", str(fast_port)], skewed_env(settings, +7_200), tmp_path / "fast.log")
     slow = spawn(["serve", "--port", str(slow_port)], skewed_env(settings, -10_800), tmp_path / "slow.log")
-    worker = spawn(["worker"], skewed_env(settings, -3_600, VAPI_CONTROL_BASE_URL=f"http://127.0.0.1:{fake_port}"),
-                   tmp_path / "worker.log")  # fmt: skip
+    worker = spawn(
+        ["worker"],
+        skewed_env(settings, -3_600, VAPI_CONTROL_BASE_URL=f"http://127.0.0.1:{fake_port}"),
+        tmp_path / "worker.log",
+    )
     try:
         yield f"http://127.0.0.1:{fast_port}", f"http://127.0.0.1:{slow_port}"
     finally:
@@ -89,15 +105,29 @@ async def test_holds_and_the_kill_switch_follow_redis_time_whatever_the_web_cloc
         await wait_for(lambda: http_ready(slow), 60, "the slow web process to be ready")
         admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
         org = "clock-org"
-        created = await fast.post("/api/admin/orgs", headers=admin, json={"org_id": org, "name": "Clocks",
-                                  "rate_pence_per_minute": 60, "min_start_pence": 10, "grace_seconds": 0})  # fmt: skip
+        created = await fast.post(
+            "/api/admin/orgs",
+            headers=admin,
+            json={
+                "org_id": org,
+                "name": "Clocks",
+                "rate_pence_per_minute": 60,
+                "min_start_pence": 10,
+                "grace_seconds": 0,
+            },
+        )
         assert created.status_code == 201, created.text
         key = (await slow.post(f"/api/admin/orgs/{org}/api-keys", headers=admin)).json()["api_key"]
-        topped = await slow.post(f"/api/admin/orgs/{org}/topups", headers=admin | {"Idempotency-Key": "t1"}, json={"amount_pence": 21})
+        topped = await slow.post(
+            f"/api/admin/orgs/{org}/topups", headers=admin | {"Idempotency-Key": "t1"}, json={"amount_pence": 21}
+        )
         assert topped.status_code == 201, topped.text
         number = "pn-clocks"
-        registered = await fast.post("/api/admin/phone-numbers", headers=admin, json={"vapi_phone_number_id": number,
-                                     "org_id": org, "number": "+15550002222", "assistant_id": "a"})  # fmt: skip
+        registered = await fast.post(
+            "/api/admin/phone-numbers",
+            headers=admin,
+            json={"vapi_phone_number_id": number, "org_id": org, "number": "+15550002222", "assistant_id": "a"},
+        )
         assert registered.status_code == 201, registered.text
         auth = {"Authorization": f"Bearer {key}"}
         redis_now_s = (await rt.clock.now_ms(rt.redis)) / 1000
@@ -112,9 +142,13 @@ async def test_holds_and_the_kill_switch_follow_redis_time_whatever_the_web_cloc
             shown = (await fast.get("/api/calls/clock-call", headers=auth)).json()
             assert abs(_at(shown["started_at"]) - redis_now_s) < 30  # not hours away
             assert 0 < _at(shown["expires_at"]) - redis_now_s < 600
-            checked = (await fast.post("/api/vapi/webhook/status-check", json={"call_id": "clock-call"}, headers=VAPI)).json()
+            checked = (
+                await fast.post("/api/vapi/webhook/status-check", json={"call_id": "clock-call"}, headers=VAPI)
+            ).json()
             assert checked["endCall"] is False and checked["call_cost_so_far_pence"] <= 1
-            checked = (await slow.post("/api/vapi/webhook/status-check", json={"call_id": "clock-call"}, headers=VAPI)).json()
+            checked = (
+                await slow.post("/api/vapi/webhook/status-check", json={"call_id": "clock-call"}, headers=VAPI)
+            ).json()
             assert checked["endCall"] is False and checked["call_cost_so_far_pence"] <= 1
             # The worker (an hour slow) warns and ends the call on Redis's clock: 21p at 60p/min.
             await wait_for(lambda: _received(fake, 2), 40, "the warning and the end-call", interval_s=0.05)
@@ -124,10 +158,15 @@ async def test_holds_and_the_kill_switch_follow_redis_time_whatever_the_web_cloc
             assert 18 <= ended_s <= 22.5, ended_s
 
         # A hold whose call never reported expires on Redis's clock too (funded seconds + 1 s slack).
-        other = await fast.post("/api/admin/orgs", headers=admin, json={"org_id": "clock-org-2", "name": "Clocks 2",
-                                "rate_pence_per_minute": 60, "min_start_pence": 5})  # fmt: skip
+        other = await fast.post(
+            "/api/admin/orgs",
+            headers=admin,
+            json={"org_id": "clock-org-2", "name": "Clocks 2", "rate_pence_per_minute": 60, "min_start_pence": 5},
+        )
         assert other.status_code == 201
-        await slow.post("/api/admin/orgs/clock-org-2/topups", headers=admin | {"Idempotency-Key": "t2"}, json={"amount_pence": 12})
+        await slow.post(
+            "/api/admin/orgs/clock-org-2/topups", headers=admin | {"Idempotency-Key": "t2"}, json={"amount_pence": 12}
+        )
         key2 = (await fast.post("/api/admin/orgs/clock-org-2/api-keys", headers=admin)).json()["api_key"]
         reserved = await slow.post("/api/calls/silent/reserve", headers={"Authorization": f"Bearer {key2}"})
         assert reserved.status_code == 201, reserved.text

@@ -49,8 +49,12 @@ class RunResult:
 def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
     # Holds expire after minutes, far beyond a run. The worker sweeps quickly so that lost doorbells
     # are found fast, and a provision whose process died mid-purchase may be retried after 3 s, not 60.
-    deployed = Deployment(tmp_path_factory.mktemp("faults"), CREDIT_ENGINE_WORKER_SWEEP_INTERVAL_S="2",
-                          CREDIT_ENGINE_WORKER_EXPIRE_INTERVAL_S="1", CREDIT_ENGINE_IDEMPOTENT_CLAIM_STALE_S="3")  # fmt: skip
+    deployed = Deployment(
+        tmp_path_factory.mktemp("faults"),
+        CREDIT_ENGINE_WORKER_SWEEP_INTERVAL_S="2",
+        CREDIT_ENGINE_WORKER_EXPIRE_INTERVAL_S="1",
+        CREDIT_ENGINE_IDEMPOTENT_CLAIM_STALE_S="3",
+    )
     deployed.start()
     yield deployed
     deployed.stop()
@@ -94,8 +98,13 @@ async def _watch_lag(rt: Runtime, org_ids: list[str], stop: asyncio.Event) -> in
     return worst
 
 
-async def one_run(deployment: Deployment, component: str, seed: int, load_s: float = LOAD_S,
-                  faults: "Callable[[asyncio.Event], Awaitable[int]] | None" = None) -> RunResult:
+async def one_run(
+    deployment: Deployment,
+    component: str,
+    seed: int,
+    load_s: float = LOAD_S,
+    faults: "Callable[[asyncio.Event], Awaitable[int]] | None" = None,
+) -> RunResult:
     started = time.monotonic()
     rng = random.Random(seed)
     rt = await Runtime.open(deployment.settings)
@@ -121,8 +130,17 @@ async def one_run(deployment: Deployment, component: str, seed: int, load_s: flo
         code, output = await asyncio.to_thread(reconcile_cli_exit_code, rt)
         if code != 0:
             verdict.problems.append(f"reconcile --check exited {code}: {output}")
-        return RunResult(component, seed, verdict.held, kills, operations, load.retries, worst_lag_ms,
-                         round(time.monotonic() - started, 1), verdict.problems)  # fmt: skip
+        return RunResult(
+            component,
+            seed,
+            verdict.held,
+            kills,
+            operations,
+            load.retries,
+            worst_lag_ms,
+            round(time.monotonic() - started, 1),
+            verdict.problems,
+        )
     finally:
         await load.close()
         await rt.close()
@@ -130,14 +148,18 @@ async def one_run(deployment: Deployment, component: str, seed: int, load_s: flo
 
 @pytest.mark.timeout(60 * RUNS + 300)  # each run takes seconds, a slow settle up to a minute
 @pytest.mark.parametrize("component", COMPONENTS)
-async def test_killed_at_random_moments_every_accepted_operation_lands_once(deployment: Deployment, component: str) -> None:
+async def test_killed_at_random_moments_every_accepted_operation_lands_once(
+    deployment: Deployment, component: str
+) -> None:
     results = []
     for run in range(RUNS):
         result = await one_run(deployment, component, seed=1000 * (COMPONENTS.index(component) + 1) + run)
         results.append(result)
-        print(f"crash {component} seed {result.seed}: {'held' if result.held else 'FAILED'}, {result.kills} kills, "
-              f"{result.operations} ops, {result.retries} retries, worst lag {result.worst_outbox_lag_ms} ms, "
-              f"{result.seconds} s {result.problems or ''}")  # fmt: skip
+        print(
+            f"crash {component} seed {result.seed}: {'held' if result.held else 'FAILED'}, {result.kills} kills, "
+            f"{result.operations} ops, {result.retries} retries, worst lag {result.worst_outbox_lag_ms} ms, "
+            f"{result.seconds} s {result.problems or ''}"
+        )
         report = os.environ.get("CREDIT_ENGINE_FAULTS_REPORT")
         if report:
             with open(report, "a") as out:
@@ -180,8 +202,10 @@ async def test_a_30_second_postgres_outage_under_load(deployment: Deployment) ->
         return 1
 
     result = await one_run(deployment, "postgres-30s", seed=77, load_s=32.0, faults=outage)
-    print(f"postgres 30 s outage: {'held' if result.held else 'FAILED'}, {result.operations} ops, "
-          f"worst lag {result.worst_outbox_lag_ms} ms, {result.seconds} s")  # fmt: skip
+    print(
+        f"postgres 30 s outage: {'held' if result.held else 'FAILED'}, {result.operations} ops, "
+        f"worst lag {result.worst_outbox_lag_ms} ms, {result.seconds} s"
+    )
     report = os.environ.get("CREDIT_ENGINE_FAULTS_REPORT")
     if report:
         with open(report, "a") as out:

@@ -16,9 +16,23 @@ from tests.webapp.test_seed_scenarios import ledger_kinds, wallet
 pytestmark = pytest.mark.faults
 
 HOSTILE_IDS = [
-    "a}b", "{org:victim}", "x:y", "victim}:holds", "1' OR '1'='1", "a; DROP TABLE ledger_entries; --",
-    "ünïcödé", "😀", "a b", "a\nb", "a\x00b", "", "x" * 200, "../../etc", "*", "a%00",
-]  # fmt: skip
+    "a}b",
+    "{org:victim}",
+    "x:y",
+    "victim}:holds",
+    "1' OR '1'='1",
+    "a; DROP TABLE ledger_entries; --",
+    "ünïcödé",
+    "😀",
+    "a b",
+    "a\nb",
+    "a\x00b",
+    "",
+    "x" * 200,
+    "../../etc",
+    "*",
+    "a%00",
+]
 
 
 @pytest.mark.parametrize("org_id", HOSTILE_IDS)
@@ -37,13 +51,25 @@ async def test_a_hostile_call_id_changes_nothing(api: Api, call_id: str) -> None
     if reserved.status_code == 422:
         assert reserved.json()["error"]["field"] == "call_id"
     message = {"message": {"type": "assistant-request", "call": {"id": call_id, "phoneNumberId": number}}}
-    answer = await api.client.post("/api/vapi/webhook", content=json.dumps(message).encode(),
-                                   headers={"X-Vapi-Secret": api.settings.vapi_webhook_secret or "", "Content-Type": "application/json"})  # fmt: skip
+    answer = await api.client.post(
+        "/api/vapi/webhook",
+        content=json.dumps(message).encode(),
+        headers={"X-Vapi-Secret": api.settings.vapi_webhook_secret or "", "Content-Type": "application/json"},
+    )
     assert answer.status_code == 200 and set(answer.json()) <= {"error"}  # refused, in Vapi's shape
-    report = {"message": {"type": "end-of-call-report", "call": {"id": call_id, "phoneNumberId": number},
-                          "startedAt": "2026-11-24T12:00:00Z", "endedAt": "2026-11-24T12:10:00Z"}}  # fmt: skip
-    answer = await api.client.post("/api/vapi/webhook", content=json.dumps(report).encode(),
-                                   headers={"X-Vapi-Secret": api.settings.vapi_webhook_secret or "", "Content-Type": "application/json"})  # fmt: skip
+    report = {
+        "message": {
+            "type": "end-of-call-report",
+            "call": {"id": call_id, "phoneNumberId": number},
+            "startedAt": "2026-11-24T12:00:00Z",
+            "endedAt": "2026-11-24T12:10:00Z",
+        }
+    }
+    answer = await api.client.post(
+        "/api/vapi/webhook",
+        content=json.dumps(report).encode(),
+        headers={"X-Vapi-Secret": api.settings.vapi_webhook_secret or "", "Content-Type": "application/json"},
+    )
     assert (answer.status_code, answer.json()) == (200, {})
     shown = await wallet(api, key)
     assert (shown["balance_pence"], shown["held_pence"]) == (10_000, 0)
@@ -68,14 +94,28 @@ JSON = st.recursive(
     max_leaves=30,
 )
 MESSAGE_TYPES = st.sampled_from(["assistant-request", "status-update", "end-of-call-report", "tool-calls", "x"])
-FIELDS = st.sampled_from(["call", "type", "status", "startedAt", "endedAt", "durationSeconds", "cost", "phoneNumber",
-                          "timestamp", "endedReason", "artifact"])  # fmt: skip
+FIELDS = st.sampled_from(
+    [
+        "call",
+        "type",
+        "status",
+        "startedAt",
+        "endedAt",
+        "durationSeconds",
+        "cost",
+        "phoneNumber",
+        "timestamp",
+        "endedReason",
+        "artifact",
+    ]
+)
 
 
 @settings(max_examples=400, suppress_health_check=[HealthCheck.too_slow], deadline=None)
 @given(envelope=JSON, message=st.dictionaries(FIELDS, JSON, max_size=8), message_type=MESSAGE_TYPES)
-def test_the_webhook_parser_answers_any_json_with_a_message_or_invalid_input(envelope: object, message: dict[str, object],
-                                                                              message_type: str) -> None:  # fmt: skip
+def test_the_webhook_parser_answers_any_json_with_a_message_or_invalid_input(
+    envelope: object, message: dict[str, object], message_type: str
+) -> None:
     for candidate in (envelope, {"message": message}, {"message": {**message, "type": message_type}}):
         try:
             parsed = parse_message(candidate)

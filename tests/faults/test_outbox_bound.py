@@ -25,7 +25,9 @@ def app_settings(settings: Settings) -> Settings:
     return replace(settings, admin_token=ADMIN_TOKEN, vapi_webhook_secret=WEBHOOK_SECRET, outbox_per_org_max=BOUND)
 
 
-async def test_at_the_bound_new_decisions_are_refused_running_calls_are_billed(api: Api, caplog: pytest.LogCaptureFixture) -> None:
+async def test_at_the_bound_new_decisions_are_refused_running_calls_are_billed(
+    api: Api, caplog: pytest.LogCaptureFixture
+) -> None:
     org, key = await api.new_org(100_000)
     number = await api.register_number(org)
     running = call("call-running", phone_number_id=number, org_hint=org)
@@ -36,8 +38,13 @@ async def test_at_the_bound_new_decisions_are_refused_running_calls_are_billed(a
     # No worker runs here: every charge stays in the outbox until it reaches the bound.
     bought = 0
     while True:
-        answer = await api.as_org(key, "POST", "/api/managed-telephony/provision", {"area_code": "415"},
-                                  headers={"Idempotency-Key": f"buy-{bought}"})  # fmt: skip
+        answer = await api.as_org(
+            key,
+            "POST",
+            "/api/managed-telephony/provision",
+            {"area_code": "415"},
+            headers={"Idempotency-Key": f"buy-{bought}"},
+        )
         if answer.status_code != 201:
             break
         bought += 1
@@ -60,7 +67,9 @@ async def test_at_the_bound_new_decisions_are_refused_running_calls_are_billed(a
     await api.vapi(end_of_call_report(running, 90))
     shown = await wallet(api, key)
     assert (shown["held_pence"], shown["live_calls"]) == (0, 0)
-    assert sorted(await ledger_kinds(api, org)) == sorted([("topup", 100_000), *[("asset", -1000)] * bought, ("call_charge", -90)])
+    assert sorted(await ledger_kinds(api, org)) == sorted(
+        [("topup", 100_000), *[("asset", -1000)] * bought, ("call_charge", -90)]
+    )
 
 
 async def test_at_the_bound_a_call_first_seen_live_is_still_recorded_and_billed(api: Api) -> None:
@@ -70,8 +79,13 @@ async def test_at_the_bound_a_call_first_seen_live_is_still_recorded_and_billed(
     org, key = await api.new_org(100_000)
     number = await api.register_number(org)
     for bought in range(BOUND):
-        answer = await api.as_org(key, "POST", "/api/managed-telephony/provision", {"area_code": "415"},
-                                  headers={"Idempotency-Key": f"buy-{bought}"})  # fmt: skip
+        answer = await api.as_org(
+            key,
+            "POST",
+            "/api/managed-telephony/provision",
+            {"area_code": "415"},
+            headers={"Idempotency-Key": f"buy-{bought}"},
+        )
         if answer.status_code != 201:
             break
     outbound = call("call-first-seen", phone_number_id=number, call_type="outboundPhoneCall")

@@ -30,8 +30,9 @@ VAPI = {"X-Vapi-Secret": WEBHOOK_SECRET, "Content-Type": "application/json"}
 
 @pytest.fixture
 def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
-    deployed = Deployment(tmp_path_factory.mktemp("redis-loss"), redis_appendfsync=None,
-                          CREDIT_ENGINE_WORKER_SWEEP_INTERVAL_S="1")  # fmt: skip
+    deployed = Deployment(
+        tmp_path_factory.mktemp("redis-loss"), redis_appendfsync=None, CREDIT_ENGINE_WORKER_SWEEP_INTERVAL_S="1"
+    )
     deployed.start()
     yield deployed
     deployed.stop()
@@ -46,12 +47,14 @@ async def _pg_balance(database_url: str, org_id: str) -> int:
 
 
 @pytest.mark.parametrize("postgres_too", [False, True], ids=["redis-lost", "redis-lost-while-postgres-down"])
-async def test_redis_lost_mid_call_refuses_until_restored_then_resumes_with_the_holds(deployment: Deployment,
-                                                                                     postgres_too: bool) -> None:  # fmt: skip
+async def test_redis_lost_mid_call_refuses_until_restored_then_resumes_with_the_holds(
+    deployment: Deployment, postgres_too: bool
+) -> None:
     assert deployment.settings.database_url is not None
     load = MixedLoad(deployment.url, seed=5)
     client = httpx.AsyncClient(base_url=deployment.url, timeout=10)
     try:
+
         async def ready() -> bool:
             try:
                 return (await client.get("/readyz")).status_code == 200
@@ -86,7 +89,10 @@ async def test_redis_lost_mid_call_refuses_until_restored_then_resumes_with_the_
                 probe = call(f"dark-{answers}", phone_number_id=org.number_id)
                 admission = await client.post("/api/vapi/webhook", content=assistant_request(probe), headers=VAPI)
                 answers += 1
-                assert wallet.status_code == 503 and wallet.json()["error"]["code"] in ("state_restoring", "unavailable")
+                assert wallet.status_code == 503 and wallet.json()["error"]["code"] in (
+                    "state_restoring",
+                    "unavailable",
+                )
                 assert admission.status_code == 200 and set(admission.json()) == {"error"} and admission.json()["error"]
                 refusals += 2
                 await asyncio.sleep(0.1)
@@ -115,15 +121,20 @@ async def test_redis_lost_mid_call_refuses_until_restored_then_resumes_with_the_
                 refusals += 1
             await asyncio.sleep(0.05)
         else:
-            raise AssertionError(f"decisions did not resume within 20 s: wallet {wallet.status_code} {wallet.text}, "
-                                 f"admission {admission.text}\n{deployment.logs()[-4000:]}")
+            raise AssertionError(
+                f"decisions did not resume within 20 s: wallet {wallet.status_code} {wallet.text}, "
+                f"admission {admission.text}\n{deployment.logs()[-4000:]}"
+            )
         holds = (await client.get("/api/wallet/holds", headers=auth)).json()["items"]
         assert {"live-0", "live-1"} <= {h["call_id"] for h in holds}
         for admitted, seconds in zip(live, (61, 125)):
             await client.post("/api/vapi/webhook", content=end_of_call_report(admitted, seconds), headers=VAPI)
         for admitted, seconds in zip(live, (61, 125)):
             shown = (await client.get(f"/api/calls/{admitted.id}", headers=auth)).json()
-            assert (shown["status"], shown["charged_pence"]) == ("committed", call_cost_pence(billed_seconds_from_ms(seconds * 1000), 60))
+            assert (shown["status"], shown["charged_pence"]) == (
+                "committed",
+                call_cost_pence(billed_seconds_from_ms(seconds * 1000), 60),
+            )
         print(f"redis loss: {answers} probes, {refusals} refused while restoring")
     finally:
         await client.aclose()
@@ -140,7 +151,6 @@ async def _drained(client: httpx.AsyncClient, deployment: Deployment) -> bool:
         return sum(lengths) == 0
     finally:
         await rt.close()
-
 
 
 async def test_the_state_guard_outlives_postgres_starting_up(rt, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]

@@ -26,8 +26,11 @@ async def test_every_message_of_a_call_delivered_n_times_at_once_in_any_order_bi
     # later message n times, shuffled, all at once.
     answers = await asyncio.gather(*[api.vapi(assistant_request(plain)) for _ in range(copies)])
     assert all(a.status_code == 200 and "assistantOverrides" in a.json() for a in answers)
-    later = [status_update(admitted, "in-progress"), status_update(admitted, "ended", ended_reason="customer-ended-call"),
-             end_of_call_report(admitted, 125)] * copies  # fmt: skip
+    later = [
+        status_update(admitted, "in-progress"),
+        status_update(admitted, "ended", ended_reason="customer-ended-call"),
+        end_of_call_report(admitted, 125),
+    ] * copies
     random.Random(copies).shuffle(later)
     responses = await asyncio.gather(*[api.vapi(body) for body in later])
     assert {r.status_code for r in responses} == {200}
@@ -55,9 +58,14 @@ async def test_a_late_admission_replay_after_the_report_holds_nothing(api: Api, 
 @pytest.mark.parametrize("copies", COPIES)
 async def test_a_top_up_sent_n_times_at_once_credits_once(api: Api, copies: int) -> None:
     org, key = await api.new_org(0)
-    responses = await asyncio.gather(*[
-        api.admin("POST", f"/api/admin/orgs/{org}/topups", {"amount_pence": 777}, headers={"Idempotency-Key": "pay-1"})
-        for _ in range(copies)])  # fmt: skip
+    responses = await asyncio.gather(
+        *[
+            api.admin(
+                "POST", f"/api/admin/orgs/{org}/topups", {"amount_pence": 777}, headers={"Idempotency-Key": "pay-1"}
+            )
+            for _ in range(copies)
+        ]
+    )
     codes = sorted(r.status_code for r in responses)
     assert codes.count(201) >= 1 and set(codes) <= {201, 409}  # 409: "still running, retry"
     ids = {r.json()["transaction_id"] for r in responses if r.status_code == 201}
@@ -67,15 +75,22 @@ async def test_a_top_up_sent_n_times_at_once_credits_once(api: Api, copies: int)
 
 
 @pytest.mark.parametrize("copies", COPIES)
-async def test_a_provision_replayed_n_times_during_a_provider_outage_charges_and_refunds_once(api: Api, copies: int) -> None:
+async def test_a_provision_replayed_n_times_during_a_provider_outage_charges_and_refunds_once(
+    api: Api, copies: int
+) -> None:
     org, key = await api.new_org(5_000)
     request = {"area_code": "999"}  # the fake provider fails for 999
-    responses = await asyncio.gather(*[
-        api.as_org(key, "POST", "/api/managed-telephony/provision", request, headers={"Idempotency-Key": "buy-1"})
-        for _ in range(copies)])  # fmt: skip
+    responses = await asyncio.gather(
+        *[
+            api.as_org(key, "POST", "/api/managed-telephony/provision", request, headers={"Idempotency-Key": "buy-1"})
+            for _ in range(copies)
+        ]
+    )
     codes = sorted(r.status_code for r in responses)
     assert codes.count(502) >= 1 and set(codes) <= {502, 409}
-    again = await api.as_org(key, "POST", "/api/managed-telephony/provision", request, headers={"Idempotency-Key": "buy-1"})
+    again = await api.as_org(
+        key, "POST", "/api/managed-telephony/provision", request, headers={"Idempotency-Key": "buy-1"}
+    )
     assert again.status_code == 502 and again.headers["Idempotent-Replayed"] == "true"
     assert (await wallet(api, key))["balance_pence"] == 5_000
     # The refund is written to Postgres first; the charge arrives through the outbox: compare as sets.

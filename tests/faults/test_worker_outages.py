@@ -16,10 +16,14 @@ from tests.worker.test_worker_process import worker_ready
 pytestmark = pytest.mark.faults
 
 
-async def test_the_worker_outlives_a_redis_outage_and_stops_cleanly_during_one(settings: Settings, tmp_path: Path) -> None:
+async def test_the_worker_outlives_a_redis_outage_and_stops_cleanly_during_one(
+    settings: Settings, tmp_path: Path
+) -> None:
     redis = EmbeddedRedis(tmp_path / "redis", appendfsync="always")
     redis.start()
-    own = replace(settings, redis_url=redis.url, redis_cluster=False, arq_redis_url=None)  # its own plain Redis, to kill
+    own = replace(
+        settings, redis_url=redis.url, redis_cluster=False, arq_redis_url=None
+    )  # its own plain Redis, to kill
     rt = await Runtime.open(own)
     worker = start_worker(own, tmp_path / "worker.log")
     try:

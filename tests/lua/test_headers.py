@@ -10,10 +10,20 @@ from credit_engine.engine.scripts import INCLUDE_PATTERN, load_scripts
 
 SCRIPTS = load_scripts()
 EXPECTED = {
-    "asset_deduct", "credit_apply", "hold_check", "hold_commit", "hold_release",
-    "hold_reserve", "killswitch_ack", "killswitch_tick", "org_configure", "org_peek", "org_read", "org_restore",
+    "asset_deduct",
+    "credit_apply",
+    "hold_check",
+    "hold_commit",
+    "hold_release",
+    "hold_reserve",
+    "killswitch_ack",
+    "killswitch_tick",
+    "org_configure",
+    "org_peek",
+    "org_read",
+    "org_restore",
     "outbox_dead_letter",
-}  # fmt: skip
+}
 
 
 def test_every_script_ships_in_the_lua_package() -> None:

@@ -294,18 +294,22 @@ async def test_credit_pays_debt_first(redis_rt: Runtime) -> None:
     keys = redis_rt.keys.org(org)
     key = credit_ledger_key(org, "topup", "t1")
     reply = await redis_rt.scripts.run(
-        redis_rt.redis, "credit_apply", [keys.org, keys.idem, keys.idem_exp, keys.outbox],
+        redis_rt.redis,
+        "credit_apply",
+        [keys.org, keys.idem, keys.idem_exp, keys.outbox],
         [0, org, key, 100, repay_ledger_key(org, key), 10**9],
-    )  # fmt: skip
+    )
     assert reply[:6] == [0, 30, 0, 30, 0, 1 + 1]  # balance 30, debt 0, seq bumped once
     assert reply[6] == 0  # no call is burning: no depletion moment
     assert reply[7] == 70
     entry = (await outbox(redis_rt, org))[0]
     assert (entry["kind"], entry["a"], entry["dd"]) == ("debt_repayment", "-70", "-70")
     replay = await redis_rt.scripts.run(
-        redis_rt.redis, "credit_apply", [keys.org, keys.idem, keys.idem_exp, keys.outbox],
+        redis_rt.redis,
+        "credit_apply",
+        [keys.org, keys.idem, keys.idem_exp, keys.outbox],
         [0, org, key, 100, repay_ledger_key(org, key), 10**9],
-    )  # fmt: skip
+    )
     assert replay[0] == Outcome.replayed
     assert replay[1] == 30
 

@@ -17,9 +17,13 @@ from tests.helpers import new_org
 
 @pytest.mark.parametrize("calls", [1, 100])
 async def test_a_give_up_postgres_cannot_take_is_retried_in_a_tight_loop(
-    qrt: Runtime, clock: ManualClock, fake: FakeVapi, http: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch,
+    qrt: Runtime,
+    clock: ManualClock,
+    fake: FakeVapi,
+    http: httpx.AsyncClient,
+    monkeypatch: pytest.MonkeyPatch,
     calls: int,
-) -> None:  # fmt: skip
+) -> None:
     org_id = await new_org(qrt, 100)
     for i in range(calls):
         call_id = f"gone-{i}"

@@ -32,3 +32,5 @@ async def test_stale_rows_of_a_busy_org_starve_every_other_orgs_expiry(rt: Runti
     held = await rt.redis.hget(rt.keys.org(other).org, "held_pence")
     live_rows = await rt.pg.fetchval("SELECT count(*) FROM call_holds WHERE org_id = $1 AND status = 'live'", busy)
     assert held == "0", "the other org's silent call never expires: its credit stays held"
+    assert sum(report.missing_in_redis for report in reports) == expire_batch_size_max, reports
+    assert live_rows == 0, "the busy org's stale rows stay 'live' for good"

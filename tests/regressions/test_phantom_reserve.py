@@ -59,3 +59,6 @@ async def test_a_reserve_retried_after_the_window_while_postgres_is_slow_leaves_
     assert (held["live_calls"], held["held_pence"]) == (0, 0), "a phantom hold locks credit and a line for good"
     assert world.fake.control_bodies("real") != [END], "a funded call is ended at once by the phantom's burn"
     del real
+    assert row is not None and row["status"] == "committed", "the finished call stays finished"
+    assert report.expired == 0, "no phantom hold was taken, so none is left to expire"
+    assert drift.clean, drift.drifted

@@ -44,6 +44,7 @@ async def test_an_unfunded_hold_taken_during_a_visit_is_not_ended_at_once(
     await world.round()
     assert taken
     scheduled = await world.scheduled_ms(org_id)
+    assert scheduled is not None, "the unfunded call's org is filed nowhere: the kill switch never visits it again"
     world.at(41)
     await world.round()
     assert world.fake.control_bodies("suspended-number-call") == [END], "an unfunded call waits for the next visit"

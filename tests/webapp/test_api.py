@@ -11,26 +11,46 @@ from tests.webapp.test_seed_scenarios import ledger_kinds, wallet
 
 @pytest.mark.parametrize(
     ("amount", "code"),
-    [(0, "invalid_field"), (-5, "invalid_field"), (1.5, "invalid_field"), (100.0, "invalid_field"),
-     ("100", "invalid_field"), (True, "invalid_field"), (None, "missing_field"), (2**63, "invalid_field"),
-     (2**64 + 1, "invalid_field"), (10**12 + 1, "invalid_field"), ([100], "invalid_field")],
-)  # fmt: skip
+    [
+        (0, "invalid_field"),
+        (-5, "invalid_field"),
+        (1.5, "invalid_field"),
+        (100.0, "invalid_field"),
+        ("100", "invalid_field"),
+        (True, "invalid_field"),
+        (None, "missing_field"),
+        (2**63, "invalid_field"),
+        (2**64 + 1, "invalid_field"),
+        (10**12 + 1, "invalid_field"),
+        ([100], "invalid_field"),
+    ],
+)
 async def test_bad_amounts_get_a_422_naming_the_field_and_change_nothing(api: Api, amount: object, code: str) -> None:
     org, key = await api.new_org(500)
-    answer = await api.admin("POST", f"/api/admin/orgs/{org}/topups", {"amount_pence": amount}, headers={"Idempotency-Key": "k1"})
+    answer = await api.admin(
+        "POST", f"/api/admin/orgs/{org}/topups", {"amount_pence": amount}, headers={"Idempotency-Key": "k1"}
+    )
     assert answer.status_code == 422, answer.text
     assert answer.json()["error"] == answer.json()["error"] | {"code": code, "field": "amount_pence"}
     assert (await wallet(api, key))["balance_pence"] == 500
     # The key was not spent on a refused request.
-    ok = await api.admin("POST", f"/api/admin/orgs/{org}/topups", {"amount_pence": 1}, headers={"Idempotency-Key": "k1"})
+    ok = await api.admin(
+        "POST", f"/api/admin/orgs/{org}/topups", {"amount_pence": 1}, headers={"Idempotency-Key": "k1"}
+    )
     assert ok.status_code == 201
 
 
 async def test_a_huge_integer_in_raw_json_is_a_422_not_broken_json(api: Api) -> None:
     org, _ = await api.new_org()
-    answer = await api.client.post(f"/api/admin/orgs/{org}/topups", content=b'{"amount_pence": 123456789012345678901234567890}',
-                                   headers={"Authorization": f"Bearer {api.settings.admin_token}", "Idempotency-Key": "k",
-                                            "Content-Type": "application/json"})  # fmt: skip
+    answer = await api.client.post(
+        f"/api/admin/orgs/{org}/topups",
+        content=b'{"amount_pence": 123456789012345678901234567890}',
+        headers={
+            "Authorization": f"Bearer {api.settings.admin_token}",
+            "Idempotency-Key": "k",
+            "Content-Type": "application/json",
+        },
+    )
     assert (answer.status_code, answer.json()["error"]["field"]) == (422, "amount_pence")
 
 
@@ -52,25 +72,39 @@ async def test_bodies_that_are_not_json_objects_or_too_big_are_refused(api: Api)
 
 
 async def test_org_creation_and_settings(api: Api) -> None:
-    created = await api.admin("POST", "/api/admin/orgs", {"org_id": "acme", "name": "Acme", "rate_pence_per_minute": 12})
+    created = await api.admin(
+        "POST", "/api/admin/orgs", {"org_id": "acme", "name": "Acme", "rate_pence_per_minute": 12}
+    )
     assert created.status_code == 201
-    assert created.json() | {} == created.json() | {"org_id": "acme", "min_start_pence": 12, "overdraft_pence": 0,
-                                                     "hold_block_minutes": 5, "grace_seconds": 10}  # fmt: skip
+    assert created.json() | {} == created.json() | {
+        "org_id": "acme",
+        "min_start_pence": 12,
+        "overdraft_pence": 0,
+        "hold_block_minutes": 5,
+        "grace_seconds": 10,
+    }
     again = await api.admin("POST", "/api/admin/orgs", {"org_id": "acme", "name": "Acme", "rate_pence_per_minute": 12})
     assert (again.status_code, again.json()["error"]["code"]) == (409, "org_exists")
-    changed = await api.admin("PATCH", "/api/admin/orgs/acme", {"rate_pence_per_minute": 30, "max_concurrent_calls": 3,
-                                                                "alert_webhook_url": "https://acme.test/alerts"})  # fmt: skip
+    changed = await api.admin(
+        "PATCH",
+        "/api/admin/orgs/acme",
+        {"rate_pence_per_minute": 30, "max_concurrent_calls": 3, "alert_webhook_url": "https://acme.test/alerts"},
+    )
     assert changed.status_code == 200
     assert (changed.json()["rate_pence_per_minute"], changed.json()["min_start_pence"]) == (30, 30)
     shown = (await api.admin("GET", "/api/admin/orgs/acme")).json()
     assert (shown["max_concurrent_calls"], shown["wallet"]["balance_pence"]) == (3, 0)
     assert (await api.admin("GET", "/api/admin/orgs/nobody")).status_code == 404
-    for bad, field in (({"org_id": "a}b", "name": "x", "rate_pence_per_minute": 1}, "org_id"),
-                       ({"org_id": "ok2", "name": "x", "rate_pence_per_minute": 0}, "rate_pence_per_minute"),
-                       ({"org_id": "ok3", "name": "x"}, "rate_pence_per_minute"),
-                       ({"org_id": "ok4", "name": "x", "rate_pence_per_minute": 1, "grace_seconds": 301}, "grace_seconds"),
-                       ({"org_id": "ok5", "name": "x", "rate_pence_per_minute": 1, "alert_webhook_url": "ftp://x"},
-                        "alert_webhook_url")):  # fmt: skip
+    for bad, field in (
+        ({"org_id": "a}b", "name": "x", "rate_pence_per_minute": 1}, "org_id"),
+        ({"org_id": "ok2", "name": "x", "rate_pence_per_minute": 0}, "rate_pence_per_minute"),
+        ({"org_id": "ok3", "name": "x"}, "rate_pence_per_minute"),
+        ({"org_id": "ok4", "name": "x", "rate_pence_per_minute": 1, "grace_seconds": 301}, "grace_seconds"),
+        (
+            {"org_id": "ok5", "name": "x", "rate_pence_per_minute": 1, "alert_webhook_url": "ftp://x"},
+            "alert_webhook_url",
+        ),
+    ):
         answer = await api.admin("POST", "/api/admin/orgs", bad)
         assert (answer.status_code, answer.json()["error"]["field"]) == (422, field), bad
     assert (await api.admin("PATCH", "/api/admin/orgs/acme", {"rate_pence_per_minute": "fast"})).status_code == 422
@@ -79,20 +113,31 @@ async def test_org_creation_and_settings(api: Api) -> None:
 
 async def test_topup_replays_return_the_first_response(api: Api) -> None:
     org, key = await api.new_org()
-    first = await api.admin("POST", f"/api/admin/orgs/{org}/topups", {"amount_pence": 700}, headers={"Idempotency-Key": "t1"})
+    first = await api.admin(
+        "POST", f"/api/admin/orgs/{org}/topups", {"amount_pence": 700}, headers={"Idempotency-Key": "t1"}
+    )
     assert first.status_code == 201
-    assert first.json() | {} == {"transaction_id": first.json()["transaction_id"], "balance_pence": 700,
-                                 "available_pence": 700, "applied": True}  # fmt: skip
+    assert first.json() | {} == {
+        "transaction_id": first.json()["transaction_id"],
+        "balance_pence": 700,
+        "available_pence": 700,
+        "applied": True,
+    }
     await api.admin("POST", f"/api/admin/orgs/{org}/topups", {"amount_pence": 50}, headers={"Idempotency-Key": "t2"})
-    replay = await api.admin("POST", f"/api/admin/orgs/{org}/topups", {"amount_pence": 700}, headers={"Idempotency-Key": "t1"})
+    replay = await api.admin(
+        "POST", f"/api/admin/orgs/{org}/topups", {"amount_pence": 700}, headers={"Idempotency-Key": "t1"}
+    )
     assert (replay.status_code, replay.json(), replay.headers["Idempotent-Replayed"]) == (201, first.json(), "true")
-    other = await api.admin("POST", f"/api/admin/orgs/{org}/topups", {"amount_pence": 701}, headers={"Idempotency-Key": "t1"})
+    other = await api.admin(
+        "POST", f"/api/admin/orgs/{org}/topups", {"amount_pence": 701}, headers={"Idempotency-Key": "t1"}
+    )
     assert (other.status_code, other.json()["error"]["code"]) == (422, "idempotency_key_reused")
     missing = await api.admin("POST", f"/api/admin/orgs/{org}/topups", {"amount_pence": 1})
     assert (missing.status_code, missing.json()["error"]["field"]) == (400, "Idempotency-Key")
     assert (await wallet(api, key))["balance_pence"] == 750
-    assert (await api.admin("POST", "/api/admin/orgs/nobody/topups", {"amount_pence": 1},
-                            headers={"Idempotency-Key": "x"})).status_code == 404  # fmt: skip
+    assert (
+        await api.admin("POST", "/api/admin/orgs/nobody/topups", {"amount_pence": 1}, headers={"Idempotency-Key": "x"})
+    ).status_code == 404
 
 
 async def test_phone_numbers_belong_to_one_org(api: Api) -> None:
@@ -125,7 +170,9 @@ async def test_reserve_for_an_outbound_call(api: Api) -> None:
 async def test_transaction_pages_are_stable_while_new_entries_arrive(api: Api) -> None:
     org, key = await api.new_org()
     for i in range(5):
-        await api.admin("POST", f"/api/admin/orgs/{org}/topups", {"amount_pence": i + 1}, headers={"Idempotency-Key": f"t{i}"})
+        await api.admin(
+            "POST", f"/api/admin/orgs/{org}/topups", {"amount_pence": i + 1}, headers={"Idempotency-Key": f"t{i}"}
+        )
     first = (await api.as_org(key, "GET", "/api/wallet/transactions?limit=2")).json()
     await api.admin("POST", f"/api/admin/orgs/{org}/topups", {"amount_pence": 99}, headers={"Idempotency-Key": "late"})
     second = (await api.as_org(key, "GET", f"/api/wallet/transactions?limit=2&cursor={first['next_cursor']}")).json()
@@ -139,12 +186,14 @@ async def test_transaction_pages_are_stable_while_new_entries_arrive(api: Api) -
 
 async def test_a_provider_failure_refunds_exactly_once_and_answers_502(api: Api) -> None:
     org, key = await api.new_org(1500)
-    failed = await api.as_org(key, "POST", "/api/managed-telephony/provision", {"area_code": "999"},
-                              headers={"Idempotency-Key": "buy-1"})  # fmt: skip
+    failed = await api.as_org(
+        key, "POST", "/api/managed-telephony/provision", {"area_code": "999"}, headers={"Idempotency-Key": "buy-1"}
+    )
     assert (failed.status_code, failed.json()["error"]["code"]) == (502, "provider_failed")
     assert failed.json()["error"]["refunded_pence"] == 1000
-    replay = await api.as_org(key, "POST", "/api/managed-telephony/provision", {"area_code": "999"},
-                              headers={"Idempotency-Key": "buy-1"})  # fmt: skip
+    replay = await api.as_org(
+        key, "POST", "/api/managed-telephony/provision", {"area_code": "999"}, headers={"Idempotency-Key": "buy-1"}
+    )
     assert (replay.status_code, replay.json(), replay.headers["Idempotent-Replayed"]) == (502, failed.json(), "true")
     assert (await wallet(api, key))["balance_pence"] == 1500
     assert await ledger_kinds(api, org) == [("topup", 1500), ("refund", 1000), ("asset", -1000)]
@@ -159,15 +208,21 @@ async def test_health_readiness_and_metrics(api: Api) -> None:
     rt = await Runtime.open(api.settings)
     try:
         now_ms = int(time.time() * 1000)
-        await rt.redis.hset(rt.keys.worker_stats, mapping={"heartbeat_ms": now_ms, "outbox_oldest_age_ms": 1200,
-                                                           "entries_written": 42, "outbox_entries": 7})  # fmt: skip
+        await rt.redis.hset(
+            rt.keys.worker_stats,
+            mapping={"heartbeat_ms": now_ms, "outbox_oldest_age_ms": 1200, "entries_written": 42, "outbox_entries": 7},
+        )
         ready = await api.client.get("/readyz")
         assert ready.status_code == 200, ready.text
         expected = {"redis": "ok", "postgres": "ok", "state": "ok", "outbox": "ok", "outbox_lag_ms": 1200}
         assert (ready.json()["checks"], ready.json()["degraded"]) == (expected, [])
         await rt.redis.hset(rt.keys.worker_stats, "outbox_oldest_age_ms", 61_000)
         behind = await api.client.get("/readyz")
-        assert (behind.status_code, behind.json()["checks"]["outbox"], behind.json()["degraded"]) == (200, "behind", ["outbox"])
+        assert (behind.status_code, behind.json()["checks"]["outbox"], behind.json()["degraded"]) == (
+            200,
+            "behind",
+            ["outbox"],
+        )
         await rt.redis.hset(rt.keys.worker_stats, mapping={"outbox_oldest_age_ms": 0, "heartbeat_ms": now_ms - 120_000})
         silent = await api.client.get("/readyz")  # a silent worker is a lagging ledger: reported, still ready
         assert (silent.status_code, silent.json()["checks"]["outbox"]) == (200, "behind")
@@ -194,10 +249,12 @@ async def test_100_concurrent_provisions_against_a_balance_for_one(api: Api) -> 
     import asyncio
 
     org, key = await api.new_org(1000)
-    answers = await asyncio.gather(*[
-        api.as_org(key, "POST", "/api/managed-telephony/provision", {}, headers={"Idempotency-Key": f"buy-{i}"})
-        for i in range(100)
-    ])  # fmt: skip
+    answers = await asyncio.gather(
+        *[
+            api.as_org(key, "POST", "/api/managed-telephony/provision", {}, headers={"Idempotency-Key": f"buy-{i}"})
+            for i in range(100)
+        ]
+    )
     statuses = sorted(a.status_code for a in answers)
     assert statuses == [201] + [402] * 99
     assert (await wallet(api, key))["balance_pence"] == 0
@@ -207,8 +264,9 @@ async def test_100_concurrent_provisions_against_a_balance_for_one(api: Api) -> 
 async def test_a_provider_failure_with_the_longest_key_is_still_refunded(api: Api) -> None:
     org, key = await api.new_org(5000)
     long_key = "k" * 255  # the longest Idempotency-Key there is
-    failed = await api.as_org(key, "POST", "/api/managed-telephony/provision", {"area_code": "999"},
-                              headers={"Idempotency-Key": long_key})  # fmt: skip
+    failed = await api.as_org(
+        key, "POST", "/api/managed-telephony/provision", {"area_code": "999"}, headers={"Idempotency-Key": long_key}
+    )
     assert (failed.status_code, failed.json()["error"]["refunded_pence"]) == (502, 1000)
     assert (await wallet(api, key))["balance_pence"] == 5000
     assert await ledger_kinds(api, org) == [("topup", 5000), ("refund", 1000), ("asset", -1000)]
@@ -222,7 +280,10 @@ async def test_inputs_that_once_made_a_500_are_4xx(api: Api) -> None:
     for path in (f"/api/wallet/transactions?cursor={huge_cursor}", "/api/wallet/transactions?limit=%C2%B2"):
         answer = await api.as_org(key, "GET", path)
         assert answer.status_code == 422, path
-    for body, field in (({"name": "bad\x00name"}, "name"), ({"alert_webhook_url": "https://x.test/\x00"}, "alert_webhook_url")):
+    for body, field in (
+        ({"name": "bad\x00name"}, "name"),
+        ({"alert_webhook_url": "https://x.test/\x00"}, "alert_webhook_url"),
+    ):
         answer = await api.admin("PATCH", f"/api/admin/orgs/{org}", body)
         assert (answer.status_code, answer.json()["error"]["field"]) == (422, field)
     assert (await api.admin("DELETE", f"/api/admin/orgs/{org}/api-keys/key%00x")).status_code == 404
@@ -230,8 +291,12 @@ async def test_inputs_that_once_made_a_500_are_4xx(api: Api) -> None:
     from credit_engine.engine import limits
 
     for i in range(10):
-        await api.admin("POST", f"/api/admin/orgs/{org}/topups", {"amount_pence": limits.amount_pence_max},
-                        headers={"Idempotency-Key": f"big-{i}"})  # fmt: skip
+        await api.admin(
+            "POST",
+            f"/api/admin/orgs/{org}/topups",
+            {"amount_pence": limits.amount_pence_max},
+            headers={"Idempotency-Key": f"big-{i}"},
+        )
     big = {"amount_pence": limits.amount_pence_max}
     over = await api.admin("POST", f"/api/admin/orgs/{org}/topups", big, headers={"Idempotency-Key": "over"})
     assert (over.status_code, over.json()["error"]["field"]) == (422, "amount_pence")

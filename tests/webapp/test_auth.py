@@ -48,8 +48,9 @@ async def test_the_secret_works_as_x_vapi_secret_or_as_a_bearer_token(api: Api) 
     org, key = await api.new_org(1000)
     number = await api.register_number(org)
     for i, headers in enumerate(({"X-Vapi-Secret": WEBHOOK_SECRET}, {"Authorization": f"Bearer {WEBHOOK_SECRET}"})):
-        answer = await api.client.post("/api/vapi/webhook", content=assistant_request(call(f"c{i}", phone_number_id=number)),
-                                       headers=headers)  # fmt: skip
+        answer = await api.client.post(
+            "/api/vapi/webhook", content=assistant_request(call(f"c{i}", phone_number_id=number)), headers=headers
+        )
         assert "assistantId" in answer.json()
     assert await held(api, key) == 600
 
@@ -100,9 +101,15 @@ async def test_admin_endpoints_need_the_admin_token(api: Api) -> None:
 
 
 async def test_org_endpoints_need_an_org_key_and_refuse_the_admin_token(api: Api) -> None:
-    paths = [("GET", "/api/wallet"), ("GET", "/api/wallet/transactions"), ("GET", "/api/wallet/holds"),
-             ("GET", "/api/calls/c1"), ("POST", "/api/calls/c1/reserve"), ("GET", "/api/managed-telephony/pricing"),
-             ("POST", "/api/managed-telephony/provision")]  # fmt: skip
+    paths = [
+        ("GET", "/api/wallet"),
+        ("GET", "/api/wallet/transactions"),
+        ("GET", "/api/wallet/holds"),
+        ("GET", "/api/calls/c1"),
+        ("POST", "/api/calls/c1/reserve"),
+        ("GET", "/api/managed-telephony/pricing"),
+        ("POST", "/api/managed-telephony/provision"),
+    ]
     for token in (None, ADMIN_TOKEN, WEBHOOK_SECRET, "ce_live_made-up"):
         headers = {"Idempotency-Key": "k"} | ({"Authorization": f"Bearer {token}"} if token else {})
         for method, path in paths:

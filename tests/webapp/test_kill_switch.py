@@ -81,12 +81,20 @@ class World:
         self.t0_ms = clock.value_ms
 
     async def org(self, balance_pence: int, **settings: object) -> tuple[str, str, str]:
-        org_id, key = await self.api.new_org(balance_pence, rate_pence_per_minute=RATE, min_start_pence=10,
-                                             hold_block_minutes=1, grace_seconds=5, **settings)  # fmt: skip
+        org_id, key = await self.api.new_org(
+            balance_pence,
+            rate_pence_per_minute=RATE,
+            min_start_pence=10,
+            hold_block_minutes=1,
+            grace_seconds=5,
+            **settings,
+        )
         return org_id, key, await self.api.register_number(org_id)
 
     async def start_call(self, number: str, call_id: str, control_url: str | None = None) -> Call:
-        the_call = payloads.call(call_id, phone_number_id=number, control_url=control_url or self.fake.control_url(call_id))
+        the_call = payloads.call(
+            call_id, phone_number_id=number, control_url=control_url or self.fake.control_url(call_id)
+        )
         answer = (await self.api.vapi(payloads.assistant_request(the_call))).json()
         assert "assistantId" in answer, answer
         assert (await self.api.vapi(payloads.status_update(the_call, "in-progress"))).json() == {}
@@ -166,8 +174,9 @@ async def test_a_top_up_in_the_warning_window_cancels_the_end_call(world: World)
     await world.start_call(number, "c")
     world.at(80)
     assert (await world.round()).warned == 1
-    topped = await world.api.admin("POST", f"/api/admin/orgs/{org_id}/topups", {"amount_pence": 60},
-                                   headers={"Idempotency-Key": "rescue"})  # fmt: skip
+    topped = await world.api.admin(
+        "POST", f"/api/admin/orgs/{org_id}/topups", {"amount_pence": 60}, headers={"Idempotency-Key": "rescue"}
+    )
     assert topped.status_code == 201
     assert await world.scheduled_ms(org_id) <= world.t0_ms + 150_000  # filed (never later than before)
     for t in (81, 90, 95, 100, 120):
@@ -226,13 +235,15 @@ async def test_low_balance_alerts_once_per_crossing_signed_and_retried(world: Wo
     from credit_engine.engine.assets import deduct_asset
 
     rt = world.rt
-    org_id, key, _ = await world.org(100, low_balance_threshold_pence=50,
-                                     alert_webhook_url=f"{world.fake.base_url}/hook")  # fmt: skip
+    org_id, key, _ = await world.org(
+        100, low_balance_threshold_pence=50, alert_webhook_url=f"{world.fake.base_url}/hook"
+    )
     assert (await deduct_asset(rt, org_id, "a1", 40)).outcome == Outcome.ok  # 60 left: above
     assert (await deduct_asset(rt, org_id, "a2", 20)).outcome == Outcome.ok  # 40: crossed
     assert (await deduct_asset(rt, org_id, "a3", 10)).outcome == Outcome.ok  # 30: still below, no second alert
-    topped = await world.api.admin("POST", f"/api/admin/orgs/{org_id}/topups", {"amount_pence": 100},
-                                   headers={"Idempotency-Key": "t1"})  # fmt: skip
+    topped = await world.api.admin(
+        "POST", f"/api/admin/orgs/{org_id}/topups", {"amount_pence": 100}, headers={"Idempotency-Key": "t1"}
+    )
     assert topped.status_code == 201  # 130: re-armed
     assert (await deduct_asset(rt, org_id, "a4", 90)).outcome == Outcome.ok  # 40: crossed again
     assert (await deduct_asset(rt, org_id, "a5", 40)).outcome == Outcome.ok  # 0: exhausted
@@ -252,9 +263,14 @@ async def test_low_balance_alerts_once_per_crossing_signed_and_retried(world: Wo
     for h in hooks:
         assert verify(secret, h.headers["credit-engine-signature"], h.body)
         assert not verify("wrong-secret", h.headers["credit-engine-signature"], h.body)
-    statuses = await rt.pg.fetch("SELECT kind, status, attempts FROM alert_events WHERE org_id = $1 ORDER BY id", org_id)
+    statuses = await rt.pg.fetch(
+        "SELECT kind, status, attempts FROM alert_events WHERE org_id = $1 ORDER BY id", org_id
+    )
     assert [(r["kind"], r["status"]) for r in statuses] == [
-        ("low_balance", "delivered"), ("low_balance", "delivered"), ("balance_exhausted", "delivered")]
+        ("low_balance", "delivered"),
+        ("low_balance", "delivered"),
+        ("balance_exhausted", "delivered"),
+    ]
     assert sorted(r["attempts"] for r in statuses) == [1, 1, 2]
 
 
@@ -278,16 +294,18 @@ async def test_expiry_racing_a_late_report_bills_exactly_once_the_true_cost(rt: 
         await check_call(rt, org_id, call_id)  # last seen 20 s in
         clock.advance(reservation.max_duration_s * 1000 + rt.settings.hold_report_slack_ms)
         true_seconds = 20 + i % 7  # the report knows better than what was last seen
-        before = (await rt.redis.hget(rt.keys.org(org_id).org, "balance_pence"))
+        before = await rt.redis.hget(rt.keys.org(org_id).org, "balance_pence")
         results = await asyncio.gather(expire_call(rt, org_id, call_id), commit_call(rt, org_id, call_id, true_seconds))
-        after = (await rt.redis.hget(rt.keys.org(org_id).org, "balance_pence"))
+        after = await rt.redis.hget(rt.keys.org(org_id).org, "balance_pence")
         assert int(before) - int(after) == true_seconds * RATE // 60, results
         assert (await commit_call(rt, org_id, call_id, true_seconds)).outcome == Outcome.replayed
         assert (await expire_call(rt, org_id, call_id)).outcome == Outcome.replayed
     await drain_org_fully(rt, org_id)
     rows = await rt.pg.fetch(
         "SELECT call_id, sum(amount_pence) AS total FROM ledger_entries WHERE org_id = $1 AND call_id IS NOT NULL "
-        "GROUP BY call_id", org_id)  # fmt: skip
+        "GROUP BY call_id",
+        org_id,
+    )
     assert {r["call_id"]: -r["total"] for r in rows} == {f"race-{i}": (20 + i % 7) for i in range(40)}
 
 
@@ -407,8 +425,9 @@ async def test_a_control_url_off_vapis_hosts_never_gets_a_request_or_the_token(w
 
 
 async def test_without_a_base_url_a_loopback_control_url_is_not_called(world: World) -> None:
-    rt = replace(world.rt, settings=replace(world.rt.settings, vapi_control_base_url=None,
-                                            vapi_control_token=CONTROL_TOKEN))  # fmt: skip
+    rt = replace(
+        world.rt, settings=replace(world.rt.settings, vapi_control_base_url=None, vapi_control_token=CONTROL_TOKEN)
+    )
     _, _, number = await world.org(90)
     await world.start_call(number, "direct", control_url=f"{world.fake.base_url}/direct/control")  # a listener of ours
     world.at(95)

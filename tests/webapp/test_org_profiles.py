@@ -23,8 +23,20 @@ OWN = {
     "refusal_not_set_up": "Acme here: this line is closed for now.",
     "refusal_try_later": "Acme here: something went wrong on our side. Please call again in a minute.",
 }
-BAD_SENTENCES = ("", "   ", "\t\n", "x" * (limits.refusal_text_length_max + 1), "a\x00b", "two\nlines", "bell\x07",
-                 "\u200b", 5, True, ["a"], {"a": 1})  # fmt: skip
+BAD_SENTENCES = (
+    "",
+    "   ",
+    "\t\n",
+    "x" * (limits.refusal_text_length_max + 1),
+    "a\x00b",
+    "two\nlines",
+    "bell\x07",
+    "\u200b",
+    5,
+    True,
+    ["a"],
+    {"a": 1},
+)
 
 
 async def refusal(api: Api, call_id: str, number: str) -> str:
@@ -58,13 +70,17 @@ async def test_an_orgs_own_sentences_are_spoken_for_each_refusal(api: Api, rt: R
     assert await refusal(api, "not a call id!", number) == OWN["refusal_try_later"]
 
 
-async def test_the_defaults_are_spoken_for_an_org_without_sentences_and_for_an_unknown_number(api: Api, rt: Runtime) -> None:
+async def test_the_defaults_are_spoken_for_an_org_without_sentences_and_for_an_unknown_number(
+    api: Api, rt: Runtime
+) -> None:
     await api.new_org(10_000, **OWN)  # another org's sentences reach nobody else
     plain, _ = await api.new_org(59, max_concurrent_calls=1)
     number = await api.register_number(plain)
     assert await refusal(api, "c-short", number) == SPOKEN_NO_CREDIT
     assert await refusal(api, "not a call id!", number) == SPOKEN_TRY_LATER
-    await api.admin("POST", f"/api/admin/orgs/{plain}/topups", {"amount_pence": 10_000}, headers={"Idempotency-Key": "more"})
+    await api.admin(
+        "POST", f"/api/admin/orgs/{plain}/topups", {"amount_pence": 10_000}, headers={"Idempotency-Key": "more"}
+    )
     assert "assistantId" in (await api.vapi(assistant_request(call("c-first", phone_number_id=number)))).json()
     assert await refusal(api, "c-second", number) == SPOKEN_BUSY
     await rt.pg.execute("UPDATE phone_numbers SET status = 'suspended' WHERE vapi_phone_number_id = $1", number)
@@ -94,17 +110,25 @@ async def test_the_profile_settings_are_created_shown_and_changed(api: Api) -> N
     assert shown["forward_url"] == "https://93.184.216.34/vapi"
     assert shown["refusal_busy"] == longest  # 500 characters once trimmed: the longest allowed
     assert [shown[name] for name in ("refusal_no_credit", "refusal_not_set_up", "refusal_try_later")] == [None] * 3
-    changed = await api.admin("PATCH", f"/api/admin/orgs/{org}", {"refusal_try_later": "Bitte später noch einmal anrufen.",
-                                                                  "forward_url": None})  # fmt: skip
+    changed = await api.admin(
+        "PATCH",
+        f"/api/admin/orgs/{org}",
+        {"refusal_try_later": "Bitte später noch einmal anrufen.", "forward_url": None},
+    )
     assert changed.status_code == 200, changed.text
-    assert (changed.json()["refusal_try_later"], changed.json()["forward_url"]) == ("Bitte später noch einmal anrufen.", None)
+    assert (changed.json()["refusal_try_later"], changed.json()["forward_url"]) == (
+        "Bitte später noch einmal anrufen.",
+        None,
+    )
 
 
 @pytest.mark.parametrize("field", REFUSAL_SETTINGS)
 async def test_a_blank_too_long_or_unprintable_sentence_is_refused_naming_it(api: Api, field: str) -> None:
     org, _ = await api.new_org(**{field: "A sentence that stays."})
     for n, bad in enumerate(BAD_SENTENCES):
-        created = await api.admin("POST", "/api/admin/orgs", {"org_id": f"bad-{n}", "name": "x", "rate_pence_per_minute": 1, field: bad})
+        created = await api.admin(
+            "POST", "/api/admin/orgs", {"org_id": f"bad-{n}", "name": "x", "rate_pence_per_minute": 1, field: bad}
+        )
         assert (created.status_code, created.json()["error"]["field"]) == (422, field), repr(bad)
         changed = await api.admin("PATCH", f"/api/admin/orgs/{org}", {field: bad})
         assert (changed.status_code, changed.json()["error"]["field"]) == (422, field), repr(bad)
@@ -113,9 +137,12 @@ async def test_a_blank_too_long_or_unprintable_sentence_is_refused_naming_it(api
 
 
 async def test_a_forward_url_to_an_internal_address_is_refused_and_a_public_one_accepted(api: Api) -> None:
-    for n, url in enumerate((*INTERNAL_URLS, "ftp://platform.test/", "https://platform.test/" + "p" * 2000, "not a url")):
-        created = await api.admin("POST", "/api/admin/orgs", {"org_id": f"f{n}", "name": "x", "rate_pence_per_minute": 1,
-                                                               "forward_url": url})  # fmt: skip
+    for n, url in enumerate(
+        (*INTERNAL_URLS, "ftp://platform.test/", "https://platform.test/" + "p" * 2000, "not a url")
+    ):
+        created = await api.admin(
+            "POST", "/api/admin/orgs", {"org_id": f"f{n}", "name": "x", "rate_pence_per_minute": 1, "forward_url": url}
+        )
         assert (created.status_code, created.json()["error"]["field"]) == (422, "forward_url"), url
     org, _ = await api.new_org(forward_url="https://platform.test/vapi")  # does not resolve here: accepted
     for url in INTERNAL_URLS:

@@ -30,8 +30,9 @@ async def wallet(api: Api, key: str) -> dict[str, int]:
 
 async def test_1_provision_is_refused_when_the_balance_is_short(api: Api) -> None:
     org, key = await api.new_org(999)  # a number costs 1000p
-    response = await api.as_org(key, "POST", "/api/managed-telephony/provision", {"area_code": "415"},
-                                headers={"Idempotency-Key": "buy-1"})  # fmt: skip
+    response = await api.as_org(
+        key, "POST", "/api/managed-telephony/provision", {"area_code": "415"}, headers={"Idempotency-Key": "buy-1"}
+    )
     assert response.status_code == 402
     error = response.json()["error"]
     assert (error["code"], error["required_pence"], error["available_pence"]) == ("insufficient_balance", 1000, 999)
@@ -43,8 +44,13 @@ async def test_2_provision_charges_the_servers_price_and_registers_the_number(ap
     org, key = await api.new_org(2500)
     pricing = await api.as_org(key, "GET", "/api/managed-telephony/pricing")
     assert pricing.json()["phone_number_pence"] == 1000
-    response = await api.as_org(key, "POST", "/api/managed-telephony/provision", {"area_code": "415", "assistant_id": "asst-9"},
-                                headers={"Idempotency-Key": "buy-1"})  # fmt: skip
+    response = await api.as_org(
+        key,
+        "POST",
+        "/api/managed-telephony/provision",
+        {"area_code": "415", "assistant_id": "asst-9"},
+        headers={"Idempotency-Key": "buy-1"},
+    )
     assert response.status_code == 201, response.text
     body = response.json()
     assert (body["charged_pence"], body["balance_pence"]) == (1000, 1500)
@@ -58,13 +64,18 @@ async def test_2_provision_charges_the_servers_price_and_registers_the_number(ap
 async def test_3_a_replayed_provision_is_charged_once(api: Api) -> None:
     org, key = await api.new_org(5000)
     request = {"area_code": "212"}
-    first = await api.as_org(key, "POST", "/api/managed-telephony/provision", request, headers={"Idempotency-Key": "buy-1"})
-    second = await api.as_org(key, "POST", "/api/managed-telephony/provision", request, headers={"Idempotency-Key": "buy-1"})
+    first = await api.as_org(
+        key, "POST", "/api/managed-telephony/provision", request, headers={"Idempotency-Key": "buy-1"}
+    )
+    second = await api.as_org(
+        key, "POST", "/api/managed-telephony/provision", request, headers={"Idempotency-Key": "buy-1"}
+    )
     assert (first.status_code, second.status_code) == (201, 201)
     assert second.json() == first.json()
     assert second.headers["Idempotent-Replayed"] == "true" and "Idempotent-Replayed" not in first.headers
-    other = await api.as_org(key, "POST", "/api/managed-telephony/provision", {"area_code": "646"},
-                             headers={"Idempotency-Key": "buy-1"})  # fmt: skip
+    other = await api.as_org(
+        key, "POST", "/api/managed-telephony/provision", {"area_code": "646"}, headers={"Idempotency-Key": "buy-1"}
+    )
     assert other.status_code == 422 and other.json()["error"]["code"] == "idempotency_key_reused"
     assert (await wallet(api, key))["balance_pence"] == 4000
     assert await ledger_kinds(api, org) == [("topup", 5000), ("asset", -1000)]
@@ -79,7 +90,11 @@ async def test_4_reservation_lifecycle(api: Api, clock: ManualClock) -> None:
     the_call = call("call-4", phone_number_id=number, control_url="https://vapi.test/control/4")
     answer = await api.vapi(assistant_request(the_call))
     assert answer.status_code == 200
-    overrides = {"maxDurationSeconds": 10_000, "variableValues": {"org_id": org}, "monitorPlan": {"controlEnabled": True}}
+    overrides = {
+        "maxDurationSeconds": 10_000,
+        "variableValues": {"org_id": org},
+        "monitorPlan": {"controlEnabled": True},
+    }
     assert answer.json() == {"assistantId": "asst-1", "assistantOverrides": overrides}  # no public URL: no server
     held = await wallet(api, key)
     assert (held["held_pence"], held["available_pence"], held["live_calls"]) == (300, 9_700, 1)
@@ -129,7 +144,11 @@ async def test_7_the_kill_switch_fires_when_credit_runs_out(api: Api, clock: Man
     assert (await api.status_check("call-7")).json()["endCall"] is False
     clock.advance(1_000)
     decision = (await api.status_check("call-7")).json()
-    assert (decision["endCall"], decision["reason"], decision["call_cost_so_far_pence"]) == (True, "credit_exhausted", 120)
+    assert (decision["endCall"], decision["reason"], decision["call_cost_so_far_pence"]) == (
+        True,
+        "credit_exhausted",
+        120,
+    )
 
 
 async def test_8_the_kill_switch_stays_off_while_credit_remains(api: Api, clock: ManualClock) -> None:
@@ -152,8 +171,13 @@ async def test_9_the_status_response_carries_the_balance(api: Api, clock: Manual
     await api.vapi(status_update(the_call, "in-progress"))
     clock.advance(61_000)
     decision = (await api.status_check("call-9")).json()
-    assert decision == {"endCall": False, "reason": "ok", "balance_pence": 5_000, "available_pence": 4_700,
-                        "call_cost_so_far_pence": 61}  # fmt: skip
+    assert decision == {
+        "endCall": False,
+        "reason": "ok",
+        "balance_pence": 5_000,
+        "available_pence": 4_700,
+        "call_cost_so_far_pence": 61,
+    }
 
 
 async def test_10_transaction_history(api: Api) -> None:

@@ -37,8 +37,9 @@ def server(server_settings: Settings, tmp_path: Path) -> Iterator[Server]:
     port = free_port()
     env = service_env(server_settings, CREDIT_ENGINE_ADMIN_TOKEN=ADMIN_TOKEN, VAPI_WEBHOOK_SECRET=WEBHOOK_SECRET)
     with open(tmp_path / "web.log", "ab") as log:
-        web = subprocess.Popen(processes.cli("serve", "--port", str(port)), env=env, stdout=log,
-                               stderr=subprocess.STDOUT)  # fmt: skip
+        web = subprocess.Popen(
+            processes.cli("serve", "--port", str(port)), env=env, stdout=log, stderr=subprocess.STDOUT
+        )
     worker = start_worker(server_settings, tmp_path / "worker.log")
     try:
         yield Server(f"http://127.0.0.1:{port}", server_settings)
@@ -51,7 +52,6 @@ def server(server_settings: Settings, tmp_path: Path) -> Iterator[Server]:
 @pytest.fixture
 async def http(server: Server) -> AsyncIterator[httpx.AsyncClient]:
     async with httpx.AsyncClient(base_url=server.url, timeout=10) as client:
-
         await wait_for(lambda: deployment_ready(client), 30, "the server and worker to be ready")
         yield client
 
@@ -59,14 +59,22 @@ async def http(server: Server) -> AsyncIterator[httpx.AsyncClient]:
 async def test_a_call_from_start_to_bill_over_real_http(http: httpx.AsyncClient) -> None:
     admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
     vapi = {"X-Vapi-Secret": WEBHOOK_SECRET, "Content-Type": "application/json"}
-    assert (await http.post("/api/admin/orgs", json={"org_id": "acme", "name": "Acme", "rate_pence_per_minute": 60},
-                            headers=admin)).status_code == 201  # fmt: skip
+    assert (
+        await http.post(
+            "/api/admin/orgs", json={"org_id": "acme", "name": "Acme", "rate_pence_per_minute": 60}, headers=admin
+        )
+    ).status_code == 201
     key = (await http.post("/api/admin/orgs/acme/api-keys", headers=admin)).json()["api_key"]
     org = {"Authorization": f"Bearer {key}"}
-    topped = await http.post("/api/admin/orgs/acme/topups", json={"amount_pence": 2000}, headers=admin | {"Idempotency-Key": "t1"})
+    topped = await http.post(
+        "/api/admin/orgs/acme/topups", json={"amount_pence": 2000}, headers=admin | {"Idempotency-Key": "t1"}
+    )
     assert topped.json()["balance_pence"] == 2000
-    bought = await http.post("/api/managed-telephony/provision", json={"area_code": "415", "assistant_id": "asst-1"},
-                             headers=org | {"Idempotency-Key": "n1"})  # fmt: skip
+    bought = await http.post(
+        "/api/managed-telephony/provision",
+        json={"area_code": "415", "assistant_id": "asst-1"},
+        headers=org | {"Idempotency-Key": "n1"},
+    )
     assert bought.status_code == 201
     number = bought.json()["phone_number"]["id"]
     the_call = call("real-call-1", phone_number_id=number)
@@ -91,17 +99,41 @@ async def test_a_call_from_start_to_bill_over_real_http(http: httpx.AsyncClient)
 
 async def test_schemathesis_finds_no_server_error(http: httpx.AsyncClient, server: Server, tmp_path: Path) -> None:
     admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
-    await http.post("/api/admin/orgs", json={"org_id": "fuzz", "name": "Fuzz", "rate_pence_per_minute": 60}, headers=admin)
+    await http.post(
+        "/api/admin/orgs", json={"org_id": "fuzz", "name": "Fuzz", "rate_pence_per_minute": 60}, headers=admin
+    )
     key = (await http.post("/api/admin/orgs/fuzz/api-keys", headers=admin)).json()["api_key"]
-    await http.post("/api/admin/orgs/fuzz/topups", json={"amount_pence": 10**9}, headers=admin | {"Idempotency-Key": "f"})
+    await http.post(
+        "/api/admin/orgs/fuzz/topups", json={"amount_pence": 10**9}, headers=admin | {"Idempotency-Key": "f"}
+    )
     # Once as the admin, once as an org; the Vapi secret rides along both times.
     for token in (ADMIN_TOKEN, key):
         result = await asyncio.to_thread(
             subprocess.run,
-            [sys.executable, "-m", "schemathesis.cli", "run", f"{server.url}/openapi.json",
-             "--checks", "not_a_server_error,response_schema_conformance", "--max-examples", "25", "--seed", "2026",
-             "-H", f"Authorization: Bearer {token}", "-H", f"X-Vapi-Secret: {WEBHOOK_SECRET}",
-             "--request-timeout", "10", "--suppress-health-check", "all"],
-            capture_output=True, text=True, timeout=600, cwd=tmp_path,
-        )  # fmt: skip
+            [
+                sys.executable,
+                "-m",
+                "schemathesis.cli",
+                "run",
+                f"{server.url}/openapi.json",
+                "--checks",
+                "not_a_server_error,response_schema_conformance",
+                "--max-examples",
+                "25",
+                "--seed",
+                "2026",
+                "-H",
+                f"Authorization: Bearer {token}",
+                "-H",
+                f"X-Vapi-Secret: {WEBHOOK_SECRET}",
+                "--request-timeout",
+                "10",
+                "--suppress-health-check",
+                "all",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            cwd=tmp_path,
+        )
         assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]

@@ -30,8 +30,9 @@ async def test_assistant_request_falls_back_to_the_phone_number_object_but_never
     org, key = await api.new_org(1000)
     number = await api.register_number(org, assistant_id="asst-77")
     # call.phoneNumberId missing, message.phoneNumber.id present.
-    body = assistant_request(call("c1")).replace(b'"type":"assistant-request"',
-                                                 b'"type":"assistant-request","phoneNumber":{"id":"' + number.encode() + b'"}')  # fmt: skip
+    body = assistant_request(call("c1")).replace(
+        b'"type":"assistant-request"', b'"type":"assistant-request","phoneNumber":{"id":"' + number.encode() + b'"}'
+    )
     assert (await api.vapi(body)).json()["assistantId"] == "asst-77"
     # No number: the org named in the call's variableValues admitted nothing, so it pays nothing.
     the_call = call("c2", org_hint=org).model_copy(update={"assistant_id": "asst-88"})
@@ -145,8 +146,10 @@ async def test_wrong_types_inside_a_message_are_ignored_not_fatal(api: Api) -> N
     org, _ = await api.new_org(1000)
     number = await api.register_number(org)
     body = encode(call("c1", phone_number_id=number)).replace(b'{"message":', b"", 1)[:-1]
-    weird = (b'{"message":{"type":"end-of-call-report","startedAt":12,"endedAt":["x"],"cost":"free",'
-             b'"call":' + body + b',"durationSeconds":"long"}}')  # fmt: skip
+    weird = (
+        b'{"message":{"type":"end-of-call-report","startedAt":12,"endedAt":["x"],"cost":"free",'
+        b'"call":' + body + b',"durationSeconds":"long"}}'
+    )
     answer = await api.vapi(weird)
     assert (answer.status_code, answer.json()) == (200, {})
 
@@ -254,8 +257,16 @@ async def test_a_report_with_an_end_and_no_start_bills_what_the_engine_saw(api: 
     clock.advance(30_000)
     await api.vapi(status_update(the_call, "ended"))
     ended_only = the_call.model_copy(update={"ended_at": T0})
-    body = encode(ServerMessageEndOfCallReport(type="end-of-call-report", ended_reason="customer-ended-call", call=ended_only,
-                                               artifact=Artifact(), analysis=Analysis(), ended_at=T0))  # fmt: skip
+    body = encode(
+        ServerMessageEndOfCallReport(
+            type="end-of-call-report",
+            ended_reason="customer-ended-call",
+            call=ended_only,
+            artifact=Artifact(),
+            analysis=Analysis(),
+            ended_at=T0,
+        )
+    )
     assert (await api.vapi(body)).json() == {}
     assert (await wallet(api, key))["balance_pence"] == 1000 - 30  # the 30 s the engine saw, not 0
 

@@ -61,10 +61,14 @@ def assistant_request(the_call: Call) -> bytes:
 
 
 def status_update(the_call: Call, status: str, ended_reason: str | None = None) -> bytes:
-    return encode(ServerMessageStatusUpdate(type="status-update", status=status, call=the_call, ended_reason=ended_reason))
+    return encode(
+        ServerMessageStatusUpdate(type="status-update", status=status, call=the_call, ended_reason=ended_reason)
+    )
 
 
-def end_of_call_report(the_call: Call, seconds: float, *, cost_usd: float = 0.2134, at_message_level: bool = True) -> bytes:
+def end_of_call_report(
+    the_call: Call, seconds: float, *, cost_usd: float = 0.2134, at_message_level: bool = True
+) -> bytes:
     started = T0
     ended = T0 + timedelta(seconds=seconds)
     if not at_message_level:

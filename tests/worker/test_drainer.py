@@ -78,9 +78,26 @@ async def test_an_entry_the_ledger_refuses_is_kept_aside_and_the_rest_of_its_org
     org = await new_org(rt, 1000)
     await deduct_asset(rt, org, "before", 10)
     # An entry Postgres refuses (an amount beyond the ledger's bound), between two good ones.
-    await rt.redis.xadd(rt.keys.org(org).outbox, {
-        "t": "L", "o": org, "k": f"{org}/asset/poison", "kind": "asset", "a": str(-(10**13)), "dd": "0", "b": "0",
-        "db": "0", "c": "", "bs": "0", "r": "0", "fp": "", "m": "", "ms": "1750000000000", "s": "99"})  # fmt: skip
+    await rt.redis.xadd(
+        rt.keys.org(org).outbox,
+        {
+            "t": "L",
+            "o": org,
+            "k": f"{org}/asset/poison",
+            "kind": "asset",
+            "a": str(-(10**13)),
+            "dd": "0",
+            "b": "0",
+            "db": "0",
+            "c": "",
+            "bs": "0",
+            "r": "0",
+            "fp": "",
+            "m": "",
+            "ms": "1750000000000",
+            "s": "99",
+        },
+    )
     await deduct_asset(rt, org, "after", 20)
     result = await drain_orgs(rt, [org])
     assert result.orgs_dead_lettered == [org]
@@ -153,7 +170,9 @@ async def test_a_malformed_entry_is_dead_lettered_alone_and_stalls_no_org(rt: Ru
     are written."""
     bad, good = await new_org(rt, 1000), await new_org(rt, 1000)
     await deduct_asset(rt, bad, "before", 10)
-    await rt.redis.xadd(rt.keys.org(bad).outbox, {"t": "L", "o": bad, "k": f"{bad}/asset/broken", "kind": "asset", "m": "{not json"})
+    await rt.redis.xadd(
+        rt.keys.org(bad).outbox, {"t": "L", "o": bad, "k": f"{bad}/asset/broken", "kind": "asset", "m": "{not json"}
+    )
     await deduct_asset(rt, bad, "after", 20)
     await deduct_asset(rt, good, "a", 30)
     result = await drain_orgs(rt, [bad, good])

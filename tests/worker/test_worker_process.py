@@ -111,12 +111,16 @@ async def test_the_worker_drains_the_outbox(rt: Runtime, tmp_path: Path) -> None
         ("ledger.before_commit:2", False),
     ],
 )
-async def test_killed_mid_batch_every_entry_lands_once(rt: Runtime, tmp_path: Path, fault: str, redelivers: bool) -> None:
+async def test_killed_mid_batch_every_entry_lands_once(
+    rt: Runtime, tmp_path: Path, fault: str, redelivers: bool
+) -> None:
     orgs = [await new_org(rt, 1_000_000) for _ in range(4)]
     expected = await make_traffic(rt, orgs, 2_000, seed=2)
     # One drain loop, so the crash point is exactly where the fault says (with two, the other
     # loop could be anywhere when this one dies).
-    crashing = start_worker(rt.settings, tmp_path / "crash.log", CREDIT_ENGINE_FAULT=fault, CREDIT_ENGINE_WORKER_DRAIN_LOOPS="1")
+    crashing = start_worker(
+        rt.settings, tmp_path / "crash.log", CREDIT_ENGINE_FAULT=fault, CREDIT_ENGINE_WORKER_DRAIN_LOOPS="1"
+    )
     assert crashing.wait(60) == -signal.SIGKILL
     assert not await outboxes_empty(rt, orgs)
     # One loop again: with two, the periodic sweep can hand an org to the second loop while the
@@ -141,7 +145,9 @@ async def _published(rt: Runtime) -> bool:
 
 
 @pytest.mark.parametrize("seed", [11, 12])
-async def test_killed_at_random_moments_under_traffic_every_entry_lands_once(rt: Runtime, tmp_path: Path, seed: int) -> None:
+async def test_killed_at_random_moments_under_traffic_every_entry_lands_once(
+    rt: Runtime, tmp_path: Path, seed: int
+) -> None:
     rng = random.Random(seed)
     orgs = [await new_org(rt, 1_000_000) for _ in range(4)]
     expected = 0
@@ -207,8 +213,9 @@ async def test_the_worker_process_warns_then_ends_a_call_on_redis_time(settings:
     try:
         org = await new_org(rt, 11, rate_pence_per_minute=60, min_start_pence=10, grace_seconds=0)
         async with fake_vapi_server() as fake:
-            worker = await start_ready_worker(rt, tmp_path / "worker.log", CREDIT_ENGINE_KILL_WARN_LEAD_S="2",
-                                              VAPI_CONTROL_BASE_URL=fake.base_url)  # fmt: skip
+            worker = await start_ready_worker(
+                rt, tmp_path / "worker.log", CREDIT_ENGINE_KILL_WARN_LEAD_S="2", VAPI_CONTROL_BASE_URL=fake.base_url
+            )
             try:
                 assert (await reserve_call(rt, org, "live-call")).outcome == Outcome.ok
                 await CallIndex(rt).remember("live-call", org, fake.control_url("live-call"))
@@ -232,7 +239,9 @@ async def _received(fake: FakeVapi, count: int) -> bool:
 
 
 @pytest.mark.parametrize("level", ["INFO", "DEBUG"])
-async def test_the_worker_logs_json_lines_without_arqs_job_lines_at_info(rt: Runtime, tmp_path: Path, level: str) -> None:
+async def test_the_worker_logs_json_lines_without_arqs_job_lines_at_info(
+    rt: Runtime, tmp_path: Path, level: str
+) -> None:
     """A real worker running its crons every second: at INFO its log holds no line per job (arq
     writes two per job, which drowned everything else); at DEBUG they are there, marked DEBUG.
     Every line is one JSON object a log shipper can parse."""
@@ -244,7 +253,9 @@ async def test_the_worker_logs_json_lines_without_arqs_job_lines_at_info(rt: Run
         assert stop(worker) == 0, log.read_text()
     lines = [json.loads(line) for line in log.read_text().splitlines()]
     assert all(set(line) >= {"time", "level", "logger", "message"} for line in lines)
-    job_lines = [line for line in lines if line["logger"] == "arq.worker" and ("→" in line["message"] or "←" in line["message"])]
+    job_lines = [
+        line for line in lines if line["logger"] == "arq.worker" and ("→" in line["message"] or "←" in line["message"])
+    ]
     started = [line for line in lines if line["message"].startswith("Starting worker")]
     assert started and started[0]["level"] == "INFO"  # arq's own start-up line is kept
     if level == "INFO":

@@ -17,7 +17,9 @@ async def noop(ctx: dict[str, Any]) -> str:
     return "done"
 
 
-async def _cancel_during_bookkeeping(worker_class: type[Worker], settings: Settings) -> tuple[BaseException | None, bool]:
+async def _cancel_during_bookkeeping(
+    worker_class: type[Worker], settings: Settings
+) -> tuple[BaseException | None, bool]:
     """Run one job, cancel the worker while arq writes its result, and close it as run() would."""
     assert settings.redis_url is not None
     queue = f"{settings.key_prefix}:shutdown-test"
@@ -99,8 +101,13 @@ class _BrokenPool:
 
 async def _slots_after_failed_claims(worker_class: type[Worker], settings: Settings) -> tuple[int, int]:
     assert settings.redis_url is not None
-    worker = worker_class(functions=[func(noop, name="noop")], redis_settings=RedisSettings.from_dsn(settings.arq_url),
-                          queue_name=f"{settings.key_prefix}:slots-test", max_jobs=3, handle_signals=False)  # fmt: skip
+    worker = worker_class(
+        functions=[func(noop, name="noop")],
+        redis_settings=RedisSettings.from_dsn(settings.arq_url),
+        queue_name=f"{settings.key_prefix}:slots-test",
+        max_jobs=3,
+        handle_signals=False,
+    )
     worker._pool = _BrokenPool()  # type: ignore[assignment]
     for attempt in range(5):
         try:
@@ -111,7 +118,10 @@ async def _slots_after_failed_claims(worker_class: type[Worker], settings: Setti
 
 
 async def test_a_claim_that_fails_in_redis_gives_its_job_slot_back(settings: Settings) -> None:
-    assert await _slots_after_failed_claims(CreditEngineWorker, settings) == (0, 3 + 1)  # arq's semaphore has max_jobs + 1
+    assert await _slots_after_failed_claims(CreditEngineWorker, settings) == (
+        0,
+        3 + 1,
+    )  # arq's semaphore has max_jobs + 1
 
 
 async def test_stock_arq_would_leak_the_slot_there(settings: Settings) -> None:

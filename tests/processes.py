@@ -37,10 +37,15 @@ def service_env(settings: Settings, **extra: str) -> dict[str, str]:
     }
 
 
-def start_worker(settings: Settings, log_path: Path, **extra_env: str) -> subprocess.Popen[bytes]:
+def start_worker(
+    settings: Settings, log_path: Path, *, wrapper: str | None = None, **extra_env: str
+) -> subprocess.Popen[bytes]:
+    """The installed `credit-engine worker`, or `python -m <wrapper> worker`: a test's module
+    (tests.…, found from the checkout's root) wrapped around the command."""
+    command = processes.cli("worker") if wrapper is None else [sys.executable, "-m", wrapper, "worker"]
     with open(log_path, "ab") as log:  # the child keeps its own copy of the descriptor
         process = subprocess.Popen(
-            processes.cli("worker"),
+            command,
             env=service_env(settings, **extra_env),
             stdout=log,
             stderr=subprocess.STDOUT,

@@ -1,15 +1,18 @@
 """The one place the engine reaches into arq's private parts: a Worker subclass that overrides
 arq 0.28.0's `start_jobs`, `_poll_iteration` and `close`, copying some of their steps and calling
-`run_job`, `handle_sig` and `_release_sem_dec_counter_on_complete`. arq is pinned to that exact
-release in pyproject.toml, and `ARQ_SOURCES` holds a fingerprint of each of those six methods as
-read when this was written: tests/worker/test_arq_worker.py fails the day arq changes one, so
-that whoever upgrades arq re-reads it against this copy before the pin moves."""
+`run_job`, `handle_sig` and `_release_sem_dec_counter_on_complete`, and that wraps on_startup in a
+check relying on `main` (it runs on_startup before its poll loop) and `handle_sig` (it calls
+on_stop). arq is pinned to that exact release in pyproject.toml, and `ARQ_SOURCES` holds a
+fingerprint of each of those seven methods as read when this was written:
+tests/worker/test_arq_worker.py fails the day arq changes one, so that whoever upgrades arq
+re-reads it against this copy before the pin moves."""
 
 import asyncio
 import hashlib
 import inspect
 import logging
 import signal
+from typing import Any
 
 from arq.constants import in_progress_key_prefix
 from arq.utils import timestamp_ms
@@ -27,6 +30,7 @@ ARQ_SOURCES = {
     "run_job": "589a19059ff84ee7",
     "_release_sem_dec_counter_on_complete": "0ed101482e942c33",
     "handle_sig": "985ff7ba01aa8f04",
+    "main": "45ca1591c9717466",
 }
 redis_retry_pause_s = 1.0
 
@@ -36,6 +40,30 @@ def arq_source_fingerprint(name: str) -> str:
 
 
 class CreditEngineWorker(Worker):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.stop_signal: signal.Signals | None = None
+        self.on_stop = self._note_stop  # arq calls it from its SIGTERM/SIGINT handler, after cancelling main()
+        if self.on_startup is not None:
+            self._on_startup_given = self.on_startup
+            self.on_startup = self._start_up
+
+    def _note_stop(self, signum: signal.Signals) -> None:
+        self.stop_signal = signum
+
+    async def _start_up(self, ctx: dict[Any, Any]) -> None:
+        """The given on_startup, then stop if a stop was asked for meanwhile. arq stops by cancelling
+        main(), which is running on_startup then, and on Python 3.11 that cancellation can be lost:
+        asyncio.wait_for returns its inner task's result instead of raising CancelledError when
+        that task finished just before the cancellation reached the waiter (CPython gh-86296, fixed
+        in 3.12), and redis-py 5 sends every command through asyncio.wait_for when the client has a
+        socket timeout, as the runtime's has. The start-up then ran on and the worker with it,
+        until killed; now it stops as soon as its start-up is done."""
+        await self._on_startup_given(ctx)
+        if self.stop_signal is not None:
+            log.info("%s came during start-up: stopping now that start-up is done", self.stop_signal.name)
+            raise asyncio.CancelledError
+
     async def start_jobs(self, job_ids: list[bytes]) -> None:
         """arq's start_jobs, except that a job slot taken for a job whose claim then failed in Redis
         (a lost connection mid-WATCH) is given back. arq gives it back only for the errors it

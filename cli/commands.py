@@ -25,6 +25,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
+from credit_engine.engine import org_setting_table as table
 from credit_engine.engine.config import ConfigError, Settings
 from credit_engine.engine.logs import configure_logging
 
@@ -32,18 +33,6 @@ EXIT_OK = 0
 EXIT_DRIFT = 1
 EXIT_FAILED = 1  # a check crossed, or an operation failed for some item (the others were done)
 EXIT_USAGE = 2
-# The org settings whose default is "not set" (kept here, not imported: the CLI starts without the engine).
-UNSETTABLE = (
-    "min_start_pence",
-    "low_balance_threshold_pence",
-    "alert_webhook_url",
-    "max_concurrent_calls",
-    "forward_url",
-    "refusal_no_credit",
-    "refusal_busy",
-    "refusal_not_set_up",
-    "refusal_try_later",
-)
 
 
 def _connected(settings: Settings) -> Settings:
@@ -265,24 +254,12 @@ def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
     return bench_main(args.bench_args)
 
 
-def _add_org_settings(parser: argparse.ArgumentParser, rate_required: bool) -> None:
-    parser.add_argument(
-        "--rate", dest="rate_pence_per_minute", type=int, required=rate_required, help="call rate in pence per minute"
-    )
-    parser.add_argument("--overdraft", dest="overdraft_pence", type=int)
-    parser.add_argument("--min-start", dest="min_start_pence", type=int)
-    parser.add_argument("--hold-block-minutes", dest="hold_block_minutes", type=int)
-    parser.add_argument("--grace-seconds", dest="grace_seconds", type=int)
-    parser.add_argument("--low-balance-threshold", dest="low_balance_threshold_pence", type=int)
-    parser.add_argument("--alert-webhook-url", dest="alert_webhook_url")
-    parser.add_argument("--max-concurrent-calls", dest="max_concurrent_calls", type=int)
-    parser.add_argument("--forward-url", dest="forward_url", help="the platform's own server (public addresses only)")
-    parser.add_argument("--refusal-no-credit", dest="refusal_no_credit", help="spoken when credit is short")
-    parser.add_argument("--refusal-busy", dest="refusal_busy", help="spoken at max_concurrent_calls")
-    parser.add_argument(
-        "--refusal-not-set-up", dest="refusal_not_set_up", help="spoken when the number cannot take calls"
-    )
-    parser.add_argument("--refusal-try-later", dest="refusal_try_later", help="spoken for any other refusal")
+def _add_org_settings(parser: argparse.ArgumentParser, creating: bool) -> None:
+    """One flag per org setting, as engine/org_setting_table.py declares it."""
+    for setting in table.SETTINGS:
+        kind = int if setting.kind == "integer" else str
+        required = creating and setting.required
+        parser.add_argument(setting.flag, dest=setting.name, type=kind, required=required, help=setting.help)
 
 
 DATA_DIR_HELP = "where `up` keeps its data, and where the other commands find its servers (default .credit-engine)"
@@ -331,19 +308,19 @@ def build_parser() -> argparse.ArgumentParser:
     create = org_commands.add_parser("create")
     create.add_argument("org_id")
     create.add_argument("--name")
-    _add_org_settings(create, rate_required=True)
+    _add_org_settings(create, creating=True)
     show = org_commands.add_parser("show")
     show.add_argument("org_id")
     update = org_commands.add_parser("update")
     update.add_argument("org_id")
     update.add_argument("--name")
-    _add_org_settings(update, rate_required=False)
+    _add_org_settings(update, creating=False)
     update.add_argument(
         "--unset",
         action="append",
-        choices=UNSETTABLE,
+        choices=table.UNSETTABLE,
         metavar="SETTING",
-        help=f"back to its default (repeatable): {', '.join(UNSETTABLE)}",
+        help=f"back to its default (repeatable): {', '.join(table.UNSETTABLE)}",
     )
     orgs.set_defaults(handler=cmd_orgs)
 

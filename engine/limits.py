@@ -17,6 +17,7 @@ max_duration_s_min = 10
 max_duration_s_max = 43_200
 hold_block_minutes_max = 60
 grace_seconds_max = 300
+concurrent_calls_max = 1_000_000  # an org's max_concurrent_calls
 extensions_per_check_max = 8  # blocks one kill-switch check may add to a hold
 
 # Idempotency: a replay must outlive the hold it replays.

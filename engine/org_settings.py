@@ -1,4 +1,4 @@
-"""An org's settings: what its calls cost and how far its credit may be stretched; and how its
+"""An org's settings (declared in engine/org_setting_table.py): what its calls cost and how far its credit may be stretched; and how its
 calls sound and where its platform's server is (the Vapi profile).
 
 Settings are Postgres-first (the orgs table). The money settings are copied into the org's Redis
@@ -6,10 +6,11 @@ hash, where the scripts read them at decision time; the profile settings (`forwa
 refusal sentences) are read by the webhook through engine/org_profiles.py and never reach Redis.
 """
 
-from dataclasses import dataclass, fields, replace
+from dataclasses import MISSING, dataclass, fields, replace
 from typing import Any
 
 from credit_engine.engine import limits, outbound, validate
+from credit_engine.engine import org_setting_table as table
 from credit_engine.engine.errors import InvalidInput
 from credit_engine.engine.org_profiles import Refusal
 
@@ -37,53 +38,54 @@ class OrgSettings:
         return self.min_start_pence if self.min_start_pence is not None else self.rate_pence_per_minute
 
     def script_args(self) -> list[int]:
-        """The settings as org_configure.lua and org_restore.lua take them."""
-        return [
-            self.rate_pence_per_minute,
-            self.overdraft_pence,
-            self.min_start_pence_effective,
-            self.hold_block_minutes,
-            self.grace_seconds,
-            self.max_concurrent_calls or 0,
-            self.low_balance_threshold_pence or 0,
-        ]
+        """The settings as org_configure.lua and org_restore.lua take them (table.SCRIPT_ORDER;
+        0 where a setting is unset, and min_start_pence as in force)."""
+        return [int(self.in_force(name) or 0) for name in table.SCRIPT_ORDER]
+
+    def in_force(self, name: str) -> int | str | None:
+        """A setting's value, or for min_start_pence the value in force when unset."""
+        return self.min_start_pence_effective if name == "min_start_pence" else getattr(self, name)
+
+    def shown(self) -> dict[str, int | str | None]:
+        """The settings as the API shows them: unset is null, except where the value in force is shown."""
+        return {s.name: self.in_force(s.name) if s.shown_in_force else getattr(self, s.name) for s in table.SETTINGS}
 
     def validated(self) -> "OrgSettings":
-        validate.whole_number(self.rate_pence_per_minute, "rate_pence_per_minute", 1, limits.rate_pence_per_minute_max)
-        validate.whole_number(self.overdraft_pence, "overdraft_pence", 0, limits.amount_pence_max)
-        if self.min_start_pence is not None:
-            validate.whole_number(self.min_start_pence, "min_start_pence", 1, limits.amount_pence_max)
-        validate.whole_number(self.hold_block_minutes, "hold_block_minutes", 1, limits.hold_block_minutes_max)
-        validate.whole_number(self.grace_seconds, "grace_seconds", 0, limits.grace_seconds_max)
-        if self.low_balance_threshold_pence is not None:
-            validate.whole_number(
-                self.low_balance_threshold_pence, "low_balance_threshold_pence", 0, limits.amount_pence_max
-            )
-        if self.alert_webhook_url is not None:
-            _check_url(self.alert_webhook_url, "alert_webhook_url")
-        if self.max_concurrent_calls is not None:
-            validate.whole_number(self.max_concurrent_calls, "max_concurrent_calls", 1, 1_000_000)
-        if self.forward_url is not None:
-            _check_url(self.forward_url, "forward_url")
-        spoken = {
-            name: spoken_text(getattr(self, name), name) for name in REFUSAL_SETTINGS if getattr(self, name) is not None
-        }
-        return replace(self, **spoken) if spoken else self  # kept trimmed
+        """Each setting checked as the table declares it (None passes where it means "unset");
+        sentences come back trimmed."""
+        spoken = {}
+        for setting in table.SETTINGS:
+            value = getattr(self, setting.name)
+            if value is None and setting.unsettable:
+                continue
+            if setting.kind == "integer":
+                validate.whole_number(value, setting.name, setting.minimum, setting.maximum)
+            elif setting.kind == "url":
+                _check_url(value, setting.name)
+            else:
+                spoken[setting.name] = spoken_text(value, setting.name)
+        return replace(self, **spoken) if spoken else self
 
     def changed(self, changes: dict[str, Any]) -> "OrgSettings":
-        known = {f.name for f in fields(self)}
         for name in changes:
-            if name not in known:
+            if name not in table.BY_NAME:
                 raise InvalidInput(name, "is not an org setting")
         return replace(self, **changes).validated()
 
     @classmethod
     def names(cls) -> tuple[str, ...]:
-        return tuple(f.name for f in fields(cls))
+        return table.NAMES
 
 
+def _defaults_match_the_table() -> bool:
+    declared = {f.name: (f.default if f.default is not MISSING else None) for f in fields(OrgSettings)}
+    return declared == {setting.name: setting.default for setting in table.SETTINGS}
+
+
+assert _defaults_match_the_table(), "OrgSettings and engine/org_setting_table.py disagree"
 REFUSAL_SETTINGS = tuple(refusal.value for refusal in Refusal)
-URL_SETTINGS = ("alert_webhook_url", "forward_url")  # called by the engine: the address rule applies
+URL_SETTINGS = tuple(setting.name for setting in table.SETTINGS if setting.kind == "url")
+assert set(REFUSAL_SETTINGS) == {setting.name for setting in table.SETTINGS if setting.kind == "sentence"}
 
 
 def spoken_text(value: object, field: str) -> str:

@@ -13,6 +13,7 @@ from typing import Any
 import asyncpg
 from redis.exceptions import RedisError
 
+from credit_engine.engine import org_setting_table as table
 from credit_engine.engine import validate
 from credit_engine.engine.errors import InvalidInput, OrgExists, OrgNotFound
 from credit_engine.engine.org_settings import URL_SETTINGS, OrgSettings, check_url_addresses
@@ -38,22 +39,22 @@ def _org_from_row(row: asyncpg.Record) -> Org:
 
 
 def _settings_columns(settings: OrgSettings) -> list[Any]:
-    """The orgs table's settings columns, in the order the statements below name them."""
-    return [
-        settings.rate_pence_per_minute,
-        settings.overdraft_pence,
-        settings.min_start_pence,
-        settings.hold_block_minutes,
-        settings.grace_seconds,
-        settings.low_balance_threshold_pence,
-        settings.alert_webhook_url,
-        settings.max_concurrent_calls,
-        settings.forward_url,
-        settings.refusal_no_credit,
-        settings.refusal_busy,
-        settings.refusal_not_set_up,
-        settings.refusal_try_later,
-    ]
+    """The orgs table's settings columns, in the table's order (SETTINGS_COLUMNS)."""
+    return [getattr(settings, name) for name in table.NAMES]
+
+
+SETTINGS_COLUMNS = ", ".join(table.NAMES)
+INSERT_SQL = f"""
+INSERT INTO orgs (org_id, name, {SETTINGS_COLUMNS})
+VALUES ({", ".join(f"${i}" for i in range(1, len(table.NAMES) + 3))})
+ON CONFLICT (org_id) DO NOTHING
+RETURNING *
+"""
+UPDATE_SQL = f"""
+UPDATE orgs SET name = $2, {", ".join(f"{name} = ${i}" for i, name in enumerate(table.NAMES, start=3))}, updated_at = now()
+WHERE org_id = $1
+RETURNING *
+"""
 
 
 def _check_name(name: object) -> str:
@@ -69,15 +70,7 @@ async def create_org(rt: Runtime, org_id: str, name: str, settings: OrgSettings)
     await check_url_addresses(settings, URL_SETTINGS, allow_private=rt.settings.outbound_allow_private)
     async with rt.pg.acquire() as conn, conn.transaction():
         row = await conn.fetchrow(
-            """
-            INSERT INTO orgs (org_id, name, rate_pence_per_minute, overdraft_pence, min_start_pence,
-                              hold_block_minutes, grace_seconds, low_balance_threshold_pence,
-                              alert_webhook_url, max_concurrent_calls, forward_url, refusal_no_credit,
-                              refusal_busy, refusal_not_set_up, refusal_try_later)
-            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)
-            ON CONFLICT (org_id) DO NOTHING
-            RETURNING *
-            """,
+            INSERT_SQL,
             org_id,
             name,
             *_settings_columns(settings),
@@ -113,15 +106,7 @@ async def update_org(rt: Runtime, org_id: str, changes: dict[str, Any]) -> Org:
     changed_urls = tuple(url_setting for url_setting in URL_SETTINGS if url_setting in changes)
     await check_url_addresses(settings, changed_urls, allow_private=rt.settings.outbound_allow_private)
     row = await rt.pg.fetchrow(
-        """
-        UPDATE orgs SET name = $2, rate_pence_per_minute = $3, overdraft_pence = $4,
-               min_start_pence = $5, hold_block_minutes = $6, grace_seconds = $7,
-               low_balance_threshold_pence = $8, alert_webhook_url = $9,
-               max_concurrent_calls = $10, forward_url = $11, refusal_no_credit = $12,
-               refusal_busy = $13, refusal_not_set_up = $14, refusal_try_later = $15, updated_at = now()
-        WHERE org_id = $1
-        RETURNING *
-        """,
+        UPDATE_SQL,
         org_id,
         name,
         *_settings_columns(settings),

@@ -29,6 +29,7 @@ from typing import Any
 import orjson
 
 from credit_engine.engine import limits
+from credit_engine.engine import org_setting_table as table
 from credit_engine.engine.amounts import billed_seconds_from_ms, call_cost_pence
 from credit_engine.engine.balances import peek_org
 from credit_engine.engine.credits import apply_pending_credits
@@ -57,15 +58,7 @@ PENDING_SQL = """
 SELECT org_id, idempotency_key, amount_pence, (extract(epoch FROM created_at) * 1000)::bigint AS created_ms
 FROM pending_credits WHERE org_id = ANY($1::text[])
 """
-SETTING_FIELDS = (
-    "rate_pence_per_minute",
-    "overdraft_pence",
-    "min_start_pence",
-    "hold_block_minutes",
-    "grace_seconds",
-    "max_concurrent_calls",
-    "low_balance_threshold_pence",
-)
+SETTING_FIELDS = table.SCRIPT_ORDER  # the settings the org's Redis hash holds
 MONEY_FIELDS = (
     "balance_pence",
     "held_pence",

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import asyncpg
 
+from credit_engine.engine import org_setting_table as table
 from credit_engine.engine.idempotency import call_state_key
 from credit_engine.engine.org_settings import OrgSettings
 from credit_engine.engine.records import CallState, HoldRecord, asset_idem_value, credit_idem_value
@@ -40,11 +41,8 @@ class OrgSnapshot:
         return sum(hold.hold_pence for hold in self.live_holds.values())
 
 
-ORGS_SQL = """
-SELECT o.org_id, o.name, o.rate_pence_per_minute, o.overdraft_pence, o.min_start_pence,
-       o.hold_block_minutes, o.grace_seconds, o.low_balance_threshold_pence,
-       o.alert_webhook_url, o.max_concurrent_calls, o.forward_url, o.refusal_no_credit, o.refusal_busy,
-       o.refusal_not_set_up, o.refusal_try_later,
+ORGS_SQL = f"""
+SELECT o.org_id, o.name, {", ".join(f"o.{name}" for name in table.NAMES)},
        b.balance_pence, b.debt_pence, b.last_entry_id
 FROM orgs o JOIN org_balances b USING (org_id)
 WHERE o.org_id = ANY($1::text[])
@@ -77,21 +75,7 @@ WHERE org_id = ANY($1::text[]) AND status <> 'live' AND resolved_at >= $2
 
 
 def settings_from_row(row: asyncpg.Record) -> OrgSettings:
-    return OrgSettings(
-        rate_pence_per_minute=row["rate_pence_per_minute"],
-        overdraft_pence=row["overdraft_pence"],
-        min_start_pence=row["min_start_pence"],
-        hold_block_minutes=row["hold_block_minutes"],
-        grace_seconds=row["grace_seconds"],
-        low_balance_threshold_pence=row["low_balance_threshold_pence"],
-        alert_webhook_url=row["alert_webhook_url"],
-        max_concurrent_calls=row["max_concurrent_calls"],
-        forward_url=row["forward_url"],
-        refusal_no_credit=row["refusal_no_credit"],
-        refusal_busy=row["refusal_busy"],
-        refusal_not_set_up=row["refusal_not_set_up"],
-        refusal_try_later=row["refusal_try_later"],
-    )
+    return OrgSettings(**{name: row[name] for name in table.NAMES})
 
 
 def hold_from_row(row: asyncpg.Record) -> HoldRecord:

@@ -7,7 +7,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from credit_engine.engine import idempotent_requests as claims
-from credit_engine.engine import limits
+from credit_engine.engine import org_setting_table as table
 from credit_engine.engine.api_keys import issue_api_key, revoke_api_key
 from credit_engine.engine.balances import read_wallet
 from credit_engine.engine.credits import credit
@@ -34,24 +34,12 @@ def admin(request: Request) -> AppContext:
 
 
 def org_json(org: Org) -> dict[str, Any]:
-    settings = org.settings
+    """An org as the admin API shows it: each setting as declared (engine/org_setting_table.py),
+    null where unset and the default applies (CREDIT_ENGINE_FORWARD_URL, the engine's sentences)."""
     return {
         "org_id": org.org_id,
         "name": org.name,
-        "rate_pence_per_minute": settings.rate_pence_per_minute,
-        "overdraft_pence": settings.overdraft_pence,
-        "min_start_pence": settings.min_start_pence_effective,
-        "hold_block_minutes": settings.hold_block_minutes,
-        "grace_seconds": settings.grace_seconds,
-        "low_balance_threshold_pence": settings.low_balance_threshold_pence,
-        "alert_webhook_url": settings.alert_webhook_url,
-        "max_concurrent_calls": settings.max_concurrent_calls,
-        # None: the default (CREDIT_ENGINE_FORWARD_URL; the engine's own sentence).
-        "forward_url": settings.forward_url,
-        "refusal_no_credit": settings.refusal_no_credit,
-        "refusal_busy": settings.refusal_busy,
-        "refusal_not_set_up": settings.refusal_not_set_up,
-        "refusal_try_later": settings.refusal_try_later,
+        **org.settings.shown(),
         "created_at": org.created_at.isoformat(),
         "updated_at": org.updated_at.isoformat(),
     }
@@ -71,7 +59,9 @@ async def create(request: Request) -> Response:
     assert org_id is not None
     name = req.text(body, "name", required=True)
     assert name is not None
-    req.whole_number(body, "rate_pence_per_minute", 1, limits.rate_pence_per_minute_max)  # required
+    for setting in table.SETTINGS:
+        if setting.required:
+            req.whole_number(body, setting.name, setting.minimum, setting.maximum)
     settings = OrgSettings(**{k: v for k, v in body.items() if k in SETTINGS_FIELDS})
     try:
         org = await create_org(ctx.rt, org_id, name, settings)

@@ -3,6 +3,7 @@
 from typing import Any
 
 from credit_engine.engine import limits
+from credit_engine.engine import org_setting_table as table
 
 AMOUNT = {"type": "integer", "minimum": 1, "maximum": limits.amount_pence_max}
 ORG_ID = {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"}
@@ -39,40 +40,6 @@ ERRORS = {
     "422": answer("A field is wrong (the error names it)", ref("Error")),
 }
 
-SETTINGS_PROPERTIES: dict[str, Any] = {
-    "rate_pence_per_minute": {"type": "integer", "minimum": 1, "maximum": limits.rate_pence_per_minute_max},
-    "overdraft_pence": {"type": "integer", "minimum": 0, "maximum": limits.amount_pence_max},
-    "min_start_pence": {"type": "integer", "minimum": 1, "maximum": limits.amount_pence_max},
-    "hold_block_minutes": {"type": "integer", "minimum": 1, "maximum": limits.hold_block_minutes_max},
-    "grace_seconds": {"type": "integer", "minimum": 0, "maximum": limits.grace_seconds_max},
-    "low_balance_threshold_pence": {"type": "integer", "minimum": 0, "maximum": limits.amount_pence_max},
-    "alert_webhook_url": {"type": "string", "format": "uri", "maxLength": 2000},
-    "max_concurrent_calls": {"type": "integer", "minimum": 1, "maximum": 1_000_000},
-    "forward_url": {
-        "type": "string",
-        "format": "uri",
-        "maxLength": limits.url_length_max,
-        "nullable": True,
-        "description": "The platform's own server (public addresses only); null: CREDIT_ENGINE_FORWARD_URL.",
-    },
-    **{
-        name: {
-            "type": "string",
-            "minLength": 1,
-            "maxLength": limits.refusal_text_length_max,
-            "nullable": True,
-            "description": f"What a caller hears when a call is refused ({why}): printable, trimmed, never blank; "
-            "null: the engine's default sentence.",
-        }
-        for name, why in (
-            ("refusal_no_credit", "not enough credit"),
-            ("refusal_busy", "at max_concurrent_calls"),
-            ("refusal_not_set_up", "the number cannot take calls"),
-            ("refusal_try_later", "anything else"),
-        )
-    },
-}
-
 INTEGER = {"type": "integer"}
 TEXT = {"type": "string"}
 TIME = {"type": "string", "format": "date-time"}
@@ -104,18 +71,30 @@ def error_schema(**details: dict[str, Any]) -> dict[str, Any]:
     return closed({"error": closed({"code": TEXT, "message": TEXT, "field": TEXT}, optional=("field",))})
 
 
-UNSET_AS_NULL = ("low_balance_threshold_pence", "alert_webhook_url", "max_concurrent_calls")
+def setting_schema(setting: table.Setting) -> dict[str, Any]:
+    """A setting in a request, as engine/org_setting_table.py declares it: its kind and bounds,
+    and null (back to the default) where it may be unset."""
+    schema: dict[str, Any]
+    if setting.kind == "integer":
+        schema = {"type": "integer", "minimum": setting.minimum, "maximum": setting.maximum}
+    elif setting.kind == "url":
+        schema = {"type": "string", "format": "uri", "maxLength": setting.maximum}
+    else:  # a sentence: printable, trimmed, never blank
+        schema = {"type": "string", "minLength": setting.minimum, "maxLength": setting.maximum}
+    schema["description"] = setting.help[0].upper() + setting.help[1:] + "."
+    return nullable(schema) if setting.unsettable else schema
 
 
-def setting_shown(name: str, schema: dict[str, Any]) -> dict[str, Any]:
+def setting_shown(setting: table.Setting) -> dict[str, Any]:
     """A setting as responses show it: null where the org left it unset (min_start_pence shows the
     value in force), and a URL as it was saved, so no `format` (the engine's URL rule is not RFC
-    3986's). Requests keep SETTINGS_PROPERTIES as they are."""
-    shown = {key: value for key, value in schema.items() if key != "format"}
-    return nullable(shown) if name in UNSET_AS_NULL else shown
+    3986's)."""
+    shown = {key: value for key, value in setting_schema(setting).items() if key not in ("format", "nullable")}
+    return nullable(shown) if setting.unsettable and not setting.shown_in_force else shown
 
 
-SETTINGS_SHOWN = {name: setting_shown(name, schema) for name, schema in SETTINGS_PROPERTIES.items()}
+SETTINGS_PROPERTIES = {setting.name: setting_schema(setting) for setting in table.SETTINGS}
+SETTINGS_SHOWN = {setting.name: setting_shown(setting) for setting in table.SETTINGS}
 ORG_PROPERTIES = {"org_id": ORG_ID, "name": TEXT, **SETTINGS_SHOWN, "created_at": TIME, "updated_at": TIME}
 # One wallet shape (webapp/wallet.wallet_json): the admin's view of an org carries it as `wallet`,
 # GET /api/wallet between the org's id and its currency.
@@ -144,7 +123,7 @@ SCHEMAS: dict[str, Any] = {
     "OrgCreate": {
         "type": "object",
         "additionalProperties": False,
-        "required": ["org_id", "name", "rate_pence_per_minute"],
+        "required": ["org_id", "name", *(setting.name for setting in table.SETTINGS if setting.required)],
         "properties": {
             "org_id": ORG_ID,
             "name": {"type": "string", "minLength": 1, "maxLength": 200},

@@ -157,6 +157,7 @@ async def test_every_org_setting_is_declared_wherever_a_setting_must_be(api: Api
     """OrgSettings is the table; the admin JSON, the OpenAPI schemas, the CLI, the snapshot SQL and
     the shipped schema each name every setting (and the CLI's --unset list is the nullable ones)."""
     from credit_engine import commands as cli
+    from credit_engine.engine import org_setting_table as table
     from credit_engine.engine.schema import expected
     from credit_engine.engine.snapshots import ORGS_SQL
     from credit_engine.webapp.openapi import SCHEMAS, SETTINGS_PROPERTIES
@@ -171,6 +172,7 @@ async def test_every_org_setting_is_declared_wherever_a_setting_must_be(api: Api
     assert all(f"o.{name}" in ORGS_SQL for name in names)
     assert names <= set(expected()["tables"]["orgs"]["columns"])
     nullable = {f.name for f in dataclasses.fields(OrgSettings) if f.default is None}
-    assert set(cli.UNSETTABLE) == nullable
+    assert set(table.UNSETTABLE) == nullable
+    assert cli.build_parser()  # builds its settings flags from the table (tests/engine/test_org_setting_table.py)
     for command in (["orgs", "create", "x", "--rate", "1"], ["orgs", "update", "x"]):
         assert names <= set(vars(cli.build_parser().parse_args(command))), command  # a flag for each

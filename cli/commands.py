@@ -17,6 +17,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import os
 import secrets
 import signal
 import sys
@@ -33,6 +34,7 @@ EXIT_OK = 0
 EXIT_DRIFT = 1
 EXIT_FAILED = 1  # a check crossed, or an operation failed for some item (the others were done)
 EXIT_USAGE = 2
+EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE  # as a shell reports a tool its reader left
 
 
 def _connected(settings: Settings) -> Settings:
@@ -521,6 +523,11 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:  # a setting only this command needs (the worker's arq Redis)
         print(f"configuration error: {error}", file=sys.stderr)
         return EXIT_USAGE
+    except BrokenPipeError:
+        # The reader went away (`credit-engine status --json | head -1`): stop quietly, as a shell
+        # tool does, rather than with a traceback (and a second one when stdout is flushed at exit).
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
 
 
 if __name__ == "__main__":

@@ -83,3 +83,23 @@ async def test_status_shows_an_orgs_money_and_live_calls_and_the_busiest_orgs(se
         await rt.close()
         assert settings.redis_url is not None
         await delete_prefix(settings.redis_url, settings.key_prefix)
+
+
+async def test_a_reader_that_goes_away_stops_the_command_quietly(settings: Settings) -> None:
+    """`credit-engine status | head -1`: the pipe closes before the command writes; it stops with
+    141 (128 + SIGPIPE, as a shell tool) and no traceback."""
+    rt = await Runtime.open(settings)
+    try:
+        await ensure_rebuilt(rt)
+        await new_org(rt, 100)
+    finally:
+        await rt.close()
+    command = subprocess.Popen(
+        processes.cli("status", "--json"), env=service_env(settings), stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    assert command.stdout is not None and command.stderr is not None
+    command.stdout.close()  # long before the command has connected and written anything
+    with command.stderr:
+        errors = command.stderr.read().decode()
+    assert command.wait(60) == 128 + signal.SIGPIPE, errors
+    assert "Traceback" not in errors and "BrokenPipe" not in errors, errors

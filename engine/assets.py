@@ -17,10 +17,9 @@ import orjson
 
 from credit_engine.engine import validate
 from credit_engine.engine.balances import money_now
+from credit_engine.engine.decisions import decide
 from credit_engine.engine.idempotency import client_ledger_key
-from credit_engine.engine.killswitch import file_depletion
-from credit_engine.engine.outbox import note_refused_for_full_outbox
-from credit_engine.engine.results import Money, Outcome, decode
+from credit_engine.engine.results import Money, Outcome
 from credit_engine.engine.runtime import Runtime
 
 
@@ -66,9 +65,10 @@ async def charge_asset(
         if known is not None:
             return known
     keys = rt.keys.org(org_id)
-    reply = await rt.scripts.run_and_ring(
-        rt.redis,
+    result = await decide(
+        rt,
         "asset_deduct",
+        org_id,
         [keys.org, keys.idem, keys.idem_exp, keys.outbox],
         [
             rt.clock.script_arg(),
@@ -80,11 +80,9 @@ async def charge_asset(
             rt.settings.outbox_per_org_max,
             orjson.dumps(meta or {}).decode(),
         ],
-        rt.keys.outbox_dirty(org_id),
-        org_id,
+        tail_length=2,
+        operation="asset charge",
     )
-    result = decode(reply, tail_length=2)
-    await file_depletion(rt, org_id, result.depletion_ms)
     charged_pence, balance_pence_after = result.tail
     if result.outcome == Outcome.ok:
         assert charged_pence == amount_pence
@@ -92,8 +90,6 @@ async def charge_asset(
         assert result.money.available_pence >= 0  # zero-debt: never below zero
     if result.outcome == Outcome.replayed:
         assert charged_pence == amount_pence
-    if result.outcome == Outcome.outbox_full:
-        note_refused_for_full_outbox(org_id, "asset charge", rt.settings.outbox_per_org_max)
     return AssetDeduction(result.outcome, result.money, charged_pence, balance_pence_after, key)
 
 

@@ -16,11 +16,10 @@ from redis.exceptions import RedisError
 
 from credit_engine.engine import limits, validate
 from credit_engine.engine.balances import money_now
+from credit_engine.engine.decisions import decide, restoring
 from credit_engine.engine.errors import InvalidInput, OrgNotFound
 from credit_engine.engine.idempotency import credit_ledger_key, repay_ledger_key
-from credit_engine.engine.killswitch import file_depletion
-from credit_engine.engine.restore import restore_org_if_absent
-from credit_engine.engine.results import Money, Outcome, decode
+from credit_engine.engine.results import Money, Outcome, ScriptResult
 from credit_engine.engine.runtime import Runtime
 from credit_engine.engine.types import CREDIT_KINDS, EntryKind
 
@@ -129,11 +128,8 @@ async def apply_to_redis(rt: Runtime, org_id: str, key: str, amount_pence: int) 
     """Apply a committed credit to Redis and clear its pending row. Never raises for Redis trouble:
     the credit is safe in Postgres and the worker will apply it later."""
     try:
-        result = await _run_credit_apply(rt, org_id, key, amount_pence)
-        if result.outcome == Outcome.org_unknown:
-            # Redis does not have the org: restoring it from Postgres includes this credit.
-            await restore_org_if_absent(rt, org_id)
-            result = await _run_credit_apply(rt, org_id, key, amount_pence)
+        # Redis does not have the org: restoring it from Postgres includes this credit (the retry replays).
+        result = await restoring(rt, org_id, lambda: _run_credit_apply(rt, org_id, key, amount_pence))
     except RedisError as error:
         log.warning(
             "credit %s committed in postgres, not yet applied in redis (%s); the worker will apply it", key, error
@@ -146,20 +142,18 @@ async def apply_to_redis(rt: Runtime, org_id: str, key: str, amount_pence: int) 
     return True, result.money
 
 
-async def _run_credit_apply(rt: Runtime, org_id: str, key: str, amount_pence: int) -> Any:
+async def _run_credit_apply(rt: Runtime, org_id: str, key: str, amount_pence: int) -> ScriptResult:
     keys = rt.keys.org(org_id)
     repay_key = repay_ledger_key(org_id, key)
-    reply = await rt.scripts.run_and_ring(
-        rt.redis,
+    return await decide(
+        rt,
         "credit_apply",
+        org_id,
         [keys.org, keys.idem, keys.idem_exp, keys.outbox],
         [rt.clock.script_arg(), org_id, key, amount_pence, repay_key, rt.settings.idempotency_ttl_ms],
-        rt.keys.outbox_dirty(org_id),
-        org_id,
+        tail_length=1,
+        operation="credit",
     )
-    result = decode(reply, tail_length=1)
-    await file_depletion(rt, org_id, result.depletion_ms)
-    return result
 
 
 def _too_old_ms(rt: Runtime) -> int:

@@ -31,9 +31,9 @@ from redis.exceptions import RedisError
 
 from credit_engine.engine import limits, validate
 from credit_engine.engine.db import bounded
+from credit_engine.engine.decisions import decide
 from credit_engine.engine.idempotency import call_ledger_key, call_state_key
-from credit_engine.engine.killswitch import add_depletion, file_depletion
-from credit_engine.engine.outbox import note_refused_for_full_outbox
+from credit_engine.engine.killswitch import add_depletion
 from credit_engine.engine.records import HoldRecord
 from credit_engine.engine.results import Money, Outcome, decode
 from credit_engine.engine.runtime import Runtime
@@ -99,9 +99,10 @@ async def reserve_call(rt: Runtime, org_id: str, call_id: str, unfunded: Unfunde
     validate.org_id(org_id)
     validate.call_id(call_id)
     keys = rt.keys.org(org_id)
-    reply = await rt.scripts.run_and_ring(
-        rt.redis,
+    result = await decide(
+        rt,
         "hold_reserve",
+        org_id,
         [keys.org, keys.holds, keys.idem, keys.outbox],
         [
             rt.clock.script_arg(),
@@ -112,11 +113,9 @@ async def reserve_call(rt: Runtime, org_id: str, call_id: str, unfunded: Unfunde
             rt.settings.outbox_per_org_max,
             int(unfunded),
         ],
-        rt.keys.outbox_dirty(org_id),
-        org_id,
+        tail_length=2,
+        operation="hold",
     )
-    result = decode(reply, tail_length=2)
-    await file_depletion(rt, org_id, result.depletion_ms)
     hold_pence, max_duration_s = result.tail
     if result.outcome == Outcome.ok or (result.outcome == Outcome.replayed and max_duration_s > 0):
         assert hold_pence > 0
@@ -126,8 +125,6 @@ async def reserve_call(rt: Runtime, org_id: str, call_id: str, unfunded: Unfunde
         assert (hold_pence, max_duration_s) == (0, 0)
     if result.outcome == Outcome.ok:
         assert result.money.held_pence >= hold_pence
-    if result.outcome == Outcome.outbox_full:
-        note_refused_for_full_outbox(org_id, "hold", rt.settings.outbox_per_org_max)
     return Reservation(result.outcome, result.money, hold_pence, max_duration_s)
 
 
@@ -240,9 +237,10 @@ async def _release(rt: Runtime, org_id: str, call_id: str, mode: str) -> Resolut
 async def _resolve(rt: Runtime, script: str, org_id: str, call_id: str, extra_args: list[Any]) -> Resolution:
     """hold_commit and hold_release: the same keys, the same leading arguments."""
     keys = rt.keys.org(org_id)
-    reply = await rt.scripts.run_and_ring(
-        rt.redis,
+    result = await decide(
+        rt,
         script,
+        org_id,
         [keys.org, keys.holds, keys.idem, keys.idem_exp, keys.outbox],
         [
             rt.clock.script_arg(),
@@ -252,11 +250,9 @@ async def _resolve(rt: Runtime, script: str, org_id: str, call_id: str, extra_ar
             call_ledger_key(org_id, call_id, "charge"),
             *extra_args,
         ],
-        rt.keys.outbox_dirty(org_id),
-        org_id,
+        tail_length=3,
+        operation=script,
     )
-    result = decode(reply, tail_length=3)
-    await file_depletion(rt, org_id, result.depletion_ms)
     return _resolution(result)
 
 

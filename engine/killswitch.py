@@ -5,7 +5,8 @@ Vapi never asks whether a call may go on, so the engine must act. Three layers:
 1. `maxDurationSeconds`, answered at assistant-request from what the org's available credit
    funds then: Vapi enforces it even if we are down;
 2. this push: the depletion moment of each org with live calls is predicted in Redis (the burn
-   sums in lua/_lib.lua, moved by every script that changes them) and the worker, watching the
+   sums in lua/_lib.lua, moved by every script that changes them; engine/burn.py is their Python
+   model) and the worker, watching the
    schedule, POSTs a spoken warning `kill_warn_lead_ms` before it and `{"type":"end-call"}` at it
    plus the org's grace, to every live call of the org, since they all draw on one balance;
 3. the pull endpoint (status-check) for anyone who asks.
@@ -28,8 +29,8 @@ The pushes (KillSwitch, one per worker): a round visits the due orgs, at most
 visits_per_round_max of them (the next round starts at once while more are due, else when the
 earliest org is due, at most the poll interval later), and hands each
 action the tick decides to a push task of its own, so a slow or silent control URL holds up
-neither the round nor anyone else's end-call. A push is one POST (engine/control.py: Vapi's hosts
-only, the token, the base URL) with a deadline counted from the hand-out; a 2xx is acknowledged
+neither the round nor anyone else's end-call. A push is one POST (engine/killswitch_push.py, through
+engine/control.py: Vapi's hosts only, the token, the base URL) with a deadline counted from the hand-out; a 2xx is acknowledged
 (killswitch_ack.lua), anything else is a failed attempt that the tick hands out again after its
 backoff. So each action is in flight at most once per worker (this worker skips an action it is
 still pushing; the deadline stays below the backoff, so across workers the tick's backoff keeps
@@ -38,30 +39,26 @@ live calls no hold covers.
 """
 
 import asyncio
-import contextlib
 import logging
-import math
 from dataclasses import dataclass
 from typing import Any
 
 import httpx
 from redis.exceptions import RedisError
 
-from credit_engine.engine import validate
-from credit_engine.engine.call_index import CallIndex
+from credit_engine.engine import burn, validate
 from credit_engine.engine.config import ConfigError, Settings
-from credit_engine.engine.control import ControlClients, VapiCall, call_at_vapi, control_url_allowed, send_control  # noqa: F401 - control_url_allowed: for the webhook
-from credit_engine.engine.end_queue import (  # noqa: F401 - end_unheld_call: for the webhook
+from credit_engine.engine.control import ControlClients
+from credit_engine.engine.end_queue import (
     claim_unheld_call,
     defer_unheld_call,
     due_unheld_calls,
     end_queue_per_round_max,
-    end_unheld_call,
     forget_unheld_call,
     give_up_unheld_call,
     release_unheld_call,
 )
-from credit_engine.engine.phone_numbers import number_owner
+from credit_engine.engine.killswitch_push import Action, ControlUrls, push
 from credit_engine.engine.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -90,26 +87,6 @@ def add_depletion(pipe: Any, rt: Runtime, org_id: str, depletion_ms: int) -> Non
     """file_depletion, as one command of a pipeline."""
     if depletion_ms > 0:
         pipe.zadd(rt.keys.kill_schedule(org_id), {org_id: depletion_ms}, lt=True)
-
-
-def depletion_ms_of(fields: list[Any]) -> int:
-    """The depletion moment from the org hash's balance_pence and burn sums, as _lib.lua's
-    burn_deadline_ms computes it (0: no call is burning)."""
-    balance, burn_rate, burn_k, burn_at_s, frozen = (int(v or 0) for v in fields)
-    if burn_rate <= 0:
-        return 0
-    x = math.ceil((60 * (balance - frozen) - burn_k) / burn_rate)
-    return max(1, (burn_at_s + x) * 1000)
-
-
-BURN_FIELDS = ("balance_pence", "burn_rate", "burn_k", "burn_at_s", "burn_frozen_pence")
-
-
-@dataclass(frozen=True)
-class Action:
-    call_id: str
-    kind: str  # warn | end | end_failed
-    attempt: int
 
 
 @dataclass(frozen=True)
@@ -169,12 +146,12 @@ async def reschedule(rt: Runtime, org_id: str, visit: Visit) -> None:
         await rt.redis.zadd(schedule, {org_id: visit.next_visit_ms + rt.settings.kill_warn_lead_ms})
     else:
         await rt.redis.zrem(schedule, org_id)
-    fields = await rt.redis.hmget(rt.keys.org(org_id).org, [*BURN_FIELDS, "unfunded_n"])
+    fields = await rt.redis.hmget(rt.keys.org(org_id).org, [*burn.FIELDS, "unfunded_n"])
     if int(fields[-1] or 0) != visit.unfunded_n:
         # An unfunded hold was taken during the visit: its "now" may have been overwritten above.
         await file_depletion(rt, org_id, visit.now_ms)
         return
-    now_depletion_ms = depletion_ms_of(fields[:-1])
+    now_depletion_ms = burn.depletion_ms_of(fields[:-1])
     if now_depletion_ms > 0 and now_depletion_ms != visit.depletion_ms:
         await file_depletion(rt, org_id, now_depletion_ms)
 
@@ -218,11 +195,11 @@ async def reschedule_live_orgs(rt: Runtime) -> int:
         page = org_ids[start : start + reschedule_page_size]
         async with rt.redis.pipeline(transaction=False) as pipe:
             for org_id in page:
-                pipe.hmget(rt.keys.org(org_id).org, list(BURN_FIELDS))
+                pipe.hmget(rt.keys.org(org_id).org, list(burn.FIELDS))
             burns = await pipe.execute()
         async with rt.redis.pipeline(transaction=False) as pipe:
-            for org_id, burn in zip(page, burns, strict=True):
-                depletion_ms = now_ms if org_id in unfunded else depletion_ms_of(burn)
+            for org_id, fields in zip(page, burns, strict=True):
+                depletion_ms = now_ms if org_id in unfunded else burn.depletion_ms_of(fields)
                 add_depletion(pipe, rt, org_id, depletion_ms)
                 filed += depletion_ms > 0
             await pipe.execute()
@@ -244,71 +221,6 @@ def check_settings(settings: Settings) -> None:
             "CREDIT_ENGINE_KILL_END_QUEUE_TTL_S must exceed CREDIT_ENGINE_KILL_ATTEMPTS_MAX x "
             "CREDIT_ENGINE_KILL_BACKOFF_MAX_MS: an end-queue entry must outlive its retries"
         )
-
-
-async def push(
-    rt: Runtime,
-    http: httpx.AsyncClient,
-    org_id: str | None,
-    action: Action,
-    control_url: str | None,
-    *,
-    timeout_s: float | None = None,
-) -> bool:
-    """One attempt. True when Vapi took it (2xx). No control URL, or one not on Vapi's hosts
-    (engine/control.py), sends nothing: an ERROR line and a failed attempt."""
-    timeout_s = rt.settings.kill_push_deadline_ms / 1000 if timeout_s is None else timeout_s
-    if control_url is None and rt.settings.vapi_api_key is not None:
-        loop = asyncio.get_running_loop()
-        started = loop.time()
-        control_url = await _control_url_from_vapi(rt, http, org_id, action.call_id, timeout_s / 2)
-        timeout_s = max(0.001, timeout_s - (loop.time() - started))
-    reply = await send_control(rt.settings, http, control_url, action.kind, timeout_s)
-    if reply.refused:
-        log.error(
-            "kill switch: cannot %s call %s of org %s (attempt %d): %s",
-            action.kind,
-            action.call_id,
-            org_id,
-            action.attempt,
-            reply.problem,
-        )
-    elif not reply.taken:
-        log.warning(
-            "kill switch: %s of call %s (org %s) failed, attempt %d: %s",
-            action.kind,
-            action.call_id,
-            org_id,
-            action.attempt,
-            reply.problem,
-        )
-    return reply.taken
-
-
-async def _control_url_from_vapi(
-    rt: Runtime, http: httpx.AsyncClient, org_id: str | None, call_id: str, timeout_s: float
-) -> str | None:
-    """The engine lost the call's control URL (a Redis rebuilt from Postgres keeps holds, not URLs)
-    or never saw it: Vapi knows it. Used only if Vapi's record says the call is the org's (on one
-    of its numbers, or admitted for it: variableValues.org_id): a hold names any call id an org
-    chose (the reserve API), and must not reach another org's call. Kept for the call's next push."""
-    found = await call_at_vapi(rt.settings, http, call_id, timeout_s)
-    ours = found is not None and (org_id is None or await _call_is_the_orgs(rt, org_id, found))
-    if found is not None and ours and org_id is not None:
-        with contextlib.suppress(RedisError):
-            await CallIndex(rt).keep_control_url(org_id, call_id, found.control_url)
-    what = "Vapi gave one" if ours else "Vapi gave none" if found is None else "Vapi's record is another org's call"
-    log.warning("kill switch: no control URL kept for call %s (org %s); %s", call_id, org_id, what)
-    return found.control_url if found is not None and ours else None
-
-
-async def _call_is_the_orgs(rt: Runtime, org_id: str, found: VapiCall) -> bool:
-    """On a number: the number's owner decides (the registry is ours); else the org it was admitted for."""
-    if found.phone_number_id is not None:
-        owner = await number_owner(rt, found.phone_number_id, active_only=False)
-        if owner is not None:
-            return owner.org_id == org_id
-    return found.org_id == org_id
 
 
 @dataclass
@@ -363,7 +275,7 @@ class KillSwitch:
     kill_backoff_base_ms, which the deadline stays below). `drain()` waits for the pushes in flight
     (tests, shutdown)."""
 
-    def __init__(self, rt: Runtime, http: httpx.AsyncClient | ControlClients, control_urls: "ControlUrls") -> None:
+    def __init__(self, rt: Runtime, http: httpx.AsyncClient | ControlClients, control_urls: ControlUrls) -> None:
         check_settings(rt.settings)
         self.rt, self.control_urls = rt, control_urls
         self.clients = http if isinstance(http, ControlClients) else ControlClients.of(http)
@@ -556,25 +468,10 @@ class KillSwitch:
             log.warning("kill switch: ended call %s of org %s: credit ran out", p.action.call_id, p.org_id)
 
 
-async def run_round(rt: Runtime, http: httpx.AsyncClient, control_urls: "ControlUrls") -> RoundReport:
+async def run_round(rt: Runtime, http: httpx.AsyncClient, control_urls: ControlUrls) -> RoundReport:
     """One round by a kill switch of its own, waiting for its pushes: what tests and one-off
     callers want. The worker keeps one KillSwitch and does not wait."""
     kill_switch = KillSwitch(rt, http, control_urls)
     await kill_switch.round()
     await kill_switch.drain()
     return kill_switch.take_report()
-
-
-class ControlUrls:
-    """Where each call's control URL is kept: the admitting org's own hash (engine/call_index.py),
-    filled by the webhook from `call.monitor.controlUrl` when it is one of Vapi's. Per org, so no
-    other org can hide or redirect a call's end-call."""
-
-    def __init__(self, rt: Runtime) -> None:
-        self.rt = rt
-
-    async def get(self, org_id: str, call_ids: list[str]) -> dict[str, str | None]:
-        if not call_ids:
-            return {}
-        urls = await self.rt.redis.hmget(self.rt.keys.org(org_id).control, call_ids)
-        return dict(zip(call_ids, urls, strict=True))

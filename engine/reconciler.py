@@ -22,7 +22,7 @@ direction, becomes Postgres's.
 
 import asyncio
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,8 +30,8 @@ import orjson
 
 from credit_engine.engine import limits
 from credit_engine.engine import org_setting_table as table
-from credit_engine.engine.amounts import billed_seconds_from_ms, call_cost_pence
 from credit_engine.engine.balances import peek_org
+from credit_engine.engine.burn import burn_sums
 from credit_engine.engine.credits import apply_pending_credits
 from credit_engine.engine.idempotency import call_state_prefix
 from credit_engine.engine.ledger import HoldEvent, LedgerEntry
@@ -223,20 +223,6 @@ async def _keys_in_ledger(rt: Runtime, keys: list[str]) -> set[str]:
         return set()
     rows = await rt.pg.fetch("SELECT idempotency_key FROM ledger_entries WHERE idempotency_key = ANY($1::text[])", keys)
     return {row["idempotency_key"] for row in rows}
-
-
-def burn_sums(holds: Iterable[HoldRecord], burn_at_s: int) -> tuple[int, int, int]:
-    """(burn_rate, burn_k, burn_frozen_pence) as lua/_lib.lua keeps them, recomputed from the holds."""
-    rate = k = frozen = 0
-    for h in holds:
-        if h.ended_ms > 0:
-            if h.started_ms > 0 and h.ended_ms > h.started_ms:
-                frozen += call_cost_pence(billed_seconds_from_ms(h.ended_ms - h.started_ms), h.rate_pence_per_minute)
-        else:
-            from_s = (h.started_ms if h.started_ms > 0 else h.created_ms) // 1000
-            rate += h.rate_pence_per_minute
-            k += h.rate_pence_per_minute * (burn_at_s - from_s)
-    return rate, k, frozen
 
 
 def compare(

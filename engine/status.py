@@ -11,9 +11,10 @@ from typing import Any
 
 from credit_engine.engine.amounts import format_pence
 from credit_engine.engine.balances import read_wallet
+from credit_engine.engine.burn import FIELDS as BURN_FIELDS
+from credit_engine.engine.burn import depletion_ms_of
 from credit_engine.engine.clock import redis_now_ms
 from credit_engine.engine.holds import live_holds
-from credit_engine.engine.killswitch import BURN_FIELDS, depletion_ms_of
 from credit_engine.engine.ledger_lag import outbox_lag_ms
 from credit_engine.engine.runtime import Runtime
 from credit_engine.engine.worker_health import arq_health_check_present

@@ -38,13 +38,14 @@ from typing import Any
 import asyncpg
 
 from credit_engine.engine import processes
+from credit_engine.engine.burn import FIELDS as BURN_FIELDS
+from credit_engine.engine.burn import depletion_ms_of
 from credit_engine.engine.call_index import CallIndex
 from credit_engine.engine.config import Settings
 from credit_engine.engine.credits import credit
 from credit_engine.engine.db import asyncpg_dsn, with_database
 from credit_engine.engine.embedded import EmbeddedPostgres, EmbeddedRedis, free_port
 from credit_engine.engine.holds import CallEvent, check_call, reserve_call
-from credit_engine.engine.killswitch import BURN_FIELDS, depletion_ms_of
 from credit_engine.engine.migrate import upgrade_to_head
 from credit_engine.engine.org_settings import OrgSettings
 from credit_engine.engine.orgs import create_org

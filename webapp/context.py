@@ -7,7 +7,6 @@ from starlette.requests import Request
 from credit_engine.engine.call_index import CallIndex
 from credit_engine.engine.config import Settings
 from credit_engine.engine.forwarding import AssistantServers, Forwarder
-from credit_engine.engine.orgs import org_exists
 from credit_engine.engine.restore import restore_org_if_absent
 from credit_engine.engine.runtime import Runtime
 from credit_engine.engine.telephony import Telephony
@@ -33,11 +32,9 @@ class AppContext:
             raise ApiError(503, "state_restoring", "balances are being restored from the ledger; retry shortly")
 
     async def bring_org_in(self, org_id: str) -> bool:
-        """A script said org_unknown: restore the org from Postgres if it exists there."""
-        if not await org_exists(self.rt, org_id):
-            return False
-        await restore_org_if_absent(self.rt, org_id)
-        return True
+        """Redis does not hold the org (a wallet read found nothing): restore it from Postgres if it
+        exists there. Decisions go through engine/decisions.py `restoring` instead."""
+        return await restore_org_if_absent(self.rt, org_id) is not None
 
 
 def context(request: Request) -> AppContext:

@@ -24,6 +24,7 @@ from credit_engine.engine.call_server import (
     remember_workflow,
 )
 from credit_engine.engine.control import control_url_allowed
+from credit_engine.engine.decisions import restoring
 from credit_engine.engine.end_queue import end_unheld_call
 from credit_engine.engine.errors import InvalidInput
 from credit_engine.engine.forwarding import ANSWERED_TYPES, FORWARDED_HEADER, Target, forward_secret_for
@@ -238,9 +239,7 @@ def _release_later(ctx: AppContext, message: VapiMessage) -> None:
 
 
 async def _reserve(ctx: AppContext, org_id: str, call_id: str, unfunded: Unfunded = Unfunded.refuse) -> Reservation:
-    reservation = await reserve_call(ctx.rt, org_id, call_id, unfunded)
-    if reservation.outcome == Outcome.org_unknown and await ctx.bring_org_in(org_id):
-        reservation = await reserve_call(ctx.rt, org_id, call_id, unfunded)
+    reservation = await restoring(ctx.rt, org_id, lambda: reserve_call(ctx.rt, org_id, call_id, unfunded))
     ctx.metrics.decision("reserve", reservation.outcome.name)
     return reservation
 
@@ -373,9 +372,8 @@ async def status_update(ctx: AppContext, message: VapiMessage, raw: bytes) -> di
     org_id = who.org_id
     assert org_id is not None and message.call_id is not None
     event = CallEvent.start if message.status == "in-progress" else CallEvent.end
-    checked = await check_call(ctx.rt, org_id, message.call_id, event)
-    if checked.outcome == Outcome.org_unknown and await ctx.bring_org_in(org_id):
-        checked = await check_call(ctx.rt, org_id, message.call_id, event)
+    call_id = message.call_id
+    checked = await restoring(ctx.rt, org_id, lambda: check_call(ctx.rt, org_id, call_id, event))
     if checked.outcome == Outcome.hold_not_found and event == CallEvent.start:
         checked = await _first_sight(ctx, message, who, org_id)
     if checked.outcome == Outcome.ok:
@@ -497,10 +495,8 @@ async def end_of_call_report(ctx: AppContext, message: VapiMessage, raw: bytes) 
     if message.billed_seconds is None:
         return await _report_without_duration(ctx, org_id, message.call_id)
     meta = {"vapi_cost_usd": message.cost_usd, "ended_reason": message.ended_reason}
-    billed = message.billed_seconds
-    resolution = await commit_call(ctx.rt, org_id, message.call_id, billed, meta=meta)
-    if resolution.outcome == Outcome.org_unknown and await ctx.bring_org_in(org_id):
-        resolution = await commit_call(ctx.rt, org_id, message.call_id, billed, meta=meta)
+    billed, call_id = message.billed_seconds, message.call_id
+    resolution = await restoring(ctx.rt, org_id, lambda: commit_call(ctx.rt, org_id, call_id, billed, meta=meta))
     if resolution.outcome == Outcome.idempotency_conflict:
         log.warning("second end-of-call-report for call %s says %d s; the first commit stands", message.call_id, billed)
     ctx.metrics.decision("commit", resolution.outcome.name)
@@ -557,11 +553,9 @@ async def status_check(request: Request) -> Response:
         org_id = await ctx.calls.org_of(call_id)
     if org_id is None:
         return json_response(_status_body(False, "unknown_call"))
-    checked = await check_call(ctx.rt, org_id, call_id)
-    if checked.outcome == Outcome.org_unknown:
-        if not await ctx.bring_org_in(org_id):
-            return json_response(_status_body(False, "unknown_call"))
-        checked = await check_call(ctx.rt, org_id, call_id)
+    checked = await restoring(ctx.rt, org_id, lambda: check_call(ctx.rt, org_id, call_id))
+    if checked.outcome == Outcome.org_unknown:  # Postgres does not know the org either
+        return json_response(_status_body(False, "unknown_call"))
     ctx.metrics.decision("status_check", checked.outcome.name)
     money = checked.money
     if checked.outcome == Outcome.hold_not_found:

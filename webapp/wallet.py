@@ -11,6 +11,7 @@ from starlette.responses import Response
 
 from credit_engine.engine.attribution import resolved_in_postgres
 from credit_engine.engine.balances import Wallet, read_wallet
+from credit_engine.engine.decisions import restoring
 from credit_engine.engine.forwarding import org_forward_secret
 from credit_engine.engine.holds import live_holds, release_call, reserve_call
 from credit_engine.engine.idempotency import call_state_key
@@ -196,9 +197,7 @@ async def reserve(request: Request) -> Response:
     owner = await ctx.calls.org_of(call_id)
     if owner is not None and owner != org_id:
         raise ApiError(409, "call_taken", "another org admitted this call id", field="call_id")
-    reservation = await reserve_call(ctx.rt, org_id, call_id)
-    if reservation.outcome == Outcome.org_unknown and await ctx.bring_org_in(org_id):
-        reservation = await reserve_call(ctx.rt, org_id, call_id)
+    reservation = await restoring(ctx.rt, org_id, lambda: reserve_call(ctx.rt, org_id, call_id))
     ctx.metrics.decision("reserve", reservation.outcome.name)
     if reservation.held and not reservation.funded:
         raise ApiError(

@@ -18,7 +18,8 @@ from redis.exceptions import RedisError
 
 from credit_engine.engine.alerts import deliver_due, outbound_for_alerts
 from credit_engine.engine.control import ControlClients
-from credit_engine.engine.killswitch import ControlUrls, KillSwitch
+from credit_engine.engine.killswitch import KillSwitch
+from credit_engine.engine.killswitch_push import ControlUrls
 from credit_engine.engine.runtime import Runtime
 from credit_engine.worker.metrics import METRICS
 

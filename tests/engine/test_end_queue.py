@@ -12,7 +12,8 @@ import pytest
 from credit_engine.engine.clock import ManualClock
 from credit_engine.engine.config import Settings
 from credit_engine.engine.end_queue import alert_key, end_unheld_call
-from credit_engine.engine.killswitch import ControlUrls, KillSwitch, RoundReport, run_round
+from credit_engine.engine.killswitch import KillSwitch, RoundReport, run_round
+from credit_engine.engine.killswitch_push import ControlUrls
 from credit_engine.engine.runtime import Runtime
 from credit_engine.worker.background import TimedLoops
 from tests.conftest import delete_prefix

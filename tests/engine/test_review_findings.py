@@ -11,7 +11,7 @@ from credit_engine.engine.balances import read_wallet
 from credit_engine.engine.call_index import CallIndex
 from credit_engine.engine.credits import apply_pending_credits, credit
 from credit_engine.engine.holds import CallEvent, Unfunded, check_call, commit_call, expire_call, reserve_call
-from credit_engine.engine.killswitch import ControlUrls
+from credit_engine.engine.killswitch_push import ControlUrls
 from credit_engine.engine.outbox import drain_org_fully
 from credit_engine.engine.reconciler import check
 from credit_engine.engine.restore import restore_org_if_absent

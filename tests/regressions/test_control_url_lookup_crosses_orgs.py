@@ -1,5 +1,5 @@
 """Found by an adversarial review (high): the kill switch's fallback that asks Vapi for a lost
-control URL (`GET /call/{id}`, engine/killswitch._control_url_from_vapi) takes whatever call id the
+control URL (`GET /call/{id}`, engine/killswitch_push._control_url_from_vapi) takes whatever call id the
 org's hold names and never checks that the call Vapi returns is the org's. An org can hold any call
 id (`POST /api/calls/{call_id}/reserve` takes any id; holds are per org, so another org's live call
 id is accepted). When the org's own credit runs out, the kill switch warns and ends every live hold

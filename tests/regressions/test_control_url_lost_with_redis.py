@@ -9,7 +9,8 @@ has none asks, keeps what Vapi says (if it is one of Vapi's URLs), and ends the 
 
 import httpx
 
-from credit_engine.engine.killswitch import ControlUrls, run_round
+from credit_engine.engine.killswitch import run_round
+from credit_engine.engine.killswitch_push import ControlUrls
 from credit_engine.engine.outbox import drain_org_fully
 from credit_engine.engine.restore import ensure_rebuilt
 from credit_engine.engine.runtime import Runtime

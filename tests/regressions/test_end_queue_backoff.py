@@ -7,7 +7,8 @@ import httpx
 
 from credit_engine.engine.clock import ManualClock
 from credit_engine.engine.end_queue import claim_unheld_call, due_unheld_calls, end_unheld_call
-from credit_engine.engine.killswitch import ControlUrls, run_round
+from credit_engine.engine.killswitch import run_round
+from credit_engine.engine.killswitch_push import ControlUrls
 from credit_engine.engine.runtime import Runtime
 from tests.fake_vapi import FakeVapi
 

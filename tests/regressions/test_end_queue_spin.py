@@ -9,7 +9,8 @@ import pytest
 from credit_engine.engine import end_queue
 from credit_engine.engine.clock import ManualClock
 from credit_engine.engine.end_queue import end_unheld_call
-from credit_engine.engine.killswitch import ControlUrls, KillSwitch
+from credit_engine.engine.killswitch import KillSwitch
+from credit_engine.engine.killswitch_push import ControlUrls
 from credit_engine.engine.runtime import Runtime
 from tests.fake_vapi import FakeVapi
 from tests.helpers import new_org

@@ -15,7 +15,8 @@ from credit_engine.engine.alerts import deliver_due, org_signing_secret, outboun
 from credit_engine.engine.clock import ManualClock
 from credit_engine.engine.config import Settings
 from credit_engine.engine.holds import CallEvent, check_call, commit_call, expire_call, reserve_call
-from credit_engine.engine.killswitch import ControlUrls, KillSwitch, RoundReport, run_round
+from credit_engine.engine.killswitch import KillSwitch, RoundReport, run_round
+from credit_engine.engine.killswitch_push import ControlUrls
 from credit_engine.engine.outbound import Outbound
 from credit_engine.engine.outbox import drain_org_fully
 from credit_engine.engine.results import Outcome

@@ -66,7 +66,8 @@ from credit_engine.engine.config import Settings
 from credit_engine.engine.credits import apply_pending_credits
 from credit_engine.engine.expiry import expire_due_holds
 from credit_engine.engine.holds import live_holds
-from credit_engine.engine.killswitch import ControlUrls, run_round
+from credit_engine.engine.killswitch import run_round
+from credit_engine.engine.killswitch_push import ControlUrls
 from credit_engine.engine.ledger import LedgerEntry
 from credit_engine.engine.outbound import Outbound
 from credit_engine.engine.outbox import drain_org_fully, parse_entry

@@ -62,6 +62,7 @@ from credit_engine.engine.end_queue import (  # noqa: F401 - end_unheld_call: fo
     release_unheld_call,
 )
 from credit_engine.engine.phone_numbers import number_owner
+from credit_engine.engine.replies import asyncio_reply
 from credit_engine.engine.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -144,7 +145,7 @@ async def visit_org(rt: Runtime, org_id: str) -> Visit:
     rest = reply[5:]
     actions = [Action(str(rest[i]), str(rest[i + 1]), int(rest[i + 2])) for i in range(0, len(rest), 3)]
     if any(a.kind == "end_failed" for a in actions):
-        await rt.redis.sadd(rt.keys.outbox_dirty(org_id), org_id)  # the end_call_failed alert
+        await asyncio_reply(rt.redis.sadd(rt.keys.outbox_dirty(org_id), org_id))  # the end_call_failed alert
     return Visit(code == 0, now_ms, depletion_ms, next_visit_ms, actions, unfunded_n)
 
 
@@ -169,7 +170,7 @@ async def reschedule(rt: Runtime, org_id: str, visit: Visit) -> None:
         await rt.redis.zadd(schedule, {org_id: visit.next_visit_ms + rt.settings.kill_warn_lead_ms})
     else:
         await rt.redis.zrem(schedule, org_id)
-    fields = await rt.redis.hmget(rt.keys.org(org_id).org, [*BURN_FIELDS, "unfunded_n"])
+    fields = await asyncio_reply(rt.redis.hmget(rt.keys.org(org_id).org, [*BURN_FIELDS, "unfunded_n"]))
     if int(fields[-1] or 0) != visit.unfunded_n:
         # An unfunded hold was taken during the visit: its "now" may have been overwritten above.
         await file_depletion(rt, org_id, visit.now_ms)
@@ -393,7 +394,7 @@ class KillSwitch:
         )
         self.warnings_waiting = 0
         for outcome in visited:
-            if not isinstance(outcome, BaseException):
+            if isinstance(outcome, list):  # else an exception, raised below
                 for warning in outcome:
                     self._start(warning)
         for outcome in [*visited, unheld_due]:
@@ -576,5 +577,5 @@ class ControlUrls:
     async def get(self, org_id: str, call_ids: list[str]) -> dict[str, str | None]:
         if not call_ids:
             return {}
-        urls = await self.rt.redis.hmget(self.rt.keys.org(org_id).control, call_ids)
+        urls = await asyncio_reply(self.rt.redis.hmget(self.rt.keys.org(org_id).control, call_ids))
         return dict(zip(call_ids, urls, strict=True))

@@ -65,7 +65,7 @@ class OrgSettings:
             validate.whole_number(self.max_concurrent_calls, "max_concurrent_calls", 1, 1_000_000)
         if self.forward_url is not None:
             _check_url(self.forward_url, "forward_url")
-        spoken = {
+        spoken: dict[str, Any] = {
             name: spoken_text(getattr(self, name), name) for name in REFUSAL_SETTINGS if getattr(self, name) is not None
         }
         return replace(self, **spoken) if spoken else self  # kept trimmed

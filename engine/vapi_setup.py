@@ -21,7 +21,7 @@ without asking anyone, so its calls never meet the credit check. Hence:
 decide (`import_plan`, `connect_plan`, `server_problems`); the async functions only fetch and apply.
 """
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
@@ -393,9 +393,9 @@ async def _connect_one(
     return ConnectLine(registered, label, "connected", detail, changed)
 
 
-def _columns(rows: list[tuple[str, ...]]) -> list[str]:
+def _columns(rows: Sequence[tuple[str, ...]]) -> list[str]:
+    """Rows aligned in columns; the last (a sentence) is not padded."""
     if not rows:
         return []
-    """Rows aligned in columns; the last (a sentence) is not padded."""
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
     return ["  ".join([*(c.ljust(w) for c, w in zip(row[:-1], widths, strict=True)), row[-1]]) for row in rows]

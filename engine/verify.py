@@ -24,6 +24,7 @@ from credit_engine.engine.config import Settings
 from credit_engine.engine.db import asyncpg_dsn
 from credit_engine.engine.keys import Keyspace
 from credit_engine.engine.ledger_lag import outbox_lag_ms
+from credit_engine.engine.replies import asyncio_reply
 from credit_engine.engine.restore import markers_present
 from credit_engine.engine.runtime import Runtime, redis_client
 from credit_engine.engine.scripts import load_scripts
@@ -119,7 +120,7 @@ async def verify(settings: Settings, sample_size: int = sample_size_default) -> 
         checks.append(await _guarded("lua scripts", scripts_load))
 
         async def state_present() -> tuple[bool, str]:
-            state = await redis.hgetall(keys.state)
+            state = await asyncio_reply(redis.hgetall(keys.state))
             if not state or not await markers_present(redis, keys):
                 return (
                     False,
@@ -133,7 +134,9 @@ async def verify(settings: Settings, sample_size: int = sample_size_default) -> 
 
         async def worker_alive() -> tuple[bool, str]:
             nonlocal stats, now_ms
-            stats = {name: int(value) for name, value in (await redis.hgetall(keys.worker_stats)).items()}
+            stats = {
+                name: int(value) for name, value in (await asyncio_reply(redis.hgetall(keys.worker_stats))).items()
+            }
             now_ms = await redis_now_ms(redis)
             arq_alive = await arq_health_check_present(settings, redis)
             if "heartbeat_ms" not in stats:

@@ -48,6 +48,7 @@ from credit_engine.engine.killswitch import BURN_FIELDS, depletion_ms_of
 from credit_engine.engine.migrate import upgrade_to_head
 from credit_engine.engine.org_settings import OrgSettings
 from credit_engine.engine.orgs import create_org
+from credit_engine.engine.replies import asyncio_reply
 from credit_engine.engine.results import Outcome
 from credit_engine.engine.runtime import Runtime
 from credit_engine.engine.worker_health import arq_health_check_present
@@ -233,7 +234,7 @@ async def setup_org(rt: Runtime, index: int, opts: Options, d_s: float, calls: C
         assert reserved.outcome == Outcome.ok, (org_id, call_id, reserved)
         await calls.remember(call_id, org_id, f"{CONTROL_HOST}/{call_id}/control")
         await check_call(past, org_id, call_id, CallEvent.start)
-    burn = await rt.redis.hmget(rt.keys.org(org_id).org, list(BURN_FIELDS))
+    burn = await asyncio_reply(rt.redis.hmget(rt.keys.org(org_id).org, list(BURN_FIELDS)))
     return org_id, depletion_ms_of(burn)
 
 
@@ -260,7 +261,7 @@ async def run_scenario(scenario: Scenario, opts: Options, redis_url: str, admin_
             flush=True,
         )
         figures = await drive(scenario, opts, rt, fake)
-        figures.given_up = int(await rt.redis.hget(rt.keys.worker_counters, "kill_given_up") or 0)
+        figures.given_up = int(await asyncio_reply(rt.redis.hget(rt.keys.worker_counters, "kill_given_up")) or 0)
     finally:
         stop_worker(worker)
         await fake.stop()

@@ -16,6 +16,7 @@ from credit_engine.engine.holds import live_holds, release_call, reserve_call
 from credit_engine.engine.idempotency import call_state_key
 from credit_engine.engine.keys import is_call_id
 from credit_engine.engine.records import CallState
+from credit_engine.engine.replies import asyncio_reply
 from credit_engine.engine.results import Outcome
 from credit_engine.engine.timeutil import dt_from_ms
 from credit_engine.webapp.auth import require_org
@@ -151,7 +152,7 @@ async def show_call(request: Request) -> Response:
     hold = (await live_holds(ctx.rt, org_id)).get(call_id)
     if hold is not None:
         return json_response({"status": "live", **_hold_json(call_id, hold)})
-    state_text = await ctx.rt.redis.hget(ctx.rt.keys.org(org_id).idem, call_state_key(org_id, call_id))
+    state_text = await asyncio_reply(ctx.rt.redis.hget(ctx.rt.keys.org(org_id).idem, call_state_key(org_id, call_id)))
     if state_text is None:
         row = await ctx.rt.pg.fetchrow(
             "SELECT status, charged_pence, billed_seconds FROM call_holds WHERE org_id = $1 AND call_id = $2",

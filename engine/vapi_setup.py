@@ -380,17 +380,25 @@ async def _connect_one(
         return ConnectLine(registered, label, "failed", str(error), changed)
     except Exception as error:  # one number's trouble (Postgres, say) must not stop the others
         return ConnectLine(registered, label, "failed", f"{type(error).__name__}: {error}", changed)
+    return ConnectLine(registered, label, *_as_updated(number, updated, plan, desired), changed)
+
+
+def _as_updated(
+    before: AccountNumber, updated: AccountNumber, plan: ConnectPlan, desired: dict[str, Any]
+) -> tuple[str, str]:
+    """(outcome, detail) of an update Vapi took, from the number as Vapi now has it: still
+    attached, or a server other than the engine, is a failure."""
     left = server_problems(updated.server, desired)
     if updated.attached:
         left.insert(0, f"{updated.attached} is still attached")
     if left:
-        return ConnectLine(registered, label, "failed", "Vapi took the update but: " + "; ".join(left), changed)
+        return "failed", "Vapi took the update but: " + "; ".join(left)
     detail = "bare, and its server is the engine"
-    if number.attached:
-        detail = f"{number.attached} detached: {detail}"
+    if before.attached:
+        detail = f"{before.attached} detached: {detail}"
     if plan.adopt is not None:
         detail += f"; the engine answers {plan.adopt} (as attached at Vapi)"
-    return ConnectLine(registered, label, "connected", detail, changed)
+    return "connected", detail
 
 
 def _columns(rows: Sequence[tuple[str, ...]]) -> list[str]:

@@ -12,7 +12,7 @@ from starlette.responses import Response
 from credit_engine.engine.attribution import resolved_in_postgres
 from credit_engine.engine.balances import Wallet, read_wallet
 from credit_engine.engine.forwarding import org_forward_secret
-from credit_engine.engine.holds import live_holds, release_call, reserve_call
+from credit_engine.engine.holds import Reservation, live_holds, release_call, reserve_call
 from credit_engine.engine.idempotency import call_state_key
 from credit_engine.engine.keys import is_call_id
 from credit_engine.engine.records import CallState
@@ -185,18 +185,7 @@ async def reserve(request: Request) -> Response:
     ctx, org_id = await org_context(request)
     call_id = _call_id(request)
     ctx.require_ready()
-    resolved = await resolved_in_postgres(ctx.rt, org_id, call_id)
-    if resolved:
-        # Resolved longer ago than Redis remembers (its own check refuses a recent one): a new hold
-        # would be a phantom of a finished call.
-        raise ApiError(409, "call_already_resolved", "this call has already ended and been billed", field="call_id")
-    if resolved is None:
-        # Postgres cannot say: a hold now could be such a phantom, which nothing would expire
-        # (Postgres has the call resolved). Refused; the platform retries.
-        raise ApiError(503, "unavailable", "cannot check this call id against the ledger now; retry shortly")
-    owner = await ctx.calls.org_of(call_id)
-    if owner is not None and owner != org_id:
-        raise ApiError(409, "call_taken", "another org admitted this call id", field="call_id")
+    await _check_call_is_new(ctx, org_id, call_id)
     reservation = await reserve_call(ctx.rt, org_id, call_id)
     if reservation.outcome == Outcome.org_unknown and await ctx.bring_org_in(org_id):
         reservation = await reserve_call(ctx.rt, org_id, call_id)
@@ -220,17 +209,38 @@ async def reserve(request: Request) -> Response:
             201,
             headers=headers,
         )
+    raise _refusal(reservation)
+
+
+async def _check_call_is_new(ctx: AppContext, org_id: str, call_id: str) -> None:
+    """Raises unless a hold for this call may be made: not resolved in Postgres, not another org's."""
+    resolved = await resolved_in_postgres(ctx.rt, org_id, call_id)
+    if resolved:
+        # Resolved longer ago than Redis remembers (its own check refuses a recent one): a new hold
+        # would be a phantom of a finished call.
+        raise ApiError(409, "call_already_resolved", "this call has already ended and been billed", field="call_id")
+    if resolved is None:
+        # Postgres cannot say: a hold now could be such a phantom, which nothing would expire
+        # (Postgres has the call resolved). Refused; the platform retries.
+        raise ApiError(503, "unavailable", "cannot check this call id against the ledger now; retry shortly")
+    owner = await ctx.calls.org_of(call_id)
+    if owner is not None and owner != org_id:
+        raise ApiError(409, "call_taken", "another org admitted this call id", field="call_id")
+
+
+def _refusal(reservation: Reservation) -> ApiError:
+    """The API's answer to a reservation the engine did not make."""
     if reservation.outcome == Outcome.insufficient_funds:
-        raise ApiError(
+        return ApiError(
             402,
             "insufficient_balance",
             f"not enough credit to start a call: {reservation.money.available_pence} pence available",
         )
     if reservation.outcome == Outcome.too_many_calls:
-        raise ApiError(409, "too_many_calls", "the org is at its limit of concurrent calls")
+        return ApiError(409, "too_many_calls", "the org is at its limit of concurrent calls")
     if reservation.outcome == Outcome.call_already_resolved:
-        raise ApiError(409, "call_already_resolved", "this call has already ended and been billed", field="call_id")
-    raise ApiError(503, "unavailable", f"cannot reserve now ({reservation.outcome.name}); retry shortly")
+        return ApiError(409, "call_already_resolved", "this call has already ended and been billed", field="call_id")
+    return ApiError(503, "unavailable", f"cannot reserve now ({reservation.outcome.name}); retry shortly")
 
 
 async def forwarding_secret(request: Request) -> Response:

@@ -382,17 +382,12 @@ def cmd_verify(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     import time
 
-    from credit_engine.engine.status import as_json, deployment_status, org_status, render_deployment, render_org
+    from credit_engine.engine.status import deployment_status, org_status
 
     async def action(rt: Any) -> int:
         stop = asyncio.Event()
         if args.watch:  # Ctrl-C ends the watch between two refreshes, or abandons the one under way
-
-            def first_ctrl_c() -> None:  # a second Ctrl-C interrupts whatever still runs, as usual
-                stop.set()
-                asyncio.get_running_loop().remove_signal_handler(signal.SIGINT)
-
-            asyncio.get_running_loop().add_signal_handler(signal.SIGINT, first_ctrl_c)
+            _stop_on_first_ctrl_c(stop)
         while not stop.is_set():
             refresh = asyncio.ensure_future(org_status(rt, args.org) if args.org else deployment_status(rt))
             stopped = asyncio.ensure_future(stop.wait())
@@ -405,11 +400,7 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
             if status is None:
                 print(f"no org {args.org} in Redis", file=sys.stderr)
                 return EXIT_USAGE
-            if args.json:
-                print(json.dumps(as_json(status)), flush=True)
-            else:
-                text = render_org(status) if args.org else render_deployment(status)  # type: ignore[arg-type]
-                print(("\x1b[H\x1b[2J" if args.watch and sys.stdout.isatty() else "") + text, flush=True)
+            _show_status(args, status)
             if not args.watch:
                 return EXIT_OK
             with contextlib.suppress(TimeoutError):
@@ -422,6 +413,27 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
         return _with_runtime(settings, action)
     except KeyboardInterrupt:
         return EXIT_OK
+
+
+def _stop_on_first_ctrl_c(stop: asyncio.Event) -> None:
+    """The first Ctrl-C sets `stop`; a second interrupts whatever still runs, as usual."""
+
+    def first_ctrl_c() -> None:
+        stop.set()
+        asyncio.get_running_loop().remove_signal_handler(signal.SIGINT)
+
+    asyncio.get_running_loop().add_signal_handler(signal.SIGINT, first_ctrl_c)
+
+
+def _show_status(args: argparse.Namespace, status: Any) -> None:
+    """One status as a JSON line, or rendered (a watch on a terminal redraws the screen)."""
+    from credit_engine.engine.status import as_json, render_deployment, render_org
+
+    if args.json:
+        print(json.dumps(as_json(status)), flush=True)
+    else:
+        text = render_org(status) if args.org else render_deployment(status)
+        print(("\x1b[H\x1b[2J" if args.watch and sys.stdout.isatty() else "") + text, flush=True)
 
 
 def _webhook_secret_of_up(settings: Settings) -> Settings:
@@ -438,10 +450,7 @@ def _webhook_secret_of_up(settings: Settings) -> Settings:
 def cmd_vapi(args: argparse.Namespace, settings: Settings) -> int:
     from credit_engine.engine.call_server import engine_server
     from credit_engine.engine.errors import InvalidInput, OrgNotFound
-    from credit_engine.engine.progress import ProgressLine
     from credit_engine.engine.vapi_account import VapiAccount, VapiError
-    from credit_engine.engine.vapi_check import check_account
-    from credit_engine.engine.vapi_setup import connect_numbers, import_numbers
 
     if settings.vapi_api_key is None:
         print(
@@ -451,41 +460,17 @@ def cmd_vapi(args: argparse.Namespace, settings: Settings) -> int:
         return EXIT_USAGE
     settings = _webhook_secret_of_up(settings)
     desired = engine_server(settings)
-    if args.vapi_command == "connect":
-        if desired is None:
-            print(
-                "error: CREDIT_ENGINE_PUBLIC_URL is not set: it is where Vapi reaches this engine "
-                "(https://credit.example.com), and the numbers' server is <it>/api/vapi/webhook",
-                file=sys.stderr,
-            )
-            return EXIT_USAGE
-        if "credentialId" not in desired and "headers" not in desired:
-            print(
-                "error: neither CREDIT_ENGINE_VAPI_CREDENTIAL_ID nor VAPI_WEBHOOK_SECRET is set: nothing would "
-                "authenticate Vapi's messages to the engine",
-                file=sys.stderr,
-            )
-            return EXIT_USAGE
-
-    def on_page(pages: int, count: int) -> None:
-        if pages > 1:  # a large account: say where the listing is
-            print(f"listing the Vapi account's numbers: {count} after {pages} pages", file=sys.stderr, flush=True)
+    unusable = _connect_settings_missing(args, desired)
+    if unusable is not None:
+        print(f"error: {unusable}", file=sys.stderr)
+        return EXIT_USAGE
 
     async def action(rt: Any) -> int:
         async with VapiAccount(
             settings.vapi_api_key or "", settings.vapi_base_url, redacted=(settings.vapi_webhook_secret,)
         ) as account:
             try:
-                if args.vapi_command == "import":
-                    report: Any = await import_numbers(rt, account, args.org, on_page=on_page)
-                elif args.vapi_command == "connect":
-                    assert desired is not None
-                    progress = ProgressLine("connect", sys.stderr, unit="numbers", flagged="failed")
-                    report = await connect_numbers(
-                        rt, account, desired, org_id=args.org, dry_run=args.dry_run, progress=progress, on_page=on_page
-                    )
-                else:
-                    report = await check_account(rt, account, settings)
+                report = await _vapi_report(args, settings, rt, account, desired)
             except OrgNotFound as error:
                 print(f"error: {error} (create it with `credit-engine orgs create`)", file=sys.stderr)
                 return EXIT_USAGE
@@ -499,6 +484,48 @@ def cmd_vapi(args: argparse.Namespace, settings: Settings) -> int:
         return EXIT_OK if report.ok else EXIT_FAILED
 
     return _with_runtime(settings, action)
+
+
+def _connect_settings_missing(args: argparse.Namespace, desired: dict[str, Any] | None) -> str | None:
+    """What `vapi connect` lacks, if anything: the public URL the numbers' server will be, and a
+    way to authenticate Vapi's messages to the engine. The other `vapi` commands need neither."""
+    if args.vapi_command != "connect":
+        return None
+    if desired is None:
+        return (
+            "CREDIT_ENGINE_PUBLIC_URL is not set: it is where Vapi reaches this engine "
+            "(https://credit.example.com), and the numbers' server is <it>/api/vapi/webhook"
+        )
+    if "credentialId" not in desired and "headers" not in desired:
+        return (
+            "neither CREDIT_ENGINE_VAPI_CREDENTIAL_ID nor VAPI_WEBHOOK_SECRET is set: nothing would "
+            "authenticate Vapi's messages to the engine"
+        )
+    return None
+
+
+async def _vapi_report(
+    args: argparse.Namespace, settings: Settings, rt: Any, account: Any, desired: dict[str, Any] | None
+) -> Any:
+    """Run the `vapi` subcommand asked for; its report has .ok, .table() and .as_json()."""
+    from credit_engine.engine.progress import ProgressLine
+    from credit_engine.engine.vapi_check import check_account
+    from credit_engine.engine.vapi_setup import connect_numbers, import_numbers
+
+    if args.vapi_command == "import":
+        return await import_numbers(rt, account, args.org, on_page=_on_listing_page)
+    if args.vapi_command == "connect":
+        assert desired is not None
+        progress = ProgressLine("connect", sys.stderr, unit="numbers", flagged="failed")
+        return await connect_numbers(
+            rt, account, desired, org_id=args.org, dry_run=args.dry_run, progress=progress, on_page=_on_listing_page
+        )
+    return await check_account(rt, account, settings)
+
+
+def _on_listing_page(pages: int, count: int) -> None:
+    if pages > 1:  # a large account: say where the listing is
+        print(f"listing the Vapi account's numbers: {count} after {pages} pages", file=sys.stderr, flush=True)
 
 
 PASSTHROUGH = {"bench": cmd_bench, "loadtest": cmd_loadtest}

@@ -26,14 +26,6 @@ def call_cost_pence(billed_seconds: int, rate_pence_per_minute: int) -> int:
     return cost_pence
 
 
-def funded_seconds(amount_pence: int, rate_pence_per_minute: int) -> int:
-    """Whole seconds of calling that `amount_pence` pays for."""
-    assert rate_pence_per_minute > 0
-    if amount_pence <= 0:
-        return 0
-    return amount_pence * 60 // rate_pence_per_minute
-
-
 def charge_with_floor(balance_pence: int, overdraft_pence: int, cost_pence: int) -> tuple[int, int]:
     """Charge `cost_pence` in full: the balance goes down to the overdraft floor, the rest is debt.
 

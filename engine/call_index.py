@@ -13,6 +13,7 @@
 import logging
 from collections import OrderedDict
 
+from credit_engine.engine.replies import asyncio_reply
 from credit_engine.engine.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -42,7 +43,7 @@ class CallIndex:
             pipe.expire(key, call_ttl_s)
             _, owner, _ = await pipe.execute()
         if forward_url and owner == org_id:
-            await self.rt.redis.hset(key, "forward_url", forward_url)
+            await asyncio_reply(self.rt.redis.hset(key, "forward_url", forward_url))
         if control_url:
             await self.keep_control_url(org_id, call_id, control_url)
         if owner != org_id:
@@ -66,11 +67,11 @@ class CallIndex:
             await pipe.execute()
 
     async def forget_control_url(self, org_id: str, call_id: str) -> None:
-        await self.rt.redis.hdel(self.rt.keys.org(org_id).control, call_id)
+        await asyncio_reply(self.rt.redis.hdel(self.rt.keys.org(org_id).control, call_id))
 
     async def forward_url_of(self, call_id: str) -> str | None:
         """Where the platform's own answer to the call's assistant-request said its messages go."""
-        url: str | None = await self.rt.redis.hget(self.key(call_id), "forward_url")
+        url: str | None = await asyncio_reply(self.rt.redis.hget(self.key(call_id), "forward_url"))
         return url
 
     async def org_of(self, call_id: str) -> str | None:
@@ -78,7 +79,7 @@ class CallIndex:
         if org_id is not None:
             self.cache.move_to_end(call_id)
             return org_id
-        org_id = await self.rt.redis.hget(self.key(call_id), "org_id")
+        org_id = await asyncio_reply(self.rt.redis.hget(self.key(call_id), "org_id"))
         if org_id is not None:
             self._cache(call_id, org_id)
         return org_id

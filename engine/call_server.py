@@ -161,7 +161,8 @@ def _squad_made_ours(
     squad = dict(squad)
     layers: list[Any] = [squad.get("membersOverrides")]
     members = []
-    for member in squad.get("members") if isinstance(squad.get("members"), list) else []:
+    listed = squad.get("members")
+    for member in listed if isinstance(listed, list) else []:
         if not isinstance(member, dict):
             members.append(member)
             continue

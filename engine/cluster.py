@@ -8,12 +8,13 @@ looks at each master's lowest slot (engine/restore.py).
 """
 
 from functools import cache
+from typing import TypeGuard
 
 from redis.asyncio import Redis, RedisCluster
 from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
 
 
-def is_cluster(redis: Redis) -> bool:
+def is_cluster(redis: Redis) -> TypeGuard[RedisCluster]:
     return isinstance(redis, RedisCluster)
 
 

@@ -6,7 +6,7 @@ Human-configured durations are in seconds in the environment and converted to ms
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, fields
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -286,9 +286,6 @@ class Settings:
             message = "CREDIT_ENGINE_FORWARD_SECRET must differ from VAPI_WEBHOOK_SECRET and VAPI_WEBHOOK_HMAC_SECRET"
             raise ConfigError(message + ": platforms' servers receive it")
         return settings
-
-    def with_services(self, redis_url: str, database_url: str) -> "Settings":
-        return replace(self, redis_url=redis_url, database_url=database_url)
 
     @property
     def arq_url(self) -> str:

@@ -139,7 +139,7 @@ async def call_at_vapi(settings: Settings, http: httpx.AsyncClient, call_id: str
         return None
     monitor = found.get("monitor")
     url = monitor.get("controlUrl") if isinstance(monitor, dict) else None
-    if not control_url_allowed(settings, url):
+    if not isinstance(url, str) or not control_url_allowed(settings, url):
         return None
     overrides = found.get("assistantOverrides")
     variables = overrides.get("variableValues") if isinstance(overrides, dict) else None

@@ -20,10 +20,6 @@ def sqlalchemy_url(database_url: str) -> str:
     return "postgresql+asyncpg" + asyncpg_dsn(database_url).removeprefix("postgresql")
 
 
-def database_name(database_url: str) -> str:
-    return urlsplit(asyncpg_dsn(database_url)).path.lstrip("/") or "postgres"
-
-
 def with_database(database_url: str, name: str) -> str:
     parts = urlsplit(asyncpg_dsn(database_url))
     return urlunsplit((parts.scheme, parts.netloc, "/" + name, parts.query, parts.fragment))

@@ -10,6 +10,7 @@ from collections import defaultdict
 
 from credit_engine.engine.keys import hint_shard
 from credit_engine.engine.killswitch import file_depletion
+from credit_engine.engine.replies import asyncio_reply
 from credit_engine.engine.runtime import Runtime
 
 
@@ -54,7 +55,7 @@ async def adopt_unsharded_hints(rt: Runtime) -> int:
     """Move the hints an earlier release kept in one key each (`<prefix>:outbox:dirty`,
     `<prefix>:killswitch:due`) into the shards, once at the worker's start. Returns how many."""
     doorbell, schedule = f"{rt.keys.prefix}:outbox:dirty", f"{rt.keys.prefix}:killswitch:due"
-    org_ids = list(await rt.redis.smembers(doorbell))
+    org_ids = list(await asyncio_reply(rt.redis.smembers(doorbell)))
     if org_ids:
         await ring(rt, org_ids)
     filed = await rt.redis.zrange(schedule, 0, -1, withscores=True)

@@ -23,6 +23,7 @@ import stat
 import subprocess
 import time
 from pathlib import Path
+from typing import TypedDict
 
 log = logging.getLogger(__name__)
 
@@ -142,6 +143,14 @@ class EmbeddedRedis:
             self.process.wait(stop_timeout_s)
 
 
+class RunAs(TypedDict, total=False):
+    """subprocess's arguments for running Postgres as its own user (when started as root)."""
+
+    user: int
+    group: int
+    extra_groups: list[int]
+
+
 class EmbeddedPostgres:
     def __init__(self, data_dir: Path, *, port: int = 0) -> None:
         self.data_dir = Path(data_dir).resolve()
@@ -170,7 +179,7 @@ class EmbeddedPostgres:
                 log.info("adding o+x to %s so Postgres (user %s) can reach its files", parent, PG_SYSTEM_USER)
                 parent.chmod(mode | stat.S_IXOTH)
 
-    def _run_kwargs(self) -> dict[str, object]:
+    def _run_kwargs(self) -> RunAs:
         if self.run_as is None:
             return {}
         return {"user": self.run_as.pw_uid, "group": self.run_as.pw_gid, "extra_groups": []}
@@ -197,7 +206,7 @@ class EmbeddedPostgres:
             check=True,
             capture_output=True,
             cwd=self.data_dir,
-            **self._run_kwargs(),  # type: ignore[arg-type]
+            **self._run_kwargs(),
         )
 
     def start(self) -> str:
@@ -227,7 +236,7 @@ class EmbeddedPostgres:
             stderr=log_file,
             cwd=self.data_dir,
             preexec_fn=_die_with_parent,
-            **self._run_kwargs(),  # type: ignore[arg-type]
+            **self._run_kwargs(),
         )
         log_file.close()
         deadline = time.monotonic() + start_timeout_s

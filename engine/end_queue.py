@@ -28,6 +28,7 @@ import orjson
 
 from credit_engine.engine.control import control_url_allowed
 from credit_engine.engine.keys import is_call_id, is_org_id
+from credit_engine.engine.replies import asyncio_reply
 from credit_engine.engine.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -75,7 +76,7 @@ async def end_unheld_call(
             reason,
             problem,
         )
-        await rt.redis.hincrby(rt.keys.worker_counters, REFUSED_COUNTER, 1)
+        await asyncio_reply(rt.redis.hincrby(rt.keys.worker_counters, REFUSED_COUNTER, 1))
         return False
     assert control_url is not None
     now_ms = await rt.clock.now_ms(rt.redis)

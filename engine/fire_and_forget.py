@@ -15,6 +15,8 @@ import asyncio
 import ssl
 from dataclasses import dataclass
 
+import httpx
+
 from credit_engine.engine.outbound import AddressRefused, Failure, Resolver, addresses_checked, parse_url, resolve
 
 head_bytes_max = 16 * 1024  # status line and headers of one response
@@ -54,33 +56,13 @@ class FireAndForget:
         parsed = parse_url(url)
         if parsed is None or parsed.userinfo:
             return Posted(None, Failure.refused, "not a plain http(s) URL")
-        host = parsed.host
-        port = parsed.port or (443 if parsed.scheme == "https" else 80)
-        key = (parsed.scheme, host, port)
-        target = parsed.raw_path.decode("ascii")
-        lines = [f"POST {target} HTTP/1.1", f"Host: {parsed.netloc.decode('ascii')}", f"Content-Length: {len(body)}"]
-        lines += [f"{name}: {value}" for name, value in headers.items()]
-        if any(len(line.splitlines()) != 1 for line in lines):  # a value that would start a header of its own
-            return Posted(None, Failure.refused, "a line break in a header")
-        head = "\r\n".join(lines)
-        try:
-            request = (head + "\r\n\r\n").encode("latin-1") + body
-        except UnicodeEncodeError:
-            return Posted(None, Failure.refused, "a header that is not latin-1")
+        request = _request_bytes(parsed, body, headers)
+        if isinstance(request, str):
+            return Posted(None, Failure.refused, request)
+        key = (parsed.scheme, parsed.host, parsed.port or (443 if parsed.scheme == "https" else 80))
         try:
             async with asyncio.timeout(total_s_max):
-                while True:
-                    connection, reused = await self._connection(key)
-                    try:
-                        status, keep = await self._exchange(connection, request)
-                    except (ConnectionError, asyncio.IncompleteReadError):
-                        self._drop(key)
-                        if reused:  # a kept-alive connection the server had closed: once more, on a fresh one
-                            continue
-                        raise
-                    if not keep:
-                        self._drop(key)
-                    return Posted(status, None, f"HTTP {status}")
+                return await self._send(key, request)
         except AddressRefused:
             return Posted(None, Failure.refused, "address refused")
         except TimeoutError:
@@ -89,6 +71,22 @@ class FireAndForget:
         except (OSError, ValueError, UnicodeError, asyncio.IncompleteReadError, asyncio.LimitOverrunError) as error:
             self._drop(key)
             return Posted(None, Failure.no_response, type(error).__name__)
+
+    async def _send(self, key: tuple[str, str, int], request: bytes) -> Posted:
+        """On the connection kept for `key`, or a new one. A kept-alive connection the server had
+        closed fails at once: the request goes once more, on a fresh one."""
+        while True:
+            connection, reused = await self._connection(key)
+            try:
+                status, keep = await self._exchange(connection, request)
+            except (ConnectionError, asyncio.IncompleteReadError):
+                self._drop(key)
+                if reused:
+                    continue
+                raise
+            if not keep:
+                self._drop(key)
+            return Posted(status, None, f"HTTP {status}")
 
     async def _connection(self, key: tuple[str, str, int]) -> tuple[_Connection, bool]:
         """(a connection, whether it was kept from an earlier request)."""
@@ -166,3 +164,16 @@ class FireAndForget:
         connection = self.connections.pop(key, None)
         if connection is not None:
             connection.writer.close()
+
+
+def _request_bytes(parsed: httpx.URL, body: bytes, headers: dict[str, str]) -> bytes | str:
+    """The request as sent, or why it cannot be: a header value that would start a header of its
+    own (a line break), or one that is not latin-1."""
+    lines = [f"POST {parsed.raw_path.decode('ascii')} HTTP/1.1", f"Host: {parsed.netloc.decode('ascii')}"]
+    lines += [f"Content-Length: {len(body)}", *(f"{name}: {value}" for name, value in headers.items())]
+    if any(len(line.splitlines()) != 1 for line in lines):
+        return "a line break in a header"
+    try:
+        return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+    except UnicodeEncodeError:
+        return "a header that is not latin-1"

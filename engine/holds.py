@@ -35,6 +35,7 @@ from credit_engine.engine.decisions import decide
 from credit_engine.engine.idempotency import call_ledger_key, call_state_key
 from credit_engine.engine.killswitch import add_depletion
 from credit_engine.engine.records import HoldRecord
+from credit_engine.engine.replies import asyncio_reply
 from credit_engine.engine.results import Money, Outcome, decode
 from credit_engine.engine.runtime import Runtime
 
@@ -266,5 +267,5 @@ def _resolution(result: Any) -> Resolution:
 
 async def live_holds(rt: Runtime, org_id: str) -> dict[str, HoldRecord]:
     validate.org_id(org_id)
-    raw = await rt.redis.hgetall(rt.keys.org(org_id).holds)
+    raw = await asyncio_reply(rt.redis.hgetall(rt.keys.org(org_id).holds))
     return {call_id: HoldRecord.decode(text) for call_id, text in raw.items()}

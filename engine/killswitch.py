@@ -59,6 +59,7 @@ from credit_engine.engine.end_queue import (
     release_unheld_call,
 )
 from credit_engine.engine.killswitch_push import Action, ControlUrls, push
+from credit_engine.engine.replies import asyncio_reply
 from credit_engine.engine.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -121,7 +122,7 @@ async def visit_org(rt: Runtime, org_id: str) -> Visit:
     rest = reply[5:]
     actions = [Action(str(rest[i]), str(rest[i + 1]), int(rest[i + 2])) for i in range(0, len(rest), 3)]
     if any(a.kind == "end_failed" for a in actions):
-        await rt.redis.sadd(rt.keys.outbox_dirty(org_id), org_id)  # the end_call_failed alert
+        await asyncio_reply(rt.redis.sadd(rt.keys.outbox_dirty(org_id), org_id))  # the end_call_failed alert
     return Visit(code == 0, now_ms, depletion_ms, next_visit_ms, actions, unfunded_n)
 
 
@@ -146,7 +147,7 @@ async def reschedule(rt: Runtime, org_id: str, visit: Visit) -> None:
         await rt.redis.zadd(schedule, {org_id: visit.next_visit_ms + rt.settings.kill_warn_lead_ms})
     else:
         await rt.redis.zrem(schedule, org_id)
-    fields = await rt.redis.hmget(rt.keys.org(org_id).org, [*burn.FIELDS, "unfunded_n"])
+    fields = await asyncio_reply(rt.redis.hmget(rt.keys.org(org_id).org, [*burn.FIELDS, "unfunded_n"]))
     if int(fields[-1] or 0) != visit.unfunded_n:
         # An unfunded hold was taken during the visit: its "now" may have been overwritten above.
         await file_depletion(rt, org_id, visit.now_ms)
@@ -305,7 +306,7 @@ class KillSwitch:
         )
         self.warnings_waiting = 0
         for outcome in visited:
-            if not isinstance(outcome, BaseException):
+            if isinstance(outcome, list):  # else an exception, raised below
                 for warning in outcome:
                     self._start(warning)
         for outcome in [*visited, unheld_due]:

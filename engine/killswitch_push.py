@@ -17,6 +17,7 @@ from redis.exceptions import RedisError
 from credit_engine.engine.call_index import CallIndex
 from credit_engine.engine.control import VapiCall, call_at_vapi, send_control
 from credit_engine.engine.phone_numbers import number_owner
+from credit_engine.engine.replies import asyncio_reply
 from credit_engine.engine.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -105,5 +106,5 @@ class ControlUrls:
     async def get(self, org_id: str, call_ids: list[str]) -> dict[str, str | None]:
         if not call_ids:
             return {}
-        urls = await self.rt.redis.hmget(self.rt.keys.org(org_id).control, call_ids)
+        urls = await asyncio_reply(self.rt.redis.hmget(self.rt.keys.org(org_id).control, call_ids))
         return dict(zip(call_ids, urls, strict=True))

@@ -33,7 +33,7 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(line, ensure_ascii=False)
 
 
-class StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+class StderrHandler(logging.StreamHandler[TextIO]):
     """Writes to whatever sys.stderr is when a line is logged, not when the handler was made (as
     logging's own last-resort handler does): a caller that swaps sys.stderr for a while (a test's
     capture, then closed) must not leave every later line writing to a closed stream."""
@@ -41,7 +41,7 @@ class StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
     def __init__(self) -> None:
         super().__init__(sys.stderr)
 
-    @property  # type: ignore[override]
+    @property
     def stream(self) -> TextIO:
         return sys.stderr
 

@@ -1,6 +1,5 @@
 """Run the Alembic migrations in `migrations/` programmatically (no alembic.ini needed)."""
 
-import asyncio
 from importlib import resources
 
 from alembic import command
@@ -19,8 +18,3 @@ def alembic_config(database_url: str) -> Config:
 
 def upgrade_to_head(database_url: str) -> None:
     command.upgrade(alembic_config(database_url), "head")
-
-
-async def upgrade_to_head_async(database_url: str) -> None:
-    # Alembic's env.py runs its own event loop; give it a thread of its own.
-    await asyncio.to_thread(upgrade_to_head, database_url)

@@ -53,7 +53,7 @@ class OrgSettings:
     def validated(self) -> "OrgSettings":
         """Each setting checked as the table declares it (None passes where it means "unset");
         sentences come back trimmed."""
-        spoken = {}
+        spoken: dict[str, Any] = {}
         for setting in table.SETTINGS:
             value = getattr(self, setting.name)
             if value is None and setting.unsettable:

@@ -11,6 +11,7 @@ import asyncpg
 
 from credit_engine.engine import validate
 from credit_engine.engine.errors import InvalidInput, OrgNotFound
+from credit_engine.engine.replies import asyncio_reply
 from credit_engine.engine.runtime import Runtime
 
 PHONE_NUMBER_ID_MAX = 128
@@ -84,14 +85,14 @@ async def register_number(
     if row is None:
         raise NumberTaken(vapi_phone_number_id)
     registered = _from_row(row)
-    await rt.redis.hset(_owner_key(rt), vapi_phone_number_id, f"{org_id}|{assistant_id or ''}")
+    await asyncio_reply(rt.redis.hset(_owner_key(rt), vapi_phone_number_id, f"{org_id}|{assistant_id or ''}"))
     return registered
 
 
 async def forget_owner(rt: Runtime, *vapi_phone_number_ids: str) -> None:
     """Drop numbers from the owner cache (suspended or released: calls to them are refused)."""
     if vapi_phone_number_ids:
-        await rt.redis.hdel(_owner_key(rt), *vapi_phone_number_ids)
+        await asyncio_reply(rt.redis.hdel(_owner_key(rt), *vapi_phone_number_ids))
 
 
 @dataclass(frozen=True)
@@ -105,7 +106,7 @@ async def number_owner(rt: Runtime, vapi_phone_number_id: str, *, active_only: b
     """The org a registered number belongs to, from Redis, else Postgres; None if unknown. The
     cache holds active numbers only; active_only=False (a call already running) also finds a
     suspended or released number's owner."""
-    cached = await rt.redis.hget(_owner_key(rt), vapi_phone_number_id)
+    cached = await asyncio_reply(rt.redis.hget(_owner_key(rt), vapi_phone_number_id))
     if cached is not None:
         org_id, _, assistant_id = cached.partition("|")
         return Owner(org_id, assistant_id or None, active=True)
@@ -115,7 +116,9 @@ async def number_owner(rt: Runtime, vapi_phone_number_id: str, *, active_only: b
     if row is None or (active_only and row["status"] != "active"):
         return None
     if row["status"] == "active":
-        await rt.redis.hset(_owner_key(rt), vapi_phone_number_id, f"{row['org_id']}|{row['assistant_id'] or ''}")
+        await asyncio_reply(
+            rt.redis.hset(_owner_key(rt), vapi_phone_number_id, f"{row['org_id']}|{row['assistant_id'] or ''}")
+        )
     return Owner(row["org_id"], row["assistant_id"], active=row["status"] == "active")
 
 
@@ -160,7 +163,7 @@ async def import_number(
         raise OrgNotFound(org_id) from None
     if row is None:
         return None
-    await rt.redis.hset(_owner_key(rt), vapi_phone_number_id, f"{org_id}|{assistant_id or ''}")
+    await asyncio_reply(rt.redis.hset(_owner_key(rt), vapi_phone_number_id, f"{org_id}|{assistant_id or ''}"))
     return _from_row(row)
 
 
@@ -176,5 +179,5 @@ async def adopt_assistant(rt: Runtime, vapi_phone_number_id: str, assistant_id: 
     if row is None:
         return False
     if row["status"] == "active":
-        await rt.redis.hset(_owner_key(rt), vapi_phone_number_id, f"{row['org_id']}|{assistant_id}")
+        await asyncio_reply(rt.redis.hset(_owner_key(rt), vapi_phone_number_id, f"{row['org_id']}|{assistant_id}"))
     return True

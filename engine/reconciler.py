@@ -237,6 +237,26 @@ def compare(
     """Problems found for one org (empty: Redis agrees with Postgres)."""
     if not redis.present:
         return ["missing in redis"]
+    problems = _outbox_problems(redis, now_ms)
+    balance, debt, holds = _drained(pg, redis, in_ledger)
+    unapplied, stuck = _credits_not_in_redis(pg, redis, now_ms)
+    problems += stuck
+    problems += _money_problems(redis, balance - unapplied, debt, holds)
+    if redis.settings != pg.settings:
+        problems.append(f"settings: redis {redis.settings}, postgres says {pg.settings}")
+    problems += call_record_problems(
+        redis.resolutions,
+        {**older_resolutions, **{r.call_id: r for r in pg.resolutions}},
+        [*redis.outbox, *outbox_later],
+        redis.holds,
+        now_ms,
+        idempotency_ttl_ms,
+    )
+    return problems
+
+
+def _outbox_problems(redis: RedisState, now_ms: int) -> list[str]:
+    """The outbox itself: entries that cannot be read, dead letters, an oldest entry left too long."""
     problems = []
     if redis.unreadable:
         problems.append(f"{len(redis.unreadable)} outbox entries cannot be read: {redis.unreadable[:3]}")
@@ -249,6 +269,12 @@ def compare(
         problems.append(
             f"outbox not draining: its oldest entry is {(now_ms - redis.outbox[0].created_ms) // 1000} s old"
         )
+    return problems
+
+
+def _drained(pg: PgState, redis: RedisState, in_ledger: set[str]) -> tuple[int, int, dict[str, int]]:
+    """Postgres's (balance, debt, live holds) as they will be once Redis's outbox is drained: each
+    ledger entry not yet in the ledger added, each hold event applied; alerts carry no money."""
     balance, debt = pg.balance_pence, pg.debt_pence
     holds = {call_id: hold_pence for call_id, hold_pence, _ in pg.live_holds}
     for item in redis.outbox:
@@ -262,13 +288,26 @@ def compare(
             holds[item.call_id] = item.hold.hold_pence
         else:
             holds.pop(item.call_id, None)
+    return balance, debt, holds
+
+
+def _credits_not_in_redis(pg: PgState, redis: RedisState, now_ms: int) -> tuple[int, list[str]]:
+    """Credits are Postgres-first: those Redis has not applied yet are not in its balance. Returns
+    their sum, and a problem for each left unapplied longer than pending_credit_stuck_ms."""
+    unapplied, problems = 0, []
     for key, amount_pence, created_ms in pg.pending_credits:
         if not redis.pending_applied.get(key, False):
-            balance -= amount_pence
+            unapplied += amount_pence
             if now_ms - created_ms > pending_credit_stuck_ms:
                 problems.append(
                     f"credit {key} was committed {(now_ms - created_ms) // 1000} s ago and is still not in Redis"
                 )
+    return unapplied, problems
+
+
+def _money_problems(redis: RedisState, balance: int, debt: int, holds: dict[str, int]) -> list[str]:
+    """Redis's money against what Postgres says it should be, and Redis's sums against its own holds."""
+    problems = []
     if redis.money["balance_pence"] != balance:
         problems.append(f"balance_pence: redis {redis.money['balance_pence']}, postgres says {balance}")
     if redis.money["debt_pence"] != debt:
@@ -284,16 +323,6 @@ def compare(
         problems.append(
             f"kill-switch burn sums (rate, k, frozen) {actual_burn} disagree with the live holds: {expected_burn}"
         )
-    if redis.settings != pg.settings:
-        problems.append(f"settings: redis {redis.settings}, postgres says {pg.settings}")
-    problems += call_record_problems(
-        redis.resolutions,
-        {**older_resolutions, **{r.call_id: r for r in pg.resolutions}},
-        [*redis.outbox, *outbox_later],
-        redis.holds,
-        now_ms,
-        idempotency_ttl_ms,
-    )
     return problems
 
 

@@ -29,6 +29,7 @@ from credit_engine.engine import limits
 from credit_engine.engine.cluster import is_cluster, master_slots, slot_tag
 from credit_engine.engine.keys import Keyspace
 from credit_engine.engine.killswitch import file_depletion, reschedule_live_orgs
+from credit_engine.engine.replies import asyncio_reply
 from credit_engine.engine.results import Outcome, decode
 from credit_engine.engine.runtime import Runtime
 from credit_engine.engine.snapshots import OrgSnapshot, load_snapshots, org_id_pages
@@ -137,7 +138,7 @@ async def state_marker_keys(redis: Redis, keys: Keyspace) -> list[str]:
     moves markers with their slots and a master's new lowest slot is marked as well."""
     if not is_cluster(redis):
         return [keys.state]
-    return [keys.state, *[slot_marker_key(keys, slot) for slot in await master_slots(redis)]]  # type: ignore[arg-type]
+    return [keys.state, *[slot_marker_key(keys, slot) for slot in await master_slots(redis)]]
 
 
 async def markers_present(redis: Redis, keys: Keyspace) -> bool:
@@ -172,7 +173,7 @@ async def rebuild_all(rt: Runtime, progress: Callable[[int, int], None] | None =
     # The kill switch's schedule shards that lived on a lost node held orgs of other nodes too,
     # which an 'absent' restore leaves alone: file every org with a live call again now.
     await reschedule_live_orgs(rt)
-    await rt.redis.hset(rt.keys.state, mapping={"rebuilt_ms": now_ms, "orgs": report.orgs_total})
+    await asyncio_reply(rt.redis.hset(rt.keys.state, mapping={"rebuilt_ms": now_ms, "orgs": report.orgs_total}))
     report.seconds = time.monotonic() - started
     return report
 

@@ -99,7 +99,7 @@ class BoundedRedisCluster(RedisCluster):
 
     def pipeline(self, transaction: Any = None, shard_hint: Any = None) -> "BoundedClusterPipeline":
         super().pipeline(transaction, shard_hint)  # its checks: no MULTI, no shard hint
-        return BoundedClusterPipeline(self)
+        return BoundedClusterPipeline(self)  # type: ignore[abstract]  # redis-py's own ClusterPipeline leaves connection_pool abstract
 
 
 class BoundedClusterPipeline(ClusterPipeline):

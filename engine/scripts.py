@@ -9,10 +9,10 @@ does not declare (which would break Redis Cluster slot routing) or forget an arg
 import hashlib
 import logging
 import re
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any
+from typing import Any, cast
 
 from redis.asyncio import Redis, RedisCluster
 from redis.exceptions import NoScriptError, RedisError
@@ -100,10 +100,15 @@ class ScriptRunner:
         script = self.scripts[name]
         script.check_call(keys, args)
         try:
-            return await redis.evalsha(script.sha, len(keys), *keys, *args)  # type: ignore[no-any-return]
+            return await self._evalsha(redis, script, keys, args)
         except NoScriptError:
             await self.load(redis)
-            return await redis.evalsha(script.sha, len(keys), *keys, *args)  # type: ignore[no-any-return]
+            return await self._evalsha(redis, script, keys, args)
+
+    @staticmethod
+    def _evalsha(redis: Redis, script: LuaScript, keys: list[str], args: list[Any]) -> Awaitable[list[int]]:
+        """Our scripts all reply with a list of integers (redis-py types EVALSHA's reply as a string)."""
+        return cast("Awaitable[list[int]]", redis.evalsha(script.sha, len(keys), *keys, *args))
 
     def add_to_pipeline(self, pipe: Any, name: str, keys: list[str], args: list[Any]) -> None:
         script = self.scripts[name]
@@ -119,7 +124,7 @@ class ScriptRunner:
             async with redis.pipeline(transaction=False) as pipe:
                 build(pipe)
                 try:
-                    return await pipe.execute()  # type: ignore[no-any-return]
+                    return await pipe.execute()
                 except NoScriptError:
                     if attempt == 1:
                         raise

@@ -16,6 +16,7 @@ from credit_engine.engine.burn import depletion_ms_of
 from credit_engine.engine.clock import redis_now_ms
 from credit_engine.engine.holds import live_holds
 from credit_engine.engine.ledger_lag import outbox_lag_ms
+from credit_engine.engine.replies import asyncio_reply
 from credit_engine.engine.runtime import Runtime
 from credit_engine.engine.worker_health import arq_health_check_present
 
@@ -68,7 +69,7 @@ async def org_status(rt: Runtime, org_id: str, now_ms: int | None = None) -> Org
     if wallet is None:
         return None
     keys = rt.keys.org(org_id)
-    burn = await rt.redis.hmget(keys.org, list(BURN_FIELDS))
+    burn = await asyncio_reply(rt.redis.hmget(keys.org, list(BURN_FIELDS)))
     depletion_ms = depletion_ms_of(burn)
     holds = await live_holds(rt, org_id)
     calls = [
@@ -96,7 +97,7 @@ async def org_status(rt: Runtime, org_id: str, now_ms: int | None = None) -> Org
 
 async def deployment_status(rt: Runtime) -> DeploymentStatus:
     now_ms = await redis_now_ms(rt.redis)
-    stats = {name: int(value) for name, value in (await rt.redis.hgetall(rt.keys.worker_stats)).items()}
+    stats = {name: int(value) for name, value in (await asyncio_reply(rt.redis.hgetall(rt.keys.worker_stats))).items()}
     arq_alive = bool(await arq_health_check_present(rt.settings, rt.redis))
     if "heartbeat_ms" in stats:
         silence_ms = now_ms - stats["heartbeat_ms"]

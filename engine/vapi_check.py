@@ -225,7 +225,8 @@ def workflow_problems(workflow: dict[str, Any], desired: dict[str, Any] | None) 
     else:
         problems += [f"{problem}: its calls' messages skip the engine" for problem in server_problems(server, desired)]
         fine = "its server is the engine"
-    monitor = workflow.get("monitorPlan") if isinstance(workflow.get("monitorPlan"), dict) else {}
+    plan = workflow.get("monitorPlan")
+    monitor = plan if isinstance(plan, dict) else {}
     if monitor.get("controlEnabled") is not True:
         problems.append("monitorPlan.controlEnabled is not true: the kill switch cannot end its calls")
     return problems, f"{fine}, control enabled"

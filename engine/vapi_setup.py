@@ -21,7 +21,7 @@ without asking anyone, so its calls never meet the credit check. Hence:
 decide (`import_plan`, `connect_plan`, `server_problems`); the async functions only fetch and apply.
 """
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
@@ -380,22 +380,30 @@ async def _connect_one(
         return ConnectLine(registered, label, "failed", str(error), changed)
     except Exception as error:  # one number's trouble (Postgres, say) must not stop the others
         return ConnectLine(registered, label, "failed", f"{type(error).__name__}: {error}", changed)
+    return ConnectLine(registered, label, *_as_updated(number, updated, plan, desired), changed)
+
+
+def _as_updated(
+    before: AccountNumber, updated: AccountNumber, plan: ConnectPlan, desired: dict[str, Any]
+) -> tuple[str, str]:
+    """(outcome, detail) of an update Vapi took, from the number as Vapi now has it: still
+    attached, or a server other than the engine, is a failure."""
     left = server_problems(updated.server, desired)
     if updated.attached:
         left.insert(0, f"{updated.attached} is still attached")
     if left:
-        return ConnectLine(registered, label, "failed", "Vapi took the update but: " + "; ".join(left), changed)
+        return "failed", "Vapi took the update but: " + "; ".join(left)
     detail = "bare, and its server is the engine"
-    if number.attached:
-        detail = f"{number.attached} detached: {detail}"
+    if before.attached:
+        detail = f"{before.attached} detached: {detail}"
     if plan.adopt is not None:
         detail += f"; the engine answers {plan.adopt} (as attached at Vapi)"
-    return ConnectLine(registered, label, "connected", detail, changed)
+    return "connected", detail
 
 
-def _columns(rows: list[tuple[str, ...]]) -> list[str]:
+def _columns(rows: Sequence[tuple[str, ...]]) -> list[str]:
+    """Rows aligned in columns; the last (a sentence) is not padded."""
     if not rows:
         return []
-    """Rows aligned in columns; the last (a sentence) is not padded."""
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
     return ["  ".join([*(c.ljust(w) for c, w in zip(row[:-1], widths, strict=True)), row[-1]]) for row in rows]

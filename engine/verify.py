@@ -10,10 +10,11 @@ behind than the readiness limit; and Redis agrees with Postgres for a sample of 
 import asyncio
 import random
 from collections.abc import Awaitable, Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import asyncpg
+from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
 from credit_engine.engine import schema
@@ -24,6 +25,7 @@ from credit_engine.engine.config import Settings
 from credit_engine.engine.db import asyncpg_dsn
 from credit_engine.engine.keys import Keyspace
 from credit_engine.engine.ledger_lag import outbox_lag_ms
+from credit_engine.engine.replies import asyncio_reply
 from credit_engine.engine.restore import markers_present
 from credit_engine.engine.runtime import Runtime, redis_client
 from credit_engine.engine.scripts import load_scripts
@@ -74,121 +76,133 @@ async def _guarded(name: str, probe: Callable[[], Awaitable[tuple[bool, str]]]) 
 
 
 async def verify(settings: Settings, sample_size: int = sample_size_default) -> Verification:
+    """Every check in turn, each guarded (a check that cannot run fails with the reason), then the
+    Vapi routing check, which needs no connection."""
     assert settings.redis_url is not None and settings.database_url is not None
-    keys = Keyspace(settings.key_prefix)
     redis = redis_client(settings.redis_url, 4, connect_timeout_s, cluster=settings.redis_cluster)
-    pg: asyncpg.Connection | None = None
-    checks: list[Check] = []
+    probes = _Probes(settings, sample_size, redis, Keyspace(settings.key_prefix))
     try:
-
-        async def redis_answers() -> tuple[bool, str]:
-            info = await redis.info("server")
-            try:
-                appendfsync = (await redis.config_get("appendfsync")).get("appendfsync", "?")
-            except ResponseError:  # managed Redis often forbids CONFIG
-                appendfsync = "unknown (CONFIG not allowed)"
-            shape = f", a cluster of {len(redis.get_primaries())} masters" if is_cluster(redis) else ""
-            return True, f"Redis {info.get('redis_version')}{shape}, appendfsync {appendfsync}"
-
-        checks.append(await _guarded("redis reachable", redis_answers))
-
-        async def postgres_answers() -> tuple[bool, str]:
-            nonlocal pg
-            pg = await asyncpg.connect(asyncpg_dsn(settings.database_url or ""), timeout=connect_timeout_s)
-            return True, str(await pg.fetchval("SHOW server_version")).split()[0]
-
-        checks.append(await _guarded("postgres reachable", lambda: _prefixed("Postgres ", postgres_answers())))
-
-        async def schema_at_head() -> tuple[bool, str]:
-            assert pg is not None, "no connection"
-            want = schema.expected()
-            problems = schema.differences(want, await schema.describe(pg))
-            if problems:
-                return False, "; ".join(problems[:5]) + (f" (+{len(problems) - 5} more)" if len(problems) > 5 else "")
-            return True, f"migration {want['revision']}, {len(want['tables'])} tables as expected"
-
-        checks.append(await _guarded("schema at head", schema_at_head))
-
-        async def scripts_load() -> tuple[bool, str]:
-            scripts = load_scripts()
-            wrong = [name for name, script in scripts.items() if await redis.script_load(script.source) != script.sha]
-            if wrong:
-                return False, f"Redis computed another SHA for {', '.join(wrong)}"
-            return True, f"{len(scripts)} scripts loaded, SHA1 as shipped"
-
-        checks.append(await _guarded("lua scripts", scripts_load))
-
-        async def state_present() -> tuple[bool, str]:
-            state = await redis.hgetall(keys.state)
-            if not state or not await markers_present(redis, keys):
-                return (
-                    False,
-                    "no state marker: Redis has not been rebuilt from Postgres (start the web app or the worker)",
-                )
-            return True, f"rebuilt for {state.get('orgs', '?')} orgs"
-
-        checks.append(await _guarded("redis state", state_present))
-        stats = {}
-        now_ms = 0
-
-        async def worker_alive() -> tuple[bool, str]:
-            nonlocal stats, now_ms
-            stats = {name: int(value) for name, value in (await redis.hgetall(keys.worker_stats)).items()}
-            now_ms = await redis_now_ms(redis)
-            arq_alive = await arq_health_check_present(settings, redis)
-            if "heartbeat_ms" not in stats:
-                return False, "no worker has ever reported"
-            silence_ms = now_ms - stats["heartbeat_ms"]
-            ok = silence_ms <= heartbeat_stale_ms and bool(arq_alive)
-            arq = {True: "present", False: "missing", None: "unknown (CREDIT_ENGINE_ARQ_REDIS_URL not set)"}[arq_alive]
-            return ok, f"last heartbeat {silence_ms / 1000:.1f} s ago, arq health check {arq}"
-
-        checks.append(await _guarded("worker alive", worker_alive))
-
-        async def ledger_lag() -> tuple[bool, str]:
-            lag_ms = outbox_lag_ms(stats, now_ms) if stats else None
-            if lag_ms is None:
-                return False, "unknown: no worker has reported"
-            limit_ms = settings.readiness_outbox_lag_s_max * 1000
-            return (
-                lag_ms <= limit_ms,
-                f"{lag_ms} ms behind (limit {limit_ms} ms), {stats.get('outbox_entries', 0)} entries waiting",
-            )
-
-        checks.append(await _guarded("outbox lag", ledger_lag))
-
-        async def sample_agrees() -> tuple[bool, str]:
-            assert pg is not None, "no connection"
-            from credit_engine.engine.reconciler import check
-
-            org_ids = [row["org_id"] for row in await pg.fetch("SELECT org_id FROM orgs")]
-            sample = random.sample(org_ids, min(sample_size, len(org_ids)))
-            if not sample:
-                return True, "no orgs yet"
-            rt = await Runtime.open(settings)
-            try:
-                report = await check(rt, sample)
-            finally:
-                await rt.close()
-            if report.drifted:
-                return (
-                    False,
-                    f"{len(report.drifted)} of {len(sample)} sampled orgs drifted: {', '.join(d.org_id for d in report.drifted[:5])}",
-                )
-            if report.busy:
-                return (
-                    False,
-                    f"{len(report.busy)} of {len(sample)} sampled orgs changed on every read: {', '.join(report.busy[:5])}",
-                )
-            return True, f"{len(sample)} of {len(org_ids)} orgs sampled, Redis = Postgres"
-
-        checks.append(await _guarded("redis = postgres", sample_agrees))
+        checks = [await _guarded(name, probe) for name, probe in probes.in_order()]
         checks.append(vapi_routing_check(settings))
     finally:
-        if pg is not None:
-            await pg.close()
+        if probes.pg is not None:
+            await probes.pg.close()
         await redis.aclose()
     return Verification(checks)
+
+
+Probe = Callable[[], Awaitable[tuple[bool, str]]]
+
+
+@dataclass
+class _Probes:
+    """verify's checks, run in order, and what they share: the Redis client; the Postgres
+    connection the second check opens (the schema and sample checks use it); the worker's stats
+    and Redis's clock that the worker check reads and the lag check uses."""
+
+    settings: Settings
+    sample_size: int
+    redis: Redis
+    keys: Keyspace
+    pg: asyncpg.Connection | None = None
+    stats: dict[str, int] = field(default_factory=dict)
+    now_ms: int = 0
+
+    def in_order(self) -> list[tuple[str, Probe]]:
+        return [
+            ("redis reachable", self.redis_answers),
+            ("postgres reachable", lambda: _prefixed("Postgres ", self.postgres_answers())),
+            ("schema at head", self.schema_at_head),
+            ("lua scripts", self.scripts_load),
+            ("redis state", self.state_present),
+            ("worker alive", self.worker_alive),
+            ("outbox lag", self.ledger_lag),
+            ("redis = postgres", self.sample_agrees),
+        ]
+
+    async def redis_answers(self) -> tuple[bool, str]:
+        info = await self.redis.info("server")
+        try:
+            appendfsync = (await self.redis.config_get("appendfsync")).get("appendfsync", "?")
+        except ResponseError:  # managed Redis often forbids CONFIG
+            appendfsync = "unknown (CONFIG not allowed)"
+        shape = f", a cluster of {len(self.redis.get_primaries())} masters" if is_cluster(self.redis) else ""
+        return True, f"Redis {info.get('redis_version')}{shape}, appendfsync {appendfsync}"
+
+    async def postgres_answers(self) -> tuple[bool, str]:
+        self.pg = await asyncpg.connect(asyncpg_dsn(self.settings.database_url or ""), timeout=connect_timeout_s)
+        return True, str(await self.pg.fetchval("SHOW server_version")).split()[0]
+
+    async def schema_at_head(self) -> tuple[bool, str]:
+        assert self.pg is not None, "no connection"
+        want = schema.expected()
+        problems = schema.differences(want, await schema.describe(self.pg))
+        if problems:
+            return False, "; ".join(problems[:5]) + (f" (+{len(problems) - 5} more)" if len(problems) > 5 else "")
+        return True, f"migration {want['revision']}, {len(want['tables'])} tables as expected"
+
+    async def scripts_load(self) -> tuple[bool, str]:
+        scripts = load_scripts()
+        wrong = [name for name, script in scripts.items() if await self.redis.script_load(script.source) != script.sha]
+        if wrong:
+            return False, f"Redis computed another SHA for {', '.join(wrong)}"
+        return True, f"{len(scripts)} scripts loaded, SHA1 as shipped"
+
+    async def state_present(self) -> tuple[bool, str]:
+        state = await asyncio_reply(self.redis.hgetall(self.keys.state))
+        if not state or not await markers_present(self.redis, self.keys):
+            return (
+                False,
+                "no state marker: Redis has not been rebuilt from Postgres (start the web app or the worker)",
+            )
+        return True, f"rebuilt for {state.get('orgs', '?')} orgs"
+
+    async def worker_alive(self) -> tuple[bool, str]:
+        raw = await asyncio_reply(self.redis.hgetall(self.keys.worker_stats))
+        self.stats = {name: int(value) for name, value in raw.items()}
+        self.now_ms = await redis_now_ms(self.redis)
+        arq_alive = await arq_health_check_present(self.settings, self.redis)
+        if "heartbeat_ms" not in self.stats:
+            return False, "no worker has ever reported"
+        silence_ms = self.now_ms - self.stats["heartbeat_ms"]
+        ok = silence_ms <= heartbeat_stale_ms and bool(arq_alive)
+        arq = {True: "present", False: "missing", None: "unknown (CREDIT_ENGINE_ARQ_REDIS_URL not set)"}[arq_alive]
+        return ok, f"last heartbeat {silence_ms / 1000:.1f} s ago, arq health check {arq}"
+
+    async def ledger_lag(self) -> tuple[bool, str]:
+        lag_ms = outbox_lag_ms(self.stats, self.now_ms) if self.stats else None
+        if lag_ms is None:
+            return False, "unknown: no worker has reported"
+        limit_ms = self.settings.readiness_outbox_lag_s_max * 1000
+        return (
+            lag_ms <= limit_ms,
+            f"{lag_ms} ms behind (limit {limit_ms} ms), {self.stats.get('outbox_entries', 0)} entries waiting",
+        )
+
+    async def sample_agrees(self) -> tuple[bool, str]:
+        assert self.pg is not None, "no connection"
+        from credit_engine.engine.reconciler import check
+
+        org_ids = [row["org_id"] for row in await self.pg.fetch("SELECT org_id FROM orgs")]
+        sample = random.sample(org_ids, min(self.sample_size, len(org_ids)))
+        if not sample:
+            return True, "no orgs yet"
+        rt = await Runtime.open(self.settings)
+        try:
+            report = await check(rt, sample)
+        finally:
+            await rt.close()
+        if report.drifted:
+            return (
+                False,
+                f"{len(report.drifted)} of {len(sample)} sampled orgs drifted: {', '.join(d.org_id for d in report.drifted[:5])}",
+            )
+        if report.busy:
+            return (
+                False,
+                f"{len(report.busy)} of {len(sample)} sampled orgs changed on every read: {', '.join(report.busy[:5])}",
+            )
+        return True, f"{len(sample)} of {len(org_ids)} orgs sampled, Redis = Postgres"
 
 
 def vapi_routing_check(settings: Settings) -> Check:

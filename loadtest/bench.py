@@ -29,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,7 @@ from credit_engine.engine.db import with_database
 from credit_engine.engine.embedded import EmbeddedPostgres, EmbeddedRedis, free_port
 from credit_engine.engine.holds import CallEvent, check_call, reserve_call
 from credit_engine.engine.migrate import upgrade_to_head
+from credit_engine.engine.replies import asyncio_reply
 from credit_engine.engine.restore import rebuild_all
 from credit_engine.engine.runtime import Runtime
 from credit_engine.loadtest.rate import RateResult, http_request, run_at_rate
@@ -389,11 +391,11 @@ async def lua_section(report: Report, rt: Runtime, orgs: list[tuple[str, str]], 
     org, call = orgs[0]
     keys = rt.keys.org(org)
     check_keys = [keys.org, keys.holds, keys.outbox]
-    check_args = [0, org, call, 0, 600_000, 100_000, 8]
+    check_args: list[Any] = [0, org, call, 0, 600_000, 100_000, 8]
     empty_sha = await rt.redis.script_load("return {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0}")
     counter = iter(range(10**9))
-    rounds = {
-        "empty script (floor)": lambda: rt.redis.evalsha(empty_sha, 3, *check_keys, *check_args),
+    rounds: dict[str, Callable[[], Awaitable[object]]] = {
+        "empty script (floor)": lambda: asyncio_reply(rt.redis.evalsha(empty_sha, 3, *check_keys, *check_args)),
         "hold_check": lambda: rt.scripts.run(rt.redis, "hold_check", check_keys, check_args),
         "asset_deduct": lambda: deduct_asset(rt, orgs[next(counter) % len(orgs)][0], f"lua-{next(counter)}", 1),
         "hold_reserve": lambda: reserve_call(rt, orgs[next(counter) % len(orgs)][0], f"lua-call-{next(counter)}"),
@@ -482,7 +484,7 @@ def endpoint_section(
             ("commit (end-of-call-report)", commits),
             ("provision", provisions),
         ):
-            result: RateResult = run_at_rate("127.0.0.1", server.port, lambda i, r=requests: r[i], rate, d.endpoint_s)
+            result: RateResult = run_at_rate("127.0.0.1", server.port, requests.__getitem__, rate, d.endpoint_s)
             bad = {status: n for status, n in result.statuses.items() if status >= 300}
             report.endpoints[name] = {
                 "rate": rate,
@@ -631,7 +633,7 @@ async def reconcile_section(report: Report, pg_url: str, redis_url: str, d: Dura
         started = time.monotonic()
         rebuilt = await rebuild_all(rt)
         seconds = time.monotonic() - started
-        idem = await rt.redis.hlen(rt.keys.org("r1").idem)
+        idem = await asyncio_reply(rt.redis.hlen(rt.keys.org("r1").idem))
     finally:
         await rt.close()
     report.reconcile = {

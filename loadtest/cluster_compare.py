@@ -41,7 +41,7 @@ async def open_rt(url: str, cluster: bool, pool_size: int) -> Runtime:
     scripts = ScriptRunner()
     await scripts.load(redis)
     settings = replace(Settings(), redis_url=url, redis_cluster=cluster, key_prefix="bench")
-    return Runtime(settings=settings, redis=redis, pg=None, keys=Keyspace("bench"), scripts=scripts, clock=RedisClock())  # type: ignore[arg-type]
+    return Runtime(settings=settings, redis=redis, pg=None, keys=Keyspace("bench"), scripts=scripts, clock=RedisClock())
 
 
 async def seed(rt: Runtime, orgs: int) -> list[str]:

@@ -25,6 +25,7 @@ import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import httpx
 import orjson
@@ -86,7 +87,7 @@ def pct(values: list[float], q: float) -> float:
 
 
 def call_body(kind: str, call_id: str, number: str) -> bytes:
-    message = {
+    message: dict[str, Any] = {
         "type": kind,
         "call": {
             "id": call_id,

@@ -49,6 +49,7 @@ from credit_engine.engine.holds import CallEvent, check_call, reserve_call
 from credit_engine.engine.migrate import upgrade_to_head
 from credit_engine.engine.org_settings import OrgSettings
 from credit_engine.engine.orgs import create_org
+from credit_engine.engine.replies import asyncio_reply
 from credit_engine.engine.results import Outcome
 from credit_engine.engine.runtime import Runtime
 from credit_engine.engine.worker_health import arq_health_check_present
@@ -234,7 +235,7 @@ async def setup_org(rt: Runtime, index: int, opts: Options, d_s: float, calls: C
         assert reserved.outcome == Outcome.ok, (org_id, call_id, reserved)
         await calls.remember(call_id, org_id, f"{CONTROL_HOST}/{call_id}/control")
         await check_call(past, org_id, call_id, CallEvent.start)
-    burn = await rt.redis.hmget(rt.keys.org(org_id).org, list(BURN_FIELDS))
+    burn = await asyncio_reply(rt.redis.hmget(rt.keys.org(org_id).org, list(BURN_FIELDS)))
     return org_id, depletion_ms_of(burn)
 
 
@@ -261,7 +262,7 @@ async def run_scenario(scenario: Scenario, opts: Options, redis_url: str, admin_
             flush=True,
         )
         figures = await drive(scenario, opts, rt, fake)
-        figures.given_up = int(await rt.redis.hget(rt.keys.worker_counters, "kill_given_up") or 0)
+        figures.given_up = int(await asyncio_reply(rt.redis.hget(rt.keys.worker_counters, "kill_given_up")) or 0)
     finally:
         stop_worker(worker)
         await fake.stop()
@@ -314,22 +315,30 @@ async def drive(scenario: Scenario, opts: Options, rt: Runtime, fake: FakeContro
         setup_s=setup_s,
     )
     for org_id, d_ms in depletion_ms.items():
-        org_late_ms = []
-        for n in range(opts.calls_per_org):
-            call_id = f"{org_id}-c{n}"
-            if call_id in first_end:
-                late_ms = first_end[call_id] * 1000 - (d_ms + grace_ms)
-                org_late_ms.append(late_ms)
-                figures.overspend_pence.append(max(0.0, late_ms) / 1000 * RATE_PENCE_PER_MINUTE / 60)
-            if call_id in first_say:
-                figures.warn_lateness_ms.append(first_say[call_id] * 1000 - (d_ms - opts.lead_s * 1000))
-        figures.lateness_ms.extend(org_late_ms)
-        if org_late_ms:
-            figures.org_lateness_ms.append(min(org_late_ms))
+        add_org_lateness(figures, opts, org_id, d_ms, first_end, first_say)
     if first_end:
         span_s = max(first_end.values()) - (min(depletion_ms.values()) + grace_ms) / 1000
         figures.end_calls_per_s = len(first_end) / max(span_s, 0.001)
     return figures
+
+
+def add_org_lateness(
+    figures: Figures, opts: Options, org_id: str, d_ms: int, first_end: dict[str, float], first_say: dict[str, float]
+) -> None:
+    """One org's calls: each end-call's lateness past the org's D plus grace (and what the call
+    overspent meanwhile), each warning's against D minus the lead; the org's earliest end-call."""
+    org_late_ms = []
+    for n in range(opts.calls_per_org):
+        call_id = f"{org_id}-c{n}"
+        if call_id in first_end:
+            late_ms = first_end[call_id] * 1000 - (d_ms + opts.grace_s * 1000)
+            org_late_ms.append(late_ms)
+            figures.overspend_pence.append(max(0.0, late_ms) / 1000 * RATE_PENCE_PER_MINUTE / 60)
+        if call_id in first_say:
+            figures.warn_lateness_ms.append(first_say[call_id] * 1000 - (d_ms - opts.lead_s * 1000))
+    figures.lateness_ms.extend(org_late_ms)
+    if org_late_ms:
+        figures.org_lateness_ms.append(min(org_late_ms))
 
 
 def start_worker(

@@ -29,7 +29,7 @@ go = gevent.event.Event()
 finished: list[int] = []
 
 
-@events.spawning_complete.add_listener
+@events.spawning_complete.add_listener  # type: ignore[untyped-decorator]  # locust's EventHook is unannotated
 def release_everyone(user_count: int, **_: Any) -> None:
     go.set()
 
@@ -154,6 +154,6 @@ class CallerUser(HttpUser):
 
 
 if SCENARIO == "mixed":
-    RaceUser.abstract = True  # type: ignore[attr-defined]
+    RaceUser.abstract = True
 else:
-    CallerUser.abstract = True  # type: ignore[attr-defined]
+    CallerUser.abstract = True

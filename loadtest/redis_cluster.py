@@ -8,10 +8,16 @@ import re
 import subprocess
 import time
 from pathlib import Path
+from typing import cast
 
 import redis  # the sync client: forming a test cluster happens before any event loop
 
 from credit_engine.engine.embedded import EmbeddedRedis, _port_open, free_port, redis_server_binary, start_timeout_s
+
+
+def cluster_info(client: redis.Redis) -> dict[str, str]:
+    """CLUSTER INFO, parsed by redis-py (which types every reply as possibly awaitable)."""
+    return cast(dict[str, str], client.cluster("info"))
 
 
 @functools.cache
@@ -71,14 +77,12 @@ class EmbeddedRedisCluster:
             node.start()
         clients = [redis.Redis(port=node.port, decode_responses=True) for node in self.nodes]
         try:
-            if clients[0].cluster("info").get("cluster_state") != "ok":
+            if cluster_info(clients[0]).get("cluster_state") != "ok":
                 per_node = -(-self.slots // len(self.nodes))
                 for i, client in enumerate(clients):
-                    client.execute_command(
-                        "CLUSTER ADDSLOTS", *range(i * per_node, min(self.slots, (i + 1) * per_node))
-                    )
+                    client.cluster("ADDSLOTS", *range(i * per_node, min(self.slots, (i + 1) * per_node)))
                 for node in self.nodes[1:]:
-                    clients[0].execute_command("CLUSTER MEET", "127.0.0.1", node.port)
+                    clients[0].cluster("MEET", "127.0.0.1", node.port)
         finally:
             for client in clients:
                 client.close()
@@ -98,8 +102,8 @@ class EmbeddedRedisCluster:
             for client in clients:
                 client.close()
 
-    def _formed(self, client: "object") -> bool:
-        info = client.cluster("info")  # type: ignore[attr-defined]
+    def _formed(self, client: redis.Redis) -> bool:
+        info = cluster_info(client)
         return bool(
             info.get("cluster_state") == "ok"
             and int(info.get("cluster_known_nodes", 0)) == len(self.nodes)

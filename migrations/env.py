@@ -17,7 +17,9 @@ def run_with(connection: Connection) -> None:
 
 
 async def run_online() -> None:
-    engine = create_async_engine(config.get_main_option("sqlalchemy.url"), poolclass=NullPool)
+    url = config.get_main_option("sqlalchemy.url")
+    assert url is not None  # engine/migrate.py always sets it
+    engine = create_async_engine(url, poolclass=NullPool)
     async with engine.connect() as connection:
         await connection.run_sync(run_with)
     await engine.dispose()

@@ -129,6 +129,7 @@ async def topup(request: Request) -> Response:
     if result.outcome == Outcome.idempotency_conflict:
         await claims.abandon(ctx.rt, org_id, "topup", key)
         raise ApiError(422, "idempotency_key_reused", "this Idempotency-Key was used for another amount")
+    response: dict[str, object]
     if result.money is not None:
         response = {
             "transaction_id": result.entry_id,

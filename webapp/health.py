@@ -8,6 +8,7 @@ from starlette.responses import Response
 from credit_engine.engine.clock import redis_now_ms
 from credit_engine.engine.db import bounded
 from credit_engine.engine.ledger_lag import outbox_lag_ms
+from credit_engine.engine.replies import asyncio_reply
 from credit_engine.webapp.context import AppContext, context
 from credit_engine.webapp.responses import json_response
 
@@ -17,7 +18,7 @@ async def healthz(request: Request) -> Response:
 
 
 async def _worker_stats(ctx: AppContext) -> dict[str, int]:
-    raw = await ctx.rt.redis.hgetall(ctx.rt.keys.worker_stats)
+    raw = await asyncio_reply(ctx.rt.redis.hgetall(ctx.rt.keys.worker_stats))
     return {name: int(value) for name, value in raw.items()}
 
 

@@ -287,9 +287,10 @@ SCHEMAS: dict[str, Any] = {
     ),
 }
 
-ADMIN = [{"adminToken": []}]
-ORG = [{"orgApiKey": []}]
-VAPI = [{"vapiSecret": []}, {"vapiBearer": []}]
+Security = list[dict[str, list[str]]]
+ADMIN: Security = [{"adminToken": []}]
+ORG: Security = [{"orgApiKey": []}]
+VAPI: Security = [{"vapiSecret": []}, {"vapiBearer": []}]
 ORG_PATH = {"name": "org_id", "in": "path", "required": True, "schema": ORG_ID}
 CALL_PATH = {"name": "call_id", "in": "path", "required": True, "schema": CALL_ID}
 

@@ -50,6 +50,7 @@ from credit_engine.engine.org_profiles import (  # noqa: F401
     refusal_text,
     vapi_profile,
 )
+from credit_engine.engine.replies import asyncio_reply
 from credit_engine.engine.results import Money, Outcome
 from credit_engine.webapp.auth import vapi_authenticated
 from credit_engine.webapp.context import AppContext, context
@@ -559,7 +560,9 @@ async def status_check(request: Request) -> Response:
     ctx.metrics.decision("status_check", checked.outcome.name)
     money = checked.money
     if checked.outcome == Outcome.hold_not_found:
-        resolved = await ctx.rt.redis.hexists(ctx.rt.keys.org(org_id).idem, call_state_key(org_id, call_id))
+        resolved = await asyncio_reply(
+            ctx.rt.redis.hexists(ctx.rt.keys.org(org_id).idem, call_state_key(org_id, call_id))
+        )
         if resolved:
             return json_response(_status_body(True, "call_ended", money.balance_pence, money.available_pence))
         return json_response(_status_body(False, "unknown_call", money.balance_pence, money.available_pence))

@@ -13,10 +13,11 @@ from credit_engine.engine.attribution import resolved_in_postgres
 from credit_engine.engine.balances import Wallet, read_wallet
 from credit_engine.engine.decisions import restoring
 from credit_engine.engine.forwarding import org_forward_secret
-from credit_engine.engine.holds import live_holds, release_call, reserve_call
+from credit_engine.engine.holds import Reservation, live_holds, release_call, reserve_call
 from credit_engine.engine.idempotency import call_state_key
 from credit_engine.engine.keys import is_call_id
 from credit_engine.engine.records import CallState
+from credit_engine.engine.replies import asyncio_reply
 from credit_engine.engine.results import Outcome
 from credit_engine.engine.timeutil import dt_from_ms
 from credit_engine.webapp.auth import require_org
@@ -152,7 +153,7 @@ async def show_call(request: Request) -> Response:
     hold = (await live_holds(ctx.rt, org_id)).get(call_id)
     if hold is not None:
         return json_response({"status": "live", **_hold_json(call_id, hold)})
-    state_text = await ctx.rt.redis.hget(ctx.rt.keys.org(org_id).idem, call_state_key(org_id, call_id))
+    state_text = await asyncio_reply(ctx.rt.redis.hget(ctx.rt.keys.org(org_id).idem, call_state_key(org_id, call_id)))
     if state_text is None:
         row = await ctx.rt.pg.fetchrow(
             "SELECT status, charged_pence, billed_seconds FROM call_holds WHERE org_id = $1 AND call_id = $2",
@@ -185,18 +186,7 @@ async def reserve(request: Request) -> Response:
     ctx, org_id = await org_context(request)
     call_id = _call_id(request)
     ctx.require_ready()
-    resolved = await resolved_in_postgres(ctx.rt, org_id, call_id)
-    if resolved:
-        # Resolved longer ago than Redis remembers (its own check refuses a recent one): a new hold
-        # would be a phantom of a finished call.
-        raise ApiError(409, "call_already_resolved", "this call has already ended and been billed", field="call_id")
-    if resolved is None:
-        # Postgres cannot say: a hold now could be such a phantom, which nothing would expire
-        # (Postgres has the call resolved). Refused; the platform retries.
-        raise ApiError(503, "unavailable", "cannot check this call id against the ledger now; retry shortly")
-    owner = await ctx.calls.org_of(call_id)
-    if owner is not None and owner != org_id:
-        raise ApiError(409, "call_taken", "another org admitted this call id", field="call_id")
+    await _check_call_is_new(ctx, org_id, call_id)
     reservation = await restoring(ctx.rt, org_id, lambda: reserve_call(ctx.rt, org_id, call_id))
     ctx.metrics.decision("reserve", reservation.outcome.name)
     if reservation.held and not reservation.funded:
@@ -218,17 +208,38 @@ async def reserve(request: Request) -> Response:
             201,
             headers=headers,
         )
+    raise _refusal(reservation)
+
+
+async def _check_call_is_new(ctx: AppContext, org_id: str, call_id: str) -> None:
+    """Raises unless a hold for this call may be made: not resolved in Postgres, not another org's."""
+    resolved = await resolved_in_postgres(ctx.rt, org_id, call_id)
+    if resolved:
+        # Resolved longer ago than Redis remembers (its own check refuses a recent one): a new hold
+        # would be a phantom of a finished call.
+        raise ApiError(409, "call_already_resolved", "this call has already ended and been billed", field="call_id")
+    if resolved is None:
+        # Postgres cannot say: a hold now could be such a phantom, which nothing would expire
+        # (Postgres has the call resolved). Refused; the platform retries.
+        raise ApiError(503, "unavailable", "cannot check this call id against the ledger now; retry shortly")
+    owner = await ctx.calls.org_of(call_id)
+    if owner is not None and owner != org_id:
+        raise ApiError(409, "call_taken", "another org admitted this call id", field="call_id")
+
+
+def _refusal(reservation: Reservation) -> ApiError:
+    """The API's answer to a reservation the engine did not make."""
     if reservation.outcome == Outcome.insufficient_funds:
-        raise ApiError(
+        return ApiError(
             402,
             "insufficient_balance",
             f"not enough credit to start a call: {reservation.money.available_pence} pence available",
         )
     if reservation.outcome == Outcome.too_many_calls:
-        raise ApiError(409, "too_many_calls", "the org is at its limit of concurrent calls")
+        return ApiError(409, "too_many_calls", "the org is at its limit of concurrent calls")
     if reservation.outcome == Outcome.call_already_resolved:
-        raise ApiError(409, "call_already_resolved", "this call has already ended and been billed", field="call_id")
-    raise ApiError(503, "unavailable", f"cannot reserve now ({reservation.outcome.name}); retry shortly")
+        return ApiError(409, "call_already_resolved", "this call has already ended and been billed", field="call_id")
+    return ApiError(503, "unavailable", f"cannot reserve now ({reservation.outcome.name}); retry shortly")
 
 
 async def forwarding_secret(request: Request) -> Response:

@@ -92,7 +92,7 @@ class CreditEngineWorker(Worker):
             score = await pipe.zscore(self.queue_name, job_id)
             if ongoing_exists or not score or score > timestamp_ms():
                 return False  # running elsewhere, finished, or re-enqueued for later
-            pipe.multi()
+            pipe.multi()  # type: ignore[no-untyped-call]  # redis-py leaves Pipeline.multi unannotated
             pipe.psetex(in_progress_key, int(self.in_progress_timeout_s * 1000), b"1")
             try:
                 await pipe.execute()

@@ -20,6 +20,7 @@ from credit_engine.engine import limits
 from credit_engine.engine.clock import redis_now_ms
 from credit_engine.engine.doorbell import pop_rung, ring
 from credit_engine.engine.outbox import drain_orgs, outbox_lengths
+from credit_engine.engine.replies import asyncio_reply
 from credit_engine.engine.runtime import Runtime
 from credit_engine.engine.snapshots import org_id_pages
 from credit_engine.worker.metrics import METRICS
@@ -158,17 +159,19 @@ class Drainer:
         heartbeat_ms = await redis_now_ms(
             self.rt.redis
         )  # not this machine's clock: the web app compares it with its own reading
-        await self.rt.redis.hset(
-            self.rt.keys.worker_stats,
-            mapping={
-                "heartbeat_ms": heartbeat_ms,
-                "entries_written": stats.entries_written,
-                "entries_redelivered": stats.entries_redelivered,
-                "entries_duplicate": stats.entries_duplicate,
-                "batches": stats.batches,
-                "errors": stats.errors,
-                "last_lag_ms": stats.last_lag_ms,
-                "outbox_entries": stats.outbox_entries,
-                "outbox_oldest_age_ms": stats.outbox_oldest_age_ms,
-            },
+        await asyncio_reply(
+            self.rt.redis.hset(
+                self.rt.keys.worker_stats,
+                mapping={
+                    "heartbeat_ms": heartbeat_ms,
+                    "entries_written": stats.entries_written,
+                    "entries_redelivered": stats.entries_redelivered,
+                    "entries_duplicate": stats.entries_duplicate,
+                    "batches": stats.batches,
+                    "errors": stats.errors,
+                    "last_lag_ms": stats.last_lag_ms,
+                    "outbox_entries": stats.outbox_entries,
+                    "outbox_oldest_age_ms": stats.outbox_oldest_age_ms,
+                },
+            )
         )

@@ -6,6 +6,7 @@ import os
 import subprocess
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from credit_engine.engine import processes
 from credit_engine.engine.balances import read_wallet
@@ -59,47 +60,57 @@ async def verify(rt: Runtime, orgs: list[OrgUnderLoad], phone_number_pence: int)
         verdict.problems.append("did not settle within 60 s (outbox entries, live holds or pending credits left)")
         return verdict
     for org in orgs:
-        rows = await rt.pg.fetch("SELECT kind, amount_pence, call_id FROM ledger_entries WHERE org_id = $1", org.org_id)
-        topups = sorted(r["amount_pence"] for r in rows if r["kind"] == "topup")
-        expected_topups = sorted([*org.topups_pence.values(), 10_000_000])
-        if topups != expected_topups:
-            verdict.problems.append(
-                f"{org.org_id}: top-ups in the ledger {len(topups)}, accepted {len(expected_topups)}"
-            )
-        assets = [r["amount_pence"] for r in rows if r["kind"] == "asset"]
-        if sorted(assets) != [-phone_number_pence] * len(org.provisions):
-            verdict.problems.append(
-                f"{org.org_id}: {len(assets)} number charges in the ledger, {len(org.provisions)} accepted"
-            )
-        charges: dict[str, list[int]] = {}
-        for r in rows:
-            if r["call_id"] is not None:
-                charges.setdefault(r["call_id"], []).append(r["amount_pence"])
-        expected_charges = {call_id: [-cost] for call_id, cost in org.calls_pence.items() if cost > 0}
-        if charges != expected_charges:
-            wrong = {c for c in charges.keys() | expected_charges.keys() if charges.get(c) != expected_charges.get(c)}
-            verdict.problems.append(
-                f"{org.org_id}: call charges differ for {sorted(wrong)[:5]} "
-                f"(ledger {[charges.get(c) for c in sorted(wrong)[:5]]}, "
-                f"expected {[expected_charges.get(c) for c in sorted(wrong)[:5]]})"
-            )
-        expected_balance = org.expected_balance_pence(phone_number_pence)
-        ledger_sum = sum(r["amount_pence"] for r in rows)
-        projection = await rt.pg.fetchval("SELECT balance_pence FROM org_balances WHERE org_id = $1", org.org_id)
-        wallet = await read_wallet(rt, org.org_id)
-        redis_balance = wallet.balance_pence if wallet else None
-        if not expected_balance == ledger_sum == projection == redis_balance:
-            verdict.problems.append(
-                f"{org.org_id}: expected {expected_balance}, ledger {ledger_sum}, "
-                f"projection {projection}, redis {redis_balance}"
-            )
-        dead = await rt.redis.xlen(rt.keys.org(org.org_id).dead)
-        if dead:
-            verdict.problems.append(f"{org.org_id}: {dead} dead-lettered outbox entries")
+        verdict.problems += await org_problems(rt, org, phone_number_pence)
     report = await check(rt, org_ids)
     if not report.clean:
         verdict.problems.append(f"reconciler: drifted {[d.problems for d in report.drifted]} busy {report.busy}")
     return verdict
+
+
+async def org_problems(rt: Runtime, org: OrgUnderLoad, phone_number_pence: int) -> list[str]:
+    """One org's ledger against what was accepted: top-ups, number charges, call charges, and the
+    balance as expected = ledger sum = projection = Redis; and no dead letters."""
+    problems: list[str] = []
+    rows = await rt.pg.fetch("SELECT kind, amount_pence, call_id FROM ledger_entries WHERE org_id = $1", org.org_id)
+    topups = sorted(r["amount_pence"] for r in rows if r["kind"] == "topup")
+    expected_topups = sorted([*org.topups_pence.values(), 10_000_000])
+    if topups != expected_topups:
+        problems.append(f"{org.org_id}: top-ups in the ledger {len(topups)}, accepted {len(expected_topups)}")
+    assets = [r["amount_pence"] for r in rows if r["kind"] == "asset"]
+    if sorted(assets) != [-phone_number_pence] * len(org.provisions):
+        problems.append(f"{org.org_id}: {len(assets)} number charges in the ledger, {len(org.provisions)} accepted")
+    problems += _call_charge_problems(org, rows)
+    expected_balance = org.expected_balance_pence(phone_number_pence)
+    ledger_sum = sum(r["amount_pence"] for r in rows)
+    projection = await rt.pg.fetchval("SELECT balance_pence FROM org_balances WHERE org_id = $1", org.org_id)
+    wallet = await read_wallet(rt, org.org_id)
+    redis_balance = wallet.balance_pence if wallet else None
+    if not expected_balance == ledger_sum == projection == redis_balance:
+        problems.append(
+            f"{org.org_id}: expected {expected_balance}, ledger {ledger_sum}, "
+            f"projection {projection}, redis {redis_balance}"
+        )
+    dead = await rt.redis.xlen(rt.keys.org(org.org_id).dead)
+    if dead:
+        problems.append(f"{org.org_id}: {dead} dead-lettered outbox entries")
+    return problems
+
+
+def _call_charge_problems(org: OrgUnderLoad, rows: list[Any]) -> list[str]:
+    """Each call charged once, at the cost accepted for it (a call that cost nothing: no charge)."""
+    charges: dict[str, list[int]] = {}
+    for r in rows:
+        if r["call_id"] is not None:
+            charges.setdefault(r["call_id"], []).append(r["amount_pence"])
+    expected_charges = {call_id: [-cost] for call_id, cost in org.calls_pence.items() if cost > 0}
+    if charges != expected_charges:
+        wrong = {c for c in charges.keys() | expected_charges.keys() if charges.get(c) != expected_charges.get(c)}
+        return [
+            f"{org.org_id}: call charges differ for {sorted(wrong)[:5]} "
+            f"(ledger {[charges.get(c) for c in sorted(wrong)[:5]]}, "
+            f"expected {[expected_charges.get(c) for c in sorted(wrong)[:5]]})"
+        ]
+    return []
 
 
 def reconcile_cli_exit_code(rt: Runtime) -> tuple[int, str]:

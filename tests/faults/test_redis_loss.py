@@ -54,14 +54,7 @@ async def test_redis_lost_mid_call_refuses_until_restored_then_resumes_with_the_
     load = MixedLoad(deployment.url, seed=5)
     client = httpx.AsyncClient(base_url=deployment.url, timeout=10)
     try:
-
-        async def ready() -> bool:
-            try:
-                return (await client.get("/readyz")).status_code == 200
-            except httpx.TransportError:
-                return False
-
-        await wait_for(ready, 60, "the deployment")
+        await wait_for(lambda: _ready(client), 60, "the deployment")
         await load.make_orgs(1)
         org = load.orgs[0]
         auth = {"Authorization": f"Bearer {org.api_key}"}
@@ -80,23 +73,7 @@ async def test_redis_lost_mid_call_refuses_until_restored_then_resumes_with_the_
         await deployment.kill_soon("redis")
         refusals, answers = 0, 0
         if postgres_too:
-            # Nothing to restore from: every answer must be a refusal, never a guess.
-            await deployment.kill_soon("postgres")
-            await deployment.restart_soon("redis")  # empty: no persistence
-            until = time.monotonic() + 3
-            while time.monotonic() < until:
-                wallet = await client.get("/api/wallet", headers=auth)
-                probe = call(f"dark-{answers}", phone_number_id=org.number_id)
-                admission = await client.post("/api/vapi/webhook", content=assistant_request(probe), headers=VAPI)
-                answers += 1
-                assert wallet.status_code == 503 and wallet.json()["error"]["code"] in (
-                    "state_restoring",
-                    "unavailable",
-                )
-                assert admission.status_code == 200 and set(admission.json()) == {"error"} and admission.json()["error"]
-                refusals += 2
-                await asyncio.sleep(0.1)
-            await deployment.restart_soon("postgres")
+            answers, refusals = await _refused_with_nothing_to_restore_from(deployment, client, org.number_id, auth)
         else:
             await deployment.restart_soon("redis")  # empty: no persistence
         deadline = time.monotonic() + 20
@@ -139,6 +116,35 @@ async def test_redis_lost_mid_call_refuses_until_restored_then_resumes_with_the_
     finally:
         await client.aclose()
         await load.close()
+
+
+async def _ready(client: httpx.AsyncClient) -> bool:
+    try:
+        return (await client.get("/readyz")).status_code == 200
+    except httpx.TransportError:
+        return False
+
+
+async def _refused_with_nothing_to_restore_from(
+    deployment: Deployment, client: httpx.AsyncClient, number_id: str, auth: dict[str, str]
+) -> tuple[int, int]:
+    """Postgres down too and Redis back empty, for 3 s: every answer must be a refusal, never a
+    guess. Then Postgres comes back. Returns (answers, refusals)."""
+    await deployment.kill_soon("postgres")
+    await deployment.restart_soon("redis")  # empty: no persistence
+    refusals, answers = 0, 0
+    until = time.monotonic() + 3
+    while time.monotonic() < until:
+        wallet = await client.get("/api/wallet", headers=auth)
+        probe = call(f"dark-{answers}", phone_number_id=number_id)
+        admission = await client.post("/api/vapi/webhook", content=assistant_request(probe), headers=VAPI)
+        answers += 1
+        assert wallet.status_code == 503 and wallet.json()["error"]["code"] in ("state_restoring", "unavailable")
+        assert admission.status_code == 200 and set(admission.json()) == {"error"} and admission.json()["error"]
+        refusals += 2
+        await asyncio.sleep(0.1)
+    await deployment.restart_soon("postgres")
+    return answers, refusals
 
 
 async def _drained(client: httpx.AsyncClient, deployment: Deployment) -> bool:

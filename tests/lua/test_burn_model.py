@@ -26,6 +26,35 @@ async def sums_and_holds(rt: Runtime, org_id: str) -> tuple[burn.Burn, list[Hold
     return burn.Burn.from_fields(fields), [HoldRecord.decode(text) for text in raw.values()]
 
 
+class Calls:
+    """The org's calls so far, and one random decision about them at a time."""
+
+    def __init__(self) -> None:
+        self.live: list[str] = []  # reserved, not resolved
+        self.started: set[str] = set()
+        self.ended: set[str] = set()
+
+    async def move(self, rt: Runtime, org_id: str, draw: random.Random, new_call: str) -> str:
+        move = draw.choice(["reserve", "start", "end", "commit", "release"]) if self.live else "reserve"
+        call = draw.choice(self.live) if self.live else new_call
+        if move == "reserve":
+            if (await reserve_call(rt, org_id, new_call)).outcome == Outcome.ok:
+                self.live.append(new_call)
+        elif move == "start" and call not in self.started:
+            await check_call(rt, org_id, call, CallEvent.start)
+            self.started.add(call)
+        elif move == "end" and call in self.started and call not in self.ended:
+            await check_call(rt, org_id, call, CallEvent.end)
+            self.ended.add(call)
+        elif move == "commit":
+            await commit_call(rt, org_id, call, draw.randrange(0, 600))
+            self.live.remove(call)
+        elif move == "release":
+            await release_call(rt, org_id, call)
+            self.live.remove(call)
+        return move
+
+
 @pytest.mark.parametrize("seed", range(6))
 async def test_the_scripts_burn_sums_and_depletion_are_the_models(
     redis_rt: Runtime, seed: int, monkeypatch: pytest.MonkeyPatch
@@ -43,31 +72,12 @@ async def test_the_scripts_burn_sums_and_depletion_are_the_models(
     monkeypatch.setattr(decisions, "file_depletion", file)  # what the scripts report, as it is filed
     monkeypatch.setattr(holds, "add_depletion", add)
     org_id = await seed_org(rt, draw.randrange(500, 50_000), rate_pence_per_minute=draw.choice([7, 60, 113]))
-    live: list[str] = []  # reserved, not resolved
-    started: set[str] = set()
-    ended: set[str] = set()
+    calls = Calls()
     compared = 0
     for step in range(STEPS):
         rt.clock.advance(draw.randrange(0, 90_000))
-        move = draw.choice(["reserve", "start", "end", "commit", "release"]) if live else "reserve"
-        call = draw.choice(live) if live else ""
         reported.clear()
-        if move == "reserve":
-            call = f"call-{seed}-{step}"
-            if (await reserve_call(rt, org_id, call)).outcome == Outcome.ok:
-                live.append(call)
-        elif move == "start" and call not in started:
-            await check_call(rt, org_id, call, CallEvent.start)
-            started.add(call)
-        elif move == "end" and call in started and call not in ended:
-            await check_call(rt, org_id, call, CallEvent.end)
-            ended.add(call)
-        elif move in ("commit", "release"):
-            if move == "commit":
-                await commit_call(rt, org_id, call, draw.randrange(0, 600))
-            else:
-                await release_call(rt, org_id, call)
-            live.remove(call)
+        move = await calls.move(rt, org_id, draw, f"call-{seed}-{step}")
         sums, held = await sums_and_holds(rt, org_id)
         assert (sums.rate, sums.k, sums.frozen_pence) == burn.burn_sums(held, sums.at_s), (seed, step, move)
         for depletion_ms in (d for d in reported if d > 0):

@@ -5,7 +5,7 @@ Vapi never asks whether a call may go on, so the engine must act. Three layers:
 1. `maxDurationSeconds`, answered at assistant-request from what the org's available credit
    funds then: Vapi enforces it even if we are down;
 2. this push: the depletion moment of each org with live calls is predicted in Redis (the burn
-   sums in lua/_lib.lua, moved by every script that changes them) and the worker, watching the
+   sums in lua/_burn.lua, moved by every script that changes them) and the worker, watching the
    schedule, POSTs a spoken warning `kill_warn_lead_ms` before it and `{"type":"end-call"}` at it
    plus the org's grace, to every live call of the org, since they all draw on one balance;
 3. the pull endpoint (status-check) for anyone who asks.
@@ -93,7 +93,7 @@ def add_depletion(pipe: Any, rt: Runtime, org_id: str, depletion_ms: int) -> Non
 
 
 def depletion_ms_of(fields: list[Any]) -> int:
-    """The depletion moment from the org hash's balance_pence and burn sums, as _lib.lua's
+    """The depletion moment from the org hash's balance_pence and burn sums, as _burn.lua's
     burn_deadline_ms computes it (0: no call is burning)."""
     balance, burn_rate, burn_k, burn_at_s, frozen = (int(v or 0) for v in fields)
     if burn_rate <= 0:

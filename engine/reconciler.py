@@ -226,7 +226,7 @@ async def _keys_in_ledger(rt: Runtime, keys: list[str]) -> set[str]:
 
 
 def burn_sums(holds: Iterable[HoldRecord], burn_at_s: int) -> tuple[int, int, int]:
-    """(burn_rate, burn_k, burn_frozen_pence) as lua/_lib.lua keeps them, recomputed from the holds."""
+    """(burn_rate, burn_k, burn_frozen_pence) as lua/_burn.lua and lua/_holds.lua keep them, recomputed from the holds."""
     rate = k = frozen = 0
     for h in holds:
         if h.ended_ms > 0:

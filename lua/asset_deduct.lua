@@ -27,7 +27,12 @@
     -3  idempotency_conflict
     -6  outbox_full
 ]]
---- @include "_lib"
+--- @include "_base"
+--- @include "_clock"
+--- @include "_org"
+--- @include "_idem"
+--- @include "_outbox"
+--- @include "_alerts"
 
 local now = clock_ms(ARGV[1])
 local org_id = ARGV[2]

@@ -23,7 +23,12 @@
     -2  org_unknown
     -3  idempotency_conflict
 ]]
---- @include "_lib"
+--- @include "_base"
+--- @include "_clock"
+--- @include "_org"
+--- @include "_idem"
+--- @include "_outbox"
+--- @include "_alerts"
 
 local now = clock_ms(ARGV[1])
 local org_id = ARGV[2]

@@ -10,7 +10,7 @@
   This is the hot path (every status check), so it is written without the shared library: no
   closures to build, no tables for the org or the hold, only the five org fields it needs, and
   the hold record is rewritten only when something changed or a second has passed since the
-  call was last seen (billing is per second). Its arithmetic is _lib.lua's, spelled out; the
+  call was last seen (billing is per second). Its arithmetic is the libraries', spelled out; the
   stateful test and the Lua tests hold the two equal.
 
   Input:
@@ -27,7 +27,7 @@
     ARGV[6] outbox_max            no extension (fail closed) when the outbox holds this many
     ARGV[7] extensions_max        blocks this check may add, 1 .. 64
 
-  The kill switch's burn sums (see _lib.lua) change only when the call starts or ends, and
+  The kill switch's burn sums (see _burn.lua) change only when the call starts or ends, and
   the low-balance alerts only when an extension takes more credit; both are read and written
   in those rare branches alone.
 
@@ -76,7 +76,7 @@ local starting = event == 1 and started == 0 and ended == 0
 local ending = event == 2 and ended == 0
 
 -- Burn sums: a start moves the second the call burns from (its reservation -> its start); an
--- end stops the burn and freezes the call's cost. Mirrors burn_add/burn_remove in _lib.lua.
+-- end stops the burn and freezes the call's cost. Mirrors burn_add/burn_remove in _holds.lua.
 if starting or ending then
   local b = rcall('HMGET', KEYS[1], 'burn_rate', 'burn_k', 'burn_at_s', 'burn_frozen_pence')
   local burn_rate, burn_k = tonumber(b[1]) or 0, tonumber(b[2]) or 0
@@ -180,7 +180,7 @@ if changed then
     'ch', '0', 'bs', '0', 'ms', fmt('%d', now), 's', fmt('%d', seq))
 end
 if extended then
-  -- Low-balance alerts, as alerts_after_debit in _lib.lua.
+  -- Low-balance alerts, as alerts_after_debit in _alerts.lua.
   local a = rcall('HMGET', KEYS[1], 'low_balance_threshold_pence', 'alert_low_sent', 'alert_exhausted_sent', 'epoch')
   local threshold = tonumber(a[1]) or 0
   local available = balance - held

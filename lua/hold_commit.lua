@@ -42,7 +42,14 @@
   charged_pence is what this call moved (negative for a refund in an adjustment); for a replay
   or conflict it is the first commit's charge.
 ]]
---- @include "_lib"
+--- @include "_base"
+--- @include "_clock"
+--- @include "_money"
+--- @include "_org"
+--- @include "_holds"
+--- @include "_idem"
+--- @include "_outbox"
+--- @include "_alerts"
 
 local now = clock_ms(ARGV[1])
 local org_id = ARGV[2]

@@ -30,7 +30,14 @@
     -4  hold_not_found
     -8  not_expired
 ]]
---- @include "_lib"
+--- @include "_base"
+--- @include "_clock"
+--- @include "_money"
+--- @include "_org"
+--- @include "_holds"
+--- @include "_idem"
+--- @include "_outbox"
+--- @include "_alerts"
 
 local now = clock_ms(ARGV[1])
 local org_id = ARGV[2]

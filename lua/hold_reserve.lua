@@ -39,7 +39,12 @@
     -6  outbox_full
     -7  too_many_calls
 ]]
---- @include "_lib"
+--- @include "_base"
+--- @include "_clock"
+--- @include "_org"
+--- @include "_holds"
+--- @include "_outbox"
+--- @include "_alerts"
 
 local MAX_DURATION_S_MIN = 10
 local MAX_DURATION_S_MAX = 43200

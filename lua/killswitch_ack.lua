@@ -19,7 +19,10 @@
     -2  org_unknown
     -4  hold_not_found
 ]]
---- @include "_lib"
+--- @include "_base"
+--- @include "_clock"
+--- @include "_org"
+--- @include "_alerts"
 
 local now = clock_ms(ARGV[1])
 local org_id = ARGV[2]

@@ -1,6 +1,6 @@
 --[[
   The kill switch's visit to one org: which of its live calls must be warned or ended now.
-  The org's depletion moment D comes from its burn sums (_lib.lua): every running call draws
+  The org's depletion moment D comes from its burn sums (_burn.lua): every running call draws
   on the one balance, so all of them are warned at D - warn_lead and ended at D + grace.
   Each call's progress is kept in the kill hash ("warn|warn_tries|warn_next_ms|end|end_tries|
   end_next_ms", phases 0 pending, 1 done, 2 given up). An action handed out counts as an
@@ -33,7 +33,12 @@
      0  ok
     -2  org_unknown
 ]]
---- @include "_lib"
+--- @include "_base"
+--- @include "_clock"
+--- @include "_burn"
+--- @include "_org"
+--- @include "_holds"
+--- @include "_alerts"
 
 local now = clock_ms(ARGV[1])
 local org_id = ARGV[2]

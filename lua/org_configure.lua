@@ -20,7 +20,9 @@
      0  ok
     -2  org_unknown
 ]]
---- @include "_lib"
+--- @include "_base"
+--- @include "_clock"
+--- @include "_org"
 
 clock_ms(ARGV[1])
 local org_id = ARGV[2]

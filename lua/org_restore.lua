@@ -48,7 +48,11 @@
      0  ok
     -9  restore_conflict
 ]]
---- @include "_lib"
+--- @include "_base"
+--- @include "_clock"
+--- @include "_org"
+--- @include "_holds"
+--- @include "_idem"
 
 local now = clock_ms(ARGV[1])
 local org_id = ARGV[2]

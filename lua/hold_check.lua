@@ -38,6 +38,7 @@
     -2  org_unknown
     -4  hold_not_found
 ]]
+--- @include "_codes"
 local rcall = redis.call
 local fmt = string.format
 
@@ -53,12 +54,12 @@ end
 
 local v = rcall('HMGET', KEYS[1], 'balance_pence', 'held_pence', 'debt_pence', 'seq', 'hold_block_minutes')
 if v[1] == false then
-  return {-2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0}
+  return {CODE_ORG_UNKNOWN, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0}
 end
 local balance, held, debt, seq = tonumber(v[1]), tonumber(v[2]), tonumber(v[3]), tonumber(v[4])
 local record = rcall('HGET', KEYS[2], ARGV[3])
 if record == false then
-  return {-4, balance, held, balance - held, debt, seq, 0, 0, 0, 0, 0, 0, 0, 0}
+  return {CODE_HOLD_NOT_FOUND, balance, held, balance - held, debt, seq, 0, 0, 0, 0, 0, 0, 0, 0}
 end
 
 -- The hold record: "hold_pence|rate|created_ms|started_ms|last_seen_ms|expires_ms|max_duration_s|version|ended_ms"
@@ -204,4 +205,4 @@ end
 if ended > 0 then
   is_ended = 1
 end
-return {0, balance, held, balance - held, debt, seq, depletion_ms, end_call, cost, hold, remaining, is_started, recorded, is_ended}
+return {CODE_OK, balance, held, balance - held, debt, seq, depletion_ms, end_call, cost, hold, remaining, is_started, recorded, is_ended}

@@ -39,6 +39,7 @@
 --- @include "_org"
 --- @include "_holds"
 --- @include "_alerts"
+--- @include "_codes"
 
 local now = clock_ms(ARGV[1])
 local org_id = ARGV[2]
@@ -50,7 +51,7 @@ local recheck = int_arg(ARGV[7], 'recheck_ms', 1000, 3600000)
 
 local org = org_load(KEYS[1])
 if org == nil then
-  return {-2, now, 0, 0, 0}
+  return {CODE_ORG_UNKNOWN, now, 0, 0, 0}
 end
 
 local function decode_state(text)
@@ -88,13 +89,13 @@ for _, key in ipairs({KEYS[3], KEYS[5]}) do
   end
 end
 if deadline == 0 then
-  return {0, now, 0, 0, unfunded_n}
+  return {CODE_OK, now, 0, 0, unfunded_n}
 end
 
 local warn_at = deadline - warn_lead
 local end_at = deadline + org.grace_seconds * 1000
 local next_visit = now + recheck
-local reply = {0, now, deadline, 0, unfunded_n}
+local reply = {CODE_OK, now, deadline, 0, unfunded_n}
 
 local function consider(at)
   if at < next_visit then

@@ -28,7 +28,7 @@ EXPECTED = {
 
 def test_every_script_ships_in_the_lua_package() -> None:
     shipped = {e.name for e in resources.files("credit_engine.lua").iterdir() if e.name.endswith(".lua")}
-    libraries = {"_base", "_clock", "_money", "_burn", "_org", "_holds", "_idem", "_outbox", "_alerts"}
+    libraries = {"_base", "_clock", "_money", "_burn", "_org", "_holds", "_idem", "_outbox", "_alerts", "_codes"}
     assert {f"{name}.lua" for name in EXPECTED | libraries} == shipped
     assert set(SCRIPTS) == EXPECTED
 

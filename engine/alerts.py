@@ -1,7 +1,7 @@
 """Alerts to an org's webhook: low balance, balance exhausted, call ended for lack of credit,
 end-call failed.
 
-Decided in Redis with the change that causes them (lua/_lib.lua alerts_after_debit, the kill
+Decided in Redis with the change that causes them (lua/_alerts.lua alerts_after_debit, the kill
 switch's scripts), carried by the outbox into `alert_events` exactly once per key, and delivered
 from there by the worker: at least once, retried with exponential backoff, a bounded number of
 times, then marked failed (a log line at ERROR). The receiver deduplicates by the event's `id`.

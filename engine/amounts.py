@@ -1,4 +1,4 @@
-"""Money arithmetic in integer pence, mirrored exactly by the Lua scripts (see lua/_lib.lua)."""
+"""Money arithmetic in integer pence, mirrored exactly by the Lua scripts (see lua/_money.lua)."""
 
 from credit_engine.engine import limits
 

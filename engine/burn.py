@@ -1,7 +1,8 @@
 """The burn model: how fast an org's live calls spend, and when its credit runs out. The kill
-switch's prediction (lua/_lib.lua keeps it as running sums; this module is the Python model of
-them, used by the kill switch's schedule, `status`, the reconciler and the load tools, and tested
-against the Lua on generated traffic in tests/engine/test_burn.py).
+switch's prediction is kept in Redis as running sums (lua/_burn.lua; _holds.lua's burn_add and
+burn_remove move them); this module is their Python model, used by the kill switch's schedule,
+`status`, the reconciler and the load tools, and held equal to the Lua on generated traffic by
+tests/lua/test_burn_model.py.
 
 A live call burns its rate from its start (from its reservation until it is known to have started,
 so the prediction errs early) until it ends; an ended call's cost is frozen until its report
@@ -44,7 +45,7 @@ class Burn:
         return (self.k + self.rate * (t_s - self.at_s)) / 60 + self.frozen_pence
 
     def depletion_ms(self) -> int:
-        """The predicted depletion moment, as _lib.lua's burn_deadline_ms computes it: the first
+        """The predicted depletion moment, as _burn.lua's burn_deadline_ms computes it: the first
         whole second by which the calls have spent the balance (0: no call is burning; may be in
         the past; never 0 otherwise)."""
         if self.rate <= 0:
@@ -71,8 +72,8 @@ def frozen_pence(hold: HoldRecord) -> int:
 
 
 def burn_sums(holds: Iterable[HoldRecord], burn_at_s: int) -> tuple[int, int, int]:
-    """(burn_rate, burn_k, burn_frozen_pence) as lua/_lib.lua keeps them, recomputed from the holds:
-    what its burn_add and burn_remove sum to, whatever order the holds came and went in."""
+    """(burn_rate, burn_k, burn_frozen_pence) as the Lua keeps them, recomputed from the holds: what
+    burn_add and burn_remove sum to, whatever order the holds came and went in."""
     rate = k = frozen = 0
     for hold in holds:
         if hold.ended_ms > 0:

@@ -5,7 +5,7 @@ Vapi never asks whether a call may go on, so the engine must act. Three layers:
 1. `maxDurationSeconds`, answered at assistant-request from what the org's available credit
    funds then: Vapi enforces it even if we are down;
 2. this push: the depletion moment of each org with live calls is predicted in Redis (the burn
-   sums in lua/_lib.lua, moved by every script that changes them; engine/burn.py is their Python
+   sums in lua/_burn.lua, moved by every script that changes them; engine/burn.py is their Python
    model) and the worker, watching the
    schedule, POSTs a spoken warning `kill_warn_lead_ms` before it and `{"type":"end-call"}` at it
    plus the org's grace, to every live call of the org, since they all draw on one balance;

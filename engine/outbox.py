@@ -1,6 +1,6 @@
 """The outbox: each org's Redis stream of ledger entries and hold events not yet in Postgres.
 
-Scripts append to it in the same atomic step as the balance change (lua/_lib.lua). Draining:
+Scripts append to it in the same atomic step as the balance change (lua/_outbox.lua). Draining:
 read entries, write them in one Postgres transaction (engine/ledger.py), and only after COMMIT
 delete them from the stream. A crash anywhere before the delete re-delivers the entries, and
 the writer recognises them as already written, so nothing is written twice or lost.

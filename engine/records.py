@@ -1,6 +1,6 @@
 """Text formats the Lua scripts store, decoded and encoded the same way on the Python side.
 
-See lua/_lib.lua (hold_encode, call_state_encode, asset idempotency value). The reconciler
+See lua/_holds.lua (hold_encode, call_state_encode, asset idempotency value). The reconciler
 writes these formats when it rebuilds Redis from Postgres, so both sides must agree exactly;
 tests round-trip them through the scripts.
 """
@@ -24,7 +24,7 @@ class HoldRecord:
 
     @property
     def known_until_ms(self) -> int:
-        """The last moment the call is known to have run (see hold_known_until_ms in _lib.lua)."""
+        """The last moment the call is known to have run (see hold_known_until_ms in _holds.lua)."""
         return self.ended_ms if self.ended_ms > 0 else self.last_seen_ms
 
     @classmethod

@@ -1,7 +1,9 @@
 """Loads the Lua scripts shipped in the `lua` package and runs them by EVALSHA.
 
-A script may say `--- @include "_lib"` to inline lua/_lib.lua (BullMQ's include idea); the SHA
-covers the composed text. Each script's header declares its KEYS and ARGV; the loader counts
+A script may say `--- @include "_money"` to inline the library lua/_money.lua (BullMQ's include
+idea); a library may include others. The loader inlines every library a script needs, each once,
+in dependency order, in place of the script's first include line; the SHA covers the composed
+text. Each script includes exactly the libraries whose names it uses (tests/lua/test_includes.py). Each script's header declares its KEYS and ARGV; the loader counts
 them and every call is checked against the count, so a caller cannot pass a key the script
 does not declare (which would break Redis Cluster slot routing) or forget an argument.
 """
@@ -17,12 +19,15 @@ from typing import Any, cast
 from redis.asyncio import Redis, RedisCluster
 from redis.exceptions import NoScriptError, RedisError
 
+from credit_engine.engine.results import Outcome
+
 log = logging.getLogger(__name__)
 
 INCLUDE_PATTERN = re.compile(r'^--- @include "(\w+)"\s*$', re.MULTILINE)
 KEY_PATTERN = re.compile(r"^\s+KEYS\[(\d+)\]\s+(.+?)\s*$", re.MULTILINE)
 ARGV_PATTERN = re.compile(r"^\s+ARGV\[(\d+)(\.\.)?\]\s+(\S+)", re.MULTILINE)
-OUTPUT_CODE_PATTERN = re.compile(r"^\s+(-?\d+)\s+([a-z_]+)\s*$", re.MULTILINE)
+# "   -2  org_unknown", optionally followed by a note in brackets.
+OUTPUT_CODE_PATTERN = re.compile(r"^\s+(-?\d+)\s+([a-z_]+)(?:\s+\(.*\))?\s*$", re.MULTILINE)
 
 
 @dataclass(frozen=True)
@@ -51,6 +56,52 @@ def _header(text: str) -> str:
     return text[:end]
 
 
+class IncludeError(ValueError):
+    """A library included twice by one file, an include cycle, or an unknown library."""
+
+
+def direct_includes(name: str, text: str) -> list[str]:
+    """The libraries a file names in its own include lines, refusing one named twice."""
+    names = INCLUDE_PATTERN.findall(text)
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise IncludeError(f"{name}.lua includes {', '.join(twice)} more than once")
+    return names
+
+
+def include_order(name: str, text: str, libraries: dict[str, str]) -> list[str]:
+    """Every library a file needs, its own includes and theirs, each once, each after the
+    libraries it includes (a Lua local must be declared before a function can use it)."""
+    order: list[str] = []
+
+    def visit(library: str, chain: tuple[str, ...]) -> None:
+        if library in chain:
+            raise IncludeError(f"include cycle: {' -> '.join((*chain, library))}")
+        if library in order:
+            return
+        if library not in libraries:
+            raise IncludeError(f"{chain[-1]}.lua includes {library}, which is not a library in lua/")
+        for needed in direct_includes(library, libraries[library]):
+            visit(needed, (*chain, library))
+        order.append(library)
+
+    for library in direct_includes(name, text):
+        visit(library, (name,))
+    return order
+
+
+def compose(name: str, text: str, libraries: dict[str, str]) -> str:
+    """The file with its include lines replaced by the libraries it needs, inlined in order."""
+    order = include_order(name, text, libraries)
+    if not order:
+        return text
+    inlined = "\n".join(INCLUDE_PATTERN.sub("", libraries[library]).rstrip("\n") + "\n" for library in order)
+    first = INCLUDE_PATTERN.search(text)
+    assert first is not None
+    rest = INCLUDE_PATTERN.sub("", text[first.end() :])
+    return text[: first.start()] + inlined + rest
+
+
 def parse_script(name: str, text: str, includes: dict[str, str]) -> LuaScript:
     header = _header(text)
     key_matches = KEY_PATTERN.findall(header)
@@ -60,7 +111,7 @@ def parse_script(name: str, text: str, includes: dict[str, str]) -> LuaScript:
     assert fixed == list(range(1, len(fixed) + 1)), name
     output_block = header[header.index("Output:") :]
     codes = {int(code): label for code, label in OUTPUT_CODE_PATTERN.findall(output_block)}
-    source = INCLUDE_PATTERN.sub(lambda m: includes[m.group(1)], text)
+    source = compose(name, text, includes)
     return LuaScript(
         name=name,
         source=source,
@@ -70,6 +121,25 @@ def parse_script(name: str, text: str, includes: dict[str, str]) -> LuaScript:
         argv_variadic=any(dots for _, dots, _ in argv_matches),
         output_codes=codes,
     )
+
+
+CODES_LIBRARY = "_codes"
+
+
+def codes_library() -> str:
+    """lua/_codes.lua: the Outcome enum (engine/results.py) as Lua constants, so scripts return
+    CODE_ORG_UNKNOWN rather than -2. Generated; tests/lua/test_codes.py compares the shipped
+    file with this text. To write it again: python -m credit_engine.engine.scripts"""
+    lines = [
+        "--[[",
+        "  The return codes of every script: engine/results.py's Outcome enum, one constant a code.",
+        "  Generated by engine/scripts.py codes_library() (python -m credit_engine.engine.scripts);",
+        "  do not edit by hand: tests/lua/test_codes.py fails when this file and the enum differ.",
+        "]]",
+        "",
+    ]
+    lines += [f"local CODE_{outcome.name.upper()} = {int(outcome)}" for outcome in Outcome]
+    return "\n".join(lines) + "\n"
 
 
 def load_scripts() -> dict[str, LuaScript]:
@@ -161,3 +231,12 @@ class ScriptRunner:
 
         reply, _ = await self.execute(redis, build)
         return reply  # type: ignore[no-any-return]
+
+
+if __name__ == "__main__":
+    import sys
+    from pathlib import Path
+
+    target = Path(__file__).resolve().parent.parent / "lua" / f"{CODES_LIBRARY}.lua"
+    target.write_text(codes_library(), encoding="utf-8")
+    print(f"wrote {target}", file=sys.stderr)

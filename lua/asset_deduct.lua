@@ -27,7 +27,13 @@
     -3  idempotency_conflict
     -6  outbox_full
 ]]
---- @include "_lib"
+--- @include "_base"
+--- @include "_clock"
+--- @include "_org"
+--- @include "_idem"
+--- @include "_outbox"
+--- @include "_alerts"
+--- @include "_codes"
 
 local now = clock_ms(ARGV[1])
 local org_id = ARGV[2]
@@ -40,22 +46,22 @@ local meta = ARGV[8]
 
 local org = org_load(KEYS[1])
 if org == nil then
-  return with_tail(head(-2, nil), {0, 0})
+  return with_tail(head(CODE_ORG_UNKNOWN, nil), {0, 0})
 end
 idem_prune(KEYS[2], KEYS[3], now)
 local first = idem_get(KEYS[2], ledger_key)
 if first ~= nil then
   local first_amount, first_fingerprint, first_balance = string.match(first, '^(%d+)|(.*)|(%-?%d+)$')
   if first_amount == istr(amount) and first_fingerprint == fingerprint then
-    return with_tail(head(1, org), {amount, tonumber(first_balance)})
+    return with_tail(head(CODE_REPLAYED, org), {amount, tonumber(first_balance)})
   end
-  return with_tail(head(-3, org), {0, 0})
+  return with_tail(head(CODE_IDEMPOTENCY_CONFLICT, org), {0, 0})
 end
 if org.balance_pence - org.held_pence < amount then
-  return with_tail(head(-1, org), {0, 0})
+  return with_tail(head(CODE_INSUFFICIENT_FUNDS, org), {0, 0})
 end
 if not outbox_has_room(KEYS[4], outbox_max) then
-  return with_tail(head(-6, org), {0, 0})
+  return with_tail(head(CODE_OUTBOX_FULL, org), {0, 0})
 end
 
 org.balance_pence = org.balance_pence - amount
@@ -67,4 +73,4 @@ outbox_ledger(KEYS[4], org_id, org, {
   fingerprint = fingerprint, meta = meta,
 }, now)
 alerts_after_debit(KEYS[1], KEYS[4], org_id, org, now)
-return with_tail(head(0, org), {amount, org.balance_pence})
+return with_tail(head(CODE_OK, org), {amount, org.balance_pence})

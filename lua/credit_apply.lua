@@ -23,7 +23,13 @@
     -2  org_unknown
     -3  idempotency_conflict
 ]]
---- @include "_lib"
+--- @include "_base"
+--- @include "_clock"
+--- @include "_org"
+--- @include "_idem"
+--- @include "_outbox"
+--- @include "_alerts"
+--- @include "_codes"
 
 local now = clock_ms(ARGV[1])
 local org_id = ARGV[2]
@@ -34,15 +40,15 @@ local ttl = int_arg(ARGV[6], 'idempotency_ttl_ms', 1, 9007199254740991)
 
 local org = org_load(KEYS[1])
 if org == nil then
-  return with_tail(head(-2, nil), {0})
+  return with_tail(head(CODE_ORG_UNKNOWN, nil), {0})
 end
 idem_prune(KEYS[2], KEYS[3], now)
 local first = idem_get(KEYS[2], ledger_key)
 if first ~= nil then
   if first == istr(amount) then
-    return with_tail(head(1, org), {0})
+    return with_tail(head(CODE_REPLAYED, org), {0})
   end
-  return with_tail(head(-3, org), {0})
+  return with_tail(head(CODE_IDEMPOTENCY_CONFLICT, org), {0})
 end
 
 local _, debt_delta = org_credit(org, amount)
@@ -54,4 +60,4 @@ if debt_delta < 0 then
     key = repay_key, kind = 'debt_repayment', amount = debt_delta, debt_delta = debt_delta,
   }, now)
 end
-return with_tail(head(0, org), {-debt_delta})
+return with_tail(head(CODE_OK, org), {-debt_delta})

@@ -42,7 +42,15 @@
   charged_pence is what this call moved (negative for a refund in an adjustment); for a replay
   or conflict it is the first commit's charge.
 ]]
---- @include "_lib"
+--- @include "_base"
+--- @include "_clock"
+--- @include "_money"
+--- @include "_org"
+--- @include "_holds"
+--- @include "_idem"
+--- @include "_outbox"
+--- @include "_alerts"
+--- @include "_codes"
 
 local now = clock_ms(ARGV[1])
 local org_id = ARGV[2]
@@ -57,7 +65,7 @@ local meta = ARGV[9]
 
 local org = org_load(KEYS[1])
 if org == nil then
-  return with_tail(head(-2, nil), {0, 0, 0})
+  return with_tail(head(CODE_ORG_UNKNOWN, nil), {0, 0, 0})
 end
 idem_prune(KEYS[3], KEYS[4], now)
 
@@ -66,9 +74,9 @@ if state_text ~= nil then
   local state = call_state_decode(state_text)
   if state.status == 'committed' then
     if state.billed_seconds == billed then
-      return with_tail(head(1, org), {state.charged_pence, 0, 0})
+      return with_tail(head(CODE_REPLAYED, org), {state.charged_pence, 0, 0})
     end
-    return with_tail(head(-3, org), {state.charged_pence, 0, 0})
+    return with_tail(head(CODE_IDEMPOTENCY_CONFLICT, org), {state.charged_pence, 0, 0})
   end
   -- Released or expired earlier: settle the difference to the true cost.
   local true_cost = cost_pence(billed, state.rate)
@@ -94,7 +102,7 @@ if state_text ~= nil then
   if difference > 0 then
     alerts_after_debit(KEYS[1], KEYS[5], org_id, org, now)
   end
-  return with_tail(head(2, org), {difference, debt_delta, 0})
+  return with_tail(head(CODE_ADJUSTED, org), {difference, debt_delta, 0})
 end
 
 local record = rcall('HGET', KEYS[2], call_id)
@@ -106,7 +114,7 @@ if record ~= false then
   rcall('HDEL', KEYS[2], call_id)
 else
   if direct_billing == 0 then
-    return with_tail(head(3, org), {0, 0, 0})
+    return with_tail(head(CODE_UNKNOWN_CALL, org), {0, 0, 0})
   end
   -- Direct billing: no hold was ever taken for this call.
   h = {hold_pence = 0, rate = org.rate_pence_per_minute, created_ms = now, started_ms = 0,
@@ -126,4 +134,4 @@ if cost > 0 then
 end
 outbox_hold(KEYS[5], org_id, org, call_id, 'committed', h, cost, billed, now)
 alerts_after_debit(KEYS[1], KEYS[5], org_id, org, now)
-return with_tail(head(0, org), {cost, debt_delta, h.hold_pence})
+return with_tail(head(CODE_OK, org), {cost, debt_delta, h.hold_pence})

@@ -30,7 +30,15 @@
     -4  hold_not_found
     -8  not_expired
 ]]
---- @include "_lib"
+--- @include "_base"
+--- @include "_clock"
+--- @include "_money"
+--- @include "_org"
+--- @include "_holds"
+--- @include "_idem"
+--- @include "_outbox"
+--- @include "_alerts"
+--- @include "_codes"
 
 local now = clock_ms(ARGV[1])
 local org_id = ARGV[2]
@@ -45,20 +53,20 @@ end
 
 local org = org_load(KEYS[1])
 if org == nil then
-  return with_tail(head(-2, nil), {0, 0, 0})
+  return with_tail(head(CODE_ORG_UNKNOWN, nil), {0, 0, 0})
 end
 idem_prune(KEYS[3], KEYS[4], now)
 local record = rcall('HGET', KEYS[2], call_id)
 if record == false then
   local state_text = idem_get(KEYS[3], call_state_key)
   if state_text ~= nil then
-    return with_tail(head(1, org), {call_state_decode(state_text).charged_pence, 0, 0})
+    return with_tail(head(CODE_REPLAYED, org), {call_state_decode(state_text).charged_pence, 0, 0})
   end
-  return with_tail(head(-4, org), {0, 0, 0})
+  return with_tail(head(CODE_HOLD_NOT_FOUND, org), {0, 0, 0})
 end
 local h = hold_decode(record)
 if mode == 'expire' and now < h.expires_ms then
-  return with_tail(head(-8, org), {0, 0, h.hold_pence})
+  return with_tail(head(CODE_NOT_EXPIRED, org), {0, 0, h.hold_pence})
 end
 
 local billed = 0
@@ -87,4 +95,4 @@ if cost > 0 then
 end
 outbox_hold(KEYS[5], org_id, org, call_id, status, h, cost, billed, now)
 alerts_after_debit(KEYS[1], KEYS[5], org_id, org, now)
-return with_tail(head(0, org), {cost, debt_delta, h.hold_pence})
+return with_tail(head(CODE_OK, org), {cost, debt_delta, h.hold_pence})

@@ -39,7 +39,13 @@
     -6  outbox_full
     -7  too_many_calls
 ]]
---- @include "_lib"
+--- @include "_base"
+--- @include "_clock"
+--- @include "_org"
+--- @include "_holds"
+--- @include "_outbox"
+--- @include "_alerts"
+--- @include "_codes"
 
 local MAX_DURATION_S_MIN = 10
 local MAX_DURATION_S_MAX = 43200
@@ -54,15 +60,15 @@ local mode = int_arg(ARGV[7], 'mode', 0, 2)
 
 local org = org_load(KEYS[1])
 if org == nil then
-  return with_tail(head(-2, nil), {0, 0})
+  return with_tail(head(CODE_ORG_UNKNOWN, nil), {0, 0})
 end
 local existing = rcall('HGET', KEYS[2], call_id)
 if existing ~= false then
   local h = hold_decode(existing)
-  return with_tail(head(1, org), {h.hold_pence, h.max_duration_s})
+  return with_tail(head(CODE_REPLAYED, org), {h.hold_pence, h.max_duration_s})
 end
 if rcall('HEXISTS', KEYS[3], call_state_key) == 1 then
-  return with_tail(head(-5, org), {0, 0})
+  return with_tail(head(CODE_CALL_ALREADY_RESOLVED, org), {0, 0})
 end
 
 local rate = org.rate_pence_per_minute
@@ -73,13 +79,13 @@ if available > 0 then
 end
 local refusal = nil
 if mode == 2 then
-  refusal = 0
+  refusal = CODE_OK
 elseif org.max_concurrent_calls > 0 and rcall('HLEN', KEYS[2]) >= org.max_concurrent_calls then
-  refusal = -7
+  refusal = CODE_TOO_MANY_CALLS
 elseif available <= 0 or available < org.min_start_pence or funded_s < MAX_DURATION_S_MIN then
-  refusal = -1
+  refusal = CODE_INSUFFICIENT_FUNDS
 elseif not outbox_has_room(KEYS[4], outbox_max) then
-  refusal = -6
+  refusal = CODE_OUTBOX_FULL
 end
 if refusal ~= nil and mode == 0 then
   return with_tail(head(refusal, org), {0, 0})
@@ -106,9 +112,9 @@ rcall('HSET', KEYS[2], call_id, hold_encode(h))
 outbox_hold(KEYS[4], org_id, org, call_id, 'live', h, 0, 0, now)
 if refusal ~= nil then
   rcall('HINCRBY', KEYS[1], 'unfunded_n', 1)  -- the kill switch's reschedule looks for this (killswitch_tick.lua)
-  local reply = head(4, org)
+  local reply = head(CODE_ADMITTED_UNFUNDED, org)
   reply[7] = now  -- the kill switch visits the org at once and ends this call
   return with_tail(reply, {0, 0})
 end
 alerts_after_debit(KEYS[1], KEYS[4], org_id, org, now)
-return with_tail(head(0, org), {h.hold_pence, h.max_duration_s})
+return with_tail(head(CODE_OK, org), {h.hold_pence, h.max_duration_s})

@@ -19,7 +19,11 @@
     -2  org_unknown
     -4  hold_not_found
 ]]
---- @include "_lib"
+--- @include "_base"
+--- @include "_clock"
+--- @include "_org"
+--- @include "_alerts"
+--- @include "_codes"
 
 local now = clock_ms(ARGV[1])
 local org_id = ARGV[2]
@@ -31,7 +35,7 @@ end
 
 local org = org_load(KEYS[1])
 if org == nil then
-  return {-2}
+  return {CODE_ORG_UNKNOWN}
 end
 local text = rcall('HGET', KEYS[2], call_id)
 if text == false then
@@ -39,7 +43,7 @@ if text == false then
   if action == 'end' then
     outbox_alert(KEYS[3], org_id, org, 'call_ended_no_credit', call_id, now)
   end
-  return {-4}
+  return {CODE_HOLD_NOT_FOUND}
 end
 local s = {}
 for part in string.gmatch(text, '[^|]+') do
@@ -50,11 +54,11 @@ if action == 'end' then
   index = 4
 end
 if s[index] == '1' then
-  return {1}
+  return {CODE_REPLAYED}
 end
 s[index] = '1'
 rcall('HSET', KEYS[2], call_id, table.concat(s, '|'))
 if action == 'end' then
   outbox_alert(KEYS[3], org_id, org, 'call_ended_no_credit', call_id, now)
 end
-return {0}
+return {CODE_OK}

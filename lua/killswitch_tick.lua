@@ -1,6 +1,6 @@
 --[[
   The kill switch's visit to one org: which of its live calls must be warned or ended now.
-  The org's depletion moment D comes from its burn sums (_lib.lua): every running call draws
+  The org's depletion moment D comes from its burn sums (_burn.lua): every running call draws
   on the one balance, so all of them are warned at D - warn_lead and ended at D + grace.
   Each call's progress is kept in the kill hash ("warn|warn_tries|warn_next_ms|end|end_tries|
   end_next_ms", phases 0 pending, 1 done, 2 given up). An action handed out counts as an
@@ -33,7 +33,13 @@
      0  ok
     -2  org_unknown
 ]]
---- @include "_lib"
+--- @include "_base"
+--- @include "_clock"
+--- @include "_burn"
+--- @include "_org"
+--- @include "_holds"
+--- @include "_alerts"
+--- @include "_codes"
 
 local now = clock_ms(ARGV[1])
 local org_id = ARGV[2]
@@ -45,7 +51,7 @@ local recheck = int_arg(ARGV[7], 'recheck_ms', 1000, 3600000)
 
 local org = org_load(KEYS[1])
 if org == nil then
-  return {-2, now, 0, 0, 0}
+  return {CODE_ORG_UNKNOWN, now, 0, 0, 0}
 end
 
 local function decode_state(text)
@@ -83,13 +89,13 @@ for _, key in ipairs({KEYS[3], KEYS[5]}) do
   end
 end
 if deadline == 0 then
-  return {0, now, 0, 0, unfunded_n}
+  return {CODE_OK, now, 0, 0, unfunded_n}
 end
 
 local warn_at = deadline - warn_lead
 local end_at = deadline + org.grace_seconds * 1000
 local next_visit = now + recheck
-local reply = {0, now, deadline, 0, unfunded_n}
+local reply = {CODE_OK, now, deadline, 0, unfunded_n}
 
 local function consider(at)
   if at < next_visit then

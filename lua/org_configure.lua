@@ -20,7 +20,10 @@
      0  ok
     -2  org_unknown
 ]]
---- @include "_lib"
+--- @include "_base"
+--- @include "_clock"
+--- @include "_org"
+--- @include "_codes"
 
 clock_ms(ARGV[1])
 local org_id = ARGV[2]
@@ -34,7 +37,7 @@ local threshold = int_arg(ARGV[9], 'low_balance_threshold_pence', 0, 10000000000
 
 local org = org_load(KEYS[1])
 if org == nil then
-  return head(-2, nil)
+  return head(CODE_ORG_UNKNOWN, nil)
 end
 
 org.seq = org.seq + 1
@@ -50,4 +53,4 @@ if threshold ~= org.low_balance_threshold_pence then
   end
   rcall('HSET', KEYS[1], 'low_balance_threshold_pence', istr(threshold), 'alert_low_sent', below)
 end
-return head(0, org)
+return head(CODE_OK, org)

@@ -12,11 +12,12 @@
      0  ok
     -2  org_unknown               (the numbers are then all 0)
 ]]
+--- @include "_codes"
 
 local money = redis.call('HMGET', KEYS[1], 'balance_pence', 'held_pence', 'debt_pence', 'seq')
 local outbox_entries = redis.call('XLEN', KEYS[3])
 if money[1] == false then
-  return {-2, 0, 0, 0, 0, 0, outbox_entries}
+  return {CODE_ORG_UNKNOWN, 0, 0, 0, 0, 0, outbox_entries}
 end
-return {0, tonumber(money[1]), tonumber(money[2]), tonumber(money[3]), redis.call('HLEN', KEYS[2]),
+return {CODE_OK, tonumber(money[1]), tonumber(money[2]), tonumber(money[3]), redis.call('HLEN', KEYS[2]),
         tonumber(money[4] or 0), outbox_entries}

@@ -19,6 +19,7 @@
      0  ok
     -2  org_unknown               (the org hash is missing; the rest is read all the same)
 ]]
+--- @include "_codes"
 
 local field_count = tonumber(ARGV[1])
 local fields = {}
@@ -30,9 +31,9 @@ for i = 2, #ARGV do
     pending[#pending + 1] = ARGV[i]
   end
 end
-local code = 0
+local code = CODE_OK
 if redis.call('EXISTS', KEYS[1]) == 0 then
-  code = -2
+  code = CODE_ORG_UNKNOWN
 end
 local present = {}
 if #pending > 0 then

@@ -48,7 +48,12 @@
      0  ok
     -9  restore_conflict
 ]]
---- @include "_lib"
+--- @include "_base"
+--- @include "_clock"
+--- @include "_org"
+--- @include "_holds"
+--- @include "_idem"
+--- @include "_codes"
 
 local now = clock_ms(ARGV[1])
 local org_id = ARGV[2]
@@ -77,7 +82,7 @@ local org = org_load(KEYS[1])
 if rcall('XLEN', KEYS[3]) > 0 or (mode == 'absent' and org ~= nil)
     or (mode == 'seq' and (org == nil or org.seq ~= expected_seq)) then
   rcall('DEL', KEYS[6])
-  return head(-9, org)
+  return head(CODE_RESTORE_CONFLICT, org)
 end
 
 local held = 0
@@ -127,7 +132,7 @@ end
 rcall('HSET', KEYS[1], 'alert_low_sent', low_sent, 'alert_exhausted_sent', exhausted_sent)
 local restored = org_load(KEYS[1])
 restored.deadline_moved = true
-local reply = head(0, restored)
+local reply = head(CODE_OK, restored)
 for i = 16, holds_end, 2 do
   local h = hold_decode(ARGV[i + 1])
   if h.max_duration_s == 0 and h.ended_ms == 0 then

@@ -15,9 +15,10 @@
      0  ok
    -10  entry_not_found
 ]]
+--- @include "_codes"
 local entries = redis.call('XRANGE', KEYS[1], ARGV[1], ARGV[1])
 if #entries == 0 then
-  return {-10}
+  return {CODE_ENTRY_NOT_FOUND}
 end
 local fields = entries[1][2]
 fields[#fields + 1] = 'outbox_id'
@@ -26,4 +27,4 @@ fields[#fields + 1] = 'reason'
 fields[#fields + 1] = string.sub(ARGV[2], 1, 500)
 redis.call('XADD', KEYS[2], '*', unpack(fields))
 redis.call('XDEL', KEYS[1], ARGV[1])
-return {0}
+return {CODE_OK}

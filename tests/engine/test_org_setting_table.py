@@ -42,7 +42,7 @@ def test_the_scripts_take_the_settings_in_script_order_with_the_tables_bounds(sc
 
 
 def test_the_redis_hash_holds_every_script_setting() -> None:
-    library = (ROOT / "lua" / "_lib.lua").read_text()
+    library = (ROOT / "lua" / "_org.lua").read_text()
     org_fields = re.search(r"local ORG_FIELDS = \{(.*?)\}", library, re.S)
     assert org_fields is not None
     assert set(table.SCRIPT_ORDER) <= set(re.findall(r"'(\w+)'", org_fields.group(1)))

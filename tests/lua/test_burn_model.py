@@ -1,4 +1,4 @@
-"""engine/burn.py is the Python model of lua/_lib.lua's burn sums and depletion moment. On traffic
+"""engine/burn.py is the Python model of lua/_burn.lua's burn sums and depletion moment. On traffic
 drawn at random (reservations, starts, ends, commits, releases, at random moments, several rates),
 after every decision: the org hash's sums are what the model recomputes from the holds, and every
 depletion moment a script reports is the one the model predicts from the hash."""

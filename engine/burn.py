@@ -35,9 +35,9 @@ class Burn:
     frozen_pence: int
 
     @classmethod
-    def from_fields(cls, values: Sequence[object]) -> "Burn":
+    def from_fields(cls, values: Sequence[str | bytes | int | None]) -> "Burn":
         """From the org hash's FIELDS as HMGET returns them (a missing field reads as 0)."""
-        balance, rate, k, at_s, frozen = (int(str(v)) if v is not None else 0 for v in values)
+        balance, rate, k, at_s, frozen = (int(v or 0) for v in values)
         return cls(balance, rate, k, at_s, frozen)
 
     def spent_pence_by(self, t_s: int) -> float:
@@ -54,7 +54,7 @@ class Burn:
         return max(1, (self.at_s + x) * 1000)
 
 
-def depletion_ms_of(values: Sequence[object]) -> int:
+def depletion_ms_of(values: Sequence[str | bytes | int | None]) -> int:
     """Burn.from_fields(values).depletion_ms(): the depletion moment from the org hash's FIELDS."""
     return Burn.from_fields(values).depletion_ms()
 

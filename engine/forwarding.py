@@ -298,9 +298,15 @@ class AssistantServers:
             return cached[1]
         pending = self.pending.get(assistant_id)  # one lookup at a time per assistant
         if pending is None:
-            pending = self.pending[assistant_id] = asyncio.ensure_future(self._fetch(assistant_id))
+            pending = self.pending[assistant_id] = asyncio.ensure_future(self._fetch_and_keep(assistant_id))
             pending.add_done_callback(lambda _: self.pending.pop(assistant_id, None))
-        url = await asyncio.shield(pending)
+        return await asyncio.shield(pending)
+
+    async def _fetch_and_keep(self, assistant_id: str) -> str | None:
+        """The lookup, cached by the lookup itself: the answer is in the cache before the lookup
+        counts as done, so no caller finds neither a cached answer nor a lookup under way (one
+        that did, between the two, asked Vapi a second time)."""
+        url = await self._fetch(assistant_id)
         self.cache[assistant_id] = (time.monotonic(), url)
         while len(self.cache) > assistants_cached_max:
             self.cache.popitem(last=False)

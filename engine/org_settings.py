@@ -40,7 +40,15 @@ class OrgSettings:
     def script_args(self) -> list[int]:
         """The settings as org_configure.lua and org_restore.lua take them (table.SCRIPT_ORDER;
         0 where a setting is unset, and min_start_pence as in force)."""
-        return [int(self.in_force(name) or 0) for name in table.SCRIPT_ORDER]
+        return [self._script_arg(name) for name in table.SCRIPT_ORDER]
+
+    def _script_arg(self, name: str) -> int:
+        value = self.in_force(name)
+        if value is None:
+            assert table.BY_NAME[name].unsettable, f"{name} is not set"  # 0 means unset only where it may be
+            return 0
+        assert isinstance(value, int), name
+        return value
 
     def in_force(self, name: str) -> int | str | None:
         """A setting's value, or for min_start_pence the value in force when unset."""

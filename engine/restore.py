@@ -109,7 +109,12 @@ async def snapshot_orgs(rt: Runtime, org_ids: list[str]) -> dict[str, OrgSnapsho
 
 
 async def restore_org_if_absent(rt: Runtime, org_id: str) -> Outcome | None:
-    """Bring one org into Redis when Redis does not have it. None if Postgres has no such org."""
+    """Bring one org into Redis when Redis does not have it. None if Postgres has no such org.
+
+    An org nobody created is asked about cheaply first (one indexed lookup): a webhook naming an
+    unknown org would otherwise cost a full snapshot, in a transaction, every time."""
+    if not await rt.pg.fetchval("SELECT EXISTS (SELECT 1 FROM orgs WHERE org_id = $1)", org_id):
+        return None
     snapshot = (await snapshot_orgs(rt, [org_id])).get(org_id)
     if snapshot is None:
         return None

@@ -61,6 +61,7 @@ async def create(request: Request) -> Response:
     assert name is not None
     for setting in table.SETTINGS:
         if setting.required:
+            assert setting.kind == "integer", setting.name  # the one required setting today is the rate
             req.whole_number(body, setting.name, setting.minimum, setting.maximum)
     settings = OrgSettings(**{k: v for k, v in body.items() if k in SETTINGS_FIELDS})
     try:

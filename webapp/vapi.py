@@ -50,6 +50,7 @@ from credit_engine.engine.org_profiles import (  # noqa: F401
     refusal_text,
     vapi_profile,
 )
+from credit_engine.engine.orgs import org_exists
 from credit_engine.engine.replies import asyncio_reply
 from credit_engine.engine.results import Money, Outcome
 from credit_engine.webapp.auth import vapi_authenticated
@@ -555,8 +556,10 @@ async def status_check(request: Request) -> Response:
     if org_id is None:
         return json_response(_status_body(False, "unknown_call"))
     checked = await restoring(ctx.rt, org_id, lambda: check_call(ctx.rt, org_id, call_id))
-    if checked.outcome == Outcome.org_unknown:  # Postgres does not know the org either
-        return json_response(_status_body(False, "unknown_call"))
+    if checked.outcome == Outcome.org_unknown and not await org_exists(ctx.rt, org_id):
+        return json_response(_status_body(False, "unknown_call"))  # no such org, in Redis or Postgres
+    # Still unknown to Redis although Postgres has it (its restore was refused: say, an outbox left
+    # behind): a 503 below, so the caller retries, never an "unknown call" it could stop polling on.
     ctx.metrics.decision("status_check", checked.outcome.name)
     money = checked.money
     if checked.outcome == Outcome.hold_not_found:

@@ -215,6 +215,29 @@ async def test_a_status_check_naming_an_org_that_does_not_exist_is_an_unknown_ca
     assert (answer.status_code, answer.json()["reason"]) == (200, "unknown_call")
 
 
+async def test_a_status_check_while_postgres_has_the_org_but_redis_cannot_take_it_back_says_retry(api: Api) -> None:
+    """Redis lost the org's hash while its outbox still holds entries the ledger has not taken:
+    the org cannot be restored until they drain (restore_conflict). A status check then answers
+    503 state_restoring, so the caller asks again; never "unknown_call", which a caller may take
+    as "not a call of ours, stop asking" (found by review: the restore seam had made it so)."""
+    from credit_engine.engine.keys import Keyspace
+    from tests.conftest import connect_any
+
+    org, _ = await api.new_org(5000)
+    number = await api.register_number(org)
+    await api.vapi(assistant_request(call("c-kept", phone_number_id=number)))  # its hold is in the outbox
+    assert api.settings.redis_url is not None
+    redis = await connect_any(api.settings.redis_url)
+    try:
+        keys = Keyspace(api.settings.key_prefix).org(org)
+        assert await redis.xlen(keys.outbox) > 0
+        await redis.delete(keys.org)
+        answer = await api.status_check("c-kept")
+        assert (answer.status_code, answer.json()["error"]["code"]) == (503, "state_restoring"), answer.text
+    finally:
+        await redis.aclose()
+
+
 async def test_a_refused_assistant_request_does_not_leave_its_hold_behind(
     api: Api, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -191,3 +191,18 @@ async def deliver_one(
         backoff_s,
     )
     return "retrying"
+
+
+async def recent_alerts(rt: Runtime, org_id: str, limit: int) -> list[asyncpg.Record]:
+    """The org's alerts, newest first, at most `limit`: what was sent to its webhook (or is still to
+    be), for the org's own alerts page."""
+    rows: list[asyncpg.Record] = await rt.pg.fetch(
+        """
+        SELECT idempotency_key, kind, call_id, payload::text AS payload, status, attempts, last_error,
+               created_at, delivered_at
+        FROM alert_events WHERE org_id = $1 ORDER BY id DESC LIMIT $2
+        """,
+        org_id,
+        limit,
+    )
+    return rows

@@ -35,6 +35,13 @@ async def read_wallet(rt: Runtime, org_id: str) -> Wallet | None:
     return wallet
 
 
+async def projected_balance_pence(rt: Runtime, org_id: str) -> int | None:
+    """The org's balance as Postgres's projection (org_balances) has it: the ledger's answer for a
+    credit committed there and not yet applied in Redis. None when Postgres does not have the org."""
+    balance: int | None = await rt.pg.fetchval("SELECT balance_pence FROM org_balances WHERE org_id = $1", org_id)
+    return balance
+
+
 async def money_now(rt: Runtime, org_id: str) -> Money | None:
     """The org's money in Redis as it stands, for answers that ran no script (None: Redis does not
     have the org)."""

@@ -19,6 +19,7 @@ from credit_engine.engine.balances import money_now
 from credit_engine.engine.decisions import decide, restoring
 from credit_engine.engine.errors import InvalidInput, OrgNotFound
 from credit_engine.engine.idempotency import credit_ledger_key, repay_ledger_key
+from credit_engine.engine.ledger import write_credit
 from credit_engine.engine.results import Money, Outcome, ScriptResult
 from credit_engine.engine.runtime import Runtime
 from credit_engine.engine.types import CREDIT_KINDS, EntryKind
@@ -85,30 +86,8 @@ async def credit(
             balance_pence_after = projection["balance_pence"] + amount_pence
             if balance_pence_after > limits.balance_pence_max:
                 raise InvalidInput("amount_pence", f"would take the balance above {limits.balance_pence_max} pence")
-            entry_id = await conn.fetchval(
-                """
-                INSERT INTO ledger_entries (org_id, idempotency_key, kind, amount_pence, debt_delta_pence,
-                    balance_after_pence, debt_after_pence, source, created_at, meta)
-                VALUES ($1, $2, $3, $4, 0, $5, $6, 'postgres', now(), $7::jsonb)
-                RETURNING id
-                """,
-                org_id,
-                key,
-                kind.value,
-                amount_pence,
-                balance_pence_after,
-                projection["debt_pence"],
-                meta or {},  # the pool's jsonb codec encodes it
-            )
-            await conn.execute(
-                """
-                UPDATE org_balances SET balance_pence = $2, entry_count = entry_count + 1,
-                       last_entry_id = $3, updated_at = now()
-                WHERE org_id = $1
-                """,
-                org_id,
-                balance_pence_after,
-                entry_id,
+            entry_id = await write_credit(
+                conn, org_id, key, kind, amount_pence, balance_pence_after, projection["debt_pence"], meta
             )
             await conn.execute(
                 "INSERT INTO pending_credits (idempotency_key, org_id, amount_pence) VALUES ($1, $2, $3)",

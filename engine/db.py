@@ -53,3 +53,10 @@ async def create_pool(database_url: str, size: int) -> asyncpg.Pool:
     )
     assert pool is not None
     return pool
+
+
+async def ping_postgres(pool: asyncpg.Pool, timeout_s: float) -> None:
+    """A health probe: returns once Postgres answers a query within timeout_s (the wait for a
+    connection included); raises whatever kept it from answering (TimeoutError when it never did)."""
+    async with bounded(timeout_s):  # never answering is unreachable too, and quickly
+        await pool.fetchval("SELECT 1")

@@ -34,7 +34,7 @@ from credit_engine.engine.db import bounded
 from credit_engine.engine.decisions import decide
 from credit_engine.engine.idempotency import call_ledger_key, call_state_key
 from credit_engine.engine.killswitch import add_depletion
-from credit_engine.engine.records import HoldRecord
+from credit_engine.engine.records import CallState, HoldRecord
 from credit_engine.engine.replies import asyncio_reply
 from credit_engine.engine.results import Money, Outcome, decode
 from credit_engine.engine.runtime import Runtime
@@ -269,3 +269,28 @@ async def live_holds(rt: Runtime, org_id: str) -> dict[str, HoldRecord]:
     validate.org_id(org_id)
     raw = await asyncio_reply(rt.redis.hgetall(rt.keys.org(org_id).holds))
     return {call_id: HoldRecord.decode(text) for call_id, text in raw.items()}
+
+
+async def resolution_remembered(rt: Runtime, org_id: str, call_id: str) -> bool:
+    """Whether Redis still has the call's idempotency record, i.e. it resolved the call within its
+    idempotency window (CREDIT_ENGINE_IDEMPOTENCY_TTL_S)."""
+    remembered: bool = await asyncio_reply(rt.redis.hexists(rt.keys.org(org_id).idem, call_state_key(org_id, call_id)))
+    return remembered
+
+
+async def remembered_resolution(rt: Runtime, org_id: str, call_id: str) -> CallState | None:
+    """How Redis resolved the call, from its idempotency record; None when Redis has none (never
+    resolved, or longer ago than its idempotency window: ask resolution_in_postgres)."""
+    text = await asyncio_reply(rt.redis.hget(rt.keys.org(org_id).idem, call_state_key(org_id, call_id)))
+    return None if text is None else CallState.decode(text)
+
+
+async def resolution_in_postgres(rt: Runtime, org_id: str, call_id: str) -> asyncpg.Record | None:
+    """The call's row in Postgres's call_holds (status, charged_pence, billed_seconds), whatever its
+    status; None when Postgres has no such call for the org."""
+    row: asyncpg.Record | None = await rt.pg.fetchrow(
+        "SELECT status, charged_pence, billed_seconds FROM call_holds WHERE org_id = $1 AND call_id = $2",
+        org_id,
+        call_id,
+    )
+    return row

@@ -14,6 +14,11 @@ In one transaction:
 6. insert the alerts into alert_events (once per key; the worker delivers them from there).
 `INSERT ... ON CONFLICT (idempotency_key) DO NOTHING` stays as the last line of defence; if it
 ever skipped a row, the chain trigger would fail the transaction rather than let it pass.
+
+Credits (top-ups, refunds) are Postgres-first and come one at a time: engine/credits.py decides
+them under its org's projection lock and writes them through `write_credit`. Every entry the
+ledger gets, and every move of a projection, is written here (engine/orgs.py only creates an
+org's projection row, at zero).
 """
 
 from collections.abc import Sequence
@@ -25,6 +30,7 @@ import orjson
 
 from credit_engine.engine import faults
 from credit_engine.engine.records import HoldRecord
+from credit_engine.engine.runtime import Runtime
 from credit_engine.engine.timeutil import dt_from_ms, ms_from_dt
 from credit_engine.engine.types import EntryKind, HoldStatus
 
@@ -280,6 +286,47 @@ async def write_batch(
     return result
 
 
+CREDIT_INSERT_SQL = """
+INSERT INTO ledger_entries (org_id, idempotency_key, kind, amount_pence, debt_delta_pence,
+    balance_after_pence, debt_after_pence, source, created_at, meta)
+VALUES ($1, $2, $3, $4, 0, $5, $6, 'postgres', now(), $7::jsonb)
+RETURNING id
+"""
+
+CREDIT_PROJECTION_SQL = """
+UPDATE org_balances SET balance_pence = $2, entry_count = entry_count + 1,
+       last_entry_id = $3, updated_at = now()
+WHERE org_id = $1
+"""
+
+
+async def write_credit(
+    conn: asyncpg.Connection,
+    org_id: str,
+    idempotency_key: str,
+    kind: EntryKind,
+    amount_pence: int,
+    balance_pence_after: int,
+    debt_pence_after: int,
+    meta: dict[str, Any] | None,
+) -> int:
+    """A credit's entry (Postgres-first: engine/credits.py), and its org's projection moved to it.
+    In the caller's transaction, which holds the org's projection row (FOR UPDATE) and has checked
+    that the key is new and the balance after is within bounds. Returns the entry's id."""
+    entry_id: int = await conn.fetchval(
+        CREDIT_INSERT_SQL,
+        org_id,
+        idempotency_key,
+        kind.value,
+        amount_pence,
+        balance_pence_after,
+        debt_pence_after,
+        meta or {},  # the pool's jsonb codec encodes it
+    )
+    await conn.execute(CREDIT_PROJECTION_SQL, org_id, balance_pence_after, entry_id)
+    return entry_id
+
+
 async def _plan_inserts(
     conn: asyncpg.Connection,
     entries: list[LedgerEntry],
@@ -394,3 +441,20 @@ def _hold_columns(events: list[HoldEvent]) -> list[list[Any]]:
         [dt_from_ms(e.created_ms) if r else None for e, r in zip(events, resolved, strict=True)],
         [dt_from_ms(e.hold.ended_ms) if e.hold.ended_ms > 0 else None for e in events],
     ]
+
+
+async def ledger_page(rt: Runtime, org_id: str, before_id: int | None, limit: int) -> list[asyncpg.Record]:
+    """The org's ledger entries, newest first: at most `limit` of them, all older than the entry
+    `before_id` when given (a page's cursor)."""
+    rows: list[asyncpg.Record] = await rt.pg.fetch(
+        """
+        SELECT id, kind, amount_pence, debt_delta_pence, balance_after_pence, call_id, idempotency_key, created_at
+        FROM ledger_entries
+        WHERE org_id = $1 AND ($2::bigint IS NULL OR id < $2)
+        ORDER BY id DESC LIMIT $3
+        """,
+        org_id,
+        before_id,
+        limit,
+    )
+    return rows

@@ -143,6 +143,11 @@ def redis_client(url: str, pool_size: int, socket_timeout_s: float | None = 5.0,
     return Redis.from_pool(pool)  # the client owns the pool: aclose() closes its connections
 
 
+async def ping_redis(redis: Redis) -> None:
+    """A health probe: returns once Redis answers PING; raises whatever kept it from answering."""
+    await redis.ping()
+
+
 @dataclass
 class Runtime:
     settings: Settings

@@ -9,7 +9,7 @@ from starlette.responses import Response
 from credit_engine.engine import idempotent_requests as claims
 from credit_engine.engine import org_setting_table as table
 from credit_engine.engine.api_keys import issue_api_key, revoke_api_key
-from credit_engine.engine.balances import read_wallet
+from credit_engine.engine.balances import projected_balance_pence, read_wallet
 from credit_engine.engine.credits import credit
 from credit_engine.engine.errors import InvalidInput, OrgExists, OrgNotFound
 from credit_engine.engine.keys import is_org_id
@@ -140,7 +140,7 @@ async def topup(request: Request) -> Response:
         }
     else:
         # Committed in the ledger; Redis will apply it shortly (the worker, or a retry of this call).
-        projection = await ctx.rt.pg.fetchval("SELECT balance_pence FROM org_balances WHERE org_id = $1", org_id)
+        projection = await projected_balance_pence(ctx.rt, org_id)
         response = {
             "transaction_id": result.entry_id,
             "balance_pence": projection,

@@ -3,7 +3,7 @@
 from starlette.requests import Request
 from starlette.responses import Response
 
-from credit_engine.engine.alerts import SIGNATURE_HEADER, last_error_public, org_signing_secret
+from credit_engine.engine.alerts import SIGNATURE_HEADER, last_error_public, org_signing_secret, recent_alerts
 from credit_engine.webapp.responses import ApiError, json_response
 from credit_engine.webapp.wallet import org_context
 
@@ -12,15 +12,7 @@ alerts_page_max = 100
 
 async def list_alerts(request: Request) -> Response:
     ctx, org_id = await org_context(request)
-    rows = await ctx.rt.pg.fetch(
-        """
-        SELECT idempotency_key, kind, call_id, payload::text AS payload, status, attempts, last_error,
-               created_at, delivered_at
-        FROM alert_events WHERE org_id = $1 ORDER BY id DESC LIMIT $2
-        """,
-        org_id,
-        alerts_page_max,
-    )
+    rows = await recent_alerts(ctx.rt, org_id, alerts_page_max)
     return json_response(
         {
             "alerts": [

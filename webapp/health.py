@@ -6,20 +6,16 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from credit_engine.engine.clock import redis_now_ms
-from credit_engine.engine.db import bounded
+from credit_engine.engine.db import ping_postgres
 from credit_engine.engine.ledger_lag import outbox_lag_ms
-from credit_engine.engine.replies import asyncio_reply
+from credit_engine.engine.runtime import ping_redis
+from credit_engine.engine.worker_health import worker_stats
 from credit_engine.webapp.context import AppContext, context
 from credit_engine.webapp.responses import json_response
 
 
 async def healthz(request: Request) -> Response:
     return json_response({"status": "ok"})
-
-
-async def _worker_stats(ctx: AppContext) -> dict[str, int]:
-    raw = await asyncio_reply(ctx.rt.redis.hgetall(ctx.rt.keys.worker_stats))
-    return {name: int(value) for name, value in raw.items()}
 
 
 async def readyz(request: Request) -> Response:
@@ -34,7 +30,7 @@ async def readyz(request: Request) -> Response:
     ctx = context(request)
     checks: dict[str, Any] = {}
     try:
-        await ctx.rt.redis.ping()
+        await ping_redis(ctx.rt.redis)
         checks["redis"] = "ok"
     except Exception as error:  # any failure means not ready; the reason is reported
         checks["redis"] = f"unreachable: {type(error).__name__}"
@@ -42,7 +38,7 @@ async def readyz(request: Request) -> Response:
     checks["postgres"] = await _postgres_check(ctx)
     if checks["redis"] == "ok":
         try:
-            lag_ms = outbox_lag_ms(await _worker_stats(ctx), await redis_now_ms(ctx.rt.redis))
+            lag_ms = outbox_lag_ms(await worker_stats(ctx.rt), await redis_now_ms(ctx.rt.redis))
         except Exception as error:  # Redis went away between the ping and these reads
             checks["redis"] = f"unreachable: {type(error).__name__}"
         else:
@@ -63,8 +59,7 @@ postgres_check_timeout_s = 1.0  # a probe's own timeout is a few seconds: /ready
 
 async def _postgres_check(ctx: AppContext) -> str:
     try:
-        async with bounded(postgres_check_timeout_s):  # never answering is unreachable too, and quickly
-            await ctx.rt.pg.fetchval("SELECT 1")
+        await ping_postgres(ctx.rt.pg, postgres_check_timeout_s)  # never answering is unreachable too
         return "ok"
     except Exception as error:
         return f"unreachable: {type(error).__name__}"
@@ -73,7 +68,7 @@ async def _postgres_check(ctx: AppContext) -> str:
 async def metrics(request: Request) -> Response:
     ctx = context(request)
     try:
-        stats = await _worker_stats(ctx)
+        stats = await worker_stats(ctx.rt)
         now_ms = await redis_now_ms(ctx.rt.redis)
     except Exception:
         stats, now_ms = {}, 0

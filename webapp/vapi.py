@@ -37,8 +37,8 @@ from credit_engine.engine.holds import (
     commit_call,
     release_call,
     reserve_call,
+    resolution_remembered,
 )
-from credit_engine.engine.idempotency import call_state_key
 
 # The default sentences (declared once, in engine/org_profiles.py); an org may set its own.
 from credit_engine.engine.org_profiles import (  # noqa: F401
@@ -51,7 +51,6 @@ from credit_engine.engine.org_profiles import (  # noqa: F401
     vapi_profile,
 )
 from credit_engine.engine.orgs import org_exists
-from credit_engine.engine.replies import asyncio_reply
 from credit_engine.engine.results import Money, Outcome
 from credit_engine.webapp.auth import vapi_authenticated
 from credit_engine.webapp.context import AppContext, context
@@ -563,10 +562,7 @@ async def status_check(request: Request) -> Response:
     ctx.metrics.decision("status_check", checked.outcome.name)
     money = checked.money
     if checked.outcome == Outcome.hold_not_found:
-        resolved = await asyncio_reply(
-            ctx.rt.redis.hexists(ctx.rt.keys.org(org_id).idem, call_state_key(org_id, call_id))
-        )
-        if resolved:
+        if await resolution_remembered(ctx.rt, org_id, call_id):
             return json_response(_status_body(True, "call_ended", money.balance_pence, money.available_pence))
         return json_response(_status_body(False, "unknown_call", money.balance_pence, money.available_pence))
     if checked.outcome != Outcome.ok:

@@ -13,11 +13,16 @@ from credit_engine.engine.attribution import resolved_in_postgres
 from credit_engine.engine.balances import Wallet, read_wallet
 from credit_engine.engine.decisions import restoring
 from credit_engine.engine.forwarding import org_forward_secret
-from credit_engine.engine.holds import Reservation, live_holds, release_call, reserve_call
-from credit_engine.engine.idempotency import call_state_key
+from credit_engine.engine.holds import (
+    Reservation,
+    live_holds,
+    release_call,
+    remembered_resolution,
+    reserve_call,
+    resolution_in_postgres,
+)
 from credit_engine.engine.keys import is_call_id
-from credit_engine.engine.records import CallState
-from credit_engine.engine.replies import asyncio_reply
+from credit_engine.engine.ledger import ledger_page
 from credit_engine.engine.results import Outcome
 from credit_engine.engine.timeutil import dt_from_ms
 from credit_engine.webapp.auth import require_org
@@ -89,17 +94,7 @@ async def transactions(request: Request) -> Response:
     ctx, org_id = await org_context(request)
     limit = _limit(request)
     before = _cursor(request)
-    rows = await ctx.rt.pg.fetch(
-        """
-        SELECT id, kind, amount_pence, debt_delta_pence, balance_after_pence, call_id, idempotency_key, created_at
-        FROM ledger_entries
-        WHERE org_id = $1 AND ($2::bigint IS NULL OR id < $2)
-        ORDER BY id DESC LIMIT $3
-        """,
-        org_id,
-        before,
-        limit + 1,
-    )
+    rows = await ledger_page(ctx.rt, org_id, before, limit + 1)
     page = rows[:limit]
     items = [
         {
@@ -153,13 +148,9 @@ async def show_call(request: Request) -> Response:
     hold = (await live_holds(ctx.rt, org_id)).get(call_id)
     if hold is not None:
         return json_response({"status": "live", **_hold_json(call_id, hold)})
-    state_text = await asyncio_reply(ctx.rt.redis.hget(ctx.rt.keys.org(org_id).idem, call_state_key(org_id, call_id)))
-    if state_text is None:
-        row = await ctx.rt.pg.fetchrow(
-            "SELECT status, charged_pence, billed_seconds FROM call_holds WHERE org_id = $1 AND call_id = $2",
-            org_id,
-            call_id,
-        )
+    state = await remembered_resolution(ctx.rt, org_id, call_id)
+    if state is None:
+        row = await resolution_in_postgres(ctx.rt, org_id, call_id)
         if row is None:
             raise ApiError(404, "not_found", "no such call for this org")
         return json_response(
@@ -170,7 +161,6 @@ async def show_call(request: Request) -> Response:
                 "billed_seconds": row["billed_seconds"],
             }
         )
-    state = CallState.decode(state_text)
     return json_response(
         {
             "call_id": call_id,

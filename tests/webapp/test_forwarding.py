@@ -300,7 +300,9 @@ async def test_without_a_forward_url_messages_go_to_the_saved_assistants_own_ser
     the_call = call("c-own", phone_number_id=number).model_copy(update={"assistant_id": "asst-own"})
     await api.vapi(status_update(the_call, "in-progress"))
     await api.vapi(end_of_call_report(the_call, 30))
-    await eventually(lambda: platform.types("/own") == ["status-update", "end-of-call-report"])
+    # Both wait on the one lookup at Vapi, then go out from two senders at once: in either order
+    # (background forwarding does not promise a call's order; README, "Known limits").
+    await eventually(lambda: sorted(platform.types("/own")) == ["end-of-call-report", "status-update"])
     assert platform.got[0].headers["x-vapi-secret"] == PLATFORM_SECRET
     assert len([s for s in vapi_api.seen if s.path == "/assistant/asst-own"]) == 1  # cached
     assert (await wallet(api, key))["balance_pence"] == 600 - 30

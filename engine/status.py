@@ -18,7 +18,7 @@ from credit_engine.engine.holds import live_holds
 from credit_engine.engine.ledger_lag import outbox_lag_ms
 from credit_engine.engine.replies import asyncio_reply
 from credit_engine.engine.runtime import Runtime
-from credit_engine.engine.worker_health import arq_health_check_present
+from credit_engine.engine.worker_health import arq_health_check_present, worker_stats
 
 worker_stale_ms = 10_000
 busiest_shown = 10
@@ -97,7 +97,7 @@ async def org_status(rt: Runtime, org_id: str, now_ms: int | None = None) -> Org
 
 async def deployment_status(rt: Runtime) -> DeploymentStatus:
     now_ms = await redis_now_ms(rt.redis)
-    stats = {name: int(value) for name, value in (await asyncio_reply(rt.redis.hgetall(rt.keys.worker_stats))).items()}
+    stats = await worker_stats(rt.redis, rt.keys)
     arq_alive = bool(await arq_health_check_present(rt.settings, rt.redis))
     if "heartbeat_ms" in stats:
         silence_ms = now_ms - stats["heartbeat_ms"]

@@ -29,7 +29,7 @@ from credit_engine.engine.replies import asyncio_reply
 from credit_engine.engine.restore import markers_present
 from credit_engine.engine.runtime import Runtime, redis_client
 from credit_engine.engine.scripts import load_scripts
-from credit_engine.engine.worker_health import arq_health_check_present
+from credit_engine.engine.worker_health import arq_health_check_present, worker_stats
 
 connect_timeout_s = 5.0
 heartbeat_stale_ms = 10_000
@@ -158,8 +158,7 @@ class _Probes:
         return True, f"rebuilt for {state.get('orgs', '?')} orgs"
 
     async def worker_alive(self) -> tuple[bool, str]:
-        raw = await asyncio_reply(self.redis.hgetall(self.keys.worker_stats))
-        self.stats = {name: int(value) for name, value in raw.items()}
+        self.stats = await worker_stats(self.redis, self.keys)
         self.now_ms = await redis_now_ms(self.redis)
         arq_alive = await arq_health_check_present(self.settings, self.redis)
         if "heartbeat_ms" not in self.stats:

@@ -6,12 +6,11 @@ from redis.asyncio import Redis
 from credit_engine.engine.config import ConfigError, Settings
 from credit_engine.engine.keys import Keyspace
 from credit_engine.engine.replies import asyncio_reply
-from credit_engine.engine.runtime import Runtime
 
 
-async def worker_stats(rt: Runtime) -> dict[str, int]:
+async def worker_stats(redis: Redis, keys: Keyspace) -> dict[str, int]:
     """The figures the worker last reported in Redis (outbox entries, heartbeat, ...), by name."""
-    raw = await asyncio_reply(rt.redis.hgetall(rt.keys.worker_stats))
+    raw = await asyncio_reply(redis.hgetall(keys.worker_stats))
     return {name: int(value) for name, value in raw.items()}
 
 

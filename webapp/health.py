@@ -38,7 +38,7 @@ async def readyz(request: Request) -> Response:
     checks["postgres"] = await _postgres_check(ctx)
     if checks["redis"] == "ok":
         try:
-            lag_ms = outbox_lag_ms(await worker_stats(ctx.rt), await redis_now_ms(ctx.rt.redis))
+            lag_ms = outbox_lag_ms(await worker_stats(ctx.rt.redis, ctx.rt.keys), await redis_now_ms(ctx.rt.redis))
         except Exception as error:  # Redis went away between the ping and these reads
             checks["redis"] = f"unreachable: {type(error).__name__}"
         else:
@@ -68,7 +68,7 @@ async def _postgres_check(ctx: AppContext) -> str:
 async def metrics(request: Request) -> Response:
     ctx = context(request)
     try:
-        stats = await worker_stats(ctx.rt)
+        stats = await worker_stats(ctx.rt.redis, ctx.rt.keys)
         now_ms = await redis_now_ms(ctx.rt.redis)
     except Exception:
         stats, now_ms = {}, 0

@@ -198,8 +198,16 @@ class Settings:
             idempotency_ttl_ms=1000
             * _int(env, "CREDIT_ENGINE_IDEMPOTENCY_TTL_S", cls.idempotency_ttl_ms // 1000, 3600, 10**8),
             hold_report_slack_ms=1000
-            * _int(env, "CREDIT_ENGINE_HOLD_REPORT_SLACK_S", cls.hold_report_slack_ms // 1000, 0, 86_400),
-            outbox_per_org_max=_int(env, "CREDIT_ENGINE_OUTBOX_PER_ORG_MAX", cls.outbox_per_org_max, 1, 10**8),
+            * _int(
+                env,
+                "CREDIT_ENGINE_HOLD_REPORT_SLACK_S",
+                cls.hold_report_slack_ms // 1000,
+                0,
+                limits.hold_report_slack_s_max,
+            ),
+            outbox_per_org_max=_int(
+                env, "CREDIT_ENGINE_OUTBOX_PER_ORG_MAX", cls.outbox_per_org_max, 1, limits.outbox_per_org_max_max
+            ),
             pg_pool_size=_int(env, "CREDIT_ENGINE_PG_POOL_SIZE", cls.pg_pool_size, 1, 500),
             redis_pool_size=_int(env, "CREDIT_ENGINE_REDIS_POOL_SIZE", cls.redis_pool_size, 1, 10_000),
             worker_poll_interval_ms=_int(
@@ -244,14 +252,21 @@ class Settings:
                 env, "CREDIT_ENGINE_IDEMPOTENT_CLAIM_STALE_S", cls.idempotent_claim_stale_s, 1, 86_400
             ),
             kill_warn_lead_ms=1000
-            * _int(env, "CREDIT_ENGINE_KILL_WARN_LEAD_S", cls.kill_warn_lead_ms // 1000, 0, 3600),
-            kill_warning_text=env.get("CREDIT_ENGINE_KILL_WARNING_TEXT") or cls.kill_warning_text,
-            kill_attempts_max=_int(env, "CREDIT_ENGINE_KILL_ATTEMPTS_MAX", cls.kill_attempts_max, 1, 100),
-            kill_backoff_base_ms=_int(
-                env, "CREDIT_ENGINE_KILL_BACKOFF_BASE_MS", cls.kill_backoff_base_ms, 1, 3_600_000
+            * _int(
+                env, "CREDIT_ENGINE_KILL_WARN_LEAD_S", cls.kill_warn_lead_ms // 1000, 0, limits.kill_warn_lead_s_max
             ),
-            kill_backoff_max_ms=_int(env, "CREDIT_ENGINE_KILL_BACKOFF_MAX_MS", cls.kill_backoff_max_ms, 1, 3_600_000),
-            kill_recheck_ms=1000 * _int(env, "CREDIT_ENGINE_KILL_RECHECK_S", cls.kill_recheck_ms // 1000, 1, 3600),
+            kill_warning_text=env.get("CREDIT_ENGINE_KILL_WARNING_TEXT") or cls.kill_warning_text,
+            kill_attempts_max=_int(
+                env, "CREDIT_ENGINE_KILL_ATTEMPTS_MAX", cls.kill_attempts_max, 1, limits.kill_attempts_max_max
+            ),
+            kill_backoff_base_ms=_int(
+                env, "CREDIT_ENGINE_KILL_BACKOFF_BASE_MS", cls.kill_backoff_base_ms, 1, limits.kill_backoff_ms_max
+            ),
+            kill_backoff_max_ms=_int(
+                env, "CREDIT_ENGINE_KILL_BACKOFF_MAX_MS", cls.kill_backoff_max_ms, 1, limits.kill_backoff_ms_max
+            ),
+            kill_recheck_ms=1000
+            * _int(env, "CREDIT_ENGINE_KILL_RECHECK_S", cls.kill_recheck_ms // 1000, 1, limits.kill_recheck_s_max),
             kill_poll_interval_ms=_int(
                 env, "CREDIT_ENGINE_KILL_POLL_INTERVAL_MS", cls.kill_poll_interval_ms, 10, 10_000
             ),

@@ -9,13 +9,14 @@
 """
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from redis.exceptions import RedisError
 
+from credit_engine.engine import idempotent_requests as claims
 from credit_engine.engine import limits, validate
-from credit_engine.engine.balances import money_now
+from credit_engine.engine.balances import money_now, projected_balance_pence
 from credit_engine.engine.decisions import decide, restoring
 from credit_engine.engine.errors import InvalidInput, OrgNotFound
 from credit_engine.engine.idempotency import credit_ledger_key, repay_ledger_key
@@ -184,3 +185,49 @@ async def apply_pending_credits(
         else:
             report.failed += 1
     return report
+
+
+TOP_UP = "topup"  # the claim's operation
+
+
+@dataclass(frozen=True)
+class TopUp:
+    """A top-up's result, and the record its claim keeps."""
+
+    outcome: Outcome  # ok, replayed (the ledger had the key), idempotency_conflict (another amount)
+    transaction_id: int
+    balance_pence: int | None  # Redis's after applying it, else Postgres's projection
+    available_pence: int | None  # None while Redis has not applied it
+    applied: bool
+
+    def kept(self) -> bool:
+        return self.outcome != Outcome.idempotency_conflict  # a refused key is not spent
+
+    def record(self) -> dict[str, Any]:
+        return {**asdict(self), "outcome": self.outcome.name}
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> "TopUp":
+        return cls(**{**record, "outcome": Outcome[record["outcome"]]})
+
+
+async def top_up(
+    rt: Runtime, org_id: str, idempotency_key: str, amount_pence: int, meta: dict[str, Any]
+) -> claims.Once[TopUp]:
+    """A client's top-up under its Idempotency-Key, once (engine/idempotent_requests.once)."""
+    validate.amount_pence(amount_pence)  # refused before the key is claimed: a bad request spends no key
+
+    async def run(attempt: claims.Attempt) -> TopUp:
+        attempt.changed = True
+        result = await credit(rt, org_id, idempotency_key, amount_pence, meta=meta)
+        balance: int | None
+        available: int | None
+        if result.money is not None:
+            balance, available = result.money.balance_pence, result.money.available_pence
+        else:  # committed in the ledger; Redis will apply it shortly (the worker, or a retry of this call)
+            balance, available = await projected_balance_pence(rt, org_id), None
+        return TopUp(result.outcome, result.entry_id, balance, available, result.applied)
+
+    return await claims.once(
+        rt, org_id, TOP_UP, idempotency_key, {"amount_pence": amount_pence}, run, TopUp.from_record
+    )

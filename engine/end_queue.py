@@ -27,6 +27,7 @@ import asyncpg
 import orjson
 
 from credit_engine.engine.control import control_url_allowed
+from credit_engine.engine.idempotency import end_call_failed_alert_key
 from credit_engine.engine.keys import is_call_id, is_org_id
 from credit_engine.engine.replies import asyncio_reply
 from credit_engine.engine.runtime import Runtime
@@ -192,15 +193,9 @@ async def give_up_unheld_call(rt: Runtime, call: UnheldCall, now_ms: int) -> Non
     await forget_unheld_call(rt, call.call_id)
 
 
-def alert_key(org_id: str, call_id: str) -> str:
-    """Once per call. Cannot meet the scripts' alert keys (`alert:<org>:<kind>:<…>`): an org id has
-    no ':' or '/', so this key's first separator is '/', theirs ':'."""
-    return f"{org_id}/end_call_failed/{call_id}"
-
-
 async def alert_end_call_failed(rt: Runtime, call: UnheldCall, now_ms: int) -> None:
     assert call.org_id is not None
-    key = alert_key(call.org_id, call.call_id)
+    key = end_call_failed_alert_key(call.org_id, call.call_id)
     payload = {
         "id": key,
         "type": "end_call_failed",

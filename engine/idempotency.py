@@ -8,6 +8,12 @@ derivation, in one place.
 3. Ledger keys (Postgres `ledger_entries.idempotency_key`, unique): kept forever, and asked
    before Redis wherever Redis may have forgotten (a purchase, rent, a top-up's replay, a report).
 
+Beside the three layers, two more keys stop a side effect happening twice, derived here too:
+alert keys (`alert_events.idempotency_key`: one signed alert per event) and the key a purchase
+sends to the telephony provider. The scripts' balance alerts derive theirs in lua/_alerts.lua
+(`alert:<org>:<kind>:…`), which cannot meet the ones here: an org id has neither ':' nor '/', so
+these start `<org>/`.
+
 A ledger key is `<org_id>/<namespace>/<suffix>`. A client's key only ever follows a *client*
 namespace (CLIENT_NAMESPACES); every key the engine derives for itself lives in an *internal*
 namespace (INTERNAL_NAMESPACES). Namespaces are fixed words without '/', and org ids cannot hold
@@ -90,3 +96,18 @@ def call_state_key(org_id: str, call_id: str) -> str:
 def call_state_prefix(org_id: str) -> str:
     """What every call-state key of the org starts with (the reconciler reads them by it)."""
     return f"{org_id}/call/"
+
+
+def provider_purchase_key(org_id: str, purchase_key: str) -> str:
+    """What a purchase sends the telephony provider as its idempotency key."""
+    return f"{org_id}/{purchase_key}"
+
+
+def end_call_failed_alert_key(org_id: str, call_id: str) -> str:
+    """One alert per call the engine could not end."""
+    return f"{org_id}/end_call_failed/{call_id}"
+
+
+def rent_alert_key(org_id: str, kind: str, vapi_phone_number_id: str, month: str) -> str:
+    """One alert of each rent kind (due, suspended, released) per number and month."""
+    return f"{org_id}/{kind}/{vapi_phone_number_id}/{month}"

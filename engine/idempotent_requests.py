@@ -1,20 +1,30 @@
-"""The first response to each (org, operation, Idempotency-Key), kept so replays get it verbatim.
+"""The first result of each (org, operation, Idempotency-Key), kept so replays get it back: the
+first of the three idempotency layers (engine/idempotency.py names all three).
 
 begin() claims a key: a new key is ours to run; a finished one is a replay of its stored
-response; the same key with another request body is a conflict; a key another request is still
+result; the same key with another request body is a conflict; a key another request is still
 running is `in_progress` (unless that request has been silent longer than
 CREDIT_ENGINE_IDEMPOTENT_CLAIM_STALE_S, 60 s by default: its process died, and the operation,
 idempotent underneath, is run again).
+
+once() is the one way an operation runs under a claim (top-ups, provisioning): claim, run,
+then keep the result, or forget the claim, or let it go stale, by what the attempt did (Attempt).
+What is kept is the engine's result record, not an HTTP answer: the web app maps it to HTTP in
+one table (webapp/answers.py), the same way on the first answer and on every replay. Claims
+finished by releases before that keep the HTTP answer they stored, replayed verbatim (`legacy`).
 """
 
+import contextlib
 import hashlib
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
 from enum import Enum
-from typing import Any
+from typing import Any, Generic, Protocol, TypeVar
 
 import orjson
 
+from credit_engine.engine.errors import InvalidInput
 from credit_engine.engine.runtime import Runtime
 
 
@@ -26,10 +36,18 @@ class Claim(Enum):
 
 
 @dataclass(frozen=True)
+class LegacyAnswer:
+    """The HTTP answer a claim finished before release 0006 stored (replayed verbatim)."""
+
+    status: int
+    body: dict[str, Any]
+
+
+@dataclass(frozen=True)
 class Claimed:
     claim: Claim
-    status: int | None = None
-    body: dict[str, Any] | None = None
+    result: dict[str, Any] | None = None  # replay: the first attempt's result record
+    legacy: LegacyAnswer | None = None  # replay of a claim an older release finished
     claimed_at: datetime | None = None  # ours, when claim is new: whoever takes a stale claim over restarts it
 
 
@@ -55,7 +73,7 @@ async def begin(rt: Runtime, org_id: str, operation: str, key: str, request: dic
             return Claimed(Claim.new, claimed_at=inserted)
         row = await conn.fetchrow(
             """
-            SELECT request_sha256, state, response_status, response_body,
+            SELECT request_sha256, state, result, response_status, response_body,
                    created_at < now() - make_interval(secs => $4) AS stale
             FROM idempotent_requests WHERE org_id = $1 AND operation = $2 AND idempotency_key = $3
             FOR UPDATE
@@ -70,7 +88,7 @@ async def begin(rt: Runtime, org_id: str, operation: str, key: str, request: dic
         if bytes(row["request_sha256"]) != digest:
             return Claimed(Claim.conflict)
         if row["state"] == "done":
-            return Claimed(Claim.replay, row["response_status"], row["response_body"])
+            return _replay(row)
         if row["stale"]:
             claimed_at = await conn.fetchval(
                 "UPDATE idempotent_requests SET created_at = clock_timestamp() "
@@ -83,19 +101,111 @@ async def begin(rt: Runtime, org_id: str, operation: str, key: str, request: dic
         return Claimed(Claim.in_progress)
 
 
-async def finish(rt: Runtime, org_id: str, operation: str, key: str, status: int, body: dict[str, Any]) -> None:
+def _replay(row: Any) -> Claimed:
+    if row["result"] is not None:
+        return Claimed(Claim.replay, result=row["result"])
+    return Claimed(Claim.replay, legacy=LegacyAnswer(row["response_status"], row["response_body"]))
+
+
+async def finish(rt: Runtime, org_id: str, operation: str, key: str, result: dict[str, Any]) -> None:
+    """Keep the operation's result record: every later request with the key gets it back."""
     await rt.pg.execute(
         """
-        UPDATE idempotent_requests
-        SET state = 'done', response_status = $4, response_body = $5, completed_at = now()
+        UPDATE idempotent_requests SET state = 'done', result = $4, completed_at = now()
         WHERE org_id = $1 AND operation = $2 AND idempotency_key = $3
         """,
         org_id,
         operation,
         key,
-        status,
-        body,  # the pool's jsonb codec encodes the dict
+        result,  # the pool's jsonb codec encodes the dict
     )
+
+
+@dataclass
+class Attempt:
+    """What a claimed run has done so far; if it raises, this decides what becomes of its claim.
+
+    - nothing changed (or the engine refused the input, InvalidInput, which it does before any
+      write): the claim is forgotten, and the key is free again for any request;
+    - `changed` (idempotent writes, e.g. a charge under the same key): the claim is made stale at
+      once (let_go), so a retry may run it again now, and a sweep can still find and finish it;
+    - `asked_outside` (a provider that may have acted, with no key of ours): the claim stays fresh
+      for the stale time, so a slow first attempt is not doubled.
+    """
+
+    changed: bool = False
+    asked_outside: bool = False
+
+
+class Result(Protocol):
+    """What a claimed operation returns: its outcome, whether its record is kept, and the record."""
+
+    @property
+    def outcome(self) -> Enum: ...
+
+    def kept(self) -> bool: ...
+
+    def record(self) -> dict[str, Any]: ...
+
+
+R = TypeVar("R", bound=Result)
+
+
+@dataclass(frozen=True)
+class Once(Generic[R]):
+    """A request run under its key: `result` is this run's (claim new) or the first run's (replay,
+    decoded from its record); None when the key conflicts, is in progress, or is a legacy replay."""
+
+    claim: Claim
+    result: R | None = None
+    legacy: LegacyAnswer | None = None
+
+
+async def once(
+    rt: Runtime,
+    org_id: str,
+    operation: str,
+    key: str,
+    request: dict[str, Any],
+    run: Callable[[Attempt], Awaitable[R]],
+    decode: Callable[[dict[str, Any]], R],
+) -> Once[R]:
+    """Claim the key for this request and run it, or answer from the first run (see settle)."""
+    claimed = await begin(rt, org_id, operation, key, request)
+    if claimed.claim == Claim.new:
+        return Once(Claim.new, await settle(rt, org_id, operation, key, run, claimed.claimed_at))
+    if claimed.result is not None:
+        return Once(Claim.replay, decode(claimed.result))
+    return Once(claimed.claim, legacy=claimed.legacy)
+
+
+async def settle(
+    rt: Runtime,
+    org_id: str,
+    operation: str,
+    key: str,
+    run: Callable[[Attempt], Awaitable[R]],
+    claimed_at: datetime | None,
+) -> R:
+    """Run a claimed operation and settle its claim: keep a result that is `kept()`, forget one
+    that is not (it changed nothing: the key may be used again); if it raises, as Attempt says.
+    `claimed_at` None: the claim was taken over by a sweep, which leaves it for its next round."""
+    attempt = Attempt()
+    try:
+        result = await run(attempt)
+    except Exception as error:
+        if claimed_at is not None and not attempt.asked_outside:
+            with contextlib.suppress(Exception):  # Postgres may be what failed; then the claim goes stale by itself
+                if attempt.changed and not isinstance(error, InvalidInput):
+                    await let_go(rt, org_id, operation, key, claimed_at)
+                else:
+                    await abandon(rt, org_id, operation, key)
+        raise
+    if result.kept():
+        await finish(rt, org_id, operation, key, result.record())
+    else:
+        await abandon(rt, org_id, operation, key)
+    return result
 
 
 @dataclass(frozen=True)

@@ -61,6 +61,48 @@ vapi_workflows_remembered_max = 1_000  # saved workflows a platform answered wit
 vapi_workflows_checked_max = 100  # `vapi check` looks up at most this many of them, newest first
 public_url_probe_timeout_s = 5.0  # `vapi check`: GET <CREDIT_ENGINE_PUBLIC_URL>/healthz
 
+# Settings the scripts receive as arguments: the configuration (engine/config.py) reads each within
+# these bounds, and the scripts refuse anything outside them (SCRIPT_ARGS).
+hold_report_slack_s_max = 24 * 60 * 60
+outbox_per_org_max_max = 10**8
+kill_warn_lead_s_max = 60 * 60
+kill_attempts_max_max = 100
+kill_backoff_ms_max = 60 * 60 * 1000
+kill_recheck_s_max = 60 * 60
+restore_epoch_max = 2**48  # an org's restore epoch (milliseconds since 1970, far into the future)
+lua_integer_max = lua_integer_exact_max - 1
+
+# Every integer argument of the scripts that is not an org setting (those are bounded by
+# engine/org_setting_table.py) -> (min, max), as each script's `int_arg(ARGV[i], name, min, max)`
+# spells it: tests/lua/test_script_args.py reads every int_arg in lua/ and fails on a bound that
+# differs from this table, or on an argument in neither table.
+SCRIPT_ARGS: dict[str, tuple[int, int]] = {
+    "amount_pence": (1, amount_pence_max),
+    "billed_seconds": (0, billed_seconds_max),
+    "balance_pence": (-balance_pence_max, balance_pence_max),
+    "debt_pence": (0, balance_pence_max),
+    "now_ms": (0, lua_integer_max),
+    "idempotency_ttl_ms": (1, lua_integer_max),
+    "expected_seq": (0, lua_integer_max),
+    "epoch": (1, restore_epoch_max),
+    "holds_count": (0, concurrent_calls_max),
+    "outbox_max": (1, outbox_per_org_max_max),
+    "report_slack_ms": (0, hold_report_slack_s_max * 1000),
+    "mode": (0, 2),  # hold_reserve: an assistant-request, a reservation, a call first seen running
+    "direct_billing": (0, 1),
+    "warn_lead_ms": (0, kill_warn_lead_s_max * 1000),
+    "attempts_max": (1, kill_attempts_max_max),
+    "backoff_base_ms": (1, kill_backoff_ms_max),
+    "backoff_max_ms": (1, kill_backoff_ms_max),
+    "recheck_ms": (1000, kill_recheck_s_max * 1000),
+}
+# Constants the scripts spell as literals, checked by the same test.
+SCRIPT_CONSTANTS = {
+    "MAX_DURATION_S_MIN": max_duration_s_min,
+    "MAX_DURATION_S_MAX": max_duration_s_max,
+    "IDEM_PRUNE_MAX": idem_prune_per_call_max,
+}
+
 assert max_duration_s_max * rate_pence_per_minute_max < lua_integer_exact_max
 assert billed_seconds_max * rate_pence_per_minute_max < lua_integer_exact_max
 assert balance_pence_max + amount_pence_max < lua_integer_exact_max

@@ -22,7 +22,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from credit_engine.engine.assets import charge_asset
-from credit_engine.engine.idempotency import legacy_rent_ledger_key, rent_ledger_key
+from credit_engine.engine.idempotency import legacy_rent_ledger_key, rent_alert_key, rent_ledger_key
 from credit_engine.engine.phone_numbers import forget_owner
 from credit_engine.engine.results import Outcome
 from credit_engine.engine.runtime import Runtime
@@ -72,7 +72,7 @@ async def _alert(rt: Runtime, org_id: str, kind: str, number_id: str, month: str
         """INSERT INTO alert_events (org_id, idempotency_key, kind, payload, created_at)
            VALUES ($1, $2, $3, $4::jsonb, to_timestamp($5::bigint / 1000.0)) ON CONFLICT (idempotency_key) DO NOTHING""",
         org_id,
-        f"{org_id}/{kind}/{number_id}/{month}",
+        rent_alert_key(org_id, kind, number_id, month),
         kind,
         payload,
         now_ms,  # the pool's codec encodes it

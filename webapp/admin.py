@@ -9,14 +9,14 @@ from starlette.responses import Response
 from credit_engine.engine import idempotent_requests as claims
 from credit_engine.engine import org_setting_table as table
 from credit_engine.engine.api_keys import issue_api_key, revoke_api_key
-from credit_engine.engine.balances import projected_balance_pence, read_wallet
-from credit_engine.engine.credits import credit
+from credit_engine.engine.balances import read_wallet
+from credit_engine.engine.credits import TOP_UP, TopUp, top_up
 from credit_engine.engine.errors import InvalidInput, OrgExists, OrgNotFound
 from credit_engine.engine.keys import is_org_id
 from credit_engine.engine.org_settings import OrgSettings
 from credit_engine.engine.orgs import Org, create_org, get_org, update_org
 from credit_engine.engine.phone_numbers import NumberTaken, check_phone_number_id, register_number
-from credit_engine.engine.results import Outcome
+from credit_engine.webapp import answers
 from credit_engine.webapp import requests as req
 from credit_engine.webapp.auth import require_admin
 from credit_engine.webapp.context import AppContext, context
@@ -112,44 +112,20 @@ async def topup(request: Request) -> Response:
     body = await req.json_object(request, allowed={"amount_pence"})
     amount = req.amount_pence(body)
     await get_org(ctx.rt, org_id)  # 404 before claiming a key for an org that does not exist
-    claimed = await claims.begin(ctx.rt, org_id, "topup", key, {"amount_pence": amount})
-    if claimed.claim == claims.Claim.replay:
-        assert claimed.status is not None
-        return json_response(claimed.body, claimed.status, headers={"Idempotent-Replayed": "true"})
-    if claimed.claim == claims.Claim.conflict:
-        raise ApiError(422, "idempotency_key_reused", "this Idempotency-Key was used with a different request body")
-    if claimed.claim == claims.Claim.in_progress:
-        raise ApiError(
-            409, "request_in_progress", "a request with this Idempotency-Key is still running; retry shortly"
-        )
-    try:
-        result = await credit(ctx.rt, org_id, key, amount, meta={"via": "admin_api"})
-    except InvalidInput:
-        await claims.abandon(ctx.rt, org_id, "topup", key)  # refused: the key was not spent
-        raise
-    if result.outcome == Outcome.idempotency_conflict:
-        await claims.abandon(ctx.rt, org_id, "topup", key)
-        raise ApiError(422, "idempotency_key_reused", "this Idempotency-Key was used for another amount")
-    response: dict[str, object]
-    if result.money is not None:
-        response = {
-            "transaction_id": result.entry_id,
-            "balance_pence": result.money.balance_pence,
-            "available_pence": result.money.available_pence,
-            "applied": True,
-        }
-    else:
-        # Committed in the ledger; Redis will apply it shortly (the worker, or a retry of this call).
-        projection = await projected_balance_pence(ctx.rt, org_id)
-        response = {
-            "transaction_id": result.entry_id,
-            "balance_pence": projection,
-            "available_pence": None,
-            "applied": result.applied,
-        }
-    ctx.metrics.decision("topup", result.outcome.name)
-    await claims.finish(ctx.rt, org_id, "topup", key, 201, response)
-    return json_response(response, 201)
+    once = await top_up(ctx.rt, org_id, key, amount, meta={"via": "admin_api"})
+    answered = answers.claimed(TOP_UP, once, _topped_up)
+    if once.claim == claims.Claim.new and once.result is not None and once.result.kept():
+        ctx.metrics.decision(TOP_UP, once.result.outcome.name)
+    return answered.response
+
+
+def _topped_up(result: TopUp) -> dict[str, Any]:
+    return {
+        "transaction_id": result.transaction_id,
+        "balance_pence": result.balance_pence,
+        "available_pence": result.available_pence,
+        "applied": result.applied,
+    }
 
 
 async def register_phone_number(request: Request) -> Response:

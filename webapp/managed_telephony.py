@@ -1,11 +1,13 @@
 """Phone-number provisioning (org API key): the price, and buying a number with it."""
 
 import re
+from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import Response
 
-from credit_engine.engine.provisioning import ProvisionRequest, provision
+from credit_engine.engine.provisioning import OPERATION, Provision, ProvisionRequest, provision
+from credit_engine.webapp import answers
 from credit_engine.webapp import requests as req
 from credit_engine.webapp.responses import json_response
 from credit_engine.webapp.wallet import CURRENCY, org_context
@@ -27,8 +29,15 @@ async def provision_number(request: Request) -> Response:
         area_code=req.text(body, "area_code", pattern=AREA_CODE, length_max=3),
         assistant_id=req.text(body, "assistant_id", pattern=ASSISTANT_ID, length_max=128),
     )
-    response = await provision(ctx.rt, ctx.telephony, org_id, key, wanted, ctx.settings.phone_number_pence)
-    error = response.body.get("error") if isinstance(response.body, dict) else None
-    ctx.metrics.decision("provision", error["code"] if isinstance(error, dict) else str(response.status))
-    headers = {"Idempotent-Replayed": "true"} if response.replayed else None
-    return json_response(response.body, response.status, headers=headers)
+    once = await provision(ctx.rt, ctx.telephony, org_id, key, wanted, ctx.settings.phone_number_pence)
+    answered = answers.claimed(OPERATION, once, _bought)
+    ctx.metrics.decision(OPERATION, answered.label)
+    return answered.response
+
+
+def _bought(result: Provision) -> dict[str, Any]:
+    return {
+        "phone_number": result.phone_number,
+        "charged_pence": result.price_pence,
+        "balance_pence": result.balance_pence,
+    }

@@ -25,6 +25,7 @@ from credit_engine.engine.keys import is_call_id
 from credit_engine.engine.ledger import ledger_page
 from credit_engine.engine.results import Outcome
 from credit_engine.engine.timeutil import dt_from_ms
+from credit_engine.webapp import answers
 from credit_engine.webapp.auth import require_org
 from credit_engine.webapp.context import AppContext, context
 from credit_engine.webapp.responses import ApiError, json_response
@@ -218,18 +219,10 @@ async def _check_call_is_new(ctx: AppContext, org_id: str, call_id: str) -> None
 
 
 def _refusal(reservation: Reservation) -> ApiError:
-    """The API's answer to a reservation the engine did not make."""
-    if reservation.outcome == Outcome.insufficient_funds:
-        return ApiError(
-            402,
-            "insufficient_balance",
-            f"not enough credit to start a call: {reservation.money.available_pence} pence available",
-        )
-    if reservation.outcome == Outcome.too_many_calls:
-        return ApiError(409, "too_many_calls", "the org is at its limit of concurrent calls")
-    if reservation.outcome == Outcome.call_already_resolved:
-        return ApiError(409, "call_already_resolved", "this call has already ended and been billed", field="call_id")
-    return ApiError(503, "unavailable", f"cannot reserve now ({reservation.outcome.name}); retry shortly")
+    """The API's answer to a reservation the engine did not make (webapp/answers.py)."""
+    error = answers.refused("reserve", reservation.outcome, reservation)
+    assert error is not None, reservation.outcome
+    return error
 
 
 async def forwarding_secret(request: Request) -> Response:

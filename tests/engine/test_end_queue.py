@@ -11,7 +11,8 @@ import pytest
 
 from credit_engine.engine.clock import ManualClock
 from credit_engine.engine.config import Settings
-from credit_engine.engine.end_queue import alert_key, end_unheld_call
+from credit_engine.engine.end_queue import end_unheld_call
+from credit_engine.engine.idempotency import end_call_failed_alert_key
 from credit_engine.engine.killswitch import KillSwitch, RoundReport, run_round
 from credit_engine.engine.killswitch_push import ControlUrls
 from credit_engine.engine.runtime import Runtime
@@ -133,7 +134,7 @@ async def test_always_failing_is_given_up_alerted_and_counted(
         "SELECT org_id, kind, call_id, idempotency_key, payload::text AS payload FROM alert_events"
     )
     assert [(r["org_id"], r["kind"], r["call_id"], r["idempotency_key"]) for r in rows] == [
-        (org_id, "end_call_failed", "dead", alert_key(org_id, "dead"))
+        (org_id, "end_call_failed", "dead", end_call_failed_alert_key(org_id, "dead"))
     ]  # the orphan has no org to alert
     assert (
         '"reason": "resolved, live again"' in rows[0]["payload"] and '"type": "end_call_failed"' in rows[0]["payload"]

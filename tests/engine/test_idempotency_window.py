@@ -9,9 +9,10 @@ from credit_engine.engine.clock import ManualClock
 from credit_engine.engine.credits import credit
 from credit_engine.engine.holds import commit_call, reserve_call
 from credit_engine.engine.idempotency import call_state_key, credit_ledger_key, legacy_rent_ledger_key, rent_ledger_key
+from credit_engine.engine.idempotent_requests import Claim
 from credit_engine.engine.outbox import drain_org_fully
 from credit_engine.engine.phone_numbers import number_for_provision_key, register_number
-from credit_engine.engine.provisioning import ProvisionRequest, provision
+from credit_engine.engine.provisioning import Provided, ProvisionRequest, provision
 from credit_engine.engine.reconciler import check, repair
 from credit_engine.engine.rent import charge_rent
 from credit_engine.engine.results import Outcome
@@ -63,11 +64,11 @@ async def test_a_purchase_replayed_after_redis_forgot_its_key_is_answered_from_p
     org = await new_org(rt, 5_000)
     telephony = FakeTelephony()
     first = await provision(rt, telephony, org, "buy-1", ProvisionRequest("415", None), 1000)
-    assert first.status == 201
+    assert first.result is not None and first.result.outcome == Provided.bought
     await drain_org_fully(rt, org)
     await _past_the_window(rt, clock, org)
     again = await provision(rt, telephony, org, "buy-1", ProvisionRequest("415", None), 1000)
-    assert (again.status, again.body, again.replayed) == (201, first.body, True)
+    assert (again.claim, again.result) == (Claim.replay, first.result)
     wallet = await read_wallet(rt, org)
     assert wallet is not None and wallet.balance_pence == 5_000 - 1000 - 1
     await drain_org_fully(rt, org)
@@ -136,12 +137,12 @@ async def test_a_purchase_keyed_like_rent_gets_no_free_rent_and_no_free_number(r
     await rt.pg.execute("UPDATE phone_numbers SET rent_paid_month = '2026-11' WHERE vapi_phone_number_id = $1", number)
     # Next month's rent as a key, on a purchase that fails at the provider (area code 999): refunded.
     failed = await provision(rt, telephony, org, f"rent:{number}:2026-12", ProvisionRequest("999", None), 1000)
-    assert failed.status == 502
+    assert failed.result is not None and failed.result.outcome == Provided.provider_failed
     # November's rent as a key, after Redis forgot it: the ledger already has the key.
     await drain_org_fully(rt, org)
     await _past_the_window(rt, clock, org)
     clash = await provision(rt, telephony, org, f"rent:{number}:2026-11", ProvisionRequest("415", None), 1000)
-    assert (clash.status, clash.body["error"]["code"]) == (422, "idempotency_key_reused")
+    assert clash.result is not None and clash.result.outcome == Provided.idempotency_conflict
     assert await number_for_provision_key(rt, org, f"rent:{number}:2026-11") is None  # no number, no charge
     clock.value_ms = _at(2026, 12, 1)
     december = await charge_rent(rt, telephony)

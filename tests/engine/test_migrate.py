@@ -70,3 +70,31 @@ async def test_0005_upgrades_a_database_with_orgs_and_downgrades(empty_database:
         assert set(PROFILE_COLUMNS) <= await columns(conn)
     finally:
         await conn.close()
+
+
+async def test_0006_keeps_finished_claims_and_downgrades(empty_database: str) -> None:
+    """0006 lets a claim keep the engine's result: a claim finished before it keeps its HTTP
+    answer (replayed verbatim); a finished claim has exactly one of the two."""
+    await migrate(empty_database, "upgrade", "0005")
+    conn = await asyncpg.connect(asyncpg_dsn(empty_database))
+    insert = (
+        "INSERT INTO idempotent_requests (org_id, operation, idempotency_key, request_sha256, request_body, "
+        "state, response_status, response_body{}) VALUES ($1, 'topup', 'k', '\\x00', '{{}}', $2, $3, $4{})"
+    )
+    try:
+        await conn.execute(insert.format("", ""), "old", "done", 201, '{"applied": true}')
+        await migrate(empty_database, "upgrade", "0006")
+        row = await conn.fetchrow("SELECT response_status, response_body, result FROM idempotent_requests")
+        assert tuple(row.values()) == (201, '{"applied": true}', None)
+        await conn.execute(insert.format(", result", ", $5"), "new", "done", None, None, '{"outcome": "ok"}')
+        for state, status, result in (
+            ("done", 201, '{"outcome": "ok"}'),
+            ("done", None, None),
+            ("in_progress", 201, None),
+        ):
+            with pytest.raises(asyncpg.CheckViolationError):
+                await conn.execute(insert.format(", result", ", $5"), "bad", state, status, None, result)
+        await migrate(empty_database, "downgrade", "0005")
+        assert [r["org_id"] for r in await conn.fetch("SELECT org_id FROM idempotent_requests")] == ["old"]
+    finally:
+        await conn.close()

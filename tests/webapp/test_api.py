@@ -4,6 +4,7 @@ import time
 
 import pytest
 
+from credit_engine.engine import limits
 from credit_engine.engine.runtime import Runtime
 from tests.webapp.conftest import Api
 from tests.webapp.test_seed_scenarios import ledger_kinds, wallet
@@ -302,3 +303,51 @@ async def test_inputs_that_once_made_a_500_are_4xx(api: Api) -> None:
     assert (over.status_code, over.json()["error"]["field"]) == (422, "amount_pence")
     again = await api.admin("POST", f"/api/admin/orgs/{org}/topups", big, headers={"Idempotency-Key": "over"})
     assert again.status_code == 422  # refused again, not "still in progress"
+
+
+async def test_a_claim_finished_by_an_older_release_is_replayed_verbatim(api: Api, rt: Runtime) -> None:
+    """Before migration 0006 a claim kept the HTTP answer; after it, the engine's result, which the
+    web app maps (webapp/answers.py). A key finished before the upgrade still replays its answer."""
+    org, key = await api.new_org()
+    first = await api.admin(
+        "POST", f"/api/admin/orgs/{org}/topups", {"amount_pence": 300}, headers={"Idempotency-Key": "old"}
+    )
+    stored = await rt.pg.fetchval(
+        "SELECT result FROM idempotent_requests WHERE org_id = $1 AND idempotency_key = 'old'", org
+    )
+    assert stored["outcome"] == "ok" and stored["transaction_id"] == first.json()["transaction_id"]
+    legacy_body = {**first.json(), "note": "as an older release stored it"}
+    await rt.pg.execute(
+        "UPDATE idempotent_requests SET result = NULL, response_status = 201, response_body = $2 "
+        "WHERE org_id = $1 AND idempotency_key = 'old'",
+        org,
+        legacy_body,
+    )
+    replay = await api.admin(
+        "POST", f"/api/admin/orgs/{org}/topups", {"amount_pence": 300}, headers={"Idempotency-Key": "old"}
+    )
+    assert (replay.status_code, replay.json(), replay.headers["Idempotent-Replayed"]) == (201, legacy_body, "true")
+    assert (await wallet(api, key))["balance_pence"] == 300
+
+
+async def test_a_refused_top_up_spends_no_key(api: Api, rt: Runtime) -> None:
+    """A top-up the engine refuses (it would take the balance over its bound) forgets its claim:
+    the same key is neither replayed as a refusal nor a conflict for another amount."""
+    org, key = await api.new_org()
+    for n in range(limits.balance_pence_max // limits.amount_pence_max):
+        topped = await api.admin(
+            "POST",
+            f"/api/admin/orgs/{org}/topups",
+            {"amount_pence": limits.amount_pence_max},
+            headers={"Idempotency-Key": f"big-{n}"},
+        )
+        assert topped.status_code == 201
+    for amount in (1, 2):
+        over = await api.admin(
+            "POST", f"/api/admin/orgs/{org}/topups", {"amount_pence": amount}, headers={"Idempotency-Key": "k"}
+        )
+        assert (over.status_code, over.json()["error"]["field"]) == (422, "amount_pence"), over.text
+        assert "Idempotent-Replayed" not in over.headers
+        claimed = "SELECT count(*) FROM idempotent_requests WHERE org_id = $1 AND idempotency_key = 'k'"
+        assert await rt.pg.fetchval(claimed, org) == 0
+    assert (await wallet(api, key))["balance_pence"] == limits.balance_pence_max

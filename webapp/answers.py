@@ -97,14 +97,18 @@ def _fields_of(result: Any) -> dict[str, Any]:
     return values
 
 
+def error(row: Refusal, values: dict[str, Any] | None = None) -> ApiError:
+    values = values or {}
+    details = {name: values[source] for name, source in row.details.items()}
+    return ApiError(row.status, row.code, row.message.format(**values), field=row.field, details=details)
+
+
 def refused(operation: str, outcome: Enum, result: Any = None) -> ApiError | None:
     """The ApiError answering this outcome, or None when it is a success."""
     row = refusal(operation, outcome)
     if row is None:
         return None
-    values = {**_fields_of(result), "outcome": outcome_name(outcome)}
-    details = {name: values[source] for name, source in row.details.items()}
-    return ApiError(row.status, row.code, row.message.format(**values), field=row.field, details=details)
+    return error(row, {**_fields_of(result), "outcome": outcome_name(outcome)})
 
 
 @dataclass(frozen=True)
@@ -120,13 +124,13 @@ def claimed(
     every replay (which also says `Idempotent-Replayed: true`)."""
     headers = REPLAYED if once.claim == claims.Claim.replay else None
     if once.legacy is not None:  # stored by a release before results were kept: verbatim
-        error = once.legacy.body.get("error")
-        label = error["code"] if isinstance(error, dict) else str(once.legacy.status)
+        legacy_error = once.legacy.body.get("error")
+        label = legacy_error["code"] if isinstance(legacy_error, dict) else str(once.legacy.status)
         return Answered(json_response(once.legacy.body, once.legacy.status, headers=REPLAYED), label)
-    refusal = (
+    refusing = (
         refused(operation, once.claim) if once.result is None else refused(operation, once.result.outcome, once.result)
     )
-    if refusal is not None:
-        return Answered(refusal.response(headers), refusal.code)
+    if refusing is not None:
+        return Answered(refusing.response(headers), refusing.code)
     assert once.result is not None
     return Answered(json_response(success(once.result), status, headers=headers), str(status))

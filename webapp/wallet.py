@@ -45,7 +45,7 @@ async def _wallet(ctx: AppContext, org_id: str) -> Wallet:
     if wallet is None and await ctx.bring_org_in(org_id):
         wallet = await read_wallet(ctx.rt, org_id)
     if wallet is None:
-        raise ApiError(503, "state_restoring", "this account is being restored; retry shortly")
+        raise answers.error(answers.RESTORING)
     return wallet
 
 

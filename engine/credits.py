@@ -208,7 +208,8 @@ class TopUp:
 
     @classmethod
     def from_record(cls, record: dict[str, Any]) -> "TopUp":
-        return cls(**{**record, "outcome": Outcome[record["outcome"]]})
+        known = {name: record[name] for name in cls.__dataclass_fields__ if name in record}
+        return cls(**{**known, "outcome": Outcome[record["outcome"]]})
 
 
 async def top_up(
@@ -218,7 +219,10 @@ async def top_up(
     validate.amount_pence(amount_pence)  # refused before the key is claimed: a bad request spends no key
 
     async def run(attempt: claims.Attempt) -> TopUp:
-        attempt.changed = True
+        # attempt.changed stays False: if this raises, the claim is forgotten even after the
+        # ledger entry was written, as the entry's own key makes a rerun a replay (the same
+        # amount) or a conflict (another), never a second credit; a refusal (InvalidInput) spends
+        # no key.
         result = await credit(rt, org_id, idempotency_key, amount_pence, meta=meta)
         balance: int | None
         available: int | None

@@ -24,7 +24,6 @@ from typing import Any, Generic, Protocol, TypeVar
 
 import orjson
 
-from credit_engine.engine.errors import InvalidInput
 from credit_engine.engine.runtime import Runtime
 
 
@@ -108,11 +107,12 @@ def _replay(row: Any) -> Claimed:
 
 
 async def finish(rt: Runtime, org_id: str, operation: str, key: str, result: dict[str, Any]) -> None:
-    """Keep the operation's result record: every later request with the key gets it back."""
+    """Keep the operation's result record: every later request with the key gets it back. The
+    first result kept stays (one that took a stale claim over and finished first wins)."""
     await rt.pg.execute(
         """
         UPDATE idempotent_requests SET state = 'done', result = $4, completed_at = now()
-        WHERE org_id = $1 AND operation = $2 AND idempotency_key = $3
+        WHERE org_id = $1 AND operation = $2 AND idempotency_key = $3 AND state = 'in_progress'
         """,
         org_id,
         operation,
@@ -125,8 +125,8 @@ async def finish(rt: Runtime, org_id: str, operation: str, key: str, result: dic
 class Attempt:
     """What a claimed run has done so far; if it raises, this decides what becomes of its claim.
 
-    - nothing changed (or the engine refused the input, InvalidInput, which it does before any
-      write): the claim is forgotten, and the key is free again for any request;
+    - nothing changed, or nothing a rerun under another body could get wrong (a top-up's ledger
+      key refuses another amount by itself): the claim is forgotten, and the key is free again;
     - `changed` (idempotent writes, e.g. a charge under the same key): the claim is made stale at
       once (let_go), so a retry may run it again now, and a sweep can still find and finish it;
     - `asked_outside` (a provider that may have acted, with no key of ours): the claim stays fresh
@@ -193,19 +193,24 @@ async def settle(
     attempt = Attempt()
     try:
         result = await run(attempt)
-    except Exception as error:
+        if result.kept():
+            await finish(rt, org_id, operation, key, result.record())
+        else:
+            await abandon(rt, org_id, operation, key)
+    except Exception:
         if claimed_at is not None and not attempt.asked_outside:
             with contextlib.suppress(Exception):  # Postgres may be what failed; then the claim goes stale by itself
-                if attempt.changed and not isinstance(error, InvalidInput):
-                    await let_go(rt, org_id, operation, key, claimed_at)
-                else:
-                    await abandon(rt, org_id, operation, key)
+                await _release(rt, org_id, operation, key, claimed_at, attempt)
         raise
-    if result.kept():
-        await finish(rt, org_id, operation, key, result.record())
+    return result
+
+
+async def _release(rt: Runtime, org_id: str, operation: str, key: str, claimed_at: datetime, attempt: Attempt) -> None:
+    """A claimed run failed (or its result could not be kept): free the key now, as Attempt says."""
+    if attempt.changed:
+        await let_go(rt, org_id, operation, key, claimed_at)
     else:
         await abandon(rt, org_id, operation, key)
-    return result
 
 
 @dataclass(frozen=True)

@@ -72,7 +72,7 @@ kill_recheck_s_max = 60 * 60
 restore_epoch_max = 2**48  # an org's restore epoch (milliseconds since 1970, far into the future)
 lua_integer_max = lua_integer_exact_max - 1
 
-# Every integer argument of the scripts that is not an org setting (those are bounded by
+# Every integer argument the scripts check with int_arg that is not an org setting (those are bounded by
 # engine/org_setting_table.py) -> (min, max), as each script's `int_arg(ARGV[i], name, min, max)`
 # spells it: tests/lua/test_script_args.py reads every int_arg in lua/ and fails on a bound that
 # differs from this table, or on an argument in neither table.

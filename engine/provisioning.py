@@ -82,7 +82,8 @@ class Provision:
 
     @classmethod
     def from_record(cls, record: dict[str, Any]) -> "Provision":
-        return cls(**{**record, "outcome": Provided(record["outcome"])})
+        known = {name: record[name] for name in cls.__dataclass_fields__ if name in record}  # a newer release's too
+        return cls(**{**known, "outcome": Provided(record["outcome"])})
 
 
 async def provision(

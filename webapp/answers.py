@@ -3,9 +3,11 @@
 The engine returns outcomes (a script's `Outcome`, a purchase's `Provided`, a claim's `Claim`);
 it never builds an HTTP status or body. This table says what each outcome of each operation
 answers: the status, the error code and its message (formatted from the result's fields), and the
-result fields an error body carries. An operation's own row wins over the row for every operation
-(`ANY`), which wins over the operation's row for any other outcome. A claimed request's replay is answered from the same table, so the first answer and every
-replay of it are one mapping of one stored result (engine/idempotent_requests.py).
+result fields an error body carries. Looked up in this order: the operation's own row for the
+outcome, the operation's row for any other outcome (`(operation, ANY)`), the row for every
+operation (`(ANY, outcome)`). A claimed request's replay is answered from the same table, so the
+first answer and every replay of it are one mapping of one stored result
+(engine/idempotent_requests.py).
 """
 
 from collections.abc import Callable, Mapping
@@ -83,10 +85,10 @@ def outcome_name(outcome: Enum) -> str:
 
 
 def refusal(operation: str, outcome: Enum) -> Refusal | None:
-    """The table's row for this outcome of this operation: its own, else every operation's, else
-    the operation's row for any other outcome. None: the operation succeeded."""
+    """The table's row for this outcome of this operation: its own, else the operation's row for
+    any other outcome, else every operation's. None: the operation succeeded."""
     name = outcome_name(outcome)
-    return REFUSALS.get((operation, name)) or REFUSALS.get((ANY, name)) or REFUSALS.get((operation, ANY))
+    return REFUSALS.get((operation, name)) or REFUSALS.get((operation, ANY)) or REFUSALS.get((ANY, name))
 
 
 def _fields_of(result: Any) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 columns, so existing orgs keep today's behaviour, with named checks; and it downgrades cleanly."""
 
 import asyncio
+import json
 import secrets
 from collections.abc import AsyncIterator
 
@@ -74,27 +75,53 @@ async def test_0005_upgrades_a_database_with_orgs_and_downgrades(empty_database:
 
 async def test_0006_keeps_finished_claims_and_downgrades(empty_database: str) -> None:
     """0006 lets a claim keep the engine's result: a claim finished before it keeps its HTTP
-    answer (replayed verbatim); a finished claim has exactly one of the two."""
+    answer (replayed verbatim); a finished claim has exactly one of the two, a result an object.
+    Downgrading writes each result back as the HTTP answer this release gives it."""
     await migrate(empty_database, "upgrade", "0005")
     conn = await asyncpg.connect(asyncpg_dsn(empty_database))
     insert = (
         "INSERT INTO idempotent_requests (org_id, operation, idempotency_key, request_sha256, request_body, "
-        "state, response_status, response_body{}) VALUES ($1, 'topup', 'k', '\\x00', '{{}}', $2, $3, $4{})"
+        "state, response_status, response_body{}) VALUES ($1, $2, 'k', '\\x00', '{{}}', $3, $4, $5{})"
     )
+    with_result = insert.format(", result", ", $6")
     try:
-        await conn.execute(insert.format("", ""), "old", "done", 201, '{"applied": true}')
+        await conn.execute(insert.format("", ""), "old", "topup", "done", 201, '{"applied": true}')
         await migrate(empty_database, "upgrade", "0006")
         row = await conn.fetchrow("SELECT response_status, response_body, result FROM idempotent_requests")
         assert tuple(row.values()) == (201, '{"applied": true}', None)
-        await conn.execute(insert.format(", result", ", $5"), "new", "done", None, None, '{"outcome": "ok"}')
         for state, status, result in (
             ("done", 201, '{"outcome": "ok"}'),
             ("done", None, None),
             ("in_progress", 201, None),
+            ("done", None, "null"),
         ):
             with pytest.raises(asyncpg.CheckViolationError):
-                await conn.execute(insert.format(", result", ", $5"), "bad", state, status, None, result)
+                await conn.execute(with_result, "bad", "topup", state, status, None, result)
+        topped = {"outcome": "ok", "transaction_id": 7, "balance_pence": 90, "available_pence": None, "applied": False}
+        number = {"id": "pn-1", "number": "+1", "status": "active"}
+        bought = {"outcome": "bought", "price_pence": 1000, "phone_number": number, "balance_pence": 4000}
+        failed = {"outcome": "provider_failed", "price_pence": 1000, "refund_transaction_id": 9}
+        for org, operation, result in (("t", "topup", topped), ("b", "provision", bought), ("f", "provision", failed)):
+            await conn.execute(with_result, org, operation, "done", None, None, json.dumps(result))
+        await conn.execute(with_result, "x", "future", "done", None, None, '{"outcome": "ok"}')
         await migrate(empty_database, "downgrade", "0005")
-        assert [r["org_id"] for r in await conn.fetch("SELECT org_id FROM idempotent_requests")] == ["old"]
+        rows = await conn.fetch("SELECT org_id, response_status, response_body FROM idempotent_requests ORDER BY 1")
+        answers = {row["org_id"]: (row["response_status"], json.loads(row["response_body"])) for row in rows}
+        assert answers == {
+            "old": (201, {"applied": True}),
+            "t": (201, {"transaction_id": 7, "balance_pence": 90, "available_pence": None, "applied": False}),
+            "b": (201, {"phone_number": number, "charged_pence": 1000, "balance_pence": 4000}),
+            "f": (
+                502,
+                {
+                    "error": {
+                        "code": "provider_failed",
+                        "message": "the telephony provider could not supply a number; the charge was refunded",
+                        "refunded_pence": 1000,
+                        "refund_transaction_id": 9,
+                    }
+                },
+            ),
+        }
     finally:
         await conn.close()

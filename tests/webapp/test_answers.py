@@ -50,6 +50,21 @@ def test_every_reservation_outcome_is_a_success_or_a_refusal(outcome: Outcome) -
     assert "{" not in error.message
 
 
+@pytest.mark.parametrize("outcome", [Outcome.org_unknown, Outcome.outbox_full, Outcome.not_expired])
+def test_a_reservation_the_engine_cannot_make_now_is_unavailable(outcome: Outcome) -> None:
+    """The reserve endpoint's own row for any other outcome wins over every operation's rows
+    (a purchase answers outbox_full as ledger_backlog, a reservation as unavailable)."""
+    error = answers.refused("reserve", outcome, Reservation(outcome, MONEY, 0, 0))
+    assert error is not None
+    assert (error.status_code, error.code, error.message) == (
+        503,
+        "unavailable",
+        f"cannot reserve now ({outcome.name}); retry shortly",
+    )
+    purchase = answers.refused(OPERATION, Provided.outbox_full, Provision(Provided.outbox_full, 1))
+    assert purchase is not None and purchase.code == "ledger_backlog"
+
+
 def test_a_reservation_refusal_says_what_was_available() -> None:
     error = answers.refused("reserve", Outcome.insufficient_funds, Reservation(Outcome.insufficient_funds, MONEY, 0, 0))
     assert error is not None and error.message == "not enough credit to start a call: 100 pence available"

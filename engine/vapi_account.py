@@ -205,7 +205,14 @@ class VapiAccount:
     ) -> list[AccountNumber]:
         """Every number on the account, each once (see the module docstring for the paging)."""
         return await self._list_all(
-            "/phone-number", "listing the account's phone numbers", number_from, {}, page_size, pages_max, on_page
+            "/phone-number",
+            "listing the account's phone numbers",
+            number_from,
+            {},
+            page_size,
+            pages_max,
+            on_page,
+            "numbers",
         )
 
     async def list_calls(
@@ -221,7 +228,9 @@ class VapiAccount:
         (the SDK's `calls.list`: `createdAtGe`, `createdAtLt`, `limit`)."""
         assert created_from < created_to
         window = {"createdAtGe": _iso(created_from), "createdAtLt": _iso(created_to)}
-        return await self._list_all("/call", "listing Vapi's calls", _call_from, window, page_size, pages_max, on_page)
+        return await self._list_all(
+            "/call", "listing Vapi's calls", _call_from, window, page_size, pages_max, on_page, "calls"
+        )
 
     async def _list_all(
         self,
@@ -232,6 +241,7 @@ class VapiAccount:
         page_size: int,
         pages_max: int,
         on_page: Callable[[int, int], None] | None,
+        noun: str,
     ) -> list[Item]:
         """Page through a createdAt-ordered list with no cursor, within the createdAt `window`."""
         assert 1 <= page_size <= 1_000
@@ -254,7 +264,7 @@ class VapiAccount:
             bound = next_page_bound(page, what)
             # The window stays (an upper bound beside createdAtLe; createdAtGe is replaced by a later one).
             params = {"limit": page_size, **window, bound: page[-1].created_at}
-        raise VapiError(what, None, f"more than {pages_max * page_size} items to list (at most {pages_max} pages)")
+        raise VapiError(what, None, f"more than {pages_max * page_size} {noun} to list (at most {pages_max} pages)")
 
     async def call(self, call_id: str) -> VapiCallRecord | None:
         """GET /call/{id}; None when Vapi does not know it (404)."""

@@ -143,3 +143,26 @@ async def test_lookups_keep_to_the_rate_across_workers(rt: Runtime, clock: Manua
     assert len(arrivals) == 9
     # Any rps + 1 requests in a row span a second (less a little for the HTTP's own jitter).
     assert all(later - earlier >= 0.95 for earlier, later in zip(arrivals, arrivals[rps:], strict=False)), arrivals
+
+
+async def test_the_worker_job_counts_its_lookups_and_does_nothing_without_a_vapi_key(
+    rt: Runtime, clock: ManualClock, vapi_api: FakeVapiApi
+) -> None:
+    from credit_engine.worker import jobs
+    from credit_engine.worker.metrics import METRICS
+
+    def counted(event: str) -> float:
+        return METRICS.registry.get_sample_value("credit_engine_worker_events_total", {"event": event}) or 0.0
+
+    org_id = await new_org(rt, 10_000)
+    funded_s = await _running_call(rt, org_id, "call-job")
+    vapi_api.add_call("call-job", status="ended", started_at=T0, ended_at=T0 + timedelta(seconds=20))
+    clock.advance(funded_s * 1000 + GRACE_MS + 1)
+    assert await jobs.settle_holds({"rt": rt, "vapi": None}) == {}  # no VAPI_API_KEY: as before
+    assert "call-job" in await live_holds(rt, org_id)
+    before = counted("settle_committed"), counted("settle_looked_up")
+    async with _account(rt, vapi_api) as account:
+        result = await jobs.settle_holds({"rt": rt, "vapi": account})
+    assert (result["looked_up"], result["committed"], result["charged_pence"]) == (1, 1, 20)
+    assert (counted("settle_committed"), counted("settle_looked_up")) == (before[0] + 1, before[1] + 1)
+    assert await rt.redis.hget(rt.keys.worker_counters, "settle_committed") in ("1", b"1")

@@ -8,6 +8,7 @@
   verify      check a deployment: schema, scripts, worker, lag, Redis = Postgres (exit 1 on any cross)
   status      balances, live calls, ledger lag and worker health; --watch refreshes like top
   vapi        connect a Vapi account (VAPI_API_KEY): import its numbers, connect them, check them
+  audit       audit vapi: compare the ledger with Vapi's own records of calls (exit 1 on a mismatch)
 
 Connection settings come from REDIS_URL and DATABASE_URL; when they are not set, the commands
 other than `up` use the servers of a running `credit-engine up` (its <data-dir>/services.json).
@@ -367,6 +368,27 @@ def build_parser() -> argparse.ArgumentParser:
     vapi_check = vapi_commands.add_parser("check", help="a tick or a cross per number and setting (exit 1 on a cross)")
     vapi_check.add_argument("--json", action="store_true", help="machine-readable report")
     vapi.set_defaults(handler=cmd_vapi)
+
+    audit = commands.add_parser(
+        "audit", help="compare the ledger with Vapi's own records of calls (exit 1 on a mismatch)"
+    )
+    audit_commands = audit.add_subparsers(dest="audit_command", required=True)
+    audit_vapi = audit_commands.add_parser(
+        "vapi",
+        help="Vapi's calls in a window against the ledger: unbilled, other seconds, unknown to Vapi",
+        description="List Vapi's calls created in [--since, --until) (VAPI_API_KEY; GET /call, paced by "
+        "CREDIT_ENGINE_VAPI_API_RPS) for the numbers registered here, and compare each with how the engine "
+        "billed it. Exit 0: nothing left to fix; 1: a mismatch remains; 2: bad input or a missing setting.",
+    )
+    audit_vapi.add_argument("--since", required=True, help="start of the window: YYYY-MM-DD (UTC) or an ISO date-time")
+    audit_vapi.add_argument("--until", help="end of the window, excluded (default: now)")
+    audit_vapi.add_argument(
+        "--settle",
+        action="store_true",
+        help="bill what was never billed, at Vapi's seconds (once: a rerun bills nothing)",
+    )
+    audit_vapi.add_argument("--json", action="store_true", help="machine-readable report")
+    audit.set_defaults(handler=cmd_audit)
     _accept_data_dir_everywhere(parser)
     return parser
 
@@ -526,6 +548,71 @@ async def _vapi_report(
 def _on_listing_page(pages: int, count: int) -> None:
     if pages > 1:  # a large account: say where the listing is
         print(f"listing the Vapi account's numbers: {count} after {pages} pages", file=sys.stderr, flush=True)
+
+
+def _instant(text: str, option: str) -> Any:
+    """A date (midnight UTC) or an ISO date-time with a zone (none: UTC); InvalidInput otherwise."""
+    from datetime import UTC, datetime
+
+    from credit_engine.engine.errors import InvalidInput
+
+    try:
+        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise InvalidInput(option, f"must be YYYY-MM-DD or an ISO 8601 date-time, got {text[:40]!r}") from None
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+
+
+def _audit_window(args: argparse.Namespace) -> tuple[Any, Any]:
+    from datetime import UTC, datetime
+
+    from credit_engine.engine.errors import InvalidInput
+
+    since = _instant(args.since, "--since")
+    until = _instant(args.until, "--until") if args.until else datetime.now(UTC)
+    if since >= until:
+        raise InvalidInput("--until", "the window is empty: --since must come before --until")
+    return since, until
+
+
+def cmd_audit(args: argparse.Namespace, settings: Settings) -> int:
+    from credit_engine.engine.errors import InvalidInput
+
+    if settings.vapi_api_key is None:
+        print("error: VAPI_API_KEY is not set: the audit reads Vapi's own records of calls", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        since, until = _audit_window(args)
+    except InvalidInput as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    return _with_runtime(settings, lambda rt: _run_audit(args, rt, since, until))
+
+
+async def _run_audit(args: argparse.Namespace, rt: Any, since: Any, until: Any) -> int:
+    from credit_engine.engine.audit import audit_vapi
+    from credit_engine.engine.progress import ProgressLine
+    from credit_engine.engine.vapi_account import VapiAccount, VapiError
+    from credit_engine.engine.vapi_calls import VapiPace
+
+    settings = rt.settings
+    pace = VapiPace(rt.redis, rt.keys, settings.vapi_api_rps)
+    progress = ProgressLine("audit", sys.stderr, unit="calls", flagged="mismatched")
+    async with VapiAccount(settings.vapi_api_key, settings.vapi_base_url, pace=pace.wait_turn) as account:
+        try:
+            report = await audit_vapi(
+                rt, account, since, until, settle=args.settle, on_page=_on_calls_page, progress=progress
+            )
+        except VapiError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return EXIT_FAILED
+    print(json.dumps(report.as_json(), indent=2) if args.json else report.table())
+    return EXIT_OK if report.ok else EXIT_FAILED
+
+
+def _on_calls_page(pages: int, count: int) -> None:
+    if pages > 1:  # a large window: say where the listing is
+        print(f"listing Vapi's calls: {count} after {pages} pages", file=sys.stderr, flush=True)
 
 
 PASSTHROUGH = {"bench": cmd_bench, "loadtest": cmd_loadtest}

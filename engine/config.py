@@ -141,6 +141,7 @@ class Settings:
     rent_release_days: int = 30  # unpaid this long into the month: released at the provider
     vapi_api_key: str | None = None  # None: phone numbers come from the fake provider
     vapi_base_url: str = "https://api.vapi.ai"
+    vapi_api_rps: int = limits.vapi_api_rps_default  # GET /call lookups a second (settle, audit), all processes
     default_assistant_id: str | None = None  # for numbers registered without an assistant
     fake_provider_failing_area_codes: frozenset[str] = frozenset({"999"})
     readiness_outbox_lag_s_max: int = 60
@@ -241,6 +242,7 @@ class Settings:
             rent_release_days=_int(env, "CREDIT_ENGINE_RENT_RELEASE_DAYS", cls.rent_release_days, 0, 3650),
             vapi_api_key=env.get("VAPI_API_KEY") or None,
             vapi_base_url=env.get("VAPI_BASE_URL", cls.vapi_base_url).rstrip("/"),
+            vapi_api_rps=_int(env, "CREDIT_ENGINE_VAPI_API_RPS", cls.vapi_api_rps, 1, limits.vapi_api_rps_max),
             default_assistant_id=env.get("CREDIT_ENGINE_DEFAULT_ASSISTANT_ID") or None,
             fake_provider_failing_area_codes=_codes(
                 env, "CREDIT_ENGINE_FAKE_PROVIDER_FAILING_AREA_CODES", cls.fake_provider_failing_area_codes

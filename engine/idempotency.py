@@ -81,7 +81,10 @@ def repay_ledger_key(org_id: str, credit_ledger_key: str) -> str:
 
 
 def call_ledger_key(org_id: str, call_id: str, phase: str) -> str:
-    """A call's charge (`charge`) or a late report's difference (`adjust`)."""
+    """A call's charge (`charge`) or a late report's difference (`adjust`). The one key a call is
+    billed under, whoever bills it: its end-of-call-report, the settle job from Vapi's record
+    (engine/settle.py) or `audit vapi --settle` (engine/audit.py), so that any two of them are a
+    replay (or an adjustment), never two charges."""
     assert "/" not in call_id
     assert phase in ("charge", "adjust")
     return _ledger_key(org_id, "call", f"{call_id}/{phase}")
@@ -111,3 +114,9 @@ def end_call_failed_alert_key(org_id: str, call_id: str) -> str:
 def rent_alert_key(org_id: str, kind: str, vapi_phone_number_id: str, month: str) -> str:
     """One alert of each rent kind (due, suspended, released) per number and month."""
     return f"{org_id}/{kind}/{vapi_phone_number_id}/{month}"
+
+
+def audit_alert_key(org_id: str, day: str) -> str:
+    """One `vapi_audit_mismatch` alert per org and audited day ('YYYY-MM-DD')."""
+    assert len(day) == 10 and day[4] == "-" and day[7] == "-"
+    return f"{org_id}/vapi_audit_mismatch/{day}"

@@ -170,6 +170,14 @@ class Keyspace:
         """Sorted set: saved workflows a platform answered an assistant-request with, by when (ms)."""
         return f"{self.prefix}:workflows-answered"
 
+    def vapi_pace_slot(self, slot: int) -> str:
+        """Set while one Vapi request owns this 1/rps-second slot (engine/vapi_calls.VapiPace)."""
+        return f"{self.prefix}:vapi:pace:{slot}"
+
+    def settle_looked_up(self, call_id: str) -> str:
+        """Set while a silent hold's call was looked up at Vapi recently (engine/settle.py)."""
+        return f"{self.prefix}:vapi:settle:{call_id}"
+
     @property
     def arq_queue(self) -> str:
         return f"{self.prefix}:arq:queue"

@@ -60,6 +60,17 @@ vapi_assistants_checked_max = 100  # `vapi check` looks up at most this many dis
 vapi_workflows_remembered_max = 1_000  # saved workflows a platform answered with, newest kept (call_server)
 vapi_workflows_checked_max = 100  # `vapi check` looks up at most this many of them, newest first
 public_url_probe_timeout_s = 5.0  # `vapi check`: GET <CREDIT_ENGINE_PUBLIC_URL>/healthz
+# Vapi's records of calls (engine/settle.py, engine/audit.py): lookups paced per second, shared by
+# every process through Redis (CREDIT_ENGINE_VAPI_API_RPS within these bounds).
+vapi_api_rps_default = 5
+vapi_api_rps_max = 100
+vapi_pace_wait_slots_max = 10_000  # slots a request may wait for before giving up (at 1/s: under 3 h)
+vapi_calls_page_size = 1_000  # GET /call?limit=
+vapi_calls_pages_max = 1_000  # a window of more than 1,000,000 calls is refused, never half-audited
+settle_report_grace_s = 60  # a silent hold is looked up this long after its report was due
+settle_recheck_s = 60  # a call Vapi says is running (or could not answer for) is looked up again after this
+audit_unknown_lookups_max = 10_000  # billed calls missing from Vapi's listing, each confirmed by GET /call/{id}
+audit_mismatches_alerted_max = 20  # call ids named in one org's audit alert
 
 # Settings the scripts receive as arguments: the configuration (engine/config.py) reads each within
 # these bounds, and the scripts refuse anything outside them (SCRIPT_ARGS).
@@ -109,4 +120,7 @@ assert balance_pence_max + amount_pence_max < lua_integer_exact_max
 assert idempotency_ttl_ms_default > max_duration_s_max * 1000 + hold_report_slack_ms_default
 assert settle_orgs_per_batch_max <= settle_batch_size_max
 assert 1 <= vapi_numbers_page_size <= 1_000  # Vapi refuses a `limit` above 1,000
+assert 1 <= vapi_calls_page_size <= 1_000
+assert 1 <= vapi_api_rps_default <= vapi_api_rps_max
+assert settle_report_grace_s * 1000 < hold_report_slack_ms_default  # looked up well before it expires
 assert org_profile_read_s_max < 5.0  # well inside the assistant-request budget (webapp/vapi.py)

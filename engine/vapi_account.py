@@ -1,4 +1,5 @@
-"""The platform's Vapi account through Vapi's REST API: its phone numbers, a credential, an assistant.
+"""The platform's Vapi account through Vapi's REST API: its phone numbers, a credential, an
+assistant, and its calls (`GET /call/{id}`, `GET /call` for the settle job and `audit vapi`).
 
 Used by `credit-engine vapi import|connect|check` (engine/vapi_setup.py) with VAPI_API_KEY and
 VAPI_BASE_URL. Every request has a bounded timeout. A 429, a 5xx or a transport error is tried
@@ -6,7 +7,10 @@ again (`vapi_request_attempts_max`, after a doubling backoff or Vapi's Retry-Aft
 `vapi_retry_after_s_max`); anything else that is not a 2xx is a VapiError that names what was
 asked (the number, the credential) and Vapi's status, and never carries a secret.
 
-Listing. `GET /phone-number` answers at most `limit` numbers (1,000 at most) and has no page
+An optional `pace` is awaited before every request, each retry included: the settle job and the
+audit pass engine/vapi_calls.VapiPace, which holds the deployment to CREDIT_ENGINE_VAPI_API_RPS.
+
+Listing. `GET /phone-number` (and `GET /call`, within a createdAt window) answers at most `limit` numbers (1,000 at most) and has no page
 cursor, only createdAt filters. So the next page asks for the numbers created at or before
 (newest first) or at or after (oldest first) the last one seen, in whichever order the page came,
 and drops the ids already seen: the bounds are inclusive so that numbers sharing the boundary's
@@ -18,15 +22,16 @@ silently short list.
 import asyncio
 import itertools
 import math
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Self
+from typing import Any, Protocol, Self, TypeVar
 from urllib.parse import quote
 
 import httpx
 
 from credit_engine.engine import limits
+from credit_engine.engine.vapi_calls import VapiCallRecord, call_record_from
 
 ATTACHMENTS = ("assistantId", "squadId", "workflowId")  # any of these set: no assistant-request
 backoff_base_s = 0.5
@@ -109,37 +114,54 @@ def number_from(item: Any) -> AccountNumber:
     )
 
 
-def _instant(number: AccountNumber) -> datetime:
+class Listed(Protocol):
+    """What paging by createdAt needs of a listed item (a number, a call)."""
+
+    @property
+    def id(self) -> str: ...
+
+    @property
+    def created_at(self) -> str: ...
+
+
+def _instant(item: Listed, what: str) -> datetime:
     try:
-        return datetime.fromisoformat(number.created_at)
+        return datetime.fromisoformat(item.created_at.replace("Z", "+00:00"))
     except ValueError:
         raise VapiError(
-            "listing the account's phone numbers",
-            None,
-            f"number {number.id} has a createdAt that is not a date: {number.created_at[:40]!r}",
+            what, None, f"item {item.id} has a createdAt that is not a date: {item.created_at[:40]!r}"
         ) from None
 
 
-def next_page_bound(page: list[AccountNumber]) -> str:
+def next_page_bound(page: Sequence[Listed], what: str = "listing the account's phone numbers") -> str:
     """The createdAt filter that continues after a full page: `createdAtLe` after a newest-first
-    page, `createdAtGe` after an oldest-first one (with the last number's createdAt)."""
-    instants = [_instant(number) for number in page]
+    page, `createdAtGe` after an oldest-first one (with the last item's createdAt)."""
+    instants = [_instant(item, what) for item in page]
     pairs = list(itertools.pairwise(instants))
     newest_first = all(a >= b for a, b in pairs)
     oldest_first = all(a <= b for a, b in pairs)
     if newest_first and oldest_first:
         raise VapiError(
-            "listing the account's phone numbers",
-            None,
-            f"more than {len(page) - 1} numbers were created at {page[0].created_at}: cannot page past them",
+            what, None, f"more than {len(page) - 1} items were created at {page[0].created_at}: cannot page past them"
         )
     if not (newest_first or oldest_first):
-        raise VapiError(
-            "listing the account's phone numbers",
-            None,
-            "Vapi's list is not ordered by createdAt, so it cannot be paged safely",
-        )
+        raise VapiError(what, None, "Vapi's list is not ordered by createdAt, so it cannot be paged safely")
     return "createdAtLe" if newest_first else "createdAtGe"
+
+
+Item = TypeVar("Item", bound=Listed)
+
+
+def _iso(instant: datetime) -> str:
+    assert instant.tzinfo is not None
+    return instant.isoformat()
+
+
+def _call_from(item: Any) -> VapiCallRecord:
+    record = call_record_from(item)
+    if record is None:
+        raise VapiError("listing Vapi's calls", None, "Vapi answered a call without an id or createdAt")
+    return record
 
 
 def redact(text: str, *secrets: str | None) -> str:
@@ -158,7 +180,9 @@ class VapiAccount:
         timeout_s: float = limits.vapi_request_timeout_s,
         backoff_s: float = backoff_base_s,
         redacted: tuple[str | None, ...] = (),
+        pace: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
+        self.pace = pace  # awaited before every request, each retry included (engine/vapi_calls.VapiPace)
         self.api_key = api_key
         self.base_url = base_url.rstrip("/")
         self.timeout_s = timeout_s
@@ -180,35 +204,78 @@ class VapiAccount:
         on_page: Callable[[int, int], None] | None = None,
     ) -> list[AccountNumber]:
         """Every number on the account, each once (see the module docstring for the paging)."""
+        return await self._list_all(
+            "/phone-number",
+            "listing the account's phone numbers",
+            number_from,
+            {},
+            page_size,
+            pages_max,
+            on_page,
+            "numbers",
+        )
+
+    async def list_calls(
+        self,
+        created_from: datetime,
+        created_to: datetime,
+        *,
+        page_size: int = limits.vapi_calls_page_size,
+        pages_max: int = limits.vapi_calls_pages_max,
+        on_page: Callable[[int, int], None] | None = None,
+    ) -> list[VapiCallRecord]:
+        """Every call Vapi created in [created_from, created_to), each once, paged like the numbers
+        (the SDK's `calls.list`: `createdAtGe`, `createdAtLt`, `limit`)."""
+        assert created_from < created_to
+        window = {"createdAtGe": _iso(created_from), "createdAtLt": _iso(created_to)}
+        return await self._list_all(
+            "/call", "listing Vapi's calls", _call_from, window, page_size, pages_max, on_page, "calls"
+        )
+
+    async def _list_all(
+        self,
+        path: str,
+        what: str,
+        parse: Callable[[Any], Item],
+        window: dict[str, str],
+        page_size: int,
+        pages_max: int,
+        on_page: Callable[[int, int], None] | None,
+        noun: str,
+    ) -> list[Item]:
+        """Page through a createdAt-ordered list with no cursor, within the createdAt `window`."""
         assert 1 <= page_size <= 1_000
         assert pages_max >= 1
-        seen: dict[str, AccountNumber] = {}
-        params: dict[str, Any] = {"limit": page_size}
+        seen: dict[str, Item] = {}
+        params: dict[str, Any] = {"limit": page_size, **window}
         for page_index in range(pages_max):
-            items = await self._request("GET", "/phone-number", "listing the account's phone numbers", params=params)
+            items = await self._request("GET", path, what, params=params)
             if not isinstance(items, list):
-                raise VapiError(
-                    "listing the account's phone numbers", None, "Vapi answered something that is not a list"
-                )
-            page = [number_from(item) for item in items]
-            fresh = [number for number in page if number.id not in seen]
-            seen.update((number.id, number) for number in fresh)
+                raise VapiError(what, None, "Vapi answered something that is not a list")
+            page = [parse(item) for item in items]
+            fresh = [item for item in page if item.id not in seen]
+            seen.update((item.id, item) for item in fresh)
             if on_page is not None:
                 on_page(page_index + 1, len(seen))
             if len(page) < page_size:
                 return list(seen.values())
             if not fresh:
-                raise VapiError(
-                    "listing the account's phone numbers",
-                    None,
-                    f"a page of {page_size} brought no new number: cannot page further",
-                )
-            params = {"limit": page_size, next_page_bound(page): page[-1].created_at}
-        raise VapiError(
-            "listing the account's phone numbers",
-            None,
-            f"the account has more than {pages_max * page_size} numbers (vapi_numbers_pages_max)",
-        )
+                raise VapiError(what, None, f"a page of {page_size} brought no new item: cannot page further")
+            bound = next_page_bound(page, what)
+            # The window stays (an upper bound beside createdAtLe; createdAtGe is replaced by a later one).
+            params = {"limit": page_size, **window, bound: page[-1].created_at}
+        raise VapiError(what, None, f"more than {pages_max * page_size} {noun} to list (at most {pages_max} pages)")
+
+    async def call(self, call_id: str) -> VapiCallRecord | None:
+        """GET /call/{id}; None when Vapi does not know it (404)."""
+        what = f"reading call {call_id}"
+        found = await self._object(f"/call/{quote(call_id, safe='')}", what)
+        if found is None:
+            return None
+        record = call_record_from(found)
+        if record is None or record.id != call_id:
+            raise VapiError(what, None, "Vapi answered a call without this id or a createdAt")
+        return record
 
     async def update_number(self, number: AccountNumber, changes: dict[str, Any]) -> AccountNumber:
         """PATCH /phone-number/{id} with `changes` (the SDK's Update*PhoneNumberDto, `provider` being
@@ -252,6 +319,8 @@ class VapiAccount:
         headers = {"Authorization": f"Bearer {self.api_key}"}
         for attempt in range(limits.vapi_request_attempts_max):
             last = attempt == limits.vapi_request_attempts_max - 1
+            if self.pace is not None:
+                await self.pace()
             try:
                 response = await self.client.request(
                     method, self.base_url + path, params=params, json=json, headers=headers

@@ -84,6 +84,7 @@ async def verify(settings: Settings, sample_size: int = sample_size_default) -> 
     try:
         checks = [await _guarded(name, probe) for name, probe in probes.in_order()]
         checks.append(vapi_routing_check(settings))
+        checks.append(vapi_records_check(settings))
     finally:
         if probes.pg is not None:
             await probes.pg.close()
@@ -217,6 +218,24 @@ def vapi_routing_check(settings: Settings) -> Check:
         )
     auth = "credential " + server["credentialId"] if "credentialId" in server else "X-Vapi-Secret header"
     return Check("vapi routing", True, f"admitted calls' server is {server['url']} ({auth})")
+
+
+def vapi_records_check(settings: Settings) -> Check:
+    """Whether the worker can ask Vapi about silent holds and audit the ledger (engine/settle.py,
+    engine/audit.py): both need VAPI_API_KEY."""
+    if settings.vapi_api_key is None:
+        return Check(
+            "vapi records",
+            True,
+            "VAPI_API_KEY is not set: a hold whose report never came expires at the time the engine saw "
+            "(not settled from Vapi's record), and no daily audit against Vapi's calls runs",
+            warning=True,
+        )
+    return Check(
+        "vapi records",
+        True,
+        f"silent holds settled from Vapi's records and a daily audit, at most {settings.vapi_api_rps} lookups/s",
+    )
 
 
 async def _prefixed(prefix: str, probe: Awaitable[tuple[bool, str]]) -> tuple[bool, str]:

@@ -12,7 +12,14 @@ Routes, each answering with the shapes of the SDK's response types:
   (`UpdateVapiPhoneNumberDto` for a vapi number; `provider` is the SDK union's discriminator and
   must be the number's); a null detaches (`assistantId: null`);
 - `DELETE /phone-number/{id}`, `GET /credential/{id}`, `GET /assistant/{id}`, `GET /workflow/{id}`, `GET /call/{id}`
-  (a call's `monitor.controlUrl`, where the kill switch finds a URL it lost).
+  (a call's `monitor.controlUrl`, where the kill switch finds a URL it lost; its status and times,
+  which the settle job bills from);
+- `GET /call`: the query parameters of the SDK's `calls.list` only (`limit` up to 1,000,
+  `createdAtGt|Lt|Ge|Le`, `updatedAt…`, `id`, `assistantId`, `phoneNumberId`), newest first (or
+  `list_order = "ASC"`), at most `limit` (default 100) calls, each validated as the SDK's `Call`.
+
+Every request is recorded with its arrival time (`Seen.at`, `time.monotonic()`), so a test can
+count requests per second.
 
 Every request is recorded with its parsed body. `failing` makes a route answer a status instead
 (keyed "METHOD /path"), as an outage of Vapi's would.
@@ -21,6 +28,7 @@ Every request is recorded with its parsed body. `failing` makes a route answer a
 import inspect
 import itertools
 import secrets
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -33,6 +41,7 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+from vapi.calls.client import AsyncCallsClient
 from vapi.phone_numbers.client import AsyncPhoneNumbersClient
 from vapi.types import (
     Assistant,
@@ -83,6 +92,15 @@ LIST_PARAMETERS = frozenset(
 )
 
 
+# The query parameters the SDK's `GET /call` sends (id, assistantId, phoneNumberId, limit, createdAtGt, ...).
+CALL_LIST_PARAMETERS = frozenset(
+    _camel(name)
+    for name in inspect.signature(AsyncCallsClient.list).parameters
+    if name not in ("self", "request_options")
+)
+CALL_FILTERS = frozenset({"id", "assistantId", "phoneNumberId"})
+
+
 def iso(instant: datetime) -> str:
     """Vapi's timestamps: ISO 8601, milliseconds, Z."""
     return instant.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.") + f"{instant.microsecond // 1000:03d}Z"
@@ -112,6 +130,7 @@ class Seen:
     path: str
     body: Any
     headers: dict[str, str]
+    at: float = field(default_factory=time.monotonic)
 
 
 @dataclass
@@ -208,24 +227,45 @@ class FakeVapiApi:
         self.workflows[workflow_id] = workflow
 
     def add_call(
-        self, call_id: str, control_url: str, *, phone_number_id: str | None = None, org_id: str | None = None
-    ) -> None:
-        """A call as Vapi records it: on a number, or (a web call) with the org it was admitted for."""
+        self,
+        call_id: str,
+        control_url: str | None = None,
+        *,
+        phone_number_id: str | None = None,
+        org_id: str | None = None,
+        status: str = "in-progress",
+        created_at: datetime | None = None,
+        started_at: datetime | None = None,
+        ended_at: datetime | None = None,
+        cost: float | None = None,
+    ) -> dict[str, Any]:
+        """A call as Vapi records it: on a number, or (a web call) with the org it was admitted for;
+        `ended` with its times once it is over."""
+        created = created_at or T0
         the_call: dict[str, Any] = {
             "id": call_id,
             "orgId": VAPI_ORG_ID,
             "type": "inboundPhoneCall" if phone_number_id else "webCall",
-            "status": "in-progress",
-            "createdAt": iso(T0),
-            "updatedAt": iso(T0),
-            "monitor": {"controlUrl": control_url},
+            "status": status,
+            "createdAt": iso(created),
+            "updatedAt": iso(ended_at or created),
         }
+        if control_url is not None:
+            the_call["monitor"] = {"controlUrl": control_url}
         if phone_number_id is not None:
             the_call["phoneNumberId"] = phone_number_id
         if org_id is not None:
             the_call["assistantOverrides"] = {"variableValues": {"org_id": org_id}}
+        for name, value in (("startedAt", started_at), ("endedAt", ended_at)):
+            if value is not None:
+                the_call[name] = iso(value)
+        if status == "ended":
+            the_call["endedReason"] = "customer-ended-call"
+        if cost is not None:
+            the_call["cost"] = cost
         Call.model_validate(the_call)
         self.calls[call_id] = the_call
+        return the_call
 
     def _refused(self, request: Request, body: Any = None) -> Response | None:
         """Record the request; the answer when it is not to be served (no key, or failing on purpose)."""
@@ -237,11 +277,12 @@ class FakeVapiApi:
             return JSONResponse({"message": "failing on purpose", "statusCode": status}, status_code=status)
         return None
 
-    async def list_phone_numbers(self, request: Request) -> Response:
-        query = dict(request.query_params)
-        if (refused := self._refused(request, query)) is not None:
-            return refused
-        problems = [f"unknown query parameter {name!r}" for name in sorted(set(query) - LIST_PARAMETERS)]
+    def _listing_problems(
+        self, query: dict[str, str], allowed: frozenset[str]
+    ) -> tuple[list[str], dict[str, datetime]]:
+        """What is wrong with a listing's query (names the SDK would not send, a bad limit or date),
+        and its createdAt/updatedAt bounds."""
+        problems = [f"unknown query parameter {name!r}" for name in sorted(set(query) - allowed)]
         bounds: dict[str, datetime] = {}
         for name, value in query.items():
             if name == "limit":
@@ -251,14 +292,14 @@ class FakeVapiApi:
                     valid = False
                 if not valid:
                     problems.append(f"limit must be a number in 0..{LIST_LIMIT_MAX}, got {value!r}")
-            elif name in LIST_PARAMETERS:
+            elif name in allowed and name not in CALL_FILTERS:
                 try:
                     bounds[name] = datetime.fromisoformat(value)
                 except ValueError:
                     problems.append(f"{name} must be an ISO 8601 date-time, got {value!r}")
-        if problems:
-            self.invalid.extend(problems)
-            return JSONResponse({"message": problems, "error": "Bad Request", "statusCode": 400}, status_code=400)
+        return problems, bounds
+
+    def _listed(self, items: list[dict[str, Any]], query: dict[str, str], bounds: dict[str, datetime]) -> Response:
         compare = {
             "Gt": lambda a, b: a > b,
             "Lt": lambda a, b: a < b,
@@ -266,15 +307,36 @@ class FakeVapiApi:
             "Le": lambda a, b: a <= b,
         }
         chosen = [
-            number
-            for number in self.numbers.values()
-            if all(
-                compare[name[-2:]](datetime.fromisoformat(number[name[:9]]), bound) for name, bound in bounds.items()
-            )
+            item
+            for item in items
+            if all(compare[name[-2:]](datetime.fromisoformat(item[name[:9]]), bound) for name, bound in bounds.items())
+            and all(item.get(name) == query[name] for name in CALL_FILTERS if name in query)
         ]
-        chosen.sort(key=lambda number: number["createdAt"], reverse=self.list_order == "DESC")
+        chosen.sort(key=lambda item: item["createdAt"], reverse=self.list_order == "DESC")
         limit = int(float(query.get("limit", LIST_LIMIT_DEFAULT)))
         return JSONResponse(chosen[:limit])
+
+    def _bad_request(self, problems: list[str]) -> Response:
+        self.invalid.extend(problems)
+        return JSONResponse({"message": problems, "error": "Bad Request", "statusCode": 400}, status_code=400)
+
+    async def list_phone_numbers(self, request: Request) -> Response:
+        query = dict(request.query_params)
+        if (refused := self._refused(request, query)) is not None:
+            return refused
+        problems, bounds = self._listing_problems(query, LIST_PARAMETERS)
+        if problems:
+            return self._bad_request(problems)
+        return self._listed(list(self.numbers.values()), query, bounds)
+
+    async def list_calls(self, request: Request) -> Response:
+        query = dict(request.query_params)
+        if (refused := self._refused(request, query)) is not None:
+            return refused
+        problems, bounds = self._listing_problems(query, CALL_LIST_PARAMETERS)
+        if problems:
+            return self._bad_request(problems)
+        return self._listed(list(self.calls.values()), query, bounds)
 
     async def update_phone_number(self, request: Request) -> Response:
         body = orjson.loads(await request.body())
@@ -365,6 +427,7 @@ async def fake_vapi_api_server() -> AsyncIterator[FakeVapiApi]:
         Route("/credential/{credential_id}", fake.get_credential, methods=["GET"]),
         Route("/assistant/{assistant_id}", fake.get_assistant, methods=["GET"]),
         Route("/workflow/{workflow_id}", fake.get_workflow, methods=["GET"]),
+        Route("/call", fake.list_calls, methods=["GET"]),
         Route("/call/{call_id}", fake.get_call, methods=["GET"]),
     ]
     async with served(Starlette(routes=routes), fake.port):

@@ -16,8 +16,9 @@ from datetime import datetime
 from typing import Any
 
 from credit_engine.engine import limits
-from credit_engine.engine.amounts import billed_seconds_from_us
 from credit_engine.engine.errors import InvalidInput
+from credit_engine.engine.vapi_calls import seconds_between
+from credit_engine.engine.vapi_calls import vapi_time as _time
 
 
 @dataclass(frozen=True)
@@ -51,16 +52,6 @@ def _str(value: Any, length_max: int = 512) -> str | None:
     return value
 
 
-def _time(value: Any) -> datetime | None:
-    if not isinstance(value, str) or len(value) > 64:
-        return None
-    try:
-        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    return parsed if parsed.tzinfo is not None else None
-
-
 def _ms(moment: datetime | None) -> int | None:
     if moment is None:
         return None
@@ -83,17 +74,11 @@ def billed_seconds(message: dict[str, Any], call: dict[str, Any]) -> int | None:
     started = _time(message.get("startedAt")) or _time(call.get("startedAt"))
     ended = _time(message.get("endedAt")) or _time(call.get("endedAt"))
     if started is not None and ended is not None:
-        return min(billed_seconds_from_us(duration_us(started, ended)), limits.billed_seconds_max)
+        return seconds_between(started, ended)
     duration = _number(message.get("durationSeconds"))
     if duration is not None:
         return min(max(0, math.ceil(duration)), limits.billed_seconds_max)
     return None
-
-
-def duration_us(started: datetime, ended: datetime) -> int:
-    """Microseconds from started to ended (0 if ended is not after started), exactly."""
-    delta = ended - started
-    return max(0, (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds)
 
 
 def parse_message(envelope: Any) -> VapiMessage:

@@ -37,7 +37,9 @@ class WorkerMetrics:
         self.events = Counter(
             "credit_engine_worker_events",
             "Kill-switch pushes and alert deliveries (kill_warned, kill_ended, kill_failed_attempts, kill_given_up, "
-            "alerts_delivered, alerts_failed, ...)",
+            "alerts_delivered, alerts_failed, ...), silent holds looked up at Vapi (settle_looked_up, "
+            "settle_committed, settle_in_progress, settle_not_found, settle_errors, ...) and the daily audit "
+            "(audit_runs, audit_mismatches, audit_failed)",
             ["event"],
             registry=self.registry,
         )

@@ -21,6 +21,8 @@ from credit_engine.engine.keys import Keyspace
 from credit_engine.engine.restore import ensure_rebuilt
 from credit_engine.engine.runtime import Runtime
 from credit_engine.engine.telephony import make_telephony
+from credit_engine.engine.vapi_account import VapiAccount
+from credit_engine.engine.vapi_calls import VapiPace
 from credit_engine.worker import jobs
 from credit_engine.worker.background import TimedLoops
 from credit_engine.worker.drainer import Drainer
@@ -58,6 +60,17 @@ def _every(seconds: int) -> set[int]:
     return set(range(0, 60, seconds)) if seconds < 60 else {0}
 
 
+def _vapi_account(rt: Runtime) -> VapiAccount | None:
+    """Vapi's API for the settle job and the daily audit, paced for the whole deployment; None
+    without VAPI_API_KEY (both then do nothing, and `verify` warns)."""
+    settings = rt.settings
+    if settings.vapi_api_key is None:
+        log.warning("VAPI_API_KEY is not set: silent holds expire without asking Vapi, and no daily audit runs")
+        return None
+    pace = VapiPace(rt.redis, rt.keys, settings.vapi_api_rps)
+    return VapiAccount(settings.vapi_api_key, settings.vapi_base_url, pace=pace.wait_turn)
+
+
 def worker_options(settings: Settings) -> dict[str, Any]:
     assert settings.redis_url is not None
     keys = Keyspace(settings.key_prefix)
@@ -67,6 +80,7 @@ def worker_options(settings: Settings) -> dict[str, Any]:
         ctx["rt"] = rt
         ctx["metrics_server"] = METRICS.serve(settings.worker_metrics_host, settings.worker_metrics_port)
         ctx["telephony"] = make_telephony(settings)
+        ctx["vapi"] = _vapi_account(rt)
         await ensure_rebuilt(rt)  # before draining anything: Redis may have lost its state
         await adopt_unsharded_hints(rt)  # hints an earlier release filed in one key each
         drainer = Drainer(rt)
@@ -92,6 +106,9 @@ def worker_options(settings: Settings) -> dict[str, Any]:
         loops: TimedLoops | None = ctx.get("loops")
         if loops is not None and await _stop(loops, ctx.get("loops_task")):
             await loops.close()
+        vapi: VapiAccount | None = ctx.get("vapi")
+        if vapi is not None:
+            await vapi.client.aclose()
         rt: Runtime | None = ctx.get("rt")
         if rt is not None:
             await rt.close()
@@ -113,6 +130,23 @@ def worker_options(settings: Settings) -> dict[str, Any]:
                 second=_every(settings.worker_expire_interval_s),
                 run_at_startup=True,
                 timeout=60,
+                max_tries=1,
+            ),
+            cron(
+                jobs.settle_holds,
+                name=cron_name("settle_holds"),
+                second=_every(settings.worker_expire_interval_s),
+                run_at_startup=True,
+                timeout=300,
+                max_tries=1,
+            ),
+            cron(
+                jobs.audit_vapi_daily,
+                name=cron_name("audit_vapi_daily"),
+                hour={0},
+                minute={20},
+                second={0},
+                timeout=3600,
                 max_tries=1,
             ),
             cron(

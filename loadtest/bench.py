@@ -723,6 +723,7 @@ async def run(durations: Durations, out: Path, sections: set[str]) -> Report:
     finally:
         postgres.stop()
         redis.stop()
+        shutil.rmtree(data_dir, ignore_errors=True)
     return report
 
 

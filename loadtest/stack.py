@@ -4,6 +4,7 @@ touches the machine's own services or anyone else's data."""
 
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import time
@@ -29,6 +30,7 @@ class Stack:
         with_worker: bool = True,
     ) -> None:
         self.data_dir = data_dir or new_scratch_dir("credit-engine-load-")
+        self.owns_data_dir = data_dir is None  # a scratch folder of its own: removed on the way out
         self.extra_env = extra_env or {}
         self.with_worker = with_worker
         self.admin_token = secrets.token_urlsafe(24)
@@ -92,6 +94,8 @@ class Stack:
                     process.kill()
         self.postgres.stop()
         self.redis.stop()
+        if self.owns_data_dir:
+            shutil.rmtree(self.data_dir, ignore_errors=True)
 
     def admin(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.admin_token}"}

@@ -284,7 +284,7 @@ class EmbeddedPostgres:
             return
         raise EmbeddedSetupError(
             f"Postgres runs as user {self.run_as.pw_name} (we are root), who cannot enter {blocked}, so it "
-            f"cannot reach its data directory {self.data_dir}. Nothing was changed: choose a --data-dir "
+            f"cannot reach its data directory {self.data_dir}. No permission was changed: choose a --data-dir "
             f"(CREDIT_ENGINE_DATA_DIR) that user can reach, such as one under /var/lib or /srv, {NOT_ROOT_FIX}"
         )
 

@@ -19,7 +19,6 @@ deployment, `scratch_dir` makes a fresh folder the user can reach.
 
 import ctypes
 import importlib.util
-import logging
 import os
 import pwd
 import shutil
@@ -32,8 +31,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TypedDict
-
-log = logging.getLogger(__name__)
 
 start_timeout_s = 30.0
 stop_timeout_s = 30.0

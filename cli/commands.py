@@ -70,9 +70,14 @@ def _with_runtime(settings: Settings, action: Callable[[Any], Awaitable[int]]) -
 
 
 def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
+    from credit_engine.engine.embedded import EmbeddedSetupError
     from credit_engine.engine.up import run_up
 
-    return run_up(settings, args.host, args.port)
+    try:
+        return run_up(settings, args.host, args.port)
+    except EmbeddedSetupError as error:  # this machine cannot run the embedded servers as asked: say what to change
+        print(f"credit-engine up: {error}", file=sys.stderr)
+        return EXIT_USAGE
 
 
 def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:

@@ -116,6 +116,7 @@ class Settings:
     key_prefix: str = "ce"
     data_dir: Path = Path(".credit-engine")  # a Path is immutable: one default, shared safely
     redis_appendfsync: str = "everysec"  # embedded Redis: always | everysec | no
+    pg_user: str | None = None  # as root, the embedded Postgres runs as this user; None: pgserver, else postgres
     idempotency_ttl_ms: int = limits.idempotency_ttl_ms_default
     hold_report_slack_ms: int = limits.hold_report_slack_ms_default
     outbox_per_org_max: int = limits.outbox_per_org_max_default
@@ -196,6 +197,7 @@ class Settings:
             key_prefix=env.get("CREDIT_ENGINE_KEY_PREFIX", cls.key_prefix),
             data_dir=Path(env.get("CREDIT_ENGINE_DATA_DIR", cls.data_dir)),
             redis_appendfsync=appendfsync,
+            pg_user=(env.get("CREDIT_ENGINE_PG_USER") or "").strip() or None,
             idempotency_ttl_ms=1000
             * _int(env, "CREDIT_ENGINE_IDEMPOTENCY_TTL_S", cls.idempotency_ttl_ms // 1000, 3600, 10**8),
             hold_report_slack_ms=1000

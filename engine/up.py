@@ -99,7 +99,7 @@ def run_up(settings: Settings, host: str, port: int) -> int:
             redis_server = EmbeddedRedis(data_dir / "redis", appendfsync=appendfsync)
             redis_url = redis_server.start()
         if database_url is None:
-            pg_server = EmbeddedPostgres(data_dir / "postgres")
+            pg_server = EmbeddedPostgres(data_dir / "postgres", user=settings.pg_user)
             database_url = pg_server.start()
         settings = replace(settings, redis_url=redis_url, database_url=database_url)
         upgrade_to_head(database_url)

@@ -41,7 +41,7 @@ from credit_engine.engine import processes
 from credit_engine.engine.assets import deduct_asset
 from credit_engine.engine.config import Settings
 from credit_engine.engine.db import with_database
-from credit_engine.engine.embedded import EmbeddedPostgres, EmbeddedRedis, free_port
+from credit_engine.engine.embedded import EmbeddedPostgres, EmbeddedRedis, free_port, new_scratch_dir
 from credit_engine.engine.holds import CallEvent, check_call, reserve_call
 from credit_engine.engine.migrate import upgrade_to_head
 from credit_engine.engine.replies import asyncio_reply
@@ -681,9 +681,9 @@ def _cpu_model() -> str:
 
 async def run(durations: Durations, out: Path, sections: set[str]) -> Report:
     report = Report(machine=machine())
-    data_dir = Path(tempfile.mkdtemp(prefix="credit-engine-bench-"))
+    data_dir = new_scratch_dir("credit-engine-bench-")
     redis = EmbeddedRedis(data_dir / "redis", appendfsync="everysec")
-    postgres = EmbeddedPostgres(data_dir / "postgres")
+    postgres = EmbeddedPostgres(data_dir / "postgres", user=Settings.from_env().pg_user)
     redis.start()
     postgres.start()
     try:
@@ -723,6 +723,7 @@ async def run(durations: Durations, out: Path, sections: set[str]) -> Report:
     finally:
         postgres.stop()
         redis.stop()
+        shutil.rmtree(data_dir, ignore_errors=True)
     return report
 
 

@@ -29,7 +29,6 @@ import random
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -44,7 +43,7 @@ from credit_engine.engine.call_index import CallIndex
 from credit_engine.engine.config import Settings
 from credit_engine.engine.credits import credit
 from credit_engine.engine.db import asyncpg_dsn, with_database
-from credit_engine.engine.embedded import EmbeddedPostgres, EmbeddedRedis, free_port
+from credit_engine.engine.embedded import EmbeddedPostgres, EmbeddedRedis, free_port, scratch_dir
 from credit_engine.engine.holds import CallEvent, check_call, reserve_call
 from credit_engine.engine.migrate import upgrade_to_head
 from credit_engine.engine.org_settings import OrgSettings
@@ -520,19 +519,19 @@ def parse(argv: list[str] | None = None) -> Options:
 
 def main(argv: list[str] | None = None) -> int:
     opts = parse(argv)
-    with tempfile.TemporaryDirectory(prefix="killswitch-scale-") as tmp:
-        redis = EmbeddedRedis(Path(tmp) / "redis", appendfsync="everysec")
-        postgres = EmbeddedPostgres(Path(tmp) / "postgres")
+    with scratch_dir("killswitch-scale-") as tmp:
+        redis = EmbeddedRedis(tmp / "redis", appendfsync="everysec")
+        postgres = EmbeddedPostgres(tmp / "postgres", user=Settings.from_env().pg_user)
         redis.start()
         admin_url = postgres.start()
         try:
             asyncio.run(_create_template(admin_url))
             upgrade_to_head(with_database(admin_url, "ce_ks_template"))
-            log_dir = opts.log_dir or Path(tmp)
+            log_dir = opts.log_dir or tmp
             log_dir.mkdir(parents=True, exist_ok=True)
             all_figures = asyncio.run(run_all(opts, redis.url, admin_url, log_dir))
         except BaseException:
-            for log in sorted((opts.log_dir or Path(tmp)).glob("worker-*.log")):
+            for log in sorted((opts.log_dir or tmp).glob("worker-*.log")):
                 print(f"--- {log.name} ---\n{log.read_text(errors='replace')[-3000:]}", file=sys.stderr)
             raise
         finally:

@@ -13,14 +13,15 @@ import argparse
 import asyncio
 import random
 import statistics
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import asyncpg
 
+from credit_engine.engine.config import Settings
 from credit_engine.engine.db import asyncpg_dsn, with_database
+from credit_engine.engine.embedded import EmbeddedPostgres, scratch_dir
 from credit_engine.engine.ledger import LedgerEntry, write_batch
 from credit_engine.engine.migrate import upgrade_to_head
 from credit_engine.engine.types import EntryKind
@@ -216,13 +217,11 @@ def main() -> None:
     )
     parser.add_argument("--out", type=Path, help="write ledger-scale.md here")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="ledger-scale-") as tmp:
+    with scratch_dir("ledger-scale-") as tmp:
         server = None
         admin_url = args.database_url
         if admin_url is None:
-            from credit_engine.engine.embedded import EmbeddedPostgres
-
-            server = EmbeddedPostgres(Path(tmp) / "postgres")
+            server = EmbeddedPostgres(tmp / "postgres", user=Settings.from_env().pg_user)
             admin_url = server.start()
         try:
             asyncio.run(_create(admin_url))

@@ -4,16 +4,17 @@ touches the machine's own services or anyone else's data."""
 
 import os
 import secrets
+import shutil
 import signal
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 
 import httpx
 
 from credit_engine.engine import processes
-from credit_engine.engine.embedded import EmbeddedPostgres, EmbeddedRedis, free_port
+from credit_engine.engine.config import Settings
+from credit_engine.engine.embedded import EmbeddedPostgres, EmbeddedRedis, free_port, new_scratch_dir
 from credit_engine.engine.migrate import upgrade_to_head
 
 ready_timeout_s = 60.0
@@ -28,13 +29,14 @@ class Stack:
         appendfsync: str = "everysec",
         with_worker: bool = True,
     ) -> None:
-        self.data_dir = data_dir or Path(tempfile.mkdtemp(prefix="credit-engine-load-"))
+        self.data_dir = data_dir or new_scratch_dir("credit-engine-load-")
+        self.owns_data_dir = data_dir is None  # a scratch folder of its own: removed on the way out
         self.extra_env = extra_env or {}
         self.with_worker = with_worker
         self.admin_token = secrets.token_urlsafe(24)
         self.webhook_secret = secrets.token_urlsafe(24)
         self.redis = EmbeddedRedis(self.data_dir / "redis", appendfsync=appendfsync)
-        self.postgres = EmbeddedPostgres(self.data_dir / "postgres")
+        self.postgres = EmbeddedPostgres(self.data_dir / "postgres", user=Settings.from_env().pg_user)
         self.port = free_port()
         self.web: subprocess.Popen[bytes] | None = None
         self.worker: subprocess.Popen[bytes] | None = None
@@ -92,6 +94,8 @@ class Stack:
                     process.kill()
         self.postgres.stop()
         self.redis.stop()
+        if self.owns_data_dir:
+            shutil.rmtree(self.data_dir, ignore_errors=True)
 
     def admin(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.admin_token}"}

@@ -2,6 +2,7 @@ import asyncio
 import secrets
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 from redis.asyncio import Redis, RedisCluster
@@ -16,6 +17,7 @@ from tests.services import (
     create_template_database,
     create_test_database,
     drop_database,
+    postgres_data_dir,
     start_services,
     stop_services,
 )
@@ -23,9 +25,17 @@ from tests.services import (
 
 @pytest.fixture(scope="session")
 def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Services]:
-    started = start_services(tmp_path_factory.mktemp("services"))
-    yield started
-    stop_services(started)
+    with postgres_data_dir() as pg_dir:
+        started = start_services(tmp_path_factory.mktemp("services"), pg_dir)
+        yield started
+        stop_services(started)
+
+
+@pytest.fixture
+def pg_data_dir() -> Iterator[Path]:
+    """A test's own folder for an embedded Postgres, outside pytest's basetemp (tests/services.py)."""
+    with postgres_data_dir() as folder:
+        yield folder
 
 
 @pytest.fixture(scope="session")

@@ -8,18 +8,26 @@ CREDIT_ENGINE_TEST_REDIS_CLUSTER=1  start a 3-master Redis Cluster on loopback p
 
 Tests never touch data they did not create: their own key prefix, their own databases, dropped
 when they finish.
+
+An embedded Postgres keeps its data in a folder of its own in /tmp (`postgres_data_dir`), never
+under pytest's basetemp: run as root, Postgres runs as its own user, who cannot enter pytest's
+0700 folders (and the engine opens no folder it was not given), and the next pytest session on the
+machine would re-chmod them 0700 under a running server anyway.
 """
 
 import asyncio
 import os
 import secrets
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import asyncpg
 
+from credit_engine.engine.config import Settings
 from credit_engine.engine.db import asyncpg_dsn, with_database
-from credit_engine.engine.embedded import EmbeddedPostgres, EmbeddedRedis
+from credit_engine.engine.embedded import EmbeddedPostgres, EmbeddedRedis, scratch_dir
 from credit_engine.engine.migrate import upgrade_to_head
 from credit_engine.loadtest.redis_cluster import EmbeddedRedisCluster
 
@@ -42,7 +50,25 @@ class Services:
         return "embedded" if self.embedded_redis is not None else "system"
 
 
-def start_services(data_dir: Path) -> Services:
+PG_DATA_PREFIX = "credit-engine-pg-"
+PG_DATA_PARENT = Path("/tmp")
+
+
+@contextmanager
+def postgres_data_dir() -> Iterator[Path]:
+    """A new folder for a test's embedded Postgres (or a whole `up`), outside pytest's basetemp and
+    reachable by Postgres' user; removed, with everything in it, when the test is done."""
+    with scratch_dir(PG_DATA_PREFIX, PG_DATA_PARENT) as folder:
+        yield folder
+
+
+def embedded_postgres(data_dir: Path) -> EmbeddedPostgres:
+    """An EmbeddedPostgres run, as root, by CREDIT_ENGINE_PG_USER's user (as `up`'s would be)."""
+    return EmbeddedPostgres(data_dir, user=Settings.from_env().pg_user)
+
+
+def start_services(data_dir: Path, pg_dir: Path) -> Services:
+    """Redis (and a cluster) under `data_dir`; Postgres under `pg_dir`, from `postgres_data_dir`."""
     redis_url = os.environ.get("CREDIT_ENGINE_TEST_REDIS_URL")
     pg_url = os.environ.get("CREDIT_ENGINE_TEST_DATABASE_URL")
     embedded_redis = embedded_pg = None
@@ -50,7 +76,7 @@ def start_services(data_dir: Path) -> Services:
         embedded_redis = EmbeddedRedis(data_dir / "redis", appendfsync=None)
         redis_url = embedded_redis.start()
     if not pg_url:
-        embedded_pg = EmbeddedPostgres(data_dir / "postgres")
+        embedded_pg = embedded_postgres(pg_dir / "postgres")
         pg_url = embedded_pg.start()
     if os.environ.get("CREDIT_ENGINE_TEST_REDIS_CLUSTER", "") not in ("", "0"):
         cluster = EmbeddedRedisCluster(data_dir / "redis-cluster", masters=3)

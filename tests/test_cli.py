@@ -78,8 +78,8 @@ def stop_up(process: subprocess.Popen[str]) -> str:
     return output
 
 
-def test_up_runs_everything_and_a_restart_keeps_every_balance(tmp_path: Path) -> None:
-    data_dir = tmp_path / "data"
+def test_up_runs_everything_and_a_restart_keeps_every_balance(pg_data_dir: Path) -> None:
+    data_dir = pg_data_dir / "data"  # outside pytest's basetemp: run as root, Postgres' user must reach it
     port = free_port()
     process, banner = start_up(data_dir, port)
     try:

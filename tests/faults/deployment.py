@@ -18,9 +18,10 @@ from pathlib import Path
 from credit_engine.engine import processes
 from credit_engine.engine.config import Settings
 from credit_engine.engine.db import with_database
-from credit_engine.engine.embedded import EmbeddedPostgres, EmbeddedRedis, free_port
+from credit_engine.engine.embedded import EmbeddedRedis, free_port
 from credit_engine.engine.migrate import upgrade_to_head
 from tests.processes import service_env, stop
+from tests.services import embedded_postgres
 
 ADMIN_TOKEN = "admin-" + secrets.token_hex(20)
 WEBHOOK_SECRET = "whsec-" + secrets.token_hex(20)
@@ -71,11 +72,18 @@ def sigkill_tree(process: subprocess.Popen[bytes]) -> None:
 
 class Deployment:
     def __init__(
-        self, root: Path, key_prefix: str = "faults", redis_appendfsync: str | None = "always", **env: str
+        self,
+        root: Path,
+        key_prefix: str = "faults",
+        redis_appendfsync: str | None = "always",
+        *,
+        postgres_dir: Path,
+        **env: str,
     ) -> None:
+        """`postgres_dir`: where Postgres keeps its data, from tests/services.py's postgres_data_dir."""
         self.root = root
         self.redis = EmbeddedRedis(root / "redis", appendfsync=redis_appendfsync)
-        self.postgres = EmbeddedPostgres(root / "postgres")
+        self.postgres = embedded_postgres(postgres_dir / "postgres")
         self.key_prefix = key_prefix
         self.env = env
         self.web_port = free_port()

@@ -24,6 +24,7 @@ from tests.faults.deployment import ADMIN_TOKEN, COMPONENTS, WEBHOOK_SECRET, Dep
 from tests.faults.mixed_load import ISSUED_API_KEYS, MixedLoad
 from tests.faults.settle import oldest_outbox_age_ms, reconcile_cli_exit_code, verify
 from tests.processes import wait_for
+from tests.services import postgres_data_dir
 
 pytestmark = [pytest.mark.faults, pytest.mark.crash]
 
@@ -49,15 +50,17 @@ class RunResult:
 def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
     # Holds expire after minutes, far beyond a run. The worker sweeps quickly so that lost doorbells
     # are found fast, and a provision whose process died mid-purchase may be retried after 3 s, not 60.
-    deployed = Deployment(
-        tmp_path_factory.mktemp("faults"),
-        CREDIT_ENGINE_WORKER_SWEEP_INTERVAL_S="2",
-        CREDIT_ENGINE_WORKER_EXPIRE_INTERVAL_S="1",
-        CREDIT_ENGINE_IDEMPOTENT_CLAIM_STALE_S="3",
-    )
-    deployed.start()
-    yield deployed
-    deployed.stop()
+    with postgres_data_dir() as postgres_dir:
+        deployed = Deployment(
+            tmp_path_factory.mktemp("faults"),
+            postgres_dir=postgres_dir,
+            CREDIT_ENGINE_WORKER_SWEEP_INTERVAL_S="2",
+            CREDIT_ENGINE_WORKER_EXPIRE_INTERVAL_S="1",
+            CREDIT_ENGINE_IDEMPOTENT_CLAIM_STALE_S="3",
+        )
+        deployed.start()
+        yield deployed
+        deployed.stop()
 
 
 last_readyz: list[str] = []

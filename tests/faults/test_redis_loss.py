@@ -11,6 +11,7 @@ are back and the calls bill once. Which acknowledged debits a Redis without pers
 import asyncio
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import asyncpg
 import httpx
@@ -29,9 +30,12 @@ VAPI = {"X-Vapi-Secret": WEBHOOK_SECRET, "Content-Type": "application/json"}
 
 
 @pytest.fixture
-def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
+def deployment(tmp_path_factory: pytest.TempPathFactory, pg_data_dir: Path) -> Iterator[Deployment]:
     deployed = Deployment(
-        tmp_path_factory.mktemp("redis-loss"), redis_appendfsync=None, CREDIT_ENGINE_WORKER_SWEEP_INTERVAL_S="1"
+        tmp_path_factory.mktemp("redis-loss"),
+        redis_appendfsync=None,
+        postgres_dir=pg_data_dir,
+        CREDIT_ENGINE_WORKER_SWEEP_INTERVAL_S="1",
     )
     deployed.start()
     yield deployed

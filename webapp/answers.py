@@ -99,7 +99,6 @@ REFUSALS: dict[tuple[str, str], Refusal] = {
         "reports (then it is billed as usual) or its hold expires; this key will not place another call",
         {"reservation_id": "reservation_id"},
     ),
-    ("dial", ANY): Refusal(503, "unavailable", "cannot place a call now ({outcome}); retry shortly"),
 }
 
 

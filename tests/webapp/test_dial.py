@@ -139,9 +139,7 @@ async def test_a_placed_call_has_the_engine_as_its_server_is_ended_by_the_kill_s
     assert (after["balance_pence"], after["held_pence"], after["debt_pence"], after["live_calls"]) == (0, 0, 5, 0)
 
 
-async def test_short_of_credit_is_402_with_nothing_reserved_and_no_call_placed(
-    api: Api, vapi_api: FakeVapiApi
-) -> None:
+async def test_short_of_credit_is_402_with_nothing_reserved_and_no_call_placed(api: Api, vapi_api: FakeVapiApi) -> None:
     _, key, number = await new_org(api, 5)  # below min_start_pence
     refused = await place(api, key, call_request(number))
     assert refused.status_code == 402, refused.text

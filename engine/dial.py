@@ -89,6 +89,17 @@ class DialRequest:
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    @property
+    def platform_server_url(self) -> str | None:
+        """The server URL the platform named for the call (its overrides', else its transient
+        assistant's): the engine takes the call's messages and forwards them there."""
+        for holder in (self.assistant_overrides, self.assistant):
+            server = holder.get("server") if isinstance(holder, dict) else None
+            url = server.get("url") if isinstance(server, dict) else None
+            if isinstance(url, str) and url:
+                return url
+        return None
+
     @classmethod
     def parse(cls, body: dict[str, Any]) -> "DialRequest":
         """The request body, checked field by field (InvalidInput names the field)."""
@@ -178,12 +189,12 @@ async def _run(
     rt: Runtime, vapi: CallPlacer, org_id: str, key: str, request: DialRequest, attempt: claims.Attempt
 ) -> Dial:
     reservation_id = dial_reservation_id(org_id, key)
+    earlier = await dial_record(rt, org_id, reservation_id)
+    if earlier is not None:  # an earlier attempt of this key asked Vapi: never again
+        return await _finish_earlier(rt, org_id, earlier)
     owner = await number_owner(rt, request.phone_number_id, active_only=True)
     if owner is None or owner.org_id != org_id:
         return Dial(Dialled.phone_number_unknown, reservation_id)
-    earlier = await dial_record(rt, org_id, reservation_id)
-    if earlier is not None:  # an earlier attempt of this key asked Vapi: never again
-        return earlier
     attempt.changed = True  # from here every step is idempotent under the key
     reservation = await restoring(rt, org_id, lambda: reserve_call(rt, org_id, reservation_id))
     if reservation.outcome not in (Outcome.ok, Outcome.replayed):
@@ -191,7 +202,7 @@ async def _run(
     if not await _mark_dialling(rt, org_id, reservation_id):
         earlier = await dial_record(rt, org_id, reservation_id)
         assert earlier is not None
-        return earlier
+        return await _finish_earlier(rt, org_id, earlier)
     attempt.asked_outside = True
     body = create_call_body(rt.settings, org_id, reservation_id, reservation.max_duration_s, request)
     try:
@@ -213,6 +224,14 @@ async def _run(
         status=answer.get("status") if isinstance(answer.get("status"), str) else None,
         control_url=_control_url(answer),
     )
+
+
+async def _finish_earlier(rt: Runtime, org_id: str, earlier: Dial) -> Dial:
+    """An earlier attempt's dial, finished: a refusal's release is made again (it is idempotent,
+    and that attempt may have died between writing the record and releasing)."""
+    if earlier.outcome == Dialled.vapi_refused:
+        await release_call(rt, org_id, earlier.reservation_id)
+    return earlier
 
 
 def validate_call_id(call_id: str) -> bool:

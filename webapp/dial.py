@@ -38,21 +38,23 @@ async def place_call(request: Request) -> Response:
     ) as vapi:
         once = await dial(ctx.rt, vapi, org_id, key, wanted)
     if once.claim == claims.Claim.new and once.result is not None:
-        await _remember(ctx, org_id, once.result)
+        await _remember(ctx, org_id, once.result, wanted.platform_server_url)
     answered = answers.claimed(OPERATION, once, _placed)
     ctx.metrics.decision(OPERATION, answered.label)
     return answered.response
 
 
-async def _remember(ctx: AppContext, org_id: str, result: Dial) -> None:
-    """Index the placed call for its org, and keep its control URL (if it is Vapi's) for the kill
-    switch; the call's status-update brings both again."""
+async def _remember(ctx: AppContext, org_id: str, result: Dial, forward_url: str | None) -> None:
+    """Index the placed call for its org, keep its control URL (if it is Vapi's) for the kill
+    switch (the call's status-update brings both again), and where the platform asked for the
+    call's messages (engine/forwarding.py sends them on, through the outbound guard)."""
     if result.outcome != Dialled.placed or result.call_id is None:
         return
     control_url = result.control_url
     if control_url is not None and not control_url_allowed(ctx.settings, control_url):
         control_url = None
-    await ctx.calls.remember(result.call_id, org_id, control_url)
+    await ctx.calls.remember(result.call_id, org_id, control_url, forward_url)
+    ctx.forwarder.targets.pop(result.call_id, None)
 
 
 def _placed(result: Dial) -> dict[str, Any]:

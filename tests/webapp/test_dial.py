@@ -13,6 +13,7 @@ import httpx
 import pytest
 from vapi.types import Call
 
+from credit_engine.engine.call_index import CallIndex
 from credit_engine.engine.call_server import WEBHOOK_PATH
 from credit_engine.engine.clock import ManualClock
 from credit_engine.engine.config import Settings
@@ -338,3 +339,23 @@ async def test_the_reserve_api_refuses_an_id_the_engine_reserves_placed_calls_un
     org_id, key, _ = await new_org(api, 1_000)
     refused = await api.as_org(key, "POST", f"/api/calls/{dial_reservation_id(org_id, 'k')}/reserve")
     assert refused.status_code == 422 and refused.json()["error"]["field"] == "call_id"
+
+
+async def test_a_transient_assistants_server_gets_the_calls_messages_from_the_engine(
+    api: Api, vapi_api: FakeVapiApi, worker_rt: Runtime
+) -> None:
+    """The platform's own server (a transient assistant's) is not where Vapi sends the call's
+    messages any more: the engine is, and it forwards them there."""
+    _, key, number = await new_org(api, 1_000)
+    platform_url = "https://platform.example/vapi"
+    assistant = {"name": "Sales", "server": {"url": platform_url}, "serverMessages": ["tool-calls"]}
+    body = {"phone_number_id": number, "customer": {"number": "+15557654321"}, "assistant": assistant}
+    placed = await place(api, key, body)
+    assert placed.status_code == 201, placed.text
+    [sent] = placed_at_vapi(vapi_api)
+    assert vapi_api.invalid == []
+    assert sent.body["assistant"] == assistant and "assistantId" not in sent.body
+    overrides = sent.body["assistantOverrides"]
+    assert overrides["server"]["url"] == PUBLIC_URL + WEBHOOK_PATH
+    assert overrides["serverMessages"] == ["tool-calls", "status-update", "end-of-call-report"]
+    assert await CallIndex(worker_rt).forward_url_of(placed.json()["call_id"]) == platform_url

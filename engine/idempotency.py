@@ -28,7 +28,7 @@ import hashlib
 from credit_engine.engine import validate
 
 CLIENT_NAMESPACES = frozenset({"asset", "topup"})
-INTERNAL_NAMESPACES = frozenset({"rent", "refund", "repay", "call"})
+INTERNAL_NAMESPACES = frozenset({"rent", "refund", "repay", "call", "dial"})
 assert not CLIENT_NAMESPACES & INTERNAL_NAMESPACES
 
 
@@ -99,6 +99,37 @@ def call_state_key(org_id: str, call_id: str) -> str:
 def call_state_prefix(org_id: str) -> str:
     """What every call-state key of the org starts with (the reconciler reads them by it)."""
     return f"{org_id}/call/"
+
+
+# A call the engine places at Vapi (POST /api/calls, engine/dial.py) is held, until Vapi names
+# it, under a reservation id of its own: a call id (engine/keys.CALL_ID_PATTERN) no Vapi call id
+# has (Vapi's are UUIDs) and the reserve API refuses to take.
+DIAL_RESERVATION_PREFIX = "ce-dial-"
+
+
+def dial_reservation_id(org_id: str, idempotency_key: str) -> str:
+    """The id the hold of a placed call is taken under before Vapi answers, one per client key:
+    every attempt of one request reserves (and sends Vapi) the same id."""
+    validate.idempotency_key(idempotency_key)
+    digest = hashlib.sha256(f"{org_id}/{idempotency_key}".encode()).hexdigest()
+    return DIAL_RESERVATION_PREFIX + digest[:48]
+
+
+def is_dial_reservation_id(value: object) -> bool:
+    return (
+        isinstance(value, str)
+        and value.startswith(DIAL_RESERVATION_PREFIX)
+        and len(value) == len(DIAL_RESERVATION_PREFIX) + 48
+        and all(c in "0123456789abcdef" for c in value[len(DIAL_RESERVATION_PREFIX) :])
+    )
+
+
+def dial_record_key(org_id: str, reservation_id: str) -> str:
+    """The Redis record (the org's idem hash) of how a placed call's dial went: `dialling|<ms>`
+    before Vapi is asked, `placed|<call_id>|<hold_pence>|<max_duration_s>` once Vapi's call id is
+    adopted (lua/hold_adopt.lua), `refused|<status>` when Vapi refused. Never a ledger key."""
+    assert is_dial_reservation_id(reservation_id)
+    return _ledger_key(org_id, "dial", reservation_id)
 
 
 def provider_purchase_key(org_id: str, purchase_key: str) -> str:

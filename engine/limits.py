@@ -54,6 +54,7 @@ rebuild_lock_ttl_ms = 5 * 60 * 1000
 vapi_numbers_page_size = 1_000  # GET /phone-number?limit=: Vapi's maximum (its default is 100)
 vapi_numbers_pages_max = 100  # 100,000 numbers; a bigger account is refused, never half-listed
 vapi_request_timeout_s = 10.0
+vapi_create_call_timeout_s = 10.0  # POST /call: asked once (no retry could tell a second call from the first)
 vapi_request_attempts_max = 3  # a 429, a 5xx or a transport error is tried again, after a backoff
 vapi_retry_after_s_max = 10.0  # the longest Retry-After honoured
 vapi_assistants_checked_max = 100  # `vapi check` looks up at most this many distinct assistants

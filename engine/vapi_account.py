@@ -313,12 +313,31 @@ class VapiAccount:
             raise VapiError(what, None, "Vapi answered something that is not an object")
         return answer
 
+    async def create_call(self, body: dict[str, Any]) -> dict[str, Any]:
+        """POST /call (the SDK's `calls.create` body): the call as Vapi created it. Asked once and
+        never again: Vapi's POST /call takes no idempotency key, so a retry after a timeout could
+        place a second call. A VapiError's status None means Vapi never answered (the call may or
+        may not have been placed); a status means Vapi answered it was not."""
+        what = "placing a call"
+        answer = await self._request("POST", "/call", what, json=body, attempts_max=1)
+        if not isinstance(answer, dict):
+            raise VapiError(what, None, "Vapi answered something that is not a call")
+        return answer
+
     async def _request(
-        self, method: str, path: str, what: str, *, params: dict[str, Any] | None = None, json: Any = None
+        self,
+        method: str,
+        path: str,
+        what: str,
+        *,
+        params: dict[str, Any] | None = None,
+        json: Any = None,
+        attempts_max: int = limits.vapi_request_attempts_max,
     ) -> Any:
+        assert 1 <= attempts_max <= limits.vapi_request_attempts_max
         headers = {"Authorization": f"Bearer {self.api_key}"}
-        for attempt in range(limits.vapi_request_attempts_max):
-            last = attempt == limits.vapi_request_attempts_max - 1
+        for attempt in range(attempts_max):
+            last = attempt == attempts_max - 1
             if self.pace is not None:
                 await self.pace()
             try:

@@ -14,21 +14,26 @@ Routes, each answering with the shapes of the SDK's response types:
 - `DELETE /phone-number/{id}`, `GET /credential/{id}`, `GET /assistant/{id}`, `GET /workflow/{id}`, `GET /call/{id}`
   (a call's `monitor.controlUrl`, where the kill switch finds a URL it lost; its status and times,
   which the settle job bills from);
+- `POST /call`: the body validated as the SDK's `calls.create` request (`CreateCallDto`, built from
+  that method's typed parameters, as the SDK names them in JSON), answered 201 with a `Call` of
+  status `queued` and its `monitor.controlUrl` (under `control_base_url`, for the kill switch's
+  fake). `call_mode` makes it refuse (`"refuse"`: 400 as Vapi's validation does), fail (`"fail"`:
+  500, no call), or place the call and then hang past the engine's timeout (`"hang"`).
 - `GET /call`: the query parameters of the SDK's `calls.list` only (`limit` up to 1,000,
   `createdAtGt|Lt|Ge|Le`, `updatedAt…`, `id`, `assistantId`, `phoneNumberId`), newest first (or
   `list_order = "ASC"`), at most `limit` (default 100) calls, each validated as the SDK's `Call`.
 
-Every request is recorded with its arrival time (`Seen.at`, `time.monotonic()`), so a test can
-count requests per second.
-
-Every request is recorded with its parsed body. `failing` makes a route answer a status instead
+Every request is recorded with its parsed body and its arrival time (`Seen.at`,
+`time.monotonic()`, so a test can count requests per second). `failing` makes a route answer a status instead
 (keyed "METHOD /path"), as an outage of Vapi's would.
 """
 
+import asyncio
 import inspect
 import itertools
 import secrets
 import time
+import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -62,6 +67,7 @@ from vapi.types import (
 )
 
 from credit_engine.engine.embedded import free_port
+from tests.fake_vapi import VAPI_CONTROL_HOST
 from tests.served import served
 
 API_KEY = "vapi-api-key-for-tests"
@@ -99,6 +105,20 @@ CALL_LIST_PARAMETERS = frozenset(
     if name not in ("self", "request_options")
 )
 CALL_FILTERS = frozenset({"id", "assistantId", "phoneNumberId"})
+
+
+def _create_call_dto() -> type[pydantic.BaseModel]:
+    """Vapi's CreateCallDTO as the SDK sends it: `calls.create`'s keyword parameters, typed, under
+    their JSON names (the SDK writes `assistant_overrides` as `assistantOverrides`, ...)."""
+    fields: dict[str, Any] = {}
+    for name, parameter in inspect.signature(AsyncCallsClient.create).parameters.items():
+        if name in ("self", "request_options"):
+            continue
+        fields[name] = (parameter.annotation, pydantic.Field(None, alias=_camel(name)))
+    return pydantic.create_model("CreateCallDto", __config__=pydantic.ConfigDict(populate_by_name=False), **fields)
+
+
+CreateCallDto = _create_call_dto()
 
 
 def iso(instant: datetime) -> str:
@@ -145,6 +165,9 @@ class FakeVapiApi:
     invalid: list[str] = field(default_factory=list)  # every validation problem, for the test to assert empty
     failing: dict[str, int] = field(default_factory=dict)  # "PATCH /phone-number/<id>" -> the status to answer
     list_order: str = "DESC"  # how GET /phone-number orders by createdAt
+    call_mode: str = "place"  # POST /call: "place", "refuse" (400), "fail" (500), "hang" (placed, never answered)
+    hang_s: float = 3.0
+    control_base_url: str = VAPI_CONTROL_HOST  # what tests/fake_vapi.FakeVapi.control_url names
     _created: itertools.count = field(default_factory=itertools.count)  # type: ignore[type-arg]
 
     @property
@@ -407,6 +430,38 @@ class FakeVapiApi:
         self.numbers[number_id] = number
         return JSONResponse(number, status_code=201)
 
+    async def create_call(self, request: Request) -> Response:
+        body = orjson.loads(await request.body())
+        if (refused := self._refused(request, body)) is not None:
+            return refused
+        problems = check_request(CreateCallDto, body)
+        if problems:
+            self.invalid.extend(problems)
+            return JSONResponse({"message": problems, "error": "Bad Request", "statusCode": 400}, status_code=400)
+        if self.call_mode == "refuse":
+            message = ["customer.number must be a valid phone number in the E.164 format"]
+            return JSONResponse({"message": message, "error": "Bad Request", "statusCode": 400}, status_code=400)
+        if self.call_mode == "fail":
+            return JSONResponse({"message": "Internal server error", "statusCode": 500}, status_code=500)
+        call_id = str(uuid.uuid4())
+        now = iso(datetime.now(UTC))
+        the_call = {
+            "id": call_id,
+            "orgId": VAPI_ORG_ID,
+            "type": "outboundPhoneCall",
+            "status": "queued",
+            "createdAt": now,
+            "updatedAt": now,
+            "cost": 0,
+            "monitor": {"controlUrl": f"{self.control_base_url}/{call_id}/control"},
+            **{k: v for k, v in body.items() if k != "name" or v is not None},
+        }
+        Call.model_validate(the_call)
+        self.calls[call_id] = the_call
+        if self.call_mode == "hang":
+            await asyncio.sleep(self.hang_s)
+        return JSONResponse(the_call, status_code=201)
+
     async def delete_phone_number(self, request: Request) -> Response:
         number_id = request.path_params["number_id"]
         self.seen.append(Seen("DELETE", request.url.path, None, dict(request.headers)))
@@ -429,6 +484,7 @@ async def fake_vapi_api_server() -> AsyncIterator[FakeVapiApi]:
         Route("/workflow/{workflow_id}", fake.get_workflow, methods=["GET"]),
         Route("/call", fake.list_calls, methods=["GET"]),
         Route("/call/{call_id}", fake.get_call, methods=["GET"]),
+        Route("/call", fake.create_call, methods=["POST"]),
     ]
     async with served(Starlette(routes=routes), fake.port):
         yield fake

@@ -77,6 +77,30 @@ REFUSALS: dict[tuple[str, str], Refusal] = {
         409, "call_already_resolved", "this call has already ended and been billed", field="call_id"
     ),
     ("reserve", ANY): Refusal(503, "unavailable", "cannot reserve now ({outcome}); retry shortly"),
+    # Placing an outbound call through the engine (engine/dial.Dialled).
+    ("dial", "phone_number_unknown"): Refusal(
+        404, "not_found", "no active phone number with this id is registered to this org", field="phone_number_id"
+    ),
+    ("dial", "insufficient_funds"): Refusal(
+        402,
+        "insufficient_balance",
+        "not enough credit to start a call: {available_pence} pence available",
+        {"available_pence": "available_pence"},
+    ),
+    ("dial", "too_many_calls"): Refusal(429, "too_many_calls", "the org is at its limit of concurrent calls"),
+    ("dial", "vapi_refused"): Refusal(
+        502,
+        "vapi_refused",
+        "Vapi did not place the call ({reason}); the credit held for it was released",
+        {"vapi_status": "vapi_status"},
+    ),
+    ("dial", "vapi_no_answer"): Refusal(
+        504,
+        "vapi_no_answer",
+        "Vapi did not say whether it placed the call ({reason}); the credit stays held until the call "
+        "reports (then it is billed as usual) or its hold expires; this key will not place another call",
+        {"reservation_id": "reservation_id"},
+    ),
 }
 
 

@@ -25,7 +25,7 @@ from credit_engine.engine.errors import InvalidInput, OrgNotFound
 from credit_engine.engine.forwarding import AssistantServers, Forwarder
 from credit_engine.engine.runtime import Runtime
 from credit_engine.engine.telephony import Telephony, VapiTelephony, make_telephony
-from credit_engine.webapp import admin, alerts_api, health, managed_telephony, vapi, wallet
+from credit_engine.webapp import admin, alerts_api, dial, health, managed_telephony, vapi, wallet
 from credit_engine.webapp.context import AppContext
 from credit_engine.webapp.metrics import Metrics
 from credit_engine.webapp.middleware import BodySizeLimit
@@ -91,6 +91,7 @@ ROUTES = [
     route("/api/alerts", alerts_api.list_alerts, "GET", "alerts"),
     route("/api/alerts/signing-secret", alerts_api.signing_secret, "GET", "alerts_signing_secret"),
     route("/api/forwarding/secret", wallet.forwarding_secret, "GET", "forwarding_secret"),
+    route("/api/calls", dial.place_call, "POST", "call_place"),
     route("/api/calls/{call_id}", wallet.show_call, "GET", "call_show"),
     route("/api/calls/{call_id}/reserve", wallet.reserve, "POST", "call_reserve"),
     route("/api/managed-telephony/pricing", managed_telephony.pricing, "GET", "pricing"),

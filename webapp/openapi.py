@@ -120,6 +120,39 @@ SCHEMAS: dict[str, Any] = {
     "Error": error_schema(),
     "InsufficientBalanceError": error_schema(required_pence=INTEGER, available_pence=INTEGER),
     "ProviderFailedError": error_schema(refunded_pence=INTEGER, refund_transaction_id=INTEGER),
+    "CallShortError": error_schema(available_pence=INTEGER),
+    "VapiRefusedError": error_schema(vapi_status=INTEGER),
+    "VapiNoAnswerError": error_schema(reservation_id=TEXT),
+    "PlaceCall": {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["phone_number_id", "customer"],
+        "description": "Exactly one of assistant_id and assistant. The engine merges its own part into "
+        "assistant_overrides (its server, serverMessages, monitorPlan.controlEnabled, maxDurationSeconds "
+        "from the credit, variableValues.org_id and credit_engine_reservation_id).",
+        "properties": {
+            "phone_number_id": {
+                "type": "string",
+                "pattern": "^[A-Za-z0-9_.:-]{1,128}$",
+                "description": "A Vapi phone number registered to this org",
+            },
+            "customer": {
+                "type": "object",
+                "required": ["number"],
+                "description": "Vapi's CreateCustomerDTO",
+                "properties": {"number": {"type": "string", "pattern": "^\\+[1-9][0-9]{6,14}$"}},
+            },
+            "assistant_id": {"type": "string", "pattern": "^[A-Za-z0-9_.:-]{1,128}$"},
+            "assistant": {"type": "object", "minProperties": 1, "description": "Vapi's CreateAssistantDTO"},
+            "assistant_overrides": {"type": "object", "description": "Vapi's AssistantOverrides"},
+            "name": {"type": "string", "minLength": 1, "maxLength": 40},
+        },
+    },
+    "PlacedCall": closed(
+        {"call_id": CALL_ID, "hold_pence": INTEGER, "max_duration_seconds": INTEGER, "status": TEXT},
+        description="The call as Vapi placed it, held under Vapi's call id; status is Vapi's (queued), "
+        "or unknown when a retry answers from the engine's own record",
+    ),
     "OrgCreate": {
         "type": "object",
         "additionalProperties": False,
@@ -418,6 +451,28 @@ PATHS: dict[str, Any] = {
             "responses": {
                 "200": answer("The secret", ref("ForwardSecret")),
                 "404": answer("No forward secret configured", ref("Error")),
+                **ERRORS,
+            },
+        }
+    },
+    "/api/calls": {
+        "post": {
+            "summary": "Place an outbound call through the engine: reserve, place it at Vapi with the engine as its "
+            "server, hold it under Vapi's call id",
+            "security": ORG,
+            "parameters": [IDEMPOTENCY_KEY],
+            "requestBody": json_body(ref("PlaceCall")),
+            "responses": {
+                "201": answer("Placed", ref("PlacedCall")),
+                "402": answer("Not enough credit: nothing reserved, no call placed", ref("CallShortError")),
+                "404": answer("No such active phone number for this org", ref("Error")),
+                "409": answer("Same key still running", ref("Error")),
+                "429": answer("The org is at its limit of concurrent calls", ref("Error")),
+                "502": answer("Vapi refused or failed: the hold released", ref("VapiRefusedError")),
+                "503": answer("No VAPI_API_KEY, balances being restored, or the ledger behind", ref("Error")),
+                "504": answer(
+                    "Vapi did not answer: the hold kept until the call reports or expires", ref("VapiNoAnswerError")
+                ),
                 **ERRORS,
             },
         }

@@ -25,6 +25,7 @@ from credit_engine.engine.call_server import (
 )
 from credit_engine.engine.control import control_url_allowed
 from credit_engine.engine.decisions import restoring
+from credit_engine.engine.dial import adopt_call
 from credit_engine.engine.end_queue import end_unheld_call
 from credit_engine.engine.errors import InvalidInput
 from credit_engine.engine.forwarding import ANSWERED_TYPES, FORWARDED_HEADER, Target, forward_secret_for
@@ -39,6 +40,7 @@ from credit_engine.engine.holds import (
     reserve_call,
     resolution_remembered,
 )
+from credit_engine.engine.idempotency import is_dial_reservation_id
 
 # The default sentences (declared once, in engine/org_profiles.py); an org may set its own.
 from credit_engine.engine.org_profiles import (  # noqa: F401
@@ -364,11 +366,33 @@ def _allowed_control_url(ctx: AppContext, message: VapiMessage, org_id: str) -> 
     return control_url
 
 
+async def _adopt_carried(ctx: AppContext, message: VapiMessage, who: Attribution) -> None:
+    """A call the engine placed (POST /api/calls, engine/dial.py) carries the id its hold was
+    reserved under: the hold becomes the call's here if the request has not made it so yet (Vapi
+    may send a message before its answer to POST /call arrives, or the request's process may have
+    died). Only on the org's own number, and only the org's own reservation (the script looks in
+    the number's org alone), so a message naming another org's reservation moves nothing."""
+    reservation_id, call_id, org_id = message.reservation_id, message.call_id, who.org_id
+    if reservation_id is None or call_id is None or org_id is None or not who.by_number:
+        return
+    if not is_dial_reservation_id(reservation_id) or not key_rules.is_call_id(call_id):
+        return
+    adoption = await restoring(ctx.rt, org_id, lambda: adopt_call(ctx.rt, org_id, reservation_id, call_id))
+    ctx.metrics.webhooks.labels(message.type, f"adopt_{adoption.outcome.name}").inc()
+    if adoption.outcome == Outcome.ok:
+        await _remember(ctx, message, org_id)
+    elif adoption.outcome == Outcome.idempotency_conflict:
+        await release_call(ctx.rt, org_id, reservation_id)  # the call holds its own: the reservation's goes
+
+
 async def status_update(ctx: AppContext, message: VapiMessage, raw: bytes) -> dict[str, Any]:
-    if message.status not in ("in-progress", "ended"):
+    if message.status not in ("in-progress", "ended") and message.reservation_id is None:
         return {}
     who = await _payer(ctx, message)
     if who is None:
+        return {}
+    await _adopt_carried(ctx, message, who)
+    if message.status not in ("in-progress", "ended"):
         return {}
     org_id = who.org_id
     assert org_id is not None and message.call_id is not None
@@ -491,6 +515,7 @@ async def end_of_call_report(ctx: AppContext, message: VapiMessage, raw: bytes) 
     who = await _payer(ctx, message)
     if who is None:
         return {}
+    await _adopt_carried(ctx, message, who)
     org_id = who.org_id
     assert org_id is not None and message.call_id is not None
     if message.billed_seconds is None:

@@ -6,6 +6,8 @@ sends ~30 message types with hundreds of optional fields, and a field of the wro
 us ignore that field, never fail the webhook. Where fields live (see shared/vapi-contract.md):
 - the phone number: `call.phoneNumberId`, falling back to `phoneNumber.id`;
 - the org we put in the call: `call.assistantOverrides.variableValues.org_id`;
+- the reservation of a call the engine placed (engine/dial.py):
+  `call.assistantOverrides.variableValues.credit_engine_reservation_id`;
 - the call's times: message-level `startedAt`/`endedAt` (end-of-call-report), then `call.*`,
   then the undocumented message-level `durationSeconds`.
 """
@@ -16,6 +18,7 @@ from datetime import datetime
 from typing import Any
 
 from credit_engine.engine import limits
+from credit_engine.engine.dial import RESERVATION_VARIABLE
 from credit_engine.engine.errors import InvalidInput
 from credit_engine.engine.vapi_calls import seconds_between
 from credit_engine.engine.vapi_calls import vapi_time as _time
@@ -34,6 +37,7 @@ class VapiMessage:
     cost_usd: float | None
     ended_reason: str | None
     created_ms: int | None  # call.createdAt: how old the call is (a first sight of an old call is a replay)
+    reservation_id: str | None = None  # a call the engine placed: the id its hold was reserved under
 
 
 def _dict(value: Any) -> dict[str, Any]:
@@ -103,4 +107,5 @@ def parse_message(envelope: Any) -> VapiMessage:
         cost_usd=_number(message.get("cost")) if "cost" in message else _number(call.get("cost")),
         ended_reason=_str(message.get("endedReason"), 200) or _str(call.get("endedReason"), 200),
         created_ms=_ms(_time(call.get("createdAt"))),
+        reservation_id=_str(variables.get(RESERVATION_VARIABLE), 256),
     )

@@ -21,6 +21,7 @@ from credit_engine.engine.holds import (
     reserve_call,
     resolution_in_postgres,
 )
+from credit_engine.engine.idempotency import is_dial_reservation_id
 from credit_engine.engine.keys import is_call_id
 from credit_engine.engine.ledger import ledger_page
 from credit_engine.engine.results import Outcome
@@ -176,6 +177,10 @@ async def reserve(request: Request) -> Response:
     """Reserve credit for an outbound call (Vapi sends no assistant-request for those)."""
     ctx, org_id = await org_context(request)
     call_id = _call_id(request)
+    if is_dial_reservation_id(call_id):
+        raise ApiError(
+            422, "invalid_field", "this id is one the engine reserves calls it places under", field="call_id"
+        )
     ctx.require_ready()
     await _check_call_is_new(ctx, org_id, call_id)
     reservation = await restoring(ctx.rt, org_id, lambda: reserve_call(ctx.rt, org_id, call_id))

@@ -24,7 +24,9 @@ def kind(path: str) -> str:
         return "admin"
     if path.startswith("/api/vapi/"):
         return "vapi"
-    if path.startswith(("/api/wallet", "/api/calls/", "/api/alerts", "/api/forwarding/", "/api/managed-telephony/")):
+    if path == "/api/calls" or path.startswith(
+        ("/api/wallet", "/api/calls/", "/api/alerts", "/api/forwarding/", "/api/managed-telephony/")
+    ):
         return "org"
     raise AssertionError(f"{path}: classify this new route in the authorisation matrix")
 

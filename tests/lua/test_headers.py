@@ -12,6 +12,7 @@ SCRIPTS = load_scripts()
 EXPECTED = {
     "asset_deduct",
     "credit_apply",
+    "hold_adopt",
     "hold_check",
     "hold_commit",
     "hold_release",

@@ -6,6 +6,8 @@ import orjson
 import pytest
 
 from credit_engine.engine.credits import TOP_UP, TopUp
+from credit_engine.engine.dial import OPERATION as DIAL
+from credit_engine.engine.dial import Dial, Dialled
 from credit_engine.engine.holds import Reservation
 from credit_engine.engine.idempotent_requests import Claim
 from credit_engine.engine.provisioning import OPERATION, Provided, Provision
@@ -94,3 +96,26 @@ def test_results_survive_their_record() -> None:
     assert Provision.from_record(orjson.loads(orjson.dumps(bought.record()))) == bought
     topped = TopUp(Outcome.ok, 3, 10, None, False)
     assert TopUp.from_record(orjson.loads(orjson.dumps(topped.record()))) == topped
+
+
+@pytest.mark.parametrize("outcome", list(Dialled))
+def test_every_dial_outcome_is_answered(outcome: Dialled) -> None:
+    """A placed call is the success; every refusal is a 4xx/5xx, and only Vapi's answers (or its
+    silence) are kept for the key, because only they asked Vapi."""
+    result = Dial(outcome, "ce-dial-" + "0" * 48, vapi_status=400, reason="no", available_pence=5)
+    error = answers.refused(DIAL, outcome, result)
+    if outcome == Dialled.placed:
+        assert error is None
+        return
+    assert error is not None and 400 <= error.status_code < 600
+    assert "{" not in error.message
+    assert result.kept() == (outcome in (Dialled.vapi_refused, Dialled.vapi_no_answer))
+    statuses = {Dialled.insufficient_funds: 402, Dialled.too_many_calls: 429, Dialled.vapi_refused: 502}
+    if outcome in statuses:
+        assert error.status_code == statuses[outcome]
+
+
+def test_a_dial_record_round_trips_without_the_control_url() -> None:
+    placed = Dial(Dialled.placed, "ce-dial-" + "1" * 48, "call-1", 60, 90, "queued", control_url="https://x/c")
+    assert "control_url" not in placed.record()
+    assert Dial.from_record(orjson.loads(orjson.dumps(placed.record()))) == placed

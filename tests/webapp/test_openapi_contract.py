@@ -19,14 +19,17 @@ import pytest
 import schemathesis
 from schemathesis.core.failures import Failure, FailureGroup
 from schemathesis.specs.openapi.schemas import OpenApiSchema
+from vapi.types import Call
 
 from credit_engine.engine.config import Settings
 from credit_engine.engine.idempotency import call_state_key
 from credit_engine.engine.outbox import drain_org_fully
 from credit_engine.engine.runtime import Runtime
+from credit_engine.webapp import dial as dial_endpoint
 from credit_engine.webapp.app import ROUTES
 from credit_engine.webapp.openapi import SCHEMAS, openapi_document
 from tests.alert_receivers import add_alerts
+from tests.fake_vapi_api import API_KEY, FakeVapiApi
 from tests.webapp.conftest import ADMIN_TOKEN, Api
 from tests.webapp.vapi_payloads import assistant_request, call, end_of_call_report, status_update
 
@@ -257,6 +260,36 @@ async def numbers_ledger_and_alerts(api: Api, rt: Runtime, org: str, key: str, p
     assert (await api.as_org(key, "GET", "/api/forwarding/secret")).status_code == 200
 
 
+async def placed_calls(
+    api: Api, org: str, key: str, poor_key: str, vapi_api: FakeVapiApi, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Outbound calls through the engine: without VAPI_API_KEY, then placed (and replayed), at the
+    limit, short of credit, on no number of the org's, refused by Vapi, unanswered by Vapi."""
+    calls = "/api/calls"
+    body = {"phone_number_id": "pn-main", "customer": {"number": "+15557654321"}, "assistant_id": "asst-1"}
+    assert (await api.as_org(key, "POST", calls, body, {"Idempotency-Key": "c1"})).status_code == 503
+    ctx = api.client._transport.app.state.ctx  # type: ignore[attr-defined]
+    monkeypatch.setattr(ctx, "settings", replace(ctx.settings, vapi_api_key=API_KEY, vapi_base_url=vapi_api.base_url))
+    monkeypatch.setattr(dial_endpoint, "create_call_timeout_s", 0.3)
+    for _ in range(2):  # placed, then its replay
+        assert (await api.as_org(key, "POST", calls, body, {"Idempotency-Key": "c1"})).status_code == 201
+    assert (await api.as_org(key, "POST", calls, body, {"Idempotency-Key": "c2"})).status_code == 429
+    [placed] = vapi_api.calls.values()
+    assert (await api.vapi(end_of_call_report(Call.model_validate(placed), 10))).json() == {}
+    vapi_api.call_mode = "refuse"
+    assert (await api.as_org(key, "POST", calls, body, {"Idempotency-Key": "c3"})).status_code == 502
+    vapi_api.call_mode, vapi_api.hang_s = "hang", 1.0
+    assert (await api.as_org(key, "POST", calls, body, {"Idempotency-Key": "c4"})).status_code == 504
+    await api.register_number((await api.as_org(poor_key, "GET", "/api/wallet")).json()["org_id"], "pn-poor")
+    poor = {**body, "phone_number_id": "pn-poor"}
+    assert (await api.as_org(poor_key, "POST", calls, poor, {"Idempotency-Key": "c5"})).status_code == 402
+    nobody = {**body, "phone_number_id": "pn-nobody"}
+    assert (await api.as_org(key, "POST", calls, nobody, {"Idempotency-Key": "c6"})).status_code == 404
+    assert (
+        await api.as_org(key, "POST", calls, {**body, "customer": {}}, {"Idempotency-Key": "c7"})
+    ).status_code == 422
+
+
 async def health(api: Api, rt: Runtime) -> None:
     assert (await api.client.get("/healthz")).status_code == 200
     alone = await api.client.get("/readyz")  # no worker has reported: ready, the outbox degraded
@@ -268,10 +301,13 @@ async def health(api: Api, rt: Runtime) -> None:
     assert (await api.client.get("/metrics")).status_code == 200
 
 
-async def test_every_documented_answer_is_what_the_handlers_send(api: Api, rt: Runtime, contract: Contract) -> None:
+async def test_every_documented_answer_is_what_the_handlers_send(
+    api: Api, rt: Runtime, contract: Contract, vapi_api: FakeVapiApi, monkeypatch: pytest.MonkeyPatch
+) -> None:
     org, key, poor_key = await admin_and_errors(api)
     await calls_and_webhooks(api, rt, org, key, poor_key)
     await numbers_ledger_and_alerts(api, rt, org, key, poor_key)
+    await placed_calls(api, org, key, poor_key, vapi_api, monkeypatch)
     await health(api, rt)
     failures = contract.failures()
     assert failures == [], "\n\n".join(failures)

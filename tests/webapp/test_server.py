@@ -16,6 +16,7 @@ import pytest
 from credit_engine.engine import processes
 from credit_engine.engine.config import Settings
 from credit_engine.engine.embedded import free_port
+from tests.fake_vapi_api import API_KEY, FakeVapiApi
 from tests.processes import deployment_ready, service_env, start_worker, stop, wait_for
 from tests.webapp.conftest import ADMIN_TOKEN, WEBHOOK_SECRET
 from tests.webapp.vapi_payloads import assistant_request, call, end_of_call_report, status_update
@@ -33,9 +34,20 @@ def server_settings(settings: Settings) -> Settings:
 
 
 @pytest.fixture
-def server(server_settings: Settings, tmp_path: Path) -> Iterator[Server]:
+def vapi_env(request: pytest.FixtureRequest) -> dict[str, str]:
+    """A test that asks for the fake Vapi API (before `server`) gets a server that uses it."""
+    if "vapi_api" not in request.fixturenames:
+        return {}
+    fake = request.getfixturevalue("vapi_api")
+    return {"VAPI_API_KEY": API_KEY, "VAPI_BASE_URL": fake.base_url}
+
+
+@pytest.fixture
+def server(server_settings: Settings, tmp_path: Path, vapi_env: dict[str, str]) -> Iterator[Server]:
     port = free_port()
-    env = service_env(server_settings, CREDIT_ENGINE_ADMIN_TOKEN=ADMIN_TOKEN, VAPI_WEBHOOK_SECRET=WEBHOOK_SECRET)
+    env = service_env(
+        server_settings, CREDIT_ENGINE_ADMIN_TOKEN=ADMIN_TOKEN, VAPI_WEBHOOK_SECRET=WEBHOOK_SECRET, **vapi_env
+    )
     with open(tmp_path / "web.log", "ab") as log:
         web = subprocess.Popen(
             processes.cli("serve", "--port", str(port)), env=env, stdout=log, stderr=subprocess.STDOUT
@@ -97,7 +109,10 @@ async def test_a_call_from_start_to_bill_over_real_http(http: httpx.AsyncClient)
     assert "credit_engine_decisions_total" in (await http.get("/metrics")).text
 
 
-async def test_schemathesis_finds_no_server_error(http: httpx.AsyncClient, server: Server, tmp_path: Path) -> None:
+async def test_schemathesis_finds_no_server_error(
+    vapi_api: FakeVapiApi, http: httpx.AsyncClient, server: Server, tmp_path: Path
+) -> None:
+    """With a Vapi API to place calls at (a fake: POST /api/calls answers 503 without one)."""
     admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
     await http.post(
         "/api/admin/orgs", json={"org_id": "fuzz", "name": "Fuzz", "rate_pence_per_minute": 60}, headers=admin

@@ -248,7 +248,11 @@ async def _settle(rt: Runtime, m: Mismatch, call: VapiCallRecord) -> None:
     assert m.vapi_seconds is not None
     seconds, meta = m.vapi_seconds, call.meta("vapi_audit")
     resolution = await restoring(rt, m.org_id, lambda: commit_call(rt, m.org_id, m.call_id, seconds, meta=meta))
-    if resolution.outcome in (Outcome.ok, Outcome.adjusted, Outcome.replayed):
+    # A replay settles an unbilled call (billed meanwhile), never a duration: the engine resolved
+    # the call longer ago than Redis remembers, so it cannot be adjusted (for an operator).
+    if resolution.outcome in (Outcome.ok, Outcome.adjusted) or (
+        resolution.outcome == Outcome.replayed and m.kind == UNBILLED
+    ):
         m.settled = True
         m.settled_pence = resolution.charged_pence if resolution.outcome != Outcome.replayed else 0
         log.warning(

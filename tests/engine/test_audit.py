@@ -3,12 +3,12 @@ Postgres and the fake Vapi API over real HTTP (listing validated against the SDK
 
 import asyncio
 import json
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 from credit_engine.engine import processes
-from credit_engine.engine.audit import audit_previous_day
+from credit_engine.engine.audit import audit_previous_day, audit_vapi
 from credit_engine.engine.clock import ManualClock
-from credit_engine.engine.holds import commit_call
+from credit_engine.engine.holds import CallEvent, check_call, commit_call, expire_call, reserve_call
 from credit_engine.engine.outbox import drain_org_fully
 from credit_engine.engine.phone_numbers import register_number
 from credit_engine.engine.results import Outcome
@@ -185,3 +185,34 @@ async def test_the_daily_audit_alerts_each_org_with_mismatches_once(
     ]
     assert alerts[0]["payload"]["unbilled"] == 1 and alerts[0]["payload"]["call_ids"] == ["c-lost"]
     assert await rt.pg.fetchval("SELECT count(*) FROM ledger_entries WHERE call_id = 'c-lost'") == 0  # nothing settled
+
+
+async def test_settle_corrects_a_call_the_engine_expired_at_other_seconds_exactly_once(
+    rt: Runtime, clock: ManualClock, vapi_api: FakeVapiApi
+) -> None:
+    """The wrong duration the engine itself can make: a call whose report was lost, expired at the
+    seconds the engine saw. `--settle` bills the difference to Vapi's seconds, once. (In-process,
+    on the test's clock: a CLI process would run on today's, weeks after Redis forgot the call.)"""
+    org_id, number_id = await _org_with_number(rt, vapi_api)
+    clock.value_ms = int((T0 + timedelta(minutes=5, seconds=1)).timestamp() * 1000)
+    assert (await reserve_call(rt, org_id, "c-exp")).outcome == Outcome.ok
+    await check_call(rt, org_id, "c-exp", CallEvent.start)
+    clock.value_ms += 20_000
+    await check_call(rt, org_id, "c-exp", CallEvent.end)  # the engine saw 20 s; Vapi ran 95 s
+    clock.value_ms = int((T0 + timedelta(hours=20)).timestamp() * 1000)
+    expired = await expire_call(rt, org_id, "c-exp")
+    assert expired.outcome == Outcome.ok and expired.charged_pence == 20
+    _ended(vapi_api, "c-exp", number_id, 5, 95)
+    since, until = datetime.fromisoformat(SINCE).replace(tzinfo=UTC), datetime.fromisoformat(UNTIL).replace(tzinfo=UTC)
+
+    async with VapiAccount(API_KEY, vapi_api.base_url) as account:
+        found = (await audit_vapi(rt, account, since, until)).mismatches
+        assert [(m.kind, m.vapi_seconds, m.billed_seconds, m.settled) for m in found] == [("duration", 95, 20, False)]
+        settled = (await audit_vapi(rt, account, since, until, settle=True)).mismatches
+        assert [(m.settled, m.settled_pence) for m in settled] == [(True, 75)]  # the difference
+        for settle in (True, False):  # a second run bills nothing; the audit is clean
+            assert (await audit_vapi(rt, account, since, until, settle=settle)).mismatches == []
+    await drain_org_fully(rt, org_id)
+    rows = await rt.pg.fetch("SELECT amount_pence FROM ledger_entries WHERE call_id = 'c-exp' ORDER BY id")
+    assert [row["amount_pence"] for row in rows] == [-20, -75]
+    assert await assert_books_agree(rt, org_id) == 10_000 - 95

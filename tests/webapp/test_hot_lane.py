@@ -20,7 +20,7 @@ from credit_engine.engine.clock import ManualClock
 from credit_engine.engine.config import Settings
 from credit_engine.webapp import app as app_module
 from credit_engine.webapp import vapi as vapi_module
-from credit_engine.webapp.app import CreditEngineApp, create_app
+from credit_engine.webapp.app import Budget, CreditEngineApp, create_app
 from credit_engine.webapp.hot_lane import HotLane
 from tests.webapp.conftest import WEBHOOK_SECRET, Api
 from tests.webapp.vapi_payloads import assistant_request, call, status_update
@@ -214,6 +214,13 @@ async def test_errors_are_mapped_as_starlette_maps_them(both: Both, monkeypatch:
     down = await both.same("POST", STATUS_CHECK_PATH, json={"call_id": "live-3"}, headers=SECRET)
     assert (down.status_code, down.headers["retry-after"], down.json()["error"]["code"]) == (503, "1", "unavailable")
 
+    async def store_bound(*args: Any, **kwargs: Any) -> Any:
+        raise TimeoutError  # a store's own bound (engine/db.py `bounded`), not the request's budget
+
+    monkeypatch.setattr(vapi_module, "check_call", store_bound)
+    bounded = await both.same("POST", STATUS_CHECK_PATH, json={"call_id": "live-3"}, headers=SECRET)
+    assert (bounded.status_code, bounded.json()["error"]["code"]) == (503, "unavailable")
+
     async def broken(*args: Any, **kwargs: Any) -> Any:
         raise RuntimeError("a bug")
 
@@ -261,3 +268,39 @@ async def test_the_lane_counts_what_the_route_counted(both: Both) -> None:
     assert counts() == (before[0] + 3, before[1] + 3)
     await both.lane.post(STATUS_CHECK_PATH, json={"call_id": ""}, headers=SECRET)  # refused: timed, not decided
     assert counts() == (before[0] + 4, before[1] + 3)
+
+
+async def test_the_budget_cancels_the_request_and_knows_the_cancellation_for_its_own() -> None:
+    budget = Budget(0.01)
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.sleep(5)
+    budget.close()
+    assert (budget.expired, budget.ours) == (True, True)
+    task = asyncio.current_task()
+    assert task is not None and task.cancelling() == 0  # its cancellation spent: the task goes on
+    await asyncio.sleep(0)
+
+
+@pytest.mark.parametrize(("budget_s", "expired"), [(0.05, True), (5.0, False)])
+async def test_a_cancellation_from_outside_is_never_the_budgets(budget_s: float, expired: bool) -> None:
+    """Cancelled from outside (a server shutting down), the request is still busy when its budget
+    runs out, or is done long before: either way the cancellation is not the budget's to answer."""
+    budgets: list[Budget] = []
+
+    async def request() -> None:
+        budget = Budget(budget_s)
+        budgets.append(budget)
+        try:
+            await asyncio.sleep(5)
+        except asyncio.CancelledError:
+            await asyncio.shield(asyncio.sleep(0.2))
+            raise
+        finally:
+            budget.close()
+
+    task = asyncio.create_task(request())
+    await asyncio.sleep(0.01)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert (budgets[0].expired, budgets[0].ours) == (expired, False)

@@ -302,6 +302,12 @@ def write_report(report: Any, out: Path, command: str) -> None:
             "each entry's `recorded_at − created_at` (Redis TIME at the decision, Postgres time of the insert, same "
             f"machine clock): p50 {ledger['lag_p50_ms']:,} ms, **p99 {ledger['lag_p99_ms']:,} ms**, max {ledger['lag_max_ms']:,} ms.",
         ]
+        if ledger.get("lag_not_sent"):
+            lines.append(
+                f"- {ledger['lag_not_sent']:,} more deductions failed at the bench's own Redis client (a RedisError, "
+                "before the worker could see them): the machine was too busy for the "
+                "open loop's rate. They are not in the lag."
+            )
     if report.reconcile:
         r = report.reconcile
         lines += [

@@ -46,12 +46,15 @@ class ScriptResult:
 
 
 HEAD_LENGTH = 7
+# isinstance(value, int) as a C function map() calls without a generator's frame per value: the
+# reply check below runs on every decision (a status check's reply has 14 values).
+_is_int = int.__instancecheck__
 
 
 def decode(reply: list[int], tail_length: int) -> ScriptResult:
     """Decode `{code, balance, held, available, debt, seq, depletion_ms, ...tail}` and check what it promises."""
     assert len(reply) == HEAD_LENGTH + tail_length, reply
-    assert all(isinstance(value, int) for value in reply), reply
+    assert all(map(_is_int, reply)), reply
     outcome = Outcome(reply[0])
     money = Money(*reply[1:6])
     assert reply[6] >= 0, reply

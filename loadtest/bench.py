@@ -5,7 +5,9 @@
    the seed's design (a PL/pgSQL function with SELECT ... FOR UPDATE). Saturation with wrk
    (requests/s, p50/p99), a fixed 2,000 requests/s with an open-loop generator (p50/p99), and a
    sweep of offered rates for the plot; one hot org, and 10,000 orgs. CPU of server, Redis or
-   Postgres, and load generator, beside each figure.
+   Postgres, and load generator, beside each figure. Before that, the status check and the bare
+   endpoint side by side (both up, wrk runs taking turns): requests per CPU-second of each server
+   process, and their ratio (target: the status check at >= 0.75x the bare endpoint).
 2. The Lua decision: microseconds per call seen by a client, and inside Redis (INFO commandstats).
 3. The reserve, commit and provision endpoints at a fixed rate: p50/p99.
 4. The ledger writer (the real worker process): entries/s drained into Postgres, and the outbox lag
@@ -25,6 +27,7 @@ import re
 import resource
 import secrets
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -36,6 +39,7 @@ from typing import Any
 
 import httpx
 import psutil
+from redis.exceptions import RedisError
 
 from credit_engine.engine import processes
 from credit_engine.engine.assets import deduct_asset
@@ -68,10 +72,12 @@ class Durations:
     ledger_entries: int = 100_000
     reconcile_orgs: int = 100_000
     reconcile_entries_per_org: int = 10
+    side_by_side_rounds: int = 5
+    side_by_side_s: int = 4
 
     @classmethod
     def quick(cls) -> "Durations":
-        return cls(2, 2, 1, 2, 5, 20_000, 10_000, 10)
+        return cls(2, 2, 1, 2, 5, 20_000, 10_000, 10, 3, 2)
 
 
 @dataclass
@@ -87,12 +93,31 @@ class Measured:
     generator_cpu: float
     generator: str
     non_2xx: int = 0
+    requests_per_cpu_s: float = 0.0  # requests answered per CPU-second of the server process
+
+
+@dataclass
+class SideBySide:
+    """The status check and the bare endpoint at saturation, both servers up and their wrk runs
+    taking turns (status, bare, status, ...), so the machine's other load falls on both alike.
+    The figure is requests per CPU-second of each server process over each run: the share of a
+    core each gets moves with what else runs, the CPU each request costs much less."""
+
+    load: str
+    seconds: int
+    status_check_per_cpu_s: list[int]
+    bare_per_cpu_s: list[int]
+    status_check_rps: list[int]
+    bare_rps: list[int]
+    ratio: float = 0.0  # median status-check / median bare, requests per CPU-second
+    round_ratios: list[float] = field(default_factory=list)
 
 
 @dataclass
 class Report:
     machine: dict[str, Any] = field(default_factory=dict)
     status_check: list[Measured] = field(default_factory=list)
+    side_by_side: list[SideBySide] = field(default_factory=list)
     sweep: dict[str, list[dict[str, float]]] = field(default_factory=dict)
     lua: dict[str, dict[str, float]] = field(default_factory=dict)
     endpoints: dict[str, dict[str, float]] = field(default_factory=dict)
@@ -124,6 +149,7 @@ class WebServer:
             }[design]
             self.argv = [
                 sys.executable,
+                "-P",  # the installed package, never a checkout's folders (engine/processes.py)
                 "-m",
                 "uvicorn",
                 module,
@@ -181,10 +207,23 @@ LATENCY_LINE = re.compile(r"^\s+(50|99)%\s+([\d.]+)(us|ms|s)\s*$", re.MULTILINE)
 UNIT_MS = {"us": 0.001, "ms": 1.0, "s": 1000.0}
 
 
-def wrk(
-    url: str, bodies_file: Path, headers: str, seconds: int, connections: int = 32
-) -> tuple[float, float, float, int, float]:
-    """(requests/s, p50 ms, p99 ms, non-2xx, wrk's CPU seconds) at saturation."""
+@dataclass
+class WrkRun:
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    non_2xx: int
+    requests: int
+    generator_cpu_s: float
+    server_cpu_s: float = 0.0
+
+    @property
+    def per_cpu_s(self) -> float:
+        return self.requests / max(self.server_cpu_s, 1e-9)
+
+
+def wrk(url: str, bodies_file: Path, headers: str, seconds: int, connections: int = 32) -> WrkRun:
+    """One wrk run at saturation."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     result = subprocess.run(
         [
@@ -208,9 +247,26 @@ def wrk(
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     latencies = {pct: float(value) * UNIT_MS[unit] for pct, value, unit in LATENCY_LINE.findall(result.stdout)}
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", result.stdout).group(1))  # type: ignore[union-attr]
+    requests = int(re.search(r"(\d+) requests in", result.stdout).group(1))  # type: ignore[union-attr]
     non_2xx_match = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", result.stdout)
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    return rps, latencies["50"], latencies["99"], int(non_2xx_match.group(1)) if non_2xx_match else 0, cpu
+    non_2xx = int(non_2xx_match.group(1)) if non_2xx_match else 0
+    return WrkRun(rps, latencies["50"], latencies["99"], non_2xx, requests, cpu)
+
+
+def saturate(server: "WebServer", url_path: str, bodies_path: Path, headers: dict[str, str], seconds: int) -> WrkRun:
+    """One wrk run, with the server process's CPU seconds over it."""
+    header_text = "|".join(f"{k}: {v}" for k, v in headers.items())
+    before = cpu_seconds([server.pid])
+    run = wrk(f"http://127.0.0.1:{server.port}{url_path}", bodies_path, header_text, seconds)
+    run.server_cpu_s = cpu_seconds([server.pid]) - before
+    return run
+
+
+def bodies_file(bodies: list[bytes]) -> Path:
+    with tempfile.NamedTemporaryFile("wb", suffix=".jsonl", delete=False) as handle:
+        handle.write(b"\n".join(bodies) + b"\n")
+    return Path(handle.name)
 
 
 def measure(
@@ -229,16 +285,16 @@ def measure(
     store_before = cpu_seconds(store_pids)
     started = time.monotonic()
     if mode == "saturation":
-        with tempfile.NamedTemporaryFile("wb", suffix=".jsonl", delete=False) as handle:
-            handle.write(b"\n".join(bodies) + b"\n")
-        header_text = "|".join(f"{k}: {v}" for k, v in headers.items())
+        path = bodies_file(bodies)
         runs = sorted(
-            wrk(f"http://127.0.0.1:{server.port}{url_path}", Path(handle.name), header_text, seconds)
-            for _ in range(saturation_repeats)
+            (saturate(server, url_path, path, headers, seconds) for _ in range(saturation_repeats)),
+            key=lambda run: run.rps,
         )
-        rps, p50, p99, non_2xx, _ = runs[len(runs) // 2]  # the median run by requests/s
-        generator_cpu = sum(run[4] for run in runs)
-        os.unlink(handle.name)
+        median = runs[len(runs) // 2]  # the median run by requests/s
+        rps, p50, p99, non_2xx = median.rps, median.p50_ms, median.p99_ms, median.non_2xx
+        per_cpu_s = median.per_cpu_s
+        generator_cpu = sum(run.generator_cpu_s for run in runs)
+        os.unlink(path)
         generator = f"wrk -t1 -c32, median of {saturation_repeats}"
     else:
         host = f"127.0.0.1:{server.port}"
@@ -246,7 +302,9 @@ def measure(
             http_request("POST", url_path, host, body, {"Content-Type": "application/json", **headers})
             for body in bodies
         ]
+        server_before_run = cpu_seconds([server.pid])
         result = run_at_rate("127.0.0.1", server.port, lambda i: requests[i % len(requests)], rate, seconds)
+        per_cpu_s = result.completed / max(cpu_seconds([server.pid]) - server_before_run, 1e-9)
         rps, p50, p99 = result.rate_achieved, result.percentile_ms(0.50), result.percentile_ms(0.99)
         non_2xx = sum(n for status, n in result.statuses.items() if status >= 300) + result.errors
         generator_cpu = result.generator_cpu_s
@@ -264,6 +322,7 @@ def measure(
         round(generator_cpu / elapsed, 2),
         generator,
         non_2xx,
+        round(per_cpu_s),
     )
 
 
@@ -336,33 +395,90 @@ async def seed_the_seed_design(database_url: str, orgs: list[tuple[str, str]]) -
 # Sections -------------------------------------------------------------------------------------
 
 
+# The status check's designs: URL path, headers, whether the body names the call only (the
+# status check finds its org; the baselines are told it), and whose CPU is the store's.
+DESIGNS: dict[str, tuple[str, dict[str, str], bool, str]] = {
+    "status-check": ("/api/vapi/webhook/status-check", {"X-Vapi-Secret": WEBHOOK_SECRET}, True, "redis"),
+    "bare-evalsha": ("/check", {}, False, "redis"),
+    "seed-for-update": ("/check", {}, False, "postgres"),
+}
+
+
+def status_bodies(pairs: list[tuple[str, str]], call_only: bool) -> list[bytes]:
+    return [
+        json.dumps({"call_id": call} if call_only else {"org_id": org, "call_id": call}).encode() for org, call in pairs
+    ]
+
+
+def status_loads(orgs: list[tuple[str, str]]) -> dict[str, list[tuple[str, str]]]:
+    return {"one hot org": [orgs[0]], f"{len(orgs):,} orgs": orgs}
+
+
+def warm_up(design: str, load: str, server: "WebServer", bodies: list[bytes]) -> None:
+    path, headers, _, _ = DESIGNS[design]
+    warm = measure(design, load, server, [], path, bodies, headers, "fixed", 2, rate=min(5000, len(bodies)))
+    assert warm.non_2xx == 0, f"{design} answered non-2xx while warming up"
+
+
+def side_by_side_section(
+    report: Report, env: dict[str, str], data_dir: Path, orgs: list[tuple[str, str]], d: Durations
+) -> None:
+    """The status check's CPU per request against the bare endpoint's (SideBySide)."""
+    names = ("status-check", "bare-evalsha")
+    with WebServer(names[0], env, data_dir) as ours, WebServer(names[1], env, data_dir) as bare:
+        servers = dict(zip(names, (ours, bare), strict=True))
+        for load, pairs in status_loads(orgs).items():
+            files = {}
+            for name, server in servers.items():
+                bodies = status_bodies(pairs, DESIGNS[name][2])
+                warm_up(name, load, server, bodies)
+                files[name] = bodies_file(bodies)
+            log(f"side by side, {load}: {d.side_by_side_rounds} rounds of {d.side_by_side_s}s each")
+            runs: dict[str, list[WrkRun]] = {name: [] for name in names}
+            for _ in range(d.side_by_side_rounds):
+                for name, server in servers.items():
+                    run = saturate(server, DESIGNS[name][0], files[name], DESIGNS[name][1], d.side_by_side_s)
+                    assert run.non_2xx == 0, f"{name} answered non-2xx at saturation"
+                    runs[name].append(run)
+            for path in files.values():
+                os.unlink(path)
+            report.side_by_side.append(compare(load, d.side_by_side_s, runs[names[0]], runs[names[1]]))
+
+
+def compare(load: str, seconds: int, ours: list[WrkRun], bare: list[WrkRun]) -> SideBySide:
+    ours_per_cpu = [round(run.per_cpu_s) for run in ours]
+    bare_per_cpu = [round(run.per_cpu_s) for run in bare]
+    result = SideBySide(
+        load,
+        seconds,
+        ours_per_cpu,
+        bare_per_cpu,
+        [round(run.rps) for run in ours],
+        [round(run.rps) for run in bare],
+        round(statistics.median(ours_per_cpu) / statistics.median(bare_per_cpu), 3),
+        [round(a / b, 3) for a, b in zip(ours_per_cpu, bare_per_cpu, strict=True)],
+    )
+    log(
+        f"side by side, {load}: status check {statistics.median(ours_per_cpu):,.0f} requests per CPU-second, "
+        f"bare {statistics.median(bare_per_cpu):,.0f}: {result.ratio:.3f}x (rounds {result.round_ratios})"
+    )
+    return result
+
+
 def status_check_section(
     report: Report,
     env: dict[str, str],
     data_dir: Path,
     orgs: list[tuple[str, str]],
-    redis_pid: int,
-    pg_pids: list[int],
+    store_pids: dict[str, list[int]],
     d: Durations,
 ) -> None:
-    hot = [orgs[0]]
-    loads = {"one hot org": hot, f"{len(orgs):,} orgs": orgs}
-    designs = {
-        "status-check": ("/api/vapi/webhook/status-check", {"X-Vapi-Secret": WEBHOOK_SECRET}, [redis_pid], True),
-        "bare-evalsha": ("/check", {}, [redis_pid], False),
-        "seed-for-update": ("/check", {}, pg_pids, False),
-    }
-    for design, (path, headers, store, call_only) in designs.items():
+    for design, (path, headers, call_only, store_name) in DESIGNS.items():
+        store = store_pids[store_name]
         with WebServer(design, env, data_dir) as server:
-            for load, pairs in loads.items():
-                bodies = [
-                    json.dumps({"call_id": call} if call_only else {"org_id": org, "call_id": call}).encode()
-                    for org, call in pairs
-                ]
-                warm = measure(
-                    design, load, server, store, path, bodies, headers, "fixed", 2, rate=min(5000, len(bodies))
-                )
-                assert warm.non_2xx == 0, f"{design} answered non-2xx while warming up"
+            for load, pairs in status_loads(orgs).items():
+                bodies = status_bodies(pairs, call_only)
+                warm_up(design, load, server, bodies)
                 log(f"{design}, {load}: saturation")
                 report.status_check.append(
                     measure(design, load, server, store, path, bodies, headers, "saturation", d.saturation_s)
@@ -371,10 +487,7 @@ def status_check_section(
                 report.status_check.append(
                     measure(design, load, server, store, path, bodies, headers, "fixed", d.fixed_rate_s, 2000)
                 )
-            bodies = [
-                json.dumps({"call_id": call} if call_only else {"org_id": org, "call_id": call}).encode()
-                for org, call in orgs
-            ]
+            bodies = status_bodies(orgs, call_only)
             points = []
             for rate in (500, 1000, 2000, 3000, 4000, 5000, 6000, 8000, 10000):
                 point = measure(design, "sweep", server, store, path, bodies, headers, "fixed", d.sweep_point_s, rate)
@@ -498,7 +611,12 @@ def endpoint_section(
             )
 
 
-async def _deduct_at_rate(rt: Runtime, orgs: list[tuple[str, str]], rate: int, seconds: int, tag: str) -> int:
+async def _deduct_at_rate(
+    rt: Runtime, orgs: list[tuple[str, str]], rate: int, seconds: int, tag: str
+) -> tuple[int, int]:
+    """(deductions made, deductions this client could not send): on a busy machine the open loop can
+    outrun Redis, and a deduction its client gives up on (no connection free within the pool's 5 s)
+    is counted and logged, not waited for."""
     loop = asyncio.get_running_loop()
     started = loop.time()
     tasks = []
@@ -508,8 +626,13 @@ async def _deduct_at_rate(rt: Runtime, orgs: list[tuple[str, str]], rate: int, s
         if delay > 0.001:
             await asyncio.sleep(delay)
         tasks.append(asyncio.create_task(deduct_asset(rt, orgs[i % len(orgs)][0], f"{tag}-{i}", 1)))
-    await asyncio.gather(*tasks)
-    return len(tasks)
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    unsent = [r for r in results if isinstance(r, RedisError)]
+    if len(unsent) < sum(isinstance(r, BaseException) for r in results):
+        raise next(r for r in results if isinstance(r, BaseException) and not isinstance(r, RedisError))
+    if unsent:
+        log(f"ledger: {len(unsent):,} deductions not sent; the first: {unsent[0]!r}")
+    return len(tasks) - len(unsent), len(unsent)
 
 
 async def ledger_section(
@@ -552,7 +675,7 @@ async def ledger_section(
         log(f"ledger: drained at {drain_rate:,.0f} entries/s")
         log(f"ledger: outbox lag under 2,000 deductions/s for {d.lag_run_s}s")
         lag_started = time.time()
-        sent = await _deduct_at_rate(rt, targets, 2000, d.lag_run_s, "lag")
+        sent, unsent = await _deduct_at_rate(rt, targets, 2000, d.lag_run_s, "lag")
         while (
             await rt.pg.fetchval("SELECT count(*) FROM ledger_entries WHERE idempotency_key LIKE '%/asset/lag-%'")
             < sent
@@ -569,6 +692,7 @@ async def ledger_section(
             "prefilled_entries": d.ledger_entries,
             "lag_rate_per_s": 2000,
             "lag_entries": sent,
+            "lag_not_sent": unsent,
             "lag_p50_ms": round(float(lags["p50"]) * 1000, 1),
             "lag_p99_ms": round(float(lags["p99"]) * 1000, 1),
             "lag_max_ms": round(float(lags["worst"]) * 1000, 1),
@@ -688,7 +812,12 @@ async def run(durations: Durations, out: Path, sections: set[str]) -> Report:
     postgres.start()
     try:
         await asyncio.to_thread(upgrade_to_head, postgres.url)
-        settings = replace(Settings(), redis_url=redis.url, database_url=postgres.url, pg_pool_size=20)
+        # The bench's own client is a load generator too (2,000 deductions/s, open loop, for the lag):
+        # on a busy machine 64 connections can all wait on Redis past the pool's 5 s (see
+        # _deduct_at_rate); the figures measured are the worker's and the web servers', not this pool's.
+        settings = replace(
+            Settings(), redis_url=redis.url, database_url=postgres.url, pg_pool_size=20, redis_pool_size=1024
+        )
         env = {
             **os.environ,
             "REDIS_URL": redis.url,
@@ -705,11 +834,11 @@ async def run(durations: Durations, out: Path, sections: set[str]) -> Report:
             orgs = await seed_many_orgs(rt, ORGS_MANY)
             await seed_the_seed_design(postgres.url, orgs)
             assert redis.process is not None and postgres.process is not None
-            pg_pids = [postgres.process.pid]
+            store_pids = {"redis": [redis.process.pid], "postgres": [postgres.process.pid]}
+            if "ratio" in sections:
+                await asyncio.to_thread(side_by_side_section, report, env, data_dir, orgs, durations)
             if "status" in sections:
-                await asyncio.to_thread(
-                    status_check_section, report, env, data_dir, orgs, redis.process.pid, pg_pids, durations
-                )
+                await asyncio.to_thread(status_check_section, report, env, data_dir, orgs, store_pids, durations)
             if "lua" in sections:
                 await lua_section(report, rt, orgs)
             if "endpoints" in sections:
@@ -733,12 +862,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--quick", action="store_true", help="short runs and small data (a smoke test, not figures)")
     parser.add_argument("--out", type=Path, default=Path("docs"), help="where benchmarks.md, the plot and the JSON go")
-    parser.add_argument("--only", default="status,lua,endpoints,ledger,reconcile", help="comma-separated sections")
+    parser.add_argument(
+        "--only",
+        default="ratio,status,lua,endpoints,ledger,reconcile",
+        help="comma-separated sections (ratio: the status check and the bare endpoint side by side, CPU per request)",
+    )
     args = parser.parse_args(argv)
     sections = set(args.only.split(","))
-    if sections & {"status", "endpoints"} and shutil.which("wrk") is None:
+    if sections & {"ratio", "status", "endpoints"} and shutil.which("wrk") is None:
         print(
-            "credit-engine bench: the status and endpoints sections drive load with wrk, which is not installed "
+            "credit-engine bench: the ratio, status and endpoints sections drive load with wrk, which is not installed "
             "(Debian/Ubuntu: apt-get install wrk); or run --only lua,ledger,reconcile",
             file=sys.stderr,
         )

@@ -21,3 +21,10 @@ def module(name: str, *args: str, python: str | None = None) -> list[str]:
     """`python -P -m NAME ARGS`, for a module of the package (`credit_engine.loadtest.…`)."""
     assert name == PACKAGE or name.startswith(PACKAGE + "."), name
     return [python or sys.executable, "-P", "-m", name, *args]
+
+
+def tool(name: str, *args: str) -> list[str]:
+    """`python -P -m NAME ARGS` for an installed tool the load runs start (uvicorn, locust): from
+    this interpreter's environment, with the working directory off its path too."""
+    assert not name.startswith(PACKAGE), name
+    return [sys.executable, "-P", "-m", name, *args]

@@ -148,10 +148,7 @@ class WebServer:
                 "seed-for-update": "credit_engine.loadtest.seed_app:app",
             }[design]
             self.argv = [
-                sys.executable,
-                "-P",  # the installed package, never a checkout's folders (engine/processes.py)
-                "-m",
-                "uvicorn",
+                *processes.tool("uvicorn"),  # the installed package, never a checkout's folders
                 module,
                 "--port",
                 str(self.port),

@@ -67,9 +67,7 @@ def run_locust(
         "LOADTEST_WEBHOOK_SECRET": stack.webhook_secret,
     }
     command = [
-        sys.executable,
-        "-m",
-        "locust",
+        *processes.tool("locust"),
         "-f",
         str(LOCUSTFILE),
         "--headless",

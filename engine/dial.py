@@ -173,8 +173,9 @@ class Dial:
 
 
 async def dial(rt: Runtime, vapi: CallPlacer, org_id: str, key: str, request: DialRequest) -> claims.Once[Dial]:
-    """Place the call under the client's key, once (engine/idempotent_requests.once)."""
-    return await claims.once(
+    """Place the call under the client's key, once (engine/idempotent_requests.once). A replay of
+    "no answer" (kept before Vapi was asked) becomes the call once its first message adopted it."""
+    once = await claims.once(
         rt,
         org_id,
         OPERATION,
@@ -183,6 +184,13 @@ async def dial(rt: Runtime, vapi: CallPlacer, org_id: str, key: str, request: Di
         lambda attempt: _run(rt, vapi, org_id, key, request, attempt),
         Dial.from_record,
     )
+    if once.claim != claims.Claim.replay or once.result is None or once.result.outcome != Dialled.vapi_no_answer:
+        return once
+    earlier = await dial_record(rt, org_id, once.result.reservation_id)
+    if earlier is None or earlier.outcome != Dialled.placed:
+        return once
+    await claims.replace(rt, org_id, OPERATION, key, earlier.record())
+    return claims.Once(claims.Claim.replay, earlier)
 
 
 async def _run(
@@ -204,11 +212,25 @@ async def _run(
         assert earlier is not None
         return await _finish_earlier(rt, org_id, earlier)
     attempt.asked_outside = True
-    body = create_call_body(rt.settings, org_id, reservation_id, reservation.max_duration_s, request)
+    # Kept in Postgres before Vapi is asked (the dial record above is Redis's, which may be lost):
+    # whatever happens next, a retry of the key replays a result and never asks Vapi again. A
+    # process dying while Vapi answers leaves "no answer": the hold kept, adopted by the call's
+    # first message if Vapi placed it, expiring at no charge if not.
+    interim = Dial(Dialled.vapi_no_answer, reservation_id, reason="the request ended while Vapi was asked")
+    await claims.finish(rt, org_id, OPERATION, key, interim.record())
+    dialled = await _ask_vapi(rt, vapi, org_id, reservation_id, reservation.max_duration_s, request)
+    await claims.replace(rt, org_id, OPERATION, key, dialled.record())
+    return dialled
+
+
+async def _ask_vapi(
+    rt: Runtime, vapi: CallPlacer, org_id: str, reservation_id: str, funded_s: int, request: DialRequest
+) -> Dial:
+    body = create_call_body(rt.settings, org_id, reservation_id, funded_s, request)
     try:
         answer = await vapi.create_call(body)
     except VapiError as error:
-        if error.status is None or 200 <= error.status < 300:
+        if error.status is None or 200 <= error.status < 300 or error.status in GATEWAY_STATUSES:
             return _no_answer(org_id, reservation_id, str(error))
         return await _refused(rt, org_id, reservation_id, error)
     call_id = answer.get("id")
@@ -224,6 +246,10 @@ async def _run(
         status=answer.get("status") if isinstance(answer.get("status"), str) else None,
         control_url=_control_url(answer),
     )
+
+
+# A gateway's answer (502, 503, 504) does not say Vapi placed no call: treated as no answer.
+GATEWAY_STATUSES = frozenset({502, 503, 504})
 
 
 async def _finish_earlier(rt: Runtime, org_id: str, earlier: Dial) -> Dial:
@@ -266,8 +292,19 @@ def _no_answer(org_id: str, reservation_id: str, reason: str) -> Dial:
 
 async def _refused(rt: Runtime, org_id: str, reservation_id: str, error: VapiError) -> Dial:
     """Vapi answered that it placed no call: the hold is released (once: hold_release resolves a
-    hold at most once), and the dial record says so for any later attempt of the key."""
+    hold at most once), and the dial record says so for any later attempt of the key. Unless the
+    call's own first message adopted the hold meanwhile (Vapi placed it after all): then the call
+    is the answer, and its hold, under Vapi's id, stays."""
     assert error.status is not None
+    earlier = await dial_record(rt, org_id, reservation_id)
+    if earlier is not None and earlier.outcome == Dialled.placed:
+        log.warning(
+            "vapi answered %s for call %s of org %s, which its first message adopted",
+            error.status,
+            reservation_id,
+            org_id,
+        )
+        return earlier
     await _write_record(rt, org_id, reservation_id, f"refused|{error.status}", overwrite=True)
     released = await release_call(rt, org_id, reservation_id)
     log.warning("vapi refused call %s of org %s (%s): hold %s", reservation_id, org_id, error, released.outcome.name)

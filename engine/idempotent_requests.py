@@ -121,6 +121,21 @@ async def finish(rt: Runtime, org_id: str, operation: str, key: str, result: dic
     )
 
 
+async def replace(rt: Runtime, org_id: str, operation: str, key: str, result: dict[str, Any]) -> None:
+    """Replace a result kept before asking an outsider (finish()ed as "no answer" so that a retry
+    never asks twice) with what the outsider answered."""
+    await rt.pg.execute(
+        """
+        UPDATE idempotent_requests SET result = $4, completed_at = now()
+        WHERE org_id = $1 AND operation = $2 AND idempotency_key = $3 AND state = 'done'
+        """,
+        org_id,
+        operation,
+        key,
+        result,
+    )
+
+
 @dataclass
 class Attempt:
     """What a claimed run has done so far; if it raises, this decides what becomes of its claim.

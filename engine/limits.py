@@ -33,6 +33,9 @@ settle_batch_size_max = 2_000  # entries per Postgres transaction (500: ~11k ent
 settle_orgs_per_batch_max = 128  # orgs popped from the doorbell set per batch
 outbox_sweep_page_size = 1_000  # orgs per XLEN pipeline when sweeping for stranded entries
 
+# Request bodies: jsonb and orjson's writer go deeper, but no request of ours needs more.
+json_depth_max = 64
+
 # Identifiers and keys.
 org_id_length_max = 64
 call_id_length_max = 128

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from credit_engine.engine import limits
 from credit_engine.engine.decisions import restoring
 from credit_engine.engine.holds import commit_call, release_call
+from credit_engine.engine.idempotency import DIAL_RESERVATION_PREFIX
 from credit_engine.engine.results import Outcome
 from credit_engine.engine.runtime import Runtime
 from credit_engine.engine.timeutil import dt_from_ms
@@ -39,9 +40,11 @@ log = logging.getLogger(__name__)
 
 candidates_per_lookup = 4  # rows read per lookup allowed (some were looked up recently and are skipped)
 
-CANDIDATES_SQL = """
+# A hold under a dial's reservation id is no Vapi call (engine/dial.py): Vapi knows it by the id
+# the hold is adopted under, so it is never looked up.
+CANDIDATES_SQL = f"""
 SELECT org_id, call_id FROM call_holds
-WHERE status = 'live' AND expires_at <= $1
+WHERE status = 'live' AND expires_at <= $1 AND call_id NOT LIKE '{DIAL_RESERVATION_PREFIX}%'
 ORDER BY expires_at LIMIT $2
 """
 

@@ -29,6 +29,14 @@ async def place_call(request: Request) -> Response:
     wanted = DialRequest.parse(await req.json_object(request, allowed=FIELDS))
     if ctx.settings.vapi_api_key is None:
         raise ApiError(503, "vapi_not_configured", "this deployment has no VAPI_API_KEY: it cannot place calls at Vapi")
+    if ctx.settings.public_url is None:
+        # Without it the call would not name the engine as its server: its messages would go
+        # elsewhere, and nothing would start its clock, end it or bill it as it runs.
+        raise ApiError(
+            503,
+            "public_url_not_configured",
+            "this deployment has no CREDIT_ENGINE_PUBLIC_URL: a call placed now would not report to the engine",
+        )
     ctx.require_ready()
     async with VapiAccount(
         ctx.settings.vapi_api_key,

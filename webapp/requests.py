@@ -47,6 +47,23 @@ def _has_lone_surrogate(value: Any) -> bool:
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
+def _check_storable(body: dict[str, Any]) -> None:
+    """A request body is kept in Postgres (its claim), whose jsonb holds no NUL character, and
+    hashed with orjson, which writes no deeper than it must: both refused here, as bad input."""
+    stack: list[tuple[Any, int]] = [(body, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if depth > limits.json_depth_max:
+            raise ApiError(400, "invalid_json", f"the request body nests deeper than {limits.json_depth_max} levels")
+        if isinstance(value, str):
+            if "\x00" in value:
+                raise ApiError(400, "invalid_json", "the request body holds a NUL character (\\u0000)")
+        elif isinstance(value, dict):
+            stack.extend((item, depth + 1) for pair in value.items() for item in pair)
+        elif isinstance(value, list):
+            stack.extend((item, depth + 1) for item in value)
+
+
 def check_content_type(request: Request) -> None:
     content_type = request.headers.get("content-type")
     if content_type is not None and not JSON_CONTENT_TYPE.match(content_type):
@@ -63,6 +80,7 @@ async def json_object(request: Request, allowed: set[str] | None = None) -> dict
         body = parse_json(raw)
     if not isinstance(body, dict):
         raise ApiError(400, "invalid_request", "the request body must be a JSON object")
+    _check_storable(body)
     if allowed is not None:
         for name in body:
             if name not in allowed:

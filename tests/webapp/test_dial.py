@@ -18,12 +18,13 @@ from credit_engine.engine.call_server import WEBHOOK_PATH
 from credit_engine.engine.clock import ManualClock
 from credit_engine.engine.config import Settings
 from credit_engine.engine.holds import live_holds, remembered_resolution
-from credit_engine.engine.idempotency import dial_reservation_id
+from credit_engine.engine.idempotency import dial_record_key, dial_reservation_id
 from credit_engine.engine.killswitch import run_round
 from credit_engine.engine.killswitch_push import ControlUrls
 from credit_engine.engine.outbox import drain_org_fully
 from credit_engine.engine.runtime import Runtime
 from credit_engine.webapp import dial as dial_endpoint
+from credit_engine.webapp.app import create_app
 from tests.fake_vapi import FakeVapi, fake_vapi_server
 from tests.fake_vapi_api import API_KEY, FakeVapiApi
 from tests.webapp import vapi_payloads as payloads
@@ -220,7 +221,10 @@ async def test_a_crash_after_vapi_answered_leaves_the_call_billed_and_killable(
     [call_id] = vapi_api.calls
     reservation_id = dial_reservation_id(org_id, "call-1")
     assert list(await live_holds(worker_rt, org_id)) == [reservation_id]  # held, not yet under Vapi's id
-    assert (await place(api, key, call_request(number))).status_code == 409  # the first attempt's claim is fresh
+    # A retry now: the claim kept "no answer" before Vapi was asked (Redis's dial record alone
+    # could be lost with Redis): 504, the hold kept, and no second call.
+    early = await place(api, key, call_request(number))
+    assert (early.status_code, early.json()["error"]["code"]) == (504, "vapi_no_answer"), early.text
 
     the_call = vapi_call(vapi_api, call_id)
     assert (await api.vapi(payloads.status_update(the_call, "in-progress"))).json() == {}
@@ -232,7 +236,7 @@ async def test_a_crash_after_vapi_answered_leaves_the_call_billed_and_killable(
     await worker_rt.pg.execute(  # the claim goes stale, as it would after CREDIT_ENGINE_IDEMPOTENT_CLAIM_STALE_S
         "UPDATE idempotent_requests SET created_at = created_at - interval '1 hour' WHERE org_id = $1", org_id
     )
-    retried = await place(api, key, call_request(number))
+    retried = await place(api, key, call_request(number))  # once adopted, the call is the answer
     assert retried.status_code == 201, retried.text
     assert retried.json()["call_id"] == call_id and retried.json()["hold_pence"] == 60
     assert len(placed_at_vapi(vapi_api)) == 1  # never a second call
@@ -359,3 +363,76 @@ async def test_a_transient_assistants_server_gets_the_calls_messages_from_the_en
     assert overrides["server"]["url"] == PUBLIC_URL + WEBHOOK_PATH
     assert overrides["serverMessages"] == ["tool-calls", "status-update", "end-of-call-report"]
     assert await CallIndex(worker_rt).forward_url_of(placed.json()["call_id"]) == platform_url
+
+
+async def test_a_retry_after_redis_lost_the_dial_record_places_no_second_call(
+    api: Api, vapi_api: FakeVapiApi, worker_rt: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The process dies after Vapi answered, Redis then loses the dial record (a restart, a rebuild
+    from Postgres), and the claim goes stale: the retry replays what Postgres kept before Vapi was
+    asked, and never asks again."""
+    org_id, key, number = await new_org(api, 1_000)
+
+    async def dies(*args: Any) -> None:
+        raise RuntimeError("the process died here")
+
+    monkeypatch.setattr("credit_engine.engine.dial.adopt", dies)
+    with pytest.raises(RuntimeError):
+        await place(api, key, call_request(number))
+    monkeypatch.undo()
+    reservation_id = dial_reservation_id(org_id, "call-1")
+    idem = worker_rt.keys.org(org_id).idem
+    assert await worker_rt.redis.hdel(idem, dial_record_key(org_id, reservation_id)) == 1  # lost with Redis
+    await worker_rt.pg.execute(
+        "UPDATE idempotent_requests SET created_at = created_at - interval '1 hour' WHERE org_id = $1", org_id
+    )
+    for _ in range(2):
+        retried = await place(api, key, call_request(number))
+        assert (retried.status_code, retried.json()["error"]["code"]) == (504, "vapi_no_answer"), retried.text
+    assert len(placed_at_vapi(vapi_api)) == 1
+
+
+async def test_a_gateway_error_keeps_the_hold_as_no_answer(api: Api, vapi_api: FakeVapiApi, worker_rt: Runtime) -> None:
+    """502, 503, 504 from in front of Vapi do not say no call was placed: the hold stays (the call's
+    first message adopts it; unplaced, it expires at no charge) and the answer is 504."""
+    org_id, key, number = await new_org(api, 1_000)
+    vapi_api.failing["POST /call"] = 503
+    answered = await place(api, key, call_request(number))
+    assert (answered.status_code, answered.json()["error"]["code"]) == (504, "vapi_no_answer"), answered.text
+    assert list(await live_holds(worker_rt, org_id)) == [dial_reservation_id(org_id, "call-1")]
+
+
+async def test_a_body_postgres_cannot_keep_is_refused_before_anything_is_reserved(
+    api: Api, vapi_api: FakeVapiApi
+) -> None:
+    """A NUL character (jsonb refuses it) or nesting past orjson's writer: 400, not 500."""
+    _, key, number = await new_org(api, 1_000)
+    customer = {"number": "+15557654321", "name": "a\u0000b"}
+    nested: Any = "deep"
+    for _ in range(300):
+        nested = {"n": nested}
+    bodies = [
+        call_request(number, customer=customer),
+        call_request(number, assistant_overrides={"variableValues": nested}),
+    ]
+    for body in bodies:
+        refused = await place(api, key, body)
+        assert 400 <= refused.status_code < 500 and "error" in refused.json(), refused.text
+    assert placed_at_vapi(vapi_api) == []
+    assert (await wallet(api, key))["held_pence"] == 0
+
+
+async def test_without_a_public_url_no_call_is_placed(
+    app_settings: Settings, clock: ManualClock, vapi_api: FakeVapiApi
+) -> None:
+    """A call that does not name the engine as its server would report elsewhere: nothing would
+    start its clock, end it or bill it as it runs. 503 until CREDIT_ENGINE_PUBLIC_URL is set."""
+    app = create_app(replace(app_settings, public_url=None), clock=clock)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://credit-engine.test") as client:
+            api = Api(client, replace(app_settings, public_url=None))
+            _, key, number = await new_org(api, 1_000)
+            answered = await place(api, key, call_request(number))
+    assert (answered.status_code, answered.json()["error"]["code"]) == (503, "public_url_not_configured")
+    assert placed_at_vapi(vapi_api) == []

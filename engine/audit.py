@@ -281,7 +281,12 @@ async def _confirm_missing(
 ) -> None:
     """A call billed here in the window and absent from Vapi's list: Vapi may have created it before
     the window (then it is compared like any other) or not know it at all."""
-    call = await account.call(call_id)
+    try:
+        call = await account.call(call_id)
+    except VapiError as error:
+        if error.status is None or not 400 <= error.status < 500:
+            raise  # Vapi cannot say now: the audit stops rather than guess
+        call = None  # Vapi refuses the id itself (not one of its ids): it does not know the call
     if call is not None:
         states = await resolutions(rt, [(org_id, call_id)])
         await _compare(rt, report, org_id, call, states.get((org_id, call_id)), settle)

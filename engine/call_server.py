@@ -45,6 +45,18 @@ VAPI_DEFAULT_SERVER_MESSAGES = (
 )
 
 
+# The variable a call placed through the engine carries to name its hold (engine/dial.py): the
+# engine's to set, never a platform's (one naming a pending reservation would release it).
+RESERVATION_VARIABLE = "credit_engine_reservation_id"
+
+
+def engine_variables(asked: object, org_id: str) -> dict[str, Any]:
+    """The call's variableValues: what the platform asked, with the engine's org_id, and without a
+    reservation id it did not set."""
+    variables = {k: v for k, v in asked.items() if k != RESERVATION_VARIABLE} if isinstance(asked, dict) else {}
+    return {**variables, "org_id": org_id}
+
+
 def engine_server(settings: Settings) -> dict[str, Any] | None:
     """Vapi's `Server` object naming the engine's webhook; None without a public URL."""
     if settings.public_url is None:
@@ -72,8 +84,7 @@ def admission_overrides(
     overrides = dict(asked or {})
     if funded_duration_s is not None:
         overrides["maxDurationSeconds"] = _shorter(overrides.get("maxDurationSeconds"), funded_duration_s)
-    variables = overrides.get("variableValues")
-    overrides["variableValues"] = {**(variables if isinstance(variables, dict) else {}), "org_id": org_id}
+    overrides["variableValues"] = engine_variables(overrides.get("variableValues"), org_id)
     monitor = overrides.get("monitorPlan")
     overrides["monitorPlan"] = {**(monitor if isinstance(monitor, dict) else {}), "controlEnabled": True}
     server = engine_server(settings)
@@ -208,10 +219,7 @@ def merge_handoff_answer(settings: Settings, org_id: str, answer: dict[str, Any]
 def _workflow_answer(
     settings: Settings, org_id: str, funded_duration_s: int, merged: dict[str, Any], asked: dict[str, Any] | None
 ) -> PlatformAnswer:
-    variables = (asked or {}).get("variableValues")
-    merged["workflowOverrides"] = {
-        "variableValues": {**(variables if isinstance(variables, dict) else {}), "org_id": org_id}
-    }
+    merged["workflowOverrides"] = {"variableValues": engine_variables((asked or {}).get("variableValues"), org_id)}
     if "workflowId" in merged:
         return PlatformAnswer(merged, None, None, workflow_id=merged["workflowId"])
     workflow = dict(merged["workflow"])  # a transient workflow (CreateWorkflowDto): no serverMessages in Vapi's API

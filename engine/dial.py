@@ -42,7 +42,7 @@ from typing import Any, Protocol
 
 from credit_engine.engine import idempotent_requests as claims
 from credit_engine.engine import validate
-from credit_engine.engine.call_server import admission_overrides
+from credit_engine.engine.call_server import RESERVATION_VARIABLE, admission_overrides
 from credit_engine.engine.config import Settings
 from credit_engine.engine.decisions import decide, restoring
 from credit_engine.engine.errors import InvalidInput
@@ -62,7 +62,6 @@ from credit_engine.engine.vapi_account import VapiError
 log = logging.getLogger(__name__)
 
 OPERATION = "dial"
-RESERVATION_VARIABLE = "credit_engine_reservation_id"  # in the call's assistantOverrides.variableValues
 E164 = re.compile(r"\+[1-9][0-9]{6,14}")
 VAPI_ID = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
 call_name_length_max = 40  # Vapi's CreateCallDTO.name

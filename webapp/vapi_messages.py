@@ -18,7 +18,7 @@ from datetime import datetime
 from typing import Any
 
 from credit_engine.engine import limits
-from credit_engine.engine.dial import RESERVATION_VARIABLE
+from credit_engine.engine.call_server import RESERVATION_VARIABLE
 from credit_engine.engine.errors import InvalidInput
 from credit_engine.engine.vapi_calls import seconds_between
 from credit_engine.engine.vapi_calls import vapi_time as _time

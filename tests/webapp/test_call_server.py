@@ -121,3 +121,14 @@ def test_the_public_url_is_checked_when_read() -> None:
             Settings.from_env({"CREDIT_ENGINE_PUBLIC_URL": bad})
     with pytest.raises(pydantic.ValidationError):  # the check helper itself catches a wrong shape
         ServerMessageResponseAssistantRequest.model_validate({"assistantOverrides": {"maxDurationSeconds": "x"}})
+
+
+def test_a_platform_cannot_name_a_reservation_in_its_calls_variables(settings: Settings) -> None:
+    """The reservation id a call placed through the engine carries is the engine's to set: one a
+    platform put in its own answer (naming a pending reservation of its org) is dropped, so an
+    inbound call can never adopt, or release, a reservation."""
+    from credit_engine.engine.call_server import RESERVATION_VARIABLE, admission_overrides
+
+    asked = {"variableValues": {RESERVATION_VARIABLE: "ce-dial-abc", "customer_name": "Ada"}}
+    overrides = admission_overrides(settings, "org-1", 60, asked)
+    assert overrides["variableValues"] == {"customer_name": "Ada", "org_id": "org-1"}

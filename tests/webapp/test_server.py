@@ -35,11 +35,16 @@ def server_settings(settings: Settings) -> Settings:
 
 @pytest.fixture
 def vapi_env(request: pytest.FixtureRequest) -> dict[str, str]:
-    """A test that asks for the fake Vapi API (before `server`) gets a server that uses it."""
+    """A test that asks for the fake Vapi API (before `server`) gets a server that uses it, and
+    names itself as calls' server (POST /api/calls places no call without it)."""
     if "vapi_api" not in request.fixturenames:
         return {}
     fake = request.getfixturevalue("vapi_api")
-    return {"VAPI_API_KEY": API_KEY, "VAPI_BASE_URL": fake.base_url}
+    return {
+        "VAPI_API_KEY": API_KEY,
+        "VAPI_BASE_URL": fake.base_url,
+        "CREDIT_ENGINE_PUBLIC_URL": "https://credit.example.com",
+    }
 
 
 @pytest.fixture

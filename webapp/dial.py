@@ -26,7 +26,9 @@ create_call_timeout_s = limits.vapi_create_call_timeout_s  # tests shorten it
 async def place_call(request: Request) -> Response:
     ctx, org_id = await org_context(request)
     key = req.idempotency_key(request)
-    wanted = DialRequest.parse(await req.json_object(request, allowed=FIELDS))
+    body = await req.json_object(request, allowed=FIELDS)
+    wanted = DialRequest.parse(body)
+    req.check_storable(body)
     if ctx.settings.vapi_api_key is None:
         raise ApiError(503, "vapi_not_configured", "this deployment has no VAPI_API_KEY: it cannot place calls at Vapi")
     if ctx.settings.public_url is None:

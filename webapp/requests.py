@@ -47,9 +47,11 @@ def _has_lone_surrogate(value: Any) -> bool:
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
-def _check_storable(body: dict[str, Any]) -> None:
-    """A request body is kept in Postgres (its claim), whose jsonb holds no NUL character, and
-    hashed with orjson, which writes no deeper than it must: both refused here, as bad input."""
+def check_storable(body: dict[str, Any]) -> None:
+    """A free-form request body kept in Postgres (its claim: POST /api/calls' assistant and
+    overrides), whose jsonb holds no NUL character, and hashed with orjson, which writes no deeper
+    than it must: both refused here, as bad input. (Every other body's fields are checked one by
+    one, each refusal naming its field.)"""
     stack: list[tuple[Any, int]] = [(body, 1)]
     while stack:
         value, depth = stack.pop()
@@ -80,7 +82,6 @@ async def json_object(request: Request, allowed: set[str] | None = None) -> dict
         body = parse_json(raw)
     if not isinstance(body, dict):
         raise ApiError(400, "invalid_request", "the request body must be a JSON object")
-    _check_storable(body)
     if allowed is not None:
         for name in body:
             if name not in allowed:

@@ -269,7 +269,11 @@ async def placed_calls(
     body = {"phone_number_id": "pn-main", "customer": {"number": "+15557654321"}, "assistant_id": "asst-1"}
     assert (await api.as_org(key, "POST", calls, body, {"Idempotency-Key": "c1"})).status_code == 503
     ctx = api.client._transport.app.state.ctx  # type: ignore[attr-defined]
-    monkeypatch.setattr(ctx, "settings", replace(ctx.settings, vapi_api_key=API_KEY, vapi_base_url=vapi_api.base_url))
+    monkeypatch.setattr(
+        ctx,
+        "settings",
+        replace(ctx.settings, vapi_api_key=API_KEY, vapi_base_url=vapi_api.base_url, public_url="https://c.example"),
+    )
     monkeypatch.setattr(dial_endpoint, "create_call_timeout_s", 0.3)
     for _ in range(2):  # placed, then its replay
         assert (await api.as_org(key, "POST", calls, body, {"Idempotency-Key": "c1"})).status_code == 201

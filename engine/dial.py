@@ -410,14 +410,14 @@ async def _write_record(rt: Runtime, org_id: str, reservation_id: str, value: st
     keys = rt.keys.org(org_id)
     field_name = dial_record_key(org_id, reservation_id)
     expires_ms = await rt.clock.now_ms(rt.redis) + rt.settings.idempotency_ttl_ms
-    async with rt.redis.pipeline(transaction=True) as pipe:  # one slot: the org's
-        if overwrite:
-            pipe.hset(keys.idem, field_name, value)
-        else:
-            pipe.hsetnx(keys.idem, field_name, value)
-        pipe.zadd(keys.idem_exp, {field_name: expires_ms})
-        written, _ = await pipe.execute()
-    return overwrite or bool(written)
+    # Its expiry first, then the record (no MULTI: a Redis Cluster client has none): a crash between
+    # leaves an expiry for a record that is not there, which the pruning passes over harmlessly,
+    # never a record that is kept for good.
+    await asyncio_reply(rt.redis.zadd(keys.idem_exp, {field_name: expires_ms}))
+    if overwrite:
+        await asyncio_reply(rt.redis.hset(keys.idem, field_name, value))
+        return True
+    return bool(await asyncio_reply(rt.redis.hsetnx(keys.idem, field_name, value)))
 
 
 async def dial_record(rt: Runtime, org_id: str, reservation_id: str) -> Dial | None:

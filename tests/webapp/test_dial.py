@@ -91,6 +91,18 @@ def vapi_call(vapi_api: FakeVapiApi, call_id: str) -> Call:
     return Call.model_validate(vapi_api.calls[call_id])
 
 
+async def place_and_die_before_adoption(api: Api, key: str, number: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The web process dies between Vapi's answer and adopting its call id."""
+
+    async def dies(*args: Any) -> None:
+        raise RuntimeError("the process died here")
+
+    monkeypatch.setattr("credit_engine.engine.dial.adopt", dies)
+    with pytest.raises(RuntimeError):
+        await place(api, key, call_request(number))
+    monkeypatch.undo()
+
+
 async def call_entries(worker_rt: Runtime, org_id: str, call_id: str) -> list[tuple[str, int]]:
     await drain_org_fully(worker_rt, org_id)
     rows = await worker_rt.pg.fetch(
@@ -210,14 +222,7 @@ async def test_a_crash_after_vapi_answered_leaves_the_call_billed_and_killable(
     message finds the hold by the reservation id it carries; a retry of the key never places a
     second call."""
     org_id, key, number = await new_org(api, 1_000)
-
-    async def dies(*args: Any) -> None:
-        raise RuntimeError("the process died here")
-
-    monkeypatch.setattr("credit_engine.engine.dial.adopt", dies)
-    with pytest.raises(RuntimeError):
-        await place(api, key, call_request(number))
-    monkeypatch.undo()
+    await place_and_die_before_adoption(api, key, number, monkeypatch)
     [call_id] = vapi_api.calls
     reservation_id = dial_reservation_id(org_id, "call-1")
     assert list(await live_holds(worker_rt, org_id)) == [reservation_id]  # held, not yet under Vapi's id
@@ -372,14 +377,7 @@ async def test_a_retry_after_redis_lost_the_dial_record_places_no_second_call(
     from Postgres), and the claim goes stale: the retry replays what Postgres kept before Vapi was
     asked, and never asks again."""
     org_id, key, number = await new_org(api, 1_000)
-
-    async def dies(*args: Any) -> None:
-        raise RuntimeError("the process died here")
-
-    monkeypatch.setattr("credit_engine.engine.dial.adopt", dies)
-    with pytest.raises(RuntimeError):
-        await place(api, key, call_request(number))
-    monkeypatch.undo()
+    await place_and_die_before_adoption(api, key, number, monkeypatch)
     reservation_id = dial_reservation_id(org_id, "call-1")
     idem = worker_rt.keys.org(org_id).idem
     assert await worker_rt.redis.hdel(idem, dial_record_key(org_id, reservation_id)) == 1  # lost with Redis
